@@ -1,0 +1,78 @@
+"""Guidance: classifier-free guidance (Ho & Salimans 2022) in one batched model call, and classifier guidance
+(Dhariwal & Nichol 2021) through the gradient of a differentiable scorer of the predicted clean sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+
+class DiffusionModel(Protocol):
+    """What the samplers call: the U-Net's signature. x (B, C, H, W), t (B,), context (B, L, D) or None."""
+
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor | None) -> Tensor: ...
+
+
+@dataclass
+class Conditioning:
+    """The conditional context and the context of the unconditional branch.
+
+    ``uncond_context`` is the empty-prompt encoding, or a negative prompt's encoding when one is given; a batch of
+    1 is broadcast to the batch of ``context``.
+    """
+
+    context: Tensor | None = None  # (B, L, D)
+    uncond_context: Tensor | None = None  # (B, L, D) or (1, L, D)
+
+
+def classifier_free_guidance(model: DiffusionModel, x: Tensor, t: Tensor, cond: Conditioning | None,
+                             scale: float) -> Tensor:
+    """out = out_uncond + w (out_cond - out_uncond), both branches in ONE model call with a doubled batch.
+
+    With w == 1, or no unconditional context, this is the plain conditional prediction (one call, batch B).
+    The formula is linear, so it applies to eps and v outputs alike.
+    """
+    context = None if cond is None else cond.context
+    if cond is None or cond.uncond_context is None or scale == 1.0:
+        return model(x, t, context)
+    uncond = cond.uncond_context
+    if context is None:
+        raise ValueError("classifier-free guidance needs a conditional context as well as the unconditional one")
+    if uncond.shape[0] != context.shape[0]:
+        uncond = uncond.expand(context.shape[0], *uncond.shape[1:])
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context]))
+    out_uncond, out_cond = out.chunk(2)
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+Scorer = Callable[[Tensor, Tensor], Tensor]
+"""A differentiable scorer: (x0_hat (B, C, H, W), t (B,)) -> log-preference per sample (B,)."""
+
+
+@dataclass
+class ClassifierGuidance:
+    """Classifier guidance, as the seed's first guidance method describes it.
+
+    Dhariwal & Nichol 2021, Algorithm 2 in eps form: eps' = eps - s_t * scale * grad_{x_t} log p(y | x_t).
+    The scorer reads the predicted clean sample x0-hat(x_t) (the "universal guidance" variant, so any image or
+    latent scorer works without training it on noisy inputs); the gradient flows through the denoiser.
+    """
+
+    scorer: Scorer
+    scale: float = 1.0
+
+    def guided_eps(self, x_t: Tensor, t: Tensor, s: Tensor, denoise: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Return (x0, eps) of the guided prediction; ``denoise(x_t) -> (x0, eps)`` is differentiable in x_t."""
+        with torch.enable_grad():
+            x_in = x_t.detach().requires_grad_(True)
+            x0, eps = denoise(x_in)
+            score = self.scorer(x0, t).sum()
+            (grad,) = torch.autograd.grad(score, x_in)
+        s = s.to(device=x_t.device, dtype=x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        eps = eps.detach() - s * self.scale * grad
+        a = (1 - s**2).sqrt()
+        x0 = (x_t - s * eps) / a  # eq. (15) with the guided eps
+        return x0, eps
