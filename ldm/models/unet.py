@@ -1,0 +1,336 @@
+"""The Stable Diffusion U-Net (Rombach et al. 2022, "High-Resolution Image Synthesis with
+Latent Diffusion Models"; architecture of Dhariwal & Nichol 2021, "Diffusion Models Beat GANs").
+
+Module and parameter names match the original CompVis `UNetModel` exactly, so the
+`model.diffusion_model.*` part of an SD 1.x / 2.x single-file checkpoint loads with
+`unet.load_state_dict({k.removeprefix("model.diffusion_model."): v ...})`.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ldm.models.layers import Attention, FeedForward, normalization, timestep_embedding
+
+# -----------------------------------------------------------------------------
+# blocks
+
+
+class ResBlock(nn.Module):
+    """Residual block with additive timestep conditioning (DDPM / ADM ResBlock):
+    h = conv(silu(norm(x))) + emb;  out = skip(x) + conv(dropout(silu(norm(h))))."""
+
+    def __init__(self, channels, emb_channels, out_channels=None, dropout=0.0):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.out_layers[3].weight)  # zero-init the residual branch (original `zero_module`)
+        nn.init.zeros_(self.out_layers[3].bias)
+        if out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        # x: (B, C, H, W), emb: (B, E)
+        h = self.in_layers(x)  # (B, C', H, W)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = self.out_layers(h)  # (B, C', H, W)
+        return self.skip_connection(x) + h
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN transformer block: self-attention, cross-attention on the text context, GEGLU MLP."""
+
+    def __init__(self, dim, num_heads, head_dim, context_dim, dropout=0.0):
+        super().__init__()
+        self.attn1 = Attention(dim, None, num_heads, head_dim, dropout)  # self-attention
+        self.ff = FeedForward(dim, mult=4, dropout=dropout)
+        self.attn2 = Attention(dim, context_dim, num_heads, head_dim, dropout)  # cross-attention
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        # x: (B, N, D), context: (B, L, context_dim)
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.ff(self.norm3(x))
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H*W tokens of a feature map, conditioned on `context` by cross-attention.
+
+    proj_in/proj_out are 1x1 convs (SD1) or Linear layers (SD2, use_linear_projection=True).
+    """
+
+    def __init__(self, channels, num_heads, head_dim, depth=1, context_dim=768, dropout=0.0, use_linear=False):
+        super().__init__()
+        inner = num_heads * head_dim
+        self.use_linear = use_linear
+        self.norm = normalization(channels, eps=1e-6)
+        if use_linear:
+            self.proj_in = nn.Linear(channels, inner)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, num_heads, head_dim, context_dim, dropout) for _ in range(depth)]
+        )
+        if use_linear:
+            self.proj_out = nn.Linear(inner, channels)
+        else:
+            self.proj_out = nn.Conv2d(inner, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)  # zero-init: the block starts as identity
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, context):
+        # x: (B, C, H, W), context: (B, L, context_dim)
+        B, C, H, W = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)  # (B, D, H, W)
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, D)
+        if self.use_linear:
+            x = self.proj_in(x)  # (B, H*W, D)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)  # (B, H*W, C)
+        x = x.transpose(1, 2).reshape(B, -1, H, W)  # (B, D or C, H, W)
+        if not self.use_linear:
+            x = self.proj_out(x)  # (B, C, H, W)
+        return x + x_in
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Sequential that hands the timestep embedding to ResBlocks and the context to SpatialTransformers."""
+
+    def forward(self, x, emb, context):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+# -----------------------------------------------------------------------------
+# the U-Net
+
+
+class UNet(nn.Module):
+    """Stable Diffusion U-Net: predicts eps (or v) from a noisy latent x_t, the timestep t and a text context.
+
+    Defaults are SD 1.5. attention_levels are indices into channel_mult of the levels that carry
+    SpatialTransformers (original `attention_resolutions` = [2**l for l in attention_levels]).
+    Heads: num_head_channels > 0 (SD2: 64) fixes the head width and takes precedence; otherwise
+    num_heads (SD1: 8) fixes the number of heads at every level.
+    """
+
+    def __init__(
+        self,
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        num_heads=8,
+        num_head_channels=-1,
+        transformer_depth=1,
+        context_dim=768,
+        use_linear_projection=False,
+        dropout=0.0,
+        gradient_checkpointing=False,
+    ):
+        super().__init__()
+        if num_head_channels <= 0 and num_heads <= 0:
+            raise ValueError("UNet needs num_heads > 0 or num_head_channels > 0")
+        channel_mult, attention_levels = tuple(channel_mult), tuple(attention_levels)
+        bad = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} out of range for {len(channel_mult)} levels")
+        # plain, JSON-serialisable record of the constructor arguments: UNet(**unet.config) re-creates it
+        self.config = dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            model_channels=model_channels,
+            channel_mult=list(channel_mult),
+            num_res_blocks=num_res_blocks,
+            attention_levels=list(attention_levels),
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            transformer_depth=transformer_depth,
+            context_dim=context_dim,
+            use_linear_projection=use_linear_projection,
+            dropout=dropout,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.in_channels = in_channels
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        self.gradient_checkpointing = gradient_checkpointing
+
+        def heads(ch):  # (num_heads, head_dim) of a transformer on ch channels
+            if num_head_channels > 0:
+                if ch % num_head_channels:
+                    raise ValueError(f"{ch} channels not divisible by num_head_channels={num_head_channels}")
+                return ch // num_head_channels, num_head_channels
+            if ch % num_heads:
+                raise ValueError(f"{ch} channels not divisible by num_heads={num_heads}")
+            return num_heads, ch // num_heads
+
+        def transformer(ch):
+            return SpatialTransformer(
+                ch, *heads(ch), transformer_depth, context_dim, dropout, use_linear_projection
+            )
+
+        time_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+        )
+
+        # encoder: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]), then a Downsample
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        )
+        skip_chans = [model_channels]  # channels of each skip connection, consumed by the decoder
+        ch = model_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, time_dim, mult * model_channels, dropout)]
+                ch = mult * model_channels
+                if level in attention_levels:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chans.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, time_dim, ch, dropout), transformer(ch), ResBlock(ch, time_dim, ch, dropout)
+        )
+
+        # decoder: per level (num_res_blocks + 1) x (ResBlock on [h, skip] [+ transformer]), then an Upsample
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), time_dim, mult * model_channels, dropout)]
+                ch = mult * model_channels
+                if level in attention_levels:
+                    layers.append(transformer(ch))
+                if level > 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """UNet.from_preset("sd15", context_dim=...) -> UNet with UNET_PRESETS[name] updated by overrides."""
+        if name not in UNET_PRESETS:
+            raise ValueError(f"unknown UNet preset {name!r}; available: {', '.join(sorted(UNET_PRESETS))}")
+        return cls(**{**UNET_PRESETS[name], **overrides})
+
+    def _run(self, block, h, emb, context):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def forward(self, x, t, context):
+        """x: (B, in_channels, H, W) noisy latent; t: scalar or (B,) timesteps (int or float);
+        context: (B, L, context_dim). Returns (B, out_channels, H, W)."""
+        B, _, H, W = x.shape
+        f = self.downsample_factor
+        if H % f != 0 or W % f != 0:
+            raise ValueError(f"UNet input spatial size {H}x{W} must be divisible by {f} (2**(len(channel_mult)-1))")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(B)  # (B,)
+        t_emb = timestep_embedding(t, self.config["model_channels"]).to(x.dtype)  # (B, model_channels)
+        emb = self.time_embed(t_emb)  # (B, 4*model_channels)
+
+        h = x
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H', W')
+            h = self._run(block, h, emb, context)
+        return self.out(h)  # (B, out_channels, H, W)
+
+
+# -----------------------------------------------------------------------------
+# presets
+
+_SD2 = dict(num_heads=-1, num_head_channels=64, use_linear_projection=True, context_dim=1024)
+
+UNET_PRESETS: dict[str, dict] = {
+    # Stable Diffusion 1.x (v1-inference.yaml): 859,520,964 parameters
+    "sd15": dict(),
+    "sd15-inpaint": dict(in_channels=9),
+    # Stable Diffusion 2.x (v2-inference(-v).yaml): 865,910,724 parameters
+    "sd21": dict(_SD2),
+    "sd21-base": dict(_SD2),
+    # CPU-sized models for unit tests and short CPU training runs. Keep >= 64 channels at every
+    # level: with 32 GroupNorm groups a 32-channel ResBlock normalises each channel on its own,
+    # which cancels the (per-channel constant) timestep embedding and makes that level blind to t.
+    "tiny": dict(  # 1.42M params, for unit tests
+        model_channels=64,
+        channel_mult=(1, 1),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_heads=2,
+        context_dim=32,
+    ),
+    "small": dict(  # 4.90M params, for short CPU training runs on 8x8 / 16x16 latents
+        model_channels=64,
+        channel_mult=(1, 1, 2),
+        num_res_blocks=1,
+        attention_levels=(1, 2),
+        num_heads=-1,
+        num_head_channels=32,
+        context_dim=256,
+    ),
+}
