@@ -1,0 +1,32 @@
+"""Data layer: image/caption sources, transforms, collate and the LightningDataModule.
+
+Every source yields `{"image": FloatTensor (3, H, W) in [-1, 1], "caption": str}`
+(plus optional "key"/"index"); `collate_image_caption` batches them.
+Names are imported lazily so that `import ldm.data` does not pull in `datasets`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ImageTransform": "ldm.data.transforms",
+    "collate_image_caption": "ldm.data.collate",
+    "ShapesDataset": "ldm.data.shapes",
+    "ShapesChecker": "ldm.data.shapes_checker",
+    "classify_shapes_image": "ldm.data.shapes_checker",
+    "prompt_accuracy": "ldm.data.shapes_checker",
+    "parse_caption": "ldm.data.shape_palette",
+    "ImageFolderDataset": "ldm.data.image_folder",
+    "HFDataset": "ldm.data.hf_dataset",
+    "WebDatasetSource": "ldm.data.webdataset",
+    "ImageCaptionDataModule": "ldm.data.datamodule",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ldm.data' has no attribute {name!r}")

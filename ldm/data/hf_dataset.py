@@ -1,0 +1,171 @@
+"""Image/caption pairs from a Hugging Face `datasets` dataset (hub name or local folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ldm.data.bad_samples import BadSampleTracker, decode_image
+from ldm.data.transforms import ImageTransform
+
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json")
+SAVED_DATASET_DICT_MARKER = "dataset_dict.json"
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    """True for a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return False
+    if (folder / SAVED_DATASET_DICT_MARKER).is_file():
+        return True
+    return all((folder / marker).is_file() for marker in SAVED_DATASET_MARKERS)
+
+
+class HFDataset(Dataset):
+    """Map-style wrapper yielding `{"image", "caption", "index"}` from a `datasets` table.
+
+    Args:
+        path: hub dataset name (e.g. "user/pokemon-captions") or a local folder.
+        split: split to use (for `load_dataset` and for saved `DatasetDict`s).
+        image_column, caption_column: column names; caption_column=None gives "".
+        resolution, center_crop, random_flip, seed: passed to `ImageTransform`.
+        load_from_disk: "auto" (detect a `save_to_disk` folder), True or False.
+        name, data_dir, revision, cache_dir: passed to `datasets.load_dataset`.
+        max_samples: keep only the first `max_samples` rows.
+        load_kwargs: any other `datasets.load_dataset` keyword arguments.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        image_column: str = "image",
+        caption_column: str | None = "text",
+        resolution: int = 256,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int | None = None,
+        load_from_disk: bool | str = "auto",
+        name: str | None = None,
+        data_dir: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        max_samples: int | None = None,
+        load_kwargs: dict[str, Any] | None = None,
+    ):
+        if load_from_disk not in ("auto", True, False):
+            raise ValueError(f"HFDataset: load_from_disk must be 'auto', True or False, got {load_from_disk!r}")
+        self.path = str(path)
+        self.split = split
+        self.image_column = image_column
+        self.caption_column = caption_column
+        from_disk = is_saved_dataset(path) if load_from_disk == "auto" else bool(load_from_disk)
+        if from_disk:
+            table = self._load_from_disk(split)
+        else:
+            table = self._load_dataset(split, name, data_dir, revision, cache_dir, load_kwargs or {})
+        self._check_columns(table)
+        if max_samples is not None:
+            table = table.select(range(min(int(max_samples), len(table))))
+        self.table = _without_image_decoding(table, image_column)
+        if len(self.table) == 0:
+            raise ValueError(f"HFDataset: {self.path} split {split!r} is empty")
+        self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, seed=seed)
+        self._bad = BadSampleTracker(f"HFDataset({self.path}, split={split})")
+
+    @property
+    def bad_files(self) -> set[str]:
+        """Rows (as "split[index]" or their file path) that failed to decode in this process."""
+        return set(self._bad.bad)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict:
+        """Row `index`, or the next decodable row if that image is bad."""
+        n = len(self.table)
+        index = int(index)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        index %= n
+        for offset in range(n):
+            i = (index + offset) % n
+            key = f"{self.split}[{i}]"
+            if key in self._bad:
+                continue
+            row = self.table[i]
+            try:
+                image = self.transform(_to_pil(row[self.image_column]))
+            except Exception as error:
+                self._bad.report(key, error)
+                continue
+            return {"image": image, "caption": self._caption(row), "index": i}
+        raise RuntimeError(f"HFDataset: no image in {self.path} split {self.split!r} could be decoded")
+
+    def _caption(self, row: dict) -> str:
+        if self.caption_column is None:
+            return ""
+        value = row[self.caption_column]
+        if isinstance(value, (list, tuple)):  # several captions per image: take the first
+            value = value[0] if value else ""
+        return "" if value is None else str(value)
+
+    def _load_from_disk(self, split: str):
+        import datasets
+
+        loaded = datasets.load_from_disk(str(Path(self.path).expanduser()))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"HFDataset: split {split!r} not in {self.path}; available splits: {list(loaded)}")
+            return loaded[split]
+        return loaded
+
+    def _load_dataset(self, split, name, data_dir, revision, cache_dir, load_kwargs):
+        import datasets
+
+        return datasets.load_dataset(
+            self.path, name, split=split, data_dir=data_dir, revision=revision, cache_dir=cache_dir, **load_kwargs
+        )
+
+    def _check_columns(self, table) -> None:
+        wanted = [c for c in (self.image_column, self.caption_column) if c is not None]
+        missing = [c for c in wanted if c not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"HFDataset: column(s) {missing} not in {self.path} (split {self.split!r}); "
+                f"available columns: {table.column_names}. Set image_column / caption_column."
+            )
+
+
+def _without_image_decoding(table, image_column: str):
+    """Keep image bytes undecoded so a corrupt image fails in our try/except, not in `datasets`."""
+    import datasets
+
+    if isinstance(table.features.get(image_column), datasets.Image):
+        return table.cast_column(image_column, datasets.Image(decode=False))
+    return table
+
+
+def _to_pil(value) -> Image.Image:
+    """An image cell (PIL image, {"bytes", "path"} dict, path string or array) -> decoded PIL image."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return decode_image(value["bytes"])
+        if value.get("path"):
+            return decode_image(value["path"])
+        raise ValueError("image cell has neither bytes nor path")
+    if isinstance(value, (bytes, bytearray)):
+        return decode_image(bytes(value))
+    if isinstance(value, str):
+        return decode_image(value)
+    array = np.asarray(value)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or array.size == 0:
+        raise ValueError(f"array image must be a non-empty uint8 (H, W[, C]) array, got {array.dtype} {array.shape}")
+    return Image.fromarray(array)

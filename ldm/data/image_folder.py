@@ -1,0 +1,159 @@
+"""Images in a folder with captions, following Hugging Face `imagefolder` conventions.
+
+Captions come from, in order of preference:
+  1. a `metadata.jsonl` or `metadata.csv` (in the root or any subfolder) whose rows have
+     `file_name` (relative to that metadata file's folder) and the caption column;
+  2. a sidecar text file next to the image (`img.png` + `img.txt`);
+  3. otherwise "" (counted in `missing_captions`, logged once at start-up).
+
+Files that cannot be decoded are skipped: warned once by name, counted in `bad_files`,
+and the next index is returned instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from ldm.data.bad_samples import BadSampleTracker, decode_image
+from ldm.data.transforms import ImageTransform
+
+logger = logging.getLogger("ldm.data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+class ImageFolderDataset(Dataset):
+    """Map-style dataset over every image under `root` (recursively, sorted by path).
+
+    Args:
+        root: folder holding the images (and optionally metadata files / .txt sidecars).
+        resolution: output side length; see `ImageTransform`.
+        caption_column: metadata column holding the caption.
+        center_crop, random_flip, seed: passed to `ImageTransform`.
+        extensions: image file suffixes to include (case-insensitive).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int = 256,
+        caption_column: str = "text",
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int | None = None,
+        extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS,
+    ):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ImageFolderDataset: root folder does not exist: {self.root}")
+        self.caption_column = caption_column
+        self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+        self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, seed=seed)
+        self.files = self._find_images()
+        if not self.files:
+            raise FileNotFoundError(
+                f"ImageFolderDataset: no images ({', '.join(self.extensions)}) found under {self.root}"
+            )
+        self.captions, self.missing_captions = self._load_captions()
+        if self.missing_captions:
+            logger.warning(
+                "ImageFolderDataset(%s): %d of %d images have no caption; using an empty caption",
+                self.root, self.missing_captions, len(self.files),
+            )
+        self._bad = BadSampleTracker(f"ImageFolderDataset({self.root})")
+
+    @property
+    def bad_files(self) -> set[str]:
+        """Paths (relative to root) that failed to decode in this process."""
+        return set(self._bad.bad)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        """Sample `index`, or the next readable one if that file is bad."""
+        n = len(self.files)
+        index = int(index)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        index %= n
+        for offset in range(n):
+            i = (index + offset) % n
+            key = self.files[i]
+            if key in self._bad:
+                continue
+            try:
+                image = self.transform(decode_image(str(self.root / key)))
+            except Exception as error:  # corrupt, truncated, unreadable
+                self._bad.report(key, error)
+                continue
+            return {"image": image, "caption": self.captions[i], "key": key, "index": i}
+        raise RuntimeError(f"ImageFolderDataset: none of the {n} images under {self.root} could be decoded")
+
+    def _find_images(self) -> list[str]:
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in self.extensions and p.is_file()
+        )
+
+    def _load_captions(self) -> tuple[list[str], int]:
+        from_metadata = self._read_all_metadata()
+        captions, missing = [], 0
+        for key in self.files:
+            caption = from_metadata.get(key) or _read_sidecar(self.root / key)
+            if not caption:
+                missing += 1
+            captions.append(caption or "")
+        return captions, missing
+
+    def _read_all_metadata(self) -> dict[str, str]:
+        """{image path relative to root: caption} from every metadata file under root."""
+        captions: dict[str, str] = {}
+        for name in METADATA_FILES:
+            for meta in sorted(self.root.rglob(name)):
+                folder = meta.parent.relative_to(self.root)
+                rows = _read_rows(meta)
+                columns = sorted({column for row in rows for column in row})
+                for required in ("file_name", self.caption_column):
+                    if rows and required not in columns:
+                        raise ValueError(
+                            f"{meta}: no column {required!r}; available columns: {columns}"
+                            + (". Set caption_column to one of them." if required == self.caption_column else "")
+                        )
+                for row in rows:
+                    key = (folder / str(row.get("file_name", ""))).as_posix()
+                    if not (self.root / key).is_file():
+                        raise FileNotFoundError(f"{meta}: file_name {row.get('file_name')!r} not found at {self.root / key}")
+                    value = row.get(self.caption_column)
+                    captions[key] = "" if value is None else str(value)
+        return captions
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
+    return rows
+
+
+def _read_sidecar(image_path: Path) -> str | None:
+    sidecar = image_path.with_suffix(".txt")
+    if not sidecar.is_file():
+        return None
+    return sidecar.read_text(encoding="utf-8").strip()
