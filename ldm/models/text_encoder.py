@@ -1,0 +1,155 @@
+"""Frozen CLIP text encoder (transformers' ``CLIPTextModel`` + ``CLIPTokenizer``).
+
+SD1 uses CLIP ViT-L/14's last hidden state; SD2 uses OpenCLIP ViT-H's
+penultimate layer followed by the final LayerNorm. The diffusers SD2 text
+encoder already has the last layer removed (23 of 24 layers), so it is run
+with ``penultimate=False``; ``penultimate=True`` is for full-depth models.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.models import tiny_clip
+
+HUB_PREFIX = "text_model."
+
+
+def clip_text_config(name: str):
+    """``CLIPTextConfig`` for a preset: ``sd15``, ``sd21``, ``tiny`` or ``small``."""
+    from transformers import CLIPTextConfig
+
+    if name in ("sd15", "sd1"):
+        return CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+            hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        )
+    if name in ("sd21", "sd2"):
+        # OpenCLIP ViT-H/14 text tower without its last (24th) block; gelu.
+        return CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, projection_dim=512,
+            num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
+            hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+        )
+    if name in tiny_clip.PRESETS:
+        vocab, _ = tiny_clip.build_vocab(tiny_clip.DEFAULT_WORDS)
+        return tiny_clip.tiny_clip_config(
+            len(vocab), vocab[tiny_clip.BOS], vocab[tiny_clip.EOS], **tiny_clip.PRESETS[name]
+        )
+    raise ValueError(f"unknown text encoder preset {name!r}; expected sd15, sd21, tiny or small")
+
+
+def to_hub_keys(state_dict: dict) -> dict:
+    """Keys as stored in hub ``model.safetensors`` files (``text_model.`` prefix)."""
+    return {
+        (k if k.startswith(HUB_PREFIX) else HUB_PREFIX + k): v
+        for k, v in state_dict.items()
+        if not k.endswith("position_ids")
+    }
+
+
+def to_module_keys(state_dict: dict, model: nn.Module) -> dict:
+    """Match the ``text_model.`` prefix to ``model``'s own state-dict keys.
+
+    transformers >= 5.6 flattened ``CLIPTextModel`` (no ``text_model.`` level);
+    older versions keep it. ``position_ids`` buffers are dropped.
+    """
+    hub = to_hub_keys(state_dict)
+    if any(k.startswith(HUB_PREFIX) for k in model.state_dict()):
+        return hub
+    return {k[len(HUB_PREFIX):]: v for k, v in hub.items()}
+
+
+class CLIPTextEncoder(nn.Module):
+    """Prompts -> cross-attention context ``(B, max_length, D)``; frozen by default."""
+
+    def __init__(self, model, tokenizer, penultimate: bool = False, max_length: int = 77,
+                 frozen: bool = True):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.penultimate = penultimate
+        self.max_length = max_length
+        self.frozen = frozen
+        self._empty: dict = {}
+        self.model.register_load_state_dict_post_hook(self._clear_cache)
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, subfolder_layout: bool = True,
+                        penultimate: bool = False, **kwargs) -> "CLIPTextEncoder":
+        """Load ``tokenizer/`` + ``text_encoder/`` of a hub-like folder or hub id."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        path = str(path_or_hub_id)
+        sub = ("tokenizer", "text_encoder") if subfolder_layout else ("", "")
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder=sub[0])
+        model = CLIPTextModel.from_pretrained(path, subfolder=sub[1])
+        max_length = min(model.config.max_position_embeddings, tokenizer.model_max_length)
+        return cls(model, tokenizer, penultimate=penultimate, max_length=max_length, **kwargs)
+
+    @classmethod
+    def from_tiny(cls, preset: str = "tiny", folder=None, seed: int = 0,
+                  words=tiny_clip.DEFAULT_WORDS) -> "CLIPTextEncoder":
+        """Write (if needed) and load a local random tiny CLIP; no downloads."""
+        folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="tiny_clip_"))
+        if not (folder / "text_encoder" / "model.safetensors").exists():
+            tiny_clip.write_tiny_clip(folder, words=words, seed=seed, **tiny_clip.PRESETS[preset])
+        return cls.from_pretrained(folder)
+
+    def _clear_cache(self, *_):
+        """New weights -> the cached empty-prompt context is stale."""
+        self._empty.clear()
+
+    @property
+    def context_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def config(self) -> dict:
+        return {"penultimate": self.penultimate, "max_length": self.max_length,
+                "context_dim": self.context_dim}
+
+    def train(self, mode: bool = True):
+        """A frozen encoder stays in eval mode."""
+        return super().train(False if self.frozen else mode)
+
+    def tokenize(self, prompts) -> torch.Tensor:
+        """``(B, max_length)`` token ids, padded / truncated (EOS kept)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        out = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt")
+        return out.input_ids
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> context."""
+        device = next(self.model.parameters()).device
+        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
+            out = self.model(ids.to(device), output_hidden_states=self.penultimate)
+            if not self.penultimate:
+                return out.last_hidden_state
+            return self.model.final_layer_norm(out.hidden_states[-2])
+
+    def forward(self, prompts) -> torch.Tensor:
+        return self.encode_ids(self.tokenize(prompts))
+
+    def empty_context(self, batch_size: int = 1) -> torch.Tensor:
+        """Context of the empty prompt ``""`` (CFG / conditioning dropout), cached."""
+        p = next(self.model.parameters())
+        key = (p.device, p.dtype)
+        if key not in self._empty:
+            with torch.no_grad():
+                self._empty[key] = self.forward([""]).detach()
+        return self._empty[key].expand(batch_size, -1, -1)
+
+    def hub_state_dict(self) -> dict:
+        """The weights with hub / diffusers ``text_encoder`` key names."""
+        return to_hub_keys(self.model.state_dict())

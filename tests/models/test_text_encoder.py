@@ -1,0 +1,122 @@
+"""CLIPTextEncoder and the local tiny CLIP writer (no downloads)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ldm.models.text_encoder import CLIPTextEncoder, clip_text_config  # noqa: E402
+from ldm.models.tiny_clip import BOS, DEFAULT_WORDS, EOS, build_vocab, bpe, word_symbols, write_tiny_clip  # noqa: E402
+
+CAPTION = "a red circle on a white background"
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest (and robust on shared CPUs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="module")
+def encoder(folder):
+    return CLIPTextEncoder.from_pretrained(folder)
+
+
+def test_folder_layout_and_determinism(folder, tmp_path):
+    names = ["tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+             "tokenizer/special_tokens_map.json", "text_encoder/config.json", "text_encoder/model.safetensors"]
+    again = write_tiny_clip(tmp_path / "again")
+    for name in names:
+        assert (folder / name).read_bytes() == (again / name).read_bytes(), name
+    other = write_tiny_clip(tmp_path / "other", seed=1)
+    assert (other / names[-1]).read_bytes() != (folder / names[-1]).read_bytes()
+
+
+def test_vocab_makes_words_single_tokens():
+    vocab, merges = build_vocab(["at cat hat", "circle", "background"])
+    ranks = {m: i for i, m in enumerate(merges)}
+    for word in ["at", "cat", "hat", "circle", "background"]:
+        assert bpe(word_symbols(word), ranks) == [word + "</w>"]
+    assert list(vocab)[-2:] == [BOS, EOS]
+    assert len(vocab) == 512 + len(set(a + b for a, b in merges)) + 2
+
+
+def test_tokenize_pads_and_truncates(encoder):
+    ids = encoder.tokenize([CAPTION, "zebra " * 200])
+    assert ids.shape == (2, 77)
+    tok = encoder.tokenizer
+    words = tok.convert_ids_to_tokens(ids[0, :9].tolist())
+    assert words == [BOS] + [w + "</w>" for w in CAPTION.split()] + [EOS]
+    assert (ids[0, 9:] == tok.pad_token_id).all()
+    assert ids[1, 0] == tok.bos_token_id and ids[1, -1] == tok.eos_token_id
+
+
+def test_forward_matches_transformers(encoder, folder):
+    from transformers import CLIPTextModel
+
+    ref = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    prompts = [CAPTION, "two blue squares"]
+    ctx = encoder(prompts)
+    assert ctx.shape == (2, 77, encoder.context_dim) and encoder.context_dim == 32
+    with torch.no_grad():
+        want = ref(encoder.tokenize(prompts)).last_hidden_state
+    torch.testing.assert_close(ctx, want, rtol=0, atol=0)
+
+
+def test_penultimate_uses_final_norm(encoder):
+    enc2 = CLIPTextEncoder(encoder.model, encoder.tokenizer, penultimate=True)
+    ids = encoder.tokenize([CAPTION])
+    with torch.no_grad():
+        hidden = encoder.model(ids, output_hidden_states=True).hidden_states
+        want = encoder.model.final_layer_norm(hidden[-2])
+    torch.testing.assert_close(enc2([CAPTION]), want)
+    assert not torch.allclose(enc2([CAPTION]), encoder([CAPTION]))
+
+
+def test_frozen(encoder):
+    assert all(not p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.training and not encoder.model.training
+    with torch.enable_grad():
+        assert not encoder([CAPTION]).requires_grad
+
+
+def test_empty_context_cached_and_invalidated(folder):
+    enc = CLIPTextEncoder.from_pretrained(folder)
+    empty = enc.empty_context(3)
+    assert empty.shape == (3, 77, 32)
+    torch.testing.assert_close(empty[1:2], enc([""]))
+    assert enc.empty_context(1).data_ptr() == empty.data_ptr()  # cached
+    old = empty[:1].clone()
+    state = {k: v + 1 if "final_layer_norm.bias" in k else v for k, v in enc.model.state_dict().items()}
+    enc.model.load_state_dict(state)
+    torch.testing.assert_close(enc.empty_context(1), enc([""]))
+    torch.testing.assert_close(enc.empty_context(1), old + 1)
+
+
+def test_presets():
+    sd15, sd21, tiny = clip_text_config("sd15"), clip_text_config("sd21"), clip_text_config("tiny")
+    assert (sd15.hidden_size, sd15.num_hidden_layers, sd15.hidden_act) == (768, 12, "quick_gelu")
+    assert (sd21.hidden_size, sd21.num_hidden_layers, sd21.num_attention_heads, sd21.hidden_act) == (
+        1024, 23, 16, "gelu")
+    assert sd15.vocab_size == sd21.vocab_size == 49408
+    vocab, _ = build_vocab(DEFAULT_WORDS)
+    assert tiny.vocab_size == len(vocab) and tiny.hidden_size == 32
+    assert clip_text_config("small").hidden_size == 128
+    with pytest.raises(ValueError):
+        clip_text_config("nope")
+
+
+def test_from_tiny_reuses_folder(folder):
+    enc = CLIPTextEncoder.from_tiny(folder=folder)
+    assert enc.context_dim == 32 and not enc.penultimate
