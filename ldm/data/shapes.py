@@ -129,6 +129,10 @@ class ShapesDataset(Dataset):
             )
         return options
 
+    def backgrounds_for(self, color: str) -> tuple[str, ...]:
+        """The backgrounds this colour is drawn on (those with enough contrast)."""
+        return self._backgrounds_for[color]
+
     def __len__(self) -> int:
         return self.size
 

@@ -1,0 +1,171 @@
+"""Training callbacks: sample grids while training, and the shapes prompt accuracy at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from ldm.images import image_grid, to_pil
+
+log = logging.getLogger("ldm.training")
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir)
+
+
+def log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
+    """Send an image file to every logger that takes images (TensorBoard, wandb); CSV keeps the file path."""
+    from PIL import Image
+    import numpy as np
+
+    for logger in trainer.loggers:
+        name = type(logger).__name__
+        if name == "TensorBoardLogger":
+            arr = np.asarray(Image.open(path).convert("RGB"))
+            logger.experiment.add_image(key, arr, step, dataformats="HWC")
+        elif name == "WandbLogger":
+            logger.log_image(key=key, images=[str(path)], step=step)
+
+
+def generate(pl_module, prompts: list[str], *, sampler: str, steps: int, guidance_scale: float, seed: int,
+             use_ema: bool = True, resolution: int | None = None) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for the prompts, through the same pipeline as sample.py."""
+    from ldm.pipelines import text_to_image
+
+    bundle = pl_module.bundle(use_ema=use_ema)
+    was_training = bundle.unet.training
+    bundle.unet.eval()
+    try:
+        return text_to_image(bundle, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                             seed=seed, height=resolution, width=resolution)
+    finally:
+        bundle.unet.train(was_training)
+
+
+def data_resolution(trainer: L.Trainer) -> int | None:
+    dm = trainer.datamodule
+    ds = getattr(dm, "train_dataset", None) if dm is not None else None
+    ds = getattr(ds, "dataset", ds)  # Subset
+    return getattr(ds, "resolution", None)
+
+
+class SamplingCallback(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end) sample a fixed list of prompts with a fixed seed,
+    write a labelled PNG grid to ``<run>/samples/step_XXXXXX.png`` and send it to the loggers."""
+
+    def __init__(self, prompts: list[str], every_n_steps: int = 500, sampler: str = "ddim", steps: int = 25,
+                 guidance_scale: float = 4.0, seed: int = 0, use_ema: bool = True, resolution: int | None = None,
+                 at_end: bool = True):
+        if not prompts:
+            raise ValueError("callbacks.sampling.prompts must list at least one prompt")
+        self.prompts, self.every_n_steps = list(prompts), int(every_n_steps)
+        self.sampler, self.steps, self.guidance_scale, self.seed = sampler, steps, guidance_scale, seed
+        self.use_ema, self.resolution, self.at_end = use_ema, resolution, at_end
+        self.last_path: Path | None = None
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.sample_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end and trainer.global_step != self._last_step:
+            self.sample_grid(trainer, pl_module)
+
+    @rank_zero_only
+    def sample_grid(self, trainer, pl_module) -> Path:
+        step = trainer.global_step
+        self._last_step = step
+        images = generate(pl_module, self.prompts, sampler=self.sampler, steps=self.steps,
+                          guidance_scale=self.guidance_scale, seed=self.seed, use_ema=self.use_ema,
+                          resolution=self.resolution or data_resolution(trainer))
+        out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(to_pil(images), labels=self.prompts).save(out)
+        log_image(trainer, "samples", out, step)
+        self.last_path = out
+        return out
+
+
+class PromptAccuracyCallback(L.Callback):
+    """At the end of training on the shapes data: does a sample of "a blue triangle ..." show a blue triangle?
+
+    Samples every colour x shape prompt ``n_per_prompt`` times with CFG (``guidance_scale``), with CFG off
+    (scale 1, the plain conditional model) and unconditionally (empty prompt), scores them with the shapes
+    checker, logs the accuracies, prints them and writes ``<run>/prompt_accuracy.json``.
+    """
+
+    def __init__(self, n_per_prompt: int = 4, guidance_scale: float = 4.0, sampler: str = "ddim", steps: int = 25,
+                 seed: int = 1234, use_ema: bool = True, batch_size: int = 64):
+        self.n_per_prompt, self.guidance_scale, self.sampler, self.steps = n_per_prompt, guidance_scale, sampler, steps
+        self.seed, self.use_ema, self.batch_size = seed, use_ema, batch_size
+        self.results: dict[str, Any] | None = None
+
+    @staticmethod
+    def shapes_dataset(trainer):
+        from ldm.data.shapes import ShapesDataset
+
+        dm = trainer.datamodule
+        ds = getattr(dm, "train_dataset", None) if dm is not None else None
+        ds = getattr(ds, "dataset", ds)
+        return ds if isinstance(ds, ShapesDataset) else None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        ds = self.shapes_dataset(trainer)
+        if ds is None:
+            log.info("prompt accuracy: skipped (the training data is not the synthetic shapes)")
+            return
+        if trainer.is_global_zero:
+            self.results = self.evaluate(pl_module, ds, trainer)
+
+    def prompts(self, ds) -> list[str]:
+        prompts = []
+        for i, (color, shape) in enumerate((c, s) for c in ds.colors for s in ds.shapes):
+            backgrounds = ds.backgrounds_for(color)
+            prompts.append(ds.template.format(color=color, shape=shape, background=backgrounds[i % len(backgrounds)]))
+        return [p for p in prompts for _ in range(self.n_per_prompt)]
+
+    def evaluate(self, pl_module, ds, trainer=None) -> dict[str, Any]:
+        from ldm.data.shapes_checker import prompt_accuracy
+
+        prompts = self.prompts(ds)
+        checker = ds.checker()
+        results: dict[str, Any] = {"n": len(prompts), "guidance_scale": self.guidance_scale,
+                                   "sampler": self.sampler, "steps": self.steps}
+        settings = {"cfg": (self.guidance_scale, False), "no_cfg": (1.0, False), "uncond": (1.0, True)}
+        for name, (scale, uncond) in settings.items():
+            images = []
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = prompts[start:start + self.batch_size]
+                images.append(generate(pl_module, [""] * len(chunk) if uncond else chunk, sampler=self.sampler,
+                                       steps=self.steps, guidance_scale=scale, seed=self.seed + start,
+                                       use_ema=self.use_ema, resolution=ds.resolution))
+            acc = prompt_accuracy(torch.cat(images), prompts, checker)
+            results[name] = {"color_acc": acc["color_acc"], "shape_acc": acc["shape_acc"]}
+            if name == "cfg" and trainer is not None:
+                out = run_dir(trainer) / "prompt_accuracy_cfg.png"
+                image_grid(to_pil(torch.cat(images)[:: self.n_per_prompt]), labels=prompts[:: self.n_per_prompt],
+                           ncol=len(ds.shapes)).save(out)
+                results["grid"] = str(out)
+        if trainer is not None:
+            metrics = {f"prompt_accuracy/{k}_{m}": v[m] for k, v in results.items() if isinstance(v, dict)
+                       for m in ("color_acc", "shape_acc")}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.save()
+            path = run_dir(trainer) / "prompt_accuracy.json"
+            path.write_text(json.dumps(results, indent=2))
+            results["path"] = str(path)
+        print("prompt accuracy (shapes checker):")
+        for name in settings:
+            r = results[name]
+            print(f"  {name:7s} colour {r['color_acc']:.1%}  shape {r['shape_acc']:.1%}")
+        return results

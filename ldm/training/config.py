@@ -1,0 +1,39 @@
+"""Structured-config schema of train.yaml's top level: typed scalars, required groups marked ???.
+
+Hydra validates the composed config against it, so a misspelt top-level key or a wrong type stops the run
+before anything is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TrainConfig:
+    task_name: str = "train"
+    stage: str = "diffusion"  # "diffusion" (U-Net on frozen VAE + text encoder) or "autoencoder" (first stage)
+    seed: int = 0
+    ckpt_path: Optional[str] = None  # a checkpoint path, or "last" (<run>/checkpoints/last.ckpt)
+    optimized_metric: Optional[str] = "val/loss"  # returned to sweepers (hparams_search)
+    model: Any = MISSING
+    data: Any = MISSING
+    schedule: Any = None
+    module: Any = MISSING
+    optim: Any = MISSING
+    lr_scheduler: Any = None
+    loss: Any = None  # autoencoder stage only
+    trainer: Any = MISSING
+    callbacks: Any = field(default_factory=dict)
+    logger: Any = field(default_factory=dict)
+    paths: Any = MISSING
+
+
+STAGES = ("diffusion", "autoencoder")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

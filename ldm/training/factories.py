@@ -1,0 +1,111 @@
+"""Builders that Hydra configs point at: the frozen autoencoder (from a preset, a weights file or the shipped
+asset), and the whole model bundle with pretrained Stable Diffusion weights and consistency checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.bundle import ModelBundle
+from ldm.checkpoints.safe_load import load_into, load_state_dict
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.models.autoencoder import AutoencoderKL, IdentityAutoencoder
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUILTIN = "builtin:"
+# The command that makes each shipped asset (see README, "The embedded default").
+ASSET_RECIPES = {"shapes_vae": "python train.py experiment=shapes_vae  (then copy <run>/autoencoder.safetensors "
+                               "to ldm/assets/shapes_vae.safetensors)"}
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A weights path, or ``builtin:<name>`` for a file shipped in ldm/assets."""
+    text = str(path)
+    if text.startswith(BUILTIN):
+        name = text[len(BUILTIN):]
+        resolved = ASSETS / f"{name}.safetensors"
+        if not resolved.exists():
+            recipe = ASSET_RECIPES.get(name, "")
+            raise FileNotFoundError(f"built-in weights {name!r} are missing ({resolved}); make them with: {recipe}")
+        return resolved
+    resolved = Path(text).expanduser()
+    if not resolved.exists():
+        raise FileNotFoundError(f"weights file not found: {resolved}")
+    return resolved
+
+
+def save_autoencoder(autoencoder: AutoencoderKL, path: str | Path) -> Path:
+    """Write an autoencoder as safetensors with its constructor config in the metadata (atomic rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
+    save_file(state, str(tmp), metadata={"ldm_autoencoder_config": json.dumps(autoencoder.config)})
+    tmp.replace(path)
+    return path
+
+
+def autoencoder(preset: str | None = "sd", weights: str | None = None, pixel_space: bool = False,
+                **overrides: Any) -> nn.Module:
+    """The first stage. ``pixel_space`` gives the identity (plain DDPM); ``weights`` loads our safetensors file
+    (its stored config wins over the preset) or ``builtin:<name>``; otherwise a fresh preset (to train, or to be
+    filled by ``pretrained`` weights)."""
+    if pixel_space:
+        return IdentityAutoencoder(**overrides)
+    if weights is None:
+        return AutoencoderKL.from_preset(preset, **overrides)
+    path = resolve_weights(weights)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "ldm_autoencoder_config" in meta:
+        model = AutoencoderKL(**{**json.loads(meta["ldm_autoencoder_config"]), **overrides})
+    else:
+        model = AutoencoderKL.from_preset(preset, **overrides)
+    load_into(model, load_state_dict(path), source=str(path))
+    return model
+
+
+def check_compatible(unet: nn.Module, ae: nn.Module, text_encoder: nn.Module) -> None:
+    """Stop before training when the three networks cannot work together, naming the config keys to fix."""
+    cfg = unet.config
+    latent = int(ae.latent_channels)
+    if cfg["in_channels"] not in (latent, 2 * latent + 1):
+        raise ValueError(f"model.unet.in_channels={cfg['in_channels']} does not match the autoencoder's "
+                         f"latent_channels={latent} (model.autoencoder): set model.unet.in_channels={latent}")
+    if cfg["out_channels"] != latent:
+        raise ValueError(f"model.unet.out_channels={cfg['out_channels']} must equal the autoencoder's "
+                         f"latent_channels={latent}")
+    ctx = int(text_encoder.context_dim)
+    if cfg["context_dim"] != ctx:
+        raise ValueError(f"model.unet.context_dim={cfg['context_dim']} does not match the text encoder's hidden size "
+                         f"{ctx} (model.text_encoder): set model.unet.context_dim={ctx}")
+
+
+def build_bundle(unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Module, schedule: NoiseSchedule,
+                 pretrained: str | None = None, use_ema_weights: bool = False) -> ModelBundle:
+    """Compose the model; with ``pretrained`` (an SD single file or a diffusers folder / hub id) load all three
+    networks' weights strictly into the configured architectures, before anything trains."""
+    check_compatible(unet, autoencoder, text_encoder)
+    source = "config"
+    if pretrained:
+        source = str(pretrained)
+        path = Path(pretrained).expanduser()
+        if path.is_dir() or not path.suffix:
+            from ldm.checkpoints.diffusers_folder import load_diffusers_folder
+
+            load_diffusers_folder(str(pretrained), unet=unet, vae=autoencoder, text_encoder=text_encoder)
+        else:
+            if not path.exists():
+                raise FileNotFoundError(f"model.pretrained: file not found: {path}")
+            from ldm.checkpoints.single_file import load_single_file
+
+            load_single_file(str(path), unet, vae=autoencoder, text_encoder=text_encoder, use_ema=use_ema_weights)
+    return ModelBundle(unet, autoencoder, text_encoder, schedule, source=source)
+

@@ -1,0 +1,130 @@
+"""train(cfg): build everything from the composed Hydra config, check it, fit, and say where the results are.
+
+A plain function (train.py at the repo root is only ``@hydra.main`` around it), so tests call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.training.config import STAGES
+
+log = logging.getLogger("ldm.training")
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before training starts; the message names the key to fix."""
+
+
+def build(node: Any, key: str, **kwargs: Any) -> Any:
+    """instantiate(node) with errors that name the config key (Hydra's own messages bury the cause)."""
+    if node is None:
+        raise ConfigError(f"{key} is not set")
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the key that caused it
+        cause = e
+        while cause.__cause__ is not None and type(cause).__name__ == "InstantiationException":
+            cause = cause.__cause__
+        raise ConfigError(f"{key}: {type(cause).__name__}: {cause}") from e
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks on values, before anything is built."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    bs = OmegaConf.select(cfg, "data.batch_size")
+    if bs is not None and int(bs) <= 0:
+        raise ConfigError(f"data.batch_size must be a positive integer, got {bs}")
+    steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if steps is not None and int(steps) == 0:
+        raise ConfigError("trainer.max_steps is 0: nothing would train (use -1 for no step limit)")
+    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).exists():
+        raise ConfigError(f"ckpt_path: checkpoint not found: {cfg.ckpt_path}")
+
+
+def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
+    from ldm.training.factories import build_bundle
+
+    m = cfg.model
+    schedule = build(cfg.schedule, "schedule")
+    unet = build(m.unet, "model.unet")
+    autoencoder = build(m.autoencoder, "model.autoencoder")
+    text_encoder = build(m.text_encoder, "model.text_encoder")
+    try:
+        bundle = build_bundle(unet, autoencoder, text_encoder, schedule, pretrained=m.get("pretrained"))
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    # objects are passed to the partial, not to instantiate (Hydra would turn the dataclass schedule into a config)
+    module = build(cfg.module, "module", _partial_=True)(
+        unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,
+        optimizer=build(cfg.optim, "optim"),
+        lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None)
+    module.model_config = {"model": OmegaConf.to_container(m, resolve=True),
+                           "schedule": OmegaConf.to_container(cfg.schedule, resolve=True)}
+    return module
+
+
+def build_autoencoder_module(cfg: DictConfig) -> L.LightningModule:
+    return build(cfg.module, "module", _partial_=True)(
+        autoencoder=build(cfg.model.autoencoder, "model.autoencoder"), loss=build(cfg.loss, "loss"),
+        optimizer=build(cfg.optim, "optim"),
+        lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    if ckpt_path != "last":
+        return ckpt_path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        raise ConfigError(f"ckpt_path=last but {last} does not exist (set paths.run_dir to the run to resume)")
+    return str(last)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the configured stage; returns the run folder, final metrics and written files."""
+    validate(cfg)
+    run_dir = Path(cfg.paths.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    module = build_autoencoder_module(cfg) if cfg.stage == "autoencoder" else build_diffusion_module(cfg)
+    datamodule = build(cfg.data, "data")
+    callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
+    loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
+    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+                               default_root_dir=str(run_dir))
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    result: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "global_step": trainer.global_step,
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+    }
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
+        result["last_checkpoint"] = ckpt_cb.last_model_path
+    if cfg.stage == "autoencoder" and trainer.is_global_zero:
+        from ldm.training.factories import save_autoencoder
+
+        result["autoencoder"] = str(save_autoencoder(module.autoencoder, run_dir / "autoencoder.safetensors"))
+    for cb in callbacks:
+        if getattr(cb, "last_path", None):
+            result["sample_grid"] = str(cb.last_path)
+        if getattr(cb, "results", None):
+            result["prompt_accuracy"] = cb.results
+    if trainer.is_global_zero:
+        print(f"\nrun folder: {run_dir}")
+        for key in ("last_checkpoint", "autoencoder", "sample_grid"):
+            if key in result:
+                print(f"  {key.replace('_', ' ')}: {result[key]}")
+    return result

@@ -1,0 +1,21 @@
+"""python train.py [overrides...]: the Hydra entry point around ldm.training.train(cfg)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from ldm.training.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from ldm.training.train import train
+
+    result = train(cfg)
+    metric = cfg.get("optimized_metric")
+    return result["metrics"].get(metric) if metric else None  # what a sweeper (Optuna) optimises
+
+
+if __name__ == "__main__":
+    main()
