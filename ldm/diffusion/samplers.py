@@ -9,6 +9,9 @@ One signature for all (k-diffusion style, plus a generator):
   (unit Gaussian noise for text-to-image, a forward-noised latent for image-to-image);
 - ``timesteps`` is a descending 1-D tensor from :func:`make_timesteps` (or any subset of 0..T-1);
 - ``callback(i, t, x, x0)`` gets the sample after step i (variance-preserving form) and the x0 prediction;
+- ``step_hook(i, x, a, s) -> x`` may replace the sample after step i (before the callback); x is in
+  variance-preserving form x = a x0 + s eps at the next noise level (a = 1, s = 0 after the last step).
+  Inpainting uses it to paste the forward-noised known region back in at every step;
 - all randomness comes from ``generator``: the same seed gives the same result.
 """
 
@@ -26,6 +29,7 @@ from ldm.diffusion.schedules import NoiseSchedule
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 Callback = Callable[[int, float, Tensor, Tensor], None]
+StepHook = Callable[[int, Tensor, float, float], Tensor]
 
 
 def make_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> Tensor:
@@ -88,7 +92,8 @@ def _next(ts: Tensor, i: int) -> int:
 
 @torch.no_grad()
 def ddpm(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, generator=None, callback=None,
-         classifier=None, variance: str = "fixed_small", clip_x0: float | None = None) -> Tensor:
+         classifier=None, step_hook=None, variance: str = "fixed_small",
+         clip_x0: float | None = None) -> Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), in the seed's order: eq. (15) -> eq. (7) -> eq. (11).
 
     With skipped steps, alpha_t and beta_t are those of the jump t -> t_prev: alpha = abar_t / abar_prev.
@@ -117,6 +122,8 @@ def ddpm(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, genera
             x = mean + math.sqrt(var) * _noise(x, generator)  # eq. (11): x_{t-1} = mu + sigma_t z
         else:
             x = mean  # the last step adds no noise
+        if step_hook is not None:
+            x = step_hook(i, x, math.sqrt(abar_prev), math.sqrt(1 - abar_prev))
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -124,7 +131,8 @@ def ddpm(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, genera
 
 @torch.no_grad()
 def ddim(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, generator=None, callback=None,
-         classifier=None, eta: float = 0.0, final_alpha_one: bool = True, clip_x0: float | None = None) -> Tensor:
+         classifier=None, step_hook=None, eta: float = 0.0, final_alpha_one: bool = True,
+         clip_x0: float | None = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. (12)); eta = 0 is deterministic, eta = 1 matches DDPM's posterior variance.
 
     final_alpha_one: the step after the last timestep goes to abar = 1 (x0); False uses abar_0 (SD's setting).
@@ -144,6 +152,8 @@ def ddim(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, genera
         x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - std**2, 0.0)) * eps
         if eta > 0:
             x = x + std * _noise(x, generator)
+        if step_hook is not None:
+            x = step_hook(i, x, math.sqrt(abar_prev), math.sqrt(1 - abar_prev))
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -191,7 +201,7 @@ def _vp(sigma: float) -> tuple[float, float]:
 
 @torch.no_grad()
 def euler(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, generator=None, callback=None,
-          classifier=None, karras: bool = False, ancestral: bool = False) -> Tensor:
+          classifier=None, step_hook=None, karras: bool = False, ancestral: bool = False) -> Tensor:
     """Euler steps of the probability-flow ODE dx/dsigma = (x - x0-hat) / sigma (Karras et al. 2022, Algorithm 1
     without churn) on the variance-exploding sample x_ve = x_vp sqrt(1 + sigma^2).
 
@@ -212,6 +222,9 @@ def euler(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, gener
             x = x + _noise(x, generator) * sigma_up
         else:
             x = x + d * (sigma_next - sigma)
+        if step_hook is not None:
+            a_next, s_next = _vp(sigma_next)
+            x = step_hook(i, x * a_next, a_next, s_next) / a_next  # the hook sees the variance-preserving x
         if callback is not None:
             callback(i, ts[i].item(), x / math.sqrt(1 + sigma_next**2), x0)
     return x
@@ -223,7 +236,7 @@ def euler_ancestral(model, x, schedule, timesteps, **kwargs) -> Tensor:
 
 @torch.no_grad()
 def dpmpp_2m(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, generator=None, callback=None,
-             classifier=None, karras: bool = False) -> Tensor:
+             classifier=None, step_hook=None, karras: bool = False) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data-prediction form, on the variance-preserving sample.
 
     lambda = log(a / s) = -log sigma; first-order (DDIM) update at the first and the final step.
@@ -250,6 +263,8 @@ def dpmpp_2m(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, ge
             x = (s_next / s) * x - a_next * math.expm1(-h) * d
             h_prev = h
         x0_prev = x0
+        if step_hook is not None:
+            x = step_hook(i, x, *_vp(sigma_next))
         if callback is not None:
             callback(i, ts[i].item(), x, x0)
     return x

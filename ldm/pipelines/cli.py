@@ -1,0 +1,267 @@
+"""``sample(cfg) -> list[Path]``: the body of ``sample.py``, callable without Hydra.
+
+The config schema is :class:`SampleConfig` (registered with Hydra's ConfigStore as ``sample_schema``; unknown
+keys are rejected). Every check that needs no model runs before the model is loaded, and the size checks run
+before anything is sampled, so bad input fails fast with a message naming the option to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ldm.diffusion.samplers import TIMESTEP_SPACINGS
+from ldm.diffusion.schedules import PREDICTION_TYPES
+from ldm.loading import detect_source, load_bundle, looks_like_hub_id, resolve_device, resolve_dtype
+from ldm.pipelines.common import ETA_SAMPLERS, KARRAS_SAMPLERS, check_size, default_size, sampler_options, unet_kind
+from ldm.pipelines.images import make_grid, mask_batch, pil_to_tensor, to_pil
+from ldm.pipelines.png import save_png
+
+IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.75, 1.0
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "ddim"  # ddpm | ddim | euler | euler_ancestral | dpmpp_2m
+    steps: int = 50
+    eta: float = 0.0  # ddim only: 0 deterministic, 1 = DDPM's variance
+    karras: bool = False  # euler, euler_ancestral, dpmpp_2m: Karras et al. noise levels
+    spacing: str = "leading"  # leading | trailing | linspace (Lin et al. 2023, Table 2)
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = MISSING  # the model: training .ckpt, export folder, SD .safetensors/.ckpt, diffusers folder or hub id
+    prompt: Optional[str] = None  # one prompt ...
+    prompt_file: Optional[str] = None  # ... or a text file with one prompt per line
+    negative_prompt: str = ""  # the unconditional branch of CFG ("" = the empty prompt)
+    n_images: int = 1  # images per prompt
+    batch_size: int = 1  # images per model call; batch j uses seed + (index of its first image)
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    guidance_scale: float = 7.5  # classifier-free guidance weight w (1 = conditional prediction only)
+    height: Optional[int] = None  # default: the init image's size, else the model's training resolution, else 512
+    width: Optional[int] = None
+    init_image: Optional[str] = None  # image-to-image (or inpainting with mask)
+    strength: Optional[float] = None  # fraction of the steps that run (0 = VAE round trip, 1 = from pure noise);
+    # default 0.75 for image-to-image, 1.0 for inpainting
+    mask: Optional[str] = None  # inpainting: white = repaint; same size as init_image
+    feather: int = 0  # inpainting: soften the composite edge over this many pixels inside the mask
+    out_dir: str = "samples"
+    grid: bool = True  # also write grid.png
+    use_ema: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    dtype: str = "auto"  # auto (float16 on CUDA, else float32) | float32 | float16 | bfloat16
+    text_encoder: Optional[str] = None  # tokenizer/ + text_encoder/ folder (SD single files carry no tokenizer)
+    prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
+
+
+class SampleConfigError(ValueError):
+    """A sample.py option is wrong; the message names it."""
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore (``defaults: [sample_schema, ...]`` in configs/sample.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+
+
+def typed_config(cfg: Any) -> DictConfig:
+    """cfg (dict / DictConfig) merged onto the schema: unknown keys (even ones forced in with Hydra's ``+key=``)
+    and wrong types are errors."""
+    if isinstance(cfg, DictConfig):  # plain data first: a typed DictConfig would carry its extra keys along
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(SampleConfig), cfg)
+    except Exception as err:  # omegaconf's ConfigKeyError / ValidationError
+        raise SampleConfigError(f"bad sample config: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checks that need no model
+
+
+def _existing_file(path: str | None, option: str) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{option}: file not found: {path}")
+    return p
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    if cfg.prompt is not None and cfg.prompt_file is not None:
+        raise SampleConfigError("give prompt=... or prompt_file=..., not both")
+    if cfg.prompt_file is not None:
+        path = _existing_file(cfg.prompt_file, "prompt_file")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise SampleConfigError(f"prompt_file {path} has no prompts (one prompt per line)")
+        return prompts
+    if cfg.prompt is None:
+        raise SampleConfigError('no prompt given: set prompt="..." or prompt_file=<file with one prompt per line>')
+    return [cfg.prompt]
+
+
+def _open_image(path: Path, option: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise SampleConfigError(f"{option}: cannot read image {path} ({err})") from err
+
+
+def read_images(cfg: DictConfig):
+    """(init image, mask) as PIL images or None, resized to height/width when those are given."""
+    init_path = _existing_file(cfg.init_image, "init_image")
+    mask_path = _existing_file(cfg.mask, "mask")
+    if mask_path is not None and init_path is None:
+        raise SampleConfigError("mask needs init_image (the image to inpaint)")
+    if init_path is None:
+        return None, None
+    init = _open_image(init_path, "init_image").convert("RGB")
+    mask = _open_image(mask_path, "mask").convert("L") if mask_path is not None else None
+    if mask is not None and mask.size != init.size:
+        raise SampleConfigError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but init_image {init_path} is "
+                                f"{init.size[0]}x{init.size[1]}; they must be the same size")
+    size = (cfg.width or init.size[0], cfg.height or init.size[1])
+    if size != init.size:
+        from PIL import Image
+
+        init = init.resize(size, Image.Resampling.LANCZOS)
+        mask = mask.resize(size, Image.Resampling.NEAREST) if mask is not None else None
+    return init, mask
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Numbers, names and paths that can be judged without the model."""
+    if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
+        raise SampleConfigError("no model given: set ckpt=<checkpoint file, export folder, diffusers folder or "
+                                "hub id>")
+    detect_source(cfg.ckpt)  # missing path -> FileNotFoundError; unknown file -> ValueError (reads headers only)
+    for option in ("n_images", "batch_size"):
+        if cfg[option] < 1:
+            raise SampleConfigError(f"{option} must be >= 1, got {cfg[option]}")
+    if cfg.strength is not None and not 0.0 <= cfg.strength <= 1.0:
+        raise SampleConfigError(f"strength must be in [0, 1], got {cfg.strength}")
+    if cfg.feather < 0:
+        raise SampleConfigError(f"feather must be >= 0 pixels, got {cfg.feather}")
+    for option in ("height", "width"):
+        if cfg[option] is not None and cfg[option] < 1:
+            raise SampleConfigError(f"{option} must be a positive number of pixels, got {cfg[option]}")
+    if not math.isfinite(cfg.guidance_scale):
+        raise SampleConfigError(f"guidance_scale must be a finite number, got {cfg.guidance_scale}")
+    s = cfg.sampler
+    if s.steps < 1:
+        raise SampleConfigError(f"sampler.steps must be >= 1, got {s.steps}")
+    if s.spacing not in TIMESTEP_SPACINGS:
+        raise SampleConfigError(f"sampler.spacing must be one of {TIMESTEP_SPACINGS}, got {s.spacing!r}")
+    try:
+        sampler_options(s.name, s.eta, s.karras)
+        device = resolve_device(cfg.device)
+        resolve_dtype(cfg.dtype, device)
+    except (ValueError, RuntimeError) as err:
+        raise SampleConfigError(f"sampler / device / dtype: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SampleConfigError(f"device={cfg.device} but CUDA is not available; use device=auto or device=cpu")
+    if cfg.prediction_type is not None and cfg.prediction_type not in PREDICTION_TYPES:
+        raise SampleConfigError(f"prediction_type must be one of {PREDICTION_TYPES} (or null), got "
+                                f"{cfg.prediction_type!r}")
+    te = cfg.text_encoder
+    if te is not None and not Path(te).is_dir() and not looks_like_hub_id(te):
+        raise FileNotFoundError(f"text_encoder: folder not found: {te}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def sample(cfg: Any) -> list[Path]:
+    """Generate ``n_images`` per prompt into ``out_dir``; returns the image paths (and grid.png last)."""
+    cfg = typed_config(cfg)
+    check_options(cfg)
+    prompts = read_prompts(cfg)
+    init, mask = read_images(cfg)
+
+    bundle = load_bundle(cfg.ckpt, use_ema=cfg.use_ema, device=cfg.device, dtype=cfg.dtype,
+                         text_encoder=cfg.text_encoder, prediction_type=cfg.prediction_type)
+    if init is not None:
+        width, height = init.size
+    else:
+        height, width = cfg.height or default_size(bundle), cfg.width or default_size(bundle)
+    try:
+        check_size(bundle, height, width)
+    except ValueError as err:
+        raise SampleConfigError(f"height/width{' (of init_image)' if init is not None else ''}: {err}") from err
+    if unet_kind(bundle) == "inpaint" and mask is None:
+        raise SampleConfigError(f"{cfg.ckpt} is an inpainting model (9-channel U-Net): give init_image=... and "
+                                "mask=...")
+    if cfg.sampler.steps > bundle.schedule.num_train_timesteps:
+        raise SampleConfigError(f"sampler.steps must be <= {bundle.schedule.num_train_timesteps} (the model's "
+                                f"training timesteps), got {cfg.sampler.steps}")
+
+    base = _base_params(cfg, bundle, height, width, init is not None, mask is not None)
+    out_dir = Path(cfg.out_dir)
+    jobs = [p for p in prompts for _ in range(cfg.n_images)]
+    paths, images = [], []
+    for start in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[start:start + cfg.batch_size]
+        seed = cfg.seed + start
+        out = _generate(cfg, bundle, batch, seed, init, mask, height, width)
+        for j, (prompt, pil) in enumerate(zip(batch, to_pil(out))):
+            params = {"prompt": prompt, **base, "seed": seed, "batch_size": len(batch), "batch_pos": j}
+            paths.append(save_png(pil, out_dir / f"{start + j:05d}.png", params))
+        images.append(out.cpu())
+    if cfg.grid:
+        grid = to_pil(make_grid(torch.cat(images)))[0]
+        params = {"prompt": " | ".join(dict.fromkeys(prompts)), **base, "seed": cfg.seed,
+                  "batch_size": cfg.batch_size, "n_images": len(jobs)}
+        paths.append(save_png(grid, out_dir / "grid.png", params))
+    return paths
+
+
+def _base_params(cfg: DictConfig, bundle, height: int, width: int, img2img: bool, inpainting: bool) -> dict:
+    """What produced the images (recorded in every PNG); no paths of the run itself, no times."""
+    s = cfg.sampler
+    params: dict[str, Any] = {
+        "negative_prompt": cfg.negative_prompt, "steps": s.steps, "sampler": s.name, "cfg_scale": cfg.guidance_scale,
+        "size": f"{width}x{height}", "model": str(cfg.ckpt), "prediction_type": bundle.schedule.prediction_type,
+        "spacing": s.spacing, "eta": s.eta if s.name in ETA_SAMPLERS else None,
+        "karras": s.karras if s.name in KARRAS_SAMPLERS else None,
+        "use_ema": cfg.use_ema, "dtype": str(next(bundle.unet.parameters()).dtype).removeprefix("torch."),
+    }
+    if img2img:
+        params.update(init_image=str(cfg.init_image), strength=_strength(cfg, inpainting))
+    if inpainting:
+        params.update(mask=str(cfg.mask), feather=cfg.feather)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _strength(cfg: DictConfig, inpainting: bool) -> float:
+    if cfg.strength is not None:
+        return cfg.strength
+    return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
+
+
+def _generate(cfg: DictConfig, bundle, prompts: list[str], seed: int, init, mask, height: int, width: int):
+    from ldm.pipelines import image_to_image, inpaint, text_to_image
+
+    s = cfg.sampler
+    common = dict(negative_prompt=cfg.negative_prompt or None, sampler=s.name, steps=s.steps,
+                  guidance_scale=cfg.guidance_scale, seed=seed, eta=s.eta, karras=s.karras, spacing=s.spacing)
+    if mask is not None:
+        return inpaint(bundle, pil_to_tensor(init), mask_batch(mask), prompts, strength=_strength(cfg, True),
+                       feather=cfg.feather, **common)
+    if init is not None:
+        return image_to_image(bundle, pil_to_tensor(init), prompts, strength=_strength(cfg, False), **common)
+    return text_to_image(bundle, prompts, height=height, width=width, **common)

@@ -1,0 +1,190 @@
+"""Steps shared by every pipeline (seed, "Full Architecture Combined"): prompt -> CLIP context, seeded noise,
+the sampler loop over the U-Net (all math in ``ldm.diffusion``), VAE decode.
+
+All randomness comes from one CPU ``torch.Generator``, drawn in a fixed order (initial noise first, then the
+VAE posterior sample if asked for, then the sampler's own noise), so a seed gives the same images on any device.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ldm.bundle import ModelBundle
+from ldm.diffusion.guidance import ClassifierGuidance, Conditioning
+from ldm.diffusion.samplers import TIMESTEP_SPACINGS, get_sampler, make_timesteps
+
+ETA_SAMPLERS = ("ddim",)
+KARRAS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
+DEFAULT_RESOLUTION = 512
+
+
+def as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+    return prompts
+
+
+def make_generator(seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:
+    """The generator to draw from: the one given, else a CPU generator seeded with ``seed`` (random if None)."""
+    if generator is not None:
+        if seed is not None:
+            raise ValueError("give either seed or generator, not both")
+        return generator
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def sampler_options(name: str, eta: float = 0.0, karras: bool = False) -> dict:
+    """The keyword options a sampler takes; a setting that does not apply to it is an error, not ignored."""
+    get_sampler(name)  # unknown name -> ValueError listing the samplers
+    opts: dict = {}
+    if name in ETA_SAMPLERS:
+        opts["eta"] = float(eta)
+    elif eta:
+        raise ValueError(f"eta={eta} only applies to the {ETA_SAMPLERS} sampler(s), not {name!r}; set eta=0")
+    if name in KARRAS_SAMPLERS:
+        opts["karras"] = bool(karras)
+    elif karras:
+        raise ValueError(f"karras=True only applies to the {KARRAS_SAMPLERS} samplers, not {name!r}")
+    return opts
+
+
+def plan_timesteps(bundle: ModelBundle, steps: int, spacing: str) -> Tensor:
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+    return make_timesteps(bundle.schedule, int(steps), spacing)
+
+
+def size_multiple(bundle: ModelBundle) -> int:
+    """Image sides must be multiples of the VAE factor times the U-Net's downsampling."""
+    return bundle.downsample_factor * int(getattr(bundle.unet, "downsample_factor", 1))
+
+
+def default_size(bundle: ModelBundle) -> int:
+    """The model's training resolution when its loader knows it, else 512."""
+    return int(bundle.meta.get("resolution") or DEFAULT_RESOLUTION)
+
+
+def check_size(bundle: ModelBundle, height: int, width: int) -> None:
+    m = size_multiple(bundle)
+    if height <= 0 or width <= 0 or height % m or width % m:
+        raise ValueError(
+            f"height and width must be positive multiples of {m} for this model (VAE factor "
+            f"{bundle.downsample_factor} x U-Net downsampling {m // bundle.downsample_factor}); got {height}x{width}"
+        )
+
+
+def unet_kind(bundle: ModelBundle) -> str:
+    """"plain" (in_channels = latent channels) or "inpaint" (SD inpainting: latent + mask + masked-image latent)."""
+    c, in_ch = bundle.latent_channels, int(bundle.unet.config["in_channels"])
+    if in_ch == c:
+        return "plain"
+    if in_ch == 2 * c + 1:
+        return "inpaint"
+    raise ValueError(f"U-Net takes {in_ch} input channels; expected {c} (latents) or {2 * c + 1} (inpainting)")
+
+
+def require_plain_unet(bundle: ModelBundle, pipeline: str) -> None:
+    if unet_kind(bundle) != "plain":
+        raise ValueError(f"{pipeline} needs a plain U-Net; this one takes {bundle.unet.config['in_channels']} input "
+                         "channels (an inpainting model): use inpaint()")
+
+
+@contextmanager
+def eval_mode(bundle: ModelBundle) -> Iterator[None]:
+    """Run in eval mode (no dropout) and give each module its train/eval mode back afterwards."""
+    modules = [m for m in (bundle.unet, bundle.autoencoder, bundle.text_encoder) if m is not None]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def model_dtype(bundle: ModelBundle) -> torch.dtype:
+    return next(bundle.unet.parameters()).dtype
+
+
+def _dtype_of(module, default: torch.dtype) -> torch.dtype:
+    p = next(module.parameters(), None)  # IdentityAutoencoder has no parameters
+    return default if p is None else p.dtype
+
+
+@torch.no_grad()
+def encode_prompts(bundle: ModelBundle, prompts: list[str], negative_prompt: str | Sequence[str] | None,
+                   num_images_per_prompt: int, guidance_scale: float) -> Conditioning:
+    """Step 1 (CLIP text encoder): prompts -> context (B, L, D), B = len(prompts) * num_images_per_prompt.
+
+    The unconditional branch of CFG is the empty prompt's context, or the negative prompt's when one is given
+    (one string for all prompts, or one per prompt). With guidance_scale 1 it is not needed.
+    """
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    te = bundle.text_encoder
+    if te is None:  # an unconditional model
+        return Conditioning(None, None)
+    dtype = model_dtype(bundle)
+    context = te(prompts).to(bundle.device, dtype).repeat_interleave(num_images_per_prompt, 0)  # (B, L, D)
+    if guidance_scale == 1.0:
+        return Conditioning(context, None)
+    if negative_prompt is None:
+        uncond = te.empty_context(1)  # (1, L, D), broadcast over the batch
+    elif isinstance(negative_prompt, str):
+        uncond = te([negative_prompt])
+    else:
+        negative_prompt = list(negative_prompt)
+        if len(negative_prompt) != len(prompts):
+            raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+        uncond = te(negative_prompt).repeat_interleave(num_images_per_prompt, 0)
+    return Conditioning(context, uncond.to(bundle.device, dtype))
+
+
+def initial_noise(bundle: ModelBundle, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+    """Step 2: unit Gaussian latents (B, latent_channels, H/f, W/f), drawn on the CPU generator, then moved."""
+    f = bundle.downsample_factor
+    shape = (batch, bundle.latent_channels, height // f, width // f)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return noise.to(bundle.device, model_dtype(bundle))
+
+
+def run_sampler(bundle: ModelBundle, x: Tensor, timesteps: Tensor, cond: Conditioning, *, sampler: str,
+                guidance_scale: float, generator: torch.Generator, eta: float, karras: bool,
+                classifier_guidance: ClassifierGuidance | None, callback: Callable | None,
+                step_hook: Callable | None = None, model: Callable | None = None) -> Tensor:
+    """Step 3 (U-Net + sampler): denoise x from timesteps[0] over every given timestep; returns the latent x0."""
+    opts = sampler_options(sampler, eta, karras)
+    if step_hook is not None:
+        opts["step_hook"] = step_hook
+    return get_sampler(sampler)(
+        model if model is not None else bundle.unet, x, bundle.schedule, timesteps, cond=cond,
+        guidance_scale=guidance_scale, generator=generator, callback=callback, classifier=classifier_guidance,
+        **opts,
+    )
+
+
+@torch.no_grad()
+def encode_image(bundle: ModelBundle, image: Tensor, sample_posterior: bool, generator: torch.Generator) -> Tensor:
+    """VAE encoder: image (B, 3, H, W) in [-1, 1] -> scaled latents; the posterior mode, or a seeded sample."""
+    vae = bundle.autoencoder
+    dtype = _dtype_of(vae, model_dtype(bundle))
+    z = vae.encode_latents(image.to(bundle.device, dtype), sample=sample_posterior, generator=generator)
+    return z.to(model_dtype(bundle))
+
+
+@torch.no_grad()
+def decode(bundle: ModelBundle, z: Tensor) -> Tensor:
+    """Step 5 (VAE decoder): latents -> images (B, 3, H, W), clamped to [-1, 1], float32."""
+    vae = bundle.autoencoder
+    return vae.decode_latents(z.to(_dtype_of(vae, z.dtype))).float().clamp(-1, 1)

@@ -1,0 +1,207 @@
+"""sample.py: configs/sample.yaml through Hydra's compose API into sample(cfg), on a tiny SD single file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import ldm.pipelines
+import ldm.pipelines.cli as cli
+from ldm.bundle import ModelBundle
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.loading import save_single_file
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.text_encoder import CLIPTextEncoder
+from ldm.models.tiny_clip import write_tiny_clip
+from ldm.models.unet import UNet
+from ldm.pipelines.cli import SampleConfigError, register_configs, sample
+from ldm.pipelines.png import read_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny random SD-layout single file (training resolution 16 in its header) and a tiny CLIP folder."""
+    root = tmp_path_factory.mktemp("model")
+    clip = write_tiny_clip(root / "clip")
+    bundle = ModelBundle(randomize(UNet.from_preset("tiny"), 1), randomize(AutoencoderKL.from_preset("tiny"), 2),
+                         CLIPTextEncoder.from_pretrained(clip), NoiseSchedule.make("scaled_linear"))
+    return save_single_file(root / "tiny.safetensors", bundle, resolution=16), clip
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """A 16x16 RGB image and a mask (white square = repaint) as PNG files, plus a mask of the wrong size."""
+    root = tmp_path_factory.mktemp("pictures")
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(root / "init.png")
+    mask = torch.zeros(16, 16, dtype=torch.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask.numpy()).save(root / "mask.png")
+    Image.fromarray(mask[:8, :8].numpy()).save(root / "small_mask.png")
+    Image.fromarray(np.zeros((18, 16, 3), np.uint8)).save(root / "odd.png")  # height 18: not a multiple of 4
+    return root
+
+
+def config(model, out_dir, *overrides):
+    """configs/sample.yaml + overrides, composed as `python sample.py ...` would."""
+    ckpt, clip = model
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("sample", overrides=[f"ckpt={ckpt}", f"text_encoder={clip}", f"out_dir={out_dir}",
+                                            "sampler.steps=3", *overrides])
+
+
+def test_pngs_are_deterministic_and_carry_their_parameters(model, tmp_path):
+    args = ["prompt='a red circle'", "negative_prompt=blue", "n_images=3", "batch_size=2", "seed=5",
+            "guidance_scale=4.0"]
+    first = sample(config(model, tmp_path / "a", *args))
+    second = sample(config(model, tmp_path / "b", *args))
+    assert [p.name for p in first] == ["00000.png", "00001.png", "00002.png", "grid.png"]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    assert first[0].read_bytes() != first[1].read_bytes()  # different noise within a batch
+    with Image.open(first[2]) as im:
+        assert im.size == (16, 16)  # the training resolution from the file's header
+        text = im.text["parameters"]
+    assert text.startswith("a red circle\nNegative prompt: blue\n")
+    for part in ("Steps: 3", "Sampler: ddim", "CFG scale: 4.0", "Seed: 7", "Size: 16x16", f"Model: {model[0]}"):
+        assert part in text
+    params = read_parameters(first[2])
+    assert params["seed"] == 7 and params["batch_pos"] == 0  # the second batch starts at image 2: seed 5 + 2
+    with Image.open(first[-1]) as grid:
+        assert grid.size == (32, 32)
+
+
+def test_a_batch_of_one_reproduces_an_image_from_its_recorded_seed(model, tmp_path):
+    run = sample(config(model, tmp_path / "run", "prompt=a", "n_images=3"))
+    again = sample(config(model, tmp_path / "again", "prompt=a", f"seed={read_parameters(run[2])['seed']}"))
+    assert again[0].read_bytes() == run[2].read_bytes()
+
+
+def test_prompt_file_sampler_group_and_sizes(model, pictures, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  a blue square  \n")
+    paths = sample(config(model, tmp_path / "out", f"prompt_file={prompts}", "sampler=euler_ancestral",
+                          "sampler.steps=3", "height=8", "width=24", "grid=false"))
+    assert len(paths) == 2
+    params = [read_parameters(p) for p in paths]
+    assert [p["prompt"] for p in params] == ["a red circle", "a blue square"]
+    assert params[0]["sampler"] == "euler_ancestral" and params[0]["karras"] is False and "eta" not in params[0]
+    with Image.open(paths[0]) as im:
+        assert im.size == (24, 8)
+
+
+def test_img2img_and_inpainting(model, pictures, tmp_path):
+    init = pictures / "init.png"
+    out = sample(config(model, tmp_path / "i2i", "prompt=a", f"init_image={init}", "strength=0.5", "grid=false"))
+    assert read_parameters(out[0])["strength"] == 0.5
+    out = sample(config(model, tmp_path / "small", "prompt=a", f"init_image={init}", "height=8", "width=12"))
+    with Image.open(out[0]) as im:
+        assert im.size == (12, 8)  # height/width given: the init image is resized to them
+    out = sample(config(model, tmp_path / "inpaint", "prompt=a", f"init_image={init}",
+                        f"mask={pictures / 'mask.png'}", "grid=false"))
+    params = read_parameters(out[0])
+    assert params["strength"] == 1.0 and params["mask"].endswith("mask.png")
+    result = torch.from_numpy(np.asarray(Image.open(out[0])).copy())
+    source = torch.from_numpy(np.asarray(Image.open(init)).copy())
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[4:12, 4:12] = False
+    assert torch.equal(result[outside], source[outside])
+    assert not torch.equal(result[~outside], source[~outside])
+
+
+def no_loader(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad input was caught")
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["ckpt=/no/such/model.safetensors"], FileNotFoundError, "/no/such/model.safetensors"),
+    (["init_image=/no/such/init.png"], FileNotFoundError, "init_image: file not found: /no/such/init.png"),
+    (["init_image={pictures}/init.png", "mask=/no/such/mask.png"], FileNotFoundError, "mask: file not found"),
+    (["init_image={pictures}/init.png", "mask={pictures}/small_mask.png"], SampleConfigError,
+     "mask .* is 8x8 but init_image .* is 16x16"),
+    (["mask={pictures}/mask.png"], SampleConfigError, "mask needs init_image"),
+    (["init_image={pictures}/init.png", "strength=1.5"], SampleConfigError, r"strength must be in \[0, 1\]"),
+    (["strength=-0.1"], SampleConfigError, r"strength must be in \[0, 1\]"),
+    (["prompt=null"], SampleConfigError, "no prompt given"),
+    (["prompt=null", "prompt_file={tmp}/empty.txt"], SampleConfigError, "has no prompts"),
+    (["prompt=null", "prompt_file=/no/such/prompts.txt"], FileNotFoundError, "prompt_file: file not found"),
+    (["prompt_file={tmp}/empty.txt"], SampleConfigError, "not both"),
+    (["n_images=0"], SampleConfigError, "n_images must be >= 1"),
+    (["batch_size=0"], SampleConfigError, "batch_size must be >= 1"),
+    (["height=0"], SampleConfigError, "height must be a positive"),
+    (["sampler=euler", "sampler.eta=0.5"], SampleConfigError, "eta=0.5 only applies"),
+    (["sampler.name=heun"], SampleConfigError, "unknown sampler 'heun'"),
+    (["sampler.steps=0"], SampleConfigError, "sampler.steps must be >= 1"),
+    (["dtype=float8"], SampleConfigError, "unknown dtype 'float8'"),
+    (["text_encoder=/no/such/clip"], FileNotFoundError, "text_encoder: folder not found"),
+    (["prediction_type=v"], SampleConfigError, "prediction_type must be one of"),
+])
+def test_bad_input_fails_before_the_model_loads(model, pictures, tmp_path, monkeypatch, overrides, error, match):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    monkeypatch.setattr(cli, "load_bundle", no_loader)
+    overrides = [o.format(pictures=pictures, tmp=tmp_path) for o in overrides]
+    cfg = config(model, tmp_path / "out", "prompt=a", *overrides)
+    with pytest.raises(error, match=match):
+        sample(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["height=18"], r"height/width: .*multiples of 4 .* got 18x16"),
+    (["init_image={pictures}/odd.png"], r"height/width \(of init_image\): .* got 18x16"),
+    (["sampler.steps=1001"], "sampler.steps must be <= 1000"),
+])
+def test_sizes_the_model_cannot_take_fail_before_sampling(model, pictures, tmp_path, monkeypatch, overrides, match):
+    for name in ("text_to_image", "image_to_image", "inpaint"):
+        monkeypatch.setattr(ldm.pipelines, name, no_loader)
+    cfg = config(model, tmp_path / "out", "prompt=a", "width=16", *[o.format(pictures=pictures) for o in overrides])
+    with pytest.raises(SampleConfigError, match=match):
+        sample(cfg)
+
+
+def test_unknown_keys_are_rejected(model, tmp_path):
+    with pytest.raises(SampleConfigError, match="promt"):
+        sample({"ckpt": str(model[0]), "promt": "a typo"})
+    with pytest.raises(Exception, match="promt"):
+        config(model, tmp_path, "promt=a")  # Hydra refuses it
+    with pytest.raises(SampleConfigError, match="promt"):
+        sample(config(model, tmp_path, "+promt=a"))  # forced in: the schema refuses it
+    with pytest.raises(SampleConfigError, match="no model given: set ckpt="):
+        sample({"prompt": "a"})
+
+
+@pytest.mark.slow
+def test_the_real_command_line(model, tmp_path):
+    ckpt, clip = model
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", f"text_encoder={clip}",
+                          "prompt='a red circle'", "sampler.steps=2", f"out_dir={tmp_path}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "grid.png"]
+    assert read_parameters(tmp_path / "00000.png")["prompt"] == "a red circle"
