@@ -264,7 +264,7 @@ def vae_diffusers_config(vae_config: dict, sample_size: int | None = None) -> di
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "layers_per_block": c["num_res_blocks"],
         "act_fn": "silu",
-        "norm_num_groups": 32,
+        "norm_num_groups": c.get("norm_groups", 32),
         "scaling_factor": c.get("scaling_factor", 0.18215),
     }
     if c.get("shift_factor"):
@@ -276,7 +276,7 @@ def vae_diffusers_config(vae_config: dict, sample_size: int | None = None) -> di
 
 def vae_config_from_diffusers(cfg: dict) -> dict:
     """diffusers ``AutoencoderKL`` config -> our VAE kwargs."""
-    checks = {"act_fn": "silu", "norm_num_groups": 32, "use_quant_conv": True,
+    checks = {"act_fn": "silu", "use_quant_conv": True,
               "use_post_quant_conv": True, "mid_block_add_attention": True}
     for key, want in checks.items():
         if cfg.get(key, want) != want:
@@ -295,4 +295,5 @@ def vae_config_from_diffusers(cfg: dict) -> dict:
         "dropout": 0.0,
         "scaling_factor": cfg.get("scaling_factor", 0.18215),
         "shift_factor": cfg.get("shift_factor") or 0.0,
+        "norm_groups": cfg.get("norm_num_groups", 32),
     }

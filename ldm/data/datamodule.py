@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Union
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler, Subset
 
 from ldm.data.collate import collate_image_caption
+from ldm.data.resumable_sampler import ResumableSampler
+
+log = logging.getLogger("ldm.data")
 
 DatasetOrFactory = Union[Dataset, IterableDataset, Callable[[], Dataset]]
 
@@ -89,16 +93,34 @@ class ImageCaptionDataModule(L.LightningDataModule):
         return Subset(dataset, sorted(order[n_val:])), Subset(dataset, sorted(order[:n_val]))
 
     def build_sampler(self, dataset: Dataset, train: bool) -> Sampler | None:
-        """Sampler for a map-style dataset (None for iterables). Override to change sampling."""
+        """Sampler for a map-style dataset (None for iterables). Training uses a ResumableSampler: the epoch's
+        order depends only on (seed, epoch), it is split across DDP ranks, and it can start mid-epoch."""
         if isinstance(dataset, IterableDataset):
             return None
-        if train and self.shuffle:
-            return RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
+        if train:
+            return ResumableSampler(len(dataset), shuffle=self.shuffle, seed=self.seed)
         return SequentialSampler(dataset)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_dataset, self.batch_size, train=True)
+        loader = self._loader(self.train_dataset, self.batch_size, train=True)
+        if isinstance(loader.sampler, ResumableSampler):
+            loader.sampler.skip(self._resumed_samples(len(loader)))
+        return loader
+
+    def _resumed_samples(self, batches_per_epoch: int) -> int:
+        """Samples of the current epoch already trained on, from the trainer's restored loop state (0 when not
+        resuming, or when the checkpoint was taken at the end of an epoch): batches done x batch size x world."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        if done >= batches_per_epoch:
+            return 0  # the saved epoch was complete: the next one starts from its beginning
+        if done:
+            log.info("resuming mid-epoch: the first %d batches of epoch %d are skipped (already trained on)",
+                     done, trainer.current_epoch)
+        return done * self.batch_size * trainer.world_size
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

@@ -80,18 +80,18 @@ class DiagonalGaussian:
 # --------------------------------------------------------------------------- #
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-Conv x2 with a residual; 1x1 ``nin_shortcut`` when channels change."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -110,9 +110,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv projections."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -158,11 +158,11 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """ResnetBlock -> AttnBlock -> ResnetBlock at constant width."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
 
 class _Level(nn.Module):
@@ -186,6 +186,7 @@ class Encoder(nn.Module):
         channel_mult: tuple[int, ...],
         num_res_blocks: int,
         dropout: float,
+        groups: int = 32,
     ):
         super().__init__()
         self.gradient_checkpointing = False
@@ -198,15 +199,15 @@ class Encoder(nn.Module):
             level = _Level()
             level.block = nn.ModuleList()
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(ch_in, ch_out, dropout))
+                level.block.append(ResnetBlock(ch_in, ch_out, dropout, groups))
                 ch_in = ch_out
             if i != len(channel_mult) - 1:
                 level.downsample = Downsample(ch_out)
             self.down.append(level)
 
         ch = base_channels * channel_mult[-1]
-        self.mid = MidBlock(ch, dropout)
-        self.norm_out = _norm(ch)
+        self.mid = MidBlock(ch, dropout, groups)
+        self.norm_out = _norm(ch, groups)
         self.conv_out = nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,12 +239,13 @@ class Decoder(nn.Module):
         channel_mult: tuple[int, ...],
         num_res_blocks: int,
         dropout: float,
+        groups: int = 32,
     ):
         super().__init__()
         self.gradient_checkpointing = False
         ch = base_channels * channel_mult[-1]
         self.conv_in = nn.Conv2d(latent_channels, ch, 3, padding=1)
-        self.mid = MidBlock(ch, dropout)
+        self.mid = MidBlock(ch, dropout, groups)
 
         levels: list[nn.Module] = []
         for i in reversed(range(len(channel_mult))):
@@ -251,14 +253,14 @@ class Decoder(nn.Module):
             level = _Level()
             level.block = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(ch, ch_out, dropout))
+                level.block.append(ResnetBlock(ch, ch_out, dropout, groups))
                 ch = ch_out
             if i != 0:
                 level.upsample = Upsample(ch)
             levels.insert(0, level)  # keep index == resolution level
         self.up = nn.ModuleList(levels)
 
-        self.norm_out = _norm(ch)
+        self.norm_out = _norm(ch, groups)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -288,6 +290,9 @@ AUTOENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4),
     # CPU-trainable first stage: f=4, 1,288,263 parameters.
     "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, latent_channels=4),
+    # the embedded default's first stage (32 px -> 8x8x4): GroupNorm(32) on 32 channels would be instance norm,
+    # which erases each channel's mean (the colour of flat regions); 8 groups keep 4 channels per group
+    "shapes": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=8),
 }
 
 
@@ -306,13 +311,14 @@ class AutoencoderKL(nn.Module):
         scaling_factor: float = 0.18215,
         shift_factor: float = 0.0,
         gradient_checkpointing: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         for mult in channel_mult:
-            if (base_channels * mult) % 32 != 0:
+            if (base_channels * mult) % norm_groups != 0:
                 raise ValueError(
-                    f"base_channels * channel_mult must be divisible by 32 (GroupNorm(32)); "
+                    f"base_channels * channel_mult must be divisible by norm_groups={norm_groups} (GroupNorm); "
                     f"got {base_channels} * {mult}"
                 )
         self.config = dict(
@@ -326,6 +332,7 @@ class AutoencoderKL(nn.Module):
             scaling_factor=scaling_factor,
             shift_factor=shift_factor,
             gradient_checkpointing=gradient_checkpointing,
+            norm_groups=norm_groups,
         )
         self.in_channels = in_channels
         self.latent_channels = latent_channels
@@ -333,10 +340,10 @@ class AutoencoderKL(nn.Module):
         self.shift_factor = shift_factor
 
         self.encoder = Encoder(
-            in_channels, latent_channels, base_channels, channel_mult, num_res_blocks, dropout
+            in_channels, latent_channels, base_channels, channel_mult, num_res_blocks, dropout, norm_groups
         )
         self.decoder = Decoder(
-            out_channels, latent_channels, base_channels, channel_mult, num_res_blocks, dropout
+            out_channels, latent_channels, base_channels, channel_mult, num_res_blocks, dropout, norm_groups
         )
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)

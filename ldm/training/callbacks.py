@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ldm.images import image_grid, to_pil
+from ldm.pipelines.images import labelled_grid, to_pil
 
 log = logging.getLogger("ldm.training")
 
@@ -89,7 +89,7 @@ class SamplingCallback(L.Callback):
                           resolution=self.resolution or data_resolution(trainer))
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(to_pil(images), labels=self.prompts).save(out)
+        labelled_grid(to_pil(images), labels=self.prompts).save(out)
         log_image(trainer, "samples", out, step)
         self.last_path = out
         return out
@@ -152,7 +152,7 @@ class PromptAccuracyCallback(L.Callback):
             results[name] = {"color_acc": acc["color_acc"], "shape_acc": acc["shape_acc"]}
             if name == "cfg" and trainer is not None:
                 out = run_dir(trainer) / "prompt_accuracy_cfg.png"
-                image_grid(to_pil(torch.cat(images)[:: self.n_per_prompt]), labels=prompts[:: self.n_per_prompt],
+                labelled_grid(to_pil(torch.cat(images)[:: self.n_per_prompt]), labels=prompts[:: self.n_per_prompt],
                            ncol=len(ds.shapes)).save(out)
                 results["grid"] = str(out)
         if trainer is not None:

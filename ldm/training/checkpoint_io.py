@@ -56,5 +56,5 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
         load_into(text_encoder, text_state, source=f"{path} (text encoder)")
     bundle = ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
                          meta={"global_step": ckpt.get("global_step"), "ema": bool(use_ema and ema_state),
-                               "model_config": model_cfg})
+                               "model_config": model_cfg, "resolution": model_cfg.get("resolution")})
     return bundle.eval()

@@ -22,6 +22,7 @@ class TrainConfig:
     model: Any = MISSING
     data: Any = MISSING
     schedule: Any = None
+    sampler: Any = None  # the sampler the training callbacks draw with (configs/sampler/)
     module: Any = MISSING
     optim: Any = MISSING
     lr_scheduler: Any = None

@@ -99,7 +99,8 @@ class LatentDiffusion(L.LightningModule):
             context[dropped] = self.text_encoder.empty_context(1).to(context)
         return context
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def on_before_zero_grad(self, optimizer) -> None:
+        """Right after each optimizer step (before callbacks such as checkpointing see the batch end)."""
         if self.ema is not None:
             self.ema.update(self.unet)
 

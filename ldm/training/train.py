@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.training.config import STAGES
+from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
 
 log = logging.getLogger("ldm.training")
 
@@ -67,7 +68,8 @@ def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
         optimizer=build(cfg.optim, "optim"),
         lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None)
     module.model_config = {"model": OmegaConf.to_container(m, resolve=True),
-                           "schedule": OmegaConf.to_container(cfg.schedule, resolve=True)}
+                           "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
+                           "resolution": OmegaConf.select(cfg, "data.train.resolution", default=None)}
     return module
 
 
@@ -87,20 +89,31 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(last)
 
 
+def keep_metrics_history(run_dir: Path) -> None:
+    """Lightning's CSV logger starts metrics.csv afresh on resume; keep the earlier rows beside it."""
+    metrics = run_dir / "metrics.csv"
+    if metrics.exists():
+        n = len(list(run_dir.glob("metrics.before-resume-*.csv")))
+        metrics.rename(run_dir / f"metrics.before-resume-{n + 1}.csv")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the run folder, final metrics and written files."""
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    if ckpt_path:
+        keep_metrics_history(run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     module = build_autoencoder_module(cfg) if cfg.stage == "autoencoder" else build_diffusion_module(cfg)
     datamodule = build(cfg.data, "data")
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
+    callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
-                               default_root_dir=str(run_dir))
+                               default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -1,5 +1,7 @@
 import functools
 
+from ldm.data.resumable_sampler import ResumableSampler
+
 import lightning as L
 import pytest
 import torch
@@ -39,11 +41,13 @@ def test_val_split_is_disjoint_and_deterministic():
 def test_shuffle_is_seeded_and_changes_per_epoch():
     dm = ImageCaptionDataModule(ShapesDataset(size=12, resolution=8), batch_size=3, seed=3)
     loader = dm.train_dataloader()
-    first, second = indices(loader), indices(loader)
+    first = indices(loader)
+    loader.sampler.set_epoch(1)  # Lightning calls this at every epoch start
+    second = indices(loader)
     assert sorted(first) == list(range(12)) and first != second
     again = ImageCaptionDataModule(ShapesDataset(size=12, resolution=8), batch_size=3, seed=3).train_dataloader()
     assert indices(again) == first
-    assert isinstance(loader.sampler, RandomSampler)
+    assert isinstance(loader.sampler, ResumableSampler)
 
 
 def test_factory_and_explicit_val():
