@@ -38,6 +38,7 @@ class LatentDiffusion(L.LightningModule):
         ema_decay: float | None = 0.9999,
         sample_posterior: bool = True,
         channels_last: bool = False,
+        max_nonfinite_steps: int = 5,
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
@@ -53,7 +54,9 @@ class LatentDiffusion(L.LightningModule):
             self.unet.to(memory_format=torch.channels_last)
         self.ema = EMA(unet, ema_decay) if ema_decay else None
         self.model_config: dict[str, Any] = {}  # the Hydra model node, saved with every checkpoint
-        self.nonfinite_steps = 0
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
 
     # ----------------------------------------------------------------------------------------------- frozen parts
     def train(self, mode: bool = True):
@@ -88,8 +91,26 @@ class LatentDiffusion(L.LightningModule):
         context = self.encode_text(captions) if "context" not in batch else self._dropped_context(batch, captions)
         x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise)
         loss = diffusion_loss(self(x_t, t, context), target, self.schedule, t, self.min_snr_gamma)
+        if not self.loss_is_finite(loss):
+            return None  # Lightning skips backward and the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
+
+    def loss_is_finite(self, loss: Tensor) -> bool:
+        """NaN/inf loss: skip the step and count it; stop with a clear message after max_nonfinite_steps in a
+        row (the weights were never updated with it, so the last checkpoint is good)."""
+        if bool(torch.isfinite(loss)):
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=1)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"the loss was NaN/inf for {self.nonfinite_in_a_row} steps in a row (global step "
+                f"{self.global_step}); stopping. The weights were not updated by those steps and the last "
+                f"checkpoint is intact. Lower optim.lr, enable gradient clipping, or use precision=32 / bf16.")
+        return False
 
     def _dropped_context(self, batch: dict[str, Any], captions: list[str]) -> Tensor:
         """Cached text contexts: swap in the empty-prompt context where the caption was dropped."""
@@ -135,6 +156,10 @@ class LatentDiffusion(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = [n for n, p in self.unet.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise FloatingPointError(f"refusing to write a checkpoint with non-finite U-Net weights ({bad[:3]}...); "
+                                     "the previous checkpoints are kept")
         checkpoint["ldm"] = {"model": self.model_config, "kind": "latent_diffusion"}
 
     def bundle(self, use_ema: bool = True) -> ModelBundle:

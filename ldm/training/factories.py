@@ -97,7 +97,11 @@ def build_bundle(unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Modul
     if pretrained:
         source = str(pretrained)
         path = Path(pretrained).expanduser()
-        if path.is_dir() or not path.suffix:
+        if path.is_dir() and (path / "ldm_bundle.json").is_file():  # our own export
+            from ldm.export import load_ldm_bundle_into
+
+            load_ldm_bundle_into(path, unet, autoencoder, text_encoder)
+        elif path.is_dir() or not path.suffix:
             from ldm.checkpoints.diffusers_folder import load_diffusers_folder
 
             load_diffusers_folder(str(pretrained), unet=unet, vae=autoencoder, text_encoder=text_encoder)

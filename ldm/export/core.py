@@ -1,0 +1,253 @@
+"""``export(source, format, out)``: load a model, check it fits the format, write it under a temporary name in the
+output's folder and rename it into place at the end.
+
+Nothing is written before the source has loaded and passed the format's checks, and an existing output is only
+replaced with ``force`` (and then only if it is a file, or a folder that one of our exports wrote).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ldm.bundle import ModelBundle
+from ldm.export.formats import ExportError, check_diffusers, check_single_file, write_diffusers, write_single_file
+
+FORMATS = ("diffusers", "single-file", "ldm")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_RESOLUTION = 512  # SD's, when the source does not record its training resolution
+# Files that mark a folder as an export this tool may replace with --force.
+EXPORT_MARKERS = ("model_index.json", "ldm_bundle.json")
+
+
+@dataclass
+class ExportResult:
+    format: str
+    paths: list[Path]  # what was written (single-file: the .safetensors and its .yaml)
+    written: list[str]  # the entries inside (folders) or the file names
+    dtype: str
+    unet_weights: str  # "EMA", "raw" ...
+    frozen: bool
+    resolution: int
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"exported {self.format} ({self.dtype}) -> {self.paths[0]}"]
+        lines += [f"  also: {p}" for p in self.paths[1:]]
+        lines.append(f"  U-Net weights: {self.unet_weights}")
+        lines.append(f"  contents: {', '.join(self.written)}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input
+
+
+def load_source(source, *, use_ema: bool = True, text_encoder: Any = None) -> ModelBundle:
+    """Our training checkpoint, or anything ``ldm.loading.load_bundle`` reads, as a CPU bundle in eval mode."""
+    from ldm.checkpoints.safe_load import CheckpointError
+
+    try:
+        try:
+            from ldm.loading import load_bundle
+        except ImportError:  # only our own training checkpoints without ldm.loading
+            from ldm.training.checkpoint_io import load_training_checkpoint
+
+            if text_encoder is not None:
+                raise ExportError("--text-encoder needs ldm.loading, which is not available") from None
+            return load_training_checkpoint(source, use_ema=use_ema)
+        return load_bundle(source, use_ema=use_ema, device="cpu", text_encoder=text_encoder)
+    except ExportError:
+        raise
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError, OSError) as err:
+        raise ExportError(f"cannot read {source}: {err}") from err
+
+
+def _unet_weights(bundle: ModelBundle, use_ema: bool) -> str:
+    ema = bundle.meta.get("ema")
+    if not use_ema:
+        return "raw (--raw)"
+    if ema:
+        return "EMA"
+    if ema is False:
+        return "raw: the source has no EMA weights"
+    return "as stored in the source"
+
+
+def resolution_of(bundle: ModelBundle) -> int | None:
+    res = bundle.meta.get("resolution")
+    if res is None and isinstance(bundle.meta.get("model_config"), dict):
+        res = bundle.meta["model_config"].get("resolution")
+    return int(res) if res else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output paths, overwrite rules, atomic staging
+
+
+def output_paths(fmt: str, out: Path) -> list[Path]:
+    """The paths an export writes: a folder, or the single file and its yaml."""
+    if fmt == "single-file":
+        if out.suffix.lower() != ".safetensors":
+            raise ExportError(f"--out for single-file must end with .safetensors (got {out.name}); the original "
+                              "config is written next to it with the same name and .yaml")
+        return [out, out.with_suffix(".yaml")]
+    return [out]
+
+
+def check_overwrite(paths: list[Path], is_folder: bool, force: bool) -> None:
+    for path in paths:
+        if not path.exists() and not path.is_symlink():
+            continue
+        if not force:
+            raise ExportError(f"{path} already exists; pass --force to replace it")
+        if path.is_dir() and not path.is_symlink():
+            if not is_folder:
+                raise ExportError(f"{path} is a folder; --force only replaces files here (remove it yourself)")
+            if any(path.iterdir()) and not any((path / m).is_file() for m in EXPORT_MARKERS):
+                raise ExportError(f"{path} is a folder that no export wrote (no {' / '.join(EXPORT_MARKERS)}); "
+                                  "--force does not delete it: choose another --out or remove it yourself")
+        elif is_folder:
+            raise ExportError(f"{path} is a file; --force only replaces export folders here (remove it yourself)")
+
+
+class Staging:
+    """Temporary siblings of the final paths; ``commit`` renames them into place, ``abort`` removes them."""
+
+    def __init__(self, finals: list[Path]):
+        self.finals = finals
+        tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.temps = [p.parent / f".{p.name}.tmp-{tag}" for p in finals]
+
+    def __enter__(self) -> "Staging":
+        self.created: list[Path] = []  # parent folders made here (removed again on abort, if still empty)
+        for final in self.finals:
+            missing = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.created += missing
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def commit(self) -> None:
+        for temp, final in zip(self.temps, self.finals):
+            if final.is_dir() and not final.is_symlink():
+                old = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
+                final.rename(old)
+                temp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(temp, final)  # atomic for files (replaces an existing one)
+
+    def abort(self) -> None:
+        for temp in self.temps:
+            if temp.is_dir() and not temp.is_symlink():
+                shutil.rmtree(temp, ignore_errors=True)
+            elif temp.exists():
+                temp.unlink()
+        for folder in self.created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export
+
+
+def _check_format(bundle: ModelBundle, fmt: str) -> None:
+    if fmt == "diffusers":
+        check_diffusers(bundle)
+    elif fmt == "single-file":
+        check_single_file(bundle)
+    else:
+        from ldm.export.formats import check_schedule
+
+        check_schedule(bundle.schedule)
+
+
+def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", frozen: bool = True,
+           force: bool = False, resolution: int | None = None, text_encoder: Any = None,
+           log: Callable[[str], None] | None = None) -> ExportResult:
+    """Export ``source`` (a path any loader reads, or a ModelBundle) as ``fmt`` to ``out``.
+
+    raw: the raw U-Net instead of the EMA weights. dtype: fp32 | fp16 | bf16 for the written floating tensors.
+    frozen: False leaves out the VAE and the text encoder. resolution: the training image size (default: what
+    the source records, else 512). text_encoder: for SD single-file sources, a folder with tokenizer/ +
+    text_encoder/ (passed to ``load_bundle``).
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if resolution is not None and resolution <= 0:
+        raise ExportError(f"resolution must be positive, got {resolution}")
+    out = Path(out).expanduser().absolute()
+    finals = output_paths(fmt, out)
+    is_folder = fmt != "single-file"
+    check_overwrite(finals, is_folder, force)  # fails fast, before the (slow) load
+
+    bundle = source if isinstance(source, ModelBundle) else load_source(source, use_ema=not raw,
+                                                                       text_encoder=text_encoder)
+    _check_format(bundle, fmt)
+    notes = []
+    res = resolution or resolution_of(bundle)
+    if res is None:
+        res = DEFAULT_RESOLUTION
+        notes.append(f"the source does not record its training resolution: assumed {res} (set --resolution)")
+    multiple = bundle.downsample_factor * int(getattr(bundle.unet, "downsample_factor", 1))
+    if res % multiple:
+        raise ExportError(f"resolution {res} is not a multiple of {multiple} (VAE factor x U-Net downsampling)")
+    torch_dtype = DTYPES[dtype]
+
+    check_overwrite(finals, is_folder, force)  # again: the load may have taken a while
+    with Staging(finals) as stage:
+        if fmt == "diffusers":
+            written = write_diffusers(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
+        elif fmt == "single-file":
+            write_single_file(bundle, stage.temps[0], stage.temps[1], frozen=frozen, dtype=torch_dtype,
+                              resolution=res)
+            written = [p.name for p in finals]
+        else:
+            from ldm.export.ldm_bundle import write_ldm_bundle
+
+            written = write_ldm_bundle(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
+        stage.commit()
+
+    notes.append(_no_frozen_note(fmt, out) if not frozen else _how_to_load(fmt, out))
+    result = ExportResult(fmt, finals, written, dtype, _unet_weights(bundle, not raw), frozen, res, notes)
+    if log is not None:
+        log(result.summary())
+    return result
+
+
+def _no_frozen_note(fmt: str, out: Path) -> str:
+    if fmt == "diffusers":
+        return ("--no-frozen: the VAE, text encoder and tokenizer are left out (unet/, scheduler/ and "
+                "model_index.json only); pass them in: StableDiffusionPipeline.from_pretrained(out, vae=..., "
+                "text_encoder=..., tokenizer=...)")
+    if fmt == "single-file":
+        return ("--no-frozen: only the U-Net (model.diffusion_model.*) is in the file; load it as a U-Net / "
+                "diffusion model and take the VAE and text encoder from the base model")
+    return ("--no-frozen: only the U-Net weights are in the bundle; load it with "
+            "ldm.export.load_ldm_bundle_into(folder, unet, autoencoder=None, text_encoder=None)")
+
+
+def _how_to_load(fmt: str, out: Path) -> str:
+    if fmt == "diffusers":
+        return f"load with diffusers: StableDiffusionPipeline.from_pretrained({str(out)!r})"
+    if fmt == "single-file":
+        yaml_name = out.with_suffix(".yaml").name
+        return (f"ComfyUI / A1111: put {out.name} and {yaml_name} side by side in the checkpoints folder; diffusers: "
+                f"StableDiffusionPipeline.from_single_file({str(out)!r}, original_config=..., config=...)")
+    return f"sample with: python sample.py ckpt={out}"

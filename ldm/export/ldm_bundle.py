@@ -1,0 +1,301 @@
+"""Our own compact export: one self-contained folder that rebuilds the exact :class:`~ldm.bundle.ModelBundle`.
+
+Layout::
+
+    ldm_bundle.json     format + version, the model config (U-Net / autoencoder / text encoder nodes with
+                        ``_target_``, the noise schedule as ``NoiseSchedule.make`` arguments), training resolution,
+                        dtype, which components have weights, where it came from
+    model.safetensors   ``unet.*`` and ``autoencoder.*`` weights (our / original key names)
+    text_encoder/       transformers ``CLIPTextModel`` (config.json + model.safetensors)
+    tokenizer/          its ``CLIPTokenizer``
+
+The ``_target_`` nodes read like Hydra configs, but loading never imports what a file names: only the classes in
+``_BUILDERS`` are built, so a downloaded bundle cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.bundle import ModelBundle
+from ldm.checkpoints.safe_load import CheckpointError, load_state_dict, mismatch_report
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.export.formats import (
+    ExportError,
+    _no_checkpointing,
+    cast_state,
+    save_safetensors,
+    schedule_kwargs,
+    text_model,
+    write_hub_text_encoder,
+    write_json,
+)
+
+BUNDLE_FILE = "ldm_bundle.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "ldm_bundle"
+FORMAT_VERSION = 1
+COMPONENTS = ("unet", "autoencoder", "text_encoder")
+
+UNET_TARGET = "ldm.models.unet.UNet"
+AUTOENCODER_TARGETS = ("ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.IdentityAutoencoder")
+TEXT_ENCODER_TARGET = "ldm.models.text_encoder.CLIPTextEncoder.from_pretrained"
+SCHEDULE_TARGET = "ldm.diffusion.schedules.NoiseSchedule.make"
+
+
+def _builders() -> dict[str, type]:
+    from ldm.models.autoencoder import AutoencoderKL, IdentityAutoencoder
+    from ldm.models.unet import UNet
+
+    return {UNET_TARGET: UNet, AUTOENCODER_TARGETS[0]: AutoencoderKL, AUTOENCODER_TARGETS[1]: IdentityAutoencoder}
+
+
+def _target(module: nn.Module) -> str:
+    name = f"{type(module).__module__}.{type(module).__qualname__}"
+    if name not in _builders():
+        raise ExportError(f"cannot describe a {name} in an ldm bundle; supported: {sorted(_builders())}")
+    return name
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def bundle_config(bundle: ModelBundle, *, frozen: bool = True, dtype: torch.dtype | None = None,
+                  resolution: int | None = None) -> dict[str, Any]:
+    """The ``ldm_bundle.json`` content for ``bundle``."""
+    te = bundle.text_encoder
+    model: dict[str, Any] = {
+        "unet": {"_target_": _target(bundle.unet), **_no_checkpointing(bundle.unet.config)},
+        "autoencoder": {"_target_": _target(bundle.autoencoder), **_no_checkpointing(bundle.autoencoder.config)},
+        "text_encoder": None if te is None else {
+            "_target_": TEXT_ENCODER_TARGET,
+            "path_or_hub_id": ".",  # this folder: text_encoder/ + tokenizer/
+            "penultimate": bool(getattr(te, "penultimate", False)),
+        },
+    }
+    components = ["unet"]  # the parts whose weights are written
+    if frozen:
+        if _has_weights(bundle.autoencoder):  # an IdentityAutoencoder (pixel space) has none
+            components.append("autoencoder")
+        if te is not None:
+            components.append("text_encoder")
+    meta = bundle.meta or {}
+    source = {"path": str(bundle.source), "format": meta.get("format"), "global_step": meta.get("global_step"),
+              "ema": meta.get("ema")}
+    config: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "weights": WEIGHTS_FILE,
+        "dtype": _dtype_name(dtype or next(bundle.unet.parameters()).dtype),
+        "components": components,
+        "model": model,
+        "schedule": {"_target_": SCHEDULE_TARGET, **schedule_kwargs(bundle.schedule)},
+        "resolution": resolution,
+        "source": {k: v for k, v in source.items() if v is not None},
+    }
+    trained = meta.get("model_config")
+    if isinstance(trained, dict):
+        config["training_config"] = trained  # what the run was configured with (for reference; not read back)
+    return config
+
+
+def write_ldm_bundle(bundle: ModelBundle, folder: Path, *, frozen: bool = True, dtype: torch.dtype | None = None,
+                     resolution: int | None = None) -> list[str]:
+    """Write ``bundle`` into ``folder`` (which should be new or empty). Returns the written entries."""
+    folder = Path(folder)
+    config = bundle_config(bundle, frozen=frozen, dtype=dtype, resolution=resolution)
+    state = {f"unet.{k}": v for k, v in bundle.unet.state_dict().items()}
+    if "autoencoder" in config["components"]:
+        state.update({f"autoencoder.{k}": v for k, v in bundle.autoencoder.state_dict().items()})
+    save_safetensors(cast_state(state, dtype), folder / WEIGHTS_FILE,
+                     metadata={"ldm_bundle": json.dumps({"version": FORMAT_VERSION})})
+    written = [WEIGHTS_FILE]
+    if "text_encoder" in config["components"]:
+        written += write_hub_text_encoder(bundle.text_encoder, folder, dtype)
+    write_json(folder / BUNDLE_FILE, json.loads(json.dumps(config, default=str)))
+    return written + [BUNDLE_FILE]
+
+
+def save_ldm_bundle(bundle: ModelBundle, folder, *, frozen: bool = True, dtype: torch.dtype | None = None,
+                    resolution: int | None = None) -> Path:
+    """Convenience: write straight into ``folder`` (``ldm.export.export`` adds the atomic rename and checks)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_ldm_bundle(bundle, folder, frozen=frozen, dtype=dtype, resolution=resolution)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_bundle_config(folder) -> dict[str, Any]:
+    """Parse and check ``ldm_bundle.json``."""
+    folder = Path(folder)
+    path = folder / BUNDLE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not an ldm bundle (no {BUNDLE_FILE})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an ldm bundle description (format is not {FORMAT!r})")
+    version = config.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: bundle format version {version!r}; this ldm reads up to {FORMAT_VERSION} "
+                              "(update ldm)")
+    model = config.get("model") or {}
+    if not isinstance(model.get("unet"), dict) or not isinstance(model.get("autoencoder"), dict):
+        raise CheckpointError(f"{path}: model.unet and model.autoencoder must be config nodes")
+    return config
+
+
+def _module_kwargs(node: dict, allowed: tuple[str, ...], what: str, path: Path) -> tuple[type, dict]:
+    target = node.get("_target_")
+    if target not in allowed:
+        raise CheckpointError(f"{path}: {what} _target_ {target!r} is not one of {list(allowed)}")
+    return _builders()[target], {k: v for k, v in node.items() if k != "_target_"}
+
+
+def _schedule(config: dict, path: Path) -> NoiseSchedule:
+    node = dict(config.get("schedule") or {})
+    if node.pop("_target_", SCHEDULE_TARGET) != SCHEDULE_TARGET:
+        raise CheckpointError(f"{path}: schedule _target_ must be {SCHEDULE_TARGET}")
+    try:
+        return NoiseSchedule.make(**node)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: bad schedule {node}: {err}") from err
+
+
+def _split(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _read_weights(folder: Path, config: dict) -> dict[str, dict[str, torch.Tensor]]:
+    state = load_state_dict(folder / config.get("weights", WEIGHTS_FILE))
+    parts = {c: _split(state, f"{c}.") for c in ("unet", "autoencoder")}
+    stray = [k for k in state if not k.startswith(("unet.", "autoencoder."))]
+    if stray:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: unexpected entries {stray[:5]}")
+    return parts
+
+
+def _text_encoder(folder: Path, node: dict, dtype: torch.dtype):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldm.models.text_encoder import CLIPTextEncoder
+
+    if node.get("_target_") != TEXT_ENCODER_TARGET:
+        raise CheckpointError(f"{folder}: text_encoder _target_ must be {TEXT_ENCODER_TARGET}")
+    if node.get("path_or_hub_id", ".") != ".":
+        raise CheckpointError(f"{folder}: the text encoder must be inside the bundle (path_or_hub_id: '.')")
+    if not (folder / "text_encoder").is_dir():
+        raise CheckpointError(f"{folder}: no text_encoder/ folder")
+    model = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
+    max_length = model.config.max_position_embeddings
+    if tokenizer is not None:
+        max_length = min(max_length, tokenizer.model_max_length)
+    te = CLIPTextEncoder(model, tokenizer, penultimate=bool(node.get("penultimate", False)), max_length=max_length)
+    return te.to(dtype)
+
+
+def _assign(module: nn.Module, state: dict, source: str) -> nn.Module:
+    """Fill a meta-device module with ``state`` (strict: all keys, right shapes), taking over its tensors."""
+    report = mismatch_report(module, state, strict=True)
+    if report:
+        raise CheckpointError(f"cannot load {source}\n{report}")
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: no values for {left[:5]}")
+    return module
+
+
+def load_ldm_bundle(folder, *, device: str | torch.device = "cpu") -> ModelBundle:
+    """Rebuild the exported model: configs from ``ldm_bundle.json``, weights strictly, in the stored dtype.
+
+    A bundle written with ``--no-frozen`` holds only the U-Net: load it with :func:`load_ldm_bundle_into`."""
+    folder = Path(folder)
+    config = read_bundle_config(folder)
+    path = folder / BUNDLE_FILE
+    missing = [c for c in COMPONENTS if c not in config.get("components", []) and config["model"].get(c) is not None
+               and not (c == "autoencoder" and config["model"][c].get("_target_") == AUTOENCODER_TARGETS[1])]
+    if missing:
+        raise CheckpointError(f"{folder}: the bundle has no {' / '.join(missing)} weights (exported with "
+                              "--no-frozen); use load_ldm_bundle_into(folder, unet, autoencoder, text_encoder) with "
+                              "the frozen parts from elsewhere")
+    dtype = getattr(torch, config.get("dtype", "float32"), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{path}: unknown dtype {config.get('dtype')!r}")
+    schedule = _schedule(config, path)
+    weights = _read_weights(folder, config)
+    modules = {}
+    for name, allowed in (("unet", (UNET_TARGET,)), ("autoencoder", AUTOENCODER_TARGETS)):
+        cls, kwargs = _module_kwargs(config["model"][name], allowed, name, path)
+        try:
+            with torch.device("meta"):
+                module = cls(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: cannot build the {name} from {kwargs}: {err}") from err
+        modules[name] = _assign(module, weights[name], f"{folder} ({name})")
+    te_node = config["model"].get("text_encoder")
+    te = _text_encoder(folder, te_node, dtype) if te_node is not None else None
+    meta = {"format": "ldm_bundle", "resolution": config.get("resolution"), "bundle": config}
+    src = config.get("source") or {}
+    meta.update({k: src[k] for k in ("global_step", "ema") if k in src})
+    bundle = ModelBundle(modules["unet"], modules["autoencoder"], te, schedule, source=str(folder), meta=meta)
+    return bundle.to(device).eval()
+
+
+def load_ldm_bundle_into(folder, unet: nn.Module, autoencoder: nn.Module | None = None,
+                         text_encoder: nn.Module | None = None, *, strict: bool = True) -> dict[str, Any]:
+    """Load a bundle's weights into existing modules (fine-tuning: ``model.pretrained=<bundle folder>``).
+
+    Every given module is checked before anything is copied (one ``CheckpointError`` naming all problems); values
+    are cast to the modules' dtype. A module whose weights the bundle does not have (``--no-frozen`` exports) is an
+    error: pass None for it to keep its own weights. Returns ``{"loaded": [...], "schedule": NoiseSchedule,
+    "resolution": int | None, "config": <ldm_bundle.json>}``.
+    """
+    from ldm.models.text_encoder import to_module_keys
+
+    folder = Path(folder)
+    config = read_bundle_config(folder)
+    have = set(config.get("components", []))
+    given = {"unet": unet, "autoencoder": autoencoder, "text_encoder": text_encoder}
+    absent = [n for n, m in given.items() if m is not None and n not in have
+              and not (n == "autoencoder" and not _has_weights(m))]
+    if absent:
+        raise CheckpointError(f"{folder}: the bundle has no {' / '.join(absent)} weights (exported with "
+                              "--no-frozen); pass None for them to keep their own weights")
+    weights = _read_weights(folder, config)
+    jobs = [(unet, weights["unet"], "unet")]
+    if autoencoder is not None and "autoencoder" in have:
+        jobs.append((autoencoder, weights["autoencoder"], "autoencoder"))
+    if text_encoder is not None:
+        from ldm.checkpoints.diffusers_folder import read_weights
+
+        model = text_model(text_encoder)
+        jobs.append((model, to_module_keys(read_weights(folder / "text_encoder", "model"), model), "text_encoder"))
+    reports = [r for m, s, n in jobs if (r := mismatch_report(m, s, strict=strict, name=n))]
+    if reports:
+        raise CheckpointError(f"cannot load {folder}\n" + "\n".join(reports))
+    for module, state, _ in jobs:
+        module.load_state_dict(state, strict=False)
+    return {"loaded": [n for _, _, n in jobs], "schedule": _schedule(config, folder / BUNDLE_FILE),
+            "resolution": config.get("resolution"), "config": config}
