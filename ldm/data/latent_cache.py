@@ -1,0 +1,595 @@
+"""Encode a dataset once: VAE latents (+ text contexts) into safetensors shards with a JSON manifest.
+
+A frozen first stage and a frozen text encoder give the same output for the same image and caption every
+epoch, so training can read them from disk instead of running both networks in every step
+(`ldm.data.cached_latents.CachedLatentsDataset` reads what this writes).
+
+    python -m ldm.data.latent_cache OUT --source folder --path images/ --resolution 512 \\
+        --vae-weights sd15.safetensors --text-encoder path/to/sd15-diffusers-folder
+
+Layout of OUT:
+    manifest.json               settings, latent / context shapes, scaling factors, finished shards
+    shard-00000.safetensors     per sample: "mean" + "logvar" (store="posterior": the VAE's diagonal Gaussian,
+                                unscaled, so training can draw a fresh latent every epoch) or "latents"
+                                (store="sample" / "mode": already scaled), "context" (text="context"),
+                                "index" (the source index); the captions are in the file's metadata.
+
+Shard k holds source samples [k * shard_size, (k + 1) * shard_size). Each shard is written to a temporary file
+and renamed, then recorded in the manifest (also written atomically): a killed run leaves only whole shards,
+and running the same command again skips the recorded ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+logger = logging.getLogger("ldm.data")
+
+FORMAT = "ldm-latent-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+STORES = ("posterior", "sample", "mode")
+TEXTS = ("context", "caption")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# settings that must agree between a partial cache and the run that resumes it
+RESUME_KEYS = ("store", "text", "shard_size", "dtype", "limit", "seed", "scaling_factor", "shift_factor")
+
+
+class LatentCacheError(ValueError):
+    """A latent cache is missing, corrupt, incomplete or was written with other settings."""
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+# -----------------------------------------------------------------------------
+# manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of the cache folder `path` (or of the manifest file itself), validated."""
+    path = Path(path).expanduser()
+    file = path if path.name == MANIFEST or path.is_file() else path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no latent cache at {file.parent}: {MANIFEST} is missing. Build one with "
+            f"`python -m ldm.data.latent_cache {file.parent} --source ...` (see --help)"
+        )
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LatentCacheError(
+            f"latent cache manifest {file} is corrupt ({error}). Rebuild the cache: run the build command "
+            f"again with --overwrite"
+        ) from None
+    _check_manifest(manifest, file)
+    return manifest
+
+
+def _check_manifest(manifest: Any, file: Path) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LatentCacheError(f"{file} is not a latent cache manifest (no \"format\": \"{FORMAT}\")")
+    if manifest.get("version") != VERSION:
+        raise LatentCacheError(f"{file}: manifest version {manifest.get('version')!r}, this code reads {VERSION}")
+    required = ("store", "text", "shard_size", "dtype", "latent_shape", "scaling_factor", "shift_factor", "shards")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise LatentCacheError(f"latent cache manifest {file} is corrupt: missing {missing}")
+    if manifest["store"] not in STORES or manifest["text"] not in TEXTS:
+        raise LatentCacheError(f"latent cache manifest {file} is corrupt: store={manifest['store']!r}, "
+                               f"text={manifest['text']!r}")
+    for shard in manifest["shards"]:
+        if not isinstance(shard, dict) or not {"file", "start", "count"} <= shard.keys():
+            raise LatentCacheError(f"latent cache manifest {file} is corrupt: bad shard entry {shard!r}")
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# encoding
+
+
+def _posterior(vae, x: torch.Tensor):
+    """Our AutoencoderKL.encode -> DiagonalGaussian; diffusers' returns an output with .latent_dist."""
+    out = vae.encode(x)
+    return getattr(out, "latent_dist", out)
+
+
+def _factor(vae, name: str, default: float) -> float:
+    if hasattr(vae, name):
+        return float(getattr(vae, name))
+    config = getattr(vae, "config", None)
+    value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+    return default if value is None else float(value)
+
+
+def _module_device(module, fallback: torch.device) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return fallback
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [str(s.get("caption", "")) for s in samples],
+    }
+
+
+class _Encoder:
+    """Batch of images + captions -> the tensors one shard row holds (on the CPU, in the storage dtype)."""
+
+    def __init__(self, vae, text_encoder, store: str, text: str, dtype: torch.dtype, device, amp: str | None,
+                 scaling_factor: float, shift_factor: float):
+        self.vae, self.text_encoder, self.store, self.text = vae, text_encoder, store, text
+        self.dtype, self.device = dtype, torch.device(device)
+        self.scale, self.shift = scaling_factor, shift_factor
+        self.amp = amp
+        try:
+            self.vae_dtype = next(vae.parameters()).dtype
+        except (AttributeError, StopIteration, TypeError):
+            self.vae_dtype = torch.float32
+
+    def _autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.amp])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, captions: list[str], generator: torch.Generator | None) -> dict:
+        x = images.to(self.device, self.vae_dtype, non_blocking=True)
+        out = {}
+        with self._autocast():
+            posterior = _posterior(self.vae, x)
+            if self.store == "posterior":
+                out["mean"], out["logvar"] = posterior.mean, posterior.logvar
+            else:
+                if self.store == "sample":
+                    z = posterior.mean + posterior.std * torch.randn(
+                        posterior.mean.shape, generator=generator, device=generator.device,
+                        dtype=torch.float32).to(posterior.mean.device, posterior.mean.dtype)
+                else:
+                    z = posterior.mean
+                out["latents"] = (z.float() - self.shift) * self.scale  # encode_latents' scaling
+            if self.text == "context":
+                out["context"] = self.text_encoder(list(captions))  # (B, L, D)
+        return {k: v.detach().to("cpu", self.dtype).contiguous() for k, v in out.items()}
+
+
+def _write_shard(path: Path, rows: dict[str, list[torch.Tensor]], captions: list[str], indices: list[int],
+                 k: int) -> int:
+    from safetensors.torch import save_file
+
+    tensors = {name: torch.cat(parts) for name, parts in rows.items()}
+    tensors["index"] = torch.as_tensor(indices, dtype=torch.int64)
+    metadata = {"format": FORMAT, "shard": str(k), "captions": json.dumps(captions)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as f:  # the rename below must not expose a shard whose bytes are still in flight
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def _progress(total: int | None, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True)
+
+
+def build_latent_cache(
+    source: Dataset | IterableDataset,
+    out_dir: str | Path,
+    vae,
+    text_encoder: Callable[[list[str]], torch.Tensor] | None = None,
+    *,
+    store: str = "posterior",
+    text: str | None = None,
+    shard_size: int = 1024,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    dtype: str = "float32",
+    amp: str | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    max_samples: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    description: dict | None = None,
+) -> dict:
+    """Encode every sample of `source` into `out_dir`; returns the manifest.
+
+    Args:
+        source: any image/caption dataset of `ldm.data` (map-style or iterable; an iterable one must yield the
+            same order on every run for resuming, e.g. WebDatasetSource(shuffle_buffer=0, shuffle_shards=False)).
+        vae: first stage with `.encode(x) -> posterior (.mean, .logvar, .std)` and `scaling_factor` /
+            `shift_factor` (our AutoencoderKL; diffusers' AutoencoderKL works too).
+        text_encoder: callable list[str] -> (B, L, D), e.g. CLIPTextEncoder; None stores captions only.
+        store: "posterior" (mean + logvar: CachedLatentsDataset samples a new latent per index and epoch),
+            "sample" (one scaled sample, drawn from `seed`) or "mode" (the scaled mean).
+        text: "context" (the text encoder's output) or "caption" (strings only); default: "context" when a
+            text encoder is given. Captions are always kept in the shards' metadata.
+        shard_size: samples per shard file (the unit of resuming).
+        batch_size, num_workers: the DataLoader that reads `source`.
+        dtype: storage dtype of the tensors ("float32", "float16", "bfloat16").
+        amp: None, "bf16" or "fp16": run the encoders under autocast.
+        device: where to run the encoders; default: the VAE's device.
+        max_samples: encode only the first `max_samples` samples.
+        overwrite: delete an existing cache in `out_dir` first (otherwise it is resumed).
+        description: extra JSON-able info stored in the manifest (e.g. how the source was built).
+    """
+    if store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    text = text or ("context" if text_encoder is not None else "caption")
+    if text not in TEXTS:
+        raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
+    if text == "context" and text_encoder is None:
+        raise ValueError("text='context' needs a text_encoder (or use text='caption' to store captions only)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if int(shard_size) <= 0 or int(batch_size) <= 0:
+        raise ValueError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
+    shard_size, batch_size = int(shard_size), int(batch_size)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else _module_device(vae, torch.device("cpu"))
+
+    iterable = isinstance(source, IterableDataset) or not hasattr(source, "__len__")
+    num_samples = None if iterable else len(source)
+    if max_samples is not None:
+        num_samples = int(max_samples) if num_samples is None else min(int(max_samples), num_samples)
+    # limit: samples to encode (None: an iterable source, to its end)
+    settings = dict(store=store, text=text, shard_size=shard_size, dtype=dtype, limit=num_samples, seed=int(seed),
+                    scaling_factor=_factor(vae, "scaling_factor", 1.0), shift_factor=_factor(vae, "shift_factor", 0.0))
+    manifest = _start_manifest(out, settings, overwrite)
+    manifest.update(source=repr(source), vae=_config(vae), text_encoder=_config(text_encoder),
+                    description=description or {})
+    encoder = _Encoder(vae, text_encoder, store, text, DTYPES[dtype], device, amp,
+                       manifest["scaling_factor"], manifest["shift_factor"])
+    loader_kwargs = dict(batch_size=batch_size, num_workers=int(num_workers), collate_fn=_collate,
+                         pin_memory=device.type == "cuda")
+    was_training = [(m, m.training) for m in (vae, text_encoder) if isinstance(m, torch.nn.Module)]
+    for module, _ in was_training:
+        module.eval()
+    try:
+        if iterable:
+            _encode_stream(source, out, manifest, encoder, loader_kwargs, progress)
+        else:
+            _encode_ranges(source, out, manifest, encoder, loader_kwargs, progress)
+    finally:
+        for module, mode in was_training:
+            module.train(mode)
+    manifest["complete"] = True
+    manifest["num_samples"] = sum(s["count"] for s in manifest["shards"])
+    _write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _config(module) -> Any:
+    if module is None:
+        return None
+    config = getattr(module, "config", None)
+    if isinstance(config, dict):
+        try:
+            return json.loads(json.dumps(config))
+        except TypeError:
+            pass
+    return type(module).__name__
+
+
+def _start_manifest(out: Path, settings: dict, overwrite: bool) -> dict:
+    """A fresh manifest, or the existing one (same settings) whose finished shards are kept."""
+    file = out / MANIFEST
+    if overwrite:
+        for path in out.glob("shard-*.safetensors*"):
+            path.unlink()
+        file.unlink(missing_ok=True)
+    fresh = dict(format=FORMAT, version=VERSION, complete=False, **settings, num_samples=settings["limit"],
+                 latent_shape=None, context_shape=None,
+                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), shards=[])
+    if not file.exists():
+        if any(out.glob("shard-*.safetensors")):
+            logger.warning("latent cache %s: shard files without a manifest; they are encoded again", out)
+        return fresh
+    old = read_manifest(file)  # raises on a corrupt manifest: never guess what a shard holds
+    differ = {k: (old.get(k), settings[k]) for k in RESUME_KEYS if old.get(k) != settings[k]}
+    if differ:
+        raise LatentCacheError(
+            f"latent cache {out} was written with other settings "
+            + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            + ". Pass overwrite=True (--overwrite) to rebuild it, or another output folder."
+        )
+    kept = [s for s in old["shards"] if (out / s["file"]).is_file()
+            and ("bytes" not in s or (out / s["file"]).stat().st_size == s["bytes"])]
+    if len(kept) < len(old["shards"]):
+        logger.warning("latent cache %s: %d recorded shard(s) missing or truncated; encoding them again",
+                       out, len(old["shards"]) - len(kept))
+    fresh.update(latent_shape=old.get("latent_shape"), context_shape=old.get("context_shape"),
+                 created=old.get("created", fresh["created"]), shards=kept)
+    return fresh
+
+
+def _record(out: Path, manifest: dict, entry: dict, rows: dict) -> None:
+    """Add a written shard to the manifest and write it (atomically)."""
+    if manifest["latent_shape"] is None:
+        name = "mean" if "mean" in rows else "latents"
+        manifest["latent_shape"] = list(rows[name][0].shape[1:])
+        if "context" in rows:
+            manifest["context_shape"] = list(rows["context"][0].shape[1:])
+    manifest["shards"] = sorted([s for s in manifest["shards"] if s["file"] != entry["file"]] + [entry],
+                                key=lambda s: s["start"])
+    _write_json_atomic(out / MANIFEST, manifest)
+
+
+def _shard_generator(manifest: dict, k: int, device: torch.device) -> torch.Generator | None:
+    if manifest["store"] != "sample":
+        return None
+    return torch.Generator(device=device).manual_seed(manifest["seed"] * 1_000_003 + k)
+
+
+def _encode_ranges(source, out: Path, manifest: dict, encoder: _Encoder, loader_kwargs: dict, progress: bool):
+    """Map-style source: shard k is the index range [k * S, (k + 1) * S); finished shards are skipped."""
+    n, size = manifest["limit"], manifest["shard_size"]
+    done = {s["start"] for s in manifest["shards"]}
+    todo = [k for k in range(math.ceil(n / size)) if k * size not in done]
+    bar = _progress(n, n - sum(min(size, n - k * size) for k in todo), progress, f"encoding {out.name}")
+    try:
+        for k in todo:
+            start, stop = k * size, min((k + 1) * size, n)
+            rows: dict[str, list[torch.Tensor]] = {}
+            captions, indices = [], []
+            generator = _shard_generator(manifest, k, encoder.device)
+            loader = DataLoader(Subset(source, range(start, stop)), shuffle=False, **loader_kwargs)
+            position = start
+            for batch in loader:
+                for name, value in encoder(batch["image"], batch["caption"], generator).items():
+                    rows.setdefault(name, []).append(value)
+                captions += batch["caption"]
+                count = len(batch["caption"])
+                indices += [position + i for i in range(count)]  # the source index each row was read from
+                position += count
+                if bar is not None:
+                    bar.update(count)
+            path = out / shard_name(k)
+            nbytes = _write_shard(path, rows, captions, indices, k)
+            _record(out, manifest, dict(file=path.name, start=start, count=stop - start, bytes=nbytes), rows)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _encode_stream(source, out: Path, manifest: dict, encoder: _Encoder, loader_kwargs: dict, progress: bool):
+    """Iterable source: read in order; the recorded prefix of shards is skipped (its images are not encoded)."""
+    size, limit = manifest["shard_size"], manifest["limit"]
+    shards = sorted(manifest["shards"], key=lambda s: s["start"])
+    prefix = []
+    for k, s in enumerate(shards):  # keep the contiguous prefix of whole shards only
+        if s["start"] != k * size or s["count"] != size:
+            break
+        prefix.append(s)
+    manifest["shards"] = prefix
+    skip = len(prefix) * size
+    k, position = len(prefix), 0
+    rows: dict[str, list[torch.Tensor]] = {}
+    captions: list[str] = []
+    generator = None
+    bar = _progress(limit, skip, progress, f"encoding {out.name}")
+
+    def flush():
+        nonlocal rows, captions, k
+        path = out / shard_name(k)
+        count = len(captions)
+        nbytes = _write_shard(path, rows, captions, list(range(k * size, k * size + count)), k)
+        _record(out, manifest, dict(file=path.name, start=k * size, count=count, bytes=nbytes), rows)
+        rows, captions, k = {}, [], k + 1
+
+    try:
+        for batch in _batches(source, loader_kwargs):
+            images, caps = batch["image"], batch["caption"]
+            if limit is not None:
+                images, caps = images[: max(limit - position, 0)], caps[: max(limit - position, 0)]
+            lo = min(max(skip - position, 0), len(caps))  # samples of this batch that are already cached
+            position += len(caps)
+            while lo < len(caps):
+                hi = min(len(caps), lo + size - len(captions))
+                if not captions:  # a new shard: its own noise stream (store="sample"), as in _encode_ranges
+                    generator = _shard_generator(manifest, k, encoder.device)
+                for name, value in encoder(images[lo:hi], caps[lo:hi], generator).items():
+                    rows.setdefault(name, []).append(value)
+                captions += caps[lo:hi]
+                if bar is not None:
+                    bar.update(hi - lo)
+                lo = hi
+                if len(captions) == size:
+                    flush()
+            if limit is not None and position >= limit:
+                break
+        if captions:
+            flush()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _batches(source, loader_kwargs: dict) -> Iterator[dict]:
+    yield from DataLoader(source, **loader_kwargs)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def _parse_json(text: str | None) -> dict:
+    if not text:
+        return {}
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise SystemExit(f"--source-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def make_source(kind: str, path: str | None, resolution: int, size: int, seed: int, caption_column: str | None,
+                image_column: str, split: str, extra: dict):
+    """A data source of `ldm.data` from command-line values; kind may also be `module:callable`."""
+    if kind == "shapes":
+        from ldm.data.shapes import ShapesDataset
+
+        return ShapesDataset(size=size, resolution=resolution, seed=seed, **extra)
+    if kind in ("folder", "hf", "webdataset") and not path:
+        raise SystemExit(f"--source {kind} needs --path")
+    if kind == "folder":
+        from ldm.data.image_folder import ImageFolderDataset
+
+        return ImageFolderDataset(path, resolution=resolution, caption_column=caption_column or "text", **extra)
+    if kind == "hf":
+        from ldm.data.hf_dataset import HFDataset
+
+        return HFDataset(path, split=split, image_column=image_column, caption_column=caption_column,
+                         resolution=resolution, **extra)
+    if kind == "webdataset":
+        from ldm.data.webdataset import WebDatasetSource
+
+        # a fixed order, so that an interrupted run can resume
+        options = dict(shuffle_buffer=0, shuffle_shards=False, **extra)
+        return WebDatasetSource(path, resolution=resolution, **options)
+    if ":" in kind:
+        import importlib
+
+        module, _, attr = kind.partition(":")
+        factory = importlib.import_module(module)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+        return factory(**extra)
+    raise SystemExit(f"unknown --source {kind!r}: shapes, folder, hf, webdataset or module:callable")
+
+
+def make_vae(preset: str, weights: str | None):
+    """Our AutoencoderKL from a preset, filled from an SD single file, our own safetensors or a diffusers folder."""
+    from ldm.models.autoencoder import AutoencoderKL
+
+    if weights is None:
+        logger.warning("no --vae-weights: the %s VAE has RANDOM weights (only useful for tests and benchmarks)",
+                       preset)
+        return AutoencoderKL.from_preset(preset)
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        from ldm.checkpoints.diffusers_folder import load_diffusers_folder
+
+        folder = path.parent if (path / "config.json").is_file() and path.name == "vae" else path
+        return load_diffusers_folder(folder, components=("vae",))["vae"]
+    from ldm.checkpoints.safe_load import load_into, load_state_dict
+
+    state = load_state_dict(path)
+    if any(k.startswith("model.diffusion_model.") for k in state):
+        from ldm.checkpoints.single_file import split_sd_checkpoint
+
+        state = split_sd_checkpoint(state)["vae"]
+    vae = AutoencoderKL.from_preset(preset)
+    load_into(vae, state, source=str(path))
+    return vae
+
+
+def make_text_encoder(spec: str, penultimate: bool):
+    if spec == "none":
+        return None
+    from ldm.models import tiny_clip
+    from ldm.models.text_encoder import CLIPTextEncoder
+
+    if spec in tiny_clip.PRESETS:
+        logger.warning("--text-encoder %s: a tiny RANDOM CLIP (only useful for tests and benchmarks)", spec)
+        return CLIPTextEncoder.from_tiny(spec)
+    return CLIPTextEncoder.from_pretrained(spec, penultimate=penultimate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ldm.data.latent_cache",
+        description="Encode a dataset once into VAE latents (+ text contexts) in safetensors shards. Running the "
+                    "same command again resumes an interrupted run (finished shards are skipped).",
+    )
+    p.add_argument("out", help="output folder (manifest.json + shard-*.safetensors)")
+    g = p.add_argument_group("data source")
+    g.add_argument("--source", default="shapes",
+                   help="shapes | folder | hf | webdataset | module:callable (called with --source-kwargs)")
+    g.add_argument("--path", help="image folder, HF dataset name / saved folder, or shard pattern")
+    g.add_argument("--resolution", type=int, default=256, help="image side after resize + crop")
+    g.add_argument("--size", type=int, default=1000, help="number of samples (shapes)")
+    g.add_argument("--caption-column", default="text")
+    g.add_argument("--image-column", default="image")
+    g.add_argument("--split", default="train")
+    g.add_argument("--source-kwargs", default=None, help="JSON object of extra source arguments")
+    g.add_argument("--max-samples", type=int, default=None)
+    g = p.add_argument_group("encoders")
+    g.add_argument("--vae-preset", default="sd", help="AutoencoderKL preset (architecture): sd, sdxl, tiny, small")
+    g.add_argument("--vae-weights", default=None,
+                   help="SD single file, our VAE .safetensors, or diffusers folder (with vae/)")
+    g.add_argument("--text-encoder", default="none",
+                   help="none (store captions), a diffusers-style folder with tokenizer/ + text_encoder/, or a "
+                        "tiny preset (tiny, small: random weights)")
+    g.add_argument("--penultimate", action="store_true", help="SD2-style penultimate text layer")
+    g = p.add_argument_group("output")
+    g.add_argument("--store", choices=STORES, default="posterior",
+                   help="posterior: mean + logvar (sample every epoch); sample: one sample; mode: the mean")
+    g.add_argument("--text", choices=TEXTS, default=None,
+                   help="context (needs --text-encoder) or caption; default: context when a text encoder is given")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype")
+    g.add_argument("--shard-size", type=int, default=1024)
+    g.add_argument("--overwrite", action="store_true", help="delete an existing cache in OUT first")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast the encoders")
+    g.add_argument("--seed", type=int, default=0, help="shapes seed and store=sample noise seed")
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Iterable[str] | None = None) -> dict:
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    source = make_source(args.source, args.path, args.resolution, args.size, args.seed,
+                         args.caption_column, args.image_column, args.split, _parse_json(args.source_kwargs))
+    vae = make_vae(args.vae_preset, args.vae_weights).to(device)
+    text_encoder = make_text_encoder(args.text_encoder, args.penultimate)
+    if text_encoder is not None:
+        text_encoder = text_encoder.to(device)
+    description = {k: v for k, v in vars(args).items() if k not in ("overwrite", "no_progress", "out")}
+    manifest = build_latent_cache(
+        source, args.out, vae, text_encoder, store=args.store, text=args.text, shard_size=args.shard_size,
+        batch_size=args.batch_size, num_workers=args.num_workers, dtype=args.dtype,
+        amp=None if args.amp == "none" else args.amp, device=device, seed=args.seed, max_samples=args.max_samples,
+        overwrite=args.overwrite, progress=not args.no_progress, description=description,
+    )
+    print(f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shard(s), latents "
+          f"{tuple(manifest['latent_shape'])}" + (f", context {tuple(manifest['context_shape'])}"
+                                                  if manifest["context_shape"] else ""), file=sys.stderr)
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The benchmark scripts run end to end with the smallest settings and print their ratios (no timing asserts)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+QUICK = ["--rounds", "1", "--steps", "1", "--warmup", "1", "--device", "cpu"]
+
+
+def bench_module(name):
+    """bench.NAME (a package, so that bench/sample.py is not confused with the repo's sample.py)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"bench.{name}")
+
+
+def positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_train_step(capsys, tmp_path):
+    pytest.importorskip("diffusers")
+    rows = bench_module("train_step").main(
+        QUICK + ["--preset", "tiny", "--resolution", "32", "--batch", "2", "--json", str(tmp_path / "r.jsonl")])
+    out = capsys.readouterr().out
+    assert "ratio ldm/diffusers img/s:" in out
+    assert "max |ldm - diffusers| forward output before training: 0.00e+00" in out  # same weights, same math
+    assert [r["impl"] for r in rows] == ["ldm", "diffusers"]
+    assert all(positive(r["img/s"]) and positive(r["ldm/diffusers"]) for r in rows)
+    assert rows[0]["GFLOP/img"] == pytest.approx(rows[1]["GFLOP/img"])  # FlopCounterMode sees the same model
+    assert rows[0]["GFLOP/img"] > 0
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+
+
+def test_train_step_variants_ldm_only(capsys):
+    rows = bench_module("train_step").main(
+        QUICK + ["--preset", "tiny", "--resolution", "32", "--batch", "2", "--impls", "ldm", "--channels-last",
+                 "--gradient-checkpointing", "--peak-tflops", "1"])
+    assert rows[0]["variant"] == "channels_last+grad_ckpt" and positive(rows[0]["MFU"])
+    assert "ratio" not in capsys.readouterr().out  # nothing to compare with
+
+
+def test_sample(capsys):
+    pytest.importorskip("diffusers")
+    rows = bench_module("sample").main(
+        QUICK + ["--preset", "tiny", "--resolution", "32", "--ddim-steps", "3", "--ddim-rounds", "1"])
+    out = capsys.readouterr().out
+    assert "ratio ldm/diffusers U-Net calls/s:" in out and "ratio ldm/diffusers DDIM-3" in out
+    diff = float(out.split("max |ldm - diffusers| / max |diffusers|: ")[1].split()[0])
+    assert diff < 1e-4  # our DDIM loop and diffusers' reach the same latents
+    assert all(positive(r["unet calls/s"]) for r in rows)
+
+
+def test_latent_cache_bench(capsys):
+    rows = bench_module("latent_cache").main(
+        ["--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "1", "--samples", "16", "--batch", "4"])
+    assert "ratio cached/on-the-fly img/s:" in capsys.readouterr().out
+    assert positive(rows[1]["ratio"])
+
+
+def test_data(capsys):
+    pytest.importorskip("datasets")
+    pytest.importorskip("webdataset")
+    rows = bench_module("data").main(["--images", "8", "--batch", "4", "--epochs", "1", "--source-size", "48x40",
+                                      "--resolution", "32", "--workers", "0,2", "--shards", "2"])
+    out = capsys.readouterr().out
+    assert [r["source"] for r in rows] == ["shapes", "folder-png", "folder-jpg", "hf", "webdataset"]
+    for row in rows:
+        assert positive(row["img/s w=0"]) and positive(row["img/s w=2"])
+        assert f"ratio {row['source']} workers 2/0:" in out
+
+
+def test_summary_table(tmp_path, capsys):
+    common = bench_module("common")
+    path = tmp_path / "r.jsonl"
+    rows = [
+        {"bench": "train_step", "label": "a", "impl": "ldm", "preset": "tiny", "res": 32, "batch": 2,
+         "precision": "fp32", "variant": "eager", "img/s": 10.0, "ms/step": 200.0, "GFLOP/img": 0.06,
+         "TFLOP/s": 0.001, "first call s": 0.1, "MFU": None, "peak mem": "1 MiB", "ldm/diffusers": 1.1},
+        {"bench": "skipped", "label": "b", "note": "skipped: needs 240s, 10s left"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common.summarize(str(path))
+    out = capsys.readouterr().out
+    assert "tiny 32px b2 fp32 eager" in out and "skipped: needs 240s" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+def test_gpu_script_on_cpu(tmp_path):
+    """bench/gpu.sh's plumbing with CPU-sized models (the GPU run itself needs a GPU)."""
+    env = dict(os.environ, BENCH_DEVICE="cpu", BENCH_PRESET="tiny", BENCH_RES_LO="32", BENCH_RES_HI="64",
+               BENCH_BATCH_LO="4", BENCH_BATCH_HI="2", BENCH_VAE="small", BENCH_TEXT="tiny", BENCH_CACHE_RES="32",
+               BENCH_CACHE_BATCH="4", BENCH_QUICK="1", BENCH_SKIP_COMPILE="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    for label in ("train-lo-eager", "train-hi-eager", "train-hi-chlast", "sample-eager", "latent-cache",
+                  "train-lo-chlast"):
+        assert label in summary
+    assert "failed" not in summary
