@@ -21,6 +21,8 @@ _EXPORTS = {
     "HFDataset": "ldm.data.hf_dataset",
     "WebDatasetSource": "ldm.data.webdataset",
     "ImageCaptionDataModule": "ldm.data.datamodule",
+    "CachedLatentsDataset": "ldm.data.cached_latents",
+    "ResumableSampler": "ldm.data.resumable_sampler",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,20 +7,25 @@ from typing import Any
 import torch
 
 
+TENSOR_FIELDS = ("image", "latents", "context")  # pixels, or cached VAE latents and text contexts
+
+
 def collate_image_caption(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images, keep captions as a list; "index" becomes a tensor, "key" a list."""
+    """Stack images (or cached latents/contexts), keep captions as a list; "index" becomes a tensor, "key" a
+    list."""
     if not samples:
         raise ValueError("collate_image_caption: got an empty list of samples")
-    sizes = {tuple(s["image"].shape) for s in samples}
-    if len(sizes) > 1:
-        raise ValueError(
-            f"collate_image_caption: images have different shapes {sorted(sizes)}; "
-            "set one `resolution` for the dataset so every image is cropped to the same size"
-        )
-    batch: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-    }
+    batch: dict[str, Any] = {"caption": [s["caption"] for s in samples]}
+    for field in TENSOR_FIELDS:
+        if field not in samples[0]:
+            continue
+        sizes = {tuple(s[field].shape) for s in samples}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"collate_image_caption: {field} have different shapes {sorted(sizes)}; "
+                "set one `resolution` for the dataset so every image is cropped to the same size"
+            )
+        batch[field] = torch.stack([s[field] for s in samples])
     if all("index" in s for s in samples):
         batch["index"] = torch.as_tensor([int(s["index"]) for s in samples], dtype=torch.long)
     if all("key" in s for s in samples):

@@ -135,3 +135,21 @@ def test_bad_config_stops_before_training(tiny_cfg, tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         train(tiny_cfg(override))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_latent_cache(tiny_cfg, tmp_path):
+    """Train from cached VAE posteriors + text contexts (no VAE or text encoder call per step for the data)."""
+    from ldm.data.latent_cache import build_latent_cache
+    from ldm.data.shapes import ShapesDataset
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.models.text_encoder import CLIPTextEncoder
+
+    text = CLIPTextEncoder.from_tiny(folder=tmp_path / "clip")
+    build_latent_cache(ShapesDataset(size=24, resolution=16), tmp_path / "cache", AutoencoderKL.from_preset("tiny"),
+                       text, shard_size=10, batch_size=8, progress=False)
+    from tests.training.conftest import TINY_MODEL, compose_train
+
+    overrides = [o for o in TINY_MODEL if not o.startswith("data.train.resolution")]  # latents have no resolution
+    result = train(compose_train(tmp_path, overrides + ["data=latent_cache", f"data.train.path={tmp_path / 'cache'}",
+                                                        "data.num_workers=0", "data.val_fraction=0.2"]))
+    assert result["global_step"] == 3 and result["metrics"]["val/loss"] > 0
