@@ -120,28 +120,37 @@ def check_same_size(image: Tensor, mask: Tensor) -> None:
                          f"{tuple(image.shape[-2:])}; give a mask of the image's size")
 
 
-def labelled_grid(images: list, labels: list[str] | None = None, ncol: int | None = None,
-                  label_height: int = 12, pad: int = 2):
-    """Tile images (all the same size) into a grid, with a line of text under each when labels are given."""
+def labelled_grid(images: list, labels: list[str] | None = None, ncol: int | None = None, scale: int = 1,
+                  pad: int = 2, line_px: int = 11):
+    """Tile images (all the same size, enlarged ``scale`` times) into a grid, each with its label word-wrapped
+    underneath (the default bitmap font is ~6 px per character)."""
     from PIL import Image, ImageDraw
 
     if not images:
         raise ValueError("labelled_grid needs at least one image")
+    images = [im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST) for im in images] if scale > 1 else images
     w, h = images[0].size
     ncol = ncol or math.ceil(math.sqrt(len(images)))
     nrow = math.ceil(len(images) / ncol)
-    lh = label_height if labels else 0
+    wrapped = [_wrap(t, w) for t in labels] if labels else None
+    lh = line_px * max(len(lines) for lines in wrapped) if wrapped else 0
     grid = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + lh + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
         x, y = pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + lh + pad)
         grid.paste(img, (x, y))
-        if labels:
-            draw.text((x, y + h), _fit(labels[i], w), fill=(0, 0, 0))
+        for k, line in enumerate(wrapped[i] if wrapped else []):
+            draw.text((x, y + h + k * line_px), line, fill=(0, 0, 0))
     return grid
 
 
-def _fit(text: str, width: int, char_px: int = 6) -> str:
-    """Shorten a label to what fits under an image of this width (default bitmap font ~6 px per char)."""
+def _wrap(text: str, width: int, char_px: int = 6) -> list[str]:
+    """Greedy word wrap to lines of at most width // char_px characters (long words are cut)."""
     n = max(width // char_px, 4)
-    return text if len(text) <= n else text[: n - 1] + "…"
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= n:
+            lines[-1] += " " + word
+        else:
+            lines.append(word[:n])
+    return lines or [""]

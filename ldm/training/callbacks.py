@@ -56,6 +56,22 @@ def data_resolution(trainer: L.Trainer) -> int | None:
     return getattr(ds, "resolution", None)
 
 
+class ThroughputCallback(L.Callback):
+    """Logs training throughput (images/s over all ranks) from the wall time between batch ends."""
+
+    def __init__(self):
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self._last is not None:
+            n = len(batch["caption"]) * trainer.world_size
+            pl_module.log("train/images_per_sec", n / max(now - self._last, 1e-9), batch_size=1)
+        self._last = now
+
+
 class SamplingCallback(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end) sample a fixed list of prompts with a fixed seed,
     write a labelled PNG grid to ``<run>/samples/step_XXXXXX.png`` and send it to the loggers."""
@@ -80,6 +96,11 @@ class SamplingCallback(L.Callback):
         if self.at_end and trainer.global_step != self._last_step:
             self.sample_grid(trainer, pl_module)
 
+    @staticmethod
+    def grid_scale(images: torch.Tensor) -> int:
+        """Small samples are enlarged (nearest) so that the grid's labels fit under them."""
+        return max(1, 96 // images.shape[-1])
+
     @rank_zero_only
     def sample_grid(self, trainer, pl_module) -> Path:
         step = trainer.global_step
@@ -89,7 +110,7 @@ class SamplingCallback(L.Callback):
                           resolution=self.resolution or data_resolution(trainer))
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        labelled_grid(to_pil(images), labels=self.prompts).save(out)
+        labelled_grid(to_pil(images), labels=self.prompts, scale=self.grid_scale(images)).save(out)
         log_image(trainer, "samples", out, step)
         self.last_path = out
         return out
@@ -153,7 +174,7 @@ class PromptAccuracyCallback(L.Callback):
             if name == "cfg" and trainer is not None:
                 out = run_dir(trainer) / "prompt_accuracy_cfg.png"
                 labelled_grid(to_pil(torch.cat(images)[:: self.n_per_prompt]), labels=prompts[:: self.n_per_prompt],
-                           ncol=len(ds.shapes)).save(out)
+                              ncol=len(ds.shapes), scale=max(1, 96 // ds.resolution)).save(out)
                 results["grid"] = str(out)
         if trainer is not None:
             metrics = {f"prompt_accuracy/{k}_{m}": v[m] for k, v in results.items() if isinstance(v, dict)

@@ -120,6 +120,13 @@ class LatentDiffusion(L.LightningModule):
             context[dropped] = self.text_encoder.empty_context(1).to(context)
         return context
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the U-Net's total gradient norm (after unscaling, before clipping)."""
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])),
+                     batch_size=1)
+
     def on_before_zero_grad(self, optimizer) -> None:
         """Right after each optimizer step (before callbacks such as checkpointing see the batch end)."""
         if self.ema is not None:

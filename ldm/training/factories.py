@@ -50,6 +50,24 @@ def save_autoencoder(autoencoder: AutoencoderKL, path: str | Path) -> Path:
     return path
 
 
+@torch.no_grad()
+def calibrate_scaling_factor(ae: AutoencoderKL, loader, batches: int = 16) -> float:
+    """Set the latent scaling factor to 1 / std of posterior samples, so the diffusion model sees unit-variance
+    latents (Rombach et al. 2022, sec. 4.3 and appendix G: SD's 0.18215 was found this way)."""
+    was_training = ae.training
+    ae.eval()
+    samples = []
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        samples.append(ae.encode(batch["image"].to(next(ae.parameters()).device)).sample().flatten().float())
+    ae.train(was_training)
+    factor = float(1.0 / torch.cat(samples).std())
+    ae.scaling_factor = factor
+    ae.config["scaling_factor"] = factor
+    return factor
+
+
 def autoencoder(preset: str | None = "sd", weights: str | None = None, pixel_space: bool = False,
                 **overrides: Any) -> nn.Module:
     """The first stage. ``pixel_space`` gives the identity (plain DDPM); ``weights`` loads our safetensors file

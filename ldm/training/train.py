@@ -80,13 +80,17 @@ def build_autoencoder_module(cfg: DictConfig) -> L.LightningModule:
         lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None)
 
 
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    if ckpt_path != "last":
-        return ckpt_path
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.exists():
-        raise ConfigError(f"ckpt_path=last but {last} does not exist (set paths.run_dir to the run to resume)")
-    return str(last)
+def find_last_run(cfg: DictConfig, run_dir: Path) -> Path:
+    """ckpt_path=last: the run folder to continue: paths.run_dir if it has a last.ckpt, else the newest run of
+    this task under paths.output_dir that has one."""
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        return run_dir
+    root = Path(cfg.paths.output_dir) / cfg.task_name
+    candidates = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ConfigError(f"ckpt_path=last: no run with checkpoints/last.ckpt in {run_dir} or under {root} "
+                          "(set paths.run_dir=<run folder> to pick one)")
+    return candidates[-1].parent.parent
 
 
 def keep_metrics_history(run_dir: Path) -> None:
@@ -101,8 +105,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the run folder, final metrics and written files."""
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir).resolve()
+    if cfg.ckpt_path == "last":  # continue in the same run folder
+        run_dir = find_last_run(cfg, run_dir)
+        OmegaConf.update(cfg, "paths.run_dir", str(run_dir))
+        print(f"resuming {run_dir / 'checkpoints' / 'last.ckpt'}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
     if ckpt_path:
         keep_metrics_history(run_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -127,8 +135,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
         result["last_checkpoint"] = ckpt_cb.last_model_path
     if cfg.stage == "autoencoder" and trainer.is_global_zero:
-        from ldm.training.factories import save_autoencoder
+        from ldm.training.factories import calibrate_scaling_factor, save_autoencoder
 
+        result["scaling_factor"] = calibrate_scaling_factor(module.autoencoder, datamodule.train_dataloader())
         result["autoencoder"] = str(save_autoencoder(module.autoencoder, run_dir / "autoencoder.safetensors"))
     for cb in callbacks:
         if getattr(cb, "last_path", None):
