@@ -16,7 +16,8 @@ NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_multi
                   ("model", "sd21")}
 REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["data.train.path=REPLACE"],
             ("data", "webdataset"): ["data.train.urls=REPLACE"], ("model", "sd15"): ["model.pretrained=x"],
-            ("model", "sd21"): ["model.pretrained=x"]}
+            ("model", "sd21"): ["model.pretrained=x"],
+            ("experiment", "sd15_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"]}
 
 
 def _targets(node):
