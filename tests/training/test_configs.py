@@ -15,7 +15,8 @@ OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "sampler")
 NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_multinode"), ("model", "sd15"),
                   ("model", "sd21")}
 REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["data.train.path=REPLACE"],
-            ("data", "webdataset"): ["data.train.urls=REPLACE"], ("model", "sd15"): ["model.pretrained=x"],
+            ("data", "webdataset"): ["data.train.urls=REPLACE"],
+            ("data", "latent_cache"): ["data.train.path=REPLACE"], ("model", "sd15"): ["model.pretrained=x"],
             ("model", "sd21"): ["model.pretrained=x"],
             ("experiment", "sd15_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"]}
 
