@@ -12,7 +12,7 @@ from tests.training.conftest import CONFIGS, compose_train
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIGS).iterdir() if p.is_dir()}
 OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "sampler") for o in opts]
-NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_multinode"), ("model", "sd15"),
+NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_multinode"), ("trainer", "fsdp"), ("model", "sd15"),
                   ("model", "sd21")}
 REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["data.train.path=REPLACE"],
             ("data", "webdataset"): ["data.train.urls=REPLACE"],
@@ -65,6 +65,13 @@ def test_group_composes_and_instantiates(tmp_path, group, option):
         assert callable(instantiate(cfg.module, _partial_=True))
     else:
         assert instantiate(cfg[group]) is not None
+
+
+def test_fsdp_wrap_policy_names_unet_blocks():
+    from ldm.models.unet import BasicTransformerBlock, ResBlock
+    from ldm.training.strategies import unet_block_wrap_policy
+
+    assert unet_block_wrap_policy() == {ResBlock, BasicTransformerBlock}
 
 
 def test_top_level_schema_rejects_unknown_keys(tmp_path):
