@@ -67,11 +67,15 @@ def test_group_composes_and_instantiates(tmp_path, group, option):
         assert instantiate(cfg[group]) is not None
 
 
-def test_fsdp_wrap_policy_names_unet_blocks():
+def test_fsdp_strategy_builds_and_wraps_unet_blocks(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
     from ldm.models.unet import BasicTransformerBlock, ResBlock
     from ldm.training.strategies import unet_block_wrap_policy
 
     assert unet_block_wrap_policy() == {ResBlock, BasicTransformerBlock}
+    cfg = compose_train(tmp_path, ["trainer=fsdp"])
+    assert isinstance(instantiate(cfg.trainer.strategy), FSDPStrategy)
 
 
 def test_top_level_schema_rejects_unknown_keys(tmp_path):
