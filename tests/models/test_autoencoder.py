@@ -33,8 +33,9 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
     [
         (dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4), 16),
         (dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, latent_channels=3), 16),
+        (dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=8), 16),
     ],
-    ids=["tiny-2level", "3level"],
+    ids=["tiny-2level", "3level", "shapes-8-groups"],
 )
 def test_parity_with_diffusers(kwargs, size):
     diffusers = pytest.importorskip("diffusers")
@@ -52,7 +53,7 @@ def test_parity_with_diffusers(kwargs, size):
         block_out_channels=tuple(kwargs["base_channels"] * m for m in kwargs["channel_mult"]),
         layers_per_block=kwargs["num_res_blocks"],
         latent_channels=kwargs["latent_channels"],
-        norm_num_groups=32,
+        norm_num_groups=kwargs.get("norm_groups", 32),
         sample_size=size,
     )
     ckpt = {f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}
