@@ -56,6 +56,19 @@ def data_resolution(trainer: L.Trainer) -> int | None:
     return getattr(ds, "resolution", None)
 
 
+class DatasetEpochCallback(L.Callback):
+    """Tells an iterable training dataset (webdataset shards) which epoch starts, so its shard order and shuffle
+    change per epoch: Lightning only calls set_epoch on samplers, and iterable datasets have none."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        ds = getattr(dm, "train_dataset", None) if dm is not None else None
+        from torch.utils.data import IterableDataset
+
+        if isinstance(ds, IterableDataset) and hasattr(ds, "set_epoch"):
+            ds.set_epoch(trainer.current_epoch)
+
+
 class ThroughputCallback(L.Callback):
     """Logs training throughput (images/s over all ranks) from the wall time between batch ends."""
 

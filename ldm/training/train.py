@@ -13,6 +13,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.training.callbacks import DatasetEpochCallback
 from ldm.training.config import STAGES
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
 
@@ -119,6 +120,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(cfg.data, "data")
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
+    callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])

@@ -57,3 +57,25 @@ def test_refuses_non_checkpoint(tmp_path):
 
     with pytest.raises(CheckpointError, match="x.ckpt"):
         load_training_checkpoint(bad)
+
+
+def test_dataset_epoch_callback_advances_iterable_datasets():
+    from types import SimpleNamespace
+
+    from torch.utils.data import IterableDataset
+
+    from ldm.training.callbacks import DatasetEpochCallback
+
+    class Shards(IterableDataset):
+        epoch = 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter(())
+
+    ds = Shards()
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataset=ds), current_epoch=3)
+    DatasetEpochCallback().on_train_epoch_start(trainer, None)
+    assert ds.epoch == 3
