@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -35,6 +36,24 @@ class BadSampleTracker:
             return
         self.bad.add(name)
         logger.warning("%s: skipping unreadable sample %s (%s)", self.source, name, _describe(error))
+
+    def first_readable(self, index: int, n: int, name_of: Callable[[int], str],
+                       load: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+        """Sample ``index`` of ``n``, or the next one (wrapping) that loads: a bad one is reported once and
+        skipped from then on, so a corrupt file never stops a run."""
+        index = int(index)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        for offset in range(n):
+            i = (index + offset) % n
+            name = name_of(i)
+            if name in self.bad:
+                continue
+            try:
+                return load(i)
+            except Exception as error:  # corrupt, truncated, unreadable
+                self.report(name, error)
+        raise RuntimeError(f"{self.source}: none of the {n} samples could be decoded")
 
 
 def _describe(error: BaseException | str) -> str:

@@ -88,24 +88,12 @@ class HFDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """Row `index`, or the next decodable row if that image is bad."""
-        n = len(self.table)
-        index = int(index)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
-        index %= n
-        for offset in range(n):
-            i = (index + offset) % n
-            key = f"{self.split}[{i}]"
-            if key in self._bad:
-                continue
-            row = self.table[i]
-            try:
-                image = self.transform(_to_pil(row[self.image_column]))
-            except Exception as error:
-                self._bad.report(key, error)
-                continue
-            return {"image": image, "caption": self._caption(row), "index": i}
-        raise RuntimeError(f"HFDataset: no image in {self.path} split {self.split!r} could be decoded")
+        return self._bad.first_readable(index, len(self.table), lambda i: f"{self.split}[{i}]", self._load)
+
+    def _load(self, i: int) -> dict:
+        row = self.table[i]
+        image = self.transform(_to_pil(row[self.image_column]))
+        return {"image": image, "caption": self._caption(row), "index": i}
 
     def _caption(self, row: dict) -> str:
         if self.caption_column is None:

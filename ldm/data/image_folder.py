@@ -78,23 +78,12 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """Sample `index`, or the next readable one if that file is bad."""
-        n = len(self.files)
-        index = int(index)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
-        index %= n
-        for offset in range(n):
-            i = (index + offset) % n
-            key = self.files[i]
-            if key in self._bad:
-                continue
-            try:
-                image = self.transform(decode_image(str(self.root / key)))
-            except Exception as error:  # corrupt, truncated, unreadable
-                self._bad.report(key, error)
-                continue
-            return {"image": image, "caption": self.captions[i], "key": key, "index": i}
-        raise RuntimeError(f"ImageFolderDataset: none of the {n} images under {self.root} could be decoded")
+        return self._bad.first_readable(index, len(self.files), self.files.__getitem__, self._load)
+
+    def _load(self, i: int) -> dict:
+        key = self.files[i]
+        image = self.transform(decode_image(str(self.root / key)))
+        return {"image": image, "caption": self.captions[i], "key": key, "index": i}
 
     def _find_images(self) -> list[str]:
         return sorted(
