@@ -30,7 +30,7 @@ from torch import nn
 
 from ldm.bundle import ModelBundle
 from ldm.checkpoints.safe_load import CheckpointError, load_state_dict
-from ldm.diffusion.schedules import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule
+from ldm.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
 
 SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffusers", "hub")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -325,29 +325,18 @@ def infer_vae_config(state: dict) -> dict:
 
 def save_single_file(path, bundle: ModelBundle, resolution: int | None = None) -> Path:
     """Write an SD-layout ``.safetensors`` whose header also records the U-Net / VAE configs, the schedule and
-    the training resolution, so :func:`load_bundle` rebuilds the model exactly (other tools ignore the header)."""
-    from safetensors.torch import save_file
-
+    the training resolution, so :func:`load_bundle` rebuilds the model exactly (other tools ignore the header).
+    The header is the single-file export's (``ldm.export``), without its yaml."""
     from ldm.checkpoints.single_file import to_single_file
+    from ldm.export.formats import save_safetensors, single_file_header
 
-    s = bundle.schedule
-    if s.kind not in BETA_SCHEDULES:
-        raise ValueError(f"cannot record a {s.kind!r} schedule in the header; use one of {BETA_SCHEDULES}")
-    header = {
-        "format": "pt",
-        META_UNET: json.dumps(bundle.unet.config, sort_keys=True),
-        META_VAE: json.dumps(bundle.autoencoder.config, sort_keys=True),
-        META_SCHEDULE: json.dumps(dict(kind=s.kind, num_train_timesteps=s.num_train_timesteps,
-                                       beta_start=s.beta_start, beta_end=s.beta_end,
-                                       rescale_zero_terminal_snr=s.zero_terminal_snr,
-                                       prediction_type=s.prediction_type), sort_keys=True),
-    }
-    if resolution:
-        header[META_RESOLUTION] = str(int(resolution))
+    header = single_file_header(bundle, resolution or 0, None)
+    if not resolution:
+        header.pop(META_RESOLUTION)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = to_single_file(bundle.unet, bundle.autoencoder, bundle.text_encoder)
-    save_file({k: v.cpu() for k, v in state.items()}, str(path), metadata=header)
+    save_safetensors({k: v.cpu() for k, v in state.items()}, path, header)
     return path
 
 

@@ -378,11 +378,8 @@ def check_single_file(bundle: ModelBundle) -> None:
 def single_file_header(bundle: ModelBundle, resolution: int, dtype: torch.dtype | None) -> dict[str, str]:
     """safetensors header entries that let ``ldm.loading.load_bundle`` rebuild the model exactly (the U-Net / VAE
     configs, schedule, resolution); other tools ignore them."""
-    try:
-        from ldm.loading import META_RESOLUTION, META_SCHEDULE, META_UNET, META_VAE
-    except ImportError:  # the same names, for when ldm.loading is not there
-        META_UNET, META_VAE, META_SCHEDULE, META_RESOLUTION = (
-            "ldm_unet_config", "ldm_vae_config", "ldm_schedule", "ldm_resolution")
+    from ldm.loading import META_RESOLUTION, META_SCHEDULE, META_UNET, META_VAE
+
     return {
         META_UNET: json.dumps(_no_checkpointing(bundle.unet.config), sort_keys=True),
         META_VAE: json.dumps(_no_checkpointing(bundle.autoencoder.config), sort_keys=True),
