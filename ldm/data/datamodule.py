@@ -31,6 +31,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         seed: seed for the val split, the shuffling generator and worker seeds.
         shuffle: shuffle map-style training data.
         drop_last: drop the last incomplete training batch.
+        latent_cache: a folder: train(cfg) encodes the training set once with the frozen VAE into it and trains
+            from the cached posteriors (datasets with ``cache_key()`` only; see ldm.training.latent_prep).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        latent_cache: str | None = None,
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
@@ -65,8 +68,11 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
+        self.latent_cache = latent_cache
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        self._stream_positions: list | None = None  # per rank, from a checkpoint (see load_state_dict)
+        self._stream_trainer = None  # the trainer whose fit already resumed the stream
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets once and make the val split if asked for."""
@@ -106,7 +112,72 @@ class ImageCaptionDataModule(L.LightningDataModule):
         loader = self._loader(self.train_dataset, self.batch_size, train=True)
         if isinstance(loader.sampler, ResumableSampler):
             loader.sampler.skip(self._resumed_samples(len(loader)))
+        elif _has_stream_position(self.train_dataset):
+            self._resume_stream(self.train_dataset)
         return loader
+
+    def _resume_stream(self, dataset) -> None:
+        """Iterable dataset with a stream position (WebDatasetSource): set the epoch of the first loader of a fit
+        and, when the fit resumes mid-epoch, continue right after the checkpoint's batches. Later loaders (a
+        reload, or a loader used after training) start their epoch at the beginning."""
+        trainer = getattr(self, "trainer", None)
+        positions, self._stream_positions = self._stream_positions, None
+        if trainer is None or self._stream_trainer is trainer:
+            dataset.resume_from(None)
+            return
+        self._stream_trainer = trainer
+        epoch, progress = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch:
+            # the checkpoint's epoch was complete: Lightning ends it without fetching and goes on to the next
+            # epoch with this same loader (which it iterates before DatasetEpochCallback sets that epoch)
+            dataset.set_epoch(epoch + 1)
+            dataset.resume_from(None)
+            return
+        dataset.set_epoch(epoch)  # also iterated before DatasetEpochCallback runs (which it skips mid-epoch)
+        rank, world, workers = trainer.global_rank, trainer.world_size, max(1, self.num_workers)
+        done = int(progress.current.ready)
+        if positions is None:  # a checkpoint from before stream positions were saved
+            position = None
+            if done:
+                log.warning("resuming mid-epoch without a saved stream position: assuming the %d batches done in "
+                            "epoch %d came round-robin from %d worker(s), with no unreadable sample dropped",
+                            done, epoch, workers)
+                position = dataset.position_after_batches(epoch, done, self.batch_size, workers, world)
+        else:  # None or another epoch: nothing of this epoch was trained on
+            position = positions[rank] if rank < len(positions) else None
+            if position is not None and position["epoch"] != epoch:
+                position = None
+        if position is not None and (position["workers"], position["world_size"]) != (workers, world):
+            log.warning("the checkpoint's stream position is for %d DataLoader worker(s) x %d rank(s), this run has "
+                        "%d x %d: epoch %d starts again from its beginning (its first %d batches are seen twice)",
+                        position["workers"], position["world_size"], workers, world, epoch, position["batches"])
+            position = None
+        if position is not None:
+            log.info("resuming mid-epoch: the stream continues after the %d batches of epoch %d already trained on",
+                     position["batches"], epoch)
+        dataset.resume_from(position)
+
+    def state_dict(self) -> dict:
+        """For an iterable training dataset with a stream position (WebDatasetSource): every rank's position after
+        the batches trained on so far, so that a resumed run continues the epoch exactly there."""
+        if not _has_stream_position(self.train_dataset):
+            return {}
+        position = self.train_dataset.position()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            positions: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(positions, position)
+        else:
+            positions = [position]
+        return {"train_stream_positions": positions}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._stream_positions = state_dict.get("train_stream_positions")
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches of a dataset with a stream position carry it: record them as trained on."""
+        if _has_stream_position(self.train_dataset):
+            self.train_dataset.consume(batch)
+        return batch
 
     def _resumed_samples(self, batches_per_epoch: int) -> int:
         """Samples of the current epoch already trained on, from the trainer's restored loop state (0 when not
@@ -129,6 +200,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, self.val_batch_size, train=False)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        collate = collate_image_caption
+        if train and _has_stream_position(dataset):
+            collate = dataset.tracking_collate(collate)  # batches carry their stream position, see _resume_stream
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -137,9 +211,16 @@ class ImageCaptionDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             drop_last=self.drop_last and train,
-            collate_fn=collate_image_caption,
+            collate_fn=collate,
             generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),
         )
+
+
+def _has_stream_position(dataset) -> bool:
+    """An iterable dataset that can report and resume its stream position (`ldm.data.webdataset`)."""
+    return isinstance(dataset, IterableDataset) and all(
+        callable(getattr(dataset, name, None)) for name in ("tracking_collate", "consume", "position", "resume_from",
+                                                            "position_after_batches", "set_epoch"))
 
 
 def _build(source: DatasetOrFactory, name: str) -> Dataset:

@@ -1,20 +1,51 @@
-"""Streaming image/caption pairs from WebDataset tar shards.
+"""Streaming image/caption pairs from WebDataset tar shards, resumable mid-epoch.
 
-Shards are split by DDP rank (`wds.split_by_node`) and then by DataLoader worker
-(`wds.split_by_worker`), so every sample is read once per epoch as long as there are at
-least `world_size * num_workers` shards. With `resampled=True` each worker instead
-draws shards at random forever (use `epoch_size` or the trainer's max_steps).
+Shards are split by DDP rank and then by DataLoader worker (`urls[rank::world][worker::workers]`, the same split
+as `wds.split_by_node` / `wds.split_by_worker`), so every sample is read once per epoch as long as there are at
+least `world_size * num_workers` shards. With `resampled=True` each worker instead draws shards at random forever
+(use `epoch_size` or the trainer's max_steps).
+
+Each worker's stream is a pure function of (seed, epoch, rank, worker role): shard order, shuffle buffer and crop /
+flip randomness do not depend on how often this process has iterated, so a resumed run reads exactly what the
+uninterrupted run would have read.
+
+The stream position (the cursor that makes mid-epoch resume exact)
+----------------------------------------------------------------------
+A rank's epoch is `workers` independent streams, one per *role* (role r reads shards `[r::workers]` of the rank's
+share). Inside a role's stream, raw tar samples go through the shuffle buffer and are then decoded; undecodable
+ones are dropped there. A role's place in its stream is therefore
+
+* `raw`: raw samples taken out of the shuffle buffer so far (decoded or dropped as bad). Skipping that many buffer
+  outputs *without decoding them* reproduces the buffer and the decode stage exactly, bad samples included, which
+  a count of good samples could not;
+* `yielded`: good samples produced (what `epoch_size` limits);
+* `shard`, `offset`: where the next raw sample comes from (the `shard`-th shard of the role's shard sequence,
+  after `offset` samples of it). Without a shuffle buffer this is used to skip whole shards without opening them.
+
+The DataLoader takes its batches round-robin from its workers (skipping the ones that ran dry), so which role is
+`next_role` matters too: a resumed loader's worker i plays role `(next_role + i) % workers`, and its batches come
+out in the order the uninterrupted run would have produced them even when the roles' streams have different
+lengths.
+
+The position is measured where batches are consumed, not where they are produced (workers run ahead): the
+training DataLoader's collate function (`tracking_collate`) stamps each batch with the position of its last sample,
+and the datamodule hands every batch the trainer takes to `consume`, which removes the stamp and keeps the
+latest position per role. `position()` is saved in the checkpoint and `resume_from()` gives it back to a new
+process. Checkpoints without a saved position can use `position_after_batches`, which assumes no bad sample
+was skipped and every worker still had data.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
+import math
 import random
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import torch.utils.data
+import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
@@ -22,6 +53,11 @@ from ldm.data.bad_samples import BadSampleTracker, decode_image
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger("ldm.data")
+
+POSITION_KEY = "__stream_position__"
+"""Key under which samples and batches of a tracked stream carry their position (see the module docstring)."""
+
+_POSITION_VERSION = 1
 
 
 class WebDatasetSource(IterableDataset):
@@ -35,12 +71,16 @@ class WebDatasetSource(IterableDataset):
         shuffle_shards: shuffle shard order each epoch (non-resampled mode).
         resampled: draw shards with replacement, endlessly.
         seed: base seed. Shard order depends on (seed, epoch) only, so all ranks and
-            workers agree on it; the sample buffer also mixes in rank, worker and the
-            DataLoader's per-epoch worker seed, so it changes every epoch.
+            workers agree on it; the shuffle buffer, resampling and crop/flip randomness
+            depend on (seed, epoch, rank, worker role) only, so they change every epoch and
+            are the same in a resumed run.
         image_keys, caption_keys: file extensions to look for, in order of preference.
         json_caption_field: field holding the caption inside a `.json` member.
         epoch_size: samples per epoch on each rank (split across workers); the
             stream repeats (or resamples) until it is reached. None: one pass.
+
+    Mid-epoch resume: `position()`, `resume_from()`, `tracking_collate()` and `consume()`
+    (see the module docstring); `ImageCaptionDataModule` uses them.
     """
 
     def __init__(
@@ -72,10 +112,14 @@ class WebDatasetSource(IterableDataset):
         self.caption_keys = tuple(k.lower().lstrip(".") for k in caption_keys)
         self.json_caption_field = json_caption_field
         self.epoch_size = None if epoch_size is None else int(epoch_size)
-        self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, seed=seed)
-        self.epoch = 0
+        self.transform = _PerSampleRandomTransform(resolution, center_crop=center_crop, random_flip=random_flip)
+        # shared memory: persistent DataLoader workers keep their copy of the dataset, yet must see set_epoch
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.missing_captions = 0
         self._bad = BadSampleTracker(f"WebDatasetSource({self.urls[0]}{', ...' if len(self.urls) > 1 else ''})")
+        self._resume: dict[str, Any] | None = None  # where the next pass of its epoch starts
+        self._consumed: dict[str, Any] | None = None  # position after the last consumed batch (main process)
+        self._stamp = False  # samples carry POSITION_KEY (turned on by tracking_collate)
 
     @property
     def bad_samples(self) -> set[str]:
@@ -87,55 +131,167 @@ class WebDatasetSource(IterableDataset):
         """How many errors were skipped in this process (workers count separately)."""
         return self._bad.errors
 
-    def set_epoch(self, epoch: int) -> None:
-        """Change the shard order for the next pass; call it on every rank before iterating."""
-        self.epoch = int(epoch)
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch of the next pass (shard order, shuffle); call it on every rank before iterating. Also
+        reaches persistent DataLoader workers. A resume position for another epoch is dropped."""
+        self._epoch.fill_(int(epoch))
+        if self._resume is not None and self._resume["epoch"] != int(epoch):
+            self._resume = None
+
+    # ------------------------------------------------------------------------------------------- stream position
+    def tracking_collate(self, collate_fn: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
+        """Wrap `collate_fn` for the training DataLoader: from now on samples carry their stream position and each
+        batch (a dict) gets the position of its last sample under `POSITION_KEY`; pass the batches the trainer
+        takes to `consume`, which removes it again."""
+        self._stamp = True
+        return _PositionCollate(collate_fn)
+
+    def consume(self, batch: Any) -> None:
+        """Record that `batch` (from a `tracking_collate` loader) was trained on, and remove its position stamp;
+        anything else is left alone. Call it in the main process, in the order the batches are used."""
+        if not isinstance(batch, dict) or POSITION_KEY not in batch:
+            return
+        epoch, workers, role, raw, yielded, shard, offset = batch.pop(POSITION_KEY)
+        position = self._consumed
+        world_size = wds.utils.pytorch_worker_info()[1]
+        same_stream = position is not None and (position["epoch"], position["workers"], position["world_size"]) == (
+            epoch, workers, world_size)
+        if not same_stream:  # the first batch of an epoch
+            position = self._consumed = _start_position(epoch, workers, world_size)
+        position["roles"][role] = {"raw": raw, "yielded": yielded, "shard": shard, "offset": offset}
+        position["next_role"] = (role + 1) % workers
+        position["batches"] += 1
+
+    def position(self) -> dict[str, Any] | None:
+        """This rank's stream position after the last consumed batch (or the one given to `resume_from`), as plain
+        ints and lists for a checkpoint; None before the first batch."""
+        return copy.deepcopy(self._consumed)
+
+    def resume_from(self, position: dict[str, Any] | None) -> None:
+        """Make the next pass of epoch `position["epoch"]` continue right after `position` (from `position()` of
+        an earlier process on the same rank, or `position_after_batches`); None: start passes at the beginning.
+        Call it before the DataLoader is iterated, with the same number of workers and ranks as when the
+        position was taken (checked when iterating). Passes of other epochs are not affected."""
+        if position is not None:
+            _check_position(position)
+            position = copy.deepcopy(position)
+            if position["epoch"] != self.epoch:
+                raise ValueError(f"WebDatasetSource.resume_from: the position is in epoch {position['epoch']} but the "
+                                 f"dataset is at epoch {self.epoch}; call set_epoch({position['epoch']}) first")
+        self._resume = position
+        self._consumed = copy.deepcopy(position)
+
+    def position_after_batches(self, epoch: int, batches_done: int, batch_size: int, num_workers: int,
+                               world_size: int = 1) -> dict[str, Any]:
+        """The position after `batches_done` batches of `batch_size` in `epoch`, for checkpoints that saved none.
+        The DataLoader takes batch k from worker k % workers, so worker w produced ceil((batches_done - w) /
+        workers) batches. Exact only if no bad sample was dropped in those batches and no worker had run dry."""
+        if batches_done < 0 or batch_size <= 0:
+            raise ValueError(f"position_after_batches: need batches_done >= 0 and batch_size > 0, got "
+                             f"{batches_done}, {batch_size}")
+        workers = max(1, int(num_workers))
+        position = _start_position(int(epoch), workers, int(world_size))
+        for role, state in enumerate(position["roles"]):
+            samples = max(0, math.ceil((batches_done - role) / workers)) * batch_size
+            state.update(raw=samples, yielded=samples, shard=None, offset=None)
+        position["next_role"] = batches_done % workers
+        position["batches"] = int(batches_done)
+        return position
+
+    # ------------------------------------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
-        if not self.resampled and len(self.urls) < world_size * num_workers and rank == worker == 0:
+        rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
+        epoch = self.epoch
+        if not self.resampled and len(self.urls) < world_size * workers and rank == worker == 0:
             logger.warning(
                 "WebDatasetSource: %d shards for %d ranks x %d workers; some will get no data. "
-                "Write more shards or use resampled=True.", len(self.urls), world_size, num_workers,
+                "Write more shards or use resampled=True.", len(self.urls), world_size, workers,
             )
-        seed = (self.seed, self.epoch, rank, worker, _loader_epoch_seed())
-        read = [0]  # raw samples read so far, so endless shard loops can tell when nothing is readable
-        raw = _counted(wds.tariterators.tarfile_samples(self._shards(seed, read), handler=self._handle), read)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(str(seed))
-            raw = wds.shuffle(bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(raw)
-        samples = self._decode_all(raw)
-        if self.epoch_size is None:
-            yield from samples
-        else:
-            yield from itertools.islice(samples, _share(self.epoch_size, worker, num_workers))
+        start = self._resume if self._resume is not None and self._resume["epoch"] == epoch else None
+        if start is not None and (start["workers"], start["world_size"]) != (workers, world_size):
+            raise ValueError(
+                f"WebDatasetSource: the resume position was taken with {start['workers']} DataLoader worker(s) x "
+                f"{start['world_size']} rank(s), but this pass runs {workers} x {world_size}; resume with the same "
+                "num_workers (0 counts as 1) and number of ranks, or call resume_from(None) to restart the epoch")
+        role = worker if start is None else (start["next_role"] + worker) % workers
+        begin = start["roles"][role] if start is not None else _start_role()
+        stream = f"{self.seed}-{epoch}-{rank}-{role}"
 
-    def _shards(self, seed, read: list[int]) -> Iterator[dict[str, str]]:
-        """Shard URLs for this rank and worker: split, or resampled, repeated if epoch_size is set."""
+        read = [0]  # raw samples read so far, so endless shard loops can tell when nothing is readable
+        shards = self._shards(epoch, rank, world_size, role, workers, stream, read)
+        buffered = self.shuffle_buffer > 1
+        if not buffered and begin["shard"] is not None:
+            raw = self._read(shards, read, begin["shard"], begin["offset"])  # whole shards skipped unopened
+        else:
+            raw = self._read(shards, read, 0, 0)
+            if buffered:
+                rng = random.Random(f"buffer-{stream}")
+                raw = wds.shuffle(bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(raw)
+            raw = itertools.islice(raw, begin["raw"], None)  # replayed through the buffer, not decoded
+        share = None if self.epoch_size is None else _share(self.epoch_size, role, workers)
+        stamp = (epoch, workers, role) if self._stamp else None
+        yield from self._decode_stream(raw, begin["raw"], begin["yielded"], share, stream, stamp)
+
+    def _shards(self, epoch: int, rank: int, world_size: int, role: int, workers: int, stream: str,
+                read: list[int]) -> Iterator[str]:
+        """This role's shard URLs: its split of the (seeded) shard order, or resampled; repeated if epoch_size."""
         if self.resampled:
-            rng = random.Random(f"resample-{seed}")
+            rng = random.Random(f"resample-{stream}")
             while True:
                 before = read[0]
                 for _ in range(2 * len(self.urls)):
-                    yield {"url": rng.choice(self.urls)}
+                    yield rng.choice(self.urls)
                 if read[0] == before:
                     raise RuntimeError(f"WebDatasetSource: no readable samples in any of {self.urls}")
         for repeat in itertools.count():
             before = read[0]
             urls = list(self.urls)
             if self.shuffle_shards:
-                random.Random(f"shards-{self.seed}-{self.epoch}-{repeat}").shuffle(urls)
-            stream = ({"url": url} for url in urls)
-            yield from wds.split_by_worker(wds.split_by_node(stream))
+                random.Random(f"shards-{self.seed}-{epoch}-{repeat}").shuffle(urls)
+            yield from urls[rank::world_size][role::workers]
             if self.epoch_size is None or read[0] == before:
                 return  # one pass, or this worker's shards hold nothing readable
 
-    def _decode_all(self, raw: Iterator[dict]) -> Iterator[dict[str, Any]]:
-        for sample in raw:
+    def _read(self, shards: Iterator[str], read: list[int], first_shard: int,
+              first_offset: int) -> Iterator[tuple[int, int, dict]]:
+        """Raw samples as (shard number, index in the shard, sample), starting at sample `first_offset` of shard
+        number `first_shard`: earlier shards are not opened, earlier samples of that shard are read, not kept."""
+        for number, url in enumerate(shards):
+            if number < first_shard:
+                # not opened. The uninterrupted run read samples past it, so for the "nothing readable"
+                # checks of _shards it counts as read
+                read[0] += 1
+                continue
+            for index, sample in enumerate(wds.tariterators.tarfile_samples([{"url": url}], handler=self._handle)):
+                read[0] += 1
+                if number > first_shard or index >= first_offset:
+                    yield number, index, sample
+
+    def _decode_stream(self, raw: Iterator[tuple[int, int, dict]], pulled: int, yielded: int, share: int | None,
+                       stream: str, stamp: tuple[int, int, int] | None) -> Iterator[dict[str, Any]]:
+        """Decode the buffer's output, dropping bad samples, until `share` samples were yielded; `pulled` and
+        `yielded` count on from the start position. With `stamp` each sample carries its position."""
+        if share is not None and yielded >= share:
+            return
+        for shard, index, sample in raw:
+            pulled += 1
+            # crop/flip randomness seeded by the sample's place in the stream, not by how much this process decoded
+            self.transform.rng = random.Random(f"augment-{stream}-{pulled}") if self.transform.is_random else None
             try:
-                yield self._decode(sample)
+                decoded = self._decode(sample)
             except Exception as error:
                 self._bad.report(_sample_name(sample), error)
+                continue
+            yielded += 1
+            if stamp is not None:
+                decoded[POSITION_KEY] = (*stamp, pulled, yielded, shard, index + 1)
+            yield decoded
+            if share is not None and yielded >= share:
+                return
 
     def _decode(self, sample: dict) -> dict[str, Any]:
         members = {k.lower(): v for k, v in sample.items() if not k.startswith("__")}
@@ -164,16 +320,56 @@ class WebDatasetSource(IterableDataset):
         return True
 
 
-def _counted(samples: Iterator[dict], read: list[int]) -> Iterator[dict]:
-    for sample in samples:
-        read[0] += 1
-        yield sample
+class _PerSampleRandomTransform(ImageTransform):
+    """`ImageTransform` whose crop/flip randomness comes from `rng`, which `WebDatasetSource` seeds for every
+    sample from its place in the stream (reproducible in a resumed run, whatever was skipped before)."""
+
+    rng: random.Random | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.random_flip or not self.center_crop
+
+    def _random(self):
+        if self.rng is None:
+            raise RuntimeError("_PerSampleRandomTransform: no per-sample generator set")
+        return self.rng
 
 
-def _loader_epoch_seed() -> int:
-    """The DataLoader's per-iteration base seed inside a worker (new each epoch), else 0."""
-    info = torch.utils.data.get_worker_info()
-    return 0 if info is None else info.seed - info.id
+class _PositionCollate:
+    """Collate function of a tracked training DataLoader (see `WebDatasetSource.tracking_collate`)."""
+
+    def __init__(self, collate_fn: Callable[[list[dict]], dict]):
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = self.collate_fn([{k: v for k, v in s.items() if k != POSITION_KEY} for s in samples])
+        if not isinstance(batch, dict):
+            raise TypeError(f"WebDatasetSource.tracking_collate: the collate function must return a dict, got "
+                            f"{type(batch).__name__}")
+        batch[POSITION_KEY] = samples[-1][POSITION_KEY]
+        return batch
+
+
+def _start_role() -> dict[str, Any]:
+    return {"raw": 0, "yielded": 0, "shard": 0, "offset": 0}
+
+
+def _start_position(epoch: int, workers: int, world_size: int) -> dict[str, Any]:
+    """The position at the start of `epoch` (nothing consumed)."""
+    return {"version": _POSITION_VERSION, "epoch": epoch, "workers": workers, "world_size": world_size,
+            "batches": 0, "next_role": 0, "roles": [_start_role() for _ in range(workers)]}
+
+
+def _check_position(position: Any) -> None:
+    keys = {"version", "epoch", "workers", "world_size", "batches", "next_role", "roles"}
+    if not isinstance(position, dict) or not keys <= set(position):
+        raise ValueError(f"WebDatasetSource: not a stream position (want a dict with {sorted(keys)}): {position!r}")
+    if position["version"] != _POSITION_VERSION:
+        raise ValueError(f"WebDatasetSource: stream position version {position['version']} is not supported "
+                         f"(this code writes version {_POSITION_VERSION})")
+    if len(position["roles"]) != position["workers"] or not 0 <= position["next_role"] < position["workers"]:
+        raise ValueError(f"WebDatasetSource: inconsistent stream position {position!r}")
 
 
 def _share(total: int, worker: int, num_workers: int) -> int:
