@@ -7,6 +7,7 @@ back from an image, which makes caption/content consistency measurable.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,6 +162,13 @@ class ShapesDataset(Dataset):
         array = render_shape(spec, self.resolution)
         image = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1.0
         return {"image": image, "caption": self.caption(spec), "index": index}
+
+    def cache_key(self) -> str:
+        """Every parameter the samples depend on (they are a pure function of these): the key of latent caches."""
+        return json.dumps({"type": "ShapesDataset", "version": 1, "size": self.size, "resolution": self.resolution,
+                           "seed": self.seed, "colors": self.colors, "shapes": self.shapes,
+                           "backgrounds": self.backgrounds, "min_scale": self.min_scale,
+                           "max_scale": self.max_scale, "template": self.template}, sort_keys=True)
 
     def checker(self) -> ShapesChecker:
         """A checker whose palette is this dataset's shape colours."""

@@ -9,6 +9,7 @@ with ``penultimate=False``; ``penultimate=True`` is for full-depth models.
 from __future__ import annotations
 
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -69,14 +70,18 @@ class CLIPTextEncoder(nn.Module):
     """Prompts -> cross-attention context ``(B, max_length, D)``; frozen by default."""
 
     def __init__(self, model, tokenizer, penultimate: bool = False, max_length: int = 77,
-                 frozen: bool = True):
+                 frozen: bool = True, cache_size: int = 0):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.penultimate = penultimate
         self.max_length = max_length
         self.frozen = frozen
+        if int(cache_size) < 0:
+            raise ValueError(f"CLIPTextEncoder: cache_size must be >= 0, got {cache_size!r}")
+        self.cache_size = int(cache_size)
         self._empty: dict = {}
+        self._contexts: OrderedDict = OrderedDict()  # (prompt, device, dtype) -> (L, D), least recent first
         self.model.register_load_state_dict_post_hook(self._clear_cache)
         if frozen:
             self.requires_grad_(False)
@@ -97,16 +102,17 @@ class CLIPTextEncoder(nn.Module):
 
     @classmethod
     def from_tiny(cls, preset: str = "tiny", folder=None, seed: int = 0,
-                  words=tiny_clip.DEFAULT_WORDS) -> "CLIPTextEncoder":
+                  words=tiny_clip.DEFAULT_WORDS, **kwargs) -> "CLIPTextEncoder":
         """Write (if needed) and load a local random tiny CLIP; no downloads."""
         folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="tiny_clip_"))
         if not (folder / "text_encoder" / "model.safetensors").exists():
             tiny_clip.write_tiny_clip(folder, words=words, seed=seed, **tiny_clip.PRESETS[preset])
-        return cls.from_pretrained(folder)
+        return cls.from_pretrained(folder, **kwargs)
 
     def _clear_cache(self, *_):
-        """New weights -> the cached empty-prompt context is stale."""
+        """New weights -> the cached contexts are stale."""
         self._empty.clear()
+        self._contexts.clear()
 
     @property
     def context_dim(self) -> int:
@@ -139,7 +145,29 @@ class CLIPTextEncoder(nn.Module):
             return self.model.final_layer_norm(out.hidden_states[-2])
 
     def forward(self, prompts) -> torch.Tensor:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if self.cache_size and self.frozen:
+            return self._cached(list(prompts))
         return self.encode_ids(self.tokenize(prompts))
+
+    def _cached(self, prompts: list[str]) -> torch.Tensor:
+        """Contexts of a frozen encoder, memoised per prompt (least recently used out first): data whose captions
+        repeat (the synthetic shapes have 54) skips the encoder. A new prompt is encoded on its own, so its
+        context never depends on its batch-mates and a resumed run sees the same numbers."""
+        p = next(self.model.parameters())
+        contexts = []
+        for prompt in prompts:
+            key = (prompt, p.device, p.dtype)
+            if key in self._contexts:
+                self._contexts.move_to_end(key)
+            else:
+                with torch.no_grad():
+                    self._contexts[key] = self.encode_ids(self.tokenize([prompt]))[0].detach()
+                if len(self._contexts) > self.cache_size:
+                    self._contexts.popitem(last=False)
+            contexts.append(self._contexts[key])
+        return torch.stack(contexts)
 
     def empty_context(self, batch_size: int = 1) -> torch.Tensor:
         """Context of the empty prompt ``""`` (CFG / conditioning dropout), cached."""

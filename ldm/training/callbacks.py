@@ -49,23 +49,28 @@ def generate(pl_module, prompts: list[str], *, sampler: str, steps: int, guidanc
         bundle.unet.train(was_training)
 
 
-def data_resolution(trainer: L.Trainer) -> int | None:
+def training_source(trainer: L.Trainer):
+    """The training images' dataset: the one a latent cache was encoded from, else the training dataset
+    (unwrapped from a Subset); None without a datamodule."""
     dm = trainer.datamodule
-    ds = getattr(dm, "train_dataset", None) if dm is not None else None
-    ds = getattr(ds, "dataset", ds)  # Subset
-    return getattr(ds, "resolution", None)
+    if dm is None:
+        return None
+    ds = getattr(dm, "source_dataset", None) or getattr(dm, "train_dataset", None)
+    return getattr(ds, "dataset", ds)
+
+
+def data_resolution(trainer: L.Trainer) -> int | None:
+    return getattr(training_source(trainer), "resolution", None)
 
 
 class DatasetEpochCallback(L.Callback):
-    """Tells an iterable training dataset (webdataset shards) which epoch starts, so its shard order and shuffle
-    change per epoch: Lightning only calls set_epoch on samplers, and iterable datasets have none."""
+    """Tells the training dataset which epoch starts when it has ``set_epoch``: webdataset shards change their
+    order and shuffle, a latent cache draws new posterior samples. Lightning only calls set_epoch on samplers."""
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
         ds = getattr(dm, "train_dataset", None) if dm is not None else None
-        from torch.utils.data import IterableDataset
-
-        if isinstance(ds, IterableDataset) and hasattr(ds, "set_epoch"):
+        if hasattr(ds, "set_epoch"):
             ds.set_epoch(trainer.current_epoch)
 
 
@@ -147,9 +152,7 @@ class PromptAccuracyCallback(L.Callback):
     def shapes_dataset(trainer):
         from ldm.data.shapes import ShapesDataset
 
-        dm = trainer.datamodule
-        ds = getattr(dm, "train_dataset", None) if dm is not None else None
-        ds = getattr(ds, "dataset", ds)
+        ds = training_source(trainer)
         return ds if isinstance(ds, ShapesDataset) else None
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -161,11 +164,14 @@ class PromptAccuracyCallback(L.Callback):
             self.results = self.evaluate(pl_module, ds, trainer)
 
     def prompts(self, ds) -> list[str]:
+        """Every colour x shape pair, ``n_per_prompt`` times; the repeats cycle through the colour's
+        backgrounds (starting at a different one for each pair), so every background is exercised."""
         prompts = []
         for i, (color, shape) in enumerate((c, s) for c in ds.colors for s in ds.shapes):
             backgrounds = ds.backgrounds_for(color)
-            prompts.append(ds.template.format(color=color, shape=shape, background=backgrounds[i % len(backgrounds)]))
-        return [p for p in prompts for _ in range(self.n_per_prompt)]
+            prompts += [ds.template.format(color=color, shape=shape, background=backgrounds[(i + r) % len(backgrounds)])
+                        for r in range(self.n_per_prompt)]
+        return prompts
 
     def evaluate(self, pl_module, ds, trainer=None) -> dict[str, Any]:
         from ldm.data.shapes_checker import prompt_accuracy

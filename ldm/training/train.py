@@ -118,6 +118,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     module = build_autoencoder_module(cfg) if cfg.stage == "autoencoder" else build_diffusion_module(cfg)
     datamodule = build(cfg.data, "data")
+    if cfg.stage == "diffusion" and getattr(datamodule, "latent_cache", None):
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        from ldm.training.latent_prep import encode_training_set
+
+        try:
+            encode_training_set(module, datamodule, datamodule.latent_cache, rank=rank_zero_only.rank,
+                                seed=cfg.seed, progress=bool(OmegaConf.select(cfg, "trainer.enable_progress_bar",
+                                                                              default=True)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch

@@ -120,3 +120,27 @@ def test_presets():
 def test_from_tiny_reuses_folder(folder):
     enc = CLIPTextEncoder.from_tiny(folder=folder)
     assert enc.context_dim == 32 and not enc.penultimate
+
+
+def test_context_cache_matches_encoding_each_prompt_alone(folder, encoder):
+    cached = CLIPTextEncoder.from_pretrained(folder, cache_size=2)
+    prompts = [CAPTION, "a blue square on a black background", CAPTION, ""]
+    out = cached(prompts)
+    for prompt, row in zip(prompts, out):
+        torch.testing.assert_close(row, encoder([prompt])[0], atol=0, rtol=0)
+    assert len(cached._contexts) == 2, "least recently used prompts leave a full cache"
+    assert [k[0] for k in cached._contexts] == [CAPTION, ""]
+
+
+def test_context_cache_is_cleared_by_new_weights(folder):
+    cached = CLIPTextEncoder.from_pretrained(folder, cache_size=8)
+    before = cached([CAPTION])
+    state = {k: v + 0.1 if v.is_floating_point() else v for k, v in cached.model.state_dict().items()}
+    cached.model.load_state_dict(state)
+    assert not cached._contexts
+    assert not torch.allclose(cached([CAPTION]), before)
+
+
+def test_context_cache_size_must_not_be_negative(folder):
+    with pytest.raises(ValueError, match="cache_size"):
+        CLIPTextEncoder.from_pretrained(folder, cache_size=-1)

@@ -17,7 +17,7 @@ TINY_MODEL = [
     "data.batch_size=4", "data.train.resolution=16",
     "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
-    "lr_scheduler.warmup_steps=1", "callbacks=none",
+    "lr_scheduler.warmup_steps=1", "callbacks=none", "++data.latent_cache=null",
 ]
 
 

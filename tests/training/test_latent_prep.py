@@ -1,0 +1,108 @@
+"""data.latent_cache: the training set is encoded once by the frozen VAE, reused by later runs, keyed by the data
+and the VAE weights, and training from it is reproducible."""
+
+import json
+
+import pytest
+import torch
+
+from ldm.data.cached_latents import CachedLatentsDataset
+from ldm.data.latent_cache import build_latent_cache
+from ldm.data.shapes import ShapesDataset
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.training.latent_prep import cache_folder
+from ldm.training.train import ConfigError, train
+
+CACHE = ["data.latent_cache=${paths.cache_dir}/latents", "data.train.size=40", "trainer.max_steps=12"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _losses(run_dir):
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_encoded_once_then_reused_with_identical_training(tiny_cfg, tmp_path, capsys):
+    first = train(tiny_cfg(*CACHE))
+    assert "encoding the training set once" in capsys.readouterr().out
+    folders = list((tmp_path.parent / "ldm-cache" / "latents").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("ShapesDataset-")
+    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_samples"] == 40 and manifest["store"] == "posterior"
+    shard_mtime = (folders[0] / "shard-00000.safetensors").stat().st_mtime_ns
+    losses = _losses(tmp_path / "run")
+
+    second = train(tiny_cfg(*CACHE, "paths.run_dir=" + str(tmp_path / "again")))
+    assert "encoding the training set once" not in capsys.readouterr().out
+    assert (folders[0] / "shard-00000.safetensors").stat().st_mtime_ns == shard_mtime
+    assert _losses(tmp_path / "again") == losses, "a reused cache trains exactly like a fresh one"
+    assert second["metrics"]["train/loss"] == first["metrics"]["train/loss"]
+
+
+def test_cached_training_sees_the_same_latents_as_encoding_on_the_fly(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_preset("tiny").eval()
+    ds = ShapesDataset(size=8, resolution=16)
+    folder = tmp_path / "c"
+    build_latent_cache(ds, folder, vae, None, store="posterior", text="caption", progress=False)
+    cached = CachedLatentsDataset(folder, sample=False)
+    images = torch.stack([ds[i]["image"] for i in range(8)])
+    with torch.no_grad():
+        expected = vae.encode_latents(images, sample=False)
+    got = torch.stack([cached[i]["latents"] for i in range(8)])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert [cached[i]["caption"] for i in range(8)] == [ds[i]["caption"] for i in range(8)]
+
+
+def test_cache_folder_depends_on_data_and_vae_weights(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_preset("tiny")
+    a = cache_folder(tmp_path, ShapesDataset(size=8, resolution=16), vae, "posterior")
+    assert a == cache_folder(tmp_path, ShapesDataset(size=8, resolution=16), vae, "posterior")
+    assert a != cache_folder(tmp_path, ShapesDataset(size=9, resolution=16), vae, "posterior")
+    assert a != cache_folder(tmp_path, ShapesDataset(size=8, resolution=16, seed=1), vae, "posterior")
+    assert a != cache_folder(tmp_path, ShapesDataset(size=8, resolution=16), vae, "mode")
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    assert a != cache_folder(tmp_path, ShapesDataset(size=8, resolution=16), vae, "posterior")
+
+
+def test_a_dataset_without_cache_key_is_refused_before_training(tiny_cfg, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"image {i}")
+    cfg = tiny_cfg("data=folder", f"data.train.root={images}", "data.train.resolution=16",
+                   "++data.latent_cache=${paths.cache_dir}/latents", "data.batch_size=2")
+    with pytest.raises(ConfigError, match="cache_key"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_clean_stop_mid_epoch_then_resume_from_the_cache_is_exact(tmp_path):
+    """Two epochs over a 24-sample cache (new posterior draws in the second), stopped at step 4 and resumed."""
+    import subprocess
+
+    from tests.training.test_resume import ROOT, _assert_same_run, _cmd, _env
+
+    cache = tmp_path / "cache"
+    on = ["++data.latent_cache=${paths.cache_dir}/latents", "+callbacks.checkpoint.every_n_train_steps=1"]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    subprocess.run(_cmd(reference, cache, *on), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    assert len(list((cache / "latents").iterdir())) == 1
+    cmd = _cmd(stopped, cache, *on)
+    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    _assert_same_run(reference, stopped)
