@@ -1,0 +1,171 @@
+"""``evaluate(cfg) -> dict``: the body of ``python -m ldm.evaluate``, callable without a command line.
+
+Loads the model like sample.py (any checkpoint / export ``ldm.loading.load_bundle`` reads), takes the first ``n``
+validation items of the data, computes the validation loss on them and generates an image per caption for the
+image metrics, prints a table and writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.evaluation.config import EVAL_METRICS, EvaluateConfig
+from ldm.evaluation.eval_set import first_items, shapes_checker
+from ldm.evaluation.metrics import build_image_metrics, group_by_reason, score_share
+
+log = logging.getLogger("ldm.evaluation")
+
+
+class EvaluateConfigError(ValueError):
+    """An evaluation option is wrong; the message names it."""
+
+
+def typed_config(cfg: Any) -> DictConfig:
+    """cfg merged onto the schema: unknown keys and wrong types are errors."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(EvaluateConfig), cfg)
+    except Exception as err:  # omegaconf's ConfigKeyError / ValidationError
+        raise EvaluateConfigError(f"bad evaluate config: {err}") from err
+
+
+def run_folder(ckpt: str) -> Path | None:
+    """The training run a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` -> ``<run>``), the folder holding
+    any other file, an export / diffusers folder itself; None for a hub id."""
+    path = Path(ckpt)
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return None
+
+
+def data_config(cfg: DictConfig) -> DictConfig:
+    """``data`` as given, else the data of the checkpoint's run (its config.yaml, interpolations resolved there)."""
+    if cfg.data is not None:
+        return cfg.data
+    run = run_folder(cfg.ckpt)
+    saved = run / "config.yaml" if run is not None else None
+    if saved is None or not saved.is_file():
+        raise EvaluateConfigError(f"no data given and {cfg.ckpt} has no run config.yaml to take it from: set "
+                                  "data=<a configs/data/ option, e.g. shapes> (with data.<key>=... as needed)")
+    run_cfg = OmegaConf.load(saved)
+    if OmegaConf.select(run_cfg, "data") is None:
+        raise EvaluateConfigError(f"{saved} has no data section: set data=<a configs/data/ option>")
+    return OmegaConf.create(OmegaConf.to_container(run_cfg.data, resolve=True))
+
+
+def check_options(cfg: DictConfig) -> None:
+    from ldm.loading import detect_source
+
+    if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
+        raise EvaluateConfigError("no model given: python -m ldm.evaluate <checkpoint or export folder> (or ckpt=...)")
+    detect_source(cfg.ckpt)
+    unknown = [m for m in cfg.metrics if m not in EVAL_METRICS]
+    if unknown or not cfg.metrics:
+        raise EvaluateConfigError(f"metrics: unknown or empty {list(unknown or cfg.metrics)}; choose from "
+                                  f"{list(EVAL_METRICS)}")
+    for key in ("n", "kid_subset_size"):
+        if cfg[key] < 1:
+            raise EvaluateConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise EvaluateConfigError(f"batch_size must be >= 1 (or null), got {cfg.batch_size}")
+    if cfg.sampler.steps < 1 or not math.isfinite(cfg.guidance_scale):
+        raise EvaluateConfigError("sampler.steps must be >= 1 and guidance_scale a finite number")
+
+
+def validation_data(data_cfg: DictConfig):
+    """(validation dataset, its batch size) of a data config."""
+    dm = instantiate(data_cfg)
+    dm.setup("validate")
+    if dm.val_dataset is None:
+        raise EvaluateConfigError("the data has no validation split: set data.val=... or data.val_fraction=...")
+    return dm.val_dataset, getattr(dm, "val_batch_size", None) or 16
+
+
+def evaluate(cfg: Any) -> dict[str, Any]:
+    """Compute the configured metrics; returns {"metrics", "skipped", "settings", "path", ...} and writes JSON."""
+    import torch
+
+    from ldm.evaluation.val_loss import validation_loss
+    from ldm.loading import load_bundle
+    from ldm.pipelines import text_to_image
+
+    cfg = typed_config(cfg)
+    check_options(cfg)
+    val, val_batch_size = validation_data(data_config(cfg))
+    items = first_items(val, cfg.n)
+    if not len(items):
+        raise EvaluateConfigError("the validation split is empty")
+    batch_size = cfg.batch_size or val_batch_size
+    bundle = load_bundle(cfg.ckpt, use_ema=cfg.use_ema, device=cfg.device, dtype=cfg.dtype)
+    device = next(bundle.unet.parameters()).device
+
+    values: dict[str, float] = {}
+    if "val_loss" in cfg.metrics:
+        values["val_loss"] = validation_loss(bundle, items, batch_size)
+    image_names = [m for m in cfg.metrics if m != "val_loss"]
+    image_metrics = build_image_metrics(
+        image_names, inception_weights=cfg.inception_weights, clip_model=cfg.clip_model, n_images=len(items),
+        kid_subset_size=cfg.kid_subset_size, checker=shapes_checker(val), kid_seed=cfg.seed,
+        real_images=items.has_images)
+    for names, reason in image_metrics.skipped_groups():
+        log.warning("%s skipped: %s", " and ".join(names), reason)
+    if image_metrics:
+        height, width = items.resolution or (None, None)
+        s = cfg.sampler
+
+        def sample(prompts: list[str], seed: int) -> torch.Tensor:
+            return text_to_image(bundle, prompts, sampler=s.name, steps=s.steps, guidance_scale=cfg.guidance_scale,
+                                 seed=seed, height=height, width=width, eta=s.eta, karras=s.karras,
+                                 spacing=s.spacing)
+
+        values.update(score_share(image_metrics.to(device), items, sample, batch_size=batch_size, seed=cfg.seed))
+
+    result: dict[str, Any] = {
+        "checkpoint": str(cfg.ckpt), "global_step": bundle.meta.get("global_step"), "n": len(items),
+        "metrics": values, "skipped": image_metrics.skipped,
+        "settings": {"sampler": OmegaConf.to_container(cfg.sampler), "guidance_scale": cfg.guidance_scale,
+                     "seed": cfg.seed, "batch_size": batch_size, "use_ema": cfg.use_ema, "dtype": cfg.dtype},
+    }
+    result["path"] = str(write_json(result, output_path(cfg)))
+    return result
+
+
+def output_path(cfg: DictConfig) -> Path:
+    """<out_dir or the checkpoint's run folder/eval>/<checkpoint name>.json"""
+    run = run_folder(cfg.ckpt)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else (run / "eval" if run is not None else Path("eval"))
+    name = Path(str(cfg.ckpt).rstrip("/")).stem or "model"
+    return out_dir / f"{name.replace('/', '_')}.json"
+
+
+def write_json(result: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: v for k, v in result.items() if k != "path"}, indent=2) + "\n")
+    return path
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The metrics as a two-column text table; skipped metrics show why."""
+    s = result["settings"]
+    lines = [f"{result['checkpoint']}: {result['n']} validation prompts, {s['sampler']['name']} "
+             f"{s['sampler']['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']}",
+             f"  {'metric':<18} value"]
+    values = result["metrics"]
+    for name, value in values.items():
+        if name == "kid_std":
+            continue
+        text = f"{value:.6g}" + (f" ± {values['kid_std']:.3g}" if name == "kid" and "kid_std" in values else "")
+        lines.append(f"  {name:<18} {text}")
+    for names, reason in group_by_reason(result["skipped"]):
+        lines.append(f"  {', '.join(names):<18} skipped: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""``python -m ldm.evaluate <checkpoint> ...``: a table and a JSON of the configured metrics in the run folder; the
+same checkpoint twice gives the same numbers, and its validation loss is the one training logged."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldm.evaluate import main, overrides_from_argv
+from ldm.evaluation.config import compose_evaluate
+from ldm.evaluation.extractors import INCEPTION_FILE
+from ldm.evaluation.run import EvaluateConfigError, evaluate
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["n=4", "sampler.steps=2", "batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(metrics_run):
+    result, _, _ = metrics_run
+    return result["last_checkpoint"]
+
+
+def test_command_prints_and_writes_all_metrics(ckpt, inception_weights, clip_folder, capsys):
+    assert main([ckpt, *FAST, f"inception_weights={inception_weights}", f"clip_model={clip_folder}"]) == 0
+    table = capsys.readouterr().out
+    path = Path(ckpt).parent.parent / "eval" / "last.json"  # data and the output folder: from the checkpoint's run
+    assert f"written: {path}" in table
+    written = json.loads(path.read_text())
+    assert set(written["metrics"]) == {"val_loss", "fid", "kid", "kid_std", "clip_score", "prompt_color_acc",
+                                       "prompt_shape_acc"}
+    assert written["skipped"] == {} and written["n"] == 4 and written["global_step"] == 3
+    for name in ("val_loss", "fid", "kid", "clip_score", "prompt_color_acc", "prompt_shape_acc"):
+        assert f"  {name} " in table
+    assert f"{written['metrics']['val_loss']:.6g}" in table
+
+
+def test_the_same_checkpoint_twice_gives_the_same_numbers(ckpt, clip_folder, tmp_path):
+    overrides = [f"ckpt={ckpt}", *FAST, "metrics=[val_loss,clip_score,prompt_accuracy]", f"clip_model={clip_folder}",
+                 f"out_dir={tmp_path}"]
+    first, second = (evaluate(compose_evaluate(overrides))["metrics"] for _ in range(2))
+    assert set(first) == {"val_loss", "clip_score", "prompt_color_acc", "prompt_shape_acc"}
+    assert first == second
+
+
+def test_validation_loss_is_the_one_training_logged(metrics_run, ckpt, tmp_path):
+    result, _, _ = metrics_run
+    # training logs val/loss of the raw U-Net on the first validation batch (batch size 4, limit_val_batches=1)
+    cfg = compose_evaluate([f"ckpt={ckpt}", "n=4", "use_ema=false", "metrics=[val_loss]", f"out_dir={tmp_path}"])
+    out = evaluate(cfg)
+    assert out["metrics"]["val_loss"] == pytest.approx(result["metrics"]["val/loss"], rel=1e-5)
+    assert out["path"] == str(tmp_path / "last.json") and out["skipped"] == {}
+
+
+def test_missing_extractors_are_skipped_with_the_file_named(ckpt, tmp_path, capsys):
+    missing = tmp_path / INCEPTION_FILE
+    assert main([ckpt, *FAST, "metrics=[fid,kid,clip_score]", f"inception_weights={missing}",
+                 f"clip_model={tmp_path / 'clip'}", f"out_dir={tmp_path}", "data=shapes",
+                 "data.val.resolution=16"]) == 0
+    table = capsys.readouterr().out
+    assert f"fid, kid" in table and f"skipped: Inception weights not found: {missing}" in table
+    assert "set inception_weights=<path to the file>" in table and "set clip_model=<folder>" in table
+    written = json.loads((tmp_path / "last.json").read_text())
+    assert written["metrics"] == {} and set(written["skipped"]) == {"fid", "kid", "clip_score"}
+
+
+def test_bad_options_fail_before_loading_with_the_key_named(ckpt, tmp_path):
+    with pytest.raises(EvaluateConfigError, match=r"metrics: unknown or empty \['fidd'\]"):
+        evaluate(compose_evaluate([f"ckpt={ckpt}", "metrics=[fidd]"]))
+    with pytest.raises(EvaluateConfigError, match="n must be >= 1"):
+        evaluate(compose_evaluate([f"ckpt={ckpt}", "n=0"]))
+    orphan = tmp_path / "model.ckpt"
+    orphan.write_bytes(Path(ckpt).read_bytes())
+    with pytest.raises(EvaluateConfigError, match="set data=<a configs/data/ option"):
+        evaluate(compose_evaluate([f"ckpt={orphan}"]))
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        evaluate(compose_evaluate([f"ckpt={tmp_path / 'none.ckpt'}"]))
+    assert overrides_from_argv(["run/last.ckpt", "n=8"]) == ["ckpt=run/last.ckpt", "n=8"]
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "ldm.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "python -m ldm.evaluate <checkpoint or export folder>" in out.stdout
