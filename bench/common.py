@@ -270,6 +270,14 @@ def print_table(rows: list[dict], columns: list[str], title: str | None = None, 
     return text
 
 
+def append_jsonl(path: str | None, rows: list[dict]) -> None:
+    """Append the rows to a JSON-lines file (gpu.sh collects every benchmark's rows into one); no path: nothing."""
+    if path:
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"

@@ -179,10 +179,7 @@ def main(argv=None) -> list[dict]:
     for row in rows:
         if len(workers) > 1:
             print(f"ratio {row['source']} workers {workers[-1]}/{workers[0]}: {row[columns[-1]]:.3f}x")
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    common.append_jsonl(args.json, rows)
     return rows
 
 

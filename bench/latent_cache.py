@@ -14,7 +14,6 @@ many epochs the cache has paid for itself.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -178,10 +177,7 @@ def main(argv=None) -> list[dict]:
           f"{common.fmt_bytes(cache_bytes)} on disk; pays for itself after {break_even:.2f} epochs")
     common.print_table(rows, ["path", "img/s", "ms/step", "ratio"])
     print(f"ratio cached/on-the-fly img/s: {ratio:.3f}x")
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    common.append_jsonl(args.json, rows)
     return rows
 
 

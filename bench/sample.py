@@ -13,7 +13,6 @@ The final latents of the two loops are compared (max abs difference) as a check 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -141,10 +140,7 @@ def main(argv=None) -> list[dict]:
     if len(impls) == 2:
         print(f"ratio ldm/diffusers U-Net calls/s: {call_ratio:.3f}x")
         print(f"ratio ldm/diffusers DDIM-{args.ddim_steps} speed (1/latency): {loop_ratio:.3f}x")
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    common.append_jsonl(args.json, rows)
     return rows
 
 

@@ -12,7 +12,6 @@ torch's FlopCounterMode, MFU against --peak-tflops, and the ratio ldm/diffusers.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -162,10 +161,7 @@ def main(argv=None) -> list[dict]:
                               "TFLOP/s", "MFU", "peak mem", "host syncs"])
     if len(impls) == 2:
         print(f"ratio ldm/diffusers img/s: {ratio:.3f}x")
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    common.append_jsonl(args.json, rows)
     return rows
 
 

@@ -39,12 +39,7 @@ PROMPT = "a red circle"
 RES = 16  # the tiny model's training resolution (VAE factor 2: 8x8 latents)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ SAMPLERS = ["ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m"]
 PROMPTS = ["a red circle", "a blue square"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest (and robust on shared CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(module, seed, std=0.1):

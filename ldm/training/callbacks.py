@@ -55,8 +55,9 @@ def training_source(trainer: L.Trainer):
     dm = trainer.datamodule
     if dm is None:
         return None
-    ds = getattr(dm, "source_dataset", None) or getattr(dm, "train_dataset", None)
-    return getattr(ds, "dataset", ds)
+    from ldm.evaluation.eval_set import base_dataset
+
+    return base_dataset(getattr(dm, "source_dataset", None) or getattr(dm, "train_dataset", None))
 
 
 def data_resolution(trainer: L.Trainer) -> int | None:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.data.cached_latents import CachedLatentsDataset
-from ldm.data.latent_cache import MANIFEST, build_latent_cache
+from ldm.data.latent_cache import LatentCacheError, build_latent_cache, read_manifest
 
 log = logging.getLogger("ldm.training")
 
@@ -57,9 +57,10 @@ def cache_folder(root: str | Path, dataset: Dataset, autoencoder: torch.nn.Modul
 
 
 def _complete(folder: Path) -> bool:
+    """A finished cache; False for none, or an unreadable manifest (the build then says what is wrong with it)."""
     try:
-        return bool(json.loads((folder / MANIFEST).read_text()).get("complete"))
-    except (OSError, ValueError):
+        return bool(read_manifest(folder).get("complete"))
+    except (FileNotFoundError, LatentCacheError):
         return False
 
 

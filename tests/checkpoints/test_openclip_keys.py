@@ -11,13 +11,7 @@ from ldm.models.text_encoder import CLIPTextEncoder, to_hub_keys, to_module_keys
 
 WIDTH, HEADS, LAYERS, VOCAB = 32, 4, 3, 64
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest (and robust on shared CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

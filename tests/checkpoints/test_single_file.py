@@ -13,13 +13,7 @@ from ldm.models.text_encoder import CLIPTextEncoder, to_hub_keys
 from ldm.models.tiny_clip import write_tiny_clip
 from ldm.models.unet import UNet
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest (and robust on shared CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

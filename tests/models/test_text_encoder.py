@@ -12,13 +12,7 @@ from ldm.models.tiny_clip import BOS, DEFAULT_WORDS, EOS, build_vocab, bpe, word
 
 CAPTION = "a red circle on a white background"
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest (and robust on shared CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -12,23 +12,12 @@ from ldm.data.shapes import ShapesDataset
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.training.latent_prep import cache_folder
 from ldm.training.train import ConfigError, train
+from tests.training.conftest import assert_same_run, logged_losses
 
 CACHE = ["data.latent_cache=${paths.cache_dir}/latents", "data.train.size=40", "trainer.max_steps=12"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _losses(run_dir):
-    import csv
-
-    with open(run_dir / "metrics.csv") as f:
-        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_encoded_once_then_reused_with_identical_training(tiny_cfg, tmp_path, capsys):
@@ -39,12 +28,12 @@ def test_encoded_once_then_reused_with_identical_training(tiny_cfg, tmp_path, ca
     manifest = json.loads((folders[0] / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_samples"] == 40 and manifest["store"] == "posterior"
     shard_mtime = (folders[0] / "shard-00000.safetensors").stat().st_mtime_ns
-    losses = _losses(tmp_path / "run")
+    losses = logged_losses(tmp_path / "run")
 
     second = train(tiny_cfg(*CACHE, "paths.run_dir=" + str(tmp_path / "again")))
     assert "encoding the training set once" not in capsys.readouterr().out
     assert (folders[0] / "shard-00000.safetensors").stat().st_mtime_ns == shard_mtime
-    assert _losses(tmp_path / "again") == losses, "a reused cache trains exactly like a fresh one"
+    assert logged_losses(tmp_path / "again") == losses, "a reused cache trains exactly like a fresh one"
     assert second["metrics"]["train/loss"] == first["metrics"]["train/loss"]
 
 
@@ -95,7 +84,7 @@ def test_clean_stop_mid_epoch_then_resume_from_the_cache_is_exact(tmp_path):
     """Two epochs over a 24-sample cache (new posterior draws in the second), stopped at step 4 and resumed."""
     import subprocess
 
-    from tests.training.test_resume import ROOT, _assert_same_run, _cmd, _env
+    from tests.training.test_resume import ROOT, _cmd, _env
 
     cache = tmp_path / "cache"
     on = ["++data.latent_cache=${paths.cache_dir}/latents", "+callbacks.checkpoint.every_n_train_steps=1"]
@@ -105,4 +94,4 @@ def test_clean_stop_mid_epoch_then_resume_from_the_cache_is_exact(tmp_path):
     cmd = _cmd(stopped, cache, *on)
     subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
     subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    _assert_same_run(reference, stopped)
+    assert_same_run(reference, stopped)

@@ -1,7 +1,6 @@
 """Exact resume: a run killed with SIGKILL at an arbitrary step (or stopped cleanly mid-epoch) and resumed from
 its last checkpoint logs the same loss at every step and ends with the same weights as an uninterrupted run."""
 
-import csv
 import os
 import random
 import signal
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import TINY_MODEL
+from tests.training.conftest import TINY_MODEL, assert_same_run, logged_losses
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 10
@@ -35,39 +34,12 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
 
 
-def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    """Losses of every step, from metrics.csv and the files kept from before each resume."""
-    rows = []
-    for path in sorted(run_dir.glob("metrics.before-resume-*.csv")) + [run_dir / "metrics.csv"]:
-        if path.exists():
-            with open(path) as f:
-                rows += [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
-    return rows
-
-
-def _weights(run_dir: Path) -> dict:
-    sd = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    return {k: v for k, v in sd.items() if k.startswith(("unet.", "ema."))}
-
-
-def _assert_same_run(reference: Path, resumed: Path):
-    ref = dict(_losses(reference))
-    rows = _losses(resumed)
-    assert {s for s, _ in rows} == set(ref), "every step was trained"
-    for step, loss in rows:  # replayed steps (logged twice) must match as well
-        assert loss == pytest.approx(ref[step], abs=1e-6, rel=1e-6), f"step {step}"
-    a, b = _weights(reference), _weights(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("reference")
     subprocess.run(_cmd(run, run.parent / "cache", "+callbacks.checkpoint.every_n_train_steps=2"), cwd=ROOT,
                    env=_env(), check=True, capture_output=True)
-    assert [s for s, _ in _losses(run)][-1] == MAX_STEPS - 1
+    assert [s for s, _ in logged_losses(run)][-1] == MAX_STEPS - 1
     return run
 
 
@@ -78,7 +50,7 @@ def test_sigkill_at_a_random_step_then_resume(reference, tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.csv").exists() and any(s >= kill_after for s, _ in _losses(run)):
+        if (run / "metrics.csv").exists() and any(s >= kill_after for s, _ in logged_losses(run)):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
@@ -86,7 +58,7 @@ def test_sigkill_at_a_random_step_then_resume(reference, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run must be killed mid-training"
     assert (run / "checkpoints" / "last.ckpt").exists()
     subprocess.run(cmd + ["ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    _assert_same_run(reference, run)
+    assert_same_run(reference, run)
 
 
 def test_clean_stop_mid_epoch_then_resume(reference, tmp_path):
@@ -94,7 +66,7 @@ def test_clean_stop_mid_epoch_then_resume(reference, tmp_path):
     cmd = _cmd(run, reference.parent / "cache", "+callbacks.checkpoint.every_n_train_steps=1")
     subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
     subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    _assert_same_run(reference, run)
+    assert_same_run(reference, run)
 
 
 def test_atomic_save_interrupted_keeps_previous_checkpoint(tmp_path, monkeypatch):
