@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.training.callbacks import DatasetEpochCallback
 from ldm.training.config import STAGES
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
+from ldm.training.run_folder import fold_into
 
 log = logging.getLogger("ldm.training")
 
@@ -110,6 +112,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run_dir = find_last_run(cfg, run_dir)
         OmegaConf.update(cfg, "paths.run_dir", str(run_dir))
         print(f"resuming {run_dir / 'checkpoints' / 'last.ckpt'}")
+        if HydraConfig.initialized():  # Hydra's fresh folder for this process: its files go into the run's
+            fold_into(Path(HydraConfig.get().runtime.output_dir), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
     if ckpt_path:
