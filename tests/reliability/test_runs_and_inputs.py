@@ -71,3 +71,105 @@ def test_resume_leaves_no_stray_folder_and_no_versioned_duplicate(tmp_path):
                                                       "step0000006.ckpt"]
     kept = outputs / "train" / "first" / "resume-1"
     assert (kept / "hydra" / "config.yaml").exists() and (kept / "train.log").exists()
+
+
+# ---- item 3: values that used to escape the up-front checks
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Fail the test if train(cfg) gets as far as building a network or a datamodule."""
+    import ldm.training.train as train_module
+
+    def built(*args, **kwargs):
+        raise AssertionError("something was built before the bad value was reported")
+
+    for name in ("build_diffusion_module", "build_autoencoder_module", "build"):
+        monkeypatch.setattr(train_module, name, built)
+
+
+@pytest.mark.parametrize("override,key,valid", [
+    ("data.train.resolution=40", "data.train.resolution", "multiple of 16 (e.g. 32 or 48)"),
+    ("data.train.resolution=33", "data.train.resolution", "multiple of 16 (e.g. 32 or 48)"),
+    ("data.val.resolution=8", "data.val.resolution", "multiple of 16"),
+    ("optim.lr=-1", "optim.lr", "positive number"),
+    ("optim.lr=abc", "optim.lr", "positive number"),
+    ("optim.lr=0", "optim.lr", "positive number"),
+    ("data.batch_size=abc", "data.batch_size", "positive integer"),
+    ("data.batch_size=2.5", "data.batch_size", "positive integer"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval", "fraction of an epoch in (0, 1]"),
+    ("trainer.val_check_interval=1.5", "trainer.val_check_interval", "fraction of an epoch in (0, 1]"),
+])
+def test_bad_value_is_refused_before_anything_is_built(tmp_path, nothing_built, override, key, valid):
+    """The default model (shapes VAE x4, U-Net x4) with one bad value."""
+    from tests.training.conftest import compose_train
+
+    from ldm.training.train import ConfigError, train
+
+    with pytest.raises(ConfigError) as err:
+        train(compose_train(tmp_path, [override]))
+    assert key in str(err.value) and valid in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["data.train.resolution=48", "data.train.resolution=[32,48]",
+                                      "optim.lr=3e-4", "trainer.val_check_interval=0.5",
+                                      "trainer.val_check_interval=null"])
+def test_good_values_pass_the_checks(tmp_path, override):
+    from tests.training.conftest import compose_train
+
+    from ldm.training.config_checks import check_values
+
+    check_values(compose_train(tmp_path, [override]))
+
+
+def test_multiple_comes_from_the_model(tmp_path):
+    """Not a hard-coded 16: the tiny model (VAE x2, U-Net x2) takes 20, pixel space with U-Net x4 takes 36."""
+    from tests.training.conftest import compose_train
+
+    from ldm.training.config_checks import ConfigError, check_values
+
+    check_values(compose_train(tmp_path, [*TINY_MODEL, "data.train.resolution=20", "data.val.resolution=20"]))
+    check_values(compose_train(tmp_path, ["model=pixel", "data.train.resolution=36", "data.val.resolution=36"]))
+    with pytest.raises(ConfigError, match=r"multiple of 4 \(e.g. 32 or 36\)"):
+        check_values(compose_train(tmp_path, ["model=pixel", "data.train.resolution=34"]))
+
+
+def test_cli_names_the_resolution_key(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "data.train.resolution=40",
+                           f"paths.output_dir={tmp_path / 'outputs'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "data.train.resolution=40" in proc.stderr and "multiple of 16" in proc.stderr
+    assert not (tmp_path / "cache" / "latents").exists(), "nothing was encoded"
+
+
+def _torch_file(path: Path) -> Path:
+    import torch
+
+    torch.save({"state_dict": {"w": torch.randn(256, 256)}, "global_step": 3}, path)
+    return path
+
+
+def test_truncated_ckpt_path_names_the_file(tmp_path, nothing_built):
+    from tests.training.conftest import compose_train
+
+    from ldm.checkpoints.safe_load import CheckpointError
+    from ldm.training.train import train
+
+    ckpt = _torch_file(tmp_path / "step0000010.ckpt")
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"{ckpt}.*truncated"):
+        train(compose_train(tmp_path, [f"ckpt_path={ckpt}"]))
+
+
+def test_unreadable_checkpoint_at_load_names_the_file(tmp_path):
+    """A file that is a zip archive but not a checkpoint gets past the header check: the loader names it."""
+    import zipfile
+
+    from ldm.checkpoints.safe_load import CheckpointError
+    from ldm.training.resume import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+    with pytest.raises(CheckpointError, match=str(path)):
+        AtomicCheckpointIO().load_checkpoint(path)
