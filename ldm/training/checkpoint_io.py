@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 
 from ldm.bundle import ModelBundle
 from ldm.checkpoints.safe_load import CheckpointError, load_into
+from ldm.formats.safe_build import build_node
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -34,6 +34,14 @@ def is_training_checkpoint(path: str | Path) -> bool:
         return False
 
 
+def _model_config(ckpt: dict, path) -> tuple[dict, dict]:
+    entry = ckpt["ldm"]
+    model_cfg = entry.get("model") if isinstance(entry, dict) else None
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("model"), dict):
+        raise CheckpointError(f"{path}: ldm.model must hold the run's model config ('model' and 'schedule' nodes)")
+    return model_cfg, model_cfg["model"]
+
+
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -41,11 +49,16 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBundle:
     """Rebuild the networks from the model config saved in the checkpoint and load its weights strictly.
 
+    The stored config is data: only our own classes, with plain bounded arguments, are built from it
+    (``ldm.formats.safe_build``); nothing it names is imported or called.
     use_ema: take the U-Net weights from the EMA copy when the run kept one (the default for sampling)."""
     ckpt = read_checkpoint(path)
-    model_cfg = ckpt["ldm"]["model"]
-    m, schedule = model_cfg["model"], instantiate(model_cfg["schedule"])
-    unet, autoencoder, text_encoder = instantiate(m["unet"]), instantiate(m["autoencoder"]), instantiate(m["text_encoder"])
+    model_cfg, m = _model_config(ckpt, path)
+    src = str(path)
+    schedule = build_node(model_cfg.get("schedule"), "schedule", source=src, key="ldm.model.schedule")
+    unet = build_node(m.get("unet"), "unet", source=src, key="ldm.model.model.unet")
+    autoencoder = build_node(m.get("autoencoder"), "autoencoder", source=src, key="ldm.model.model.autoencoder")
+    text_encoder = build_node(m.get("text_encoder"), "text_encoder", source=src, key="ldm.model.model.text_encoder")
     state = ckpt["state_dict"]
     ema_state = _sub_state(state, "ema.model.")
     unet_state = ema_state if (use_ema and ema_state) else _sub_state(state, "unet.")
