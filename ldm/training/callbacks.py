@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from ldm.data.datamodule import set_dataset_epoch
 from ldm.pipelines.images import labelled_grid, to_pil
 
 log = logging.getLogger("ldm.training")
@@ -71,8 +72,8 @@ class DatasetEpochCallback(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
         ds = getattr(dm, "train_dataset", None) if dm is not None else None
-        if hasattr(ds, "set_epoch"):
-            ds.set_epoch(trainer.current_epoch)
+        if ds is not None:
+            set_dataset_epoch(ds, trainer.current_epoch)
 
 
 class ThroughputCallback(L.Callback):
