@@ -67,7 +67,9 @@ def training_source(trainer: L.Trainer):
 
 
 def data_resolution(trainer: L.Trainer) -> int | None:
-    return getattr(training_source(trainer), "resolution", None)
+    """The training resolution train(cfg) recorded in the model config, else the training source's."""
+    recorded = (getattr(trainer.lightning_module, "model_config", None) or {}).get("resolution")
+    return recorded or getattr(training_source(trainer), "resolution", None)
 
 
 class DatasetEpochCallback(L.Callback):

@@ -132,6 +132,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                                               default=True)))
         except ValueError as e:
             raise ConfigError(str(e)) from e
+    if cfg.stage == "diffusion":  # every checkpoint and export records it, whatever the data source
+        from ldm.training.resolution import training_resolution
+
+        module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
+                                             or module.model_config.get("resolution"))
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
