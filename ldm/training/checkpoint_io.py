@@ -43,6 +43,8 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
 
     use_ema: take the U-Net weights from the EMA copy when the run kept one (the default for sampling)."""
     ckpt = read_checkpoint(path)
+    if ckpt["ldm"].get("adapter"):
+        return _load_adapter_checkpoint(path, ckpt, use_ema)
     model_cfg = ckpt["ldm"]["model"]
     m, schedule = model_cfg["model"], instantiate(model_cfg["schedule"])
     unet, autoencoder, text_encoder = instantiate(m["unet"]), instantiate(m["autoencoder"]), instantiate(m["text_encoder"])
@@ -57,4 +59,28 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     bundle = ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
                          meta={"global_step": ckpt.get("global_step"), "ema": bool(use_ema and ema_state),
                                "model_config": model_cfg, "resolution": model_cfg.get("resolution")})
+    return bundle.eval()
+
+
+def _load_adapter_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) -> ModelBundle:
+    """A LoRA run's checkpoint holds only the adapter: rebuild the base from its model config (model.pretrained),
+    then merge the (EMA) adapter into it."""
+    from ldm.models.lora import LoRAConfig, LoRANetwork
+    from ldm.training.factories import build_bundle
+
+    model_cfg = ckpt["ldm"]["model"]
+    m, schedule = model_cfg["model"], instantiate(model_cfg["schedule"])
+    bundle = build_bundle(instantiate(m["unet"]), instantiate(m["autoencoder"]), instantiate(m["text_encoder"]),
+                          schedule, pretrained=m.get("pretrained"))
+    roots = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    config = {k: v for k, v in ckpt["ldm"]["adapter"].items() if k != "init_from"}  # the weights are in the file
+    network = LoRANetwork.build(roots, LoRAConfig(**config))
+    state = ckpt["state_dict"]
+    ema_state = _sub_state(state, "ema.model.")
+    lora_state = ema_state if (use_ema and ema_state) else _sub_state(state, "lora.")
+    load_into(network, lora_state, source=f"{path} ({'EMA' if use_ema and ema_state else 'raw'} adapter)")
+    network.merge_into(roots)
+    bundle.source = str(path)
+    bundle.meta.update({"global_step": ckpt.get("global_step"), "ema": bool(use_ema and ema_state),
+                        "model_config": model_cfg, "resolution": model_cfg.get("resolution"), "adapter": config})
     return bundle.eval()
