@@ -50,6 +50,7 @@ class SampleConfig:
     dtype: str = "auto"  # auto (float16 on CUDA, else float32) | float32 | float16 | bfloat16
     text_encoder: Optional[str] = None  # tokenizer/ + text_encoder/ folder (SD single files carry no tokenizer)
     prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
+    lora: list[str] = field(default_factory=list)  # LoRA files merged in, each FILE or FILE:SCALE (kohya / diffusers)
 
 
 class SampleConfigError(ValueError):
@@ -181,6 +182,13 @@ def sample(cfg: Any) -> list[Path]:
 
     bundle = load_bundle(cfg.ckpt, use_ema=cfg.use_ema, device=cfg.device, dtype=cfg.dtype,
                          text_encoder=cfg.text_encoder, prediction_type=cfg.prediction_type)
+    if cfg.lora:
+        from ldm.formats.lora_files import LoRAFileError, apply_lora_files, bundle_roots
+
+        try:
+            apply_lora_files(bundle_roots(bundle), list(cfg.lora), report=print)
+        except LoRAFileError as err:
+            raise SampleConfigError(f"lora: {err}") from err
     if init is not None:
         width, height = init.size
     else:
@@ -229,6 +237,8 @@ def _base_params(cfg: DictConfig, bundle, height: int, width: int, img2img: bool
         "prediction_type": bundle.schedule.prediction_type, **sampling,
         "use_ema": cfg.use_ema, "dtype": str(next(bundle.unet.parameters()).dtype).removeprefix("torch."),
     }
+    if cfg.lora:
+        params["lora"] = list(cfg.lora)
     if img2img:
         params.update(init_image=str(cfg.init_image), strength=_strength(cfg, inpainting))
     if inpainting:
