@@ -16,7 +16,7 @@ from ldm.tasks.glyphs.dataset import write_glyph_folder
 from ldm.training.callbacks import data_prompts
 from ldm.training.train import train
 
-FAST = ["data.num_workers=0", "callbacks.sampling.every_n_steps=0", "callbacks.sampling.steps=2",
+FAST = ["data.num_workers=0", "callbacks.sampling.every_n_steps=0", "sampler.steps=2",
         "callbacks.sampling.n_prompts=3", "callbacks.prompt_accuracy=null", "callbacks.checkpoint.every_n_train_steps=3"]
 
 
@@ -96,3 +96,17 @@ def test_first_stage_errors_name_its_keys(tiny_cfg, glyphs):
     with pytest.raises(ConfigError, match="^first_stage.autoencoder: .*norm_groups"):
         train(tiny_cfg("experiment=own_data", f"data.train.root={glyphs}", "first_stage.autoencoder.preset=tiny",
                        "callbacks=none"))
+
+
+def test_vae_stages_of_both_experiments_build(tiny_cfg, glyphs, tmp_path):
+    """experiment=shapes_vae and own_data's first stage build their autoencoder module (a diffusion-only key such
+    as module.min_snr_gamma in train.yaml once broke the former)."""
+    from ldm.training.first_stage import first_stage_config
+    from ldm.training.train import build_autoencoder_module
+
+    assert build_autoencoder_module(tiny_cfg("experiment=shapes_vae", tiny=False)) is not None
+    cfg = tiny_cfg("experiment=own_data", f"data.train.root={glyphs}", tiny=False)
+    sub = first_stage_config(cfg, tmp_path)
+    assert sub.stage == "autoencoder" and sub.data.batch_size == cfg.first_stage.batch_size
+    assert sub.data.latent_cache is None and sub.paths.run_dir == str(tmp_path / "first_stage")
+    assert build_autoencoder_module(sub).autoencoder.config["base_channels"] == 16
