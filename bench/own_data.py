@@ -23,16 +23,15 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # python bench/NAME.py: import from the repo root, not from bench/ itself
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # python bench/own_data.py: import ldm from this checkout
+    sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None):
@@ -43,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--per-class", type=int, default=20, help="samples per class for the accuracy")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps per sample")
+    p.add_argument("--run", default=None, help="evaluate this finished run folder of the same command instead of "
+                                               "training (its folder's glyphs are --out/glyphs)")
     p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
     p.add_argument("--label", default="own_data")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides (after --)")
@@ -69,7 +70,6 @@ def run_timed(cmd: list[str], threads: int, log_path: Path) -> dict:
                          + "\n".join(log_path.read_text().splitlines()[-30:]))
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": wall, "cpu_s": cpu, "max_rss_mb": after.ru_maxrss / 1024}
-
 
 
 @torch.no_grad()
@@ -99,8 +99,6 @@ def main(argv=None) -> dict:
     from ldm.tasks.glyphs.dataset import CLASSES, write_glyph_folder
     from ldm.training.factories import autoencoder
 
-    import tempfile
-
     out = Path(args.out or tempfile.mkdtemp(prefix="ldm_own_data_"))
     folder, run_dir = out / "glyphs", out / "run"
     if not (folder / "metadata.jsonl").is_file():
@@ -114,11 +112,16 @@ def main(argv=None) -> dict:
     clf_acc = accuracy(classifier, test_x, [CLASSES[i] for i in test_y])
     print(f"classifier: {clf_acc:.1%} on 1000 held-out real glyphs (fit in {time.perf_counter() - t:.0f} s)")
 
-    cmd = train_command(folder, run_dir, args.overrides)
-    print("training:", " ".join(cmd[1:]))
-    timing = run_timed(cmd, args.threads, out / "train.log")
-    print(f"training: wall {timing['wall_s'] / 60:.1f} min, process CPU {timing['cpu_s'] / 60:.1f} min "
-          f"({args.threads} torch thread(s))")
+    timing: dict = {}
+    if args.run:
+        run_dir = Path(args.run)
+        print(f"evaluating the finished run {run_dir} (not timed here)")
+    else:
+        cmd = train_command(folder, run_dir, args.overrides)
+        print("training:", " ".join(cmd[1:]))
+        timing = run_timed(cmd, args.threads, out / "train.log")
+        print(f"training: wall {timing['wall_s'] / 60:.1f} min, process CPU {timing['cpu_s'] / 60:.1f} min "
+              f"({args.threads} torch thread(s)); log: {out / 'train.log'}")
 
     ae = autoencoder(weights=str(run_dir / "first_stage" / "autoencoder.safetensors")).eval()
     vae = check_autoencoder(ae, test_x[:256])

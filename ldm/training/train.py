@@ -108,6 +108,13 @@ def keep_metrics_history(run_dir: Path) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the run folder, final metrics and written files."""
+    from ldm.training.auto_defaults import resolve_auto
+
+    if cfg.stage == "diffusion":
+        try:
+            resolve_auto(cfg)  # data.batch_size / trainer.max_steps / sampling cadence = auto -> numbers
+        except Exception as e:  # noqa: BLE001 - the data could not be read to count it: name the key
+            raise ConfigError(f"data.train: {type(e).__name__}: {e}") from e
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir).resolve()
     if cfg.ckpt_path == "last":  # continue in the same run folder
