@@ -26,6 +26,7 @@ ORIGINAL_PARAMETERIZATION = {"epsilon": "eps", "v_prediction": "v", "sample": "x
 # diffusers' defaults for the betas of a cosine schedule (unused by squaredcos_cap_v2, but the field is a float).
 _DIFFUSERS_BETA_DEFAULTS = (0.0001, 0.02)
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose classes read these configs (pyproject's floor)
+SD_NORM_GROUPS = 32  # the original VAE's GroupNorm groups: fixed in its code, absent from its yaml
 SD1_EMBEDDER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 SD2_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 
@@ -373,6 +374,13 @@ def check_single_file(bundle: ModelBundle) -> None:
     if bundle.autoencoder.config.get("shift_factor"):
         raise ExportError(f"the autoencoder has shift_factor={bundle.autoencoder.config['shift_factor']}, which "
                           "SD single files cannot express; use --format diffusers or ldm")
+    groups = bundle.autoencoder.config.get("norm_groups", SD_NORM_GROUPS)
+    if groups != SD_NORM_GROUPS:
+        # the original yaml has no GroupNorm field: every reader (diffusers' from_single_file, ComfyUI, A1111)
+        # builds GroupNorm(32) and silently decodes the wrong image
+        raise ExportError(f"the autoencoder uses GroupNorm with {groups} groups; an SD single file and its yaml "
+                          f"can only describe {SD_NORM_GROUPS}: use --format diffusers (its vae/config.json records "
+                          "norm_num_groups) or --format ldm")
 
 
 def single_file_header(bundle: ModelBundle, resolution: int, dtype: torch.dtype | None) -> dict[str, str]:

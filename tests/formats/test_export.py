@@ -649,3 +649,25 @@ def test_sd15_single_file_fine_tunes(tmp_path):
     assert result["global_step"] == 1
     assert path.with_suffix(".checked").is_file()
     assert torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
+
+
+def test_single_file_refuses_a_vae_whose_groupnorm_is_not_32(tmp_path):
+    """SD's yaml cannot say norm_groups: from_single_file would build GroupNorm(32) and decode a wrong image."""
+    from ldm.diffusion.schedules import NoiseSchedule
+    from ldm.formats.bundle import ModelBundle
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.models.text_encoder import CLIPTextEncoder
+    from ldm.models.unet import UNet
+
+    unet = UNet(model_channels=32, channel_mult=[1, 1], attention_levels=[1], num_heads=-1, num_head_channels=32,
+                context_dim=32)
+    vae = AutoencoderKL.from_preset("tiny", norm_groups=8)
+    text = CLIPTextEncoder.from_tiny("tiny", folder=tmp_path / "clip")
+    bundle = ModelBundle(unet, vae, text, NoiseSchedule.make("scaled_linear"))
+    with pytest.raises(ExportError, match="GroupNorm with 8 groups.*--format diffusers"):
+        export(bundle, "single-file", tmp_path / "out" / "m.safetensors", resolution=RES)
+    assert not (tmp_path / "out").exists()
+    export(bundle, "diffusers", tmp_path / "pipe", resolution=RES)  # the format that can describe it
+    assert json.loads((tmp_path / "pipe" / "vae" / "config.json").read_text())["norm_num_groups"] == 8
+    export(dataclasses.replace(bundle, autoencoder=AutoencoderKL.from_preset("tiny")), "single-file",
+           tmp_path / "ok.safetensors", resolution=RES)
