@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ldm.bundle import ModelBundle
+from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.losses import diffusion_loss, noised_batch
 from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule

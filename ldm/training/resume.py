@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.safe_load import CheckpointError
 
 
 class RNGStateCallback(L.Callback):

@@ -152,7 +152,7 @@ def _torch_file(path: Path) -> Path:
 def test_truncated_ckpt_path_names_the_file(tmp_path, nothing_built):
     from tests.training.conftest import compose_train
 
-    from ldm.checkpoints.safe_load import CheckpointError
+    from ldm.formats.safe_load import CheckpointError
     from ldm.training.train import train
 
     ckpt = _torch_file(tmp_path / "step0000010.ckpt")
@@ -165,7 +165,7 @@ def test_unreadable_checkpoint_at_load_names_the_file(tmp_path):
     """A file that is a zip archive but not a checkpoint gets past the header check: the loader names it."""
     import zipfile
 
-    from ldm.checkpoints.safe_load import CheckpointError
+    from ldm.formats.safe_load import CheckpointError
     from ldm.training.resume import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"

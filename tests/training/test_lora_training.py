@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldm.formats.lora_files import read_lora_file
-from ldm.training.checkpoint_io import load_training_checkpoint
+from ldm.formats.training_checkpoint import load_training_checkpoint
 from ldm.training.train import ConfigError, build_diffusion_module, train
 from tests.training.conftest import assert_same_run, logged_losses
 from tests.training.test_resume import ROOT, _cmd, _env
