@@ -1,6 +1,7 @@
 """Issue 15: runs that never lose anything. Each test reproduces one thing a hostile-but-realistic user broke,
 at the level where the user hits it (train.py / sample.py on the command line where it matters)."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -173,3 +174,103 @@ def test_unreadable_checkpoint_at_load_names_the_file(tmp_path):
         z.writestr("archive/data.pkl", b"not a pickle")
     with pytest.raises(CheckpointError, match=str(path)):
         AtomicCheckpointIO().load_checkpoint(path)
+
+
+# ---- item 5: disk full during a checkpoint save
+
+class _FullDisk:
+    """A file whose device fills up after ``room`` bytes: write() raises OSError(ENOSPC) as the kernel's would."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        n = len(memoryview(data).cast("B"))
+        if n > self.room:
+            self.f.write(bytes(memoryview(data).cast("B")[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= n
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_disk_full_during_save_names_the_file_and_keeps_last(tmp_path, monkeypatch):
+    """train(cfg) with checkpoints every 2 steps; the disk fills up during the step-4 save."""
+    import torch
+
+    import ldm.training.resume as resume
+    from tests.training.conftest import compose_train
+
+    from ldm.training.train import train
+
+    real_open, saves = open, []
+
+    def filling_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode:
+            saves.append(Path(file))
+            if "step0000004" in Path(file).name:
+                return _FullDisk(f, room=4096)
+        return f
+
+    monkeypatch.setattr(resume, "open", filling_open, raising=False)
+    cfg = compose_train(tmp_path, [*[o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "callbacks="))],
+                                   "trainer.max_steps=6", "trainer.val_check_interval=null",
+                                   "trainer.limit_val_batches=0", "~callbacks.sampling", "~callbacks.prompt_accuracy",
+                                   "callbacks.checkpoint.every_n_train_steps=2"])
+    ckpts = tmp_path / "run" / "checkpoints"
+    with pytest.raises(OSError, match=f"no space left on device writing {ckpts / 'step0000004.ckpt'}") as err:
+        train(cfg)
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step0000002.ckpt"], "no partial .tmp left"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2, "the previous last.ckpt is kept"
+    assert any(".step0000004.ckpt.tmp" == p.name for p in saves), "the save went through the atomic writer"
+
+
+def test_stale_tmp_from_a_killed_save_is_removed_at_the_next_start(tmp_path):
+    from tests.training.conftest import compose_train
+
+    from ldm.training.train import train
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".step0000002.ckpt.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+    (ckpts / "notes.txt").write_text("not ours")
+    train(compose_train(tmp_path, [*TINY_MODEL, "trainer.limit_val_batches=0", "trainer.val_check_interval=null",
+                                   "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                                   f"+callbacks.checkpoint.dirpath={ckpts}", "+callbacks.checkpoint.save_last=true"]))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "notes.txt"]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (root only): a real ENOSPC from the kernel, without filling the real disk."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_real_full_tmpfs(tiny_tmpfs):
+    import torch
+
+    from ldm.training.resume import AtomicCheckpointIO
+
+    io, last = AtomicCheckpointIO(), tiny_tmpfs / "last.ckpt"
+    io.save_checkpoint({"w": torch.ones(1000)}, last)
+    with pytest.raises(OSError, match=f"no space left on device writing {last}"):
+        io.save_checkpoint({"w": torch.randn(1000, 1000)}, last)  # 4 MB into 1 MiB
+    assert [p.name for p in tiny_tmpfs.iterdir()] == ["last.ckpt"]
+    torch.testing.assert_close(torch.load(last, weights_only=True)["w"], torch.ones(1000))
