@@ -274,3 +274,97 @@ def test_real_full_tmpfs(tiny_tmpfs):
         io.save_checkpoint({"w": torch.randn(1000, 1000)}, last)  # 4 MB into 1 MiB
     assert [p.name for p in tiny_tmpfs.iterdir()] == ["last.ckpt"]
     torch.testing.assert_close(torch.load(last, weights_only=True)["w"], torch.ones(1000))
+
+
+# ---- item 7: sample.py never overwrites, refuses an unwritable out_dir and a negative guidance scale
+
+from tests.test_sample_cli import config, model  # noqa: E402,F401 - the tiny single-file model fixture
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad out_dir / option was caught")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_second_sample_run_into_the_same_out_dir_is_refused(model, tmp_path, monkeypatch):
+    import ldm.pipelines.cli as cli
+
+    out = tmp_path / "samples"
+    cli.sample(config(model, out, "prompt=a", "n_images=2"))
+    before = _files(out)
+    assert sorted(before) == ["00000.png", "00001.png", "grid.png"]
+    monkeypatch.setattr(cli, "load_bundle", _no_model)
+    with pytest.raises(cli.SampleConfigError, match=f"out_dir {out} already holds 3 image.*overwrite=true"):
+        cli.sample(config(model, out, "prompt=b", "n_images=1"))
+    assert _files(out) == before, "nothing was touched"
+
+
+def test_overwrite_replaces_all_of_the_earlier_run(model, tmp_path):
+    import ldm.pipelines.cli as cli
+
+    out, fresh = tmp_path / "samples", tmp_path / "fresh"
+    cli.sample(config(model, out, "prompt=a", "n_images=2"))
+    (out / "notes.txt").write_text("mine")
+    cli.sample(config(model, out, "prompt=b", "n_images=1", "overwrite=true"))
+    cli.sample(config(model, fresh, "prompt=b", "n_images=1"))
+    files = _files(out)
+    assert sorted(files) == ["00000.png", "grid.png", "notes.txt"], "no old 00001.png mixed in; other files kept"
+    assert {k: v for k, v in files.items() if k != "notes.txt"} == _files(fresh)
+
+
+def test_sample_cli_refuses_the_second_run(model, tmp_path):
+    import ldm.pipelines.cli as cli
+
+    out = tmp_path / "samples"
+    cli.sample(config(model, out, "prompt=a"))
+    before = _files(out)
+    ckpt, clip = model
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", f"text_encoder={clip}",
+                           "prompt=b", "sampler.steps=2", f"out_dir={out}"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "overwrite=true" in proc.stderr
+    assert _files(out) == before
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot write: a read-only tmpfs when root (root ignores permission bits), else 0o555."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("root, and cannot mount a read-only tmpfs")
+        yield ro
+        subprocess.run(["umount", str(ro)], check=True)
+    else:
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "read_only"])
+def test_unwritable_out_dir_is_refused_before_the_model_loads(model, tmp_path, monkeypatch, request, where):
+    import ldm.pipelines.cli as cli
+
+    if where == "under_a_file":
+        (tmp_path / "a_file").write_text("x")
+        out = tmp_path / "a_file" / "samples"
+    else:
+        out = request.getfixturevalue("read_only_dir") / "samples"
+    monkeypatch.setattr(cli, "load_bundle", _no_model)
+    with pytest.raises(cli.SampleConfigError, match=f"out_dir {out} is not writable"):
+        cli.sample(config(model, out, "prompt=a"))
+
+
+@pytest.mark.parametrize("scale", ["-1", "-0.5"])
+def test_negative_guidance_scale_is_refused(model, tmp_path, monkeypatch, scale):
+    import ldm.pipelines.cli as cli
+
+    monkeypatch.setattr(cli, "load_bundle", _no_model)
+    with pytest.raises(cli.SampleConfigError, match=f"guidance_scale must be a finite number >= 0.*got {scale}"):
+        cli.sample(config(model, tmp_path / "out", "prompt=a", f"guidance_scale={scale}"))
+    assert not (tmp_path / "out").exists()
