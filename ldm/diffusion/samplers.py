@@ -35,14 +35,22 @@ StepHook = Callable[[int, Tensor, float, float], Tensor]
 def make_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> Tensor:
     """Descending inference timesteps (float64) with the spacings of Lin et al. 2023, Table 2.
 
-    leading: 0, k, 2k, ... (+ offset); trailing: T-1, T-1-T/n, ...; linspace: n evenly spaced points of [0, T-1]
-    (fractional: DDPM/DDIM round them, Euler interpolates sigma between training steps).
+    leading: 0, k, 2k, ... (+ steps_offset), k = T // n; trailing: T-1, T-1-T/n, ...; linspace: n evenly spaced
+    points of [0, T-1] (fractional: DDPM/DDIM round them, Euler interpolates sigma between training steps).
+    Stable Diffusion's sampling (CompVis' ``make_ddim_timesteps`` ``range(0, T, k) + 1``, diffusers'
+    ``steps_offset=1``) is leading with steps_offset 1: 1, 1 + k, ..., 1 + (n-1) k.
     """
     T = schedule.num_train_timesteps
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    if steps_offset < 0 or (steps_offset and spacing != "leading"):
+        raise ValueError(f"steps_offset must be >= 0 and only applies to leading spacing; got {steps_offset} with "
+                         f"{spacing!r} spacing")
     if spacing == "leading":
         ts = torch.arange(num_steps, dtype=torch.float64) * (T // num_steps) + steps_offset
+        if ts[-1] > T - 1:
+            raise ValueError(f"{num_steps} leading steps with steps_offset={steps_offset} reach timestep "
+                             f"{int(ts[-1])}, past the schedule's last one ({T - 1}); use fewer steps")
     elif spacing == "trailing":
         ts = torch.round(torch.arange(T, 0, -T / num_steps, dtype=torch.float64)) - 1
         ts = ts.flip(0)
@@ -135,7 +143,10 @@ def ddim(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, genera
          clip_x0: float | None = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. (12)); eta = 0 is deterministic, eta = 1 matches DDPM's posterior variance.
 
-    final_alpha_one: the step after the last timestep goes to abar = 1 (x0); False uses abar_0 (SD's setting).
+    final_alpha_one: the step after the last timestep goes to abar_prev = 1, so eq. (12) returns x0-hat itself;
+    False uses abar_prev = abar_0 of the training schedule, as Stable Diffusion samples (CompVis' DDIMSampler
+    ``alphas_prev[0] = alphas_cumprod[0]``, diffusers' ``set_alpha_to_one=False``): the result keeps
+    sqrt(1 - abar_0) (0.029 for SD's betas) of eps-hat.
     """
     denoise = _Denoiser(model, schedule, cond, guidance_scale, classifier)
     ts = timesteps.round().long()

@@ -59,6 +59,8 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     unet = build_node(m.get("unet"), "unet", source=src, key="ldm.model.model.unet")
     autoencoder = build_node(m.get("autoencoder"), "autoencoder", source=src, key="ldm.model.model.autoencoder")
     text_encoder = build_node(m.get("text_encoder"), "text_encoder", source=src, key="ldm.model.model.text_encoder")
+    if ckpt["ldm"].get("adapter"):
+        return _load_adapter_checkpoint(path, ckpt, use_ema, model_cfg, (unet, autoencoder, text_encoder, schedule))
     state = ckpt["state_dict"]
     ema_state = _sub_state(state, "ema.model.")
     unet_state = ema_state if (use_ema and ema_state) else _sub_state(state, "unet.")
@@ -70,4 +72,42 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     bundle = ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
                          meta={"global_step": ckpt.get("global_step"), "ema": bool(use_ema and ema_state),
                                "model_config": model_cfg, "resolution": model_cfg.get("resolution")})
+    return bundle.eval()
+
+
+def _load_adapter_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, model_cfg: dict,
+                             networks: tuple) -> ModelBundle:
+    """A LoRA run's checkpoint holds only the adapter: load the base (built safely from the stored config) from
+    model.pretrained, then merge the (EMA) adapter into it. The adapter config is checked as plain data."""
+    from dataclasses import fields
+
+    from ldm.formats.safe_build import check_plain
+    from ldm.models.lora import LoRAConfig, LoRANetwork
+    from ldm.training.factories import build_bundle
+
+    unet, autoencoder, text_encoder, schedule = networks
+    pretrained = model_cfg["model"].get("pretrained")
+    check_plain(pretrained, source=str(path), key="ldm.model.model.pretrained")
+    bundle = build_bundle(unet, autoencoder, text_encoder, schedule, pretrained=pretrained)
+    stored = ckpt["ldm"]["adapter"]
+    check_plain(stored, source=str(path), key="ldm.adapter")
+    known = {f.name for f in fields(LoRAConfig)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key(s) ldm.adapter.{unknown[0]}; allowed: {', '.join(sorted(known))}")
+    config_dict = {k: v for k, v in stored.items() if k != "init_from"}  # the weights are in the file
+    try:
+        config = LoRAConfig(**config_dict)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: ldm.adapter: {err}") from err
+    roots = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    network = LoRANetwork.build(roots, config)
+    state = ckpt["state_dict"]
+    ema_state = _sub_state(state, "ema.model.")
+    lora_state = ema_state if (use_ema and ema_state) else _sub_state(state, "lora.")
+    load_into(network, lora_state, source=f"{path} ({'EMA' if use_ema and ema_state else 'raw'} adapter)")
+    network.merge_into(roots)
+    bundle.source = str(path)
+    bundle.meta.update({"global_step": ckpt.get("global_step"), "ema": bool(use_ema and ema_state),
+                        "model_config": model_cfg, "resolution": model_cfg.get("resolution"), "adapter": config_dict})
     return bundle.eval()

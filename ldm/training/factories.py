@@ -115,7 +115,9 @@ def build_bundle(unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Modul
     if pretrained:
         source = str(pretrained)
         path = Path(pretrained).expanduser()
-        if path.is_dir() and (path / "ldm_bundle.json").is_file():  # our own export
+        if path.suffix == ".ckpt" and path.is_file() and _is_training_checkpoint(path):  # a run of ours
+            _load_training_weights(path, unet, autoencoder, text_encoder)
+        elif path.is_dir() and (path / "ldm_bundle.json").is_file():  # our own export
             from ldm.export import load_ldm_bundle_into
 
             load_ldm_bundle_into(path, unet, autoencoder, text_encoder)
@@ -130,4 +132,20 @@ def build_bundle(unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Modul
 
             load_single_file(str(path), unet, vae=autoencoder, text_encoder=text_encoder, use_ema=use_ema_weights)
     return ModelBundle(unet, autoencoder, text_encoder, schedule, source=source)
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    from ldm.training.checkpoint_io import is_training_checkpoint
+
+    return is_training_checkpoint(path)
+
+
+def _load_training_weights(path: Path, unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Module) -> None:
+    """model.pretrained=<our training .ckpt> (e.g. the base of a LoRA run): its EMA weights, strictly."""
+    from ldm.training.checkpoint_io import load_training_checkpoint
+
+    source = load_training_checkpoint(path, use_ema=True)
+    for name, module, loaded in (("unet", unet, source.unet), ("autoencoder", autoencoder, source.autoencoder),
+                                 ("text_encoder", text_encoder, source.text_encoder)):
+        load_into(module, loaded.state_dict(), source=f"model.pretrained={path} ({name})")
 

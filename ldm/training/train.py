@@ -63,10 +63,15 @@ def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     # objects are passed to the partial, not to instantiate (Hydra would turn the dataclass schedule into a config)
-    module = build(cfg.module, "module", _partial_=True)(
-        unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,
-        optimizer=build(cfg.optim, "optim"),
-        lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None)
+    make_module = build(cfg.module, "module", _partial_=True)
+    adapter = build(cfg.adapter, "adapter") if OmegaConf.select(cfg, "adapter") else None
+    try:
+        module = make_module(
+            unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,
+            optimizer=build(cfg.optim, "optim"),
+            lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None, adapter=adapter)
+    except ValueError as e:  # bad values found while building (adapter.init_from file, ...): name them
+        raise ConfigError(str(e)) from e
     module.model_config = {"model": OmegaConf.to_container(m, resolve=True),
                            "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
                            "resolution": OmegaConf.select(cfg, "data.train.resolution", default=None)}
@@ -132,6 +137,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                                               default=True)))
         except ValueError as e:
             raise ConfigError(str(e)) from e
+    if cfg.stage == "diffusion":  # every checkpoint and export records it, whatever the data source
+        from ldm.training.resolution import training_resolution
+
+        module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
+                                             or module.model_config.get("resolution"))
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
