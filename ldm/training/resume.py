@@ -62,6 +62,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (never a truncated checkpoint that a later `ckpt_path=last` would pick up). Loads with weights_only=True."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if (checkpoint.get("ldm") or {}).get("refused"):
+            return  # weights that diverged (LatentDiffusion.weights_verdict): the previous file stays
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
