@@ -90,6 +90,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return stale
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if (checkpoint.get("ldm") or {}).get("refused"):
+            return  # weights that diverged (LatentDiffusion.weights_verdict): the previous file stays
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_path(path)
