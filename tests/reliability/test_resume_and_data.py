@@ -151,7 +151,7 @@ def test_kill9_resume_shapes_cached_latents(tmp_path):
     """The default data: shapes encoded once into the latent cache, posterior draws seeded by (seed, epoch,
     index). Before the fix a resumed epoch drew epoch 0's latents (step 10 differed)."""
     kill_resume_compare(tmp_path, f"data.train.size={N_IMAGES}", "data.train.resolution=16", "data.val.resolution=16")
-    assert list((tmp_path / "cache" / "latents").glob("ShapesDataset-*/manifest.json")), "trained from the cache"
+    assert list((tmp_path / "cache" / "latents").glob("ShapesDataset-*/**/manifest.json")), "trained from the cache"
 
 
 def test_kill9_resume_image_folder_two_workers(tmp_path):
