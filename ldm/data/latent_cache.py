@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from ldm.formats.safe_build import INT, Param, check_kwargs, check_plain
+
 logger = logging.getLogger("ldm.data")
 
 FORMAT = "ldm-latent-cache"
@@ -82,6 +84,10 @@ def read_manifest(path: str | Path) -> dict:
 def _check_manifest(manifest: Any, file: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LatentCacheError(f"{file} is not a latent cache manifest (no \"format\": \"{FORMAT}\")")
+    check_plain(manifest, source=str(file), key="manifest", max_list=10**8)  # data only: no _target_ / _args_ / ... anywhere
+    for key in ("latent_shape", "context_shape"):
+        check_kwargs({key: manifest.get(key) or []}, {key: Param(INT, 1, 65536, list_of=True)}, source=str(file),
+                     key="manifest")
     if manifest.get("version") != VERSION:
         raise LatentCacheError(f"{file}: manifest version {manifest.get('version')!r}, this code reads {VERSION}")
     required = ("store", "text", "shard_size", "dtype", "latent_shape", "scaling_factor", "shift_factor", "shards")

@@ -3,7 +3,9 @@ Algorithm 1 in latent space, with classifier-free conditioning dropout)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -13,6 +15,7 @@ from ldm.bundle import ModelBundle
 from ldm.diffusion.losses import diffusion_loss, noised_batch
 from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.training.ema import EMA
 
 VAL_TIMESTEP_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -39,6 +42,7 @@ class LatentDiffusion(L.LightningModule):
         sample_posterior: bool = True,
         channels_last: bool = False,
         max_nonfinite_steps: int = 5,
+        adapter: LoRAConfig | None = None,
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
@@ -52,16 +56,71 @@ class LatentDiffusion(L.LightningModule):
         self.sample_posterior = sample_posterior
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        self.ema = EMA(unet, ema_decay) if ema_decay else None
+        self.adapter_config = adapter
+        self.lora = self._build_adapter(adapter) if adapter is not None else None
+        # EMA of what trains: the whole U-Net, or only the adapter weights
+        self.ema = EMA(self.lora if self.lora is not None else unet, ema_decay) if ema_decay else None
         self.model_config: dict[str, Any] = {}  # the Hydra model node, saved with every checkpoint
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
 
+    # ------------------------------------------------------------------------------------------------- adapters
+    def _build_adapter(self, config: LoRAConfig) -> LoRANetwork:
+        """LoRA: the U-Net (and text encoder) stay frozen; the adapter's forward hooks add to their layers."""
+        freeze(self.unet)
+        roots = self.adapter_roots()
+        network = LoRANetwork.build(roots, config).attach(roots)
+        if config.text_encoder:  # gradients through the encoder, and no cached (stale) contexts
+            self.text_encoder.frozen = False
+        if config.init_from:
+            from ldm.formats.lora_files import read_lora_file
+
+            from ldm.formats.lora_files import LoRAFileError
+
+            try:
+                lora = read_lora_file(config.init_from, roots)
+            except LoRAFileError as e:
+                raise ValueError(f"adapter.init_from: {e}") from e
+            not_here = network.load_weights(lora.weights)
+            print(f"adapter.init_from: {len(lora.weights) - len(not_here)} layers from {lora.path} ({lora.layout})")
+            skipped = lora.unmapped + not_here
+            if skipped:
+                print(f"adapter.init_from: {len(skipped)} entries of the file are not used (not in this model or not "
+                      f"adapted by preset={config.preset!r}): {', '.join(skipped[:10])}")
+        # only the adapter is in the checkpoint; the base comes from model.pretrained again on resume
+        self.strict_loading = False
+        return network
+
+    def adapter_roots(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    @property
+    def text_encoder_adapted(self) -> bool:
+        return self.adapter_config is not None and bool(self.adapter_config.text_encoder)
+
+    @contextmanager
+    def sampling_bundle(self, use_ema: bool = True) -> Iterator[ModelBundle]:
+        """The model as sampling sees it, for the length of the block: with an adapter, the (EMA) adapter is applied
+        to the shared frozen networks; without one, `bundle()`."""
+        if self.lora is None:
+            yield self.bundle(use_ema)
+            return
+        weights = self.ema.model if (use_ema and self.ema is not None) else self.lora
+        with self.lora.weights_of(weights) if weights is not self.lora else nullcontext():
+            self.text_encoder._clear_cache()  # contexts made with other adapter weights
+            try:
+                yield ModelBundle(self.unet, self.autoencoder, self.text_encoder, self.schedule, source="training",
+                                  meta={"global_step": self.global_step})
+            finally:
+                self.text_encoder._clear_cache()
+
     # ----------------------------------------------------------------------------------------------- frozen parts
     def train(self, mode: bool = True):
         super().train(mode)
         freeze(self.autoencoder), freeze(self.text_encoder)  # Lightning's .train() must not wake them up
+        if self.text_encoder_adapted:
+            self.text_encoder.frozen = False  # freeze() set eval mode and no grads on the base; the adapter trains
         return self
 
     @torch.no_grad()
@@ -77,9 +136,9 @@ class LatentDiffusion(L.LightningModule):
         drop = torch.rand(len(captions)) < self.p_uncond
         return ["" if d else c for c, d in zip(captions, drop.tolist())], drop
 
-    @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Tensor:
-        return self.text_encoder(list(captions))
+        with torch.set_grad_enabled(self.text_encoder_adapted and torch.is_grad_enabled()):
+            return self.text_encoder(list(captions))
 
     # -------------------------------------------------------------------------------------------------- training
     def forward(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
@@ -88,7 +147,10 @@ class LatentDiffusion(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         latents = self.encode_images(batch)
         captions, _ = self.drop_captions(batch["caption"])
-        context = self.encode_text(captions) if "context" not in batch else self._dropped_context(batch, captions)
+        if "context" not in batch or self.text_encoder_adapted:  # an adapted encoder cannot use cached contexts
+            context = self.encode_text(captions)
+        else:
+            context = self._dropped_context(batch, captions)
         x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise)
         loss = diffusion_loss(self(x_t, t, context), target, self.schedule, t, self.min_snr_gamma)
         if not self.loss_is_finite(loss):
@@ -122,7 +184,8 @@ class LatentDiffusion(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Log the U-Net's total gradient norm (after unscaling, before clipping)."""
-        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        trained = self.lora if self.lora is not None else self.unet
+        grads = [p.grad for p in trained.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])),
                      batch_size=1)
@@ -130,7 +193,7 @@ class LatentDiffusion(L.LightningModule):
     def on_before_zero_grad(self, optimizer) -> None:
         """Right after each optimizer step (before callbacks such as checkpointing see the batch end)."""
         if self.ema is not None:
-            self.ema.update(self.unet)
+            self.ema.update(self.lora if self.lora is not None else self.unet)
 
     @torch.no_grad()
     def validation_loss(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -155,22 +218,84 @@ class LatentDiffusion(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.unet.parameters())  # only the U-Net trains
+        if self.lora is not None:
+            optimizer = self.optimizer_factory(self.adapter_param_groups())
+        else:
+            optimizer = self.optimizer_factory(self.unet.parameters())  # only the U-Net trains
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
 
+    def adapter_param_groups(self) -> list[dict[str, Any]]:
+        """U-Net and text-encoder adapters as two parameter groups; adapter.unet_lr / text_encoder_lr override
+        optim.lr (the text encoder's defaults to the U-Net adapter's)."""
+        cfg = self.adapter_config
+        groups = []
+        for root, lr in (("unet", cfg.unet_lr), ("text_encoder", cfg.text_encoder_lr or cfg.unet_lr)):
+            params = [p for k, m in self.lora.loras.items() if self.lora.paths[k][0] == root for p in m.parameters()]
+            if params:
+                groups.append({"params": params, "name": f"lora_{root}", **({"lr": float(lr)} if lr else {})})
+        return groups
+
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        bad = [n for n, p in self.unet.named_parameters() if not bool(torch.isfinite(p).all())]
+        trained = self.lora if self.lora is not None else self.unet
+        bad = [n for n, p in trained.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
-            raise FloatingPointError(f"refusing to write a checkpoint with non-finite U-Net weights ({bad[:3]}...); "
+            raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights ({bad[:3]}...); "
                                      "the previous checkpoints are kept")
         checkpoint["ldm"] = {"model": self.model_config, "kind": "latent_diffusion"}
+        if self.lora is not None:  # the trainable checkpoint: the adapter (and its EMA), not the frozen base
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if k.startswith(("lora.", "ema."))}
+            checkpoint["ldm"]["adapter"] = asdict(self.adapter_config)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora is None:
+            return
+        expected = {k for k in self.state_dict() if k.startswith(("lora.", "ema."))}
+        missing = sorted(expected - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} adapter weights of this config (e.g. "
+                             f"{', '.join(missing[:3])}): was it trained with another adapter.preset / rank?")
 
     def bundle(self, use_ema: bool = True) -> ModelBundle:
-        """The model as sampling sees it (EMA weights by default; a copy, so training is untouched)."""
+        """The model as sampling sees it (EMA weights by default; a copy, so training is untouched). With an adapter:
+        copies of the U-Net and text encoder with the (EMA) adapter merged in."""
+        if self.lora is not None:
+            return self._merged_bundle(use_ema)
         unet = self.ema.model if (use_ema and self.ema is not None) else self.unet
         return ModelBundle(unet, self.autoencoder, self.text_encoder, self.schedule, source="training",
                            meta={"global_step": self.global_step})
+
+    def _merged_bundle(self, use_ema: bool) -> ModelBundle:
+        import copy
+
+        weights = self.ema.model if (use_ema and self.ema is not None) else self.lora
+        self.lora.detach()  # copy the bases without the hooks
+        try:
+            roots = {"unet": copy.deepcopy(self.unet), "text_encoder": copy.deepcopy(self.text_encoder)}
+        finally:
+            self.lora.attach(self.adapter_roots())
+        weights.merge_into(roots, 1.0)
+        roots["text_encoder"].frozen = True
+        return ModelBundle(roots["unet"], self.autoencoder, roots["text_encoder"], self.schedule, source="training",
+                           meta={"global_step": self.global_step})
+
+    def on_train_end(self) -> None:
+        """With an adapter: <run>/lora.safetensors (kohya layout: ComfyUI / A1111 / sample.py lora=...), EMA
+        weights when the run kept them."""
+        if self.lora is None or not self.trainer.is_global_zero:
+            return
+        from pathlib import Path
+
+        from ldm.formats.lora_files import ldm_metadata, save_lora_file
+
+        weights = self.ema.model if self.ema is not None else self.lora
+        resolution = self.model_config.get("resolution")
+        path = save_lora_file(weights, self.adapter_roots(), Path(self.trainer.default_root_dir) / "lora.safetensors",
+                              metadata=ldm_metadata(self.adapter_config), resolution=resolution,
+                              training={"ss_steps": str(self.global_step)})
+        self.lora_path = str(path)
+        print(f"LoRA: {path}")
