@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.checkpoints.diffusers_keys import unet_ldm_to_diffusers
+from ldm.formats.diffusers_keys import unet_ldm_to_diffusers
 from ldm.models.lora import LoRANetwork, _is_adaptable
 
 UNET_PREFIX = "lora_unet_"

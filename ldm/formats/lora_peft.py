@@ -18,7 +18,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from ldm.checkpoints.diffusers_keys import unet_diffusers_to_ldm
+from ldm.formats.diffusers_keys import unet_diffusers_to_ldm
 from ldm.formats.lora_kohya import HUB_TEXT_PREFIX, _fit, _text_hub_path, _unet_diffusers_paths
 from ldm.models.lora import LoRANetwork, _is_adaptable
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldm.formats.lora_files import bundle_roots, save_lora_file
-from ldm.loading import load_bundle
+from ldm.formats.load import load_bundle
 from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.pipelines.cli import SampleConfigError, sample
 from ldm.pipelines.png import read_parameters
