@@ -219,6 +219,6 @@ def test_a_batch_that_would_not_fit_is_refused_before_sampling_naming_what_to_lo
     with pytest.raises(SampleConfigError, match=r"trained at 16x16\) needs about .* MiB .* Lower it: batch_size=1 or "
                                                 r"batch_size=1 height=\d+ width=\d+"):
         sample(cfg)
-    assert not (tmp_path / "out").exists(), "nothing was sampled"
+    assert not list((tmp_path / "out").glob("*.png")), "nothing was sampled"
     monkeypatch.setattr(ldm.pipelines, "text_to_image", lambda *a, **k: torch.zeros(1, 3, 64, 64))
     sample(config(model, tmp_path / "ok", "prompt=a", "height=64", "width=64", "check_memory=false", "grid=false"))
