@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.evaluation.config import EVAL_METRICS, EvaluateConfig
 from ldm.evaluation.eval_set import first_items, shapes_checker
 from ldm.evaluation.metrics import build_image_metrics, group_by_reason, score_share
+from ldm.pipelines.sampling_options import SamplingOptions
 
 log = logging.getLogger("ldm.evaluation")
 
@@ -78,8 +79,12 @@ def check_options(cfg: DictConfig) -> None:
             raise EvaluateConfigError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise EvaluateConfigError(f"batch_size must be >= 1 (or null), got {cfg.batch_size}")
-    if cfg.sampler.steps < 1 or not math.isfinite(cfg.guidance_scale):
-        raise EvaluateConfigError("sampler.steps must be >= 1 and guidance_scale a finite number")
+    if not math.isfinite(cfg.guidance_scale):
+        raise EvaluateConfigError(f"guidance_scale must be a finite number, got {cfg.guidance_scale}")
+    try:
+        SamplingOptions.of(cfg.sampler)
+    except ValueError as err:
+        raise EvaluateConfigError(str(err)) from err
 
 
 def validation_data(data_cfg: DictConfig):
@@ -121,12 +126,11 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         log.warning("%s skipped: %s", " and ".join(names), reason)
     if image_metrics:
         height, width = items.resolution or (None, None)
-        s = cfg.sampler
+        sampler = SamplingOptions.of(cfg.sampler)
 
         def sample(prompts: list[str], seed: int) -> torch.Tensor:
-            return text_to_image(bundle, prompts, sampler=s.name, steps=s.steps, guidance_scale=cfg.guidance_scale,
-                                 seed=seed, height=height, width=width, eta=s.eta, karras=s.karras,
-                                 spacing=s.spacing)
+            return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=cfg.guidance_scale, seed=seed,
+                                 height=height, width=width)
 
         values.update(score_share(image_metrics.to(device), items, sample, batch_size=batch_size, seed=cfg.seed))
 

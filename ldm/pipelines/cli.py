@@ -15,23 +15,14 @@ from typing import Any, Optional
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ldm.diffusion.samplers import TIMESTEP_SPACINGS
 from ldm.diffusion.schedules import PREDICTION_TYPES
 from ldm.loading import detect_source, load_bundle, looks_like_hub_id, resolve_device, resolve_dtype
-from ldm.pipelines.common import ETA_SAMPLERS, KARRAS_SAMPLERS, check_size, default_size, sampler_options, unet_kind
+from ldm.pipelines.common import check_size, default_size, unet_kind
 from ldm.pipelines.images import make_grid, mask_batch, pil_to_tensor, to_pil
 from ldm.pipelines.png import save_png
+from ldm.pipelines.sampling_options import SamplingOptions
 
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.75, 1.0
-
-
-@dataclass
-class SamplerConfig:
-    name: str = "ddim"  # ddpm | ddim | euler | euler_ancestral | dpmpp_2m
-    steps: int = 50
-    eta: float = 0.0  # ddim only: 0 deterministic, 1 = DDPM's variance
-    karras: bool = False  # euler, euler_ancestral, dpmpp_2m: Karras et al. noise levels
-    spacing: str = "leading"  # leading | trailing | linspace (Lin et al. 2023, Table 2)
 
 
 @dataclass
@@ -43,7 +34,7 @@ class SampleConfig:
     n_images: int = 1  # images per prompt
     batch_size: int = 1  # images per model call; batch j uses seed + (index of its first image)
     seed: int = 0
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplingOptions = field(default_factory=SamplingOptions)  # configs/sampler/ (ddim_diffusers: SD's)
     guidance_scale: float = 7.5  # classifier-free guidance weight w (1 = conditional prediction only)
     height: Optional[int] = None  # default: the init image's size, else the model's training resolution, else 512
     width: Optional[int] = None
@@ -162,13 +153,8 @@ def check_options(cfg: DictConfig) -> None:
             raise SampleConfigError(f"{option} must be a positive number of pixels, got {cfg[option]}")
     if not math.isfinite(cfg.guidance_scale):
         raise SampleConfigError(f"guidance_scale must be a finite number, got {cfg.guidance_scale}")
-    s = cfg.sampler
-    if s.steps < 1:
-        raise SampleConfigError(f"sampler.steps must be >= 1, got {s.steps}")
-    if s.spacing not in TIMESTEP_SPACINGS:
-        raise SampleConfigError(f"sampler.spacing must be one of {TIMESTEP_SPACINGS}, got {s.spacing!r}")
     try:
-        sampler_options(s.name, s.eta, s.karras)
+        SamplingOptions.of(cfg.sampler)
         device = resolve_device(cfg.device)
         resolve_dtype(cfg.dtype, device)
     except (ValueError, RuntimeError) as err:
@@ -217,6 +203,10 @@ def sample(cfg: Any) -> list[Path]:
     if cfg.sampler.steps > bundle.schedule.num_train_timesteps:
         raise SampleConfigError(f"sampler.steps must be <= {bundle.schedule.num_train_timesteps} (the model's "
                                 f"training timesteps), got {cfg.sampler.steps}")
+    try:
+        SamplingOptions.of(cfg.sampler).timesteps(bundle.schedule)  # steps_offset past the last timestep
+    except ValueError as err:
+        raise SampleConfigError(f"sampler: {err}") from err
 
     base = _base_params(cfg, bundle, height, width, init is not None, mask is not None)
     out_dir = Path(cfg.out_dir)
@@ -240,12 +230,11 @@ def sample(cfg: Any) -> list[Path]:
 
 def _base_params(cfg: DictConfig, bundle, height: int, width: int, img2img: bool, inpainting: bool) -> dict:
     """What produced the images (recorded in every PNG); no paths of the run itself, no times."""
-    s = cfg.sampler
+    sampling = SamplingOptions.of(cfg.sampler).record()  # steps, sampler, spacing and what applies to the sampler
     params: dict[str, Any] = {
-        "negative_prompt": cfg.negative_prompt, "steps": s.steps, "sampler": s.name, "cfg_scale": cfg.guidance_scale,
-        "size": f"{width}x{height}", "model": str(cfg.ckpt), "prediction_type": bundle.schedule.prediction_type,
-        "spacing": s.spacing, "eta": s.eta if s.name in ETA_SAMPLERS else None,
-        "karras": s.karras if s.name in KARRAS_SAMPLERS else None,
+        "negative_prompt": cfg.negative_prompt, "steps": sampling.pop("steps"), "sampler": sampling.pop("sampler"),
+        "cfg_scale": cfg.guidance_scale, "size": f"{width}x{height}", "model": str(cfg.ckpt),
+        "prediction_type": bundle.schedule.prediction_type, **sampling,
         "use_ema": cfg.use_ema, "dtype": str(next(bundle.unet.parameters()).dtype).removeprefix("torch."),
     }
     if cfg.lora:
@@ -266,9 +255,8 @@ def _strength(cfg: DictConfig, inpainting: bool) -> float:
 def _generate(cfg: DictConfig, bundle, prompts: list[str], seed: int, init, mask, height: int, width: int):
     from ldm.pipelines import image_to_image, inpaint, text_to_image
 
-    s = cfg.sampler
-    common = dict(negative_prompt=cfg.negative_prompt or None, sampler=s.name, steps=s.steps,
-                  guidance_scale=cfg.guidance_scale, seed=seed, eta=s.eta, karras=s.karras, spacing=s.spacing)
+    common = dict(negative_prompt=cfg.negative_prompt or None, sampler=SamplingOptions.of(cfg.sampler),
+                  guidance_scale=cfg.guidance_scale, seed=seed)
     if mask is not None:
         return inpaint(bundle, pil_to_tensor(init), mask_batch(mask), prompts, strength=_strength(cfg, True),
                        feather=cfg.feather, **common)

@@ -38,4 +38,7 @@ STAGES = ("diffusion", "autoencoder")
 
 
 def register_configs() -> None:
+    from ldm.training.run_folder import register_resolver
+
+    register_resolver()  # ${ldm_unique_dir:...} of configs/hydra/default.yaml
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)

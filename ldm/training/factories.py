@@ -13,10 +13,9 @@ from torch import nn
 from ldm.bundle import ModelBundle
 from ldm.checkpoints.safe_load import load_into, load_state_dict
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.formats.safe_build import ASSETS, BUILTIN, build_network, json_object
 from ldm.models.autoencoder import AutoencoderKL, IdentityAutoencoder
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-BUILTIN = "builtin:"
 # The command that makes each shipped asset (see README, "The embedded default").
 ASSET_RECIPES = {"shapes_vae": "python train.py experiment=shapes_vae  (then copy <run>/autoencoder.safetensors "
                                "to ldm/assets/shapes_vae.safetensors)"}
@@ -83,7 +82,8 @@ def autoencoder(preset: str | None = "sd", weights: str | None = None, pixel_spa
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if "ldm_autoencoder_config" in meta:
-        model = AutoencoderKL(**{**json.loads(meta["ldm_autoencoder_config"]), **overrides})
+        stored = json_object(meta["ldm_autoencoder_config"], source=str(path), key="ldm_autoencoder_config")
+        model = build_network("autoencoder", {**stored, **overrides}, source=str(path), key="ldm_autoencoder_config")
     else:
         model = AutoencoderKL.from_preset(preset, **overrides)
     load_into(model, load_state_dict(path), source=str(path))

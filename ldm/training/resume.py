@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ldm.checkpoints.safe_load import CheckpointError
+
 
 class RNGStateCallback(L.Callback):
     """Saves the Python, NumPy, torch (CPU) and CUDA generator states of every rank in the checkpoint and puts
@@ -72,4 +74,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True) -> dict[str, Any]:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch's zip/unpickler errors do not name the file
+            raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from e

@@ -10,7 +10,7 @@ CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpo
         "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
 SAMPLING = ["+callbacks.sampling._target_=ldm.training.callbacks.SamplingCallback",
             "+callbacks.sampling.prompts=[a red circle,a blue square]", "+callbacks.sampling.every_n_steps=2",
-            "+callbacks.sampling.steps=3", "+callbacks.sampling.guidance_scale=2.0"]
+            "+callbacks.sampling.sampler.steps=3", "+callbacks.sampling.guidance_scale=2.0"]
 
 
 @pytest.fixture(scope="module")
