@@ -527,15 +527,15 @@ def make_vae(preset: str, weights: str | None):
         return AutoencoderKL.from_preset(preset)
     path = Path(weights).expanduser()
     if path.is_dir():
-        from ldm.checkpoints.diffusers_folder import load_diffusers_folder
+        from ldm.formats.diffusers_folder import load_diffusers_folder
 
         folder = path.parent if (path / "config.json").is_file() and path.name == "vae" else path
         return load_diffusers_folder(folder, components=("vae",))["vae"]
-    from ldm.checkpoints.safe_load import load_into, load_state_dict
+    from ldm.formats.safe_load import load_into, load_state_dict
 
     state = load_state_dict(path)
     if any(k.startswith("model.diffusion_model.") for k in state):
-        from ldm.checkpoints.single_file import split_sd_checkpoint
+        from ldm.formats.single_file import split_sd_checkpoint
 
         state = split_sd_checkpoint(state)["vae"]
     vae = AutoencoderKL.from_preset(preset)

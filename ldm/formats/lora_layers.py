@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ldm.checkpoints.diffusers_keys import unet_ldm_to_diffusers
+from ldm.formats.diffusers_keys import unet_ldm_to_diffusers
 
 HUB_TEXT_PREFIX = "text_model."
 

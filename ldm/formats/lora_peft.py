@@ -18,7 +18,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from ldm.checkpoints.diffusers_keys import unet_diffusers_to_ldm
+from ldm.formats.diffusers_keys import unet_diffusers_to_ldm
 from ldm.formats.lora_layers import HUB_TEXT_PREFIX, fit_weights, text_hub_path, unet_diffusers_paths
 from ldm.models.lora import LoRANetwork, is_adaptable
 

@@ -151,6 +151,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    for cb in trainer.checkpoint_callbacks:  # partial files of a save that was killed (or ran out of disk)
+        for stale in AtomicCheckpointIO.remove_stale(cb.dirpath) if getattr(cb, "dirpath", None) else []:
+            log.warning("removed %s, left by an interrupted checkpoint save", stale)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.bundle import ModelBundle
+from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.lora_files import LoRAFileError, apply_lora_files, read_lora_file, save_lora_file
 from ldm.models.autoencoder import AutoencoderKL
@@ -43,7 +43,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(bundle, tmp_path_factory):
-    from ldm.export.formats import write_diffusers
+    from ldm.formats.writers import write_diffusers
 
     folder = tmp_path_factory.mktemp("pipe")
     write_diffusers(bundle, folder, resolution=16)

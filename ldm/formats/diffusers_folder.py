@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ldm.checkpoints.diffusers_keys import (
+from ldm.formats.diffusers_keys import (
     unet_config_from_diffusers,
     unet_diffusers_config,
     unet_diffusers_to_ldm,
@@ -20,7 +20,7 @@ from ldm.checkpoints.diffusers_keys import (
     vae_diffusers_to_ldm,
     vae_ldm_to_diffusers,
 )
-from ldm.checkpoints.safe_load import CheckpointError, load_into, load_state_dict
+from ldm.formats.safe_load import CheckpointError, load_into, load_state_dict
 from ldm.formats.safe_build import build_network, check_plain, read_clip_text_config
 
 COMPONENTS = ("unet", "vae", "text_encoder")

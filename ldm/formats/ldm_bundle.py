@@ -1,4 +1,4 @@
-"""Our own compact export: one self-contained folder that rebuilds the exact :class:`~ldm.bundle.ModelBundle`.
+"""Our own compact export: one self-contained folder that rebuilds the exact :class:`~ldm.formats.bundle.ModelBundle`.
 
 Layout::
 
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.bundle import ModelBundle
-from ldm.checkpoints.safe_load import CheckpointError, load_state_dict, mismatch_report
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.safe_build import (
     AUTOENCODER_TARGET,
@@ -35,7 +35,7 @@ from ldm.formats.safe_build import (
     check_kwargs,
     read_clip_text_config,
 )
-from ldm.export.formats import (
+from ldm.formats.writers import (
     ExportError,
     _no_checkpointing,
     cast_state,
@@ -134,7 +134,7 @@ def write_ldm_bundle(bundle: ModelBundle, folder: Path, *, frozen: bool = True, 
 
 def save_ldm_bundle(bundle: ModelBundle, folder, *, frozen: bool = True, dtype: torch.dtype | None = None,
                     resolution: int | None = None) -> Path:
-    """Convenience: write straight into ``folder`` (``ldm.export.export`` adds the atomic rename and checks)."""
+    """Convenience: write straight into ``folder`` (``ldm.formats.exporter.export`` adds the atomic rename and checks)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_ldm_bundle(bundle, folder, frozen=frozen, dtype=dtype, resolution=resolution)
@@ -291,7 +291,7 @@ def load_ldm_bundle_into(folder, unet: nn.Module, autoencoder: nn.Module | None 
     if autoencoder is not None and "autoencoder" in have:
         jobs.append((autoencoder, weights["autoencoder"], "autoencoder"))
     if text_encoder is not None:
-        from ldm.checkpoints.diffusers_folder import read_weights
+        from ldm.formats.diffusers_folder import read_weights
 
         model = text_model(text_encoder)
         jobs.append((model, to_module_keys(read_weights(folder / "text_encoder", "model"), model), "text_encoder"))

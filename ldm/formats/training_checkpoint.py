@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ldm.bundle import ModelBundle
-from ldm.checkpoints.safe_load import CheckpointError, load_into
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.safe_load import CheckpointError, load_into
 from ldm.formats.safe_build import build_node
 
 

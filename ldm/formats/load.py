@@ -1,4 +1,4 @@
-"""``load_bundle(source)``: any supported model source -> :class:`~ldm.bundle.ModelBundle`.
+"""``load_bundle(source)``: any supported model source -> :class:`~ldm.formats.bundle.ModelBundle`.
 
 What ``source`` may be (``detect_source`` tells them apart by reading headers / key names only):
 
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.bundle import ModelBundle
-from ldm.checkpoints.safe_load import CheckpointError, load_state_dict
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.safe_load import CheckpointError, load_state_dict
 from ldm.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
 from ldm.formats.safe_build import SCHEDULE_TARGET, build_network, build_node, json_object
 
@@ -72,16 +72,16 @@ def load_bundle(source, *, use_ema: bool = True, device: str | torch.device = "c
         bundle = load_diffusers(source, text_encoder=te)
     elif kind == "training_checkpoint":
         try:
-            from ldm.training.checkpoint_io import load_training_checkpoint
+            from ldm.formats.training_checkpoint import load_training_checkpoint
         except ImportError as err:
-            raise ImportError(f"{source} is a training checkpoint, but ldm.training.checkpoint_io is not available "
+            raise ImportError(f"{source} is a training checkpoint, but ldm.formats.training_checkpoint is not available "
                               f"({err})") from err
         bundle = load_training_checkpoint(source, use_ema=use_ema)
     else:  # ldm_bundle
         try:
-            from ldm.export import load_ldm_bundle
+            from ldm.formats.ldm_bundle import load_ldm_bundle
         except ImportError as err:
-            raise ImportError(f"{source} is an ldm export bundle, but ldm.export.load_ldm_bundle is not available "
+            raise ImportError(f"{source} is an ldm export bundle, but ldm.formats.ldm_bundle is not available "
                               f"({err})") from err
         bundle = load_ldm_bundle(source)
     if te is not None and kind != "sd_single_file":
@@ -203,7 +203,7 @@ def sd_schedule(prediction_type: str = "epsilon") -> NoiseSchedule:
 def load_sd_single_file(path, *, use_ema: bool = True, text_encoder: nn.Module | None = None,
                         prediction_type: str | None = None, unet_config: dict | None = None,
                         vae_config: dict | None = None) -> ModelBundle:
-    from ldm.checkpoints.single_file import load_single_file, split_sd_checkpoint
+    from ldm.formats.single_file import load_single_file, split_sd_checkpoint
 
     path = Path(path)
     state = load_state_dict(path)
@@ -326,9 +326,9 @@ def infer_vae_config(state: dict) -> dict:
 def save_single_file(path, bundle: ModelBundle, resolution: int | None = None) -> Path:
     """Write an SD-layout ``.safetensors`` whose header also records the U-Net / VAE configs, the schedule and
     the training resolution, so :func:`load_bundle` rebuilds the model exactly (other tools ignore the header).
-    The header is the single-file export's (``ldm.export``), without its yaml."""
-    from ldm.checkpoints.single_file import to_single_file
-    from ldm.export.formats import save_safetensors, single_file_header
+    The header is the single-file export's (``ldm.formats.exporter``), without its yaml."""
+    from ldm.formats.single_file import to_single_file
+    from ldm.formats.writers import save_safetensors, single_file_header
 
     header = single_file_header(bundle, resolution or 0, None)
     if not resolution:
@@ -358,7 +358,7 @@ def schedule_from_diffusers(cfg: dict) -> NoiseSchedule:
 
 
 def load_diffusers(source, *, text_encoder: nn.Module | None = None) -> ModelBundle:
-    from ldm.checkpoints.diffusers_folder import load_diffusers_folder, resolve_folder
+    from ldm.formats.diffusers_folder import load_diffusers_folder, resolve_folder
 
     try:
         folder = resolve_folder(source)
