@@ -44,6 +44,9 @@ def validate(cfg: DictConfig) -> None:
     steps = OmegaConf.select(cfg, "trainer.max_steps")
     if steps is not None and int(steps) == 0:
         raise ConfigError("trainer.max_steps is 0: nothing would train (use -1 for no step limit)")
+    if OmegaConf.select(cfg, "adapter") and not OmegaConf.select(cfg, "model.pretrained"):
+        log.warning("adapter=lora with model.pretrained=null: the adapters train on a randomly initialised base "
+                    "(set model.pretrained=<checkpoint, SD file or diffusers folder>)")
     if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).exists():
         raise ConfigError(f"ckpt_path: checkpoint not found: {cfg.ckpt_path}")
     if cfg.ckpt_path not in (None, "last"):
