@@ -6,7 +6,7 @@ import io
 import logging
 from typing import Any, Callable
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger("ldm.data")
 
@@ -63,7 +63,13 @@ def _describe(error: BaseException | str) -> str:
 
 
 def decode_image(data: bytes | str) -> Image.Image:
-    """Open and fully decode an image from bytes or a path (PIL is lazy: force `load()`)."""
+    """Open and fully decode an image from bytes or a path (PIL is lazy: force `load()`), upright."""
     image = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     image.load()
-    return image
+    return upright(image)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (a phone photo stored sideways with "rotate 90" in its EXIF is trained as
+    it is displayed, not as stored)."""
+    return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
