@@ -13,7 +13,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.training.callbacks import DatasetEpochCallback
+from ldm.data.bad_samples import bad_sample_names
+from ldm.training.callbacks import BadSamplesCallback, DatasetEpochCallback
 from ldm.training.config import STAGES
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
 
@@ -132,6 +133,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
+    bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
+    if hasattr(datamodule, "bad_samples_dir"):
+        datamodule.bad_samples_dir = str(bad_samples_dir)
+        callbacks.append(BadSamplesCallback(bad_samples_dir))
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
@@ -157,9 +162,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             result["sample_grid"] = str(cb.last_path)
         if getattr(cb, "results", None):
             result["prompt_accuracy"] = cb.results
+    bad = bad_sample_names(bad_samples_dir)
+    if bad:
+        result["bad_samples"] = bad
     if trainer.is_global_zero:
         print(f"\nrun folder: {run_dir}")
         for key in ("last_checkpoint", "autoencoder", "sample_grid"):
             if key in result:
                 print(f"  {key.replace('_', ' ')}: {result[key]}")
+        if bad:
+            print(f"  unreadable samples skipped: {len(bad)} (each named once in the log; listed in {bad_samples_dir})")
     return result

@@ -357,3 +357,23 @@ def test_exif_orientation_is_applied(tmp_path, source):
     assert item["image"].shape == expected.shape
     assert float((item["image"] - expected).abs().mean()) < 0.05  # JPEG noise only; unrotated differs by ~0.5
     assert np.asarray(Image.open(root / "photo.jpg")).shape[:2] == (24, 16)  # stored sideways indeed
+
+
+def test_bad_images_named_once_across_workers_and_counted(tmp_path):
+    """Two corrupt files, data=folder with 2 workers, 3 epochs: before, each was warned by every worker of
+    every epoch and never counted. Now each is named once, counted in data/bad_samples and in the summary."""
+    root = write_folder(tmp_path / "images", n=12)
+    (root / "img003.png").write_bytes(b"not a png")
+    (root / "img007.png").write_bytes((root / "img008.png").read_bytes()[:60])  # truncated
+    run_dir = tmp_path / "run"
+    proc = run([*train_cmd(run_dir, tmp_path / "cache", "data=folder", f"data.train.root={root}", *FOLDER),
+                "trainer.max_steps=9"])  # 3 batches of 4 per epoch: 3 epochs, new workers each epoch
+    output = proc.stdout + proc.stderr
+    for name in ("img003.png", "img007.png"):
+        assert sum(f"unreadable sample {name}" in line for line in output.splitlines()) == 1, output[-3000:]
+    assert "unreadable samples skipped: 2" in proc.stdout
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        counts = [float(r["data/bad_samples"]) for r in csv.DictReader(f) if r.get("data/bad_samples")]
+    assert counts and counts[-1] == 2.0
