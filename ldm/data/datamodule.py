@@ -32,8 +32,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
         seed: seed for the val split, the shuffling generator and worker seeds.
         shuffle: shuffle map-style training data.
         drop_last: drop the last incomplete training batch.
-        latent_cache: a folder: train(cfg) encodes the training set once with the frozen VAE into it and trains
-            from the cached posteriors (datasets with ``cache_key()`` only; see ldm.training.latent_prep).
+        latent_cache: a folder: train(cfg) encodes the training set once with the frozen VAE (and text encoder)
+            into it and trains from the cache, encoding only new or changed images on later runs (datasets with
+            ``cache_spec()``; see ldm.training.latent_prep and ldm.data.auto_cache). None: on the fly.
     """
 
     def __init__(

@@ -35,14 +35,22 @@ StepHook = Callable[[int, Tensor, float, float], Tensor]
 def make_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> Tensor:
     """Descending inference timesteps (float64) with the spacings of Lin et al. 2023, Table 2.
 
-    leading: 0, k, 2k, ... (+ offset); trailing: T-1, T-1-T/n, ...; linspace: n evenly spaced points of [0, T-1]
-    (fractional: DDPM/DDIM round them, Euler interpolates sigma between training steps).
+    leading: 0, k, 2k, ... (+ steps_offset), k = T // n; trailing: T-1, T-1-T/n, ...; linspace: n evenly spaced
+    points of [0, T-1] (fractional: DDPM/DDIM round them, Euler interpolates sigma between training steps).
+    Stable Diffusion's sampling (CompVis' ``make_ddim_timesteps`` ``range(0, T, k) + 1``, diffusers'
+    ``steps_offset=1``) is leading with steps_offset 1: 1, 1 + k, ..., 1 + (n-1) k.
     """
     T = schedule.num_train_timesteps
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    if steps_offset < 0 or (steps_offset and spacing != "leading"):
+        raise ValueError(f"steps_offset must be >= 0 and only applies to leading spacing; got {steps_offset} with "
+                         f"{spacing!r} spacing")
     if spacing == "leading":
         ts = torch.arange(num_steps, dtype=torch.float64) * (T // num_steps) + steps_offset
+        if ts[-1] > T - 1:
+            raise ValueError(f"{num_steps} leading steps with steps_offset={steps_offset} reach timestep "
+                             f"{int(ts[-1])}, past the schedule's last one ({T - 1}); use fewer steps")
     elif spacing == "trailing":
         ts = torch.round(torch.arange(T, 0, -T / num_steps, dtype=torch.float64)) - 1
         ts = ts.flip(0)
@@ -135,7 +143,10 @@ def ddim(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, genera
          clip_x0: float | None = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. (12)); eta = 0 is deterministic, eta = 1 matches DDPM's posterior variance.
 
-    final_alpha_one: the step after the last timestep goes to abar = 1 (x0); False uses abar_0 (SD's setting).
+    final_alpha_one: the step after the last timestep goes to abar_prev = 1, so eq. (12) returns x0-hat itself;
+    False uses abar_prev = abar_0 of the training schedule, as Stable Diffusion samples (CompVis' DDIMSampler
+    ``alphas_prev[0] = alphas_cumprod[0]``, diffusers' ``set_alpha_to_one=False``): the result keeps
+    sqrt(1 - abar_0) (0.029 for SD's betas) of eps-hat.
     """
     denoise = _Denoiser(model, schedule, cond, guidance_scale, classifier)
     ts = timesteps.round().long()
@@ -203,30 +214,35 @@ def _vp(sigma: float) -> tuple[float, float]:
 def euler(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, generator=None, callback=None,
           classifier=None, step_hook=None, karras: bool = False, ancestral: bool = False) -> Tensor:
     """Euler steps of the probability-flow ODE dx/dsigma = (x - x0-hat) / sigma (Karras et al. 2022, Algorithm 1
-    without churn) on the variance-exploding sample x_ve = x_vp sqrt(1 + sigma^2).
+    without churn) on the variance-exploding sample x_ve = x_vp sqrt(1 + sigma^2) = x0 + sigma eps.
 
     ancestral: step down to sigma_down and add fresh noise of std sigma_up (k-diffusion's Euler-a).
+
+    The state is kept in variance-preserving form and the derivative is taken as eps-hat, which it equals
+    exactly: d = (x_ve - x0-hat) / sigma = eps-hat. Stepping x_ve itself in float32 loses precision where
+    sigma is large (sigma_max = 20291 for the cosine schedule, whose beta is clipped at 0.999 at its end):
+    x_ve ~ sigma |x| carries an absolute rounding error ~1e-3, and x_ve + d (sigma_next - sigma) cancels
+    two numbers of that size.
     """
     denoise = _Denoiser(model, schedule, cond, guidance_scale, classifier)
     sigmas, ts = _sigma_plan(schedule, timesteps, karras, round_t=False)
-    x = x * math.sqrt(1 + sigmas[0].item() ** 2)
     for i in range(len(ts)):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         a, s = _vp(sigma)
-        x0, _ = denoise(x * a, ts[i].item(), a, s)
-        d = (x - x0) / sigma
+        x0, eps = denoise(x, ts[i].item(), a, s)
+        a_next, s_next = _vp(sigma_next)
         if ancestral:
             sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
             sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
-            x = x + d * (sigma_down - sigma)
-            x = x + _noise(x, generator) * sigma_up
+            # x_ve' = x_ve + d (sigma_down - sigma) + sigma_up z = x0 + sigma_down eps + sigma_up z, times a_next
+            x = a_next * (x0 + sigma_down * eps + sigma_up * _noise(x, generator))
         else:
-            x = x + d * (sigma_next - sigma)
+            # x_ve' = x_ve + d (sigma_next - sigma) = x0 + sigma_next eps, times a_next: s_next = a_next sigma_next
+            x = a_next * x0 + s_next * eps
         if step_hook is not None:
-            a_next, s_next = _vp(sigma_next)
-            x = step_hook(i, x * a_next, a_next, s_next) / a_next  # the hook sees the variance-preserving x
+            x = step_hook(i, x, a_next, s_next)
         if callback is not None:
-            callback(i, ts[i].item(), x / math.sqrt(1 + sigma_next**2), x0)
+            callback(i, ts[i].item(), x, x0)
     return x
 
 

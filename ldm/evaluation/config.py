@@ -10,7 +10,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig
 
 from ldm.evaluation.metrics import METRIC_NAMES
-from ldm.pipelines.cli import SamplerConfig
+from ldm.pipelines.sampling_options import SamplingOptions
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EVAL_METRICS = ("val_loss", *METRIC_NAMES)
@@ -24,7 +24,7 @@ class EvaluateConfig:
     metrics: list = field(default_factory=lambda: list(EVAL_METRICS))
     inception_weights: Optional[str] = None  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
     clip_model: Optional[str] = None  # a CLIP model folder in transformers' layout
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplingOptions = field(default_factory=SamplingOptions)  # configs/sampler/, passed whole
     guidance_scale: float = 4.0
     seed: int = 0  # batch starting at item i is sampled with seed + i (and ${seed} of the data configs)
     batch_size: Optional[int] = None  # images per model call and val-loss batch; null = the data's val batch size

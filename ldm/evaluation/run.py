@@ -1,6 +1,6 @@
 """``evaluate(cfg) -> dict``: the body of ``python -m ldm.evaluate``, callable without a command line.
 
-Loads the model like sample.py (any checkpoint / export ``ldm.loading.load_bundle`` reads), takes the first ``n``
+Loads the model like sample.py (any checkpoint / export ``ldm.formats.load.load_bundle`` reads), takes the first ``n``
 validation items of the data, computes the validation loss on them and generates an image per caption for the
 image metrics, prints a table and writes it as JSON.
 """
@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.evaluation.config import EVAL_METRICS, EvaluateConfig
 from ldm.evaluation.eval_set import first_items, shapes_checker
 from ldm.evaluation.metrics import build_image_metrics, group_by_reason, score_share
+from ldm.pipelines.sampling_options import SamplingOptions
 
 log = logging.getLogger("ldm.evaluation")
 
@@ -64,7 +65,7 @@ def data_config(cfg: DictConfig) -> DictConfig:
 
 
 def check_options(cfg: DictConfig) -> None:
-    from ldm.loading import detect_source
+    from ldm.formats.load import detect_source
 
     if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
         raise EvaluateConfigError("no model given: python -m ldm.evaluate <checkpoint or export folder> (or ckpt=...)")
@@ -78,8 +79,12 @@ def check_options(cfg: DictConfig) -> None:
             raise EvaluateConfigError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise EvaluateConfigError(f"batch_size must be >= 1 (or null), got {cfg.batch_size}")
-    if cfg.sampler.steps < 1 or not math.isfinite(cfg.guidance_scale):
-        raise EvaluateConfigError("sampler.steps must be >= 1 and guidance_scale a finite number")
+    if not math.isfinite(cfg.guidance_scale):
+        raise EvaluateConfigError(f"guidance_scale must be a finite number, got {cfg.guidance_scale}")
+    try:
+        SamplingOptions.of(cfg.sampler)
+    except ValueError as err:
+        raise EvaluateConfigError(str(err)) from err
 
 
 def validation_data(data_cfg: DictConfig):
@@ -96,7 +101,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     import torch
 
     from ldm.evaluation.val_loss import validation_loss
-    from ldm.loading import load_bundle
+    from ldm.formats.load import load_bundle
     from ldm.pipelines import text_to_image
 
     cfg = typed_config(cfg)
@@ -121,12 +126,11 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         log.warning("%s skipped: %s", " and ".join(names), reason)
     if image_metrics:
         height, width = items.resolution or (None, None)
-        s = cfg.sampler
+        sampler = SamplingOptions.of(cfg.sampler)
 
         def sample(prompts: list[str], seed: int) -> torch.Tensor:
-            return text_to_image(bundle, prompts, sampler=s.name, steps=s.steps, guidance_scale=cfg.guidance_scale,
-                                 seed=seed, height=height, width=width, eta=s.eta, karras=s.karras,
-                                 spacing=s.spacing)
+            return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=cfg.guidance_scale, seed=seed,
+                                 height=height, width=width)
 
         values.update(score_share(image_metrics.to(device), items, sample, batch_size=batch_size, seed=cfg.seed))
 

@@ -13,12 +13,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ldm.bundle import ModelBundle
+from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.guidance import ClassifierGuidance, Conditioning
-from ldm.diffusion.samplers import TIMESTEP_SPACINGS, get_sampler, make_timesteps
+from ldm.diffusion.samplers import get_sampler
+from ldm.pipelines.sampling_options import SamplingOptions
 
-ETA_SAMPLERS = ("ddim",)
-KARRAS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
 DEFAULT_RESOLUTION = 512
 
 
@@ -43,25 +42,10 @@ def make_generator(seed: int | None = None, generator: torch.Generator | None = 
     return g
 
 
-def sampler_options(name: str, eta: float = 0.0, karras: bool = False) -> dict:
-    """The keyword options a sampler takes; a setting that does not apply to it is an error, not ignored."""
-    get_sampler(name)  # unknown name -> ValueError listing the samplers
-    opts: dict = {}
-    if name in ETA_SAMPLERS:
-        opts["eta"] = float(eta)
-    elif eta:
-        raise ValueError(f"eta={eta} only applies to the {ETA_SAMPLERS} sampler(s), not {name!r}; set eta=0")
-    if name in KARRAS_SAMPLERS:
-        opts["karras"] = bool(karras)
-    elif karras:
-        raise ValueError(f"karras=True only applies to the {KARRAS_SAMPLERS} samplers, not {name!r}")
-    return opts
-
-
-def plan_timesteps(bundle: ModelBundle, steps: int, spacing: str) -> Tensor:
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
-    return make_timesteps(bundle.schedule, int(steps), spacing)
+def sampling_options(sampler: str | SamplingOptions, **changes) -> SamplingOptions:
+    """The pipelines' sampler settings: ``sampler`` (a name, a SamplingOptions or a config node) with the keyword
+    settings that are not None (steps, eta, karras, spacing) replacing its fields; checked before any model runs."""
+    return SamplingOptions.of(sampler).replace(**changes)
 
 
 def size_multiple(bundle: ModelBundle) -> int:
@@ -159,15 +143,15 @@ def initial_noise(bundle: ModelBundle, batch: int, height: int, width: int, gene
     return noise.to(bundle.device, model_dtype(bundle))
 
 
-def run_sampler(bundle: ModelBundle, x: Tensor, timesteps: Tensor, cond: Conditioning, *, sampler: str,
-                guidance_scale: float, generator: torch.Generator, eta: float, karras: bool,
+def run_sampler(bundle: ModelBundle, x: Tensor, timesteps: Tensor, cond: Conditioning, *, options: SamplingOptions,
+                guidance_scale: float, generator: torch.Generator,
                 classifier_guidance: ClassifierGuidance | None, callback: Callable | None,
                 step_hook: Callable | None = None, model: Callable | None = None) -> Tensor:
     """Step 3 (U-Net + sampler): denoise x from timesteps[0] over every given timestep; returns the latent x0."""
-    opts = sampler_options(sampler, eta, karras)
+    opts = options.sampler_kwargs()
     if step_hook is not None:
         opts["step_hook"] = step_hook
-    return get_sampler(sampler)(
+    return get_sampler(options.name)(
         model if model is not None else bundle.unet, x, bundle.schedule, timesteps, cond=cond,
         guidance_scale=guidance_scale, generator=generator, callback=callback, classifier=classifier_guidance,
         **opts,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.bundle import ModelBundle
+from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.guidance import ClassifierGuidance
 from ldm.diffusion.process import q_sample
 from ldm.diffusion.samplers import strength_timesteps
@@ -27,12 +27,12 @@ from ldm.pipelines.common import (
     eval_mode,
     initial_noise,
     make_generator,
-    plan_timesteps,
     run_sampler,
-    sampler_options,
+    sampling_options,
     unet_kind,
 )
 from ldm.pipelines.images import check_same_size, composite_weight, expand_batch, image_batch, latent_mask, mask_batch
+from ldm.pipelines.sampling_options import SamplingOptions
 
 
 class KeepKnownRegion:
@@ -68,14 +68,14 @@ def inpaint(
     feather: int = 0,
     negative_prompt: str | Sequence[str] | None = None,
     num_images_per_prompt: int = 1,
-    sampler: str = "ddim",
-    steps: int = 50,
+    sampler: str | SamplingOptions = "ddim",
+    steps: int | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    eta: float = 0.0,
-    karras: bool = False,
-    spacing: str = "leading",
+    eta: float | None = None,
+    karras: bool | None = None,
+    spacing: str | None = None,
     sample_posterior: bool = False,
     classifier_guidance: ClassifierGuidance | None = None,
     callback: Callable | None = None,
@@ -85,6 +85,7 @@ def inpaint(
     ``mask``: PIL mask(s) or a tensor in [0, 1] of the image's size (thresholded at 0.5). ``strength`` < 1 starts
     the masked region from the noised original instead of pure noise. ``feather`` softens the composite edge
     over about that many pixels inside the mask; outside the mask the output always equals the input.
+    ``sampler`` and its keyword settings as in :func:`~ldm.pipelines.text_to_image.text_to_image`.
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -96,10 +97,10 @@ def inpaint(
     height, width = image.shape[-2:]
     check_size(bundle, height, width)
     kind = unet_kind(bundle)
-    sampler_options(sampler, eta, karras)
+    options = sampling_options(sampler, steps=steps, eta=eta, karras=karras, spacing=spacing)
     batch = len(prompts) * num_images_per_prompt
     image, mask = expand_batch(image, batch, "image"), expand_batch(mask, batch, "mask")
-    timesteps = plan_timesteps(bundle, steps, spacing)
+    timesteps = options.timesteps(bundle.schedule)
     if strength < 1.0:
         timesteps = strength_timesteps(timesteps, strength).round()  # integer: the start is made by q_sample
     g = make_generator(seed, generator)
@@ -123,9 +124,9 @@ def inpaint(
                 model = InpaintingUNet(bundle.unet, small, masked)
             else:  # the sampler keeps the known region on the forward process
                 hook = KeepKnownRegion(z0, noise, latent_mask(m, bundle.downsample_factor).to(z0.dtype))
-            z = run_sampler(bundle, x, timesteps, cond, sampler=sampler, guidance_scale=guidance_scale,
-                            generator=g, eta=eta, karras=karras, classifier_guidance=classifier_guidance,
-                            callback=callback, step_hook=hook, model=model)
+            z = run_sampler(bundle, x, timesteps, cond, options=options, guidance_scale=guidance_scale,
+                            generator=g, classifier_guidance=classifier_guidance, callback=callback,
+                            step_hook=hook, model=model)
             generated = decode(bundle, z)  # step 8
     # step 9: composite; where the weight is 0 the pixel is the input's, bit for bit
     original = image.to(generated)

@@ -13,8 +13,12 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.data.datamodule import set_dataset_epoch
 from ldm.pipelines.images import labelled_grid, to_pil
+from ldm.pipelines.sampling_options import SamplingOptions
 
 log = logging.getLogger("ldm.training")
+
+# The callbacks' sampler when none is given (configs/callbacks/ pass the run's ``${sampler}`` node instead).
+TRAINING_SAMPLER = SamplingOptions(name="ddim", steps=25)
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -35,19 +39,20 @@ def log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
             logger.log_image(key=key, images=[str(path)], step=step)
 
 
-def generate(pl_module, prompts: list[str], *, sampler: str, steps: int, guidance_scale: float, seed: int,
+def generate(pl_module, prompts: list[str], *, sampler: SamplingOptions, guidance_scale: float, seed: int,
              use_ema: bool = True, resolution: int | None = None) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for the prompts, through the same pipeline as sample.py."""
+    """Images (B, 3, H, W) in [-1, 1] for the prompts, through the same pipeline as sample.py, with every
+    setting of the ``sampler`` node (steps, eta, karras, spacing, ...)."""
     from ldm.pipelines import text_to_image
 
-    bundle = pl_module.bundle(use_ema=use_ema)
-    was_training = bundle.unet.training
-    bundle.unet.eval()
-    try:
-        return text_to_image(bundle, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                             seed=seed, height=resolution, width=resolution)
-    finally:
-        bundle.unet.train(was_training)
+    with pl_module.sampling_bundle(use_ema=use_ema) as bundle:  # with an adapter: the (EMA) adapter applied
+        was_training = bundle.unet.training
+        bundle.unet.eval()
+        try:
+            return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
+                                 height=resolution, width=resolution)
+        finally:
+            bundle.unet.train(was_training)
 
 
 def training_source(trainer: L.Trainer):
@@ -62,7 +67,9 @@ def training_source(trainer: L.Trainer):
 
 
 def data_resolution(trainer: L.Trainer) -> int | None:
-    return getattr(training_source(trainer), "resolution", None)
+    """The training resolution train(cfg) recorded in the model config, else the training source's."""
+    recorded = (getattr(trainer.lightning_module, "model_config", None) or {}).get("resolution")
+    return recorded or getattr(training_source(trainer), "resolution", None)
 
 
 class DatasetEpochCallback(L.Callback):
@@ -108,15 +115,19 @@ class ThroughputCallback(L.Callback):
 
 class SamplingCallback(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end) sample a fixed list of prompts with a fixed seed,
-    write a labelled PNG grid to ``<run>/samples/step_XXXXXX.png`` and send it to the loggers."""
+    write a labelled PNG grid to ``<run>/samples/step_XXXXXX.png`` and send it to the loggers.
 
-    def __init__(self, prompts: list[str], every_n_steps: int = 500, sampler: str = "ddim", steps: int = 25,
+    ``sampler``: the whole ``sampler`` config node (``${sampler}``: name, steps, eta, karras, spacing, ...), a
+    :class:`SamplingOptions` or a sampler name."""
+
+    def __init__(self, prompts: list[str], every_n_steps: int = 500, sampler: Any = TRAINING_SAMPLER,
                  guidance_scale: float = 4.0, seed: int = 0, use_ema: bool = True, resolution: int | None = None,
                  at_end: bool = True):
         if not prompts:
             raise ValueError("callbacks.sampling.prompts must list at least one prompt")
         self.prompts, self.every_n_steps = list(prompts), int(every_n_steps)
-        self.sampler, self.steps, self.guidance_scale, self.seed = sampler, steps, guidance_scale, seed
+        self.sampler = SamplingOptions.of(sampler, key="callbacks.sampling.sampler")
+        self.guidance_scale, self.seed = guidance_scale, seed
         self.use_ema, self.resolution, self.at_end = use_ema, resolution, at_end
         self.last_path: Path | None = None
         self._last_step = -1
@@ -139,8 +150,7 @@ class SamplingCallback(L.Callback):
     def sample_grid(self, trainer, pl_module) -> Path:
         step = trainer.global_step
         self._last_step = step
-        images = generate(pl_module, self.prompts, sampler=self.sampler, steps=self.steps,
-                          guidance_scale=self.guidance_scale, seed=self.seed, use_ema=self.use_ema,
+        images = generate(pl_module, self.prompts, sampler=self.sampler, guidance_scale=self.guidance_scale, seed=self.seed, use_ema=self.use_ema,
                           resolution=self.resolution or data_resolution(trainer))
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,12 +165,14 @@ class PromptAccuracyCallback(L.Callback):
 
     Samples every colour x shape prompt ``n_per_prompt`` times with CFG (``guidance_scale``), with CFG off
     (scale 1, the plain conditional model) and unconditionally (empty prompt), scores them with the shapes
-    checker, logs the accuracies, prints them and writes ``<run>/prompt_accuracy.json``.
+    checker, logs the accuracies, prints them and writes ``<run>/prompt_accuracy.json``. ``sampler`` as in
+    :class:`SamplingCallback`.
     """
 
-    def __init__(self, n_per_prompt: int = 4, guidance_scale: float = 4.0, sampler: str = "ddim", steps: int = 25,
+    def __init__(self, n_per_prompt: int = 4, guidance_scale: float = 4.0, sampler: Any = TRAINING_SAMPLER,
                  seed: int = 1234, use_ema: bool = True, batch_size: int = 64):
-        self.n_per_prompt, self.guidance_scale, self.sampler, self.steps = n_per_prompt, guidance_scale, sampler, steps
+        self.n_per_prompt, self.guidance_scale = n_per_prompt, guidance_scale
+        self.sampler = SamplingOptions.of(sampler, key="callbacks.prompt_accuracy.sampler")
         self.seed, self.use_ema, self.batch_size = seed, use_ema, batch_size
         self.results: dict[str, Any] | None = None
 
@@ -195,14 +207,14 @@ class PromptAccuracyCallback(L.Callback):
         prompts = self.prompts(ds)
         checker = ds.checker()
         results: dict[str, Any] = {"n": len(prompts), "guidance_scale": self.guidance_scale,
-                                   "sampler": self.sampler, "steps": self.steps}
+                                   **self.sampler.record()}
         settings = {"cfg": (self.guidance_scale, False), "no_cfg": (1.0, False), "uncond": (1.0, True)}
         for name, (scale, uncond) in settings.items():
             images = []
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start:start + self.batch_size]
                 images.append(generate(pl_module, [""] * len(chunk) if uncond else chunk, sampler=self.sampler,
-                                       steps=self.steps, guidance_scale=scale, seed=self.seed + start,
+                                       guidance_scale=scale, seed=self.seed + start,
                                        use_ema=self.use_ema, resolution=ds.resolution))
             acc = prompt_accuracy(torch.cat(images), prompts, checker)
             results[name] = {"color_acc": acc["color_acc"], "shape_acc": acc["shape_acc"]}

@@ -4,16 +4,19 @@ Algorithm 1 in latent space, with classifier-free conditioning dropout)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ldm.bundle import ModelBundle
+from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.losses import diffusion_loss, noised_batch
 from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.training.divergence import DivergenceGuard
 from ldm.training.ema import EMA
 
@@ -43,6 +46,7 @@ class LatentDiffusion(L.LightningModule):
         sample_posterior: bool = True,
         channels_last: bool = False,
         max_nonfinite_steps: int = 5,
+        adapter: LoRAConfig | None = None,
         loss_spike_factor: float | None = 100.0,
         grad_norm_spike_factor: float | None = 100.0,
     ):
@@ -58,7 +62,10 @@ class LatentDiffusion(L.LightningModule):
         self.sample_posterior = sample_posterior
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        self.ema = EMA(unet, ema_decay) if ema_decay else None
+        self.adapter_config = adapter
+        self.lora = self._build_adapter(adapter) if adapter is not None else None
+        # EMA of what trains: the whole U-Net, or only the adapter weights
+        self.ema = EMA(self.trained_module, ema_decay) if ema_decay else None
         self.model_config: dict[str, Any] = {}  # the Hydra model node, saved with every checkpoint
         # skipped steps: NaN/inf, or a loss / gradient-norm spike; max_nonfinite_steps in a row stop the run
         self.guard = DivergenceGuard(loss_spike_factor, grad_norm_spike_factor, max_skipped_in_a_row=max_nonfinite_steps)
@@ -71,10 +78,67 @@ class LatentDiffusion(L.LightningModule):
     def nonfinite_total(self) -> int:
         return self.guard.nonfinite_total
 
+    # ------------------------------------------------------------------------------------------------- adapters
+    def _build_adapter(self, config: LoRAConfig) -> LoRANetwork:
+        """LoRA: the U-Net (and text encoder) stay frozen; the adapter's forward hooks add to their layers."""
+        freeze(self.unet)
+        roots = self.adapter_roots()
+        network = LoRANetwork.build(roots, config).attach(roots)
+        if config.text_encoder:  # gradients through the encoder, and no cached (stale) contexts
+            self.text_encoder.frozen = False
+        if config.init_from:
+            from ldm.formats.lora_files import read_lora_file
+
+            from ldm.formats.lora_files import LoRAFileError
+
+            try:
+                lora = read_lora_file(config.init_from, roots)
+            except LoRAFileError as e:
+                raise ValueError(f"adapter.init_from: {e}") from e
+            not_here = network.load_weights(lora.weights)
+            print(f"adapter.init_from: {len(lora.weights) - len(not_here)} layers from {lora.path} ({lora.layout})")
+            skipped = lora.unmapped + not_here
+            if skipped:
+                print(f"adapter.init_from: {len(skipped)} entries of the file are not used (not in this model or not "
+                      f"adapted by preset={config.preset!r}): {', '.join(skipped[:10])}")
+        # only the adapter is in the checkpoint; the base comes from model.pretrained again on resume
+        self.strict_loading = False
+        return network
+
+    @property
+    def trained_module(self) -> nn.Module:
+        """What the optimizer updates: the adapter, or the whole U-Net."""
+        return self.lora if self.lora is not None else self.unet
+
+    def adapter_roots(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    @property
+    def text_encoder_adapted(self) -> bool:
+        return self.adapter_config is not None and bool(self.adapter_config.text_encoder)
+
+    @contextmanager
+    def sampling_bundle(self, use_ema: bool = True) -> Iterator[ModelBundle]:
+        """The model as sampling sees it, for the length of the block: with an adapter, the (EMA) adapter is applied
+        to the shared frozen networks; without one, `bundle()`."""
+        if self.lora is None:
+            yield self.bundle(use_ema)
+            return
+        weights = self.ema.model if (use_ema and self.ema is not None) else self.lora
+        with self.lora.weights_of(weights) if weights is not self.lora else nullcontext():
+            self.text_encoder._clear_cache()  # contexts made with other adapter weights
+            try:
+                yield ModelBundle(self.unet, self.autoencoder, self.text_encoder, self.schedule, source="training",
+                                  meta={"global_step": self.global_step})
+            finally:
+                self.text_encoder._clear_cache()
+
     # ----------------------------------------------------------------------------------------------- frozen parts
     def train(self, mode: bool = True):
         super().train(mode)
         freeze(self.autoencoder), freeze(self.text_encoder)  # Lightning's .train() must not wake them up
+        if self.text_encoder_adapted:
+            self.text_encoder.frozen = False  # freeze() set eval mode and no grads on the base; the adapter trains
         return self
 
     @torch.no_grad()
@@ -90,9 +154,9 @@ class LatentDiffusion(L.LightningModule):
         drop = torch.rand(len(captions)) < self.p_uncond
         return ["" if d else c for c, d in zip(captions, drop.tolist())], drop
 
-    @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Tensor:
-        return self.text_encoder(list(captions))
+        with torch.set_grad_enabled(self.text_encoder_adapted and torch.is_grad_enabled()):
+            return self.text_encoder(list(captions))
 
     # -------------------------------------------------------------------------------------------------- training
     def forward(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
@@ -102,7 +166,10 @@ class LatentDiffusion(L.LightningModule):
         """Algorithm 1's loss on a batch (caption dropout, random timesteps and noise)."""
         latents = self.encode_images(batch)
         captions, _ = self.drop_captions(batch["caption"])
-        context = self.encode_text(captions) if "context" not in batch else self._dropped_context(batch, captions)
+        if "context" not in batch or self.text_encoder_adapted:  # an adapted encoder cannot use cached contexts
+            context = self.encode_text(captions)
+        else:
+            context = self._dropped_context(batch, captions)
         x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise)
         return diffusion_loss(self(x_t, t, context), target, self.schedule, t, self.min_snr_gamma)
 
@@ -125,7 +192,7 @@ class LatentDiffusion(L.LightningModule):
             loss = loss.clone()  # the decision is on the mean loss over the ranks: every rank skips or none does
             torch.distributed.all_reduce(loss)
             loss /= torch.distributed.get_world_size()
-        params = [p for p in self.unet.parameters() if p.grad is not None]
+        params = [p for p in self.trained_module.parameters() if p.grad is not None]
         grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
                      if params else None)  # DDP has all-reduced the gradients already: the same on every rank
         loss_value = float(loss)
@@ -138,7 +205,7 @@ class LatentDiffusion(L.LightningModule):
             if grad_norm is not None:
                 self.log("train/grad_norm", grad_norm, batch_size=1)
             return
-        for p in self.unet.parameters():
+        for p in self.trained_module.parameters():
             p.grad = None
         self._forget_step_metrics("train/loss", "train/grad_norm")  # no stale value in this step's log row
         log.warning("step %d skipped: %s", self.global_step, reason)
@@ -160,7 +227,7 @@ class LatentDiffusion(L.LightningModule):
         update, before any callback (checkpointing) sees the batch end; a skipped step leaves the EMA alone."""
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None and not self._step_skipped:
-            self.ema.update(self.unet)
+            self.ema.update(self.trained_module)
 
     def _forget_step_metrics(self, *names: str) -> None:
         """Drop this epoch's cached values of these step metrics so that the logger writes none for this step
@@ -194,24 +261,42 @@ class LatentDiffusion(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.unet.parameters())  # only the U-Net trains
+        if self.lora is not None:
+            optimizer = self.optimizer_factory(self.adapter_param_groups())
+        else:
+            optimizer = self.optimizer_factory(self.unet.parameters())  # only the U-Net trains
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
 
+    def adapter_param_groups(self) -> list[dict[str, Any]]:
+        """U-Net and text-encoder adapters as two parameter groups; adapter.unet_lr / text_encoder_lr override
+        optim.lr (the text encoder's defaults to the U-Net adapter's)."""
+        cfg = self.adapter_config
+        groups = []
+        for root, lr in (("unet", cfg.unet_lr), ("text_encoder", cfg.text_encoder_lr or cfg.unet_lr)):
+            params = [p for k, m in self.lora.loras.items() if self.lora.paths[k][0] == root for p in m.parameters()]
+            if params:
+                groups.append({"params": params, "name": f"lora_{root}", **({"lr": float(lr)} if lr else {})})
+        return groups
+
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        bad = [n for n, p in self.unet.named_parameters() if not bool(torch.isfinite(p).all())]
+        trained = self.lora if self.lora is not None else self.unet
+        bad = [n for n, p in trained.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
-            raise FloatingPointError(f"refusing to write a checkpoint with non-finite U-Net weights ({bad[:3]}...); "
+            raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights ({bad[:3]}...); "
                                      "the previous checkpoints are kept")
         checkpoint["ldm"] = {"model": self.model_config, "kind": "latent_diffusion", "guard": self.guard.state_dict()}
+        if self.lora is not None:  # the trainable checkpoint: the adapter (and its EMA), not the frozen base
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if k.startswith(("lora.", "ema."))}
+            checkpoint["ldm"]["adapter"] = asdict(self.adapter_config)
         reason = self.weights_verdict()
         if reason is not None:  # AtomicCheckpointIO writes nothing for it: the previous checkpoints stay the last
             log.warning("step %d: not writing a checkpoint, the weights diverged (%s)", self.global_step, reason)
             checkpoint["ldm"]["refused"] = reason
-
     @torch.no_grad()
     def weights_verdict(self) -> str | None:
         """Do the weights about to be saved still train? The last update's result was never evaluated, so the
@@ -233,9 +318,50 @@ class LatentDiffusion(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.guard.load_state_dict(checkpoint.get("ldm", {}).get("guard", {}))
+        if self.lora is None:
+            return
+        expected = {k for k in self.state_dict() if k.startswith(("lora.", "ema."))}
+        missing = sorted(expected - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} adapter weights of this config (e.g. "
+                             f"{', '.join(missing[:3])}): was it trained with another adapter.preset / rank?")
 
     def bundle(self, use_ema: bool = True) -> ModelBundle:
-        """The model as sampling sees it (EMA weights by default; a copy, so training is untouched)."""
+        """The model as sampling sees it (EMA weights by default; a copy, so training is untouched). With an adapter:
+        copies of the U-Net and text encoder with the (EMA) adapter merged in."""
+        if self.lora is not None:
+            return self._merged_bundle(use_ema)
         unet = self.ema.model if (use_ema and self.ema is not None) else self.unet
         return ModelBundle(unet, self.autoencoder, self.text_encoder, self.schedule, source="training",
                            meta={"global_step": self.global_step})
+
+    def _merged_bundle(self, use_ema: bool) -> ModelBundle:
+        import copy
+
+        weights = self.ema.model if (use_ema and self.ema is not None) else self.lora
+        self.lora.detach()  # copy the bases without the hooks
+        try:
+            roots = {"unet": copy.deepcopy(self.unet), "text_encoder": copy.deepcopy(self.text_encoder)}
+        finally:
+            self.lora.attach(self.adapter_roots())
+        weights.merge_into(roots, 1.0)
+        roots["text_encoder"].frozen = True
+        return ModelBundle(roots["unet"], self.autoencoder, roots["text_encoder"], self.schedule, source="training",
+                           meta={"global_step": self.global_step})
+
+    def on_train_end(self) -> None:
+        """With an adapter: <run>/lora.safetensors (kohya layout: ComfyUI / A1111 / sample.py lora=...), EMA
+        weights when the run kept them."""
+        if self.lora is None or not self.trainer.is_global_zero:
+            return
+        from pathlib import Path
+
+        from ldm.formats.lora_files import ldm_metadata, save_lora_file
+
+        weights = self.ema.model if self.ema is not None else self.lora
+        resolution = self.model_config.get("resolution")
+        path = save_lora_file(weights, self.adapter_roots(), Path(self.trainer.default_root_dir) / "lora.safetensors",
+                              metadata=ldm_metadata(self.adapter_config), resolution=resolution,
+                              training={"ss_steps": str(self.global_step)})
+        self.lora_path = str(path)
+        print(f"LoRA: {path}")

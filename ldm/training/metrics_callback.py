@@ -10,13 +10,14 @@ Enable it with ``callbacks=metrics`` (configs/callbacks/metrics.yaml: the defaul
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 
 from ldm.evaluation.eval_set import EvalItems, first_items, shapes_checker
 from ldm.evaluation.metrics import METRIC_NAMES, ImageMetrics, build_image_metrics, score_share
-from ldm.training.callbacks import data_resolution, generate
+from ldm.pipelines.sampling_options import SamplingOptions
+from ldm.training.callbacks import TRAINING_SAMPLER, data_resolution, generate
 
 log = logging.getLogger("ldm.training")
 
@@ -38,13 +39,13 @@ class ImageMetricsCallback(L.Callback):
     """
 
     def __init__(self, metrics: Sequence[str] = METRIC_NAMES, n_images: int = 256, every_n_steps: int = 0,
-                 inception_weights: str | None = None, clip_model: str | None = None, sampler: str = "ddim",
-                 steps: int = 25, guidance_scale: float = 4.0, seed: int = 0, use_ema: bool = True,
+                 inception_weights: str | None = None, clip_model: str | None = None,
+                 sampler: Any = TRAINING_SAMPLER, guidance_scale: float = 4.0, seed: int = 0, use_ema: bool = True,
                  batch_size: int = 32, kid_subset_size: int = 100, key_prefix: str = "callbacks.metrics."):
         unknown = [m for m in metrics if m not in METRIC_NAMES]
         if unknown:
             raise ValueError(f"{key_prefix}metrics: unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
-        for name, value in (("n_images", n_images), ("batch_size", batch_size), ("steps", steps)):
+        for name, value in (("n_images", n_images), ("batch_size", batch_size)):
             if int(value) < 1:
                 raise ValueError(f"{key_prefix}{name} must be >= 1, got {value}")
         if int(every_n_steps) < 0:
@@ -52,7 +53,8 @@ class ImageMetricsCallback(L.Callback):
         self.metric_names = list(metrics)
         self.n_images, self.every_n_steps, self.batch_size = int(n_images), int(every_n_steps), int(batch_size)
         self.inception_weights, self.clip_model = inception_weights, clip_model
-        self.sampler, self.steps, self.guidance_scale, self.seed = sampler, int(steps), guidance_scale, int(seed)
+        self.sampler = SamplingOptions.of(sampler, key=f"{key_prefix}sampler")  # the whole ${sampler} node
+        self.guidance_scale, self.seed = guidance_scale, int(seed)
         self.use_ema, self.kid_subset_size, self.key_prefix = use_ema, int(kid_subset_size), key_prefix
         self.image_metrics: ImageMetrics | None = None
         self.items: EvalItems | None = None
@@ -118,8 +120,7 @@ class ImageMetricsCallback(L.Callback):
         resolution = self.items.resolution[0] if self.items.resolution else data_resolution(trainer)
 
         def sample(prompts: list[str], seed: int):
-            return generate(pl_module, prompts, sampler=self.sampler, steps=self.steps,
-                            guidance_scale=self.guidance_scale, seed=seed, use_ema=self.use_ema,
+            return generate(pl_module, prompts, sampler=self.sampler, guidance_scale=self.guidance_scale, seed=seed, use_ema=self.use_ema,
                             resolution=resolution)
 
         return score_share(self.image_metrics, self.items, sample, rank=trainer.global_rank,

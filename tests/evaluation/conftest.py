@@ -75,7 +75,7 @@ def inception_weights(tmp_path_factory) -> Path:
 
 
 METRICS_CALLBACK = ["+callbacks.metrics._target_=ldm.training.metrics_callback.ImageMetricsCallback",
-                    "+callbacks.metrics.n_images=4", "+callbacks.metrics.steps=2", "+callbacks.metrics.batch_size=4",
+                    "+callbacks.metrics.n_images=4", "+callbacks.metrics.sampler.steps=2", "+callbacks.metrics.batch_size=4",
                     "+callbacks.metrics.every_n_steps=0"]
 CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
         "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]

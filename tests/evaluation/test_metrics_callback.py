@@ -45,7 +45,7 @@ def test_metric_sampling_is_deterministic_and_keeps_the_training_rng(tmp_path, c
     dm = instantiate(cfg.data)
     dm.setup("fit")
     trainer = SimpleNamespace(datamodule=dm, limit_val_batches=1, world_size=1, global_rank=0, is_global_zero=True)
-    callback = ImageMetricsCallback(metrics=["clip_score", "prompt_accuracy"], n_images=2, steps=2, batch_size=2,
+    callback = ImageMetricsCallback(metrics=["clip_score", "prompt_accuracy"], n_images=2, sampler={"steps": 2}, batch_size=2,
                                     clip_model=str(clip_folder))
     callback.setup(trainer, module, "fit")
     assert list(callback.image_metrics.metrics) == ["clip_score", "prompt_accuracy"] and not callback.warnings

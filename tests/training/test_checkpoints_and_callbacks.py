@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from ldm.training.checkpoint_io import load_training_checkpoint
+from ldm.formats.training_checkpoint import load_training_checkpoint
 from ldm.training.train import train
 
 CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
         "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
 SAMPLING = ["+callbacks.sampling._target_=ldm.training.callbacks.SamplingCallback",
             "+callbacks.sampling.prompts=[a red circle,a blue square]", "+callbacks.sampling.every_n_steps=2",
-            "+callbacks.sampling.steps=3", "+callbacks.sampling.guidance_scale=2.0"]
+            "+callbacks.sampling.sampler.steps=3", "+callbacks.sampling.guidance_scale=2.0"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_sampling_callback_writes_grids(trained):
 def test_refuses_non_checkpoint(tmp_path):
     bad = tmp_path / "x.ckpt"
     bad.write_bytes(b"garbage")
-    from ldm.checkpoints.safe_load import CheckpointError
+    from ldm.formats.safe_load import CheckpointError
 
     with pytest.raises(CheckpointError, match="x.ckpt"):
         load_training_checkpoint(bad)
