@@ -107,12 +107,12 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 
 def _open_image(path: Path, option: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # a copy, turned upright by its EXIF orientation
     except (UnidentifiedImageError, OSError) as err:
         raise SampleConfigError(f"{option}: cannot read image {path} ({err})") from err
 

@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.training.callbacks import DatasetEpochCallback
+from ldm.data.bad_samples import bad_sample_names
+from ldm.training.callbacks import BadSamplesCallback, DatasetEpochCallback
 from ldm.training.config import STAGES
 from ldm.training.config_checks import ConfigError, check_checkpoint_file, check_values
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
@@ -161,6 +162,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
+    bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
+    if hasattr(datamodule, "bad_samples_dir"):
+        datamodule.bad_samples_dir = str(bad_samples_dir)
+        callbacks.append(BadSamplesCallback(bad_samples_dir))
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
@@ -193,12 +198,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             result["vae_check"] = cb.report.as_dict()
         if getattr(cb, "images_per_sec", None):
             result["images_per_sec"] = cb.images_per_sec
+    bad = bad_sample_names(bad_samples_dir)
+    if bad:
+        result["bad_samples"] = bad
     if trainer.is_global_zero:
-        print_summary(result, run_dir)
+        print_summary(result, run_dir, bad_samples_dir)
     return result
 
 
-def print_summary(result: dict[str, Any], run_dir: Path) -> None:
+def print_summary(result: dict[str, Any], run_dir: Path, bad_samples_dir: Path | None = None) -> None:
     """The end of a run: where its files are, how well the frozen VAE fit the data, how fast it trained."""
     print(f"\nrun folder: {run_dir}  ({result['global_step']} steps)")
     for key in ("last_checkpoint", "autoencoder", "sample_grid"):
@@ -212,3 +220,6 @@ def print_summary(result: dict[str, Any], run_dir: Path) -> None:
         print(f"  vae check: PSNR {v['psnr_db']:.1f} dB, mean colour shift {v['colour_shift']:.1f}/255 ({verdict})")
     if "images_per_sec" in result:
         print(f"  throughput: {result['images_per_sec']:.1f} training images/s (all ranks, pauses included)")
+    if result.get("bad_samples"):
+        print(f"  unreadable samples skipped: {len(result['bad_samples'])} (each named once in the log; listed in "
+              f"{bad_samples_dir})")
