@@ -31,8 +31,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
         seed: seed for the val split, the shuffling generator and worker seeds.
         shuffle: shuffle map-style training data.
         drop_last: drop the last incomplete training batch.
-        latent_cache: a folder: train(cfg) encodes the training set once with the frozen VAE into it and trains
-            from the cached posteriors (datasets with ``cache_key()`` only; see ldm.training.latent_prep).
+        latent_cache: a folder: train(cfg) encodes the training set once with the frozen VAE (and text encoder)
+            into it and trains from the cache, encoding only new or changed images on later runs (datasets with
+            ``cache_spec()``; see ldm.training.latent_prep and ldm.data.auto_cache). None: on the fly.
     """
 
     def __init__(
@@ -111,7 +112,14 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.setup("fit")
         loader = self._loader(self.train_dataset, self.batch_size, train=True)
         if isinstance(loader.sampler, ResumableSampler):
-            loader.sampler.skip(self._resumed_samples(len(loader)))
+            epoch, skip = self._resume_point(len(loader))
+            # Lightning creates this loader's iterator (which starts the workers: they copy the dataset, and
+            # take the sampler's first indices) before it sets the sampler's epoch, and after a mid-epoch resume
+            # it calls no on_train_epoch_start: the epoch must be in place now (posterior draws of a latent
+            # cache, shuffled order), for the workers too
+            loader.sampler.set_epoch(epoch)
+            set_dataset_epoch(self.train_dataset, epoch)
+            loader.sampler.skip(skip)
         elif _has_stream_position(self.train_dataset):
             self._resume_stream(self.train_dataset)
         return loader
@@ -179,19 +187,24 @@ class ImageCaptionDataModule(L.LightningDataModule):
             self.train_dataset.consume(batch)
         return batch
 
-    def _resumed_samples(self, batches_per_epoch: int) -> int:
-        """Samples of the current epoch already trained on, from the trainer's restored loop state (0 when not
-        resuming, or when the checkpoint was taken at the end of an epoch): batches done x batch size x world."""
+    def _resume_point(self, batches_per_epoch: int) -> tuple[int, int]:
+        """(epoch, samples of it already trained on) where this training loader starts, from the trainer's
+        loop state (restored from the checkpoint when resuming): (0, 0) without a trainer; the next epoch from
+        its beginning when the checkpoint was taken at the end of an epoch; the samples skipped are batches done
+        x batch size x world size."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
-            return 0
+            return 0, 0
+        epoch = int(trainer.current_epoch)
         done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
         if done >= batches_per_epoch:
-            return 0  # the saved epoch was complete: the next one starts from its beginning
+            # the saved epoch was complete (or a reload at an epoch start): Lightning ends it without fetching and
+            # goes on to the next epoch with this same loader when resuming
+            return epoch + (1 if trainer.fit_loop.restarting else 0), 0
         if done:
             log.info("resuming mid-epoch: the first %d batches of epoch %d are skipped (already trained on)",
-                     done, trainer.current_epoch)
-        return done * self.batch_size * trainer.world_size
+                     done, epoch)
+        return epoch, done * self.batch_size * trainer.world_size
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
@@ -214,6 +227,15 @@ class ImageCaptionDataModule(L.LightningDataModule):
             collate_fn=collate,
             generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),
         )
+
+
+def set_dataset_epoch(dataset, epoch: int) -> None:
+    """Tell a dataset with ``set_epoch`` (a latent cache's posterior draws, webdataset shards), also under a
+    ``Subset`` (a val split), which epoch it serves."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if callable(getattr(dataset, "set_epoch", None)):
+        dataset.set_epoch(epoch)
 
 
 def _has_stream_position(dataset) -> bool:

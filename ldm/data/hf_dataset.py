@@ -95,6 +95,27 @@ class HFDataset(Dataset):
         image = self.transform(_to_pil(row[self.image_column]))
         return {"image": image, "caption": self._caption(row), "index": i}
 
+    @property
+    def resolution(self) -> int:
+        return self.transform.resolution
+
+    def cache_spec(self):
+        """What the automatic latent cache depends on: the table's fingerprint (`datasets` changes it whenever the
+        data or its processing does), the columns and the transform; each row is one item."""
+        import copy
+
+        from ldm.data.auto_cache import CacheSpec
+
+        version = getattr(self.table, "_fingerprint", None) or f"rows={len(self.table)}"
+        t = self.transform
+        settings = {"kind": "HFDataset", "path": self.path, "split": self.split, "image_column": self.image_column,
+                    "caption_column": self.caption_column, "resolution": t.resolution, "center_crop": t.center_crop}
+        plain = copy.copy(self)
+        plain.transform = ImageTransform(t.resolution, center_crop=True, random_flip=False)
+        items = [f"{version}:{i}" for i in range(len(self.table))]
+        return CacheSpec(settings, items, plain, flip=t.random_flip, random_crop=not t.center_crop,
+                         resolution=t.resolution)
+
     def _caption(self, row: dict) -> str:
         if self.caption_column is None:
             return ""

@@ -85,6 +85,29 @@ class ImageFolderDataset(Dataset):
         image = self.transform(decode_image(str(self.root / key)))
         return {"image": image, "caption": self.captions[i], "key": key, "index": i}
 
+    @property
+    def resolution(self) -> int:
+        return self.transform.resolution
+
+    def cache_spec(self):
+        """What the automatic latent cache depends on: each file's path, size, mtime and caption, the root and
+        the transform (`ldm.data.auto_cache`). A changed file gets a new identity and is encoded again."""
+        import copy
+
+        from ldm.data.auto_cache import CacheSpec
+
+        items = []
+        for key, caption in zip(self.files, self.captions):
+            stat = (self.root / key).stat()
+            items.append(json.dumps([key, stat.st_size, stat.st_mtime_ns, caption]))
+        t = self.transform
+        settings = {"kind": "ImageFolderDataset", "root": str(self.root.resolve()), "resolution": t.resolution,
+                    "center_crop": t.center_crop}
+        plain = copy.copy(self)
+        plain.transform = ImageTransform(t.resolution, center_crop=True, random_flip=False)
+        return CacheSpec(settings, items, plain, flip=t.random_flip, random_crop=not t.center_crop,
+                         resolution=t.resolution)
+
     def _find_images(self) -> list[str]:
         return sorted(
             p.relative_to(self.root).as_posix()

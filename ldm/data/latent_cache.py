@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from ldm.formats.safe_build import INT, Param, check_kwargs, check_plain
+
 logger = logging.getLogger("ldm.data")
 
 FORMAT = "ldm-latent-cache"
@@ -82,6 +84,10 @@ def read_manifest(path: str | Path) -> dict:
 def _check_manifest(manifest: Any, file: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LatentCacheError(f"{file} is not a latent cache manifest (no \"format\": \"{FORMAT}\")")
+    check_plain(manifest, source=str(file), key="manifest", max_list=10**8)  # data only: no _target_ / _args_ / ... anywhere
+    for key in ("latent_shape", "context_shape"):
+        check_kwargs({key: manifest.get(key) or []}, {key: Param(INT, 1, 65536, list_of=True)}, source=str(file),
+                     key="manifest")
     if manifest.get("version") != VERSION:
         raise LatentCacheError(f"{file}: manifest version {manifest.get('version')!r}, this code reads {VERSION}")
     required = ("store", "text", "shard_size", "dtype", "latent_shape", "scaling_factor", "shift_factor", "shards")
@@ -174,6 +180,18 @@ class _Encoder:
         return {k: v.detach().to("cpu", self.dtype).contiguous() for k, v in out.items()}
 
 
+class _EncodeFunction:
+    """A caller's encode function as an `_Encoder`: rows on the CPU, in the storage dtype."""
+
+    def __init__(self, encode, dtype: torch.dtype, device):
+        self.encode, self.dtype, self.device = encode, dtype, torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, captions: list[str], generator: torch.Generator | None) -> dict:
+        out = self.encode(images, list(captions), generator)
+        return {k: v.detach().to("cpu", self.dtype).contiguous() for k, v in out.items()}
+
+
 def _write_shard(path: Path, rows: dict[str, list[torch.Tensor]], captions: list[str], indices: list[int],
                  k: int) -> int:
     from safetensors.torch import save_file
@@ -218,6 +236,9 @@ def build_latent_cache(
     overwrite: bool = False,
     progress: bool = True,
     description: dict | None = None,
+    encode: Callable[[torch.Tensor, list[str], torch.Generator | None], dict] | None = None,
+    scaling_factor: float | None = None,
+    shift_factor: float | None = None,
 ) -> dict:
     """Encode every sample of `source` into `out_dir`; returns the manifest.
 
@@ -239,13 +260,17 @@ def build_latent_cache(
         max_samples: encode only the first `max_samples` samples.
         overwrite: delete an existing cache in `out_dir` first (otherwise it is resumed).
         description: extra JSON-able info stored in the manifest (e.g. how the source was built).
+        encode: instead of `vae` / `text_encoder`, a callable (images, captions, generator) -> {"mean", "logvar"}
+            (store="posterior") or {"latents"}, plus "context" (text="context"): the rows of one batch, so the
+            caller (ldm.training) owns the networks; vae may then be None, and scaling_factor / shift_factor
+            say how its latents are scaled.
     """
     if store not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {store!r}")
     text = text or ("context" if text_encoder is not None else "caption")
     if text not in TEXTS:
         raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
-    if text == "context" and text_encoder is None:
+    if text == "context" and text_encoder is None and encode is None:
         raise ValueError("text='context' needs a text_encoder (or use text='caption' to store captions only)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -261,13 +286,20 @@ def build_latent_cache(
     if max_samples is not None:
         num_samples = int(max_samples) if num_samples is None else min(int(max_samples), num_samples)
     # limit: samples to encode (None: an iterable source, to its end)
+    if scaling_factor is None:
+        scaling_factor = _factor(vae, "scaling_factor", 1.0)
+    if shift_factor is None:
+        shift_factor = _factor(vae, "shift_factor", 0.0)
     settings = dict(store=store, text=text, shard_size=shard_size, dtype=dtype, limit=num_samples, seed=int(seed),
-                    scaling_factor=_factor(vae, "scaling_factor", 1.0), shift_factor=_factor(vae, "shift_factor", 0.0))
+                    scaling_factor=float(scaling_factor), shift_factor=float(shift_factor))
     manifest = _start_manifest(out, settings, overwrite)
     manifest.update(source=repr(source), vae=_config(vae), text_encoder=_config(text_encoder),
                     description=description or {})
-    encoder = _Encoder(vae, text_encoder, store, text, DTYPES[dtype], device, amp,
-                       manifest["scaling_factor"], manifest["shift_factor"])
+    if encode is None:
+        encoder = _Encoder(vae, text_encoder, store, text, DTYPES[dtype], device, amp,
+                           manifest["scaling_factor"], manifest["shift_factor"])
+    else:
+        encoder = _EncodeFunction(encode, DTYPES[dtype], device)
     loader_kwargs = dict(batch_size=batch_size, num_workers=int(num_workers), collate_fn=_collate,
                          pin_memory=device.type == "cuda")
     was_training = [(m, m.training) for m in (vae, text_encoder) if isinstance(m, torch.nn.Module)]
@@ -495,15 +527,15 @@ def make_vae(preset: str, weights: str | None):
         return AutoencoderKL.from_preset(preset)
     path = Path(weights).expanduser()
     if path.is_dir():
-        from ldm.checkpoints.diffusers_folder import load_diffusers_folder
+        from ldm.formats.diffusers_folder import load_diffusers_folder
 
         folder = path.parent if (path / "config.json").is_file() and path.name == "vae" else path
         return load_diffusers_folder(folder, components=("vae",))["vae"]
-    from ldm.checkpoints.safe_load import load_into, load_state_dict
+    from ldm.formats.safe_load import load_into, load_state_dict
 
     state = load_state_dict(path)
     if any(k.startswith("model.diffusion_model.") for k in state):
-        from ldm.checkpoints.single_file import split_sd_checkpoint
+        from ldm.formats.single_file import split_sd_checkpoint
 
         state = split_sd_checkpoint(state)["vae"]
     vae = AutoencoderKL.from_preset(preset)

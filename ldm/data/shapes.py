@@ -170,6 +170,13 @@ class ShapesDataset(Dataset):
                            "backgrounds": self.backgrounds, "min_scale": self.min_scale,
                            "max_scale": self.max_scale, "template": self.template}, sort_keys=True)
 
+    def cache_spec(self):
+        """The automatic latent cache's key: the parameters (`cache_key`); sample i is item i."""
+        from ldm.data.auto_cache import CacheSpec
+
+        return CacheSpec({"kind": "ShapesDataset", "key": self.cache_key()}, [str(i) for i in range(self.size)],
+                         self, resolution=self.resolution)
+
     def checker(self) -> ShapesChecker:
         """A checker whose palette is this dataset's shape colours."""
         return ShapesChecker(colors=self.colors)

@@ -203,6 +203,36 @@ class WebDatasetSource(IterableDataset):
         return position
 
     # ------------------------------------------------------------------------------------------------- iteration
+    @property
+    def resolution(self) -> int:
+        return self.transform.resolution
+
+    def cache_spec(self):
+        """What the automatic latent cache depends on: every shard (with its size and mtime when it is a local
+        file), the keys read and the transform. The stream is cached as a whole, read once in shard order."""
+        import os
+
+        from ldm.data.auto_cache import CacheSpec
+
+        shards = []
+        for url in self.urls:
+            path = url[len("file:"):] if url.startswith("file:") else url
+            try:
+                stat = os.stat(path)
+                shards.append([url, stat.st_size, stat.st_mtime_ns])
+            except OSError:  # a URL: its name is all we know
+                shards.append([url])
+        t = self.transform
+        settings = {"kind": "WebDatasetSource", "shards": shards, "image_keys": list(self.image_keys),
+                    "caption_keys": list(self.caption_keys), "json_caption_field": self.json_caption_field,
+                    "resolution": t.resolution, "center_crop": t.center_crop}
+        plain = WebDatasetSource(self.urls, resolution=t.resolution, center_crop=True, random_flip=False,
+                                 shuffle_buffer=0, shuffle_shards=False, resampled=False, seed=self.seed,
+                                 image_keys=self.image_keys, caption_keys=self.caption_keys,
+                                 json_caption_field=self.json_caption_field)
+        return CacheSpec(settings, None, plain, flip=t.random_flip, random_crop=not t.center_crop,
+                         resolution=t.resolution)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
         epoch = self.epoch

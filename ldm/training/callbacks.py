@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from ldm.data.datamodule import set_dataset_epoch
 from ldm.pipelines.images import labelled_grid, to_pil
 from ldm.pipelines.sampling_options import SamplingOptions
 
@@ -44,14 +45,14 @@ def generate(pl_module, prompts: list[str], *, sampler: SamplingOptions, guidanc
     setting of the ``sampler`` node (steps, eta, karras, spacing, ...)."""
     from ldm.pipelines import text_to_image
 
-    bundle = pl_module.bundle(use_ema=use_ema)
-    was_training = bundle.unet.training
-    bundle.unet.eval()
-    try:
-        return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
-                             height=resolution, width=resolution)
-    finally:
-        bundle.unet.train(was_training)
+    with pl_module.sampling_bundle(use_ema=use_ema) as bundle:  # with an adapter: the (EMA) adapter applied
+        was_training = bundle.unet.training
+        bundle.unet.eval()
+        try:
+            return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
+                                 height=resolution, width=resolution)
+        finally:
+            bundle.unet.train(was_training)
 
 
 def training_source(trainer: L.Trainer):
@@ -66,7 +67,9 @@ def training_source(trainer: L.Trainer):
 
 
 def data_resolution(trainer: L.Trainer) -> int | None:
-    return getattr(training_source(trainer), "resolution", None)
+    """The training resolution train(cfg) recorded in the model config, else the training source's."""
+    recorded = (getattr(trainer.lightning_module, "model_config", None) or {}).get("resolution")
+    return recorded or getattr(training_source(trainer), "resolution", None)
 
 
 class DatasetEpochCallback(L.Callback):
@@ -76,8 +79,8 @@ class DatasetEpochCallback(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
         ds = getattr(dm, "train_dataset", None) if dm is not None else None
-        if hasattr(ds, "set_epoch"):
-            ds.set_epoch(trainer.current_epoch)
+        if ds is not None:
+            set_dataset_epoch(ds, trainer.current_epoch)
 
 
 class ThroughputCallback(L.Callback):

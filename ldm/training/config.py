@@ -26,6 +26,7 @@ class TrainConfig:
     schedule: Any = None
     sampler: SamplingOptions = field(default_factory=SamplingOptions)  # the training callbacks' (configs/sampler/)
     module: Any = MISSING
+    adapter: Any = None  # configs/adapter/: LoRA on a frozen base (null: train the whole U-Net)
     optim: Any = MISSING
     lr_scheduler: Any = None
     loss: Any = None  # autoencoder stage only
@@ -39,4 +40,7 @@ STAGES = ("diffusion", "autoencoder")
 
 
 def register_configs() -> None:
+    from ldm.training.run_folder import register_resolver
+
+    register_resolver()  # ${ldm_unique_dir:...} of configs/hydra/default.yaml
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)

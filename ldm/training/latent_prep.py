@@ -1,15 +1,18 @@
-"""Encode the training set once with the frozen VAE, then train from the cached posteriors.
+"""The automatic latent cache of train(cfg): encode the training set once with the frozen VAE (and the frozen text
+encoder), then train from the cache.
 
-The VAE is frozen, so encoding every image again each epoch (a quarter of the embedded default's step) buys
-nothing: with ``data.latent_cache=<folder>`` train(cfg) writes the training set's posteriors (mean + logvar)
-into ``<folder>/<dataset>-<fingerprint>/`` before fitting (with a progress bar; a killed build resumes) and
-swaps the training dataset for a `CachedLatentsDataset` over them, which draws a fresh latent per sample and
-epoch (seeded by seed, epoch and index, so resumes stay exact). The fingerprint covers the dataset's
-`cache_key()` and the VAE's weights and scaling, so another VAE or other data never reads a stale cache.
+The VAE and the text encoder are frozen, so encoding every image and caption again each epoch buys nothing. With
+``data.latent_cache=<root>`` (the default of data=shapes / folder / hf / webdataset) train(cfg) keeps
+``<root>/<Dataset>-<16 hex>/`` in step with the training set (`ldm.data.auto_cache.sync_cache`, with a progress bar;
+only new or changed images are encoded, a killed build is finished next time) and swaps the training dataset for
+a view of it that draws a fresh latent per sample and epoch (seeded by seed, epoch and index: resumes stay exact).
 
-Only datasets that are a pure function of their parameters (they define ``cache_key()``: the synthetic
-shapes) are cached this way; for image folders, HF datasets and shards build a cache explicitly with
-``python -m ldm.data.latent_cache`` and train with ``data=latent_cache``.
+The folder name is a hash of what the cache depends on besides the images themselves: the dataset's settings
+(root, transform), the VAE's weights and scaling, the text encoder's weights (when contexts are cached) and the
+store. The images are keyed one by one inside it (for a folder: path, size, mtime, caption).
+
+What cannot be cached: a random crop (``center_crop=false``; each epoch sees another crop) trains on the fly, with
+a warning; ``data.latent_cache=null`` trains on the fly always (for augmentations of your own).
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.cached_latents import CachedLatentsDataset
-from ldm.data.latent_cache import LatentCacheError, build_latent_cache, read_manifest
+from ldm.data.auto_cache import CacheSpec, CachedView, cache_spec, sync_cache
 
 log = logging.getLogger("ldm.training")
 
@@ -42,59 +45,102 @@ def weights_fingerprint(module: torch.nn.Module, *extra: object) -> str:
     return digest.hexdigest()
 
 
-def cache_folder(root: str | Path, dataset: Dataset, autoencoder: torch.nn.Module, store: str) -> Path:
-    """``<root>/<Dataset>-<16 hex>``: one folder per (dataset parameters, VAE weights, store)."""
-    key = getattr(dataset, "cache_key", None)
-    if not callable(key):
+def spec_of(dataset: Dataset) -> CacheSpec:
+    """The dataset's CacheSpec, or a ValueError that names the way out."""
+    spec = cache_spec(dataset)
+    if spec is None:
         raise ValueError(
-            f"data.latent_cache: {type(dataset).__name__} is not a pure function of its parameters (it has no "
-            "cache_key()), so a cache could silently go stale. Build one explicitly with "
-            "`python -m ldm.data.latent_cache ...` and train with data=latent_cache, or set data.latent_cache=null."
+            f"data.latent_cache: {type(dataset).__name__} does not say what its samples depend on (no cache_spec()), "
+            "so a cache of it could silently go stale. Set data.latent_cache=null to encode on the fly."
         )
-    fingerprint = weights_fingerprint(autoencoder, key(), store, getattr(autoencoder, "scaling_factor", 1.0),
-                                      getattr(autoencoder, "shift_factor", 0.0))
-    return Path(root).expanduser() / f"{type(dataset).__name__}-{fingerprint[:16]}"
+    return spec
 
 
-def _complete(folder: Path) -> bool:
-    """A finished cache; False for none, or an unreadable manifest (the build then says what is wrong with it)."""
+def cache_folder(root: str | Path, spec: CacheSpec, autoencoder: torch.nn.Module, store: str,
+                 text_encoder: torch.nn.Module | None = None) -> Path:
+    """``<root>/<kind>-<16 hex>``: one folder per (dataset settings, VAE weights, store, text encoder weights)."""
+    extra: list[Any] = [json.dumps(spec.settings, sort_keys=True, default=str), store,
+                        getattr(autoencoder, "scaling_factor", 1.0), getattr(autoencoder, "shift_factor", 0.0)]
+    if text_encoder is not None:
+        extra.append(weights_fingerprint(text_encoder))
+    fingerprint = weights_fingerprint(autoencoder, *extra)
+    return Path(root).expanduser() / f"{spec.settings.get('kind', 'dataset')}-{fingerprint[:16]}"
+
+
+def text_encoder_is_frozen(text_encoder: torch.nn.Module) -> bool:
+    return not any(p.requires_grad for p in text_encoder.parameters())
+
+
+def make_encode(autoencoder: torch.nn.Module, text_encoder: torch.nn.Module | None, store: str) -> Callable:
+    """The encode function the data library calls: a batch of images + captions -> the rows of the cache."""
     try:
-        return bool(read_manifest(folder).get("complete"))
-    except (FileNotFoundError, LatentCacheError):
-        return False
+        param = next(autoencoder.parameters())
+        device, dtype = param.device, param.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor, captions: list[str], generator=None) -> dict:
+        x = images.to(device, dtype)
+        if store == "posterior":
+            posterior = autoencoder.encode(x)  # the VAE's diagonal Gaussian, unscaled (seed eq. for z ~ q(z|x))
+            rows = {"mean": posterior.mean, "logvar": posterior.logvar}
+        else:
+            rows = {"latents": autoencoder.encode_latents(x, sample=False)}
+        if text_encoder is not None:
+            rows["context"] = text_encoder(list(captions))  # (B, L, D)
+        return rows
+
+    return encode
 
 
 def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, seed: int = 0,
-                        batch_size: int = 64, progress: bool = True) -> CachedLatentsDataset:
-    """Build (rank 0; other ranks wait for it) or reuse the cache of `datamodule.train_dataset`, and train from it.
+                        batch_size: int = 64, progress: bool = True) -> CachedView | None:
+    """Sync (rank 0; other ranks wait for it) the cache of `datamodule.train_dataset` and train from it.
 
-    The original dataset stays available as ``datamodule.source_dataset`` (callbacks read its resolution and,
-    for the shapes, its colours and captions)."""
+    Returns the view, or None when the data cannot be cached (a random crop: trained on the fly). The original
+    dataset stays available as ``datamodule.source_dataset`` (callbacks read its resolution and captions)."""
     datamodule.setup("fit")
     source = datamodule.train_dataset
+    spec = spec_of(source)
+    if spec.random_crop:
+        message = ("data.latent_cache: the training images are cropped at random (center_crop=false), which a "
+                   "cache cannot hold; every batch is encoded on the fly instead (set data.train.center_crop=true "
+                   "to cache, or data.latent_cache=null to silence this)")
+        log.warning(message)
+        print(f"WARNING {message}")
+        return None
     store = "posterior" if module.sample_posterior else "mode"
-    folder = cache_folder(root, source, module.autoencoder, store)
-    if not _complete(folder):
-        if rank == 0:
-            print(f"encoding the training set once with the frozen VAE into {folder}")
-            start = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):  # the run's random streams must not depend on the cache state
-                build_latent_cache(source, folder, module.autoencoder, None, store=store, text="caption",
-                                   batch_size=batch_size, seed=seed, progress=progress,
-                                   description={"dataset": repr(source), "cache_key": str(source.cache_key())})
-            log.info("latent cache %s written in %.1f s", folder, time.perf_counter() - start)
+    text_encoder = module.text_encoder if text_encoder_is_frozen(module.text_encoder) else None
+    folder = cache_folder(root, spec, module.autoencoder, store, text_encoder)
+    options = dict(store=store, text="context" if text_encoder is not None else "caption",
+                   scaling_factor=float(getattr(module.autoencoder, "scaling_factor", 1.0)),
+                   shift_factor=float(getattr(module.autoencoder, "shift_factor", 0.0)), seed=seed, batch_size=batch_size,
+                   progress=progress, description={"dataset": repr(source)})
+    encode = make_encode(module.autoencoder, text_encoder, store)
+    if rank == 0:
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # the run's random streams must not depend on the cache state
+            view = sync_cache(folder, spec, encode, **options)
+        if view.encoded:
+            log.info("latent cache %s: %d image(s) encoded in %.1f s", folder, view.encoded,
+                     time.perf_counter() - start)
         else:
-            _wait_for(folder)
+            print(f"training from the latent cache {folder} (nothing new to encode)")
     else:
-        log.info("training from the latent cache %s", folder)
+        view = _wait_for(folder, spec, options)
     datamodule.source_dataset = source
-    datamodule.train_dataset = CachedLatentsDataset(folder, sample=module.sample_posterior, seed=seed)
-    return datamodule.train_dataset
+    datamodule.train_dataset = view
+    return view
 
 
-def _wait_for(folder: Path) -> None:
+def _wait_for(folder: Path, spec: CacheSpec, options: dict) -> CachedView:
+    """Other ranks: read the cache once rank 0 has it complete (never encode, never delete)."""
     deadline = time.monotonic() + WAIT_SECONDS
-    while not _complete(folder):
+    while True:
+        view = sync_cache(folder, spec, None, read_only=True, **options)
+        if view is not None:
+            return view
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank 0 did not finish the latent cache {folder} within {WAIT_SECONDS} s")
         time.sleep(2.0)

@@ -10,18 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.training.callbacks import DatasetEpochCallback
 from ldm.training.config import STAGES
+from ldm.training.config_checks import ConfigError, check_checkpoint_file, check_values
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
+from ldm.training.run_folder import fold_into
 
 log = logging.getLogger("ldm.training")
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before training starts; the message names the key to fix."""
 
 
 def build(node: Any, key: str, **kwargs: Any) -> Any:
@@ -41,14 +40,14 @@ def validate(cfg: DictConfig) -> None:
     """Cheap checks on values, before anything is built."""
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
-    bs = OmegaConf.select(cfg, "data.batch_size")
-    if bs is not None and int(bs) <= 0:
-        raise ConfigError(f"data.batch_size must be a positive integer, got {bs}")
+    check_values(cfg)  # batch size, learning rate, val_check_interval, resolution vs the model
     steps = OmegaConf.select(cfg, "trainer.max_steps")
     if steps is not None and int(steps) == 0:
         raise ConfigError("trainer.max_steps is 0: nothing would train (use -1 for no step limit)")
     if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).exists():
         raise ConfigError(f"ckpt_path: checkpoint not found: {cfg.ckpt_path}")
+    if cfg.ckpt_path not in (None, "last"):
+        check_checkpoint_file(cfg.ckpt_path)
 
 
 def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
@@ -64,10 +63,15 @@ def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     # objects are passed to the partial, not to instantiate (Hydra would turn the dataclass schedule into a config)
-    module = build(cfg.module, "module", _partial_=True)(
-        unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,
-        optimizer=build(cfg.optim, "optim"),
-        lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None)
+    make_module = build(cfg.module, "module", _partial_=True)
+    adapter = build(cfg.adapter, "adapter") if OmegaConf.select(cfg, "adapter") else None
+    try:
+        module = make_module(
+            unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,
+            optimizer=build(cfg.optim, "optim"),
+            lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None, adapter=adapter)
+    except ValueError as e:  # bad values found while building (adapter.init_from file, ...): name them
+        raise ConfigError(str(e)) from e
     module.model_config = {"model": OmegaConf.to_container(m, resolve=True),
                            "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
                            "resolution": OmegaConf.select(cfg, "data.train.resolution", default=None)}
@@ -110,8 +114,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run_dir = find_last_run(cfg, run_dir)
         OmegaConf.update(cfg, "paths.run_dir", str(run_dir))
         print(f"resuming {run_dir / 'checkpoints' / 'last.ckpt'}")
+        if HydraConfig.initialized():  # Hydra's fresh folder for this process: its files go into the run's
+            fold_into(Path(HydraConfig.get().runtime.output_dir), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
+    if cfg.ckpt_path == "last":
+        check_checkpoint_file(ckpt_path)
     if ckpt_path:
         keep_metrics_history(run_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -129,12 +137,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                                               default=True)))
         except ValueError as e:
             raise ConfigError(str(e)) from e
+    if cfg.stage == "diffusion":  # every checkpoint and export records it, whatever the data source
+        from ldm.training.resolution import training_resolution
+
+        module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
+                                             or module.model_config.get("resolution"))
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    for cb in trainer.checkpoint_callbacks:  # partial files of a save that was killed (or ran out of disk)
+        for stale in AtomicCheckpointIO.remove_stale(cb.dirpath) if getattr(cb, "dirpath", None) else []:
+            log.warning("removed %s, left by an interrupted checkpoint save", stale)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -1,5 +1,5 @@
 """data.latent_cache: the training set is encoded once by the frozen VAE, reused by later runs, keyed by the data
-and the VAE weights, and training from it is reproducible."""
+and the VAE weights, and training from it is reproducible; image folders are cached automatically."""
 
 import json
 
@@ -10,6 +10,7 @@ from ldm.data.cached_latents import CachedLatentsDataset
 from ldm.data.latent_cache import build_latent_cache
 from ldm.data.shapes import ShapesDataset
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.data.auto_cache import cache_spec
 from ldm.training.latent_prep import cache_folder
 from ldm.training.train import ConfigError, train
 from tests.training.conftest import assert_same_run, logged_losses
@@ -22,17 +23,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_encoded_once_then_reused_with_identical_training(tiny_cfg, tmp_path, capsys):
     first = train(tiny_cfg(*CACHE))
-    assert "encoding the training set once" in capsys.readouterr().out
+    assert "encoding 40 image(s) once" in capsys.readouterr().out
     folders = list((tmp_path.parent / "ldm-cache" / "latents").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("ShapesDataset-")
-    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    part = folders[0] / "part-00000"
+    manifest = json.loads((part / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_samples"] == 40 and manifest["store"] == "posterior"
-    shard_mtime = (folders[0] / "shard-00000.safetensors").stat().st_mtime_ns
+    assert manifest["text"] == "context", "the frozen text encoder's contexts are cached too"
+    shard_mtime = (part / "shard-00000.safetensors").stat().st_mtime_ns
     losses = logged_losses(tmp_path / "run")
 
     second = train(tiny_cfg(*CACHE, "paths.run_dir=" + str(tmp_path / "again")))
-    assert "encoding the training set once" not in capsys.readouterr().out
-    assert (folders[0] / "shard-00000.safetensors").stat().st_mtime_ns == shard_mtime
+    assert "nothing new to encode" in capsys.readouterr().out
+    assert (part / "shard-00000.safetensors").stat().st_mtime_ns == shard_mtime
     assert logged_losses(tmp_path / "again") == losses, "a reused cache trains exactly like a fresh one"
     assert second["metrics"]["train/loss"] == first["metrics"]["train/loss"]
 
@@ -55,29 +58,37 @@ def test_cached_training_sees_the_same_latents_as_encoding_on_the_fly(tmp_path):
 def test_cache_folder_depends_on_data_and_vae_weights(tmp_path):
     torch.manual_seed(0)
     vae = AutoencoderKL.from_preset("tiny")
-    a = cache_folder(tmp_path, ShapesDataset(size=8, resolution=16), vae, "posterior")
-    assert a == cache_folder(tmp_path, ShapesDataset(size=8, resolution=16), vae, "posterior")
-    assert a != cache_folder(tmp_path, ShapesDataset(size=9, resolution=16), vae, "posterior")
-    assert a != cache_folder(tmp_path, ShapesDataset(size=8, resolution=16, seed=1), vae, "posterior")
-    assert a != cache_folder(tmp_path, ShapesDataset(size=8, resolution=16), vae, "mode")
+
+    def folder(vae=vae, store="posterior", **kwargs):
+        return cache_folder(tmp_path, cache_spec(ShapesDataset(**{"size": 8, "resolution": 16, **kwargs})), vae, store)
+
+    a = folder()
+    assert a == folder()
+    assert a != folder(size=9)
+    assert a != folder(seed=1)
+    assert a != folder(store="mode")
     with torch.no_grad():
         next(vae.parameters()).add_(1e-3)
-    assert a != cache_folder(tmp_path, ShapesDataset(size=8, resolution=16), vae, "posterior")
+    assert a != folder()
 
 
-def test_a_dataset_without_cache_key_is_refused_before_training(tiny_cfg, tmp_path):
-    from PIL import Image
-
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(4):
-        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"image {i}")
-    cfg = tiny_cfg("data=folder", f"data.train.root={images}", "data.train.resolution=16",
-                   "++data.latent_cache=${paths.cache_dir}/latents", "data.batch_size=2")
-    with pytest.raises(ConfigError, match="cache_key"):
+def test_a_dataset_without_cache_spec_is_refused_before_training(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("data.train._target_=tests.training.test_latent_prep.PlainDataset", "~data.train.size",
+                   "~data.train.resolution", "~data.train.seed", "~data.val",
+                   "++data.latent_cache=${paths.cache_dir}/latents")
+    with pytest.raises(ConfigError, match="data.latent_cache=null"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class PlainDataset(torch.utils.data.Dataset):
+    """A user's own dataset that does not say what its samples depend on."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"image": torch.zeros(3, 16, 16), "caption": "x"}
 
 
 def test_clean_stop_mid_epoch_then_resume_from_the_cache_is_exact(tmp_path):

@@ -31,7 +31,7 @@ def write_shards(folder: Path) -> str:
 
 def config(root: Path, urls: str, *extra: str):
     overrides = [o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "trainer.val_check_interval",
-                                                            "trainer.limit_val_batches", "data.latent_cache"))]
+                                                            "trainer.limit_val_batches"))]
     return compose_train(root, [
         *overrides, "data=webdataset", f"data.train.urls='{urls}'", "data.train.resolution=16",
         "data.num_workers=2", "data.train.shuffle_buffer=5", "trainer.limit_val_batches=0",

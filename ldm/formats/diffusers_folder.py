@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ldm.checkpoints.diffusers_keys import (
+from ldm.formats.diffusers_keys import (
     unet_config_from_diffusers,
     unet_diffusers_config,
     unet_diffusers_to_ldm,
@@ -20,7 +20,8 @@ from ldm.checkpoints.diffusers_keys import (
     vae_diffusers_to_ldm,
     vae_ldm_to_diffusers,
 )
-from ldm.checkpoints.safe_load import CheckpointError, load_into, load_state_dict
+from ldm.formats.safe_load import CheckpointError, load_into, load_state_dict
+from ldm.formats.safe_build import build_network, check_plain, read_clip_text_config
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 SCHEDULER_DEFAULTS = {
@@ -32,6 +33,8 @@ SCHEDULER_DEFAULTS = {
 }
 SCHEDULER_OPTIONAL = ("timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "clip_sample",
                       "set_alpha_to_one")
+# Bookkeeping keys diffusers writes into config.json (never read here); any other "_" key (_target_, ...) is refused.
+DIFFUSERS_METADATA = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 _HUB_PATTERNS = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
 
 
@@ -104,11 +107,23 @@ def load_diffusers_folder(path_or_hub_id, unet=None, vae=None, text_encoder=None
     return out
 
 
+def _converted(convert, sub: Path) -> dict:
+    """Our constructor arguments from a component's ``config.json`` (a file: plain values checked first)."""
+    path = sub / "config.json"
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    check_plain({k: v for k, v in config.items() if k not in DIFFUSERS_METADATA}, source=str(path), key="config")
+    try:
+        return convert(config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unsupported config ({type(err).__name__}: {err})") from err
+
+
 def _load_unet(sub: Path, unet, strict: bool, variant):
     if unet is None:
-        from ldm.models.unet import UNet
-
-        unet = UNet(**unet_config_from_diffusers(_read_json(sub / "config.json")))
+        unet = build_network("unet", _converted(unet_config_from_diffusers, sub), source=str(sub / "config.json"),
+                             key="unet")
     state = unet_diffusers_to_ldm(read_weights(sub, "diffusion_pytorch_model", variant), unet.config)
     load_into(unet, state, source=str(sub), strict=strict)
     return unet
@@ -116,9 +131,8 @@ def _load_unet(sub: Path, unet, strict: bool, variant):
 
 def _load_vae(sub: Path, vae, strict: bool, variant):
     if vae is None:
-        from ldm.models.autoencoder import AutoencoderKL
-
-        vae = AutoencoderKL(**vae_config_from_diffusers(_read_json(sub / "config.json")))
+        vae = build_network("autoencoder", _converted(vae_config_from_diffusers, sub),
+                            source=str(sub / "config.json"), key="vae")
     state = vae_diffusers_to_ldm(read_weights(sub, "diffusion_pytorch_model", variant), vae.config)
     load_into(vae, state, source=str(sub), strict=strict)
     return vae
@@ -128,6 +142,7 @@ def _load_text_encoder(sub: Path, text_encoder, strict: bool, variant):
     from ldm.models.text_encoder import CLIPTextEncoder, to_module_keys
 
     if text_encoder is None:
+        read_clip_text_config(sub)  # sizes checked before transformers allocates them
         return CLIPTextEncoder.from_pretrained(sub.parent)
     model = getattr(text_encoder, "model", text_encoder)
     state = to_module_keys(read_weights(sub, "model", variant), model)

@@ -1,7 +1,7 @@
 """Writers for the formats other tools read: a diffusers ``StableDiffusionPipeline`` folder, and an original
 Stable Diffusion single file with its ``v1-inference.yaml``-style config.
 
-Writers take a :class:`~ldm.bundle.ModelBundle` and never modify it: weights are read from ``state_dict()`` and cast
+Writers take a :class:`~ldm.formats.bundle.ModelBundle` and never modify it: weights are read from ``state_dict()`` and cast
 on the way out (``dtype``), so exporting fp16 leaves the caller's fp32 modules as they were.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ldm.bundle import ModelBundle
+from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.schedules import NoiseSchedule
 
 # Our schedule kinds -> diffusers' beta_schedule names, and -> the original ldm code's (``make_beta_schedule``).
@@ -26,6 +26,7 @@ ORIGINAL_PARAMETERIZATION = {"epsilon": "eps", "v_prediction": "v", "sample": "x
 # diffusers' defaults for the betas of a cosine schedule (unused by squaredcos_cap_v2, but the field is a float).
 _DIFFUSERS_BETA_DEFAULTS = (0.0001, 0.02)
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose classes read these configs (pyproject's floor)
+SD_NORM_GROUPS = 32  # the original VAE's GroupNorm groups: fixed in its code, absent from its yaml
 SD1_EMBEDDER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 SD2_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 
@@ -194,7 +195,7 @@ def write_diffusers(bundle: ModelBundle, folder: Path, *, frozen: bool = True, d
                     resolution: int = 512) -> list[str]:
     """A ``StableDiffusionPipeline`` folder; ``frozen=False`` writes only ``unet/``, ``scheduler/`` and
     ``model_index.json``. Returns the written entries."""
-    from ldm.checkpoints.diffusers_keys import (
+    from ldm.formats.diffusers_keys import (
         unet_diffusers_config,
         unet_ldm_to_diffusers,
         vae_diffusers_config,
@@ -373,12 +374,19 @@ def check_single_file(bundle: ModelBundle) -> None:
     if bundle.autoencoder.config.get("shift_factor"):
         raise ExportError(f"the autoencoder has shift_factor={bundle.autoencoder.config['shift_factor']}, which "
                           "SD single files cannot express; use --format diffusers or ldm")
+    groups = bundle.autoencoder.config.get("norm_groups", SD_NORM_GROUPS)
+    if groups != SD_NORM_GROUPS:
+        # the original yaml has no GroupNorm field: every reader (diffusers' from_single_file, ComfyUI, A1111)
+        # builds GroupNorm(32) and silently decodes the wrong image
+        raise ExportError(f"the autoencoder uses GroupNorm with {groups} groups; an SD single file and its yaml "
+                          f"can only describe {SD_NORM_GROUPS}: use --format diffusers (its vae/config.json records "
+                          "norm_num_groups) or --format ldm")
 
 
 def single_file_header(bundle: ModelBundle, resolution: int, dtype: torch.dtype | None) -> dict[str, str]:
-    """safetensors header entries that let ``ldm.loading.load_bundle`` rebuild the model exactly (the U-Net / VAE
+    """safetensors header entries that let ``ldm.formats.load.load_bundle`` rebuild the model exactly (the U-Net / VAE
     configs, schedule, resolution); other tools ignore them."""
-    from ldm.loading import META_RESOLUTION, META_SCHEDULE, META_UNET, META_VAE
+    from ldm.formats.load import META_RESOLUTION, META_SCHEDULE, META_UNET, META_VAE
 
     return {
         META_UNET: json.dumps(_no_checkpointing(bundle.unet.config), sort_keys=True),
@@ -396,7 +404,7 @@ def write_single_file(bundle: ModelBundle, path: Path, yaml_path: Path, *, froze
                       dtype: torch.dtype | None = None, resolution: int = 512) -> list[str]:
     """An SD-layout ``.safetensors`` (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``;
     U-Net only when ``frozen=False``) and its original config at ``yaml_path``."""
-    from ldm.checkpoints.single_file import text_encoder_layout, to_single_file
+    from ldm.formats.single_file import text_encoder_layout, to_single_file
 
     check_single_file(bundle)
     te = bundle.text_encoder

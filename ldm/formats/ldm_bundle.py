@@ -1,4 +1,4 @@
-"""Our own compact export: one self-contained folder that rebuilds the exact :class:`~ldm.bundle.ModelBundle`.
+"""Our own compact export: one self-contained folder that rebuilds the exact :class:`~ldm.formats.bundle.ModelBundle`.
 
 Layout::
 
@@ -22,10 +22,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.bundle import ModelBundle
-from ldm.checkpoints.safe_load import CheckpointError, load_state_dict, mismatch_report
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.export.formats import (
+from ldm.formats.safe_build import (
+    AUTOENCODER_TARGET,
+    IDENTITY_TARGET,
+    PRETRAINED_TEXT_SCHEMA,
+    SCHEDULE_TARGET,
+    UNET_TARGET,
+    build_node,
+    check_kwargs,
+    read_clip_text_config,
+)
+from ldm.formats.writers import (
     ExportError,
     _no_checkpointing,
     cast_state,
@@ -42,23 +52,15 @@ FORMAT = "ldm_bundle"
 FORMAT_VERSION = 1
 COMPONENTS = ("unet", "autoencoder", "text_encoder")
 
-UNET_TARGET = "ldm.models.unet.UNet"
-AUTOENCODER_TARGETS = ("ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.IdentityAutoencoder")
+AUTOENCODER_TARGETS = (AUTOENCODER_TARGET, IDENTITY_TARGET)
 TEXT_ENCODER_TARGET = "ldm.models.text_encoder.CLIPTextEncoder.from_pretrained"
-SCHEDULE_TARGET = "ldm.diffusion.schedules.NoiseSchedule.make"
-
-
-def _builders() -> dict[str, type]:
-    from ldm.models.autoencoder import AutoencoderKL, IdentityAutoencoder
-    from ldm.models.unet import UNet
-
-    return {UNET_TARGET: UNet, AUTOENCODER_TARGETS[0]: AutoencoderKL, AUTOENCODER_TARGETS[1]: IdentityAutoencoder}
 
 
 def _target(module: nn.Module) -> str:
     name = f"{type(module).__module__}.{type(module).__qualname__}"
-    if name not in _builders():
-        raise ExportError(f"cannot describe a {name} in an ldm bundle; supported: {sorted(_builders())}")
+    if name not in (UNET_TARGET, *AUTOENCODER_TARGETS):
+        raise ExportError(f"cannot describe a {name} in an ldm bundle; supported: "
+                          f"{sorted((UNET_TARGET, *AUTOENCODER_TARGETS))}")
     return name
 
 
@@ -132,7 +134,7 @@ def write_ldm_bundle(bundle: ModelBundle, folder: Path, *, frozen: bool = True, 
 
 def save_ldm_bundle(bundle: ModelBundle, folder, *, frozen: bool = True, dtype: torch.dtype | None = None,
                     resolution: int | None = None) -> Path:
-    """Convenience: write straight into ``folder`` (``ldm.export.export`` adds the atomic rename and checks)."""
+    """Convenience: write straight into ``folder`` (``ldm.formats.exporter.export`` adds the atomic rename and checks)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_ldm_bundle(bundle, folder, frozen=frozen, dtype=dtype, resolution=resolution)
@@ -165,21 +167,9 @@ def read_bundle_config(folder) -> dict[str, Any]:
     return config
 
 
-def _module_kwargs(node: dict, allowed: tuple[str, ...], what: str, path: Path) -> tuple[type, dict]:
-    target = node.get("_target_")
-    if target not in allowed:
-        raise CheckpointError(f"{path}: {what} _target_ {target!r} is not one of {list(allowed)}")
-    return _builders()[target], {k: v for k, v in node.items() if k != "_target_"}
-
-
 def _schedule(config: dict, path: Path) -> NoiseSchedule:
-    node = dict(config.get("schedule") or {})
-    if node.pop("_target_", SCHEDULE_TARGET) != SCHEDULE_TARGET:
-        raise CheckpointError(f"{path}: schedule _target_ must be {SCHEDULE_TARGET}")
-    try:
-        return NoiseSchedule.make(**node)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: bad schedule {node}: {err}") from err
+    node = {"_target_": SCHEDULE_TARGET, **(config.get("schedule") or {})}
+    return build_node(node, "schedule", source=str(path), key="schedule")
 
 
 def _split(state: dict, prefix: str) -> dict:
@@ -187,7 +177,11 @@ def _split(state: dict, prefix: str) -> dict:
 
 
 def _read_weights(folder: Path, config: dict) -> dict[str, dict[str, torch.Tensor]]:
-    state = load_state_dict(folder / config.get("weights", WEIGHTS_FILE))
+    name = config.get("weights", WEIGHTS_FILE)
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+        raise CheckpointError(f"{folder / BUNDLE_FILE}: weights = {name!r} must be a .safetensors file name inside "
+                              "the bundle folder")
+    state = load_state_dict(folder / name)
     parts = {c: _split(state, f"{c}.") for c in ("unet", "autoencoder")}
     stray = [k for k in state if not k.startswith(("unet.", "autoencoder."))]
     if stray:
@@ -195,17 +189,26 @@ def _read_weights(folder: Path, config: dict) -> dict[str, dict[str, torch.Tenso
     return parts
 
 
+def _text_node(folder: Path, node: dict) -> dict:
+    """The stored text-encoder node, checked (before anything is read or built)."""
+    source = str(folder / BUNDLE_FILE)
+    if not isinstance(node, dict) or node.get("_target_") != TEXT_ENCODER_TARGET:
+        raise CheckpointError(f"{source}: model.text_encoder._target_ must be {TEXT_ENCODER_TARGET}")
+    node = check_kwargs({k: v for k, v in node.items() if k != "_target_"}, PRETRAINED_TEXT_SCHEMA, source=source,
+                        key="model.text_encoder")
+    if node.get("path_or_hub_id", ".") != ".":
+        raise CheckpointError(f"{source}: the text encoder must be inside the bundle (path_or_hub_id: '.')")
+    if not (folder / "text_encoder").is_dir():
+        raise CheckpointError(f"{folder}: no text_encoder/ folder")
+    read_clip_text_config(folder / "text_encoder")
+    return node
+
+
 def _text_encoder(folder: Path, node: dict, dtype: torch.dtype):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ldm.models.text_encoder import CLIPTextEncoder
 
-    if node.get("_target_") != TEXT_ENCODER_TARGET:
-        raise CheckpointError(f"{folder}: text_encoder _target_ must be {TEXT_ENCODER_TARGET}")
-    if node.get("path_or_hub_id", ".") != ".":
-        raise CheckpointError(f"{folder}: the text encoder must be inside the bundle (path_or_hub_id: '.')")
-    if not (folder / "text_encoder").is_dir():
-        raise CheckpointError(f"{folder}: no text_encoder/ folder")
     model = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
     tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
     max_length = model.config.max_position_embeddings
@@ -244,17 +247,17 @@ def load_ldm_bundle(folder, *, device: str | torch.device = "cpu") -> ModelBundl
     if not isinstance(dtype, torch.dtype):
         raise CheckpointError(f"{path}: unknown dtype {config.get('dtype')!r}")
     schedule = _schedule(config, path)
-    weights = _read_weights(folder, config)
-    modules = {}
+    modules = {}  # every config checked and built (on the meta device) before any weight is read
     for name, allowed in (("unet", (UNET_TARGET,)), ("autoencoder", AUTOENCODER_TARGETS)):
-        cls, kwargs = _module_kwargs(config["model"][name], allowed, name, path)
-        try:
-            with torch.device("meta"):
-                module = cls(**kwargs)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: cannot build the {name} from {kwargs}: {err}") from err
-        modules[name] = _assign(module, weights[name], f"{folder} ({name})")
+        node = config["model"][name]
+        if node.get("_target_") not in allowed:
+            raise CheckpointError(f"{path}: model.{name}._target_ {node.get('_target_')!r} is not one of "
+                                  f"{list(allowed)}")
+        modules[name] = build_node(node, name, source=str(path), key=f"model.{name}", meta=True)
     te_node = config["model"].get("text_encoder")
+    te_node = _text_node(folder, te_node) if te_node is not None else None
+    weights = _read_weights(folder, config)
+    modules = {name: _assign(m, weights[name], f"{folder} ({name})") for name, m in modules.items()}
     te = _text_encoder(folder, te_node, dtype) if te_node is not None else None
     meta = {"format": "ldm_bundle", "resolution": config.get("resolution"), "bundle": config}
     src = config.get("source") or {}
@@ -288,7 +291,7 @@ def load_ldm_bundle_into(folder, unet: nn.Module, autoencoder: nn.Module | None 
     if autoencoder is not None and "autoencoder" in have:
         jobs.append((autoencoder, weights["autoencoder"], "autoencoder"))
     if text_encoder is not None:
-        from ldm.checkpoints.diffusers_folder import read_weights
+        from ldm.formats.diffusers_folder import read_weights
 
         model = text_model(text_encoder)
         jobs.append((model, to_module_keys(read_weights(folder / "text_encoder", "model"), model), "text_encoder"))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from ldm.checkpoints.openclip_keys import DROPPED, hf_to_openclip, openclip_num_layers, openclip_to_hf
-from ldm.checkpoints.safe_load import CheckpointError, load_state_dict, mismatch_report
+from ldm.formats.openclip_keys import DROPPED, hf_to_openclip, openclip_num_layers, openclip_to_hf
+from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

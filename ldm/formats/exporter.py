@@ -12,12 +12,12 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ldm.bundle import ModelBundle
-from ldm.export.formats import ExportError, check_diffusers, check_single_file, write_diffusers, write_single_file
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.writers import ExportError, check_diffusers, check_single_file, write_diffusers, write_single_file
 
 FORMATS = ("diffusers", "single-file", "ldm")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,17 +51,17 @@ class ExportResult:
 
 
 def load_source(source, *, use_ema: bool = True, text_encoder: Any = None) -> ModelBundle:
-    """Our training checkpoint, or anything ``ldm.loading.load_bundle`` reads, as a CPU bundle in eval mode."""
-    from ldm.checkpoints.safe_load import CheckpointError
+    """Our training checkpoint, or anything ``ldm.formats.load.load_bundle`` reads, as a CPU bundle in eval mode."""
+    from ldm.formats.safe_load import CheckpointError
 
     try:
         try:
-            from ldm.loading import load_bundle
-        except ImportError:  # only our own training checkpoints without ldm.loading
-            from ldm.training.checkpoint_io import load_training_checkpoint
+            from ldm.formats.load import load_bundle
+        except ImportError:  # only our own training checkpoints without ldm.formats.load
+            from ldm.formats.training_checkpoint import load_training_checkpoint
 
             if text_encoder is not None:
-                raise ExportError("--text-encoder needs ldm.loading, which is not available") from None
+                raise ExportError("--text-encoder needs ldm.formats.load, which is not available") from None
             return load_training_checkpoint(source, use_ema=use_ema)
         return load_bundle(source, use_ema=use_ema, device="cpu", text_encoder=text_encoder)
     except ExportError:
@@ -171,20 +171,20 @@ def _check_format(bundle: ModelBundle, fmt: str) -> None:
     elif fmt == "single-file":
         check_single_file(bundle)
     else:
-        from ldm.export.formats import check_schedule
+        from ldm.formats.writers import check_schedule
 
         check_schedule(bundle.schedule)
 
 
 def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", frozen: bool = True,
            force: bool = False, resolution: int | None = None, text_encoder: Any = None,
-           log: Callable[[str], None] | None = None) -> ExportResult:
+           log: Callable[[str], None] | None = None, merge_lora: Sequence[str] = ()) -> ExportResult:
     """Export ``source`` (a path any loader reads, or a ModelBundle) as ``fmt`` to ``out``.
 
     raw: the raw U-Net instead of the EMA weights. dtype: fp32 | fp16 | bf16 for the written floating tensors.
     frozen: False leaves out the VAE and the text encoder. resolution: the training image size (default: what
     the source records, else 512). text_encoder: for SD single-file sources, a folder with tokenizer/ +
-    text_encoder/ (passed to ``load_bundle``).
+    text_encoder/ (passed to ``load_bundle``). merge_lora: ``FILE[:SCALE]`` LoRA files baked into the weights.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -199,6 +199,18 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
 
     bundle = source if isinstance(source, ModelBundle) else load_source(source, use_ema=not raw,
                                                                        text_encoder=text_encoder)
+    if merge_lora:
+        import copy
+
+        from ldm.formats.lora_files import LoRAFileError, apply_lora_files, bundle_roots
+
+        if bundle is source:
+            bundle = copy.deepcopy(bundle)  # the caller's model stays as it was
+
+        try:
+            apply_lora_files(bundle_roots(bundle), list(merge_lora), report=log or print)
+        except LoRAFileError as err:
+            raise ExportError(f"--merge-lora: {err}") from err
     _check_format(bundle, fmt)
     notes = []
     res = resolution or resolution_of(bundle)
@@ -219,7 +231,7 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
                               resolution=res)
             written = [p.name for p in finals]
         else:
-            from ldm.export.ldm_bundle import write_ldm_bundle
+            from ldm.formats.ldm_bundle import write_ldm_bundle
 
             written = write_ldm_bundle(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
         stage.commit()
@@ -240,7 +252,7 @@ def _no_frozen_note(fmt: str, out: Path) -> str:
         return ("--no-frozen: only the U-Net (model.diffusion_model.*) is in the file; load it as a U-Net / "
                 "diffusion model and take the VAE and text encoder from the base model")
     return ("--no-frozen: only the U-Net weights are in the bundle; load it with "
-            "ldm.export.load_ldm_bundle_into(folder, unet, autoencoder=None, text_encoder=None)")
+            "ldm.formats.ldm_bundle.load_ldm_bundle_into(folder, unet, autoencoder=None, text_encoder=None)")
 
 
 def _how_to_load(fmt: str, out: Path) -> str:

@@ -1,4 +1,4 @@
-"""``load_bundle(source)``: any supported model source -> :class:`~ldm.bundle.ModelBundle`.
+"""``load_bundle(source)``: any supported model source -> :class:`~ldm.formats.bundle.ModelBundle`.
 
 What ``source`` may be (``detect_source`` tells them apart by reading headers / key names only):
 
@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.bundle import ModelBundle
-from ldm.checkpoints.safe_load import CheckpointError, load_state_dict
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.safe_load import CheckpointError, load_state_dict
 from ldm.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
+from ldm.formats.safe_build import SCHEDULE_TARGET, build_network, build_node, json_object
 
 SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffusers", "hub")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -71,16 +72,16 @@ def load_bundle(source, *, use_ema: bool = True, device: str | torch.device = "c
         bundle = load_diffusers(source, text_encoder=te)
     elif kind == "training_checkpoint":
         try:
-            from ldm.training.checkpoint_io import load_training_checkpoint
+            from ldm.formats.training_checkpoint import load_training_checkpoint
         except ImportError as err:
-            raise ImportError(f"{source} is a training checkpoint, but ldm.training.checkpoint_io is not available "
+            raise ImportError(f"{source} is a training checkpoint, but ldm.formats.training_checkpoint is not available "
                               f"({err})") from err
         bundle = load_training_checkpoint(source, use_ema=use_ema)
     else:  # ldm_bundle
         try:
-            from ldm.export import load_ldm_bundle
+            from ldm.formats.ldm_bundle import load_ldm_bundle
         except ImportError as err:
-            raise ImportError(f"{source} is an ldm export bundle, but ldm.export.load_ldm_bundle is not available "
+            raise ImportError(f"{source} is an ldm export bundle, but ldm.formats.ldm_bundle is not available "
                               f"({err})") from err
         bundle = load_ldm_bundle(source)
     if te is not None and kind != "sd_single_file":
@@ -202,26 +203,25 @@ def sd_schedule(prediction_type: str = "epsilon") -> NoiseSchedule:
 def load_sd_single_file(path, *, use_ema: bool = True, text_encoder: nn.Module | None = None,
                         prediction_type: str | None = None, unet_config: dict | None = None,
                         vae_config: dict | None = None) -> ModelBundle:
-    from ldm.checkpoints.single_file import load_single_file, split_sd_checkpoint
-    from ldm.models.autoencoder import AutoencoderKL
-    from ldm.models.unet import UNet
+    from ldm.formats.single_file import load_single_file, split_sd_checkpoint
 
     path = Path(path)
     state = load_state_dict(path)
     header = _safetensors_metadata(path)
+    sched = _json(header, META_SCHEDULE, path)
+    schedule = (build_node({"_target_": SCHEDULE_TARGET, **sched}, "schedule", source=str(path), key=META_SCHEDULE)
+                if sched else sd_schedule())
     ema = use_ema and any(k.startswith("model_ema.") for k in state)
     parts = split_sd_checkpoint(state, use_ema=ema)
     if not parts["vae"]:
         raise CheckpointError(f"{path}: no VAE weights ('first_stage_model.*'); this loader needs a full SD file")
-    ucfg = {**(_json(header, META_UNET) or infer_unet_config(parts["unet"])), **(unet_config or {})}
-    vcfg = {**(_json(header, META_VAE) or infer_vae_config(parts["vae"])), **(vae_config or {})}
-    unet = _build(UNet, ucfg, path, "unet_config")
-    vae = _build(AutoencoderKL, vcfg, path, "vae_config")
+    ucfg = {**(_json(header, META_UNET, path) or infer_unet_config(parts["unet"])), **(unet_config or {})}
+    vcfg = {**(_json(header, META_VAE, path) or infer_vae_config(parts["vae"])), **(vae_config or {})}
+    unet = _build("unet", ucfg, path, META_UNET if META_UNET in header else "inferred U-Net config", "unet_config")
+    vae = _build("autoencoder", vcfg, path, META_VAE if META_VAE in header else "inferred VAE config", "vae_config")
     has_text = bool(parts["text_encoder"])
     te = text_encoder if text_encoder is not None else _default_text_encoder(path, parts)
     load_single_file(state, unet, vae, te if has_text else None, use_ema=ema)
-    sched = _json(header, META_SCHEDULE)
-    schedule = NoiseSchedule.make(**sched) if sched else sd_schedule()
     if prediction_type is not None:
         schedule = with_prediction_type(schedule, prediction_type)
     meta = {"format": "sd_single_file", "kind": parts["kind"], "ema": ema}
@@ -230,12 +230,12 @@ def load_sd_single_file(path, *, use_ema: bool = True, text_encoder: nn.Module |
     return ModelBundle(unet, vae, te, schedule, source=str(path), meta=meta)
 
 
-def _build(cls, config: dict, path: Path, option: str):
+def _build(role: str, config: dict, path: Path, key: str, option: str):
+    """Through the one safe builder: a header cannot make us import anything or allocate terabytes."""
     try:
-        return cls(**config)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: cannot build {cls.__name__} from config {config} ({err}); fix it with "
-                         f"{option}={{...}}") from err
+        return build_network(role, config, source=str(path), key=key)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; fix it with {option}={{...}}") from err
 
 
 def _safetensors_metadata(path: Path) -> dict:
@@ -247,8 +247,8 @@ def _safetensors_metadata(path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
-def _json(header: dict, key: str) -> dict | None:
-    return json.loads(header[key]) if header.get(key) else None
+def _json(header: dict, key: str, path: Path) -> dict | None:
+    return json_object(header[key], source=f"{path} (header)", key=key) if header.get(key) else None
 
 
 def _default_text_encoder(path: Path, parts: dict) -> nn.Module:
@@ -326,9 +326,9 @@ def infer_vae_config(state: dict) -> dict:
 def save_single_file(path, bundle: ModelBundle, resolution: int | None = None) -> Path:
     """Write an SD-layout ``.safetensors`` whose header also records the U-Net / VAE configs, the schedule and
     the training resolution, so :func:`load_bundle` rebuilds the model exactly (other tools ignore the header).
-    The header is the single-file export's (``ldm.export``), without its yaml."""
-    from ldm.checkpoints.single_file import to_single_file
-    from ldm.export.formats import save_safetensors, single_file_header
+    The header is the single-file export's (``ldm.formats.exporter``), without its yaml."""
+    from ldm.formats.single_file import to_single_file
+    from ldm.formats.writers import save_safetensors, single_file_header
 
     header = single_file_header(bundle, resolution or 0, None)
     if not resolution:
@@ -358,7 +358,7 @@ def schedule_from_diffusers(cfg: dict) -> NoiseSchedule:
 
 
 def load_diffusers(source, *, text_encoder: nn.Module | None = None) -> ModelBundle:
-    from ldm.checkpoints.diffusers_folder import load_diffusers_folder, resolve_folder
+    from ldm.formats.diffusers_folder import load_diffusers_folder, resolve_folder
 
     try:
         folder = resolve_folder(source)

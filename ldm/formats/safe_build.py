@@ -1,0 +1,363 @@
+"""The one builder of networks and schedules from configs stored in files (checkpoints, bundles, headers,
+``config.json``, manifests).
+
+A file is data: loading it never imports, calls or instantiates anything it names. Stored configs may still
+*look* like Hydra nodes (``_target_: ldm.models.unet.UNet``; training checkpoints keep the run's model node), but
+``_target_`` is only looked up in :data:`BUILDERS`, a table of our own constructors written here (nothing is
+imported by name), and the arguments must be plain values (int, float, bool, str, None, lists of those) under
+the parameter names and bounds of :data:`SCHEMAS`. Anything else (``_args_``, ``_partial_``, a nested
+``_target_``, an unknown key, a size that would allocate terabytes) is a :class:`CheckpointError` naming the
+file and the key, raised before anything is built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ldm.formats.safe_load import CheckpointError
+
+MAX_STRING = 4096  # characters of a stored string (paths, hub ids, preset names)
+MAX_LIST = 64  # items of a stored list
+MAX_DEPTH = 8  # nesting of a stored structure
+MAX_PARAMETERS = 20_000_000_000  # parameters of one network (80 GB in fp32; SDXL's U-Net has 2.6e9)
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # weights shipped with ldm (``builtin:<name>``)
+BUILTIN = "builtin:"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plain values
+
+
+def check_plain(value: Any, *, source: str, key: str, depth: int = 0, max_list: int = MAX_LIST) -> None:
+    """``value`` is JSON-like data without Hydra directives: dict keys are strings not starting with ``_`` (no
+    ``_target_``, ``_args_``, ``_partial_``, ...), lists and strings are bounded."""
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"{source}: {key} is nested more than {MAX_DEPTH} levels deep")
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise CheckpointError(f"{source}: {key} = {value!r} is not a finite number")
+        return
+    if isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise CheckpointError(f"{source}: {key} is a string of {len(value)} characters (at most {MAX_STRING})")
+        return
+    if isinstance(value, (list, tuple)):
+        if len(value) > max_list:
+            raise CheckpointError(f"{source}: {key} is a list of {len(value)} items (at most {max_list})")
+        for i, item in enumerate(value):
+            check_plain(item, source=source, key=f"{key}[{i}]", depth=depth + 1, max_list=max_list)
+        return
+    if isinstance(value, dict):
+        for k, item in value.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"{source}: {key} has a non-string key {k!r}")
+            if k.startswith("_"):
+                raise CheckpointError(f"{source}: {key}.{k} is refused: stored configs may not carry Hydra "
+                                      "directives (_target_, _args_, _partial_, ...) below a network's own node")
+            check_plain(item, source=source, key=f"{key}.{k}", depth=depth + 1, max_list=max_list)
+        return
+    raise CheckpointError(f"{source}: {key} is a {type(value).__name__}; stored configs hold only plain values")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schemas: parameter -> (allowed types, low, high); a bound applies to a number, or to every item of a list
+
+
+@dataclass(frozen=True)
+class Param:
+    types: tuple[type, ...]
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+    list_of: bool = False  # a list (of ``types`` items)
+
+
+INT, FLOAT, BOOL, STR = (int,), (int, float), (bool,), (str,)
+OPT_FLOAT = (int, float, type(None))
+OPT_STR = (str, type(None))
+
+
+def _channels(high: int = 8192) -> Param:
+    return Param(INT, 1, high)
+
+
+UNET_SCHEMA = {
+    "in_channels": _channels(256), "out_channels": _channels(256), "model_channels": _channels(4096),
+    "channel_mult": Param(INT, 1, 32, list_of=True), "num_res_blocks": Param(INT, 1, 16),
+    "attention_levels": Param(INT, 0, 15, list_of=True), "num_heads": Param(INT, -1, 1024),
+    "num_head_channels": Param(INT, -1, 4096), "transformer_depth": Param(INT, 1, 64),
+    "context_dim": _channels(16384), "use_linear_projection": Param(BOOL), "dropout": Param(FLOAT, 0.0, 1.0),
+    "gradient_checkpointing": Param(BOOL),
+}
+AUTOENCODER_SCHEMA = {
+    "in_channels": _channels(256), "out_channels": _channels(256), "latent_channels": _channels(256),
+    "base_channels": _channels(4096), "channel_mult": Param(INT, 1, 32, list_of=True),
+    "num_res_blocks": Param(INT, 1, 16), "dropout": Param(FLOAT, 0.0, 1.0),
+    "scaling_factor": Param(FLOAT, -1e6, 1e6), "shift_factor": Param(FLOAT, -1e6, 1e6),
+    "gradient_checkpointing": Param(BOOL), "norm_groups": Param(INT, 1, 4096),
+}
+IDENTITY_SCHEMA = {"in_channels": _channels(256), "scaling_factor": Param(FLOAT, -1e6, 1e6),
+                   "shift_factor": Param(FLOAT, -1e6, 1e6)}
+SCHEDULE_SCHEMA = {
+    "kind": Param(STR), "num_train_timesteps": Param(INT, 2, 100_000), "beta_start": Param(OPT_FLOAT, 0.0, 1.0),
+    "beta_end": Param(OPT_FLOAT, 0.0, 1.0), "rescale_zero_terminal_snr": Param(BOOL),
+    "prediction_type": Param(STR, choices=("epsilon", "v_prediction", "sample")),
+}
+_TEXT_COMMON = {"penultimate": Param(BOOL), "max_length": Param(INT, 1, 4096), "frozen": Param(BOOL),
+                "cache_size": Param(INT, 0, 1_000_000)}
+TINY_TEXT_SCHEMA = {"preset": Param(STR), "folder": Param(OPT_STR), "seed": Param(INT, 0, 2**63 - 1),
+                    "words": Param(STR, list_of=True), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}
+PRETRAINED_TEXT_SCHEMA = {"path_or_hub_id": Param(STR), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}
+# The first-stage factory of our Hydra configs: a preset (+ overrides), optionally a weights file of our own
+FACTORY_AUTOENCODER_SCHEMA = {"preset": Param(OPT_STR), "weights": Param(OPT_STR), "pixel_space": Param(BOOL),
+                              **AUTOENCODER_SCHEMA}
+# transformers CLIPTextConfig fields that size the model (config.json of a text_encoder/ folder)
+CLIP_TEXT_BOUNDS = {"vocab_size": 1_000_000, "hidden_size": 16384, "intermediate_size": 65536,
+                    "num_hidden_layers": 128, "num_attention_heads": 1024, "max_position_embeddings": 65536,
+                    "projection_dim": 16384}
+
+
+def check_kwargs(kwargs: dict, schema: dict[str, Param], *, source: str, key: str) -> dict:
+    """Plain, known, bounded constructor arguments (a copy), or a CheckpointError naming ``source`` and the key."""
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{source}: {key} must be a mapping of arguments, got {type(kwargs).__name__}")
+    check_plain(kwargs, source=source, key=key)
+    out = {}
+    for name, value in kwargs.items():
+        where = f"{key}.{name}"
+        param = schema.get(name)
+        if param is None:
+            raise CheckpointError(f"{source}: unknown key {where}; allowed: {', '.join(sorted(schema))}")
+        items = value if param.list_of else [value]
+        if param.list_of and not isinstance(value, (list, tuple)):
+            raise CheckpointError(f"{source}: {where} must be a list, got {value!r}")
+        for item in items:
+            _check_value(item, param, source=source, where=where)
+        out[name] = list(value) if param.list_of else value
+    return out
+
+
+def _check_value(value: Any, param: Param, *, source: str, where: str) -> None:
+    ok = isinstance(value, param.types) and not (isinstance(value, bool) and bool not in param.types)
+    if not ok:
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in param.types)
+        raise CheckpointError(f"{source}: {where} = {value!r} must be {names}")
+    if param.choices is not None and value not in param.choices:
+        raise CheckpointError(f"{source}: {where} = {value!r} is not one of {list(param.choices)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (param.low is not None and value < param.low) or (param.high is not None and value > param.high):
+            raise CheckpointError(f"{source}: {where} = {value!r} is outside [{param.low}, {param.high}]")
+
+
+def check_clip_text_config(config: dict, *, source: str) -> None:
+    """The sizes of a transformers ``CLIPTextConfig`` dict are bounded (before transformers allocates them)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: not a JSON object")
+    for name, high in CLIP_TEXT_BOUNDS.items():
+        value = config.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= high):
+            raise CheckpointError(f"{source}: {name} = {value!r} must be an integer in [1, {high}]")
+    for name in ("auto_map", "custom_pipelines", "_target_", "_args_", "_partial_"):
+        if name in config:
+            raise CheckpointError(f"{source}: {name} names code to import or call; refused")
+
+
+def read_clip_text_config(folder: Path) -> dict:
+    """``folder/config.json`` of a transformers CLIP text model, checked before transformers reads it."""
+    path = Path(folder) / "config.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the text encoder config ({err})") from err
+    config = json_object(text, source=str(path), key="config.json")
+    check_clip_text_config(config, source=str(path))
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# builders: every name a stored config may use, mapped to our own constructor
+
+
+def _unet(**kw) -> nn.Module:
+    from ldm.models.unet import UNet
+
+    return UNet(**kw)
+
+
+def _unet_preset(name: str, **kw) -> nn.Module:
+    from ldm.models.unet import UNet
+
+    return UNet.from_preset(name, **kw)
+
+
+def _autoencoder(**kw) -> nn.Module:
+    from ldm.models.autoencoder import AutoencoderKL
+
+    return AutoencoderKL(**kw)
+
+
+def _identity(**kw) -> nn.Module:
+    from ldm.models.autoencoder import IdentityAutoencoder
+
+    return IdentityAutoencoder(**kw)
+
+
+def _factory_autoencoder(preset: str | None = "sd", weights: str | None = None, pixel_space: bool = False,
+                         *, source: str = "", **overrides) -> nn.Module:
+    """Our config's first stage, architecture only (the weights come with the file being loaded): the config
+    stored in ``weights``' header when that file is here (read as JSON, checked like any stored config), else
+    the preset."""
+    from ldm.models.autoencoder import AutoencoderKL
+
+    if pixel_space:
+        return _identity(**{k: v for k, v in overrides.items() if k in IDENTITY_SCHEMA})
+    stored = _weights_header_config(weights, source=source)
+    if stored is not None:
+        return _autoencoder(**{**stored, **overrides})
+    if preset is None:
+        raise CheckpointError(f"{source}: model.autoencoder has neither a preset nor a readable weights file")
+    return AutoencoderKL.from_preset(preset, **overrides)
+
+
+def _weights_header_config(weights: str | None, *, source: str) -> dict | None:
+    if not weights:
+        return None
+    path = ASSETS / f"{weights[len(BUILTIN):]}.safetensors" if weights.startswith(BUILTIN) else Path(weights)
+    path = path.expanduser()
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - an unreadable header: fall back to the preset
+        return None
+    if "ldm_autoencoder_config" not in meta:
+        return None
+    config = json_object(meta["ldm_autoencoder_config"], source=str(path), key="ldm_autoencoder_config")
+    return check_kwargs(config, AUTOENCODER_SCHEMA, source=str(path), key="ldm_autoencoder_config")
+
+
+def _tiny_text_encoder(preset: str = "tiny", folder: str | None = None, **kw) -> nn.Module:
+    """The local tiny CLIP: a stored ``folder`` is used only if it already holds one (a file never makes us write
+    into a folder it names); otherwise it is written afresh (same seed and words -> same weights)."""
+    from ldm.models import tiny_clip
+    from ldm.models.text_encoder import CLIPTextEncoder
+
+    if preset not in tiny_clip.PRESETS:
+        raise ValueError(f"unknown tiny text encoder preset {preset!r}; expected one of {sorted(tiny_clip.PRESETS)}")
+    if folder is not None and not (Path(folder) / "text_encoder" / "model.safetensors").is_file():
+        folder = None
+    if "words" in kw:
+        kw["words"] = tuple(kw["words"])
+    return CLIPTextEncoder.from_tiny(preset, folder=folder, **kw)
+
+
+def _pretrained_text_encoder(path_or_hub_id: str, **kw) -> nn.Module:
+    from ldm.models.text_encoder import CLIPTextEncoder
+
+    return CLIPTextEncoder.from_pretrained(path_or_hub_id, **kw)
+
+
+def _schedule(**kw):
+    from ldm.diffusion.schedules import NoiseSchedule
+
+    return NoiseSchedule.make(**kw)
+
+
+@dataclass(frozen=True)
+class Builder:
+    build: Callable[..., Any]
+    schema: dict[str, Param]
+    role: str  # "unet", "autoencoder", "text_encoder", "schedule"
+    needs_source: bool = False
+
+
+UNET_PRESET_SCHEMA = {"name": Param(STR), **UNET_SCHEMA}
+UNET_TARGET = "ldm.models.unet.UNet"
+AUTOENCODER_TARGET, IDENTITY_TARGET = "ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.IdentityAutoencoder"
+SCHEDULE_TARGET = "ldm.diffusion.schedules.NoiseSchedule.make"
+# Every _target_ a stored config may name (the Hydra paths our configs and exports write) -> our constructor.
+BUILDERS: dict[str, Builder] = {
+    UNET_TARGET: Builder(_unet, UNET_SCHEMA, "unet"),
+    "ldm.models.unet.UNet.from_preset": Builder(_unet_preset, UNET_PRESET_SCHEMA, "unet"),
+    AUTOENCODER_TARGET: Builder(_autoencoder, AUTOENCODER_SCHEMA, "autoencoder"),
+    IDENTITY_TARGET: Builder(_identity, IDENTITY_SCHEMA, "autoencoder"),
+    "ldm.training.factories.autoencoder": Builder(_factory_autoencoder, FACTORY_AUTOENCODER_SCHEMA, "autoencoder",
+                                                  needs_source=True),
+    "ldm.models.text_encoder.CLIPTextEncoder.from_tiny": Builder(_tiny_text_encoder, TINY_TEXT_SCHEMA,
+                                                                 "text_encoder"),
+    "ldm.models.text_encoder.CLIPTextEncoder.from_pretrained": Builder(_pretrained_text_encoder,
+                                                                       PRETRAINED_TEXT_SCHEMA, "text_encoder"),
+    SCHEDULE_TARGET: Builder(_schedule, SCHEDULE_SCHEMA, "schedule"),
+}
+
+
+def _on_meta(build: Callable[[], nn.Module]) -> int:
+    with torch.device("meta"):
+        module = build()
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_node(node: Any, role: str, *, source: str, key: str, meta: bool = False):
+    """Build one stored node ``{"_target_": <a name in BUILDERS>, **plain arguments}`` for ``role``.
+
+    Nothing is built unless every key is known, plain and within bounds, and a network's parameter count (counted
+    on the meta device first) is at most MAX_PARAMETERS. meta: leave a network on the meta device (to be filled
+    with ``load_state_dict(assign=True)``)."""
+    if not isinstance(node, dict):
+        raise CheckpointError(f"{source}: {key} must be a config node, got {type(node).__name__}")
+    target = node.get("_target_")
+    builder = BUILDERS.get(target) if isinstance(target, str) else None
+    if builder is None or builder.role != role:
+        allowed = sorted(n for n, b in BUILDERS.items() if b.role == role)
+        raise CheckpointError(f"{source}: {key}._target_ = {target!r} is refused; a stored {role} may only be one "
+                              f"of {allowed} (nothing a file names is imported)")
+    kwargs = check_kwargs({k: v for k, v in node.items() if k != "_target_"}, builder.schema, source=source, key=key)
+    return build_checked(builder, kwargs, source=source, key=key, meta=meta)
+
+
+def build_network(role: str, config: dict, *, source: str, key: str, meta: bool = False) -> nn.Module:
+    """A U-Net or AutoencoderKL from its constructor arguments as stored in a file (``UNet(**config)``)."""
+    builder = BUILDERS[{"unet": UNET_TARGET, "autoencoder": AUTOENCODER_TARGET}[role]]
+    kwargs = check_kwargs(config, builder.schema, source=source, key=key)
+    return build_checked(builder, kwargs, source=source, key=key, meta=meta)
+
+
+def build_checked(builder: Builder, kwargs: dict, *, source: str, key: str, meta: bool = False):
+    extra = {"source": source} if builder.needs_source else {}
+    try:
+        if builder.role in ("unet", "autoencoder"):
+            count = _on_meta(lambda: builder.build(**kwargs, **extra))
+            if count > MAX_PARAMETERS:
+                raise CheckpointError(f"{source}: {key} describes a {builder.role} of {count:.3g} parameters "
+                                      f"(at most {MAX_PARAMETERS:.3g}); refused")
+            if meta:
+                with torch.device("meta"):
+                    return builder.build(**kwargs, **extra)
+        return builder.build(**kwargs, **extra)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{source}: cannot build {key} from {kwargs} ({type(err).__name__}: {err})") from err
+
+
+def json_object(text: str, *, source: str, key: str) -> dict:
+    """A JSON object stored in a header / file, or a CheckpointError naming it."""
+    try:
+        value = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{source}: {key} is not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source}: {key} must be a JSON object, got {type(value).__name__}")
+    return value

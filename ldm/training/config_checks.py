@@ -1,0 +1,156 @@
+"""Checks on config values that would otherwise fail deep inside ``trainer.fit`` without naming the key.
+
+Everything here reads the composed config (and at most a checkpoint's or weights file's header): nothing is
+built, nothing is downloaded. Each error names the key and the values it accepts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import numbers
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ldm.formats.safe_load import CheckpointError
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before training starts; the message names the key to fix."""
+
+
+def _number(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+
+
+def check_positive_int(cfg: DictConfig, key: str) -> None:
+    value = _number(cfg, key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def check_positive_float(cfg: DictConfig, key: str) -> None:
+    value = _number(cfg, key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} must be a positive number (e.g. 1e-4), got {value!r}")
+
+
+def check_val_check_interval(cfg: DictConfig) -> None:
+    """Lightning's val_check_interval: an int = every N training steps, a float in (0, 1] = that fraction of
+    an epoch, or null."""
+    key = "trainer.val_check_interval"
+    value = _number(cfg, key)
+    if value is None:
+        return
+    ok = not isinstance(value, bool) and (
+        (isinstance(value, numbers.Integral) and value >= 1)
+        or (isinstance(value, numbers.Real) and 0.0 < value <= 1.0))
+    if not ok:
+        raise ConfigError(f"{key} must be a positive integer (validate every N steps), a fraction of an epoch "
+                          f"in (0, 1], or null; got {value!r}")
+
+
+# ---- the pixel size a model can take: the autoencoder's and the U-Net's downsampling together
+
+def _factor(channel_mult: Any) -> int:
+    return 2 ** (len(channel_mult) - 1)
+
+
+def _default(fn: Any, name: str) -> Any:
+    return inspect.signature(fn).parameters[name].default
+
+
+def unet_downsampling(node: dict) -> int | None:
+    """2^(levels - 1) of a ``model.unet`` node, or None for a network this check does not know."""
+    from ldm.models.unet import UNET_PRESETS, UNet
+
+    target = node.get("_target_", "")
+    if target == "ldm.models.unet.UNet.from_preset":
+        preset = UNET_PRESETS.get(node.get("name"))
+        if preset is None:
+            return None
+        return _factor(node.get("channel_mult", preset.get("channel_mult", _default(UNet, "channel_mult"))))
+    if target == "ldm.models.unet.UNet":
+        return _factor(node.get("channel_mult", _default(UNet, "channel_mult")))
+    return None
+
+
+def autoencoder_downsampling(node: dict) -> int | None:
+    """The first stage's downsampling of a ``model.autoencoder`` node (1 in pixel space), or None if unknown.
+    A weights file decides by the config in its header (read, not loaded), as the builder does."""
+    from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL
+    from ldm.training.factories import autoencoder, resolve_weights
+
+    if node.get("_target_") != "ldm.training.factories.autoencoder":
+        return None
+    if node.get("pixel_space", _default(autoencoder, "pixel_space")):
+        return 1
+    if "channel_mult" in node:
+        return _factor(node["channel_mult"])
+    weights = node.get("weights")
+    if weights:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(resolve_weights(weights)), "pt") as f:
+                stored = json.loads((f.metadata() or {}).get("ldm_autoencoder_config", "{}"))
+        except Exception:  # noqa: BLE001 - a missing/bad file is reported by the builder, naming it
+            return None
+        if "channel_mult" in stored:
+            return _factor(stored["channel_mult"])
+    preset = AUTOENCODER_PRESETS.get(node.get("preset", _default(autoencoder, "preset")))
+    if preset is None:
+        return None
+    return _factor(preset.get("channel_mult", _default(AutoencoderKL, "channel_mult")))
+
+
+def check_resolution(cfg: DictConfig) -> None:
+    """data.{train,val}.resolution must be a multiple of what the model downsamples by (its VAE x its U-Net):
+    otherwise the U-Net fails on the first batch (40 with the default model) or the VAE silently crops (33)."""
+    model = OmegaConf.select(cfg, "model")
+    if model is None or cfg.get("stage") != "diffusion":
+        return
+    model = OmegaConf.to_container(model, resolve=False)
+    unet = unet_downsampling(model.get("unet") or {})
+    ae = autoencoder_downsampling(model.get("autoencoder") or {})
+    if unet is None or ae is None:
+        return
+    multiple = unet * ae
+    for split in ("train", "val"):
+        key = f"data.{split}.resolution"
+        value = _number(cfg, key)
+        if value is None:
+            continue
+        sizes = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+        for size in sizes:
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0 or size % multiple:
+                lower = max(multiple, int(size) // multiple * multiple) if isinstance(size, numbers.Real) else multiple
+                raise ConfigError(
+                    f"{key}={value!r}: the model downsamples by {multiple} (autoencoder x{ae}, U-Net x{unet}), "
+                    f"so the resolution must be a positive multiple of {multiple} (e.g. {lower} or "
+                    f"{lower + multiple})")
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """A training checkpoint is a zip archive (torch.save): a truncated or foreign file is caught from its
+    central directory, which is read without loading anything."""
+    path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"ckpt_path: {path} is not a readable checkpoint (truncated or not a torch.save "
+                              f"file, {path.stat().st_size} bytes); pick another one, e.g. an earlier "
+                              f"step*.ckpt in {path.parent}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    check_positive_int(cfg, "data.batch_size")
+    check_positive_float(cfg, "optim.lr")
+    check_val_check_interval(cfg)
+    check_resolution(cfg)

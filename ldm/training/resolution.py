@@ -1,0 +1,24 @@
+"""The training resolution, read from the data actually trained on (image sources, or a latent cache)."""
+
+from __future__ import annotations
+
+from torch.utils.data import Subset
+
+
+def training_resolution(datamodule, autoencoder=None) -> int | None:
+    """Side in pixels of the training images: the source's ``resolution``, else (a latent cache) the latent side
+    times the VAE's downsampling factor; None when neither is known."""
+    datamodule.setup("fit")
+    for dataset in (getattr(datamodule, "source_dataset", None), getattr(datamodule, "train_dataset", None)):
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        if dataset is None:
+            continue
+        resolution = getattr(dataset, "resolution", None)
+        if resolution:
+            return int(resolution)
+        latent_shape = getattr(dataset, "latent_shape", None)
+        factor = getattr(autoencoder, "downsample_factor", None)
+        if latent_shape and factor:
+            return int(latent_shape[-1]) * int(factor)
+    return None

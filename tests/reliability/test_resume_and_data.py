@@ -1,0 +1,291 @@
+"""Issue 15, items 1, 4, 6 and 8, at the command line where a user meets them.
+
+1. `kill -9` mid-epoch (in an epoch after the first) and `ckpt_path=last`: the same loss at every step and the same
+   final weights as an uninterrupted run, on every data source.
+4. Bad data: a non-UTF-8 byte in metadata.jsonl, corrupt images read by several workers, EXIF orientation.
+6. Divergence: optim.lr=1e6 checkpoints no blown-up weights, EMA and the logged loss skip the skipped steps.
+8. 2-process DDP (gloo, CPU): one rank killed mid-epoch, resumed: the same run; checkpoints written by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.training.conftest import TINY_MODEL, assert_same_run, logged_losses, tiny_cfg  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+N_IMAGES = 24  # 6 batches of 4 per epoch
+MAX_STEPS = 16
+EVERY = 5  # checkpoints at steps 5, 10, 15: 10 and 15 are mid-epoch, in epochs 1 and 2
+
+
+# ------------------------------------------------------------------------------------------------ running the CLI
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "PYTHONHASHSEED": "0"}
+
+
+def train_cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    tiny = [o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "trainer.val_check_interval",
+                                                       "trainer.limit_val_batches", "++data.latent_cache",
+                                                       "data.train.resolution"))]
+    return [sys.executable, "train.py", *tiny, f"paths.run_dir={run_dir}", f"paths.cache_dir={cache}",
+            f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=null", "trainer.limit_val_batches=0",
+            "module.ema_decay=0.9", "trainer.deterministic=true",
+            "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
+            "+callbacks.checkpoint.save_top_k=-1", f"+callbacks.checkpoint.every_n_train_steps={EVERY}",
+            "+logger.csv.flush_logs_every_n_steps=1", f"hydra.run.dir={run_dir / 'hydra'}", *extra]
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600, **kwargs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def run_train(cmd: list[str], run_dir: Path) -> None:
+    """run(cmd), keeping its output in the run folder (to read when a comparison fails)."""
+    proc = run(cmd)
+    with open(run_dir / "output.txt", "a") as f:
+        f.write(proc.stdout + proc.stderr)
+
+
+def kill_after(cmd: list[str], run_dir: Path, step: int, watch: Path | None = None) -> None:
+    """Start the command and SIGKILL it (its whole process group: DataLoader workers, DDP ranks) as soon as
+    `watch` (default: the run's metrics) shows the loss of `step`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= step for s, _ in logged_losses(watch or run_dir)):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run must be killed mid-training:\n{err.decode()[-3000:]}"
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    return int(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"])
+
+
+def kill_resume_compare(tmp_path: Path, *data: str, batches_per_epoch: int = N_IMAGES // 4) -> None:
+    """Uninterrupted run vs. a run killed after step 10 and resumed with ckpt_path=last."""
+    cache = tmp_path / "cache"
+    reference = tmp_path / "reference"
+    run_train(train_cmd(reference, cache, *data), reference)
+    assert sorted(s for s, _ in logged_losses(reference)) == list(range(MAX_STEPS))
+
+    killed = tmp_path / "killed"
+    cmd = train_cmd(killed, cache, *data)
+    kill_after(cmd, killed, 2 * EVERY)
+    resumed_at = checkpoint_step(killed)
+    assert resumed_at in (2 * EVERY, 3 * EVERY)
+    assert resumed_at >= batches_per_epoch and resumed_at % batches_per_epoch, "a mid-epoch resume after epoch 0"
+    run_train(cmd + ["ckpt_path=last"], killed)
+    assert_same_run(reference, killed)
+
+
+# ------------------------------------------------------------------------------------------------ data on disk
+
+def picture(i: int, size=(20, 18)) -> Image.Image:
+    """A distinct small image per index with a dark block at the top left (so orientation matters)."""
+    image = Image.new("RGB", size, ((37 * i) % 256, (91 * i + 40) % 256, (200 - 13 * i) % 256))
+    image.paste((0, 0, 0), (0, 0, size[0] // 3, size[1] // 3))
+    return image
+
+
+def write_folder(root: Path, n: int = N_IMAGES) -> Path:
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        picture(i).save(root / f"img{i:03d}.png")
+        rows.append(json.dumps({"file_name": f"img{i:03d}.png", "text": f"picture number {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def write_hf_saved(folder: Path, n: int = N_IMAGES) -> Path:
+    datasets = pytest.importorskip("datasets")
+    buffers = []
+    for i in range(n):
+        buf = io.BytesIO()
+        picture(i).save(buf, format="PNG")
+        buffers.append({"bytes": buf.getvalue(), "path": None})
+    table = datasets.Dataset.from_dict({"image": buffers, "text": [f"picture number {i}" for i in range(n)]})
+    table.cast_column("image", datasets.Image()).save_to_disk(str(folder))
+    return folder
+
+
+def write_shards(folder: Path, n: int = N_IMAGES, shards: int = 4) -> str:
+    wds = pytest.importorskip("webdataset")
+    folder.mkdir(parents=True)
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"shard-{s}.tar")) as sink:
+            for i in range(s, n, shards):
+                buf = io.BytesIO()
+                picture(i).save(buf, format="PNG")
+                sink.write({"__key__": f"{i:04d}", "png": buf.getvalue(), "txt": f"picture number {i}"})
+    return str(folder / f"shard-{{0..{shards - 1}}}.tar")
+
+
+FOLDER = ["data.train.resolution=16", "data.batch_size=4", "data.val_fraction=0"]
+
+
+# ------------------------------------------------------------------------------------------------ item 1
+
+def test_kill9_resume_shapes_cached_latents(tmp_path):
+    """The default data: shapes encoded once into the latent cache, posterior draws seeded by (seed, epoch,
+    index). Before the fix a resumed epoch drew epoch 0's latents (step 10 differed)."""
+    kill_resume_compare(tmp_path, f"data.train.size={N_IMAGES}", "data.train.resolution=16", "data.val.resolution=16")
+    assert list((tmp_path / "cache" / "latents").glob("ShapesDataset-*/manifest.json")), "trained from the cache"
+
+
+def test_kill9_resume_image_folder_two_workers(tmp_path):
+    """data=folder with its default 2 DataLoader workers (the sampler's epoch must reach the workers)."""
+    root = write_folder(tmp_path / "images")
+    kill_resume_compare(tmp_path, "data=folder", f"data.train.root={root}", *FOLDER)
+
+
+@pytest.mark.slow
+def test_kill9_resume_image_folder_latent_cache(tmp_path):
+    """A folder encoded with `python -m ldm.data.latent_cache`, trained with data=latent_cache (2 workers)."""
+    root = write_folder(tmp_path / "images")
+    cache = tmp_path / "folder-latents"
+    run([sys.executable, "-m", "ldm.data.latent_cache", str(cache), "--source", "folder", "--path", str(root),
+         "--resolution", "16", "--vae-preset", "tiny", "--batch-size", "8", "--shard-size", "10", "--device", "cpu",
+         "--no-progress"])
+    kill_resume_compare(tmp_path, "data=latent_cache", f"data.train.path={cache}", "data.batch_size=4",
+                        "data.val_fraction=0")
+
+
+@pytest.mark.slow
+def test_kill9_resume_hf_saved_dataset(tmp_path):
+    """data=hf on a `datasets` dataset saved to disk (2 workers)."""
+    saved = write_hf_saved(tmp_path / "hf")
+    kill_resume_compare(tmp_path, "data=hf", f"data.train.path={saved}", *FOLDER)
+
+
+@pytest.mark.slow
+def test_kill9_resume_webdataset(tmp_path):
+    """data=webdataset, 4 shards, 2 workers, a shuffle buffer."""
+    urls = write_shards(tmp_path / "shards")
+    kill_resume_compare(tmp_path, "data=webdataset", f"data.train.urls='{urls}'", "data.train.resolution=16",
+                        "data.batch_size=4", "data.train.shuffle_buffer=5")
+
+
+# ------------------------------------------------------------------------------------------------ item 6
+
+def test_lr_1e6_checkpoints_no_blown_up_weights_and_logs_no_stale_loss(tmp_path):
+    """optim.lr=1e6: step 0's update blows the weights up (max |w| ~1e4 before the fix, and that was saved as
+    step=1.ckpt); the NaN steps after it logged step 0's loss again. Now: no checkpoint of those weights, no
+    loss logged for a skipped step, a clear stop after 5 skipped steps in a row."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(run_dir, tmp_path / "cache", f"data.train.size={N_IMAGES}", "data.train.resolution=16",
+                    "data.val.resolution=16", "optim.lr=1e6", "+callbacks.checkpoint.every_n_train_steps=1")
+    cmd = [c for c in cmd if not c.startswith("+callbacks.checkpoint.every_n_train_steps=5")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "5 steps in a row were skipped" in proc.stderr and "optim.lr" in proc.stderr
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt") if (run_dir / "checkpoints").exists() else []:
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        biggest = max(float(v.abs().max()) for k, v in state.items() if k.startswith(("unet.", "ema.")) and
+                      v.is_floating_point())
+        assert biggest < 100, f"{ckpt.name} holds blown-up weights (max |w| {biggest:.3g})"
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    skipped = [r for r in rows if r.get("train/nonfinite_steps") or r.get("train/diverged_steps")]
+    assert len(skipped) >= 3
+    assert all(not r["train/loss"] and not r["train/grad_norm"] for r in skipped), skipped
+    assert [r["step"] for r in rows if r["train/loss"]] == ["0"]  # only the applied step has a loss
+
+
+def _poisoned_fit(tiny_cfg, poison: dict[int, float], max_steps: int, *overrides: str):
+    """Fit in-process with the loss of some steps multiplied (by NaN, inf or a large factor: the gradients scale
+    with it); records the U-Net and EMA weights after every batch."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from ldm.training.train import build_diffusion_module
+
+    cfg = tiny_cfg("trainer.limit_val_batches=0", "module.ema_decay=0.9", *overrides)
+    module = build_diffusion_module(cfg)
+    step_loss, calls = module.step_loss, {"n": 0}
+
+    def poisoned(batch):
+        loss = step_loss(batch)
+        step, calls["n"] = calls["n"], calls["n"] + 1
+        return loss * poison[step] if step in poison else loss
+
+    module.step_loss = poisoned
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots.append(({k: v.clone() for k, v in pl_module.unet.state_dict().items()},
+                              {k: v.clone() for k, v in pl_module.ema.model.state_dict().items()}))
+
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Snapshot()])
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    return module, snapshots
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_skipped_steps_leave_weights_and_ema_alone(tiny_cfg):
+    module, snaps = _poisoned_fit(tiny_cfg, {2: float("nan"), 3: float("inf")}, max_steps=5)
+    assert module.guard.nonfinite_total == 2 and int(module.ema.num_updates) == 3
+    for step in (2, 3):  # skipped: neither the weights nor their average moved
+        assert _same(snaps[step][0], snaps[1][0]) and _same(snaps[step][1], snaps[1][1])
+    assert not _same(snaps[4][0], snaps[1][0]) and not _same(snaps[4][1], snaps[1][1])  # step 4 trained
+
+
+@pytest.mark.parametrize("overrides, skipped", [
+    ((), True),  # the loss spike (and the gradient-norm spike) skip the step
+    (("module.loss_spike_factor=null",), True),  # the gradient-norm spike alone
+    (("module.loss_spike_factor=null", "module.grad_norm_spike_factor=null"), False),  # guard off
+])
+def test_divergence_guard_skips_a_loss_spike(tiny_cfg, overrides, skipped):
+    """The loss x 1e4 at step 3: a finite loss and gradient norm orders of magnitude above their level."""
+    module, snaps = _poisoned_fit(tiny_cfg, {3: 1e4}, 5, *overrides)
+    assert module.guard.diverged_total == int(skipped)
+    assert _same(snaps[3][0], snaps[2][0]) == skipped
+    assert int(module.ema.num_updates) == 5 - int(skipped)
+
+
+def test_divergence_guard_levels():
+    from ldm.training.divergence import DivergenceGuard
+
+    guard = DivergenceGuard(loss_factor=10, grad_norm_factor=None, momentum=0.5)
+    assert guard.verdict(1e9) is None  # no level yet: only NaN/inf are refused
+    assert guard.verdict(float("nan")).startswith("non-finite")
+    guard.accept(2.0, 5.0)
+    guard.accept(4.0, 5e6)
+    level = (0.5 * 0.5 * 2.0 + 0.5 * 4.0) / (1 - 0.5 ** 2)  # bias-corrected EMA: (0.5 x 1 + 2) / 0.75
+    assert guard.levels["loss"].value(0.5) == pytest.approx(level)
+    assert guard.verdict(10 * level * 0.99) is None and "running level" in guard.verdict(10 * level * 1.01)
+    assert guard.verdict(1.0, 1e30) is None  # grad-norm check off
+    restored = DivergenceGuard(loss_factor=10, grad_norm_factor=None, momentum=0.5)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.levels["loss"].value(0.5) == pytest.approx(level)
+    with pytest.raises(ValueError, match="loss_factor"):
+        DivergenceGuard(loss_factor=0.5)
