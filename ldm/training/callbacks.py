@@ -136,8 +136,8 @@ class SamplingCallback(L.Callback):
     def sample_grid(self, trainer, pl_module) -> Path:
         step = trainer.global_step
         self._last_step = step
-        images = generate(pl_module, self.prompts, sampler=self.sampler, guidance_scale=self.guidance_scale, seed=self.seed, use_ema=self.use_ema,
-                          resolution=self.resolution or data_resolution(trainer))
+        images = generate(pl_module, self.prompts, sampler=self.sampler, guidance_scale=self.guidance_scale,
+                          seed=self.seed, use_ema=self.use_ema, resolution=self.resolution or data_resolution(trainer))
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         labelled_grid(to_pil(images), labels=self.prompts, scale=self.grid_scale(images)).save(out)

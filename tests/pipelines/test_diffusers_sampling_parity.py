@@ -1,5 +1,5 @@
 """``sample.py sampler=ddim_diffusers`` makes the images that diffusers' StableDiffusionPipeline makes from our
-diffusers export (``python -m ldm.export <model> --format diffusers``) with the same prompt, seed and settings:
+diffusers export (``python -m ldm.cli.export <model> --format diffusers``) with the same prompt, seed and settings:
 DDIMScheduler with SD's config (leading, steps_offset 1, set_alpha_to_one false), classifier-free guidance on.
 
 The initial noise is not passed in: both draw it from ``torch.Generator().manual_seed(seed)`` (one float32
@@ -36,7 +36,7 @@ def export_folder(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "diffusers"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "ldm.export", str(ckpt), "--format", "diffusers", "--out", str(out),
+    run = subprocess.run([sys.executable, "-m", "ldm.cli.export", str(ckpt), "--format", "diffusers", "--out", str(out),
                           "--text-encoder", str(clip)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr
@@ -90,7 +90,7 @@ def test_the_pipeline_equals_diffusers_in_float_and_the_option_matters(model, pi
     """Before rounding to 8 bits: equal to 1e-5 with SD's DDIM settings; without either of them (our default
     ddim, no steps_offset, or a last step to abar = 1) the image moves by more (this random model's noise
     predictions are small, so the 8-bit images above differ by at most 1/255 even then)."""
-    from ldm.loading import load_bundle
+    from ldm.formats.load import load_bundle
     from ldm.pipelines import text_to_image
 
     ckpt, clip = model
@@ -103,5 +103,6 @@ def test_the_pipeline_equals_diffusers_in_float_and_the_option_matters(model, pi
 
     sd = SamplingOptions(name="ddim", steps=STEPS, steps_offset=1, final_alpha_one=False)
     torch.testing.assert_close(ours(sd), ref, atol=1e-5, rtol=0)  # measured: 3.6e-7
-    for other in (SamplingOptions(name="ddim", steps=STEPS), sd.replace(steps_offset=0), sd.replace(final_alpha_one=True)):
+    others = (SamplingOptions(name="ddim", steps=STEPS), sd.replace(steps_offset=0), sd.replace(final_alpha_one=True))
+    for other in others:
         assert (ours(other) - ref).abs().max() > 5e-5, other  # measured: 1.2e-3, 1.1e-3, 1.7e-4
