@@ -15,7 +15,7 @@ MODULE_LAYERS = {"guidance_scorers": "tasks", "evaluate": "cli"}
 # no weights; the cache CLI lives in ldm/cli/) ...
 FORBIDDEN = {"data": {"models", "formats"}}
 # ... except the checker of plain stored values: a latent-cache manifest is a file too.
-ALLOWED = {"data": {"ldm.formats.safe_build", "ldm.formats.safe_load"}}
+ALLOWED = {"data": {"ldm.formats.safe_build", "ldm.formats.safe_load", "ldm.formats.dtypes"}}
 
 
 def module_name(path: Path) -> str:

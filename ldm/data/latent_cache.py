@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from ldm.formats.dtypes import DTYPES as ALL_DTYPES
 from ldm.formats.safe_build import INT, Param, check_kwargs, check_plain
 
 logger = logging.getLogger("ldm.data")
@@ -42,7 +43,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 STORES = ("posterior", "sample", "mode")
 TEXTS = ("context", "caption")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: ALL_DTYPES[name] for name in ("float32", "float16", "bfloat16")}  # storage dtypes
 # settings that must agree between a partial cache and the run that resumes it
 RESUME_KEYS = ("store", "text", "shard_size", "dtype", "limit", "seed", "scaling_factor", "shift_factor")
 

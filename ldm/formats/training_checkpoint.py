@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ldm.formats.bundle import ModelBundle
+from ldm.formats.common import strip_prefix
 from ldm.formats.safe_load import CheckpointError, load_into
 from ldm.formats.safe_build import build_node
 
@@ -42,10 +43,6 @@ def _model_config(ckpt: dict, path) -> tuple[dict, dict]:
     return model_cfg, model_cfg["model"]
 
 
-def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBundle:
     """Rebuild the networks from the model config saved in the checkpoint and load its weights strictly.
 
@@ -60,11 +57,11 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     autoencoder = build_node(m.get("autoencoder"), "autoencoder", source=src, key="ldm.model.model.autoencoder")
     text_encoder = build_node(m.get("text_encoder"), "text_encoder", source=src, key="ldm.model.model.text_encoder")
     state = ckpt["state_dict"]
-    ema_state = _sub_state(state, "ema.model.")
-    unet_state = ema_state if (use_ema and ema_state) else _sub_state(state, "unet.")
+    ema_state = strip_prefix(state, "ema.model.")
+    unet_state = ema_state if (use_ema and ema_state) else strip_prefix(state, "unet.")
     load_into(unet, unet_state, source=f"{path} ({'EMA' if use_ema and ema_state else 'raw'} U-Net)")
-    load_into(autoencoder, _sub_state(state, "autoencoder."), source=f"{path} (autoencoder)")
-    text_state = _sub_state(state, "text_encoder.")
+    load_into(autoencoder, strip_prefix(state, "autoencoder."), source=f"{path} (autoencoder)")
+    text_state = strip_prefix(state, "text_encoder.")
     if text_state:
         load_into(text_encoder, text_state, source=f"{path} (text encoder)")
     bundle = ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
