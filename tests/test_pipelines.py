@@ -11,7 +11,8 @@ from ldm.diffusion.guidance import ClassifierGuidance, Conditioning
 from ldm.diffusion.samplers import ddim, make_timesteps
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.guidance_scorers import ColorScorer
-from ldm.formats.load import detect_source, load_bundle
+from ldm.formats.detect import detect_source
+from ldm.formats.load import load_bundle
 from ldm.formats.single_file import infer_unet_config, infer_vae_config, save_single_file
 from ldm.models.autoencoder import AutoencoderKL, IdentityAutoencoder
 from ldm.models.text_encoder import CLIPTextEncoder

@@ -65,7 +65,7 @@ def data_config(cfg: DictConfig) -> DictConfig:
 
 
 def check_options(cfg: DictConfig) -> None:
-    from ldm.formats.load import detect_source
+    from ldm.formats.detect import detect_source
 
     if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
         raise EvaluateConfigError("no model given: python -m ldm.evaluate <checkpoint or export folder> (or ckpt=...)")

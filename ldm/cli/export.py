@@ -37,6 +37,8 @@ def build_parser(prog: str = "python -m ldm.cli.export") -> argparse.ArgumentPar
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--resolution", type=int, default=None,
                    help="training image size for the configs (default: what the source records, else 512)")
+    p.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="bake a LoRA file (ours, kohya's or diffusers') into the exported weights; repeatable")
     p.add_argument("--text-encoder", default=None,
                    help="folder with tokenizer/ + text_encoder/ (SD single-file sources carry no tokenizer)")
     return p
@@ -46,8 +48,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m ldm.cli.export") 
     args = build_parser(prog).parse_args(argv)
     try:
         export(args.source, args.fmt, args.out, raw=args.raw, dtype=args.dtype, frozen=args.frozen,
-               force=args.force, resolution=args.resolution, text_encoder=args.text_encoder, log=print)
-    except (ExportError, OSError) as err:
+               force=args.force, resolution=args.resolution, text_encoder=args.text_encoder, log=print,
+               merge_lora=args.merge_lora)
+    except (ExportError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -10,7 +10,7 @@ The names are imported on first use, so that ``ldm.formats.safe_build`` (the sto
 
 from importlib import import_module
 
-_HOME = {"ModelBundle": "bundle", "CheckpointError": "safe_load", "load_bundle": "load", "detect_source": "load",
+_HOME = {"ModelBundle": "bundle", "CheckpointError": "safe_load", "load_bundle": "load", "detect_source": "detect",
          "export": "exporter"}
 __all__ = sorted(_HOME)
 

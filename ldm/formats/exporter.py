@@ -12,7 +12,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -170,13 +170,13 @@ def _check_format(bundle: ModelBundle, fmt: str) -> None:
 
 def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", frozen: bool = True,
            force: bool = False, resolution: int | None = None, text_encoder: Any = None,
-           log: Callable[[str], None] | None = None) -> ExportResult:
+           log: Callable[[str], None] | None = None, merge_lora: Sequence[str] = ()) -> ExportResult:
     """Export ``source`` (a path any loader reads, or a ModelBundle) as ``fmt`` to ``out``.
 
     raw: the raw U-Net instead of the EMA weights. dtype: fp32 | fp16 | bf16 for the written floating tensors.
     frozen: False leaves out the VAE and the text encoder. resolution: the training image size (default: what
     the source records, else 512). text_encoder: for SD single-file sources, a folder with tokenizer/ +
-    text_encoder/ (passed to ``load_bundle``).
+    text_encoder/ (passed to ``load_bundle``). merge_lora: ``FILE[:SCALE]`` LoRA files baked into the weights.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -191,6 +191,18 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
 
     bundle = source if isinstance(source, ModelBundle) else load_source(source, use_ema=not raw,
                                                                        text_encoder=text_encoder)
+    if merge_lora:
+        import copy
+
+        from ldm.formats.lora_files import LoRAFileError, apply_lora_files, bundle_roots
+
+        if bundle is source:
+            bundle = copy.deepcopy(bundle)  # the caller's model stays as it was
+
+        try:
+            apply_lora_files(bundle_roots(bundle), list(merge_lora), report=log or print)
+        except LoRAFileError as err:
+            raise ExportError(f"--merge-lora: {err}") from err
     _check_format(bundle, fmt)
     notes = []
     res = resolution or resolution_of(bundle)

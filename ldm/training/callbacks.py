@@ -45,14 +45,14 @@ def generate(pl_module, prompts: list[str], *, sampler: SamplingOptions, guidanc
     setting of the ``sampler`` node (steps, eta, karras, spacing, ...)."""
     from ldm.pipelines import text_to_image
 
-    bundle = pl_module.bundle(use_ema=use_ema)
-    was_training = bundle.unet.training
-    bundle.unet.eval()
-    try:
-        return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
-                             height=resolution, width=resolution)
-    finally:
-        bundle.unet.train(was_training)
+    with pl_module.sampling_bundle(use_ema=use_ema) as bundle:  # with an adapter: the (EMA) adapter applied
+        was_training = bundle.unet.training
+        bundle.unet.eval()
+        try:
+            return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
+                                 height=resolution, width=resolution)
+        finally:
+            bundle.unet.train(was_training)
 
 
 def training_source(trainer: L.Trainer):

@@ -24,6 +24,7 @@ class TrainConfig:
     schedule: Any = None
     sampler: Any = None  # the sampler the training callbacks draw with (configs/sampler/)
     module: Any = MISSING
+    adapter: Any = None  # configs/adapter/: LoRA on a frozen base (null: train the whole U-Net)
     optim: Any = MISSING
     lr_scheduler: Any = None
     loss: Any = None  # autoencoder stage only

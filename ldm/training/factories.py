@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ldm.formats.bundle import ModelBundle
-from ldm.formats.load import load_weights_into
+from ldm.formats.training_checkpoint import load_weights_into
 from ldm.formats.safe_load import load_into, load_state_dict
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.safe_build import ASSETS, BUILTIN, build_network, json_object
@@ -122,4 +122,5 @@ def build_bundle(unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Modul
         except FileNotFoundError as err:
             raise FileNotFoundError(f"model.pretrained: {err}") from err
     return ModelBundle(unet, autoencoder, text_encoder, schedule, source=source)
+
 

@@ -63,10 +63,15 @@ def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     # objects are passed to the partial, not to instantiate (Hydra would turn the dataclass schedule into a config)
-    module = build(cfg.module, "module", _partial_=True)(
-        unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,
-        optimizer=build(cfg.optim, "optim"),
-        lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None)
+    make_module = build(cfg.module, "module", _partial_=True)
+    adapter = build(cfg.adapter, "adapter") if OmegaConf.select(cfg, "adapter") else None
+    try:
+        module = make_module(
+            unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,
+            optimizer=build(cfg.optim, "optim"),
+            lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None, adapter=adapter)
+    except ValueError as e:  # bad values found while building (adapter.init_from file, ...): name them
+        raise ConfigError(str(e)) from e
     module.model_config = {"model": OmegaConf.to_container(m, resolve=True),
                            "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
                            "resolution": OmegaConf.select(cfg, "data.train.resolution", default=None)}
@@ -143,6 +148,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    for cb in trainer.checkpoint_callbacks:  # partial files of a save that was killed (or ran out of disk)
+        for stale in AtomicCheckpointIO.remove_stale(cb.dirpath) if getattr(cb, "dirpath", None) else []:
+            log.warning("removed %s, left by an interrupted checkpoint save", stale)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

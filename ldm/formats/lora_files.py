@@ -1,0 +1,152 @@
+"""LoRA files of any layout we know: detect it, read it, write it, and apply files to a model.
+
+Layouts: `kohya` (ldm/formats/lora_kohya.py; also what we write as our own file, with `ldm_lora` metadata) and
+`peft` (ldm/formats/lora_peft.py, diffusers' `pytorch_lora_weights.safetensors`). Only safetensors are read:
+a pickled LoRA (.pt/.ckpt/.bin) could run code when unpickled, so it is refused with the way to convert it.
+Reading never imports or calls anything a file names; metadata is kept as strings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ldm.formats import lora_kohya, lora_peft
+from ldm.models.lora import LoRANetwork
+
+LAYOUTS = ("kohya", "peft")
+
+
+class LoRAFileError(ValueError):
+    """A LoRA file cannot be read or does not fit the model; the message names the file."""
+
+
+@dataclass
+class LoRAFile:
+    path: str
+    layout: str
+    weights: dict[tuple[str, str], dict[str, Tensor]]  # (root, our module path) -> down / up / alpha
+    unmapped: list[str] = field(default_factory=list)  # keys of the file that address nothing of ours
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def network(self, roots: dict[str, nn.Module], multiplier: float = 1.0) -> LoRANetwork:
+        return LoRANetwork.from_weights(roots, self.weights, multiplier)
+
+
+def resolve(path: str | Path) -> Path:
+    """A file, or a folder holding diffusers' pytorch_lora_weights.safetensors (what load_lora_weights takes)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / lora_peft.WEIGHT_NAME
+    if not p.is_file():
+        raise LoRAFileError(f"LoRA file not found: {p}")
+    if p.suffix.lower() != ".safetensors":
+        raise LoRAFileError(f"{p}: LoRA files are read only as .safetensors (a pickled file can run code when "
+                            "loaded); convert it with safetensors.torch.save_file on a machine you trust")
+    return p
+
+
+def detect_layout(keys) -> str:
+    keys = list(keys)
+    if lora_kohya.is_kohya(keys):
+        return "kohya"
+    if lora_peft.is_peft(keys):
+        return "peft"
+    shown = ", ".join(keys[:5])
+    raise LoRAFileError(f"not a LoRA layout we know (kohya `lora_unet_*.lora_down.weight` or diffusers/PEFT "
+                        f"`unet.*.lora_A.weight`); first keys: {shown}")
+
+
+def read_lora_file(path: str | Path, roots: dict[str, nn.Module]) -> LoRAFile:
+    """Read and map a LoRA file onto `roots` ({"unet": ..., "text_encoder": ...}). Unmapped keys are returned, not
+    dropped: callers report them."""
+    from safetensors import safe_open
+
+    p = resolve(path)
+    try:
+        with safe_open(str(p), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - the Rust reader's errors, named with the file
+        raise LoRAFileError(f"{p}: corrupt or truncated safetensors file ({e})") from e
+    try:
+        layout = detect_layout(state)
+        if layout == "kohya":
+            weights, unmapped = lora_kohya.from_kohya(state, roots)
+        else:
+            weights, unmapped = lora_peft.from_peft(state, roots, metadata)
+        for target, w in weights.items():  # shapes are checked here, before anything is changed
+            LoRANetwork.from_weights(roots, {target: w})
+    except (ValueError, KeyError) as e:
+        raise LoRAFileError(f"{p}: {e}") from e
+    if not weights:
+        raise LoRAFileError(f"{p}: none of its {len(state)} keys address a layer of this model (first: "
+                            f"{', '.join(unmapped[:5])}); is it a LoRA for another architecture?")
+    return LoRAFile(str(p), layout, weights, unmapped, metadata)
+
+
+def save_lora_file(network: LoRANetwork, roots: dict[str, nn.Module], path: str | Path, layout: str = "kohya",
+                   metadata: dict[str, str] | None = None, **kohya_meta) -> Path:
+    """Write `network` as `layout` (kohya: one .safetensors; peft: `path` is a folder that gets
+    pytorch_lora_weights.safetensors). Written to a temporary name and renamed."""
+    from safetensors.torch import save_file
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"LoRA layout must be one of {LAYOUTS}, got {layout!r}")
+    path = Path(path)
+    if layout == "kohya":
+        state = lora_kohya.to_kohya(network, roots)
+        meta = lora_kohya.kohya_metadata(network, roots, **kohya_meta)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / lora_peft.WEIGHT_NAME
+        state, meta = lora_peft.to_peft(network, roots)
+    meta.update(metadata or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    tmp.replace(path)
+    return path
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """`FILE` or `FILE:SCALE` -> (file, scale)."""
+    text = str(spec)
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def apply_lora_files(roots: dict[str, nn.Module], specs, report=print) -> list[LoRAFile]:
+    """Merge each `FILE[:SCALE]` into the networks' weights (W += scale * alpha/r * B A), in order. Every file is
+    read and checked before any weight changes; unmapped keys are reported through `report`."""
+    files = []
+    for spec in specs:
+        path, scale = parse_lora_spec(spec)
+        files.append((read_lora_file(path, roots), scale))
+    for lora, scale in files:
+        lora.network(roots).merge_into(roots, scale)
+        msg = f"LoRA {lora.path} ({lora.layout}, {len(lora.weights)} layers, scale {scale:g})"
+        if lora.unmapped:
+            shown = ", ".join(lora.unmapped[:10]) + (" ..." if len(lora.unmapped) > 10 else "")
+            msg += f": {len(lora.unmapped)} keys not applied (they address nothing in this model): {shown}"
+        report(msg)
+    return [f for f, _ in files]
+
+
+def ldm_metadata(config) -> dict[str, str]:
+    """Our own key in the file: the adapter config (JSON data, never executed)."""
+    from dataclasses import asdict
+
+    return {"ldm_lora": json.dumps(asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config))}
+
+
+def bundle_roots(bundle) -> dict[str, nn.Module]:
+    return {"unet": bundle.unet, "text_encoder": bundle.text_encoder}

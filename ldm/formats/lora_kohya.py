@@ -1,0 +1,164 @@
+"""kohya sd-scripts' LoRA single file (what ComfyUI and A1111 load), reader and writer.
+
+Layout (kohya-ss/sd-scripts `networks/lora.py`, `LoRANetwork` / `LoRAModule`):
+    lora_unet_<diffusers module path, "." -> "_">.lora_down.weight   (r, in)   or (r, in, k, k)  for a conv
+    lora_unet_<...>.lora_up.weight                                    (out, r)  or (out, r, 1, 1)
+    lora_unet_<...>.alpha                                             scalar; scale = alpha / r
+    lora_te_<transformers CLIPTextModel path, "." -> "_">...          the text encoder
+kohya's U-Net uses diffusers' module names (`down_blocks_0_attentions_0_...`), so that is what we write. On reading we
+also accept the original SD names (`lora_unet_input_blocks_1_1_...`), as ComfyUI's `comfy/lora.py`
+`model_lora_keys_unet` maps both: every `diffusion_model.<key>.weight` and every diffusers key of
+`utils.unet_to_diffusers`, with "." -> "_".
+Metadata: kohya's `ss_*` training keys (train_network.py) and the `modelspec.*` keys of Stability's model spec
+(sd-scripts `library/sai_model_spec.py`). Metadata is data: it is read as strings and never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldm.formats.diffusers_keys import unet_ldm_to_diffusers
+from ldm.models.lora import LoRANetwork, _is_adaptable
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"  # kohya LORA_PREFIX_TEXT_ENCODER (SD1/2 have one text encoder)
+SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+HUB_TEXT_PREFIX = "text_model."
+
+
+def _unet_diffusers_paths(unet: nn.Module, paths: list[str]) -> dict[str, str]:
+    """Our U-Net module paths -> diffusers module paths, with the project's one key map (diffusers_keys)."""
+    renamed = unet_ldm_to_diffusers({f"{p}.weight": p for p in paths}, unet.config)
+    return {ours: key[: -len(".weight")] for key, ours in renamed.items()}
+
+
+def _text_hub_path(path: str) -> str:
+    """A module path inside our CLIPTextEncoder (`model.` + transformers' path, with or without the `text_model.`
+    level newer transformers dropped) -> the hub CLIPTextModel path kohya names (`text_model.encoder...`)."""
+    inner = path.removeprefix("model.")
+    return inner if inner.startswith(HUB_TEXT_PREFIX) else HUB_TEXT_PREFIX + inner
+
+
+def kohya_names(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(root, our module path) -> the kohya module name we write (diffusers naming, as sd-scripts trains)."""
+    unet_paths = [p for r, p in targets if r == "unet"]
+    diff = _unet_diffusers_paths(roots["unet"], unet_paths) if unet_paths else {}
+    out = {}
+    for root, path in targets:
+        if root == "unet":
+            out[(root, path)] = UNET_PREFIX + diff[path].replace(".", "_")
+        else:
+            out[(root, path)] = TE_PREFIX + _text_hub_path(path).replace(".", "_")
+    return out
+
+
+def name_table(roots: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
+    """Every kohya name that can address a layer of ours -> (root, path): for the U-Net both the diffusers-named
+    and the original-SD-named form (as ComfyUI's model_lora_keys_unet), for the text encoder the hub form."""
+    table: dict[str, tuple[str, str]] = {}
+    unet = roots["unet"]
+    paths = [n for n, m in unet.named_modules() if n and _is_adaptable(m)]
+    for ours, diff in _unet_diffusers_paths(unet, paths).items():
+        table[UNET_PREFIX + diff.replace(".", "_")] = ("unet", ours)
+        table[UNET_PREFIX + ours.replace(".", "_")] = ("unet", ours)
+    te = roots.get("text_encoder")
+    if te is not None:
+        for n, m in te.named_modules():
+            if n and _is_adaptable(m):
+                table[TE_PREFIX + _text_hub_path(n).replace(".", "_")] = ("text_encoder", n)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------------ write
+
+def to_kohya(network: LoRANetwork, roots: dict[str, nn.Module]) -> dict[str, Tensor]:
+    weights = network.weights()
+    names = kohya_names(roots, list(weights))
+    state = {}
+    for target, w in weights.items():
+        name = names[target]
+        state[f"{name}.lora_down.weight"] = w["down"].detach().float().cpu().contiguous()
+        state[f"{name}.lora_up.weight"] = w["up"].detach().float().cpu().contiguous()
+        state[f"{name}.alpha"] = torch.tensor(float(w["alpha"]))
+    return state
+
+
+def kohya_metadata(network: LoRANetwork, roots: dict[str, nn.Module], *, base_model_version: str = "sd_v1",
+                   resolution: int | None = None, title: str = "ldm LoRA",
+                   training: dict[str, Any] | None = None) -> dict[str, str]:
+    """kohya's ss_* keys (the ones A1111 / ComfyUI UIs show) and modelspec.* (architecture
+    `stable-diffusion-v1/lora`), all strings. `training` adds further ss_* values (lr, steps, seed, ...)."""
+    mods = list(network.loras.values())
+    linear = [m for m in mods if not (m.kind == "conv" and m.down.kernel_size != (1, 1))]
+    conv = [m for m in mods if m not in linear]
+    v2 = base_model_version.startswith("sd_v2")
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(linear[0].rank if linear else conv[0].rank),
+        "ss_network_alpha": str(float(linear[0].alpha) if linear else float(conv[0].alpha)),
+        "ss_base_model_version": base_model_version,
+        "ss_v2": str(v2),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v2-768-v/lora" if v2 else "stable-diffusion-v1/lora",
+        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.title": title,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+    }
+    if conv:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": str(float(conv[0].alpha))})
+    if resolution:
+        meta["ss_resolution"] = f"({resolution}, {resolution})"
+        meta["modelspec.resolution"] = f"{resolution}x{resolution}"
+    for k, v in (training or {}).items():
+        meta[k if k.startswith("ss_") else f"ss_{k}"] = v if isinstance(v, str) else json.dumps(v)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------------- read
+
+def is_kohya(keys) -> bool:
+    return any(k.startswith((UNET_PREFIX, TE_PREFIX)) and k.endswith(SUFFIXES) for k in keys)
+
+
+def from_kohya(state: dict[str, Tensor], roots: dict[str, nn.Module]):
+    """-> (weights for LoRANetwork.from_weights, keys that could not be mapped). A key is unmapped when its module
+    is not a layer of ours, when it is not a lora_down/lora_up/alpha key (LoHa, LoKr, DoRA, lora_mid, ...), or
+    when its down or up half is missing."""
+    table = name_table(roots)
+    grouped: dict[str, dict[str, Tensor]] = {}
+    unmapped = []
+    for key, value in state.items():
+        for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
+            if key.endswith(suffix):
+                grouped.setdefault(key[: -len(suffix)], {})[part] = value
+                break
+        else:
+            unmapped.append(key)
+    weights = {}
+    for name, parts in grouped.items():
+        target = table.get(name)
+        if target is None or "down" not in parts or "up" not in parts:
+            unmapped += [name + s for s, p in zip(SUFFIXES, ("down", "up", "alpha")) if p in parts]
+            continue
+        base = roots[target[0]].get_submodule(target[1])
+        weights[target] = _fit(parts, base)
+    return weights, sorted(unmapped)
+
+
+def _fit(parts: dict[str, Tensor], base: nn.Module) -> dict[str, Tensor]:
+    """Linear <-> 1x1-conv weights differ only by trailing (1, 1) (SD1 proj_in/out are convs, SD2's Linear):
+    reshape, as ComfyUI does."""
+    down, up = parts["down"].float(), parts["up"].float()
+    if isinstance(base, nn.Linear):
+        down, up = down.flatten(1) if down.ndim == 4 and down.shape[2:] == (1, 1) else down, up.flatten(1)
+    elif isinstance(base, nn.Conv2d) and down.ndim == 2:
+        down, up = down[:, :, None, None], up[:, :, None, None]
+    elif isinstance(base, nn.Conv2d) and up.ndim == 2:
+        up = up[:, :, None, None]
+    alpha = parts.get("alpha")
+    return {"down": down, "up": up, "alpha": None if alpha is None else float(alpha)}

@@ -1,0 +1,160 @@
+"""diffusers / PEFT LoRA file (`pytorch_lora_weights.safetensors`, what `pipe.load_lora_weights(folder)` loads),
+reader and writer.
+
+Layout (diffusers `loaders/lora_pipeline.py` + PEFT `tuners/lora`):
+    unet.<diffusers module path>.lora_A.weight            (r, in)  or (r, in, k, k)
+    unet.<diffusers module path>.lora_B.weight            (out, r) or (out, r, 1, 1)
+    text_encoder.<transformers CLIPTextModel path>.lora_A.weight ...
+alpha is not a tensor: diffusers (>= 0.35) stores the PEFT LoraConfig of each component in the safetensors metadata
+key `lora_adapter_metadata`, a JSON object with prefixed keys ("unet.r", "unet.lora_alpha", "unet.rank_pattern",
+"unet.alpha_pattern", "unet.target_modules", ...). Without it, alpha = r (PEFT's and diffusers' default).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+from torch import Tensor, nn
+
+from ldm.formats.diffusers_keys import unet_diffusers_to_ldm
+from ldm.formats.lora_kohya import HUB_TEXT_PREFIX, _fit, _text_hub_path, _unet_diffusers_paths
+from ldm.models.lora import LoRANetwork, _is_adaptable
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers LORA_WEIGHT_NAME_SAFE
+METADATA_KEY = "lora_adapter_metadata"  # diffusers LORA_ADAPTER_METADATA_KEY
+COMPONENT = {"unet": "unet", "text_encoder": "text_encoder"}
+SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+def _peft_paths(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    unet_paths = [p for r, p in targets if r == "unet"]
+    diff = _unet_diffusers_paths(roots["unet"], unet_paths) if unet_paths else {}
+    return {(r, p): diff[p] if r == "unet" else _text_hub_path(p) for r, p in targets}
+
+
+# ------------------------------------------------------------------------------------------------------ write
+
+def to_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """-> (state dict, safetensors metadata). Ranks / alphas that differ from the component's most common one go in
+    PEFT's rank_pattern / alpha_pattern, keyed by the full module path (an exact match in PEFT)."""
+    weights = network.weights()
+    names = _peft_paths(roots, list(weights))
+    state, configs = {}, {}
+    for (root, path), w in weights.items():
+        name = f"{COMPONENT[root]}.{names[(root, path)]}"
+        state[f"{name}.lora_A.weight"] = w["down"].detach().float().cpu().contiguous()
+        state[f"{name}.lora_B.weight"] = w["up"].detach().float().cpu().contiguous()
+        # module names for PEFT's config: the text encoder's without `text_model.` (transformers >= 5.6 dropped that
+        # level; PEFT matches a target by suffix, so this names the layer in both layouts)
+        config_name = names[(root, path)].removeprefix(HUB_TEXT_PREFIX)
+        configs.setdefault(root, []).append((config_name, int(w["down"].shape[0]), float(w["alpha"])))
+    meta = {}
+    for root, entries in configs.items():
+        ranks = [r for _, r, _ in entries]
+        alphas = [a for _, _, a in entries]
+        r0, a0 = max(set(ranks), key=ranks.count), max(set(alphas), key=alphas.count)
+        prefix = COMPONENT[root]
+        meta.update({
+            f"{prefix}.r": r0,
+            f"{prefix}.lora_alpha": a0,
+            f"{prefix}.target_modules": sorted(n for n, _, _ in entries),
+            f"{prefix}.rank_pattern": {n: r for n, r, _ in entries if r != r0},
+            f"{prefix}.alpha_pattern": {n: a for n, _, a in entries if a != a0},
+            f"{prefix}.lora_dropout": 0.0,
+            f"{prefix}.use_dora": False,
+            f"{prefix}.lora_bias": False,
+        })
+    return state, {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
+
+
+# ------------------------------------------------------------------------------------------------------- read
+
+def is_peft(keys) -> bool:
+    return any(k.endswith(SUFFIXES) for k in keys)
+
+
+def _pattern_value(patterns: dict, name: str):
+    """PEFT's rule (`get_pattern_key`): a pattern matches a module name it ends (after a dot) as a regex."""
+    for pattern, value in patterns.items():
+        if name == pattern or name.endswith("." + pattern):
+            return value
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", name):
+                return value
+        except re.error:
+            continue
+    return None
+
+
+def _component_config(metadata: dict[str, str] | None, prefix: str) -> dict:
+    raw = (metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the {METADATA_KEY!r} metadata is not valid JSON ({e})") from e
+    return {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+
+
+def from_peft(state: dict[str, Tensor], roots: dict[str, nn.Module], metadata: dict[str, str] | None = None):
+    """-> (weights for LoRANetwork.from_weights, keys that could not be mapped). Bare diffusers U-Net names
+    (no `unet.` prefix, as `unet.save_attn_procs` / peft's `get_peft_model_state_dict` write) are accepted too."""
+    unet = roots["unet"]
+    te = roots.get("text_encoder")
+    te_paths = {}
+    if te is not None:
+        te_paths = {_text_hub_path(n): n for n, m in te.named_modules() if n and _is_adaptable(m)}
+    grouped: dict[tuple[str, str], dict[str, Tensor]] = {}
+    origin: dict[tuple[str, str], list[str]] = {}
+    unmapped = []
+    for key, value in state.items():
+        part = "down" if key.endswith(".lora_A.weight") else "up" if key.endswith(".lora_B.weight") else None
+        name = key[: -len(".lora_A.weight")] if part else key
+        if name.endswith(".alpha") and not part:  # kohya-style alphas some converters leave in
+            grouped.setdefault(("?", name[: -len(".alpha")]), {})["alpha"] = value
+            continue
+        if part is None:
+            unmapped.append(key)
+            continue
+        group = (("text_encoder", name[len("text_encoder."):]) if name.startswith("text_encoder.")
+                 else ("unet", name.removeprefix("unet.")))
+        grouped.setdefault(group, {})[part] = value
+        origin.setdefault(group, []).append(key)
+    configs = {root: _component_config(metadata, COMPONENT[root]) for root in COMPONENT}
+    alphas = {name: parts["alpha"] for (root, name), parts in grouped.items() if root == "?"}
+    weights = {}
+    used_alphas = set()
+    for (root, name), parts in grouped.items():
+        if root == "?":
+            continue
+        target = None
+        if root == "unet":
+            try:
+                ours = unet_diffusers_to_ldm({f"{name}.weight": 0}, unet.config)
+                path = next(iter(ours))[: -len(".weight")]
+                if _is_adaptable(unet.get_submodule(path)):
+                    target = ("unet", path)
+            except (ValueError, AttributeError):
+                target = None
+        elif name in te_paths:
+            target = ("text_encoder", te_paths[name])
+        if target is None or "down" not in parts or "up" not in parts:
+            unmapped += origin[(root, name)]
+            continue
+        cfg = configs[root]
+        rank = int(parts["down"].shape[0])
+        alpha_key = next((a for a in (name, f"{COMPONENT[root]}.{name}") if a in alphas), None)
+        alpha = alphas[alpha_key] if alpha_key else None
+        used_alphas.add(alpha_key)
+        if alpha is None and cfg:
+            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name)
+            if alpha is None:
+                alpha = cfg.get("lora_alpha")
+        base = roots[target[0]].get_submodule(target[1])
+        weights[target] = _fit({"down": parts["down"], "up": parts["up"],
+                                "alpha": torch.tensor(float(alpha if alpha is not None else rank))}, base)
+    unmapped += [f"{a}.alpha" for a in alphas if a not in used_alphas]
+    return weights, sorted(unmapped)

@@ -1,0 +1,297 @@
+"""Low-rank adapters: LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") on Linear layers
+and its convolutional form ("LoCon", kohya sd-scripts `networks/lora.py`) on Conv2d layers.
+
+For a frozen layer W the adapted layer computes (Hu et al. eq. 3, with the alpha/r scaling of their sec. 4.1)
+
+    h = W x + (alpha / r) * B (A x)        A: down, (r, in[, k, k]);  B: up, (out, r[, 1, 1])
+
+A is kaiming-uniform initialised and B zeros, so the adapted model starts equal to the base. On a Conv2d the
+down projection is a conv with the base's kernel, stride and padding and the up projection a 1x1 conv, so
+B (A * x) = (B A) * x and the adapter merges exactly into the base kernel (`weight_delta`).
+
+The adapters live in a `LoRANetwork`, apart from the networks they adapt: the base modules keep their parameter
+names (checkpoints, exports and key maps are untouched) and the adapter is added to their output by a forward
+hook. Only the network's parameters train; its state dict is the trainable checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PRESETS = ("attention", "attention_ff", "full")
+ROOTS = ("unet", "text_encoder")
+KEY_PREFIX = {"unet": "unet", "text_encoder": "te"}
+
+
+@dataclass
+class LoRAConfig:
+    """What `adapter=lora` trains (configs/adapter/lora.yaml). alpha=None means alpha = rank (scale 1)."""
+
+    preset: str = "attention"  # attention | attention_ff | full (LoCon)
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0  # on the rank-r activations, as kohya's `network_dropout`
+    conv_rank: int | None = None  # `full`: rank of the 3x3 convs (None: rank)
+    conv_alpha: float | None = None  # `full`: alpha of the 3x3 convs (None: conv_rank)
+    text_encoder: bool = False  # also adapt the text encoder's attention and MLP
+    unet_lr: float | None = None  # None: optim.lr
+    text_encoder_lr: float | None = None  # None: the U-Net adapter's lr
+    init_from: str | None = None  # a LoRA file (ours, kohya's, diffusers') to start from
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"adapter.preset must be one of {PRESETS}, got {self.preset!r}")
+        for key in ("rank", "conv_rank"):
+            value = getattr(self, key)
+            if value is not None and int(value) <= 0:
+                raise ValueError(f"adapter.{key} must be a positive integer, got {value!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"adapter.dropout must be in [0, 1), got {self.dropout!r}")
+        for key in ("alpha", "conv_alpha", "unet_lr", "text_encoder_lr"):
+            value = getattr(self, key)
+            if value is not None and float(value) <= 0:
+                raise ValueError(f"adapter.{key} must be positive (or null), got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------- targets
+
+def _is_adaptable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1)
+
+
+def unet_targets(unet: nn.Module, preset: str) -> dict[str, nn.Module]:
+    """Module paths (our / original SD names) of the U-Net layers a preset adapts.
+
+    - attention: to_q, to_k, to_v, to_out.0 of every (cross-)attention (diffusers' train_text_to_image_lora.py)
+    - attention_ff: every Linear / 1x1 conv of the SpatialTransformers (kohya's default
+      UNET_TARGET_REPLACE_MODULE = ["Transformer2DModel"]: + proj_in, proj_out, ff.net.0.proj, ff.net.2)
+    - full: + every Linear / Conv2d of the ResBlocks, Downsamples and Upsamples (kohya's
+      UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 = ["ResnetBlock2D", "Downsample2D", "Upsample2D"]: LoCon)
+    """
+    from ldm.models.layers import Attention
+    from ldm.models.unet import Downsample, ResBlock, SpatialTransformer, Upsample
+
+    if preset not in PRESETS:
+        raise ValueError(f"adapter.preset must be one of {PRESETS}, got {preset!r}")
+    containers: tuple[type, ...] = (Attention,)
+    if preset in ("attention_ff", "full"):
+        containers = (SpatialTransformer,)
+    if preset == "full":
+        containers += (ResBlock, Downsample, Upsample)
+    out: dict[str, nn.Module] = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, containers):
+            continue
+        for child_name, child in module.named_modules():
+            if not child_name or not _is_adaptable(child):
+                continue
+            if isinstance(module, Attention) and child_name not in ("to_q", "to_k", "to_v", "to_out.0"):
+                continue
+            out[f"{name}.{child_name}"] = child
+    return out
+
+
+def text_encoder_targets(text_encoder: nn.Module) -> dict[str, nn.Module]:
+    """The text encoder's self-attention q/k/v/out projections and MLP fc1/fc2 (kohya's
+    TEXT_ENCODER_TARGET_REPLACE_MODULE = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"])."""
+    out = {}
+    for name, module in text_encoder.named_modules():
+        if type(module).__name__ in ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"):
+            for child_name, child in module.named_children():
+                if _is_adaptable(child):
+                    out[f"{name}.{child_name}"] = child
+    return out
+
+
+def module_key(root: str, path: str) -> str:
+    """The adapter's name in the network (a ModuleDict key: no dots): `unet_input_blocks_1_1_..._to_q`."""
+    return f"{KEY_PREFIX[root]}_{path.replace('.', '_')}"
+
+
+# ----------------------------------------------------------------------------------------------------- modules
+
+class LoRAModule(nn.Module):
+    """down (A) and up (B) of one adapted layer, its alpha (a buffer, saved like kohya's `.alpha`) and dropout."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0):
+        super().__init__()
+        rank = int(rank)
+        if isinstance(base, nn.Linear):
+            self.kind = "linear"
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        elif isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError("LoRA on a grouped Conv2d is not supported")
+            self.kind = "conv"
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                  base.dilation, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            raise TypeError(f"LoRA adapts nn.Linear and nn.Conv2d, not {type(base).__name__}")
+        self.rank = rank
+        self.register_buffer("alpha", torch.tensor(float(alpha if alpha else rank)))
+        self.dropout = float(dropout)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))  # as nn.Linear's default / Microsoft's loralib
+        nn.init.zeros_(self.up.weight)
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def delta(self, x: Tensor) -> Tensor:
+        """(alpha / r) * B(dropout(A x)), computed in the adapter's dtype."""
+        h = self.down(x.to(self.down.weight.dtype))
+        if self.dropout and self.training:
+            h = F.dropout(h, p=self.dropout)
+        return self.up(h) * self.scale
+
+    def weight_delta(self) -> Tensor:
+        """(alpha / r) * B A in the base weight's shape: merged W' = W + multiplier * weight_delta()."""
+        up, down = self.up.weight, self.down.weight
+        if self.kind == "linear":
+            return (up @ down) * self.scale  # (out, in)
+        return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * self.scale  # (out, in, k, k)
+
+
+class LoRANetwork(nn.Module):
+    """A set of LoRAModules keyed by `module_key(root, path)`, attachable to the networks they adapt.
+
+    `paths[key] = (root, path)` names the adapted module: root "unet" (paths in our / original SD names) or
+    "text_encoder" (paths inside our CLIPTextEncoder).
+    """
+
+    def __init__(self, loras: dict[str, LoRAModule], paths: dict[str, tuple[str, str]], multiplier: float = 1.0):
+        super().__init__()
+        if set(loras) != set(paths):
+            raise ValueError("LoRANetwork: loras and paths must have the same keys")
+        self.loras = nn.ModuleDict(loras)
+        self.paths = dict(paths)
+        self.multiplier = float(multiplier)
+        self._handles: list = []
+        self._active: LoRANetwork | None = None
+
+    # ---------------------------------------------------------------------------------------------- building
+    @classmethod
+    def build(cls, roots: dict[str, nn.Module], config: LoRAConfig) -> "LoRANetwork":
+        """Fresh adapters on the layers `config` names (kohya's rule: Linear and 1x1 convs get rank / alpha,
+        kxk convs conv_rank / conv_alpha)."""
+        targets = {("unet", p): m for p, m in unet_targets(roots["unet"], config.preset).items()}
+        if config.text_encoder:
+            if roots.get("text_encoder") is None:
+                raise ValueError("adapter.text_encoder=true needs a text encoder")
+            targets.update({("text_encoder", p): m for p, m in text_encoder_targets(roots["text_encoder"]).items()})
+        conv_rank = config.conv_rank or config.rank
+        loras, paths = {}, {}
+        for (root, path), module in targets.items():
+            spatial = isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+            rank, alpha = (conv_rank, config.conv_alpha) if spatial else (config.rank, config.alpha)
+            key = module_key(root, path)
+            loras[key] = LoRAModule(module, rank, alpha, config.dropout)
+            paths[key] = (root, path)
+        if not loras:
+            raise ValueError(f"adapter.preset={config.preset!r} found no layers to adapt in the U-Net")
+        return cls(loras, paths)
+
+    @classmethod
+    def from_weights(cls, roots: dict[str, nn.Module], weights: dict[tuple[str, str], dict[str, Tensor]],
+                     multiplier: float = 1.0) -> "LoRANetwork":
+        """A network holding given weights: weights[(root, path)] = {"down": A, "up": B, "alpha": scalar | None},
+        A and B shaped as our Linear / Conv2d weights (ldm.formats.lora_* produce this)."""
+        loras, paths = {}, {}
+        for (root, path), w in weights.items():
+            base = roots[root].get_submodule(path)
+            down, up = w["down"], w["up"]
+            lora = LoRAModule(base, down.shape[0], None if w.get("alpha") is None else float(w["alpha"]))
+            if lora.down.weight.shape != down.shape or lora.up.weight.shape != up.shape:
+                raise ValueError(f"LoRA weights for {root}.{path}: down {tuple(down.shape)} / up {tuple(up.shape)} "
+                                 f"do not fit the layer (expected {tuple(lora.down.weight.shape)} / "
+                                 f"{tuple(lora.up.weight.shape)})")
+            with torch.no_grad():
+                lora.down.weight.copy_(down)
+                lora.up.weight.copy_(up)
+            key = module_key(root, path)
+            loras[key], paths[key] = lora, (root, path)
+        return cls(loras, paths, multiplier)
+
+    def weights(self) -> dict[tuple[str, str], dict[str, Tensor]]:
+        """The inverse of `from_weights` (what the file writers take)."""
+        return {self.paths[k]: {"down": m.down.weight.detach(), "up": m.up.weight.detach(), "alpha": m.alpha.detach()}
+                for k, m in self.loras.items()}
+
+    def load_weights(self, weights: dict[tuple[str, str], dict[str, Tensor]]) -> list[str]:
+        """Copy matching adapters in (training that starts from a LoRA file); returns the names this network has
+        no adapter for (the caller reports them). A shape mismatch is an error naming the layer."""
+        missing = []
+        by_path = {v: k for k, v in self.paths.items()}
+        for (root, path), w in weights.items():
+            key = by_path.get((root, path))
+            if key is None:
+                missing.append(f"{root}.{path}")
+                continue
+            lora = self.loras[key]
+            if lora.down.weight.shape != w["down"].shape or lora.up.weight.shape != w["up"].shape:
+                raise ValueError(f"LoRA weights for {root}.{path}: rank or shape {tuple(w['down'].shape)} does not "
+                                 f"fit the configured adapter {tuple(lora.down.weight.shape)} (set adapter.rank)")
+            with torch.no_grad():
+                lora.down.weight.copy_(w["down"])
+                lora.up.weight.copy_(w["up"])
+                lora.alpha.fill_(float(w["alpha"]) if w.get("alpha") is not None else lora.rank)
+        return missing
+
+    # -------------------------------------------------------------------------------------------- applying
+    def attach(self, roots: dict[str, nn.Module]) -> "LoRANetwork":
+        """Add the adapters to the base modules' outputs (forward hooks; the base keeps its parameters)."""
+        self.detach()
+        for key, (root, path) in self.paths.items():
+            module = roots[root].get_submodule(path)
+            self._handles.append(module.register_forward_hook(_Hook(self, key)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextmanager
+    def weights_of(self, other: "LoRANetwork") -> Iterator[None]:
+        """While inside, the attached hooks apply `other`'s adapters (same keys), e.g. the EMA copy."""
+        previous, self._active = self._active, other
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    def delta(self, key: str, x: Tensor) -> Tensor:
+        net = self._active if self._active is not None else self
+        return net.loras[key].delta(x) * net.multiplier
+
+    @torch.no_grad()
+    def merge_into(self, roots: dict[str, nn.Module], multiplier: float | None = None) -> None:
+        """Bake the adapters into the base weights: W <- W + multiplier * (alpha / r) B A."""
+        m = self.multiplier if multiplier is None else float(multiplier)
+        for key, (root, path) in self.paths.items():
+            weight = roots[root].get_submodule(path).weight
+            weight.add_((self.loras[key].weight_delta().float() * m).to(weight.dtype))
+
+    def __getstate__(self):  # deepcopy (EMA) copies the adapters, not the hooks on the base modules
+        state = super().__getstate__().copy()
+        state["_handles"], state["_active"] = [], None
+        return state
+
+
+class _Hook:
+    """forward hook: output + adapter(input)."""
+
+    def __init__(self, network: LoRANetwork, key: str):
+        self.network, self.key = network, key
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return output + self.network.delta(self.key, args[0]).to(output.dtype)

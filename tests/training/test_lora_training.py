@@ -1,0 +1,137 @@
+"""adapter=lora: the base stays frozen, only adapter weights are optimised and checkpointed, the run writes a kohya
+file that reads back to what it trained, a stopped run resumes exactly, sampling callbacks see the adapter, and
+training can start from a LoRA file."""
+
+import subprocess
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from ldm.formats.lora_files import read_lora_file
+from ldm.formats.training_checkpoint import load_training_checkpoint
+from ldm.training.train import ConfigError, build_diffusion_module, train
+from tests.training.conftest import assert_same_run, logged_losses
+from tests.training.test_resume import ROOT, _cmd, _env
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A trained base (a fresh U-Net's zero-initialised output convs would pass no gradient to any adapter)."""
+    from tests.training.conftest import TINY_MODEL, compose_train
+
+    tmp = tmp_path_factory.mktemp("base")
+    result = train(compose_train(tmp, TINY_MODEL + CKPT + ["optim.lr=3e-2", "trainer.max_steps=4"]))
+    return f"model.pretrained={result['last_checkpoint']}"
+
+
+def test_only_the_adapter_trains_and_is_saved(tiny_cfg, base):
+    cfg = tiny_cfg(base, "adapter=lora", "adapter.preset=full", "adapter.rank=2", "adapter.conv_rank=3",
+                   "adapter.unet_lr=2e-3", "module.ema_decay=0.9", *CKPT)
+    L.seed_everything(cfg.seed)  # as train() does: the same random base each time
+    module = build_diffusion_module(cfg)
+    base = {k: v.clone() for k, v in module.unet.state_dict().items()}
+    opt = module.configure_optimizers()["optimizer"]
+    in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in module.lora.parameters()}
+    assert [g["lr"] for g in opt.param_groups] == [2e-3]
+    assert not any(p.requires_grad for p in module.unet.parameters())
+
+    result = train(cfg)
+    ckpt = torch.load(result["last_checkpoint"], weights_only=True)
+    assert ckpt["state_dict"] and all(k.startswith(("lora.", "ema.")) for k in ckpt["state_dict"])
+    assert ckpt["ldm"]["adapter"]["preset"] == "full"
+    lora_file = Path(result["run_dir"]) / "lora.safetensors"
+    # the file holds the EMA adapter; the checkpoint loads as the base with it merged
+    bundle = load_training_checkpoint(result["last_checkpoint"])
+    L.seed_everything(cfg.seed)
+    fresh = build_diffusion_module(cfg)
+    assert all(torch.equal(base[k], v) for k, v in fresh.unet.state_dict().items())  # same (seeded) base
+    lora = read_lora_file(lora_file, fresh.adapter_roots())
+    assert lora.unmapped == [] and len(lora.weights) == len(fresh.lora.loras)
+    ema = {k[len("ema.model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.model.")}
+    raw = {k[len("lora."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("lora.")}
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if k.endswith("up.weight"))  # EMA differs from raw
+    net = lora.network(fresh.adapter_roots())
+    for key, m in net.loras.items():
+        torch.testing.assert_close(m.up.weight, ema[f"loras.{key}.up.weight"])
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.randn(2, 77, 32)
+    net.attach(fresh.adapter_roots())
+    with torch.no_grad():
+        # fresh.lora (zero up weights) adds nothing; net is the file's adapter
+        torch.testing.assert_close(bundle.unet(x, t, c), fresh.unet(x, t, c), atol=1e-5, rtol=1e-5)
+
+
+def test_text_encoder_adapter_trains_with_its_own_lr(tiny_cfg, base):
+    cfg = tiny_cfg(base, "adapter=lora", "adapter.text_encoder=true", "adapter.unet_lr=1e-3",
+                   "adapter.text_encoder_lr=5e-5", "module.ema_decay=null", *CKPT)
+    L.seed_everything(cfg.seed)
+    module = build_diffusion_module(cfg)
+    opt = module.configure_optimizers()["optimizer"]
+    assert [(g["name"], g["lr"]) for g in opt.param_groups] == [("lora_unet", 1e-3), ("lora_text_encoder", 5e-5)]
+    before = {k: v.clone() for k, v in module.lora.state_dict().items()}
+    result = train(cfg)
+    after = torch.load(result["last_checkpoint"], weights_only=True)["state_dict"]
+    te_keys = [k for k in before if k.startswith("loras.te_") and k.endswith("up.weight")]
+    assert te_keys and all(not torch.equal(before[k], after["lora." + k]) for k in te_keys)
+    assert not any(k.startswith("text_encoder.") for k in after)  # the frozen encoder is not in the checkpoint
+
+
+def test_sampling_callback_samples_with_the_adapter(tiny_cfg, base):
+    from ldm.pipelines.common import SamplingOptions
+    from ldm.training.callbacks import generate
+
+    module = build_diffusion_module(tiny_cfg(base, "adapter=lora", "module.ema_decay=0.9"))
+    args = dict(prompts=["a red circle"], sampler=SamplingOptions(name="ddim", steps=2), guidance_scale=2.0, seed=0,
+                resolution=16)
+    before = generate(module, **args)
+    with torch.no_grad():
+        for m in module.lora.loras.values():
+            m.up.weight.normal_(std=0.5)
+    assert torch.equal(generate(module, **args, use_ema=True), before)  # the EMA adapter is still zero
+    raw = generate(module, **args, use_ema=False)
+    assert (raw - before).abs().max() > 1e-3
+    torch.testing.assert_close(generate(module, **args, use_ema=False), raw)  # nothing leaked between calls
+    merged = module.bundle(use_ema=False)  # merged copy == hooks
+    from ldm.pipelines import text_to_image
+
+    torch.testing.assert_close(text_to_image(merged, args["prompts"], sampler="ddim", steps=2, guidance_scale=2.0,
+                                             seed=0, height=16, width=16), raw, atol=1e-5, rtol=1e-5)
+
+
+def test_start_from_a_lora_file_and_bad_configs(tiny_cfg, tmp_path):
+    from ldm.formats.lora_files import save_lora_file
+
+    module = build_diffusion_module(tiny_cfg("adapter=lora"))
+    with torch.no_grad():
+        for m in module.lora.loras.values():
+            m.up.weight.normal_()
+    path = save_lora_file(module.lora, module.adapter_roots(), tmp_path / "start.safetensors", layout="peft")
+    started = build_diffusion_module(tiny_cfg("adapter=lora", f"adapter.init_from={path.parent}"))
+    for k, v in module.lora.state_dict().items():
+        torch.testing.assert_close(started.lora.state_dict()[k], v)
+    with pytest.raises(ConfigError, match="adapter.*preset"):
+        build_diffusion_module(tiny_cfg("adapter=lora", "adapter.preset=everything"))
+    with pytest.raises(ConfigError, match="adapter.*rank"):
+        build_diffusion_module(tiny_cfg("adapter=lora", "adapter.rank=0"))
+    with pytest.raises(ConfigError, match="adapter.*not found"):
+        build_diffusion_module(tiny_cfg("adapter=lora", f"adapter.init_from={tmp_path / 'nope.safetensors'}"))
+
+
+@pytest.mark.slow
+def test_lora_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base):
+    lora = [base, "adapter=lora", "adapter.preset=attention_ff", "optim.lr=1e-2"]
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(ref, tmp_path / "cache", *lora), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    assert [s for s, _ in logged_losses(ref)][-1] == 9
+    run = tmp_path / "stopped"
+    cmd = _cmd(run, tmp_path / "cache", *lora, "+callbacks.checkpoint.every_n_train_steps=1")
+    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    assert_same_run(ref, run)
