@@ -18,7 +18,8 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ldm.diffusion.schedules import PREDICTION_TYPES
-from ldm.formats.load import detect_source, load_bundle, looks_like_hub_id, resolve_device, resolve_dtype
+from ldm.formats.detect import detect_source, looks_like_hub_id
+from ldm.formats.load import load_bundle, resolve_device, resolve_dtype
 from ldm.pipelines.common import check_size, default_size, unet_kind
 from ldm.pipelines.images import make_grid, mask_batch, pil_to_tensor, to_pil
 from ldm.pipelines.png import save_png
