@@ -1,7 +1,7 @@
-"""Text-to-image, image-to-image and inpainting over a :class:`~ldm.bundle.ModelBundle` (the seed's "Full
+"""Text-to-image, image-to-image and inpainting over a :class:`~ldm.formats.bundle.ModelBundle` (the seed's "Full
 Architecture Combined"). The sampler math lives in ``ldm.diffusion``; these functions wire the models to it.
 
-    from ldm.loading import load_bundle
+    from ldm.formats.load import load_bundle
     from ldm.pipelines import text_to_image
     images = text_to_image(load_bundle("model.safetensors"), "a red circle", steps=30, seed=0)  # (B, 3, H, W)
 """

@@ -8,6 +8,8 @@ before anything is sampled, so bad input fails fast with a message naming the op
 from __future__ import annotations
 
 import math
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +18,8 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ldm.diffusion.schedules import PREDICTION_TYPES
-from ldm.loading import detect_source, load_bundle, looks_like_hub_id, resolve_device, resolve_dtype
+from ldm.formats.detect import detect_source, looks_like_hub_id
+from ldm.formats.load import load_bundle, resolve_device, resolve_dtype
 from ldm.pipelines.common import check_size, default_size, unet_kind
 from ldm.pipelines.images import make_grid, mask_batch, pil_to_tensor, to_pil
 from ldm.pipelines.png import save_png
@@ -44,12 +47,14 @@ class SampleConfig:
     mask: Optional[str] = None  # inpainting: white = repaint; same size as init_image
     feather: int = 0  # inpainting: soften the composite edge over this many pixels inside the mask
     out_dir: str = "samples"
+    overwrite: bool = False  # an out_dir holding an earlier run's images is refused unless true (then they go first)
     grid: bool = True  # also write grid.png
     use_ema: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     dtype: str = "auto"  # auto (float16 on CUDA, else float32) | float32 | float16 | bfloat16
     text_encoder: Optional[str] = None  # tokenizer/ + text_encoder/ folder (SD single files carry no tokenizer)
     prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
+    check_memory: bool = True  # estimate the activation memory first; refuse (saying what to lower) if it won't fit
     lora: list[str] = field(default_factory=list)  # LoRA files merged in, each FILE or FILE:SCALE (kohya / diffusers)
 
 
@@ -103,12 +108,12 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 
 def _open_image(path: Path, option: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # a copy, turned upright by its EXIF orientation
     except (UnidentifiedImageError, OSError) as err:
         raise SampleConfigError(f"{option}: cannot read image {path} ({err})") from err
 
@@ -151,8 +156,9 @@ def check_options(cfg: DictConfig) -> None:
     for option in ("height", "width"):
         if cfg[option] is not None and cfg[option] < 1:
             raise SampleConfigError(f"{option} must be a positive number of pixels, got {cfg[option]}")
-    if not math.isfinite(cfg.guidance_scale):
-        raise SampleConfigError(f"guidance_scale must be a finite number, got {cfg.guidance_scale}")
+    if not math.isfinite(cfg.guidance_scale) or cfg.guidance_scale < 0:
+        raise SampleConfigError(f"guidance_scale must be a finite number >= 0 (1 = the conditional prediction only, "
+                                f"0 = unconditional, 7.5 = SD's default), got {cfg.guidance_scale}")
     try:
         SamplingOptions.of(cfg.sampler)
         device = resolve_device(cfg.device)
@@ -169,6 +175,33 @@ def check_options(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"text_encoder: folder not found: {te}")
 
 
+OUTPUT_NAME = re.compile(r"(\d{5}|grid)\.png")  # what sample() writes: 00000.png, ... and grid.png
+
+
+def earlier_outputs(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.iterdir() if OUTPUT_NAME.fullmatch(p.name)) if out_dir.is_dir() else []
+
+
+def prepare_out_dir(cfg: DictConfig) -> tuple[Path, list[Path]]:
+    """Before the model loads: out_dir must not hold an earlier run's images (unless overwrite=true: they are
+    returned, to be removed before the first new one is written, so old and new never mix) and must be
+    writable (created here, then probed with a file)."""
+    out_dir = Path(cfg.out_dir)
+    earlier = earlier_outputs(out_dir)
+    if earlier and not cfg.overwrite:
+        names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise SampleConfigError(f"out_dir {out_dir} already holds {len(earlier)} image(s) of an earlier run "
+                                f"({names}): choose another out_dir, or set overwrite=true to replace them")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise SampleConfigError(f"out_dir {out_dir} is not writable ({err.strerror or err}): choose another "
+                                "out_dir") from err
+    return out_dir, earlier
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the run
 
@@ -179,6 +212,7 @@ def sample(cfg: Any) -> list[Path]:
     check_options(cfg)
     prompts = read_prompts(cfg)
     init, mask = read_images(cfg)
+    out_dir, earlier = prepare_out_dir(cfg)
 
     bundle = load_bundle(cfg.ckpt, use_ema=cfg.use_ema, device=cfg.device, dtype=cfg.dtype,
                          text_encoder=cfg.text_encoder, prediction_type=cfg.prediction_type)
@@ -197,6 +231,14 @@ def sample(cfg: Any) -> list[Path]:
         check_size(bundle, height, width)
     except ValueError as err:
         raise SampleConfigError(f"height/width{' (of init_image)' if init is not None else ''}: {err}") from err
+    if cfg.check_memory:
+        from ldm.pipelines.memory import check_fits
+
+        try:
+            check_fits(bundle, min(cfg.batch_size, len(prompts) * cfg.n_images), height, width,
+                       guidance=cfg.guidance_scale != 1.0, trained_at=bundle.meta.get("resolution"))
+        except MemoryError as err:
+            raise SampleConfigError(str(err)) from None
     if unet_kind(bundle) == "inpaint" and mask is None:
         raise SampleConfigError(f"{cfg.ckpt} is an inpainting model (9-channel U-Net): give init_image=... and "
                                 "mask=...")
@@ -209,7 +251,8 @@ def sample(cfg: Any) -> list[Path]:
         raise SampleConfigError(f"sampler: {err}") from err
 
     base = _base_params(cfg, bundle, height, width, init is not None, mask is not None)
-    out_dir = Path(cfg.out_dir)
+    for p in earlier:  # overwrite=true, and the model is ready: the earlier run's images go, all of them
+        p.unlink(missing_ok=True)
     jobs = [p for p in prompts for _ in range(cfg.n_images)]
     paths, images = [], []
     for start in range(0, len(jobs), cfg.batch_size):

@@ -83,6 +83,20 @@ class DatasetEpochCallback(L.Callback):
             set_dataset_epoch(ds, trainer.current_epoch)
 
 
+class BadSamplesCallback(L.Callback):
+    """Logs ``data/bad_samples``: the unreadable samples skipped so far in this run, each counted once across
+    DataLoader workers, ranks and resumes (the marker files of ``ldm.data.bad_samples`` in ``folder``)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def count(self) -> int:
+        return len(list(self.folder.glob("*.txt"))) if self.folder.is_dir() else 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.log("data/bad_samples", float(self.count()), batch_size=1)
+
+
 class ThroughputCallback(L.Callback):
     """Logs training throughput (images/s over all ranks) from the wall time between batch ends."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.safe_load import CheckpointError
 
 
 class ConfigError(ValueError):

@@ -3,6 +3,7 @@ Algorithm 1 in latent space, with classifier-free conditioning dropout)."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from typing import Any, Callable, Iterator
@@ -11,12 +12,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ldm.bundle import ModelBundle
+from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.losses import diffusion_loss, noised_batch
 from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.models.lora import LoRAConfig, LoRANetwork
+from ldm.training.divergence import DivergenceGuard
 from ldm.training.ema import EMA
+
+log = logging.getLogger("ldm.training")
 
 VAL_TIMESTEP_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -43,6 +47,8 @@ class LatentDiffusion(L.LightningModule):
         channels_last: bool = False,
         max_nonfinite_steps: int = 5,
         adapter: LoRAConfig | None = None,
+        loss_spike_factor: float | None = 100.0,
+        grad_norm_spike_factor: float | None = 100.0,
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
@@ -59,11 +65,18 @@ class LatentDiffusion(L.LightningModule):
         self.adapter_config = adapter
         self.lora = self._build_adapter(adapter) if adapter is not None else None
         # EMA of what trains: the whole U-Net, or only the adapter weights
-        self.ema = EMA(self.lora if self.lora is not None else unet, ema_decay) if ema_decay else None
+        self.ema = EMA(self.trained_module, ema_decay) if ema_decay else None
         self.model_config: dict[str, Any] = {}  # the Hydra model node, saved with every checkpoint
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        # skipped steps: NaN/inf, or a loss / gradient-norm spike; max_nonfinite_steps in a row stop the run
+        self.guard = DivergenceGuard(loss_spike_factor, grad_norm_spike_factor, max_skipped_in_a_row=max_nonfinite_steps)
+        self._step_losses: list[Tensor] = []  # the losses of the optimizer step being computed (accumulation)
+        self._step_skipped = False
+        self._last_batch: dict[str, Any] | None = None
+        self._checked_step: tuple[int, str | None] | None = None  # (global step, verdict) of the weights to save
+
+    @property
+    def nonfinite_total(self) -> int:
+        return self.guard.nonfinite_total
 
     # ------------------------------------------------------------------------------------------------- adapters
     def _build_adapter(self, config: LoRAConfig) -> LoRANetwork:
@@ -91,6 +104,11 @@ class LatentDiffusion(L.LightningModule):
         # only the adapter is in the checkpoint; the base comes from model.pretrained again on resume
         self.strict_loading = False
         return network
+
+    @property
+    def trained_module(self) -> nn.Module:
+        """What the optimizer updates: the adapter, or the whole U-Net."""
+        return self.lora if self.lora is not None else self.unet
 
     def adapter_roots(self) -> dict[str, nn.Module]:
         return {"unet": self.unet, "text_encoder": self.text_encoder}
@@ -144,7 +162,8 @@ class LatentDiffusion(L.LightningModule):
     def forward(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
         return self.unet(x_t, t, context)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+    def step_loss(self, batch: dict[str, Any]) -> Tensor:
+        """Algorithm 1's loss on a batch (caption dropout, random timesteps and noise)."""
         latents = self.encode_images(batch)
         captions, _ = self.drop_captions(batch["caption"])
         if "context" not in batch or self.text_encoder_adapted:  # an adapted encoder cannot use cached contexts
@@ -152,27 +171,48 @@ class LatentDiffusion(L.LightningModule):
         else:
             context = self._dropped_context(batch, captions)
         x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise)
-        loss = diffusion_loss(self(x_t, t, context), target, self.schedule, t, self.min_snr_gamma)
-        if not self.loss_is_finite(loss):
-            return None  # Lightning skips backward and the optimizer step
-        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        return diffusion_loss(self(x_t, t, context), target, self.schedule, t, self.min_snr_gamma)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        # always backpropagated, even when NaN: with DDP every rank must join the gradient all-reduce; whether the
+        # update is applied is decided in on_before_optimizer_step, on values all ranks agree on
+        loss = self.step_loss(batch)
+        self._step_losses.append(loss.detach())
+        self._last_batch = batch
         return loss
 
-    def loss_is_finite(self, loss: Tensor) -> bool:
-        """NaN/inf loss: skip the step and count it; stop with a clear message after max_nonfinite_steps in a
-        row (the weights were never updated with it, so the last checkpoint is good)."""
-        if bool(torch.isfinite(loss)):
-            self.nonfinite_in_a_row = 0
-            return True
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=1)
-        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"the loss was NaN/inf for {self.nonfinite_in_a_row} steps in a row (global step "
-                f"{self.global_step}); stopping. The weights were not updated by those steps and the last "
-                f"checkpoint is intact. Lower optim.lr, enable gradient clipping, or use precision=32 / bf16.")
-        return False
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Apply the update or skip it: a NaN/inf or spiking loss or U-Net gradient norm (after unscaling, before
+        clipping) clears the gradients, so the optimizer leaves the weights alone; the EMA and the logged
+        loss then skip the step too (see DivergenceGuard). Logs train/loss and train/grad_norm of applied steps."""
+        local = torch.stack(self._step_losses).mean() if self._step_losses else torch.tensor(float("nan"))
+        self._step_losses = []
+        loss = local
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            loss = loss.clone()  # the decision is on the mean loss over the ranks: every rank skips or none does
+            torch.distributed.all_reduce(loss)
+            loss /= torch.distributed.get_world_size()
+        params = [p for p in self.trained_module.parameters() if p.grad is not None]
+        grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+                     if params else None)  # DDP has all-reduced the gradients already: the same on every rank
+        loss_value = float(loss)
+        grad_value = None if grad_norm is None else float(grad_norm)
+        reason = self.guard.verdict(loss_value, grad_value)
+        self._step_skipped = reason is not None
+        if reason is None:
+            self.guard.accept(loss_value, grad_value)
+            self.log("train/loss", local, prog_bar=True, batch_size=len(self._last_batch["caption"]))
+            if grad_norm is not None:
+                self.log("train/grad_norm", grad_norm, batch_size=1)
+            return
+        for p in self.trained_module.parameters():
+            p.grad = None
+        self._forget_step_metrics("train/loss", "train/grad_norm")  # no stale value in this step's log row
+        log.warning("step %d skipped: %s", self.global_step, reason)
+        self.guard.skip(reason)
+        self.log("train/nonfinite_steps", float(self.guard.nonfinite_total), batch_size=1)
+        self.log("train/diverged_steps", float(self.guard.diverged_total), batch_size=1)
+        self.guard.stop_if_persistent(reason)  # max_nonfinite_steps in a row
 
     def _dropped_context(self, batch: dict[str, Any], captions: list[str]) -> Tensor:
         """Cached text contexts: swap in the empty-prompt context where the caption was dropped."""
@@ -182,18 +222,21 @@ class LatentDiffusion(L.LightningModule):
             context[dropped] = self.text_encoder.empty_context(1).to(context)
         return context
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Log the U-Net's total gradient norm (after unscaling, before clipping)."""
-        trained = self.lora if self.lora is not None else self.unet
-        grads = [p.grad for p in trained.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])),
-                     batch_size=1)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The step (closure: training_step + backward, then on_before_optimizer_step's verdict), then the EMA
+        update, before any callback (checkpointing) sees the batch end; a skipped step leaves the EMA alone."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and not self._step_skipped:
+            self.ema.update(self.trained_module)
 
-    def on_before_zero_grad(self, optimizer) -> None:
-        """Right after each optimizer step (before callbacks such as checkpointing see the batch end)."""
-        if self.ema is not None:
-            self.ema.update(self.lora if self.lora is not None else self.unet)
+    def _forget_step_metrics(self, *names: str) -> None:
+        """Drop this epoch's cached values of these step metrics so that the logger writes none for this step
+        (Lightning re-sends the last logged value of a metric at every step until the epoch ends)."""
+        results = getattr(self.trainer, "_results", None)  # Lightning's _ResultCollection: no public API for this
+        for metric in (results or {}).values():
+            meta = getattr(metric, "meta", None)
+            if meta is not None and meta.name in names:
+                metric.reset()
 
     @torch.no_grad()
     def validation_loss(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -245,13 +288,36 @@ class LatentDiffusion(L.LightningModule):
         if bad:
             raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights ({bad[:3]}...); "
                                      "the previous checkpoints are kept")
-        checkpoint["ldm"] = {"model": self.model_config, "kind": "latent_diffusion"}
+        checkpoint["ldm"] = {"model": self.model_config, "kind": "latent_diffusion", "guard": self.guard.state_dict()}
         if self.lora is not None:  # the trainable checkpoint: the adapter (and its EMA), not the frozen base
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k.startswith(("lora.", "ema."))}
             checkpoint["ldm"]["adapter"] = asdict(self.adapter_config)
+        reason = self.weights_verdict()
+        if reason is not None:  # AtomicCheckpointIO writes nothing for it: the previous checkpoints stay the last
+            log.warning("step %d: not writing a checkpoint, the weights diverged (%s)", self.global_step, reason)
+            checkpoint["ldm"]["refused"] = reason
+    @torch.no_grad()
+    def weights_verdict(self) -> str | None:
+        """Do the weights about to be saved still train? The last update's result was never evaluated, so the
+        loss of the last batch is computed once more with them (its random draws from a forked generator state:
+        the run's streams are untouched) and judged like a training step's (None: fine)."""
+        if self._last_batch is None:
+            return None
+        if self._checked_step is not None and self._checked_step[0] == self.global_step:
+            return self._checked_step[1]  # the step's other checkpoint (last.ckpt beside stepNNN.ckpt)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            loss = self.step_loss(self._last_batch).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loss)  # on_save_checkpoint runs on every rank
+            loss /= torch.distributed.get_world_size()
+        reason = self.guard.verdict(float(loss))
+        self._checked_step = (self.global_step, reason)
+        return reason
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.load_state_dict(checkpoint.get("ldm", {}).get("guard", {}))
         if self.lora is None:
             return
         expected = {k for k in self.state_dict() if k.startswith(("lora.", "ema."))}

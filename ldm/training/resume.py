@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.safe_load import CheckpointError
 
 
 class RNGStateCallback(L.Callback):
@@ -59,18 +60,52 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def _no_space(error: BaseException) -> bool:
+    """Is a full disk (or quota) behind this error? torch.save reports it as RuntimeError("[enforce fail at
+    inline_container.cc] unexpected pos ...") with the OSError(ENOSPC) of the failed write as its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to <path>.tmp, fsync, then os.replace: a kill during a save leaves the previous file intact
-    (never a truncated checkpoint that a later `ckpt_path=last` would pick up). Loads with weights_only=True."""
+    """torch.save to .<name>.tmp, fsync, then os.replace: a kill during a save leaves the previous file intact
+    (never a truncated checkpoint that a later `ckpt_path=last` would pick up). A failed save removes its
+    partial .tmp; a full disk is reported as such, naming the file. Loads with weights_only=True."""
+
+    @staticmethod
+    def tmp_path(path: Path) -> Path:
+        return path.with_name(f".{path.name}.tmp")
+
+    @classmethod
+    def remove_stale(cls, dirpath: str | Path) -> list[Path]:
+        """Delete the partial .tmp files a killed save left in a checkpoint folder (at the start of a run)."""
+        stale = sorted(Path(dirpath).glob(cls.tmp_path(Path("*.ckpt")).name)) if Path(dirpath).is_dir() else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if (checkpoint.get("ldm") or {}).get("refused"):
+            return  # weights that diverged (LatentDiffusion.weights_verdict): the previous file stays
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = self.tmp_path(path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if _no_space(e):
+                raise OSError(errno.ENOSPC, f"no space left on device writing {path} (the previous checkpoints "
+                                            "are intact: free some space, then resume with ckpt_path=last)") from e
+            raise
         os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.training.callbacks import DatasetEpochCallback
+from ldm.data.bad_samples import bad_sample_names
+from ldm.training.callbacks import BadSamplesCallback, DatasetEpochCallback
 from ldm.training.config import STAGES
 from ldm.training.config_checks import ConfigError, check_checkpoint_file, check_values
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
@@ -44,6 +45,9 @@ def validate(cfg: DictConfig) -> None:
     steps = OmegaConf.select(cfg, "trainer.max_steps")
     if steps is not None and int(steps) == 0:
         raise ConfigError("trainer.max_steps is 0: nothing would train (use -1 for no step limit)")
+    if OmegaConf.select(cfg, "adapter") and not OmegaConf.select(cfg, "model.pretrained"):
+        log.warning("adapter=lora with model.pretrained=null: the adapters train on a randomly initialised base "
+                    "(set model.pretrained=<checkpoint, SD file or diffusers folder>)")
     if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).exists():
         raise ConfigError(f"ckpt_path: checkpoint not found: {cfg.ckpt_path}")
     if cfg.ckpt_path not in (None, "last"):
@@ -158,9 +162,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
+    bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
+    if hasattr(datamodule, "bad_samples_dir"):
+        datamodule.bad_samples_dir = str(bad_samples_dir)
+        callbacks.append(BadSamplesCallback(bad_samples_dir))
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    for cb in trainer.checkpoint_callbacks:  # partial files of a save that was killed (or ran out of disk)
+        for stale in AtomicCheckpointIO.remove_stale(cb.dirpath) if getattr(cb, "dirpath", None) else []:
+            log.warning("removed %s, left by an interrupted checkpoint save", stale)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -187,12 +198,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             result["vae_check"] = cb.report.as_dict()
         if getattr(cb, "images_per_sec", None):
             result["images_per_sec"] = cb.images_per_sec
+    bad = bad_sample_names(bad_samples_dir)
+    if bad:
+        result["bad_samples"] = bad
     if trainer.is_global_zero:
-        print_summary(result, run_dir)
+        print_summary(result, run_dir, bad_samples_dir)
     return result
 
 
-def print_summary(result: dict[str, Any], run_dir: Path) -> None:
+def print_summary(result: dict[str, Any], run_dir: Path, bad_samples_dir: Path | None = None) -> None:
     """The end of a run: where its files are, how well the frozen VAE fit the data, how fast it trained."""
     print(f"\nrun folder: {run_dir}  ({result['global_step']} steps)")
     for key in ("last_checkpoint", "autoencoder", "sample_grid"):
@@ -206,3 +220,6 @@ def print_summary(result: dict[str, Any], run_dir: Path) -> None:
         print(f"  vae check: PSNR {v['psnr_db']:.1f} dB, mean colour shift {v['colour_shift']:.1f}/255 ({verdict})")
     if "images_per_sec" in result:
         print(f"  throughput: {result['images_per_sec']:.1f} training images/s (all ranks, pauses included)")
+    if result.get("bad_samples"):
+        print(f"  unreadable samples skipped: {len(result['bad_samples'])} (each named once in the log; listed in "
+              f"{bad_samples_dir})")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.safe_load import CheckpointError
 from ldm.formats.safe_build import build_network, build_node, check_plain
 
 PAYLOAD = "ldm_evil_payload"  # a module that writes the marker file when imported
@@ -105,7 +105,7 @@ def _training_checkpoint(path, unet_node):
 
 @pytest.mark.parametrize("case", ["torch.load of a pickle", "os.system", "nested _target_", "absurd size"])
 def test_training_checkpoint_refused(case, evil, tmp_path):
-    from ldm.loading import load_bundle
+    from ldm.formats.load import load_bundle
 
     node, key = bad_unet_nodes(evil["pickle"])[case]
     path = _training_checkpoint(tmp_path / "downloaded.ckpt", node)
@@ -115,7 +115,7 @@ def test_training_checkpoint_refused(case, evil, tmp_path):
 
 
 def test_training_checkpoint_schedule_refused(evil, tmp_path):
-    from ldm.training.checkpoint_io import load_training_checkpoint
+    from ldm.formats.training_checkpoint import load_training_checkpoint
 
     path = _training_checkpoint(tmp_path / "m.ckpt", bad_unet_nodes("x")["unknown key"][0])
     ckpt = torch.load(path, weights_only=True)
@@ -126,7 +126,7 @@ def test_training_checkpoint_schedule_refused(evil, tmp_path):
 
 
 def test_ldm_bundle_refused(evil, tmp_path):
-    from ldm.export.ldm_bundle import load_ldm_bundle
+    from ldm.formats.ldm_bundle import load_ldm_bundle
 
     folder = tmp_path / "bundle"
     folder.mkdir()
@@ -175,7 +175,7 @@ def _sd_file(path, header):
       "ldm_schedule": {"kind": "linear", "_target_": "torch.load"}}, "ldm_schedule"),
 ])
 def test_sd_single_file_header_refused(header, key, evil, tmp_path):
-    from ldm.loading import load_bundle
+    from ldm.formats.load import load_bundle
 
     path = _sd_file(tmp_path / "sd.safetensors", header)
     with pytest.raises(CheckpointError, match=key) as err:
@@ -193,7 +193,7 @@ def test_sd_single_file_header_refused(header, key, evil, tmp_path):
     ("text_encoder", {"hidden_size": 32, "auto_map": {"AutoModel": f"{PAYLOAD}.run"}}, "auto_map"),
 ])
 def test_diffusers_config_refused(component, config, key, evil, tmp_path):
-    from ldm.checkpoints.diffusers_folder import load_diffusers_folder
+    from ldm.formats.diffusers_folder import load_diffusers_folder
 
     folder = tmp_path / "pipe"
     (folder / component).mkdir(parents=True)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.training.conftest import TINY_MODEL, assert_same_run, logged_losses
+from tests.training.conftest import TINY_MODEL, assert_same_run, logged_losses, tiny_cfg  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 N_IMAGES = 24  # 6 batches of 4 per epoch
@@ -39,7 +39,8 @@ def env() -> dict:
 
 def train_cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     tiny = [o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "trainer.val_check_interval",
-                                                       "trainer.limit_val_batches", "++data.latent_cache"))]
+                                                       "trainer.limit_val_batches", "++data.latent_cache",
+                                                       "data.train.resolution"))]
     return [sys.executable, "train.py", *tiny, f"paths.run_dir={run_dir}", f"paths.cache_dir={cache}",
             f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=null", "trainer.limit_val_batches=0",
             "module.ema_decay=0.9", "trainer.deterministic=true",
@@ -53,6 +54,13 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600, **kwargs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def run_train(cmd: list[str], run_dir: Path) -> None:
+    """run(cmd), keeping its output in the run folder (to read when a comparison fails)."""
+    proc = run(cmd)
+    with open(run_dir / "output.txt", "a") as f:
+        f.write(proc.stdout + proc.stderr)
 
 
 def kill_after(cmd: list[str], run_dir: Path, step: int, watch: Path | None = None) -> None:
@@ -78,7 +86,7 @@ def kill_resume_compare(tmp_path: Path, *data: str, batches_per_epoch: int = N_I
     """Uninterrupted run vs. a run killed after step 10 and resumed with ckpt_path=last."""
     cache = tmp_path / "cache"
     reference = tmp_path / "reference"
-    run(train_cmd(reference, cache, *data))
+    run_train(train_cmd(reference, cache, *data), reference)
     assert sorted(s for s, _ in logged_losses(reference)) == list(range(MAX_STEPS))
 
     killed = tmp_path / "killed"
@@ -87,7 +95,7 @@ def kill_resume_compare(tmp_path: Path, *data: str, batches_per_epoch: int = N_I
     resumed_at = checkpoint_step(killed)
     assert resumed_at in (2 * EVERY, 3 * EVERY)
     assert resumed_at >= batches_per_epoch and resumed_at % batches_per_epoch, "a mid-epoch resume after epoch 0"
-    run(cmd + ["ckpt_path=last"])
+    run_train(cmd + ["ckpt_path=last"], killed)
     assert_same_run(reference, killed)
 
 
@@ -142,8 +150,8 @@ FOLDER = ["data.train.resolution=16", "data.batch_size=4", "data.val_fraction=0"
 def test_kill9_resume_shapes_cached_latents(tmp_path):
     """The default data: shapes encoded once into the latent cache, posterior draws seeded by (seed, epoch,
     index). Before the fix a resumed epoch drew epoch 0's latents (step 10 differed)."""
-    kill_resume_compare(tmp_path, f"data.train.size={N_IMAGES}", "data.val.resolution=16")
-    assert list((tmp_path / "cache" / "latents").glob("ShapesDataset-*/manifest.json")), "trained from the cache"
+    kill_resume_compare(tmp_path, f"data.train.size={N_IMAGES}", "data.train.resolution=16", "data.val.resolution=16")
+    assert list((tmp_path / "cache" / "latents").glob("ShapesDataset-*/**/manifest.json")), "trained from the cache"
 
 
 def test_kill9_resume_image_folder_two_workers(tmp_path):
@@ -154,10 +162,10 @@ def test_kill9_resume_image_folder_two_workers(tmp_path):
 
 @pytest.mark.slow
 def test_kill9_resume_image_folder_latent_cache(tmp_path):
-    """A folder encoded with `python -m ldm.data.latent_cache`, trained with data=latent_cache (2 workers)."""
+    """A folder encoded with `python -m ldm.cli.latent_cache`, trained with data=latent_cache (2 workers)."""
     root = write_folder(tmp_path / "images")
     cache = tmp_path / "folder-latents"
-    run([sys.executable, "-m", "ldm.data.latent_cache", str(cache), "--source", "folder", "--path", str(root),
+    run([sys.executable, "-m", "ldm.cli.latent_cache", str(cache), "--source", "folder", "--path", str(root),
          "--resolution", "16", "--vae-preset", "tiny", "--batch-size", "8", "--shard-size", "10", "--device", "cpu",
          "--no-progress"])
     kill_resume_compare(tmp_path, "data=latent_cache", f"data.train.path={cache}", "data.batch_size=4",
@@ -177,3 +185,195 @@ def test_kill9_resume_webdataset(tmp_path):
     urls = write_shards(tmp_path / "shards")
     kill_resume_compare(tmp_path, "data=webdataset", f"data.train.urls='{urls}'", "data.train.resolution=16",
                         "data.batch_size=4", "data.train.shuffle_buffer=5")
+
+
+# ------------------------------------------------------------------------------------------------ item 6
+
+def test_lr_1e6_checkpoints_no_blown_up_weights_and_logs_no_stale_loss(tmp_path):
+    """optim.lr=1e6: step 0's update blows the weights up (max |w| ~1e4 before the fix, and that was saved as
+    step=1.ckpt); the NaN steps after it logged step 0's loss again. Now: no checkpoint of those weights, no
+    loss logged for a skipped step, a clear stop after 5 skipped steps in a row."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(run_dir, tmp_path / "cache", f"data.train.size={N_IMAGES}", "data.train.resolution=16",
+                    "data.val.resolution=16", "optim.lr=1e6", "+callbacks.checkpoint.every_n_train_steps=1")
+    cmd = [c for c in cmd if not c.startswith("+callbacks.checkpoint.every_n_train_steps=5")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "5 steps in a row were skipped" in proc.stderr and "optim.lr" in proc.stderr
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt") if (run_dir / "checkpoints").exists() else []:
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        biggest = max(float(v.abs().max()) for k, v in state.items() if k.startswith(("unet.", "ema.")) and
+                      v.is_floating_point())
+        assert biggest < 100, f"{ckpt.name} holds blown-up weights (max |w| {biggest:.3g})"
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    skipped = [r for r in rows if r.get("train/nonfinite_steps") or r.get("train/diverged_steps")]
+    assert len(skipped) >= 3
+    assert all(not r["train/loss"] and not r["train/grad_norm"] for r in skipped), skipped
+    assert [r["step"] for r in rows if r["train/loss"]] == ["0"]  # only the applied step has a loss
+
+
+def _poisoned_fit(tiny_cfg, poison: dict[int, float], max_steps: int, *overrides: str):
+    """Fit in-process with the loss of some steps multiplied (by NaN, inf or a large factor: the gradients scale
+    with it); records the U-Net and EMA weights after every batch."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from ldm.training.train import build_diffusion_module
+
+    cfg = tiny_cfg("trainer.limit_val_batches=0", "module.ema_decay=0.9", *overrides)
+    module = build_diffusion_module(cfg)
+    step_loss, calls = module.step_loss, {"n": 0}
+
+    def poisoned(batch):
+        loss = step_loss(batch)
+        step, calls["n"] = calls["n"], calls["n"] + 1
+        return loss * poison[step] if step in poison else loss
+
+    module.step_loss = poisoned
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots.append(({k: v.clone() for k, v in pl_module.unet.state_dict().items()},
+                              {k: v.clone() for k, v in pl_module.ema.model.state_dict().items()}))
+
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Snapshot()])
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    return module, snapshots
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_skipped_steps_leave_weights_and_ema_alone(tiny_cfg):
+    module, snaps = _poisoned_fit(tiny_cfg, {2: float("nan"), 3: float("inf")}, max_steps=5)
+    assert module.guard.nonfinite_total == 2 and int(module.ema.num_updates) == 3
+    for step in (2, 3):  # skipped: neither the weights nor their average moved
+        assert _same(snaps[step][0], snaps[1][0]) and _same(snaps[step][1], snaps[1][1])
+    assert not _same(snaps[4][0], snaps[1][0]) and not _same(snaps[4][1], snaps[1][1])  # step 4 trained
+
+
+@pytest.mark.parametrize("overrides, skipped", [
+    ((), True),  # the loss spike (and the gradient-norm spike) skip the step
+    (("module.loss_spike_factor=null",), True),  # the gradient-norm spike alone
+    (("module.loss_spike_factor=null", "module.grad_norm_spike_factor=null"), False),  # guard off
+])
+def test_divergence_guard_skips_a_loss_spike(tiny_cfg, overrides, skipped):
+    """The loss x 1e4 at step 3: a finite loss and gradient norm orders of magnitude above their level."""
+    module, snaps = _poisoned_fit(tiny_cfg, {3: 1e4}, 5, *overrides)
+    assert module.guard.diverged_total == int(skipped)
+    assert _same(snaps[3][0], snaps[2][0]) == skipped
+    assert int(module.ema.num_updates) == 5 - int(skipped)
+
+
+def test_divergence_guard_levels():
+    from ldm.training.divergence import DivergenceGuard
+
+    guard = DivergenceGuard(loss_factor=10, grad_norm_factor=None, momentum=0.5)
+    assert guard.verdict(1e9) is None  # no level yet: only NaN/inf are refused
+    assert guard.verdict(float("nan")).startswith("non-finite")
+    guard.accept(2.0, 5.0)
+    guard.accept(4.0, 5e6)
+    level = (0.5 * 0.5 * 2.0 + 0.5 * 4.0) / (1 - 0.5 ** 2)  # bias-corrected EMA: (0.5 x 1 + 2) / 0.75
+    assert guard.levels["loss"].value(0.5) == pytest.approx(level)
+    assert guard.verdict(10 * level * 0.99) is None and "running level" in guard.verdict(10 * level * 1.01)
+    assert guard.verdict(1.0, 1e30) is None  # grad-norm check off
+    restored = DivergenceGuard(loss_factor=10, grad_norm_factor=None, momentum=0.5)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.levels["loss"].value(0.5) == pytest.approx(level)
+    with pytest.raises(ValueError, match="loss_factor"):
+        DivergenceGuard(loss_factor=0.5)
+
+
+# ------------------------------------------------------------------------------------------------ item 4
+
+def test_non_utf8_metadata_row_is_named_and_skipped(tmp_path):
+    """One non-UTF-8 byte in metadata.jsonl used to abort with ~7 KB of the file in the message."""
+    root = write_folder(tmp_path / "images", n=8)
+    lines = (root / "metadata.jsonl").read_bytes().splitlines(keepends=True)
+    lines[4] = lines[4].replace(b"number", b"num\xe9ro")  # latin-1 e-acute: not UTF-8
+    (root / "metadata.jsonl").write_bytes(b"".join(lines) + b'{"file_name": "img000.png", "text": "' +
+                                          b"x" * 7000 + b'"}\n')
+    run_dir = tmp_path / "run"
+    proc = run([*train_cmd(run_dir, tmp_path / "cache", "data=folder", f"data.train.root={root}", *FOLDER),
+                "trainer.max_steps=2"])
+    output = proc.stdout + proc.stderr
+    message = [line for line in output.splitlines() if "not UTF-8" in line]
+    assert len(message) == 1 and f"{root / 'metadata.jsonl'}:5:" in message[0] and "0xe9" in message[0]
+    assert "x" * 100 not in output and "num" not in message[0]  # names the place, never dumps the content
+
+    from ldm.data.image_folder import ImageFolderDataset
+
+    ds = ImageFolderDataset(root, resolution=16)
+    assert ds.bad_metadata_rows == 1 and ds.missing_captions == 1 and ds.captions[4] == ""
+    assert ds.captions[3] == "picture number 3"
+
+
+def _exif_rotated_jpeg(path: Path) -> Image.Image:
+    """The picture stored rotated by 90 degrees with EXIF orientation 6 ("rotate 270 to display"): a viewer
+    shows the upright picture. Returns the upright picture."""
+    upright_image = picture(1, size=(24, 16))
+    stored = upright_image.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return upright_image
+
+
+@pytest.mark.parametrize("source", ["folder", "hf", "webdataset"])
+def test_exif_orientation_is_applied(tmp_path, source):
+    import numpy as np
+
+    from ldm.data.transforms import ImageTransform
+
+    root = tmp_path / "images"
+    root.mkdir()
+    upright_image = _exif_rotated_jpeg(root / "photo.jpg")
+    if source == "folder":
+        from ldm.data.image_folder import ImageFolderDataset
+
+        item = ImageFolderDataset(root, resolution=16)[0]
+    elif source == "hf":
+        datasets = pytest.importorskip("datasets")
+        from ldm.data.hf_dataset import HFDataset
+
+        table = datasets.Dataset.from_dict({"image": [str(root / "photo.jpg")], "text": ["a photo"]})
+        table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+        item = HFDataset(str(tmp_path / "hf"), resolution=16)[0]
+    else:
+        wds = pytest.importorskip("webdataset")
+        from ldm.data.webdataset import WebDatasetSource
+
+        with wds.TarWriter(str(tmp_path / "shard.tar")) as sink:
+            sink.write({"__key__": "photo", "jpg": (root / "photo.jpg").read_bytes(), "txt": "a photo"})
+        item = next(iter(WebDatasetSource(str(tmp_path / "shard.tar"), resolution=16, shuffle_buffer=0)))
+    expected = ImageTransform(16)(upright_image)
+    assert item["image"].shape == expected.shape
+    assert float((item["image"] - expected).abs().mean()) < 0.05  # JPEG noise only; unrotated differs by ~0.5
+    assert np.asarray(Image.open(root / "photo.jpg")).shape[:2] == (24, 16)  # stored sideways indeed
+
+
+def test_bad_images_named_once_across_workers_and_counted(tmp_path):
+    """Two corrupt files, data=folder with 2 workers, 3 epochs: before, each was warned by every worker of
+    every epoch and never counted. Now each is named once, counted in data/bad_samples and in the summary."""
+    root = write_folder(tmp_path / "images", n=12)
+    (root / "img003.png").write_bytes(b"not a png")
+    (root / "img007.png").write_bytes((root / "img008.png").read_bytes()[:60])  # truncated
+    run_dir = tmp_path / "run"
+    proc = run([*train_cmd(run_dir, tmp_path / "cache", "data=folder", f"data.train.root={root}", *FOLDER),
+                "trainer.max_steps=9"])  # 3 batches of 4 per epoch: 3 epochs, new workers each epoch
+    output = proc.stdout + proc.stderr
+    for name in ("img003.png", "img007.png"):
+        assert sum(f"unreadable sample {name}" in line for line in output.splitlines()) == 1, output[-3000:]
+    assert "unreadable samples skipped: 2" in proc.stdout
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        counts = [float(r["data/bad_samples"]) for r in csv.DictReader(f) if r.get("data/bad_samples")]
+    assert counts and counts[-1] == 2.0

@@ -1,6 +1,7 @@
 """Issue 15: runs that never lose anything. Each test reproduces one thing a hostile-but-realistic user broke,
 at the level where the user hits it (train.py / sample.py on the command line where it matters)."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def _torch_file(path: Path) -> Path:
 def test_truncated_ckpt_path_names_the_file(tmp_path, nothing_built):
     from tests.training.conftest import compose_train
 
-    from ldm.checkpoints.safe_load import CheckpointError
+    from ldm.formats.safe_load import CheckpointError
     from ldm.training.train import train
 
     ckpt = _torch_file(tmp_path / "step0000010.ckpt")
@@ -165,7 +166,7 @@ def test_unreadable_checkpoint_at_load_names_the_file(tmp_path):
     """A file that is a zip archive but not a checkpoint gets past the header check: the loader names it."""
     import zipfile
 
-    from ldm.checkpoints.safe_load import CheckpointError
+    from ldm.formats.safe_load import CheckpointError
     from ldm.training.resume import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
@@ -173,3 +174,197 @@ def test_unreadable_checkpoint_at_load_names_the_file(tmp_path):
         z.writestr("archive/data.pkl", b"not a pickle")
     with pytest.raises(CheckpointError, match=str(path)):
         AtomicCheckpointIO().load_checkpoint(path)
+
+
+# ---- item 5: disk full during a checkpoint save
+
+class _FullDisk:
+    """A file whose device fills up after ``room`` bytes: write() raises OSError(ENOSPC) as the kernel's would."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        n = len(memoryview(data).cast("B"))
+        if n > self.room:
+            self.f.write(bytes(memoryview(data).cast("B")[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= n
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_disk_full_during_save_names_the_file_and_keeps_last(tmp_path, monkeypatch):
+    """train(cfg) with checkpoints every 2 steps; the disk fills up during the step-4 save."""
+    import torch
+
+    import ldm.training.resume as resume
+    from tests.training.conftest import compose_train
+
+    from ldm.training.train import train
+
+    real_open, saves = open, []
+
+    def filling_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode:
+            saves.append(Path(file))
+            if "step0000004" in Path(file).name:
+                return _FullDisk(f, room=4096)
+        return f
+
+    monkeypatch.setattr(resume, "open", filling_open, raising=False)
+    cfg = compose_train(tmp_path, [*[o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "callbacks="))],
+                                   "trainer.max_steps=6", "trainer.val_check_interval=null",
+                                   "trainer.limit_val_batches=0", "~callbacks.sampling", "~callbacks.prompt_accuracy",
+                                   "callbacks.checkpoint.every_n_train_steps=2"])
+    ckpts = tmp_path / "run" / "checkpoints"
+    with pytest.raises(OSError, match=f"no space left on device writing {ckpts / 'step0000004.ckpt'}") as err:
+        train(cfg)
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step0000002.ckpt"], "no partial .tmp left"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2, "the previous last.ckpt is kept"
+    assert any(".step0000004.ckpt.tmp" == p.name for p in saves), "the save went through the atomic writer"
+
+
+def test_stale_tmp_from_a_killed_save_is_removed_at_the_next_start(tmp_path):
+    from tests.training.conftest import compose_train
+
+    from ldm.training.train import train
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".step0000002.ckpt.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+    (ckpts / "notes.txt").write_text("not ours")
+    train(compose_train(tmp_path, [*TINY_MODEL, "trainer.limit_val_batches=0", "trainer.val_check_interval=null",
+                                   "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                                   f"+callbacks.checkpoint.dirpath={ckpts}", "+callbacks.checkpoint.save_last=true"]))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "notes.txt"]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (root only): a real ENOSPC from the kernel, without filling the real disk."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_real_full_tmpfs(tiny_tmpfs):
+    import torch
+
+    from ldm.training.resume import AtomicCheckpointIO
+
+    io, last = AtomicCheckpointIO(), tiny_tmpfs / "last.ckpt"
+    io.save_checkpoint({"w": torch.ones(1000)}, last)
+    with pytest.raises(OSError, match=f"no space left on device writing {last}"):
+        io.save_checkpoint({"w": torch.randn(1000, 1000)}, last)  # 4 MB into 1 MiB
+    assert [p.name for p in tiny_tmpfs.iterdir()] == ["last.ckpt"]
+    torch.testing.assert_close(torch.load(last, weights_only=True)["w"], torch.ones(1000))
+
+
+# ---- item 7: sample.py never overwrites, refuses an unwritable out_dir and a negative guidance scale
+
+from tests.test_sample_cli import config, model  # noqa: E402,F401 - the tiny single-file model fixture
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad out_dir / option was caught")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_second_sample_run_into_the_same_out_dir_is_refused(model, tmp_path, monkeypatch):
+    import ldm.pipelines.cli as cli
+
+    out = tmp_path / "samples"
+    cli.sample(config(model, out, "prompt=a", "n_images=2"))
+    before = _files(out)
+    assert sorted(before) == ["00000.png", "00001.png", "grid.png"]
+    monkeypatch.setattr(cli, "load_bundle", _no_model)
+    with pytest.raises(cli.SampleConfigError, match=f"out_dir {out} already holds 3 image.*overwrite=true"):
+        cli.sample(config(model, out, "prompt=b", "n_images=1"))
+    assert _files(out) == before, "nothing was touched"
+
+
+def test_overwrite_replaces_all_of_the_earlier_run(model, tmp_path):
+    import ldm.pipelines.cli as cli
+
+    out, fresh = tmp_path / "samples", tmp_path / "fresh"
+    cli.sample(config(model, out, "prompt=a", "n_images=2"))
+    (out / "notes.txt").write_text("mine")
+    cli.sample(config(model, out, "prompt=b", "n_images=1", "overwrite=true"))
+    cli.sample(config(model, fresh, "prompt=b", "n_images=1"))
+    files = _files(out)
+    assert sorted(files) == ["00000.png", "grid.png", "notes.txt"], "no old 00001.png mixed in; other files kept"
+    assert {k: v for k, v in files.items() if k != "notes.txt"} == _files(fresh)
+
+
+def test_sample_cli_refuses_the_second_run(model, tmp_path):
+    import ldm.pipelines.cli as cli
+
+    out = tmp_path / "samples"
+    cli.sample(config(model, out, "prompt=a"))
+    before = _files(out)
+    ckpt, clip = model
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", f"text_encoder={clip}",
+                           "prompt=b", "sampler.steps=2", f"out_dir={out}"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "overwrite=true" in proc.stderr
+    assert _files(out) == before
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot write: a read-only tmpfs when root (root ignores permission bits), else 0o555."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("root, and cannot mount a read-only tmpfs")
+        yield ro
+        subprocess.run(["umount", str(ro)], check=True)
+    else:
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "read_only"])
+def test_unwritable_out_dir_is_refused_before_the_model_loads(model, tmp_path, monkeypatch, request, where):
+    import ldm.pipelines.cli as cli
+
+    if where == "under_a_file":
+        (tmp_path / "a_file").write_text("x")
+        out = tmp_path / "a_file" / "samples"
+    else:
+        out = request.getfixturevalue("read_only_dir") / "samples"
+    monkeypatch.setattr(cli, "load_bundle", _no_model)
+    with pytest.raises(cli.SampleConfigError, match=f"out_dir {out} is not writable"):
+        cli.sample(config(model, out, "prompt=a"))
+
+
+@pytest.mark.parametrize("scale", ["-1", "-0.5"])
+def test_negative_guidance_scale_is_refused(model, tmp_path, monkeypatch, scale):
+    import ldm.pipelines.cli as cli
+
+    monkeypatch.setattr(cli, "load_bundle", _no_model)
+    with pytest.raises(cli.SampleConfigError, match=f"guidance_scale must be a finite number >= 0.*got {scale}"):
+        cli.sample(config(model, tmp_path / "out", "prompt=a", f"guidance_scale={scale}"))
+    assert not (tmp_path / "out").exists()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ldm.training.checkpoint_io import load_training_checkpoint
+from ldm.formats.training_checkpoint import load_training_checkpoint
 from ldm.training.train import train
 
 CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -53,7 +53,7 @@ def test_sampling_callback_writes_grids(trained):
 def test_refuses_non_checkpoint(tmp_path):
     bad = tmp_path / "x.ckpt"
     bad.write_bytes(b"garbage")
-    from ldm.checkpoints.safe_load import CheckpointError
+    from ldm.formats.safe_load import CheckpointError
 
     with pytest.raises(CheckpointError, match="x.ckpt"):
         load_training_checkpoint(bad)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldm.formats.lora_files import read_lora_file
-from ldm.training.checkpoint_io import load_training_checkpoint
+from ldm.formats.training_checkpoint import load_training_checkpoint
 from ldm.training.train import ConfigError, build_diffusion_module, train
 from tests.training.conftest import assert_same_run, logged_losses
 from tests.training.test_resume import ROOT, _cmd, _env
@@ -84,10 +84,12 @@ def test_text_encoder_adapter_trains_with_its_own_lr(tiny_cfg, base):
 
 
 def test_sampling_callback_samples_with_the_adapter(tiny_cfg, base):
+    from ldm.pipelines.common import SamplingOptions
     from ldm.training.callbacks import generate
 
     module = build_diffusion_module(tiny_cfg(base, "adapter=lora", "module.ema_decay=0.9"))
-    args = dict(prompts=["a red circle"], sampler="ddim", steps=2, guidance_scale=2.0, seed=0, resolution=16)
+    ddim = SamplingOptions(name="ddim", steps=2)
+    args = dict(prompts=["a red circle"], sampler=ddim, guidance_scale=2.0, seed=0, resolution=16)
     before = generate(module, **args)
     with torch.no_grad():
         for m in module.lora.loras.values():
@@ -99,7 +101,7 @@ def test_sampling_callback_samples_with_the_adapter(tiny_cfg, base):
     merged = module.bundle(use_ema=False)  # merged copy == hooks
     from ldm.pipelines import text_to_image
 
-    torch.testing.assert_close(text_to_image(merged, args["prompts"], sampler="ddim", steps=2, guidance_scale=2.0,
+    torch.testing.assert_close(text_to_image(merged, args["prompts"], sampler=ddim, guidance_scale=2.0,
                                              seed=0, height=16, width=16), raw, atol=1e-5, rtol=1e-5)
 
 

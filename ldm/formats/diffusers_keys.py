@@ -8,7 +8,7 @@ exact inverse of the other.
 
 from __future__ import annotations
 
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.safe_load import CheckpointError
 
 # Renames inside a UNet ResBlock: ours -> diffusers.
 UNET_RESNET = {

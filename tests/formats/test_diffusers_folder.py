@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from ldm.checkpoints.diffusers_folder import load_diffusers_folder, read_scheduler_config, save_diffusers_folder
-from ldm.checkpoints.diffusers_keys import unet_diffusers_config, vae_diffusers_config
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.diffusers_folder import load_diffusers_folder, read_scheduler_config, save_diffusers_folder
+from ldm.formats.diffusers_keys import unet_diffusers_config, vae_diffusers_config
+from ldm.formats.safe_load import CheckpointError
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_clip

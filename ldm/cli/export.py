@@ -1,15 +1,27 @@
-"""``python -m ldm.export`` (also the ``ldm-export`` console script): see ``ldm.export``."""
+"""Export a trained model for other tools, and our own compact bundle (``ldm-export`` is the same command).
+
+    python -m ldm.cli.export <checkpoint or model> --format {diffusers,single-file,ldm} --out <path>
+        [--raw] [--dtype fp32|fp16|bf16] [--no-frozen] [--force] [--resolution N] [--text-encoder FOLDER]
+
+- ``diffusers``: a ``StableDiffusionPipeline`` folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+  ``tokenizer/``, ``scheduler/`` with the training schedule), safetensors weights;
+- ``single-file``: an original-layout SD ``.safetensors`` plus its ``v1/v2-inference.yaml``-style config next to it
+  (ComfyUI, A1111, diffusers' ``from_single_file``);
+- ``ldm``: a folder ``load_ldm_bundle`` (and ``ldm.formats.load.load_bundle`` / ``sample.py``) rebuilds exactly.
+
+The input is a training checkpoint (EMA U-Net unless ``--raw``) or anything ``ldm.formats.load.load_bundle`` reads.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ldm.export.core import DTYPES, FORMATS, export
-from ldm.export.formats import ExportError
+from ldm.formats.exporter import DTYPES, FORMATS, export
+from ldm.formats.common import ExportError
 
 
-def build_parser(prog: str = "python -m ldm.export") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m ldm.cli.export") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Export a training checkpoint (or any model ldm loads) as a diffusers folder, an original "
@@ -32,7 +44,7 @@ def build_parser(prog: str = "python -m ldm.export") -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m ldm.export") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m ldm.cli.export") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         export(args.source, args.fmt, args.out, raw=args.raw, dtype=args.dtype, frozen=args.frozen,

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ldm.checkpoints.openclip_keys import hf_to_openclip, openclip_num_layers, openclip_to_hf
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.openclip_keys import hf_to_openclip, openclip_num_layers, openclip_to_hf
+from ldm.formats.safe_load import CheckpointError
 from ldm.models.text_encoder import CLIPTextEncoder, to_hub_keys, to_module_keys
 
 WIDTH, HEADS, LAYERS, VOCAB = 32, 4, 3, 64

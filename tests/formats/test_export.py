@@ -1,4 +1,4 @@
-"""Export (``python -m ldm.export``): a tiny model trained here, written as a diffusers folder, an SD single file +
+"""Export (``python -m ldm.cli.export``): a tiny model trained here, written as a diffusers folder, an SD single file +
 yaml and our bundle; diffusers (the reference) loads each and computes what we compute; every format reads back
 to the same tensors; dtype, --no-frozen, overwrite and bad-input rules."""
 
@@ -16,23 +16,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.safe_load import CheckpointError
 from ldm.diffusion.guidance import Conditioning
 from ldm.diffusion.samplers import ddim, make_timesteps
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.export import (
-    ExportError,
-    diffusers_scheduler_config,
-    export,
-    load_ldm_bundle,
-    load_ldm_bundle_into,
-    original_config,
-)
-from ldm.training.checkpoint_io import load_training_checkpoint
+from ldm.formats.exporter import export
+from ldm.formats.ldm_bundle import load_ldm_bundle, load_ldm_bundle_into
+from ldm.formats.common import ExportError
+from ldm.formats.diffusers_folder import diffusers_scheduler_config
+from ldm.formats.single_file import original_config
+from ldm.formats.training_checkpoint import load_training_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
         "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
 PROMPT = "a red circle"
@@ -221,7 +218,7 @@ def test_original_config_of_sd_presets_reads_like_the_official_one():
         create_vae_diffusers_config_from_ldm,
     )
 
-    from ldm.checkpoints.diffusers_keys import unet_diffusers_config, vae_diffusers_config
+    from ldm.formats.diffusers_keys import unet_diffusers_config, vae_diffusers_config
     from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL
     from ldm.models.unet import UNET_PRESETS, UNet
 
@@ -296,7 +293,7 @@ def test_sd2_style_model(ours, tmp_path):
     import yaml
     from transformers import CLIPTextModel
 
-    from ldm.loading import load_bundle
+    from ldm.formats.load import load_bundle
     from ldm.models.text_encoder import CLIPTextEncoder
 
     bundle = sd2_style(ours, tmp_path)
@@ -359,7 +356,7 @@ def test_pixel_space_model(ours, tmp_path):
 
 
 def test_round_trip_through_diffusers(ours, diffusers_dir):
-    from ldm.loading import load_bundle
+    from ldm.formats.load import load_bundle
 
     back = load_bundle(diffusers_dir)
     # diffusers records head counts per level: 2 heads of 32 channels come back as num_heads=2
@@ -368,7 +365,7 @@ def test_round_trip_through_diffusers(ours, diffusers_dir):
 
 
 def test_round_trip_through_single_file(ours, single_file, tmp_path):
-    from ldm.loading import load_bundle
+    from ldm.formats.load import load_bundle
     from ldm.models.text_encoder import CLIPTextEncoder
 
     other_te = CLIPTextEncoder.from_tiny(folder=tmp_path / "clip", seed=5)  # other weights: the file's must win
@@ -388,7 +385,7 @@ def test_round_trip_through_ldm_bundle_cli(ckpt, ours, tmp_path):
     """The real command line, in a subprocess."""
     folder = tmp_path / "bundle"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "ldm.export", str(ckpt), "--format", "ldm", "--out", str(folder)],
+    run = subprocess.run([sys.executable, "-m", "ldm.cli.export", str(ckpt), "--format", "ldm", "--out", str(folder)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "U-Net weights: EMA" in run.stdout and str(folder) in run.stdout
@@ -400,7 +397,7 @@ def test_round_trip_through_ldm_bundle_cli(ckpt, ours, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back.text_encoder([PROMPT]), ours.text_encoder([PROMPT]), atol=0, rtol=0)
 
-    from ldm.loading import load_bundle  # what sample.py uses
+    from ldm.formats.load import load_bundle  # what sample.py uses
 
     assert_same_bundle(load_bundle(folder), ours)
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
@@ -546,7 +543,7 @@ def test_unsupported_requests(ours, tmp_path):
 
 
 def test_failed_write_leaves_nothing(ours, tmp_path, monkeypatch):
-    import ldm.export.core as core
+    import ldm.formats.exporter as core
 
     def half_then_fail(bundle, folder, **kwargs):
         (folder / "unet").mkdir(parents=True)
@@ -622,7 +619,7 @@ def test_sd15_single_file_fine_tunes(tmp_path):
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    from ldm.checkpoints.single_file import to_single_file
+    from ldm.formats.single_file import to_single_file
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.models.text_encoder import CLIPTextEncoder, clip_text_config
     from ldm.models.tiny_clip import write_tokenizer
@@ -654,3 +651,25 @@ def test_sd15_single_file_fine_tunes(tmp_path):
     assert result["global_step"] == 1
     assert path.with_suffix(".checked").is_file()
     assert torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
+
+
+def test_single_file_refuses_a_vae_whose_groupnorm_is_not_32(tmp_path):
+    """SD's yaml cannot say norm_groups: from_single_file would build GroupNorm(32) and decode a wrong image."""
+    from ldm.diffusion.schedules import NoiseSchedule
+    from ldm.formats.bundle import ModelBundle
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.models.text_encoder import CLIPTextEncoder
+    from ldm.models.unet import UNet
+
+    unet = UNet(model_channels=32, channel_mult=[1, 1], attention_levels=[1], num_heads=-1, num_head_channels=32,
+                context_dim=32)
+    vae = AutoencoderKL.from_preset("tiny", norm_groups=8)
+    text = CLIPTextEncoder.from_tiny("tiny", folder=tmp_path / "clip")
+    bundle = ModelBundle(unet, vae, text, NoiseSchedule.make("scaled_linear"))
+    with pytest.raises(ExportError, match="GroupNorm with 8 groups.*--format diffusers"):
+        export(bundle, "single-file", tmp_path / "out" / "m.safetensors", resolution=RES)
+    assert not (tmp_path / "out").exists()
+    export(bundle, "diffusers", tmp_path / "pipe", resolution=RES)  # the format that can describe it
+    assert json.loads((tmp_path / "pipe" / "vae" / "config.json").read_text())["norm_num_groups"] == 8
+    export(dataclasses.replace(bundle, autoencoder=AutoencoderKL.from_preset("tiny")), "single-file",
+           tmp_path / "ok.safetensors", resolution=RES)

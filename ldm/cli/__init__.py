@@ -10,7 +10,7 @@ import runpy
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_script(name: str) -> None:
@@ -32,8 +32,8 @@ def sample_main() -> None:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """``ldm-export <source> --format ... --out ...`` = ``python -m ldm.export ...``; returns the exit code."""
-    from ldm.export.__main__ import main
+    """``ldm-export <source> --format ... --out ...`` = ``python -m ldm.cli.export ...``; returns the exit code."""
+    from ldm.cli.export import main
 
     return main(argv, prog="ldm-export")
 

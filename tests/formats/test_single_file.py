@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoints.diffusers_keys import unet_diffusers_config
-from ldm.checkpoints.openclip_keys import hf_to_openclip
-from ldm.checkpoints.safe_load import CheckpointError
-from ldm.checkpoints.single_file import load_single_file, split_sd_checkpoint, to_single_file
+from ldm.formats.diffusers_keys import unet_diffusers_config
+from ldm.formats.openclip_keys import hf_to_openclip
+from ldm.formats.safe_load import CheckpointError
+from ldm.formats.single_file import load_single_file, split_sd_checkpoint, to_single_file
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import CLIPTextEncoder, to_hub_keys
 from ldm.models.tiny_clip import write_tiny_clip

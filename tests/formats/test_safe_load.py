@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ldm.checkpoints.safe_load import CheckpointError, load_into, load_state_dict
+from ldm.formats.safe_load import CheckpointError, load_into, load_state_dict
 
 STATE = {"a.weight": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}
 

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.safe_load import CheckpointError
 
 HF = "text_model."
 # OpenCLIP entries without a CLIPTextModel counterpart (not needed for SD).

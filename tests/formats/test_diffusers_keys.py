@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 
-from ldm.checkpoints.diffusers_keys import (
+from ldm.formats.diffusers_keys import (
     unet_config_from_diffusers,
     unet_diffusers_config,
     unet_diffusers_to_ldm,
@@ -19,7 +19,7 @@ from ldm.checkpoints.diffusers_keys import (
     vae_diffusers_to_ldm,
     vae_ldm_to_diffusers,
 )
-from ldm.checkpoints.safe_load import CheckpointError
+from ldm.formats.safe_load import CheckpointError
 from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL
 from ldm.models.unet import UNET_PRESETS, UNet
 
