@@ -77,7 +77,7 @@ def sample_accuracy(ckpt: Path, classifier, per_class: int, guidance: float, ste
                     use_ema: bool = True) -> dict:
     from ldm.pipelines import text_to_image
     from ldm.tasks.glyphs.dataset import CLASSES, TEMPLATES
-    from ldm.training.checkpoint_io import load_training_checkpoint
+    from ldm.formats.training_checkpoint import load_training_checkpoint
 
     bundle = load_training_checkpoint(ckpt, use_ema=use_ema)
     bundle.unet.eval()
