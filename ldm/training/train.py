@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,7 +17,7 @@ from ldm.training.callbacks import DatasetEpochCallback
 from ldm.training.config import STAGES
 from ldm.training.config_checks import ConfigError, check_checkpoint_file, check_values
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
-from ldm.training.run_folder import fold_into
+from ldm.training.run_folder import created_here, fold_into
 
 log = logging.getLogger("ldm.training")
 
@@ -114,8 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run_dir = find_last_run(cfg, run_dir)
         OmegaConf.update(cfg, "paths.run_dir", str(run_dir))
         print(f"resuming {run_dir / 'checkpoints' / 'last.ckpt'}")
-        if HydraConfig.initialized():  # Hydra's fresh folder for this process: its files go into the run's
-            fold_into(Path(HydraConfig.get().runtime.output_dir), run_dir)
+        for fresh in created_here():  # Hydra's fresh folder for this process: its files go into the run's
+            fold_into(fresh, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
     if cfg.ckpt_path == "last":
