@@ -30,6 +30,7 @@ class TrainConfig:
     optim: Any = MISSING
     lr_scheduler: Any = None
     loss: Any = None  # autoencoder stage only
+    first_stage: Any = None  # a VAE to fit to the data before the diffusion stage (ldm.training.first_stage)
     trainer: Any = MISSING
     callbacks: Any = field(default_factory=dict)
     logger: Any = field(default_factory=dict)
