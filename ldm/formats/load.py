@@ -37,6 +37,7 @@ SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffuser
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SD_UNET_PREFIX = "model.diffusion_model."
 TRAINING_UNET_PREFIX = "unet."
+TRAINING_ADAPTER_PREFIX = "lora.loras."  # a LoRA run's checkpoint (ldm.training.diffusion_module)
 # Header keys of single files written by save_single_file: they make sizes, heads and schedule exact.
 META_UNET, META_VAE = "ldm_unet_config", "ldm_vae_config"
 META_SCHEDULE, META_RESOLUTION = "ldm_schedule", "ldm_resolution"
@@ -124,7 +125,9 @@ def detect_source(source) -> str:
         raise ValueError(f"{path}: unknown model file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}, "
                          "an export folder or a diffusers folder")
     names = _safetensors_keys(path) if suffix == ".safetensors" else _pickle_strings(path)
-    if any(n.startswith(TRAINING_UNET_PREFIX) for n in names) and suffix != ".safetensors" and (
+    trained = any(n.startswith(TRAINING_UNET_PREFIX) for n in names) or (  # a LoRA run: the adapter only
+        "adapter" in names and any(n.startswith(TRAINING_ADAPTER_PREFIX) for n in names))
+    if trained and suffix != ".safetensors" and (
             {"ldm", "ldm_config", "hyper_parameters", "state_dict"} & names):
         return "training_checkpoint"
     if any(n.startswith(SD_UNET_PREFIX) for n in names):

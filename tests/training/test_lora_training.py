@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldm.formats.lora_files import read_lora_file
-from ldm.formats.training_checkpoint import load_training_checkpoint
+from ldm.formats.load import detect_source, load_bundle
 from ldm.training.train import ConfigError, build_diffusion_module, train
 from tests.training.conftest import assert_same_run, logged_losses
 from tests.training.test_resume import ROOT, _cmd, _env
@@ -49,7 +49,8 @@ def test_only_the_adapter_trains_and_is_saved(tiny_cfg, base):
     assert ckpt["ldm"]["adapter"]["preset"] == "full"
     lora_file = Path(result["run_dir"]) / "lora.safetensors"
     # the file holds the EMA adapter; the checkpoint loads as the base with it merged
-    bundle = load_training_checkpoint(result["last_checkpoint"])
+    assert detect_source(result["last_checkpoint"]) == "training_checkpoint"  # what sample.py / export read
+    bundle = load_bundle(result["last_checkpoint"])
     L.seed_everything(cfg.seed)
     fresh = build_diffusion_module(cfg)
     assert all(torch.equal(base[k], v) for k, v in fresh.unet.state_dict().items())  # same (seeded) base
