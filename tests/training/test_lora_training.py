@@ -136,3 +136,18 @@ def test_lora_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base):
     subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
     subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
     assert_same_run(ref, run)
+
+
+def test_lora_trains_from_the_latent_cache(tiny_cfg, base, tmp_path):
+    """The latent cache's stored text contexts are bypassed when the text encoder has an adapter (they were made
+    without it); the U-Net adapter still trains from the cached latents."""
+    cfg = tiny_cfg(base, "adapter=lora", "adapter.text_encoder=true", "module.ema_decay=null",
+                   f"++data.latent_cache={tmp_path / 'latents'}", *CKPT)
+    L.seed_everything(cfg.seed)
+    before = {k: v.clone() for k, v in build_diffusion_module(cfg).lora.state_dict().items()}
+    result = train(cfg)
+    assert any((tmp_path / "latents").rglob("*.safetensors"))  # trained from the cache
+    after = torch.load(result["last_checkpoint"], weights_only=True)["state_dict"]
+    for prefix in ("loras.unet_", "loras.te_"):
+        keys = [k for k in before if k.startswith(prefix) and k.endswith("up.weight")]
+        assert keys and any(not torch.equal(before[k], after["lora." + k]) for k in keys), prefix
