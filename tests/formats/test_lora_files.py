@@ -43,7 +43,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(bundle, tmp_path_factory):
-    from ldm.formats.writers import write_diffusers
+    from ldm.formats.diffusers_folder import write_diffusers
 
     folder = tmp_path_factory.mktemp("pipe")
     write_diffusers(bundle, folder, resolution=16)

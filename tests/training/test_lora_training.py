@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ldm.formats.lora_files import read_lora_file
-from ldm.formats.load import detect_source, load_bundle
+from ldm.formats.detect import detect_source
+from ldm.formats.load import load_bundle
 from ldm.training.train import ConfigError, build_diffusion_module, train
 from tests.training.conftest import assert_same_run, logged_losses
 from tests.training.test_resume import ROOT, _cmd, _env
