@@ -15,7 +15,7 @@ import ldm.pipelines
 import ldm.pipelines.cli as cli
 from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.load import save_single_file
+from ldm.formats.single_file import save_single_file
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_clip

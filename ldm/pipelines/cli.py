@@ -18,7 +18,8 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ldm.diffusion.schedules import PREDICTION_TYPES
-from ldm.formats.load import detect_source, load_bundle, looks_like_hub_id, resolve_device, resolve_dtype
+from ldm.formats.detect import detect_source, looks_like_hub_id
+from ldm.formats.load import load_bundle, resolve_device, resolve_dtype
 from ldm.pipelines.common import check_size, default_size, unet_kind
 from ldm.pipelines.images import make_grid, mask_batch, pil_to_tensor, to_pil
 from ldm.pipelines.png import save_png
@@ -107,12 +108,12 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 
 def _open_image(path: Path, option: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # a copy, turned upright by its EXIF orientation
     except (UnidentifiedImageError, OSError) as err:
         raise SampleConfigError(f"{option}: cannot read image {path} ({err})") from err
 
