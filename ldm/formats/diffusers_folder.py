@@ -19,11 +19,10 @@ from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.bundle import ModelBundle
 from ldm.formats.common import (
     DIFFUSERS_BETA_SCHEDULES,
-    ExportError,
     _no_checkpointing,
+    check_sd_layout,
     cast_state,
     check_schedule,
-    is_kl_autoencoder,
     save_safetensors,
     text_model,
     write_json,
@@ -354,9 +353,4 @@ def write_diffusers(bundle: ModelBundle, folder: Path, *, frozen: bool = True, d
 
 def check_diffusers(bundle: ModelBundle) -> None:
     """What a StableDiffusionPipeline cannot represent, found before anything is written."""
-    if not is_kl_autoencoder(bundle.autoencoder):
-        raise ExportError("a pixel-space model (no AutoencoderKL) cannot be written as a StableDiffusionPipeline; "
-                          "use --format ldm")
-    if bundle.text_encoder is None:
-        raise ExportError("the model has no text encoder; a StableDiffusionPipeline needs one (use --format ldm)")
-    check_schedule(bundle.schedule)
+    check_sd_layout(bundle, "a StableDiffusionPipeline")

@@ -22,12 +22,11 @@ from torch import nn
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.bundle import ModelBundle
 from ldm.formats.common import (
-    DIFFUSERS_BETA_SCHEDULES,
     ExportError,
     _no_checkpointing,
+    check_sd_layout,
     cast_state,
     check_schedule,
-    is_kl_autoencoder,
     save_safetensors,
     schedule_kwargs,
     strip_prefix,
@@ -451,12 +450,8 @@ def text_layer_for(text_encoder) -> str:
 
 
 def check_single_file(bundle: ModelBundle) -> None:
-    if not is_kl_autoencoder(bundle.autoencoder):
-        raise ExportError("a pixel-space model (no AutoencoderKL) has no Stable Diffusion single-file layout; "
-                          "use --format ldm")
-    if bundle.text_encoder is None:
-        raise ExportError("the model has no text encoder; SD single files need one (use --format ldm)")
-    check_schedule(bundle.schedule)
+    """What an SD single file + yaml cannot represent, found before anything is written."""
+    check_sd_layout(bundle, "an SD single file")
     if bundle.autoencoder.config.get("shift_factor"):
         raise ExportError(f"the autoencoder has shift_factor={bundle.autoencoder.config['shift_factor']}, which "
                           "SD single files cannot express; use --format diffusers or ldm")
