@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler, Subset
 
+from ldm.data.bad_samples import share_bad_sample_log
 from ldm.data.collate import collate_image_caption
 from ldm.data.resumable_sampler import ResumableSampler
 
@@ -74,6 +75,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.val_dataset: Dataset | None = None
         self._stream_positions: list | None = None  # per rank, from a checkpoint (see load_state_dict)
         self._stream_trainer = None  # the trainer whose fit already resumed the stream
+        self.bad_samples_dir: str | None = None  # train(cfg) sets <run>/bad_samples: each bad sample named once
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets once and make the val split if asked for."""
@@ -213,6 +215,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, self.val_batch_size, train=False)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        if self.bad_samples_dir is not None:  # before the DataLoader's workers copy the dataset
+            share_bad_sample_log(dataset, self.bad_samples_dir)
         collate = collate_image_caption
         if train and _has_stream_position(dataset):
             collate = dataset.tracking_collate(collate)  # batches carry their stream position, see _resume_stream

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.bad_samples import BadSampleTracker, decode_image
+from ldm.data.bad_samples import BadSampleTracker, decode_image, upright
 from ldm.data.transforms import ImageTransform
 
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json")
@@ -163,7 +163,7 @@ def _without_image_decoding(table, image_column: str):
 def _to_pil(value) -> Image.Image:
     """An image cell (PIL image, {"bytes", "path"} dict, path string or array) -> decoded PIL image."""
     if isinstance(value, Image.Image):
-        return value
+        return upright(value)
     if isinstance(value, dict):
         if value.get("bytes"):
             return decode_image(value["bytes"])

@@ -60,6 +60,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(
                 f"ImageFolderDataset: no images ({', '.join(self.extensions)}) found under {self.root}"
             )
+        self.bad_metadata_rows = 0  # metadata lines that are not UTF-8: skipped (named in a warning) and counted
         self.captions, self.missing_captions = self._load_captions()
         if self.missing_captions:
             logger.warning(
@@ -131,7 +132,8 @@ class ImageFolderDataset(Dataset):
         for name in METADATA_FILES:
             for meta in sorted(self.root.rglob(name)):
                 folder = meta.parent.relative_to(self.root)
-                rows = _read_rows(meta)
+                rows, bad_lines = _read_rows(meta)
+                self.bad_metadata_rows += len(bad_lines)
                 columns = sorted({column for row in rows for column in row})
                 for required in ("file_name", self.caption_column):
                     if rows and required not in columns:
@@ -148,20 +150,35 @@ class ImageFolderDataset(Dataset):
         return captions
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """The rows of a metadata file, and the numbers of its lines that are not UTF-8 (skipped, each named in a
+    warning without its content: the image of such a row falls back to its .txt sidecar, else "")."""
+    lines, bad = _utf8_lines(path)
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(line for _, line in lines)), bad
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for line_number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
+    return rows, bad
+
+
+def _utf8_lines(path: Path) -> tuple[list[tuple[int, str]], list[int]]:
+    good, bad = [], []
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
-    return rows
+                good.append((line_number, raw.decode("utf-8")))
+            except UnicodeDecodeError as error:
+                bad.append(line_number)
+                logger.warning("%s:%d: skipping a metadata row that is not UTF-8 (byte 0x%02x at column %d); "
+                               "save the file as UTF-8 to use it", path, line_number, raw[error.start],
+                               error.start + 1)
+    return good, bad
 
 
 def _read_sidecar(image_path: Path) -> str | None:

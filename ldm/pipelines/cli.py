@@ -54,6 +54,7 @@ class SampleConfig:
     dtype: str = "auto"  # auto (float16 on CUDA, else float32) | float32 | float16 | bfloat16
     text_encoder: Optional[str] = None  # tokenizer/ + text_encoder/ folder (SD single files carry no tokenizer)
     prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
+    check_memory: bool = True  # estimate the activation memory first; refuse (saying what to lower) if it won't fit
     lora: list[str] = field(default_factory=list)  # LoRA files merged in, each FILE or FILE:SCALE (kohya / diffusers)
 
 
@@ -107,12 +108,12 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 
 def _open_image(path: Path, option: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # a copy, turned upright by its EXIF orientation
     except (UnidentifiedImageError, OSError) as err:
         raise SampleConfigError(f"{option}: cannot read image {path} ({err})") from err
 
@@ -230,6 +231,14 @@ def sample(cfg: Any) -> list[Path]:
         check_size(bundle, height, width)
     except ValueError as err:
         raise SampleConfigError(f"height/width{' (of init_image)' if init is not None else ''}: {err}") from err
+    if cfg.check_memory:
+        from ldm.pipelines.memory import check_fits
+
+        try:
+            check_fits(bundle, min(cfg.batch_size, len(prompts) * cfg.n_images), height, width,
+                       guidance=cfg.guidance_scale != 1.0, trained_at=bundle.meta.get("resolution"))
+        except MemoryError as err:
+            raise SampleConfigError(str(err)) from None
     if unet_kind(bundle) == "inpaint" and mask is None:
         raise SampleConfigError(f"{cfg.ckpt} is an inpainting model (9-channel U-Net): give init_image=... and "
                                 "mask=...")

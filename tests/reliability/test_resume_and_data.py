@@ -151,7 +151,7 @@ def test_kill9_resume_shapes_cached_latents(tmp_path):
     """The default data: shapes encoded once into the latent cache, posterior draws seeded by (seed, epoch,
     index). Before the fix a resumed epoch drew epoch 0's latents (step 10 differed)."""
     kill_resume_compare(tmp_path, f"data.train.size={N_IMAGES}", "data.train.resolution=16", "data.val.resolution=16")
-    assert list((tmp_path / "cache" / "latents").glob("ShapesDataset-*/manifest.json")), "trained from the cache"
+    assert list((tmp_path / "cache" / "latents").glob("ShapesDataset-*/**/manifest.json")), "trained from the cache"
 
 
 def test_kill9_resume_image_folder_two_workers(tmp_path):
@@ -289,3 +289,91 @@ def test_divergence_guard_levels():
     assert restored.levels["loss"].value(0.5) == pytest.approx(level)
     with pytest.raises(ValueError, match="loss_factor"):
         DivergenceGuard(loss_factor=0.5)
+
+
+# ------------------------------------------------------------------------------------------------ item 4
+
+def test_non_utf8_metadata_row_is_named_and_skipped(tmp_path):
+    """One non-UTF-8 byte in metadata.jsonl used to abort with ~7 KB of the file in the message."""
+    root = write_folder(tmp_path / "images", n=8)
+    lines = (root / "metadata.jsonl").read_bytes().splitlines(keepends=True)
+    lines[4] = lines[4].replace(b"number", b"num\xe9ro")  # latin-1 e-acute: not UTF-8
+    (root / "metadata.jsonl").write_bytes(b"".join(lines) + b'{"file_name": "img000.png", "text": "' +
+                                          b"x" * 7000 + b'"}\n')
+    run_dir = tmp_path / "run"
+    proc = run([*train_cmd(run_dir, tmp_path / "cache", "data=folder", f"data.train.root={root}", *FOLDER),
+                "trainer.max_steps=2"])
+    output = proc.stdout + proc.stderr
+    message = [line for line in output.splitlines() if "not UTF-8" in line]
+    assert len(message) == 1 and f"{root / 'metadata.jsonl'}:5:" in message[0] and "0xe9" in message[0]
+    assert "x" * 100 not in output and "num" not in message[0]  # names the place, never dumps the content
+
+    from ldm.data.image_folder import ImageFolderDataset
+
+    ds = ImageFolderDataset(root, resolution=16)
+    assert ds.bad_metadata_rows == 1 and ds.missing_captions == 1 and ds.captions[4] == ""
+    assert ds.captions[3] == "picture number 3"
+
+
+def _exif_rotated_jpeg(path: Path) -> Image.Image:
+    """The picture stored rotated by 90 degrees with EXIF orientation 6 ("rotate 270 to display"): a viewer
+    shows the upright picture. Returns the upright picture."""
+    upright_image = picture(1, size=(24, 16))
+    stored = upright_image.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return upright_image
+
+
+@pytest.mark.parametrize("source", ["folder", "hf", "webdataset"])
+def test_exif_orientation_is_applied(tmp_path, source):
+    import numpy as np
+
+    from ldm.data.transforms import ImageTransform
+
+    root = tmp_path / "images"
+    root.mkdir()
+    upright_image = _exif_rotated_jpeg(root / "photo.jpg")
+    if source == "folder":
+        from ldm.data.image_folder import ImageFolderDataset
+
+        item = ImageFolderDataset(root, resolution=16)[0]
+    elif source == "hf":
+        datasets = pytest.importorskip("datasets")
+        from ldm.data.hf_dataset import HFDataset
+
+        table = datasets.Dataset.from_dict({"image": [str(root / "photo.jpg")], "text": ["a photo"]})
+        table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+        item = HFDataset(str(tmp_path / "hf"), resolution=16)[0]
+    else:
+        wds = pytest.importorskip("webdataset")
+        from ldm.data.webdataset import WebDatasetSource
+
+        with wds.TarWriter(str(tmp_path / "shard.tar")) as sink:
+            sink.write({"__key__": "photo", "jpg": (root / "photo.jpg").read_bytes(), "txt": "a photo"})
+        item = next(iter(WebDatasetSource(str(tmp_path / "shard.tar"), resolution=16, shuffle_buffer=0)))
+    expected = ImageTransform(16)(upright_image)
+    assert item["image"].shape == expected.shape
+    assert float((item["image"] - expected).abs().mean()) < 0.05  # JPEG noise only; unrotated differs by ~0.5
+    assert np.asarray(Image.open(root / "photo.jpg")).shape[:2] == (24, 16)  # stored sideways indeed
+
+
+def test_bad_images_named_once_across_workers_and_counted(tmp_path):
+    """Two corrupt files, data=folder with 2 workers, 3 epochs: before, each was warned by every worker of
+    every epoch and never counted. Now each is named once, counted in data/bad_samples and in the summary."""
+    root = write_folder(tmp_path / "images", n=12)
+    (root / "img003.png").write_bytes(b"not a png")
+    (root / "img007.png").write_bytes((root / "img008.png").read_bytes()[:60])  # truncated
+    run_dir = tmp_path / "run"
+    proc = run([*train_cmd(run_dir, tmp_path / "cache", "data=folder", f"data.train.root={root}", *FOLDER),
+                "trainer.max_steps=9"])  # 3 batches of 4 per epoch: 3 epochs, new workers each epoch
+    output = proc.stdout + proc.stderr
+    for name in ("img003.png", "img007.png"):
+        assert sum(f"unreadable sample {name}" in line for line in output.splitlines()) == 1, output[-3000:]
+    assert "unreadable samples skipped: 2" in proc.stdout
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        counts = [float(r["data/bad_samples"]) for r in csv.DictReader(f) if r.get("data/bad_samples")]
+    assert counts and counts[-1] == 2.0
