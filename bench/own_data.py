@@ -76,7 +76,7 @@ def run_timed(cmd: list[str], threads: int, log_path: Path) -> dict:
 def sample_accuracy(ckpt: Path, classifier, per_class: int, guidance: float, steps: int, seed: int = 1234) -> dict:
     from ldm.pipelines import text_to_image
     from ldm.tasks.glyphs.dataset import CLASSES, TEMPLATES
-    from ldm.training.checkpoint_io import load_training_checkpoint
+    from ldm.formats.training_checkpoint import load_training_checkpoint
 
     bundle = load_training_checkpoint(ckpt)
     bundle.unet.eval()

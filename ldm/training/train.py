@@ -184,7 +184,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
         result["last_checkpoint"] = ckpt_cb.last_model_path
     if cfg.stage == "autoencoder" and trainer.is_global_zero:
-        from ldm.training.factories import calibrate_scaling_factor, save_autoencoder
+        from ldm.formats.autoencoder_file import save_autoencoder
+        from ldm.training.factories import calibrate_scaling_factor
 
         result["scaling_factor"] = calibrate_scaling_factor(module.autoencoder, datamodule.train_dataloader())
         result["autoencoder"] = str(save_autoencoder(module.autoencoder, run_dir / "autoencoder.safetensors"))
