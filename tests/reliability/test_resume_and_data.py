@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.training.resume import AtomicCheckpointIO
 from tests.training.conftest import TINY_MODEL, assert_same_run, logged_losses, tiny_cfg  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -435,3 +436,43 @@ def test_ddp_rank_killed_mid_epoch_then_resumed(tmp_path):
     assert resumed_at in (EVERY, 2 * EVERY) and resumed_at % 3, "a mid-epoch resume"
     run_train(cmd + ["ckpt_path=last"], killed)
     assert_same_run(reference, killed)
+
+
+class RecordingIO(AtomicCheckpointIO):
+    """AtomicCheckpointIO that also leaves a note naming the rank of every process that writes a file."""
+
+    def __init__(self, notes: str):
+        super().__init__()
+        self.notes = notes
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else -1
+        Path(self.notes, f"rank{rank}-{Path(path).name}-{time.monotonic_ns()}").touch()
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+@pytest.mark.slow
+def test_ddp_checkpoints_are_written_by_rank_0_only(tiny_cfg, tmp_path):
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ldm.training.train import build_diffusion_module
+
+    cfg = tiny_cfg("data.train.size=32", "data.batch_size=4", "trainer.limit_val_batches=0")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        use_distributed_sampler=False, plugins=[RecordingIO(str(notes))],
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True,
+                                                   save_top_k=-1)])
+    trainer.fit(build_diffusion_module(cfg), datamodule=instantiate(cfg.data))
+    writers = {p.name.split("-")[0] for p in notes.iterdir()}
+    assert writers == {"rank0"}, writers
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "last.ckpt" in files and not [f for f in files if f.endswith(".tmp")]
+    for name in files:
+        assert torch.load(tmp_path / "ckpt" / name, weights_only=True)["global_step"] >= 1
