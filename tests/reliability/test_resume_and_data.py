@@ -476,3 +476,23 @@ def test_ddp_checkpoints_are_written_by_rank_0_only(tiny_cfg, tmp_path):
     assert "last.ckpt" in files and not [f for f in files if f.endswith(".tmp")]
     for name in files:
         assert torch.load(tmp_path / "ckpt" / name, weights_only=True)["global_step"] >= 1
+
+
+def test_latent_cache_posterior_draws_reach_persistent_workers(tmp_path):
+    """persistent_workers keep their copy of the dataset: set_epoch must still change their posterior draws."""
+    from torch.utils.data import DataLoader
+
+    from ldm.data.cached_latents import CachedLatentsDataset
+
+    cache = tmp_path / "cache"
+    run([sys.executable, "-m", "ldm.data.latent_cache", str(cache), "--source", "shapes", "--size", "4",
+         "--resolution", "16", "--vae-preset", "tiny", "--device", "cpu", "--no-progress"])
+    ds = CachedLatentsDataset(cache)
+    loader = DataLoader(ds, batch_size=4, num_workers=1, persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        epochs.append(next(iter(loader))["latents"])
+    ds.set_epoch(1)
+    assert not torch.equal(epochs[0], epochs[1])
+    assert torch.equal(epochs[1], torch.stack([ds[i]["latents"] for i in range(4)]))
