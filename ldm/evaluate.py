@@ -1,7 +1,7 @@
 """Evaluate a model: ``python -m ldm.evaluate <checkpoint or export> [data=shapes] [n=64] [key=value ...]``.
 
-Keys and defaults: configs/evaluate.yaml (schema ``ldm.evaluation.config.EvaluateConfig``); the work is done by
-``ldm.evaluation.run.evaluate(cfg)``. Prints the metrics table and where its JSON was written.
+Keys and defaults: configs/evaluate.yaml (schema ``ldm.cli.evaluate_config.EvaluateConfig``); the work is done by
+``ldm.cli.evaluate.evaluate(cfg)``. Prints the metrics table and where its JSON was written.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    from ldm.evaluation.config import compose_evaluate
-    from ldm.evaluation.run import evaluate, format_table
+    from ldm.cli.evaluate_config import compose_evaluate
+    from ldm.cli.evaluate import evaluate, format_table
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = evaluate(compose_evaluate(overrides_from_argv(argv)))

@@ -1,8 +1,5 @@
 """Pipelines (text-to-image, image-to-image, inpainting, guidance) and load_bundle, on tiny random models."""
 
-import sys
-import types
-
 import pytest
 import torch
 from torch import nn
@@ -14,7 +11,9 @@ from ldm.diffusion.guidance import ClassifierGuidance, Conditioning
 from ldm.diffusion.samplers import ddim, make_timesteps
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.guidance_scorers import ColorScorer
-from ldm.formats.load import detect_source, infer_unet_config, infer_vae_config, load_bundle, save_single_file
+from ldm.formats.detect import detect_source
+from ldm.formats.load import load_bundle
+from ldm.formats.single_file import infer_unet_config, infer_vae_config, save_single_file
 from ldm.models.autoencoder import AutoencoderKL, IdentityAutoencoder
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_clip
@@ -404,8 +403,9 @@ def test_training_checkpoint_and_export_bundle_dispatch(tmp_path, monkeypatch, b
 
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {"unet.out.2.weight": torch.zeros(1)}, "hyper_parameters": {"lr": 1e-4}}, ckpt)
-    monkeypatch.setitem(sys.modules, "ldm.formats.training_checkpoint",
-                        types.SimpleNamespace(load_training_checkpoint=fake_loader))
+    import ldm.formats.load
+
+    monkeypatch.setattr(ldm.formats.load, "load_training_checkpoint", fake_loader)
     assert detect_source(ckpt) == "training_checkpoint"
     loaded = load_bundle(ckpt, use_ema=False)
     assert seen == [(str(ckpt), False)] and loaded.meta["format"] == "training_checkpoint"
@@ -413,7 +413,7 @@ def test_training_checkpoint_and_export_bundle_dispatch(tmp_path, monkeypatch, b
     export = tmp_path / "export"
     export.mkdir()
     (export / "ldm_bundle.json").write_text("{}")
-    monkeypatch.setitem(sys.modules, "ldm.formats.ldm_bundle", types.SimpleNamespace(load_ldm_bundle=fake_loader))
+    monkeypatch.setattr(ldm.formats.load, "load_ldm_bundle", fake_loader)
     assert detect_source(export) == "ldm_bundle"
     assert load_bundle(export, prediction_type="v_prediction").schedule.prediction_type == "v_prediction"
     assert seen[-1] == (str(export), True)

@@ -15,7 +15,7 @@ import ldm.pipelines
 import ldm.pipelines.cli as cli
 from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.load import save_single_file
+from ldm.formats.single_file import save_single_file
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_clip
@@ -200,3 +200,25 @@ def test_the_real_command_line(model, tmp_path):
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "grid.png"]
     assert read_parameters(tmp_path / "00000.png")["prompt"] == "a red circle"
+
+
+def test_a_batch_that_would_not_fit_is_refused_before_sampling_naming_what_to_lower(model, tmp_path, monkeypatch):
+    import ldm.pipelines.memory as memory
+
+    for name in ("text_to_image", "image_to_image", "inpaint"):
+        monkeypatch.setattr(ldm.pipelines, name, no_loader)
+    ckpt, clip = model
+    bundle = cli.load_bundle(str(ckpt), text_encoder=str(clip), device="cpu")
+    fits = memory.check_fits(bundle, 4, 64, 64, guidance=True, available=(1e12, "test"))
+    # a quarter of the batch, or a quarter of the pixels, needs about a quarter of the memory
+    assert memory.check_fits(bundle, 1, 64, 64, True, available=(1e12, ""))["needed"] == pytest.approx(
+        fits["needed"] / 4, rel=1e-6)
+    assert memory.check_fits(bundle, 4, 32, 32, True, available=(1e12, ""))["needed"] < fits["needed"] / 3.5
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (fits["needed"] / 3, "available RAM"))
+    cfg = config(model, tmp_path / "out", "prompt=a", "n_images=4", "batch_size=4", "height=64", "width=64")
+    with pytest.raises(SampleConfigError, match=r"trained at 16x16\) needs about .* MiB .* Lower it: batch_size=1 or "
+                                                r"batch_size=1 height=\d+ width=\d+"):
+        sample(cfg)
+    assert not list((tmp_path / "out").glob("*.png")), "nothing was sampled"
+    monkeypatch.setattr(ldm.pipelines, "text_to_image", lambda *a, **k: torch.zeros(1, 3, 64, 64))
+    sample(config(model, tmp_path / "ok", "prompt=a", "height=64", "width=64", "check_memory=false", "grid=false"))

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from ldm.formats.exporter import DTYPES, FORMATS, export
-from ldm.formats.writers import ExportError
+from ldm.formats.common import ExportError
 
 
 def build_parser(prog: str = "python -m ldm.cli.export") -> argparse.ArgumentParser:

@@ -74,6 +74,14 @@ def first_items(dataset, n: int) -> EvalItems:
     return EvalItems(captions, get_item, has_images, resolution if has_images else None)
 
 
+def sample_items(dataset, n: int, seed: int) -> list[dict]:
+    """``n`` items: seeded random ones of a map-style dataset, the first ``n`` of a stream."""
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        return list(itertools.islice(iter(dataset), n))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return [dataset[i] for i in order]
+
+
 def share(n: int, rank: int, world_size: int) -> range:
     """Process ``rank``'s contiguous part of ``range(n)``; the parts cover it exactly once."""
     return range(rank * n // world_size, (rank + 1) * n // world_size)

@@ -3,11 +3,19 @@
     from ldm.formats import load_bundle, export
     bundle = load_bundle("model.safetensors")          # training .ckpt, ldm bundle, SD single file, diffusers
     export(bundle, "diffusers", "out/my-model")          # or "single-file", "ldm"
+
+The names are imported on first use, so that ``ldm.formats.safe_build`` (the stored-value checks, also used by
+``ldm.data`` for latent-cache manifests) does not load every format.
 """
 
-from ldm.formats.bundle import ModelBundle
-from ldm.formats.exporter import export
-from ldm.formats.load import detect_source, load_bundle
-from ldm.formats.safe_load import CheckpointError
+from importlib import import_module
 
-__all__ = ["CheckpointError", "ModelBundle", "detect_source", "export", "load_bundle"]
+_HOME = {"ModelBundle": "bundle", "CheckpointError": "safe_load", "load_bundle": "load", "detect_source": "detect",
+         "export": "exporter"}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'ldm.formats' has no attribute {name!r}")
+    return getattr(import_module(f"ldm.formats.{_HOME[name]}"), name)

@@ -1,14 +1,33 @@
-"""diffusers-format model folders (``unet/``, ``vae/``, ``text_encoder/``, ...).
+"""diffusers-format model folders (``unet/``, ``vae/``, ``text_encoder/``, ...), reader and writer.
 
 Reads a local folder laid out like a hub repo (or a hub id, fetched with
 ``huggingface_hub.snapshot_download``; respects ``HF_HUB_OFFLINE``), builds or
-fills our models, and writes our models back in that layout.
+fills our models, and writes our models back in that layout (``write_diffusers``: a whole
+``StableDiffusionPipeline``; ``save_diffusers_folder``: any of its components).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.common import (
+    DIFFUSERS_BETA_SCHEDULES,
+    ExportError,
+    _no_checkpointing,
+    cast_state,
+    check_schedule,
+    is_kl_autoencoder,
+    save_safetensors,
+    text_model,
+    write_json,
+)
 
 from ldm.formats.diffusers_keys import (
     unet_config_from_diffusers,
@@ -144,7 +163,7 @@ def _load_text_encoder(sub: Path, text_encoder, strict: bool, variant):
     if text_encoder is None:
         read_clip_text_config(sub)  # sizes checked before transformers allocates them
         return CLIPTextEncoder.from_pretrained(sub.parent)
-    model = getattr(text_encoder, "model", text_encoder)
+    model = text_model(text_encoder)
     state = to_module_keys(read_weights(sub, "model", variant), model)
     load_into(model, state, source=str(sub), strict=strict)
     return text_encoder
@@ -153,45 +172,191 @@ def _load_text_encoder(sub: Path, text_encoder, strict: bool, variant):
 _LOADERS = {"unet": _load_unet, "vae": _load_vae, "text_encoder": _load_text_encoder}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def _write_component(folder: Path, name: str, config: dict, state: dict, dtype: torch.dtype | None = None) -> None:
+    """``<name>/config.json`` + ``<name>/diffusion_pytorch_model.safetensors`` (diffusers key names)."""
+    write_json(folder / name / "config.json", config)
+    save_safetensors(cast_state(state, dtype), folder / name / "diffusion_pytorch_model.safetensors")
 
 
 def save_diffusers_folder(folder, unet=None, vae=None, text_encoder=None, scheduler: dict | None = None,
                           sample_size: int | None = None) -> Path:
-    """Write our models as a diffusers folder (configs + ``*.safetensors``).
+    """Write any of our models as diffusers components (configs + ``*.safetensors``), with the writers
+    ``write_diffusers`` uses.
 
     ``scheduler`` (e.g. ``{"beta_schedule": "scaled_linear", ...}``) is written
     as a ``DDPMScheduler`` config. ``sample_size`` is the latent size for the UNet.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
-
-    def save(sub: str, state: dict, stem: str) -> None:
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in state.items()}
-        save_file(tensors, str(folder / sub / f"{stem}.safetensors"), metadata={"format": "pt"})
-
     if unet is not None:
-        _write_json(folder / "unet" / "config.json", unet_diffusers_config(unet.config, sample_size))
-        save("unet", unet_ldm_to_diffusers(unet.state_dict(), unet.config), "diffusion_pytorch_model")
+        _write_component(folder, "unet", unet_diffusers_config(unet.config, sample_size),
+                         unet_ldm_to_diffusers(unet.state_dict(), unet.config))
     if vae is not None:
         size = sample_size * 2 ** (len(vae.config["channel_mult"]) - 1) if sample_size else None
-        _write_json(folder / "vae" / "config.json", vae_diffusers_config(vae.config, size))
-        save("vae", vae_ldm_to_diffusers(vae.state_dict(), vae.config), "diffusion_pytorch_model")
+        _write_component(folder, "vae", vae_diffusers_config(vae.config, size),
+                         vae_ldm_to_diffusers(vae.state_dict(), vae.config))
     if text_encoder is not None:
-        from ldm.models.text_encoder import to_hub_keys
-
-        model = getattr(text_encoder, "model", text_encoder)
-        model.config.save_pretrained(folder / "text_encoder")
-        save("text_encoder", to_hub_keys(model.state_dict()), "model")  # hub key names
-        tokenizer = getattr(text_encoder, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder / "tokenizer")
+        write_hub_text_encoder(text_encoder, folder, None)
     if scheduler is not None:
         cfg = {"_class_name": "DDPMScheduler", **{k: scheduler.get(k, v) for k, v in SCHEDULER_DEFAULTS.items()}}
         cfg.update({k: scheduler[k] for k in SCHEDULER_OPTIONAL if k in scheduler})
-        _write_json(folder / "scheduler" / "scheduler_config.json", cfg)
+        write_json(folder / "scheduler" / "scheduler_config.json", cfg)
     return folder
+
+
+_DIFFUSERS_BETAS = {v: k for k, v in DIFFUSERS_BETA_SCHEDULES.items()}  # diffusers' name -> ours
+
+
+def schedule_from_diffusers(cfg: dict) -> NoiseSchedule:
+    """``read_scheduler_config``'s dict -> NoiseSchedule."""
+    kind = _DIFFUSERS_BETAS.get(cfg["beta_schedule"])
+    if kind is None:
+        raise ValueError(f"unsupported diffusers beta_schedule {cfg['beta_schedule']!r}; "
+                         f"expected one of {sorted(_DIFFUSERS_BETAS)}")
+    return NoiseSchedule.make(kind, cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"],
+                              rescale_zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+                              prediction_type=cfg["prediction_type"])
+
+
+def load_diffusers(source, *, text_encoder: nn.Module | None = None) -> ModelBundle:
+    try:
+        folder = resolve_folder(source)
+    except Exception as err:  # offline, unknown repo, ...: huggingface_hub's many error types
+        raise FileNotFoundError(f"model not found: {source} is no local folder and could not be fetched from the "
+                                f"hub ({type(err).__name__}: {err})") from err
+    components = ("unet", "vae") if text_encoder is not None else ("unet", "vae", "text_encoder")
+    out = load_diffusers_folder(folder, components=components)
+    missing = [c for c in components if out[c] is None]
+    if missing:
+        raise CheckpointError(f"{folder}: no {', '.join(m + '/' for m in missing)} folder"
+                              + ("; pass text_encoder=<folder>" if missing == ["text_encoder"] else ""))
+    te = text_encoder if text_encoder is not None else out["text_encoder"]
+    meta: dict = {"format": "diffusers"}
+    unet_cfg = folder / "unet" / "config.json"
+    sample_size = json.loads(unet_cfg.read_text()).get("sample_size") if unet_cfg.is_file() else None
+    if isinstance(sample_size, int):
+        meta["resolution"] = sample_size * out["vae"].downsample_factor
+    return ModelBundle(out["unet"], out["vae"], te, schedule_from_diffusers(out["scheduler"]),
+                       source=str(source), meta=meta)
+
+# diffusers' defaults for the betas of a cosine schedule (unused by squaredcos_cap_v2, but the field is a float).
+_DIFFUSERS_BETA_DEFAULTS = (0.0001, 0.02)
+DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose classes read these configs (pyproject's floor)
+
+
+def diffusers_scheduler_config(schedule: NoiseSchedule) -> dict:
+    """A ``scheduler/scheduler_config.json``: the training schedule, with Stable Diffusion's inference settings.
+
+    The betas, prediction type and zero-terminal-SNR rescale are the training schedule's. The inference fields are
+    SD's own (``leading`` spacing, ``steps_offset`` 1, ``set_alpha_to_one`` false, no clipping): diffusers'
+    ``StableDiffusionPipeline`` rewrites any other ``steps_offset`` to 1 anyway. Our DDIM reproduces them with
+    ``make_timesteps(..., "leading", steps_offset=1)`` and ``ddim(..., final_alpha_one=False)``. Zero-terminal-SNR
+    models get ``trailing`` spacing (Lin et al. 2023, sec. 3.3), without which sampling never starts at t = T - 1.
+    ``skip_prk_steps`` makes ``PNDMScheduler.from_config`` run plain PLMS steps, as in SD's config.
+    """
+    check_schedule(schedule)
+    start, end = schedule.beta_start, schedule.beta_end
+    if start is None or end is None:
+        start, end = _DIFFUSERS_BETA_DEFAULTS
+    return {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "beta_schedule": DIFFUSERS_BETA_SCHEDULES[schedule.kind],
+        "beta_start": float(start),
+        "beta_end": float(end),
+        "trained_betas": None,
+        "prediction_type": schedule.prediction_type,
+        "rescale_betas_zero_snr": bool(schedule.zero_terminal_snr),
+        "timestep_spacing": "trailing" if schedule.zero_terminal_snr else "leading",
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
+        "skip_prk_steps": True,
+    }
+
+
+def model_index() -> dict:
+    """``model_index.json`` of a ``StableDiffusionPipeline`` without safety checker."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def write_hub_text_encoder(text_encoder, folder: Path, dtype: torch.dtype | None,
+                           drop_unused_last_layer: bool = False) -> list[str]:
+    """``text_encoder/`` (config + ``model.safetensors`` in hub keys) and ``tokenizer/`` into ``folder``.
+
+    drop_unused_last_layer: a ``penultimate`` encoder is written without its last block, so that the model's
+    ``last_hidden_state`` (which passes the final LayerNorm) is our penultimate context, as diffusers' SD2
+    folders do (23 of OpenCLIP's 24 blocks). Returns the written sub-folder names.
+    """
+    from ldm.models.text_encoder import to_hub_keys
+
+    model = text_model(text_encoder)
+    config = copy.deepcopy(model.config)
+    state = to_hub_keys(model.state_dict())
+    if drop_unused_last_layer and getattr(text_encoder, "penultimate", False):
+        last = config.num_hidden_layers - 1
+        state = {k: v for k, v in state.items() if not k.startswith(f"text_model.encoder.layers.{last}.")}
+        config.num_hidden_layers = last
+    config.architectures = ["CLIPTextModel"]
+    stored = dtype or next(iter(state.values())).dtype
+    if hasattr(config, "dtype"):
+        config.dtype = stored
+    else:  # transformers 4.x
+        config.torch_dtype = stored
+    (folder / "text_encoder").mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder / "text_encoder"))
+    save_safetensors(cast_state(state, dtype), folder / "text_encoder" / "model.safetensors")
+    written = ["text_encoder/"]
+    tokenizer = getattr(text_encoder, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder / "tokenizer"))
+        written.append("tokenizer/")
+    return written
+
+
+def write_diffusers(bundle: ModelBundle, folder: Path, *, frozen: bool = True, dtype: torch.dtype | None = None,
+                    resolution: int = 512) -> list[str]:
+    """A ``StableDiffusionPipeline`` folder; ``frozen=False`` writes only ``unet/``, ``scheduler/`` and
+    ``model_index.json``. Returns the written entries."""
+    check_diffusers(bundle)
+    folder = Path(folder)
+    vae = bundle.autoencoder
+    latent_size = resolution // vae.downsample_factor
+    unet_cfg = _no_checkpointing(bundle.unet.config)
+    _write_component(folder, "unet", unet_diffusers_config(unet_cfg, latent_size),
+                     unet_ldm_to_diffusers(bundle.unet.state_dict(), unet_cfg), dtype)
+    written = ["unet/"]
+    if frozen:
+        _write_component(folder, "vae", vae_diffusers_config(vae.config, resolution),
+                         vae_ldm_to_diffusers(vae.state_dict(), vae.config), dtype)
+        written.append("vae/")
+        written += write_hub_text_encoder(bundle.text_encoder, folder, dtype, drop_unused_last_layer=True)
+    write_json(folder / "scheduler" / "scheduler_config.json", diffusers_scheduler_config(bundle.schedule))
+    write_json(folder / "model_index.json", model_index())
+    return written + ["scheduler/", "model_index.json"]
+
+
+def check_diffusers(bundle: ModelBundle) -> None:
+    """What a StableDiffusionPipeline cannot represent, found before anything is written."""
+    if not is_kl_autoencoder(bundle.autoencoder):
+        raise ExportError("a pixel-space model (no AutoencoderKL) cannot be written as a StableDiffusionPipeline; "
+                          "use --format ldm")
+    if bundle.text_encoder is None:
+        raise ExportError("the model has no text encoder; a StableDiffusionPipeline needs one (use --format ldm)")
+    check_schedule(bundle.schedule)

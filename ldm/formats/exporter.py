@@ -17,10 +17,16 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ldm.formats.bundle import ModelBundle
-from ldm.formats.writers import ExportError, check_diffusers, check_single_file, write_diffusers, write_single_file
+from ldm.formats.common import ExportError, check_schedule
+from ldm.formats.dtypes import DTYPES as ALL_DTYPES
+from ldm.formats.diffusers_folder import check_diffusers, write_diffusers
+from ldm.formats.ldm_bundle import write_ldm_bundle
+from ldm.formats.load import load_bundle
+from ldm.formats.safe_load import CheckpointError
+from ldm.formats.single_file import check_single_file, write_single_file
 
 FORMATS = ("diffusers", "single-file", "ldm")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {name: ALL_DTYPES[name] for name in ("fp32", "fp16", "bf16")}  # the names --dtype accepts
 DEFAULT_RESOLUTION = 512  # SD's, when the source does not record its training resolution
 # Files that mark a folder as an export this tool may replace with --force.
 EXPORT_MARKERS = ("model_index.json", "ldm_bundle.json")
@@ -52,20 +58,8 @@ class ExportResult:
 
 def load_source(source, *, use_ema: bool = True, text_encoder: Any = None) -> ModelBundle:
     """Our training checkpoint, or anything ``ldm.formats.load.load_bundle`` reads, as a CPU bundle in eval mode."""
-    from ldm.formats.safe_load import CheckpointError
-
     try:
-        try:
-            from ldm.formats.load import load_bundle
-        except ImportError:  # only our own training checkpoints without ldm.formats.load
-            from ldm.formats.training_checkpoint import load_training_checkpoint
-
-            if text_encoder is not None:
-                raise ExportError("--text-encoder needs ldm.formats.load, which is not available") from None
-            return load_training_checkpoint(source, use_ema=use_ema)
         return load_bundle(source, use_ema=use_ema, device="cpu", text_encoder=text_encoder)
-    except ExportError:
-        raise
     except (CheckpointError, FileNotFoundError, ValueError, KeyError, OSError) as err:
         raise ExportError(f"cannot read {source}: {err}") from err
 
@@ -171,8 +165,6 @@ def _check_format(bundle: ModelBundle, fmt: str) -> None:
     elif fmt == "single-file":
         check_single_file(bundle)
     else:
-        from ldm.formats.writers import check_schedule
-
         check_schedule(bundle.schedule)
 
 
@@ -231,8 +223,6 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
                               resolution=res)
             written = [p.name for p in finals]
         else:
-            from ldm.formats.ldm_bundle import write_ldm_bundle
-
             written = write_ldm_bundle(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
         stage.commit()
 

@@ -35,16 +35,19 @@ from ldm.formats.safe_build import (
     check_kwargs,
     read_clip_text_config,
 )
-from ldm.formats.writers import (
+from ldm.formats.common import (
     ExportError,
     _no_checkpointing,
+    DTYPES,
     cast_state,
+    dtype_name,
     save_safetensors,
     schedule_kwargs,
+    strip_prefix,
     text_model,
-    write_hub_text_encoder,
     write_json,
 )
+from ldm.formats.diffusers_folder import read_weights, write_hub_text_encoder
 
 BUNDLE_FILE = "ldm_bundle.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -66,10 +69,6 @@ def _target(module: nn.Module) -> str:
 
 def _has_weights(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +101,7 @@ def bundle_config(bundle: ModelBundle, *, frozen: bool = True, dtype: torch.dtyp
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "weights": WEIGHTS_FILE,
-        "dtype": _dtype_name(dtype or next(bundle.unet.parameters()).dtype),
+        "dtype": dtype_name(dtype or next(bundle.unet.parameters()).dtype),
         "components": components,
         "model": model,
         "schedule": {"_target_": SCHEDULE_TARGET, **schedule_kwargs(bundle.schedule)},
@@ -172,17 +171,13 @@ def _schedule(config: dict, path: Path) -> NoiseSchedule:
     return build_node(node, "schedule", source=str(path), key="schedule")
 
 
-def _split(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def _read_weights(folder: Path, config: dict) -> dict[str, dict[str, torch.Tensor]]:
     name = config.get("weights", WEIGHTS_FILE)
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
         raise CheckpointError(f"{folder / BUNDLE_FILE}: weights = {name!r} must be a .safetensors file name inside "
                               "the bundle folder")
     state = load_state_dict(folder / name)
-    parts = {c: _split(state, f"{c}.") for c in ("unet", "autoencoder")}
+    parts = {c: strip_prefix(state, f"{c}.") for c in ("unet", "autoencoder")}
     stray = [k for k in state if not k.startswith(("unet.", "autoencoder."))]
     if stray:
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: unexpected entries {stray[:5]}")
@@ -243,8 +238,8 @@ def load_ldm_bundle(folder, *, device: str | torch.device = "cpu") -> ModelBundl
         raise CheckpointError(f"{folder}: the bundle has no {' / '.join(missing)} weights (exported with "
                               "--no-frozen); use load_ldm_bundle_into(folder, unet, autoencoder, text_encoder) with "
                               "the frozen parts from elsewhere")
-    dtype = getattr(torch, config.get("dtype", "float32"), None)
-    if not isinstance(dtype, torch.dtype):
+    dtype = DTYPES.get(config.get("dtype", "float32")) if isinstance(config.get("dtype", "float32"), str) else None
+    if dtype is None:
         raise CheckpointError(f"{path}: unknown dtype {config.get('dtype')!r}")
     schedule = _schedule(config, path)
     modules = {}  # every config checked and built (on the meta device) before any weight is read
@@ -291,8 +286,6 @@ def load_ldm_bundle_into(folder, unet: nn.Module, autoencoder: nn.Module | None 
     if autoencoder is not None and "autoencoder" in have:
         jobs.append((autoencoder, weights["autoencoder"], "autoencoder"))
     if text_encoder is not None:
-        from ldm.formats.diffusers_folder import read_weights
-
         model = text_model(text_encoder)
         jobs.append((model, to_module_keys(read_weights(folder / "text_encoder", "model"), model), "text_encoder"))
     reports = [r for m, s, n in jobs if (r := mismatch_report(m, s, strict=strict, name=n))]

@@ -22,38 +22,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.formats.diffusers_keys import unet_ldm_to_diffusers
-from ldm.models.lora import LoRANetwork, _is_adaptable
+from ldm.formats.lora_layers import fit_weights, text_hub_path, unet_diffusers_paths
+from ldm.models.lora import LoRANetwork, is_adaptable
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"  # kohya LORA_PREFIX_TEXT_ENCODER (SD1/2 have one text encoder)
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-HUB_TEXT_PREFIX = "text_model."
-
-
-def _unet_diffusers_paths(unet: nn.Module, paths: list[str]) -> dict[str, str]:
-    """Our U-Net module paths -> diffusers module paths, with the project's one key map (diffusers_keys)."""
-    renamed = unet_ldm_to_diffusers({f"{p}.weight": p for p in paths}, unet.config)
-    return {ours: key[: -len(".weight")] for key, ours in renamed.items()}
-
-
-def _text_hub_path(path: str) -> str:
-    """A module path inside our CLIPTextEncoder (`model.` + transformers' path, with or without the `text_model.`
-    level newer transformers dropped) -> the hub CLIPTextModel path kohya names (`text_model.encoder...`)."""
-    inner = path.removeprefix("model.")
-    return inner if inner.startswith(HUB_TEXT_PREFIX) else HUB_TEXT_PREFIX + inner
 
 
 def kohya_names(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """(root, our module path) -> the kohya module name we write (diffusers naming, as sd-scripts trains)."""
     unet_paths = [p for r, p in targets if r == "unet"]
-    diff = _unet_diffusers_paths(roots["unet"], unet_paths) if unet_paths else {}
+    diff = unet_diffusers_paths(roots["unet"], unet_paths) if unet_paths else {}
     out = {}
     for root, path in targets:
         if root == "unet":
             out[(root, path)] = UNET_PREFIX + diff[path].replace(".", "_")
         else:
-            out[(root, path)] = TE_PREFIX + _text_hub_path(path).replace(".", "_")
+            out[(root, path)] = TE_PREFIX + text_hub_path(path).replace(".", "_")
     return out
 
 
@@ -62,15 +48,15 @@ def name_table(roots: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
     and the original-SD-named form (as ComfyUI's model_lora_keys_unet), for the text encoder the hub form."""
     table: dict[str, tuple[str, str]] = {}
     unet = roots["unet"]
-    paths = [n for n, m in unet.named_modules() if n and _is_adaptable(m)]
-    for ours, diff in _unet_diffusers_paths(unet, paths).items():
+    paths = [n for n, m in unet.named_modules() if n and is_adaptable(m)]
+    for ours, diff in unet_diffusers_paths(unet, paths).items():
         table[UNET_PREFIX + diff.replace(".", "_")] = ("unet", ours)
         table[UNET_PREFIX + ours.replace(".", "_")] = ("unet", ours)
     te = roots.get("text_encoder")
     if te is not None:
         for n, m in te.named_modules():
-            if n and _is_adaptable(m):
-                table[TE_PREFIX + _text_hub_path(n).replace(".", "_")] = ("text_encoder", n)
+            if n and is_adaptable(m):
+                table[TE_PREFIX + text_hub_path(n).replace(".", "_")] = ("text_encoder", n)
     return table
 
 
@@ -146,19 +132,5 @@ def from_kohya(state: dict[str, Tensor], roots: dict[str, nn.Module]):
             unmapped += [name + s for s, p in zip(SUFFIXES, ("down", "up", "alpha")) if p in parts]
             continue
         base = roots[target[0]].get_submodule(target[1])
-        weights[target] = _fit(parts, base)
+        weights[target] = fit_weights(parts, base)
     return weights, sorted(unmapped)
-
-
-def _fit(parts: dict[str, Tensor], base: nn.Module) -> dict[str, Tensor]:
-    """Linear <-> 1x1-conv weights differ only by trailing (1, 1) (SD1 proj_in/out are convs, SD2's Linear):
-    reshape, as ComfyUI does."""
-    down, up = parts["down"].float(), parts["up"].float()
-    if isinstance(base, nn.Linear):
-        down, up = down.flatten(1) if down.ndim == 4 and down.shape[2:] == (1, 1) else down, up.flatten(1)
-    elif isinstance(base, nn.Conv2d) and down.ndim == 2:
-        down, up = down[:, :, None, None], up[:, :, None, None]
-    elif isinstance(base, nn.Conv2d) and up.ndim == 2:
-        up = up[:, :, None, None]
-    alpha = parts.get("alpha")
-    return {"down": down, "up": up, "alpha": None if alpha is None else float(alpha)}

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ldm.formats.diffusers_keys import unet_diffusers_to_ldm
-from ldm.formats.lora_kohya import HUB_TEXT_PREFIX, _fit, _text_hub_path, _unet_diffusers_paths
-from ldm.models.lora import LoRANetwork, _is_adaptable
+from ldm.formats.lora_layers import HUB_TEXT_PREFIX, fit_weights, text_hub_path, unet_diffusers_paths
+from ldm.models.lora import LoRANetwork, is_adaptable
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers LORA_WEIGHT_NAME_SAFE
 METADATA_KEY = "lora_adapter_metadata"  # diffusers LORA_ADAPTER_METADATA_KEY
@@ -30,8 +30,8 @@ SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 def _peft_paths(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     unet_paths = [p for r, p in targets if r == "unet"]
-    diff = _unet_diffusers_paths(roots["unet"], unet_paths) if unet_paths else {}
-    return {(r, p): diff[p] if r == "unet" else _text_hub_path(p) for r, p in targets}
+    diff = unet_diffusers_paths(roots["unet"], unet_paths) if unet_paths else {}
+    return {(r, p): diff[p] if r == "unet" else text_hub_path(p) for r, p in targets}
 
 
 # ------------------------------------------------------------------------------------------------------ write
@@ -106,7 +106,7 @@ def from_peft(state: dict[str, Tensor], roots: dict[str, nn.Module], metadata: d
     te = roots.get("text_encoder")
     te_paths = {}
     if te is not None:
-        te_paths = {_text_hub_path(n): n for n, m in te.named_modules() if n and _is_adaptable(m)}
+        te_paths = {text_hub_path(n): n for n, m in te.named_modules() if n and is_adaptable(m)}
     grouped: dict[tuple[str, str], dict[str, Tensor]] = {}
     origin: dict[tuple[str, str], list[str]] = {}
     unmapped = []
@@ -135,7 +135,7 @@ def from_peft(state: dict[str, Tensor], roots: dict[str, nn.Module], metadata: d
             try:
                 ours = unet_diffusers_to_ldm({f"{name}.weight": 0}, unet.config)
                 path = next(iter(ours))[: -len(".weight")]
-                if _is_adaptable(unet.get_submodule(path)):
+                if is_adaptable(unet.get_submodule(path)):
                     target = ("unet", path)
             except (ValueError, AttributeError):
                 target = None
@@ -154,7 +154,7 @@ def from_peft(state: dict[str, Tensor], roots: dict[str, nn.Module], metadata: d
             if alpha is None:
                 alpha = cfg.get("lora_alpha")
         base = roots[target[0]].get_submodule(target[1])
-        weights[target] = _fit({"down": parts["down"], "up": parts["up"],
+        weights[target] = fit_weights({"down": parts["down"], "up": parts["up"],
                                 "alpha": torch.tensor(float(alpha if alpha is not None else rank))}, base)
     unmapped += [f"{a}.alpha" for a in alphas if a not in used_alphas]
     return weights, sorted(unmapped)

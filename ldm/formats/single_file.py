@@ -1,4 +1,6 @@
-"""Original Stable Diffusion single-file checkpoints (``.ckpt`` / ``.safetensors``).
+"""Original Stable Diffusion single-file checkpoints (``.ckpt`` / ``.safetensors``), reader and writer: the state
+dict layout, building a bundle from one (sizes from the key shapes or from our header), and writing one with its
+``v1/v2-inference.yaml``-style config.
 
 Layout: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
 ``cond_stage_model.transformer.text_model.*`` (SD1, transformers CLIP) or
@@ -8,9 +10,31 @@ names, so they only need the prefix stripped.
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
+import torch
+from torch import nn
+
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.common import (
+    DIFFUSERS_BETA_SCHEDULES,
+    ExportError,
+    _no_checkpointing,
+    cast_state,
+    check_schedule,
+    is_kl_autoencoder,
+    save_safetensors,
+    schedule_kwargs,
+    strip_prefix,
+    text_model,
+)
 from ldm.formats.openclip_keys import DROPPED, hf_to_openclip, openclip_num_layers, openclip_to_hf
+from ldm.formats.safe_build import SCHEDULE_TARGET, build_network, build_node, json_object
 from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
 
 UNET_PREFIX = "model.diffusion_model."
@@ -18,10 +42,6 @@ VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
-
-
-def _strip(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _ema_key(unet_key: str) -> str:
@@ -46,11 +66,11 @@ def split_sd_checkpoint(sd: dict, use_ema: bool = False) -> dict:
             raise CheckpointError(f"use_ema=True but {len(missing)} UNet weights have no EMA copy, e.g. {missing[0]}")
         unet = {k[len(UNET_PREFIX):]: sd[_ema_key(k)] for k in unet_keys}
     else:
-        unet = _strip(sd, UNET_PREFIX)
-    vae = {k: v for k, v in _strip(sd, VAE_PREFIX).items() if not k.startswith("loss.")}
+        unet = strip_prefix(sd, UNET_PREFIX)
+    vae = {k: v for k, v in strip_prefix(sd, VAE_PREFIX).items() if not k.startswith("loss.")}
 
-    sd2_text = _strip(sd, SD2_TEXT_PREFIX)
-    sd1_text = _strip(sd, SD1_TEXT_PREFIX)
+    sd2_text = strip_prefix(sd, SD2_TEXT_PREFIX)
+    sd1_text = strip_prefix(sd, SD1_TEXT_PREFIX)
     if sd2_text:
         kind, text_layers = "sd2", openclip_num_layers(sd2_text)
         text = openclip_to_hf(sd2_text)
@@ -65,7 +85,7 @@ def split_sd_checkpoint(sd: dict, use_ema: bool = False) -> dict:
 
     used = {UNET_PREFIX, VAE_PREFIX, SD1_TEXT_PREFIX, SD2_TEXT_PREFIX}
     extra = {k: v for k, v in sd.items() if not any(k.startswith(p) for p in used)}
-    extra.update({VAE_PREFIX + k: v for k, v in _strip(sd, VAE_PREFIX).items() if k.startswith("loss.")})
+    extra.update({VAE_PREFIX + k: v for k, v in strip_prefix(sd, VAE_PREFIX).items() if k.startswith("loss.")})
     extra.update({SD2_TEXT_PREFIX + k: v for k, v in sd2_text.items() if k in DROPPED or k.startswith("visual.")})
     return {"unet": unet, "vae": vae, "text_encoder": text, "kind": kind,
             "text_layers": text_layers, "extra": extra}
@@ -81,16 +101,11 @@ def _kind_from_unet(unet: dict) -> str:
     return "sd1"
 
 
-def _text_model(text_encoder):
-    """The transformers ``CLIPTextModel`` inside our wrapper (or the model itself)."""
-    return getattr(text_encoder, "model", text_encoder)
-
-
 def _text_state_for(text_encoder, parts: dict) -> dict:
     """Text-encoder weights of ``parts`` keyed like ``text_encoder``'s model."""
     from ldm.models.text_encoder import to_module_keys
 
-    model = _text_model(text_encoder)
+    model = text_model(text_encoder)
     text = parts["text_encoder"]
     depth = model.config.num_hidden_layers
     if parts["kind"] == "sd2" and parts["text_layers"] == depth + 1:
@@ -115,7 +130,7 @@ def load_single_file(path, unet, vae=None, text_encoder=None, strict: bool = Tru
     if vae is not None:
         jobs.append((vae, parts["vae"], "vae"))
     if text_encoder is not None:
-        jobs.append((_text_model(text_encoder), _text_state_for(text_encoder, parts), "text_encoder"))
+        jobs.append((text_model(text_encoder), _text_state_for(text_encoder, parts), "text_encoder"))
     reports = [mismatch_report(m, s, strict=strict, name=n) for m, s, n in jobs]
     reports = [r for r in reports if r]
     if reports:
@@ -127,7 +142,7 @@ def load_single_file(path, unet, vae=None, text_encoder=None, strict: bool = Tru
 
 def text_encoder_layout(text_encoder) -> str:
     """"sd2" (OpenCLIP layout) for gelu CLIP text models, else "sd1"."""
-    return "sd2" if _text_model(text_encoder).config.hidden_act == "gelu" else "sd1"
+    return "sd2" if text_model(text_encoder).config.hidden_act == "gelu" else "sd1"
 
 
 def to_single_file(unet, vae=None, text_encoder=None, layout: str | None = None) -> dict:
@@ -144,9 +159,343 @@ def to_single_file(unet, vae=None, text_encoder=None, layout: str | None = None)
     if vae is not None:
         out.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
     if text_encoder is not None:
-        hub = to_hub_keys(_text_model(text_encoder).state_dict())
+        hub = to_hub_keys(text_model(text_encoder).state_dict())
         if (layout or text_encoder_layout(text_encoder)) == "sd2":
             out.update({SD2_TEXT_PREFIX + k: v for k, v in hf_to_openclip(hub).items()})
         else:
             out.update({SD1_TEXT_PREFIX + k: v for k, v in hub.items()})
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+# Header keys of single files written by save_single_file: they make sizes, heads and schedule exact.
+META_UNET, META_VAE = "ldm_unet_config", "ldm_vae_config"
+META_SCHEDULE, META_RESOLUTION = "ldm_schedule", "ldm_resolution"
+# Tokenizers for SD single files, which carry none.
+DEFAULT_TOKENIZERS = {"sd1": ("openai/clip-vit-large-patch14", ""),
+                      "sd2": ("stabilityai/stable-diffusion-2-1", "tokenizer")}
+
+
+def sd_schedule(prediction_type: str = "epsilon") -> NoiseSchedule:
+    """Stable Diffusion's training schedule: scaled_linear, beta 0.00085..0.012, T = 1000."""
+    return NoiseSchedule.make("scaled_linear", 1000, 0.00085, 0.012, prediction_type=prediction_type)
+
+
+def load_sd_single_file(path, *, use_ema: bool = True, text_encoder: nn.Module | None = None,
+                        prediction_type: str | None = None, unet_config: dict | None = None,
+                        vae_config: dict | None = None) -> ModelBundle:
+
+    path = Path(path)
+    state = load_state_dict(path)
+    header = _safetensors_metadata(path)
+    sched = _json(header, META_SCHEDULE, path)
+    schedule = (build_node({"_target_": SCHEDULE_TARGET, **sched}, "schedule", source=str(path), key=META_SCHEDULE)
+                if sched else sd_schedule())
+    ema = use_ema and any(k.startswith("model_ema.") for k in state)
+    parts = split_sd_checkpoint(state, use_ema=ema)
+    if not parts["vae"]:
+        raise CheckpointError(f"{path}: no VAE weights ('first_stage_model.*'); this loader needs a full SD file")
+    ucfg = {**(_json(header, META_UNET, path) or infer_unet_config(parts["unet"])), **(unet_config or {})}
+    vcfg = {**(_json(header, META_VAE, path) or infer_vae_config(parts["vae"])), **(vae_config or {})}
+    unet = _build("unet", ucfg, path, META_UNET if META_UNET in header else "inferred U-Net config", "unet_config")
+    vae = _build("autoencoder", vcfg, path, META_VAE if META_VAE in header else "inferred VAE config", "vae_config")
+    has_text = bool(parts["text_encoder"])
+    te = text_encoder if text_encoder is not None else _default_text_encoder(path, parts)
+    load_single_file(state, unet, vae, te if has_text else None, use_ema=ema)
+    if prediction_type is not None:
+        schedule = replace(schedule, prediction_type=prediction_type)
+    meta = {"format": "sd_single_file", "kind": parts["kind"], "ema": ema}
+    if header.get(META_RESOLUTION):
+        meta["resolution"] = int(header[META_RESOLUTION])
+    return ModelBundle(unet, vae, te, schedule, source=str(path), meta=meta)
+
+
+def _build(role: str, config: dict, path: Path, key: str, option: str):
+    """Through the one safe builder: a header cannot make us import anything or allocate terabytes."""
+    try:
+        return build_network(role, config, source=str(path), key=key)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; fix it with {option}={{...}}") from err
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _json(header: dict, key: str, path: Path) -> dict | None:
+    return json_object(header[key], source=f"{path} (header)", key=key) if header.get(key) else None
+
+
+def _default_text_encoder(path: Path, parts: dict) -> nn.Module:
+    """SD1: CLIP ViT-L/14 config; SD2: OpenCLIP ViT-H (23 layers); the tokenizer of the matching hub repo."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldm.models.text_encoder import CLIPTextEncoder, clip_text_config
+
+    kind = parts["kind"]
+    repo, sub = DEFAULT_TOKENIZERS[kind]
+    hint = "pass text_encoder=<folder with tokenizer/ and text_encoder/, e.g. a diffusers SD folder>"
+    if not parts["text_encoder"]:
+        raise CheckpointError(f"{path}: no text-encoder weights in the file; {hint}")
+    hidden = next(v.shape[1] for k, v in parts["text_encoder"].items() if k.endswith("token_embedding.weight"))
+    config = clip_text_config("sd15" if kind == "sd1" else "sd21")
+    if hidden != config.hidden_size:
+        raise CheckpointError(f"{path}: text encoder of width {hidden} is not SD's ({config.hidden_size}); {hint}")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder=sub)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{path}: SD single files carry no tokenizer and the default one ({repo}) is "
+                                f"not available ({type(err).__name__}); {hint}") from err
+    return CLIPTextEncoder(CLIPTextModel(config), tokenizer)
+
+
+def _count(state: dict, pattern: str) -> int:
+    """How many distinct values the (\\d+) group of ``pattern`` takes among the keys."""
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in state if (m := rx.match(k))})
+
+
+def infer_unet_config(state: dict) -> dict:
+    """UNet constructor arguments from original-layout U-Net weights (prefix stripped).
+
+    Heads cannot be read from weights: SD1's rule (8 heads) is used for conv projections, SD2's (64-wide heads)
+    for linear ones; other models need ``unet_config={"num_heads": ...}`` or a file from save_single_file.
+    """
+    conv_in = state["input_blocks.0.0.weight"]  # (model_channels, in_channels, 3, 3)
+    mc = conv_in.shape[0]
+    level, per_level, mult, attn = 0, {}, {}, set()
+    i = 1
+    while any(k.startswith(f"input_blocks.{i}.") for k in state):
+        if f"input_blocks.{i}.0.op.weight" in state:  # Downsample
+            level += 1
+        else:
+            per_level[level] = per_level.get(level, 0) + 1
+            mult[level] = state[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // mc
+            if f"input_blocks.{i}.1.proj_in.weight" in state:
+                attn.add(level)
+        i += 1
+    linear = state["middle_block.1.proj_in.weight"].ndim == 2
+    context_dim = next(v.shape[1] for k, v in state.items() if k.endswith("attn2.to_k.weight"))
+    heads = dict(num_heads=-1, num_head_channels=64) if linear else dict(num_heads=8, num_head_channels=-1)
+    return dict(
+        in_channels=conv_in.shape[1], out_channels=state["out.2.weight"].shape[0], model_channels=mc,
+        channel_mult=[mult[lvl] for lvl in range(level + 1)], num_res_blocks=per_level[0],
+        attention_levels=sorted(attn), transformer_depth=_count(state, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
+        context_dim=context_dim, use_linear_projection=linear, **heads,
+    )
+
+
+def infer_vae_config(state: dict) -> dict:
+    """AutoencoderKL constructor arguments from original-layout VAE weights (scaling factor: SD's 0.18215)."""
+    conv_in = state["encoder.conv_in.weight"]  # (base_channels, in_channels, 3, 3)
+    base = conv_in.shape[0]
+    levels = _count(state, r"encoder\.down\.(\d+)\.")
+    return dict(
+        in_channels=conv_in.shape[1], out_channels=state["decoder.conv_out.weight"].shape[0],
+        latent_channels=state["decoder.conv_in.weight"].shape[1], base_channels=base,
+        channel_mult=[state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)],
+        num_res_blocks=_count(state, r"encoder\.down\.0\.block\.(\d+)\."),
+    )
+
+
+def save_single_file(path, bundle: ModelBundle, resolution: int | None = None) -> Path:
+    """Write an SD-layout ``.safetensors`` whose header also records the U-Net / VAE configs, the schedule and
+    the training resolution, so :func:`load_bundle` rebuilds the model exactly (other tools ignore the header).
+    The header is the single-file export's (``ldm.formats.exporter``), without its yaml."""
+
+    header = single_file_header(bundle, resolution or 0, None)
+    if not resolution:
+        header.pop(META_RESOLUTION)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = to_single_file(bundle.unet, bundle.autoencoder, bundle.text_encoder)
+    save_safetensors({k: v.cpu() for k, v in state.items()}, path, header)
+    return path
+
+ORIGINAL_BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}
+ORIGINAL_PARAMETERIZATION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+SD_NORM_GROUPS = 32  # the original VAE's GroupNorm groups: fixed in its code, absent from its yaml
+SD1_EMBEDDER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+SD2_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
+
+
+def _original_heads(c: dict) -> dict:
+    """Head settings of an original ``UNetModel``, written so that diffusers' yaml reader derives the same heads.
+
+    diffusers reads ``num_heads`` as its (per-level) head count when present; otherwise (linear projections only)
+    it derives ``model_channels // num_head_channels * mult``. SD1 gets ``num_heads: 8``, SD2 ``num_head_channels:
+    64`` alone, exactly as in the official configs.
+    """
+    nhc = c.get("num_head_channels") or -1
+    if nhc <= 0:
+        return {"num_heads": c["num_heads"]}
+    out: dict[str, Any] = {"num_head_channels": nhc}
+    heads = [c["model_channels"] * m // nhc for m in c["channel_mult"]]
+    levels = list(c["attention_levels"])
+    if c.get("use_linear_projection"):
+        derived = [c["model_channels"] // nhc * m for m in c["channel_mult"]]
+        if all(derived[lvl] == heads[lvl] for lvl in levels):
+            return out
+    used = {heads[lvl] for lvl in levels}
+    out["num_heads"] = used.pop() if len(used) == 1 else heads
+    return out
+
+
+def original_config(unet_config: dict, vae_config: dict, schedule: NoiseSchedule, *, text_layout: str = "sd1",
+                    resolution: int = 512, text_layer: str = "penultimate") -> dict:
+    """The original ``configs/stable-diffusion/v1-inference.yaml`` / ``v2-inference(-v).yaml`` structure for a model.
+
+    ``text_layout`` "sd1" (transformers CLIP, ``FrozenCLIPEmbedder``) or "sd2" (OpenCLIP, ``FrozenOpenCLIPEmbedder``
+    with ``text_layer``). A1111 instantiates these classes from the yaml, diffusers' ``from_single_file`` and
+    ComfyUI read the sizes, the betas and the parameterization from it.
+    """
+    check_schedule(schedule)
+    if vae_config.get("shift_factor"):
+        raise ExportError(f"the autoencoder has shift_factor={vae_config['shift_factor']}, which the original "
+                          "LatentDiffusion config cannot express; use --format diffusers or ldm")
+    c = unet_config
+    factor = 2 ** (len(vae_config["channel_mult"]) - 1)
+    latent_size = resolution // factor
+    latent_channels = vae_config.get("latent_channels", 4)
+    unet_params: dict[str, Any] = {
+        "use_checkpoint": True,
+        "use_fp16": False,
+        "image_size": latent_size,
+        "in_channels": c["in_channels"],
+        "out_channels": c["out_channels"],
+        "model_channels": c["model_channels"],
+        "attention_resolutions": sorted((2**lvl for lvl in c["attention_levels"]), reverse=True),
+        "num_res_blocks": c["num_res_blocks"],
+        "channel_mult": list(c["channel_mult"]),
+        **_original_heads(c),
+        "use_spatial_transformer": True,
+        "transformer_depth": c.get("transformer_depth", 1),
+        "context_dim": c["context_dim"],
+        "legacy": False,
+    }
+    if c.get("use_linear_projection"):
+        unet_params["use_linear_in_transformer"] = True
+    vae_params = {
+        "embed_dim": latent_channels,
+        "monitor": "val/rec_loss",
+        "ddconfig": {
+            "double_z": True,
+            "z_channels": latent_channels,
+            "resolution": resolution,
+            "in_channels": vae_config.get("in_channels", 3),
+            "out_ch": vae_config.get("out_channels", 3),
+            "ch": vae_config["base_channels"],
+            "ch_mult": list(vae_config["channel_mult"]),
+            "num_res_blocks": vae_config["num_res_blocks"],
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+        "lossconfig": {"target": "torch.nn.Identity"},
+    }
+    if text_layout == "sd2":
+        cond = {"target": SD2_EMBEDDER, "params": {"freeze": True, "layer": text_layer}}
+    else:
+        cond = {"target": SD1_EMBEDDER}
+    params: dict[str, Any] = {}
+    if schedule.prediction_type != "epsilon":
+        params["parameterization"] = ORIGINAL_PARAMETERIZATION[schedule.prediction_type]
+    if schedule.kind != "scaled_linear":
+        params["beta_schedule"] = ORIGINAL_BETA_SCHEDULES[schedule.kind]
+    if schedule.beta_start is not None:
+        params["linear_start"] = float(schedule.beta_start)
+    if schedule.beta_end is not None:
+        params["linear_end"] = float(schedule.beta_end)
+    params.update({
+        "num_timesteps_cond": 1,
+        "log_every_t": 200,
+        "timesteps": schedule.num_train_timesteps,
+        "first_stage_key": "jpg",
+        "cond_stage_key": "txt",
+        "image_size": latent_size,
+        "channels": latent_channels,
+        "cond_stage_trainable": False,
+        "conditioning_key": "crossattn",
+        "monitor": "val/loss_simple_ema",
+        "scale_factor": float(vae_config.get("scaling_factor", 0.18215)),
+        "use_ema": False,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae_params},
+        "cond_stage_config": cond,
+    })
+    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                      "params": params}}
+
+
+def original_config_yaml(config: dict, schedule: NoiseSchedule, source: str = "") -> str:
+    import yaml
+
+    lines = ["# Original Stable Diffusion (CompVis ldm) config of the weights next to this file.",
+             "# Written by ldm export" + (f" from {source}" if source else "") + "."]
+    if schedule.zero_terminal_snr:
+        lines += ["# The betas were rescaled to zero terminal SNR (Lin et al. 2023), which the original code has no",
+                  "# option for: samplers must apply the rescale themselves (diffusers: rescale_betas_zero_snr=True,",
+                  "# ComfyUI: ModelSamplingDiscrete zsnr)."]
+    return "\n".join(lines) + "\n" + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def text_layer_for(text_encoder) -> str:
+    """OpenCLIP layer of an SD2-layout text encoder: SD2 conditions on the penultimate of 24 blocks, which is what a
+    penultimate encoder, or diffusers' 23-block one, computes."""
+    model = text_model(text_encoder)
+    if getattr(text_encoder, "penultimate", False) or model.config.num_hidden_layers == 23:
+        return "penultimate"
+    return "last"
+
+
+def check_single_file(bundle: ModelBundle) -> None:
+    if not is_kl_autoencoder(bundle.autoencoder):
+        raise ExportError("a pixel-space model (no AutoencoderKL) has no Stable Diffusion single-file layout; "
+                          "use --format ldm")
+    if bundle.text_encoder is None:
+        raise ExportError("the model has no text encoder; SD single files need one (use --format ldm)")
+    check_schedule(bundle.schedule)
+    if bundle.autoencoder.config.get("shift_factor"):
+        raise ExportError(f"the autoencoder has shift_factor={bundle.autoencoder.config['shift_factor']}, which "
+                          "SD single files cannot express; use --format diffusers or ldm")
+    groups = bundle.autoencoder.config.get("norm_groups", SD_NORM_GROUPS)
+    if groups != SD_NORM_GROUPS:
+        # the original yaml has no GroupNorm field: every reader (diffusers' from_single_file, ComfyUI, A1111)
+        # builds GroupNorm(32) and silently decodes the wrong image
+        raise ExportError(f"the autoencoder uses GroupNorm with {groups} groups; an SD single file and its yaml "
+                          f"can only describe {SD_NORM_GROUPS}: use --format diffusers (its vae/config.json records "
+                          "norm_num_groups) or --format ldm")
+
+
+def single_file_header(bundle: ModelBundle, resolution: int, dtype: torch.dtype | None) -> dict[str, str]:
+    """safetensors header entries that let ``ldm.formats.load.load_bundle`` rebuild the model exactly (the U-Net / VAE
+    configs, schedule, resolution); other tools ignore them."""
+
+    return {
+        META_UNET: json.dumps(_no_checkpointing(bundle.unet.config), sort_keys=True),
+        META_VAE: json.dumps(_no_checkpointing(bundle.autoencoder.config), sort_keys=True),
+        META_SCHEDULE: json.dumps(schedule_kwargs(bundle.schedule), sort_keys=True),
+        META_RESOLUTION: str(int(resolution)),
+        "ldm_text_encoder": json.dumps({"penultimate": bool(getattr(bundle.text_encoder, "penultimate", False)),
+                                        "config": text_model(bundle.text_encoder).config.to_diff_dict()},
+                                       sort_keys=True, default=str),
+        "ldm_dtype": str(dtype or next(bundle.unet.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def write_single_file(bundle: ModelBundle, path: Path, yaml_path: Path, *, frozen: bool = True,
+                      dtype: torch.dtype | None = None, resolution: int = 512) -> list[str]:
+    """An SD-layout ``.safetensors`` (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``;
+    U-Net only when ``frozen=False``) and its original config at ``yaml_path``."""
+
+    check_single_file(bundle)
+    te = bundle.text_encoder
+    layout = text_encoder_layout(te)
+    state = to_single_file(bundle.unet, bundle.autoencoder if frozen else None, te if frozen else None, layout=layout)
+    save_safetensors(cast_state(state, dtype), Path(path), single_file_header(bundle, resolution, dtype))
+    config = original_config(_no_checkpointing(bundle.unet.config), bundle.autoencoder.config, bundle.schedule,
+                             text_layout=layout, resolution=resolution, text_layer=text_layer_for(te))
+    Path(yaml_path).write_text(original_config_yaml(config, bundle.schedule, bundle.source), encoding="utf-8")
+    return [Path(path).name, Path(yaml_path).name]

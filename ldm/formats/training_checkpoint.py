@@ -1,4 +1,5 @@
-"""Read our Lightning training checkpoints back as a ModelBundle (EMA weights by default)."""
+"""Read our Lightning training checkpoints back as a ModelBundle (EMA weights by default), and fill configured
+modules from any pretrained source (``model.pretrained``; a LoRA run's checkpoint needs it for its base)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ldm.formats.bundle import ModelBundle
+from ldm.formats.common import strip_prefix
+from ldm.formats.detect import detect_source
+from ldm.formats.diffusers_folder import load_diffusers_folder
+from ldm.formats.ldm_bundle import load_ldm_bundle_into
 from ldm.formats.safe_load import CheckpointError, load_into
+from ldm.formats.single_file import load_single_file
 from ldm.formats.safe_build import build_node
 
 
@@ -42,10 +49,6 @@ def _model_config(ckpt: dict, path) -> tuple[dict, dict]:
     return model_cfg, model_cfg["model"]
 
 
-def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBundle:
     """Rebuild the networks from the model config saved in the checkpoint and load its weights strictly.
 
@@ -62,11 +65,11 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     if ckpt["ldm"].get("adapter"):
         return _load_adapter_checkpoint(path, ckpt, use_ema, model_cfg, (unet, autoencoder, text_encoder, schedule))
     state = ckpt["state_dict"]
-    ema_state = _sub_state(state, "ema.model.")
-    unet_state = ema_state if (use_ema and ema_state) else _sub_state(state, "unet.")
+    ema_state = strip_prefix(state, "ema.model.")
+    unet_state = ema_state if (use_ema and ema_state) else strip_prefix(state, "unet.")
     load_into(unet, unet_state, source=f"{path} ({'EMA' if use_ema and ema_state else 'raw'} U-Net)")
-    load_into(autoencoder, _sub_state(state, "autoencoder."), source=f"{path} (autoencoder)")
-    text_state = _sub_state(state, "text_encoder.")
+    load_into(autoencoder, strip_prefix(state, "autoencoder."), source=f"{path} (autoencoder)")
+    text_state = strip_prefix(state, "text_encoder.")
     if text_state:
         load_into(text_encoder, text_state, source=f"{path} (text encoder)")
     bundle = ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
@@ -83,12 +86,13 @@ def _load_adapter_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, mo
 
     from ldm.formats.safe_build import check_plain
     from ldm.models.lora import LoRAConfig, LoRANetwork
-    from ldm.training.factories import build_bundle
-
     unet, autoencoder, text_encoder, schedule = networks
     pretrained = model_cfg["model"].get("pretrained")
     check_plain(pretrained, source=str(path), key="ldm.model.model.pretrained")
-    bundle = build_bundle(unet, autoencoder, text_encoder, schedule, pretrained=pretrained)
+    if not pretrained:
+        raise CheckpointError(f"{path}: a LoRA run's checkpoint needs its base: ldm.model.model.pretrained is empty")
+    load_weights_into(pretrained, unet, autoencoder, text_encoder)
+    bundle = ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path))
     stored = ckpt["ldm"]["adapter"]
     check_plain(stored, source=str(path), key="ldm.adapter")
     known = {f.name for f in fields(LoRAConfig)}
@@ -103,11 +107,31 @@ def _load_adapter_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, mo
     roots = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
     network = LoRANetwork.build(roots, config)
     state = ckpt["state_dict"]
-    ema_state = _sub_state(state, "ema.model.")
-    lora_state = ema_state if (use_ema and ema_state) else _sub_state(state, "lora.")
+    ema_state = strip_prefix(state, "ema.model.")
+    lora_state = ema_state if (use_ema and ema_state) else strip_prefix(state, "lora.")
     load_into(network, lora_state, source=f"{path} ({'EMA' if use_ema and ema_state else 'raw'} adapter)")
     network.merge_into(roots)
     bundle.source = str(path)
     bundle.meta.update({"global_step": ckpt.get("global_step"), "ema": bool(use_ema and ema_state),
                         "model_config": model_cfg, "resolution": model_cfg.get("resolution"), "adapter": config_dict})
     return bundle.eval()
+
+def load_weights_into(source, unet: nn.Module, autoencoder: nn.Module | None = None,
+                      text_encoder: nn.Module | None = None, *, use_ema: bool = False) -> str:
+    """Fill existing modules (fine-tuning: ``model.pretrained``) from ``source``, told apart by ``detect_source``:
+    an ldm bundle, a diffusers folder / hub id, an SD single file or one of our training checkpoints. Each module
+    is checked before anything is copied into it. Returns the source kind."""
+    kind = detect_source(source)
+    if kind == "ldm_bundle":
+        load_ldm_bundle_into(source, unet, autoencoder, text_encoder)
+    elif kind in ("diffusers", "hub"):
+        load_diffusers_folder(str(source), unet=unet, vae=autoencoder, text_encoder=text_encoder)
+    elif kind == "sd_single_file":
+        load_single_file(str(source), unet, vae=autoencoder, text_encoder=text_encoder, use_ema=use_ema)
+    else:  # a run of ours (e.g. the base of a LoRA run): its EMA weights, strictly
+        loaded = load_training_checkpoint(source, use_ema=True)
+        for name, module, weights in (("unet", unet, loaded.unet), ("autoencoder", autoencoder, loaded.autoencoder),
+                                      ("text_encoder", text_encoder, loaded.text_encoder)):
+            if module is not None:
+                load_into(module, weights.state_dict(), source=f"{source} ({name})")
+    return kind

@@ -62,7 +62,7 @@ class LoRAConfig:
 
 # ----------------------------------------------------------------------------------------------------- targets
 
-def _is_adaptable(module: nn.Module) -> bool:
+def is_adaptable(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1)
 
 
@@ -90,7 +90,7 @@ def unet_targets(unet: nn.Module, preset: str) -> dict[str, nn.Module]:
         if not isinstance(module, containers):
             continue
         for child_name, child in module.named_modules():
-            if not child_name or not _is_adaptable(child):
+            if not child_name or not is_adaptable(child):
                 continue
             if isinstance(module, Attention) and child_name not in ("to_q", "to_k", "to_v", "to_out.0"):
                 continue
@@ -105,7 +105,7 @@ def text_encoder_targets(text_encoder: nn.Module) -> dict[str, nn.Module]:
     for name, module in text_encoder.named_modules():
         if type(module).__name__ in ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"):
             for child_name, child in module.named_children():
-                if _is_adaptable(child):
+                if is_adaptable(child):
                     out[f"{name}.{child_name}"] = child
     return out
 

@@ -18,7 +18,8 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ldm.diffusion.schedules import PREDICTION_TYPES
-from ldm.formats.load import detect_source, load_bundle, looks_like_hub_id, resolve_device, resolve_dtype
+from ldm.formats.detect import detect_source, looks_like_hub_id
+from ldm.formats.load import load_bundle, resolve_device, resolve_dtype
 from ldm.pipelines.common import check_size, default_size, unet_kind
 from ldm.pipelines.images import make_grid, mask_batch, pil_to_tensor, to_pil
 from ldm.pipelines.png import save_png
@@ -53,6 +54,7 @@ class SampleConfig:
     dtype: str = "auto"  # auto (float16 on CUDA, else float32) | float32 | float16 | bfloat16
     text_encoder: Optional[str] = None  # tokenizer/ + text_encoder/ folder (SD single files carry no tokenizer)
     prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
+    check_memory: bool = True  # estimate the activation memory first; refuse (saying what to lower) if it won't fit
     lora: list[str] = field(default_factory=list)  # LoRA files merged in, each FILE or FILE:SCALE (kohya / diffusers)
 
 
@@ -229,6 +231,14 @@ def sample(cfg: Any) -> list[Path]:
         check_size(bundle, height, width)
     except ValueError as err:
         raise SampleConfigError(f"height/width{' (of init_image)' if init is not None else ''}: {err}") from err
+    if cfg.check_memory:
+        from ldm.pipelines.memory import check_fits
+
+        try:
+            check_fits(bundle, min(cfg.batch_size, len(prompts) * cfg.n_images), height, width,
+                       guidance=cfg.guidance_scale != 1.0, trained_at=bundle.meta.get("resolution"))
+        except MemoryError as err:
+            raise SampleConfigError(str(err)) from None
     if unet_kind(bundle) == "inpaint" and mask is None:
         raise SampleConfigError(f"{cfg.ckpt} is an inpainting model (9-channel U-Net): give init_image=... and "
                                 "mask=...")

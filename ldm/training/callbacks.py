@@ -102,6 +102,7 @@ class ThroughputCallback(L.Callback):
 
     def __init__(self):
         self._last: float | None = None
+        self.images, self.seconds = 0, 0.0  # totals since the first batch (for the end-of-run summary)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import time
@@ -110,27 +111,47 @@ class ThroughputCallback(L.Callback):
         if self._last is not None:
             n = len(batch["caption"]) * trainer.world_size
             pl_module.log("train/images_per_sec", n / max(now - self._last, 1e-9), batch_size=1)
+            self.images, self.seconds = self.images + n, self.seconds + (now - self._last)
         self._last = now
+
+    @property
+    def images_per_sec(self) -> float | None:
+        """Mean over the run (sampling and checkpoint pauses between batches included)."""
+        return self.images / self.seconds if self.seconds > 0 else None
 
 
 class SamplingCallback(L.Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end) sample a fixed list of prompts with a fixed seed,
-    write a labelled PNG grid to ``<run>/samples/step_XXXXXX.png`` and send it to the loggers.
+    """Every ``every_n_steps`` optimizer steps (and at the end) sample prompts with a fixed seed, write a labelled
+    PNG grid to ``<run>/samples/step_XXXXXX.png`` and send it to the loggers.
 
+    The prompts are ``prompts`` when given; otherwise the captions of ``n_prompts`` validation items drawn with
+    ``seed`` (training items when the data has no validation split), and the grid shows each item's real image
+    beside its sample. Samples are drawn at ``resolution``, else the training data's, else the real images' size.
     ``sampler``: the whole ``sampler`` config node (``${sampler}``: name, steps, eta, karras, spacing, ...), a
     :class:`SamplingOptions` or a sampler name."""
 
-    def __init__(self, prompts: list[str], every_n_steps: int = 500, sampler: Any = TRAINING_SAMPLER,
+    def __init__(self, prompts: list[str] | None = None, every_n_steps: int = 500, sampler: Any = TRAINING_SAMPLER,
                  guidance_scale: float = 4.0, seed: int = 0, use_ema: bool = True, resolution: int | None = None,
-                 at_end: bool = True):
-        if not prompts:
-            raise ValueError("callbacks.sampling.prompts must list at least one prompt")
-        self.prompts, self.every_n_steps = list(prompts), int(every_n_steps)
+                 at_end: bool = True, n_prompts: int = 8):
+        if prompts is not None and len(prompts) == 0:
+            raise ValueError("callbacks.sampling.prompts must list at least one prompt (or be null: captions of "
+                             "the validation data)")
+        if prompts is None and int(n_prompts) <= 0:
+            raise ValueError(f"callbacks.sampling.n_prompts must be positive, got {n_prompts}")
+        self.prompts = list(prompts) if prompts is not None else None
+        self.n_prompts, self.every_n_steps = int(n_prompts), int(every_n_steps)
         self.sampler = SamplingOptions.of(sampler, key="callbacks.sampling.sampler")
         self.guidance_scale, self.seed = guidance_scale, seed
         self.use_ema, self.resolution, self.at_end = use_ema, resolution, at_end
+        self.real_images: torch.Tensor | None = None  # beside the samples, when the prompts came from the data
         self.last_path: Path | None = None
         self._last_step = -1
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.prompts is None:
+            self.prompts, self.real_images = data_prompts(trainer, self.n_prompts, self.seed)
+            log.info("sampling callback: %d captions drawn from the %s data", len(self.prompts),
+                     "validation" if validation_items(trainer) is not None else "training")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -146,18 +167,61 @@ class SamplingCallback(L.Callback):
         """Small samples are enlarged (nearest) so that the grid's labels fit under them."""
         return max(1, 96 // images.shape[-1])
 
+    def sample_resolution(self, trainer) -> int | None:
+        if self.resolution or data_resolution(trainer):
+            return self.resolution or data_resolution(trainer)
+        return int(self.real_images.shape[-1]) if self.real_images is not None else None
+
     @rank_zero_only
     def sample_grid(self, trainer, pl_module) -> Path:
+        if self.prompts is None:  # sampling before fit (a test, a script)
+            self.on_fit_start(trainer, pl_module)
         step = trainer.global_step
         self._last_step = step
-        images = generate(pl_module, self.prompts, sampler=self.sampler, guidance_scale=self.guidance_scale, seed=self.seed, use_ema=self.use_ema,
-                          resolution=self.resolution or data_resolution(trainer))
+        images = generate(pl_module, self.prompts, sampler=self.sampler, guidance_scale=self.guidance_scale,
+                          seed=self.seed, use_ema=self.use_ema, resolution=self.sample_resolution(trainer))
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        labelled_grid(to_pil(images), labels=self.prompts, scale=self.grid_scale(images)).save(out)
+        pils, labels, ncol = to_pil(images), list(self.prompts), None
+        real = self.real_images
+        if real is not None and tuple(real.shape[-2:]) == tuple(images.shape[-2:]):
+            # (real, sample) pairs side by side: the caption under the sample, "real" under the image
+            pils = [im for pair in zip(to_pil(real), pils) for im in pair]
+            labels = [t for caption in self.prompts for t in ("real", caption)]
+            ncol = 2 * max(1, round(len(self.prompts) ** 0.5))
+        labelled_grid(pils, labels=labels, ncol=ncol, scale=self.grid_scale(images)).save(out)
         log_image(trainer, "samples", out, step)
         self.last_path = out
         return out
+
+
+def validation_items(trainer: L.Trainer):
+    """The datamodule's validation dataset (after setup), or None."""
+    dm = trainer.datamodule
+    if dm is None:
+        return None
+    dm.setup("fit")
+    return getattr(dm, "val_dataset", None)
+
+
+def data_prompts(trainer: L.Trainer, n: int, seed: int) -> tuple[list[str], torch.Tensor | None]:
+    """Captions of ``n`` items drawn with ``seed`` from the validation data (else the training data) and their
+    images (None when the items are cached latents without images)."""
+    from ldm.evaluation.eval_set import sample_items
+
+    dataset = validation_items(trainer)
+    if dataset is None or (hasattr(dataset, "__len__") and len(dataset) == 0):
+        dataset = training_source(trainer)
+    if dataset is None:
+        raise ValueError("callbacks.sampling: no prompts given and no data to draw captions from; set "
+                         "callbacks.sampling.prompts")
+    items = sample_items(dataset, n, seed)
+    if not items:
+        raise ValueError("callbacks.sampling: the data has no items to draw captions from; set "
+                         "callbacks.sampling.prompts")
+    images = [it.get("image") for it in items]
+    real = torch.stack(images).float() if all(isinstance(im, torch.Tensor) for im in images) else None
+    return [str(it["caption"]) for it in items], real
 
 
 class PromptAccuracyCallback(L.Callback):

@@ -11,6 +11,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ldm.pipelines.sampling_options import SamplingOptions
+
 
 @dataclass
 class TrainConfig:
@@ -22,12 +24,13 @@ class TrainConfig:
     model: Any = MISSING
     data: Any = MISSING
     schedule: Any = None
-    sampler: Any = None  # the sampler the training callbacks draw with (configs/sampler/)
+    sampler: SamplingOptions = field(default_factory=SamplingOptions)  # the training callbacks' (configs/sampler/)
     module: Any = MISSING
     adapter: Any = None  # configs/adapter/: LoRA on a frozen base (null: train the whole U-Net)
     optim: Any = MISSING
     lr_scheduler: Any = None
     loss: Any = None  # autoencoder stage only
+    first_stage: Any = None  # a VAE to fit to the data before the diffusion stage (ldm.training.first_stage)
     trainer: Any = MISSING
     callbacks: Any = field(default_factory=dict)
     logger: Any = field(default_factory=dict)

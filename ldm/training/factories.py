@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ldm.formats.bundle import ModelBundle
+from ldm.formats.training_checkpoint import load_weights_into
 from ldm.formats.safe_load import load_into, load_state_dict
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.safe_build import ASSETS, BUILTIN, build_network, json_object
@@ -114,38 +115,12 @@ def build_bundle(unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Modul
     source = "config"
     if pretrained:
         source = str(pretrained)
-        path = Path(pretrained).expanduser()
-        if path.suffix == ".ckpt" and path.is_file() and _is_training_checkpoint(path):  # a run of ours
-            _load_training_weights(path, unet, autoencoder, text_encoder)
-        elif path.is_dir() and (path / "ldm_bundle.json").is_file():  # our own export
-            from ldm.formats.ldm_bundle import load_ldm_bundle_into
-
-            load_ldm_bundle_into(path, unet, autoencoder, text_encoder)
-        elif path.is_dir() or not path.suffix:
-            from ldm.formats.diffusers_folder import load_diffusers_folder
-
-            load_diffusers_folder(str(pretrained), unet=unet, vae=autoencoder, text_encoder=text_encoder)
-        else:
-            if not path.exists():
-                raise FileNotFoundError(f"model.pretrained: file not found: {path}")
-            from ldm.formats.single_file import load_single_file
-
-            load_single_file(str(path), unet, vae=autoencoder, text_encoder=text_encoder, use_ema=use_ema_weights)
+        local = Path(pretrained).expanduser()
+        try:
+            load_weights_into(local if local.exists() else pretrained, unet, autoencoder, text_encoder,
+                              use_ema=use_ema_weights)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"model.pretrained: {err}") from err
     return ModelBundle(unet, autoencoder, text_encoder, schedule, source=source)
 
-
-def _is_training_checkpoint(path: Path) -> bool:
-    from ldm.formats.training_checkpoint import is_training_checkpoint
-
-    return is_training_checkpoint(path)
-
-
-def _load_training_weights(path: Path, unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Module) -> None:
-    """model.pretrained=<our training .ckpt> (e.g. the base of a LoRA run): its EMA weights, strictly."""
-    from ldm.formats.training_checkpoint import load_training_checkpoint
-
-    source = load_training_checkpoint(path, use_ema=True)
-    for name, module, loaded in (("unet", unet, source.unet), ("autoencoder", autoencoder, source.autoencoder),
-                                 ("text_encoder", text_encoder, source.text_encoder)):
-        load_into(module, loaded.state_dict(), source=f"model.pretrained={path} ({name})")
 

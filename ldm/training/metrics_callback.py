@@ -120,8 +120,8 @@ class ImageMetricsCallback(L.Callback):
         resolution = self.items.resolution[0] if self.items.resolution else data_resolution(trainer)
 
         def sample(prompts: list[str], seed: int):
-            return generate(pl_module, prompts, sampler=self.sampler, guidance_scale=self.guidance_scale, seed=seed, use_ema=self.use_ema,
-                            resolution=resolution)
+            return generate(pl_module, prompts, sampler=self.sampler, guidance_scale=self.guidance_scale, seed=seed,
+                            use_ema=self.use_ema, resolution=resolution)
 
         return score_share(self.image_metrics, self.items, sample, rank=trainer.global_rank,
                            world_size=trainer.world_size, batch_size=self.batch_size, seed=self.seed)

@@ -45,6 +45,9 @@ def validate(cfg: DictConfig) -> None:
     steps = OmegaConf.select(cfg, "trainer.max_steps")
     if steps is not None and int(steps) == 0:
         raise ConfigError("trainer.max_steps is 0: nothing would train (use -1 for no step limit)")
+    if OmegaConf.select(cfg, "adapter") and not OmegaConf.select(cfg, "model.pretrained"):
+        log.warning("adapter=lora with model.pretrained=null: the adapters train on a randomly initialised base "
+                    "(set model.pretrained=<checkpoint, SD file or diffusers folder>)")
     if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).exists():
         raise ConfigError(f"ckpt_path: checkpoint not found: {cfg.ckpt_path}")
     if cfg.ckpt_path not in (None, "last"):
@@ -109,6 +112,13 @@ def keep_metrics_history(run_dir: Path) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the run folder, final metrics and written files."""
+    from ldm.training.auto_defaults import resolve_auto
+
+    if cfg.stage == "diffusion":
+        try:
+            resolve_auto(cfg)  # data.batch_size / trainer.max_steps / sampling cadence = auto -> numbers
+        except Exception as e:  # noqa: BLE001 - the data could not be read to count it: name the key
+            raise ConfigError(f"data.train: {type(e).__name__}: {e}") from e
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir).resolve()
     if cfg.ckpt_path == "last":  # continue in the same run folder
@@ -123,6 +133,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint_file(ckpt_path)
     if ckpt_path:
         keep_metrics_history(run_dir)
+    from ldm.training.first_stage import ensure_first_stage
+
+    try:
+        ensure_first_stage(cfg, run_dir, train)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     L.seed_everything(cfg.seed, workers=True)
 
     module = build_autoencoder_module(cfg) if cfg.stage == "autoencoder" else build_diffusion_module(cfg)
@@ -179,14 +195,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             result["sample_grid"] = str(cb.last_path)
         if getattr(cb, "results", None):
             result["prompt_accuracy"] = cb.results
+        if getattr(cb, "report", None) is not None:
+            result["vae_check"] = cb.report.as_dict()
+        if getattr(cb, "images_per_sec", None):
+            result["images_per_sec"] = cb.images_per_sec
     bad = bad_sample_names(bad_samples_dir)
     if bad:
         result["bad_samples"] = bad
     if trainer.is_global_zero:
-        print(f"\nrun folder: {run_dir}")
-        for key in ("last_checkpoint", "autoencoder", "sample_grid"):
-            if key in result:
-                print(f"  {key.replace('_', ' ')}: {result[key]}")
-        if bad:
-            print(f"  unreadable samples skipped: {len(bad)} (each named once in the log; listed in {bad_samples_dir})")
+        print_summary(result, run_dir, bad_samples_dir)
     return result
+
+
+def print_summary(result: dict[str, Any], run_dir: Path, bad_samples_dir: Path | None = None) -> None:
+    """The end of a run: where its files are, how well the frozen VAE fit the data, how fast it trained."""
+    print(f"\nrun folder: {run_dir}  ({result['global_step']} steps)")
+    for key in ("last_checkpoint", "autoencoder", "sample_grid"):
+        if key in result:
+            print(f"  {key.replace('_', ' ')}: {result[key]}")
+    if (run_dir / "samples").is_dir():
+        print(f"  sample grids: {run_dir / 'samples'} ({len(list((run_dir / 'samples').glob('*.png')))} PNGs)")
+    if "vae_check" in result:
+        v = result["vae_check"]
+        verdict = "POOR: see the warning at the start" if v["poor"] else "ok"
+        print(f"  vae check: PSNR {v['psnr_db']:.1f} dB, mean colour shift {v['colour_shift']:.1f}/255 ({verdict})")
+    if "images_per_sec" in result:
+        print(f"  throughput: {result['images_per_sec']:.1f} training images/s (all ranks, pauses included)")
+    if result.get("bad_samples"):
+        print(f"  unreadable samples skipped: {len(result['bad_samples'])} (each named once in the log; listed in "
+              f"{bad_samples_dir})")

@@ -111,3 +111,19 @@ def test_gpu_script_on_cpu(tmp_path):
                   "train-lo-chlast"):
         assert label in summary
     assert "failed" not in summary
+
+
+@pytest.mark.slow
+def test_own_folder(capsys, tmp_path):
+    rows = bench_module("own_folder").main(["--images", "12", "--steps", "2", "--rounds", "1", "--dir",
+                                            str(tmp_path), "--override", "data.batch_size=4"])
+    assert "ratio on-the-fly/cached wall time, whole train():" in capsys.readouterr().out
+    assert positive(rows[1]["ratio"]) and len(list((tmp_path / "cache" / "latents").iterdir())) == 1
+
+
+def test_lora_step(capsys):
+    rows = bench_module("lora_step").main(QUICK + ["--preset", "tiny", "--resolution", "32", "--batch", "2"])
+    assert "step time lora/full:" in capsys.readouterr().out
+    assert [r["impl"] for r in rows] == ["full", "lora"]
+    assert 0 < rows[1]["trainable"] < rows[0]["trainable"] / 10  # only the adapters train
+    assert all(positive(r["ms/step"]) and positive(r["lora/full time"]) for r in rows)

@@ -62,3 +62,24 @@ def test_corrupt_image_bytes_are_skipped(tmp_path, images):
     dataset = HFDataset(str(tmp_path / "ds"), resolution=8)
     assert [dataset[i]["caption"] for i in range(3)] == ["a", "c", "c"]
     assert dataset.bad_files == {"train[1]"}
+
+
+def test_the_automatic_cache_reuses_a_saved_dataset_and_rebuilds_when_it_changes(saved_dataset, tmp_path, images):
+    from ldm.data.auto_cache import cache_spec, sync_cache
+    from tests.data.test_auto_cache import CountingEncoder
+
+    enc = CountingEncoder()
+    view = sync_cache(tmp_path / "cache", cache_spec(HFDataset(str(saved_dataset), resolution=16)), enc,
+                      progress=False)
+    assert enc.images == 3 and [view[i]["caption"] for i in range(3)] == ["red", "green", "blue"]
+    enc = CountingEncoder()
+    sync_cache(tmp_path / "cache", cache_spec(HFDataset(str(saved_dataset), resolution=16)), enc, progress=False)
+    assert enc.calls == 0
+    changed = datasets.Dataset.from_dict({"image": [images.make(size=(16, 16))], "text": ["new"]},
+                                         features=datasets.Features({"image": datasets.Image(),
+                                                                     "text": datasets.Value("string")}))
+    changed.save_to_disk(str(tmp_path / "other"))
+    enc = CountingEncoder()
+    view = sync_cache(tmp_path / "cache", cache_spec(HFDataset(str(tmp_path / "other"), resolution=16)), enc,
+                      progress=False)
+    assert enc.images == 1 and len(view) == 1 and view[0]["caption"] == "new"

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ldm.data.cached_latents import CachedLatentsDataset
-from ldm.data.latent_cache import MANIFEST, LatentCacheError, build_latent_cache, main, read_manifest, shard_name
+from ldm.cli.latent_cache import main
+from ldm.data.latent_cache import MANIFEST, LatentCacheError, build_latent_cache, read_manifest, shard_name
 from ldm.data.shapes import ShapesDataset
 from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussian
 

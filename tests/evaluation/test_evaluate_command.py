@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from ldm.evaluate import main, overrides_from_argv
-from ldm.evaluation.config import compose_evaluate
+from ldm.cli.evaluate_config import compose_evaluate
 from ldm.evaluation.extractors import INCEPTION_FILE
-from ldm.evaluation.run import EvaluateConfigError, evaluate
+from ldm.cli.evaluate import EvaluateConfigError, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["n=4", "sampler.steps=2", "batch_size=4"]

@@ -22,7 +22,9 @@ from ldm.diffusion.samplers import ddim, make_timesteps
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.exporter import export
 from ldm.formats.ldm_bundle import load_ldm_bundle, load_ldm_bundle_into
-from ldm.formats.writers import ExportError, diffusers_scheduler_config, original_config
+from ldm.formats.common import ExportError
+from ldm.formats.diffusers_folder import diffusers_scheduler_config
+from ldm.formats.single_file import original_config
 from ldm.formats.training_checkpoint import load_training_checkpoint
 
 diffusers = pytest.importorskip("diffusers")

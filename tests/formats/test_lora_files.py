@@ -43,7 +43,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(bundle, tmp_path_factory):
-    from ldm.formats.writers import write_diffusers
+    from ldm.formats.diffusers_folder import write_diffusers
 
     folder = tmp_path_factory.mktemp("pipe")
     write_diffusers(bundle, folder, resolution=16)
@@ -171,6 +171,16 @@ def test_kohya_names_are_the_ones_comfyui_maps(bundle, pipe, tmp_path):
         assert {comfy.get(n) for n in names} == {"diffusers"}, sorted(n for n in names if n not in comfy)[:5]
         assert len(names) == len(net.loras)
         assert meta["ss_network_module"] == "networks.lora" and meta["modelspec.architecture"].endswith("/lora")
+    # text encoder: ComfyUI's model_lora_keys_clip maps lora_te_text_model_encoder_layers_{i}_{LORA_CLIP_MAP[c]}
+    clip_map = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]
+    layers = bundle.text_encoder.model.config.num_hidden_layers
+    comfy_te = {f"lora_te_text_model_encoder_layers_{i}_{c}" for i in range(layers) for c in clip_map}
+    net = trained_network(bundle, preset="attention", text_encoder=True)
+    path = save_lora_file(net, roots(bundle), tmp_path / "te.safetensors")
+    with safe_open(str(path), "pt") as f:
+        te_names = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in f.keys()
+                    if k.startswith("lora_te_")}
+    assert te_names == comfy_te
     # and the SD-named variant (lora_unet_input_blocks_...) that ComfyUI also maps reads into the same layers
     net = trained_network(bundle, preset="attention")
     sd_named = {}

@@ -171,10 +171,10 @@ def test_kill9_resume_image_folder_automatic_cache(tmp_path):
 
 @pytest.mark.slow
 def test_kill9_resume_image_folder_latent_cache(tmp_path):
-    """A folder encoded with `python -m ldm.data.latent_cache`, trained with data=latent_cache (2 workers)."""
+    """A folder encoded with `python -m ldm.cli.latent_cache`, trained with data=latent_cache (2 workers)."""
     root = write_folder(tmp_path / "images")
     cache = tmp_path / "folder-latents"
-    run([sys.executable, "-m", "ldm.data.latent_cache", str(cache), "--source", "folder", "--path", str(root),
+    run([sys.executable, "-m", "ldm.cli.latent_cache", str(cache), "--source", "folder", "--path", str(root),
          "--resolution", "16", "--vae-preset", "tiny", "--batch-size", "8", "--shard-size", "10", "--device", "cpu",
          "--no-progress"])
     kill_resume_compare(tmp_path, "data=latent_cache", f"data.train.path={cache}", "data.batch_size=4",
@@ -485,7 +485,7 @@ def test_latent_cache_posterior_draws_reach_persistent_workers(tmp_path):
     from ldm.data.cached_latents import CachedLatentsDataset
 
     cache = tmp_path / "cache"
-    run([sys.executable, "-m", "ldm.data.latent_cache", str(cache), "--source", "shapes", "--size", "4",
+    run([sys.executable, "-m", "ldm.cli.latent_cache", str(cache), "--source", "shapes", "--size", "4",
          "--resolution", "16", "--vae-preset", "tiny", "--device", "cpu", "--no-progress"])
     ds = CachedLatentsDataset(cache)
     loader = DataLoader(ds, batch_size=4, num_workers=1, persistent_workers=True)

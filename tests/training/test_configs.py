@@ -18,7 +18,8 @@ REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["d
             ("data", "webdataset"): ["data.train.urls=REPLACE"],
             ("data", "latent_cache"): ["data.train.path=REPLACE"], ("model", "sd15"): ["model.pretrained=x"],
             ("model", "sd21"): ["model.pretrained=x"],
-            ("experiment", "sd15_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"]}
+            ("experiment", "sd15_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],
+            ("experiment", "own_data"): ["data.train.root=REPLACE"]}
 
 
 def _targets(node):

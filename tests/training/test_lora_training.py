@@ -88,8 +88,8 @@ def test_sampling_callback_samples_with_the_adapter(tiny_cfg, base):
     from ldm.training.callbacks import generate
 
     module = build_diffusion_module(tiny_cfg(base, "adapter=lora", "module.ema_decay=0.9"))
-    args = dict(prompts=["a red circle"], sampler=SamplingOptions(name="ddim", steps=2), guidance_scale=2.0, seed=0,
-                resolution=16)
+    ddim = SamplingOptions(name="ddim", steps=2)
+    args = dict(prompts=["a red circle"], sampler=ddim, guidance_scale=2.0, seed=0, resolution=16)
     before = generate(module, **args)
     with torch.no_grad():
         for m in module.lora.loras.values():
@@ -101,7 +101,7 @@ def test_sampling_callback_samples_with_the_adapter(tiny_cfg, base):
     merged = module.bundle(use_ema=False)  # merged copy == hooks
     from ldm.pipelines import text_to_image
 
-    torch.testing.assert_close(text_to_image(merged, args["prompts"], sampler="ddim", steps=2, guidance_scale=2.0,
+    torch.testing.assert_close(text_to_image(merged, args["prompts"], sampler=ddim, guidance_scale=2.0,
                                              seed=0, height=16, width=16), raw, atol=1e-5, rtol=1e-5)
 
 

@@ -48,3 +48,19 @@ def test_a_latent_cache_checkpoint_records_and_samples_at_the_images_resolution(
                                                         "data.num_workers=0", "data.val_fraction=0.2", *CKPT]))
     assert recorded_resolution(result["last_checkpoint"]) == 24  # 12x12 latents x the tiny VAE's factor 2
     assert sampled_size(result["last_checkpoint"], tmp_path) == (24, 24)
+
+
+def test_callbacks_sample_at_the_recorded_resolution_else_the_sources(tmp_path):
+    from types import SimpleNamespace
+
+    from ldm.data.datamodule import ImageCaptionDataModule
+    from ldm.data.image_folder import ImageFolderDataset
+    from ldm.training.callbacks import data_resolution
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    dm = ImageCaptionDataModule(ImageFolderDataset(tmp_path, resolution=24))
+    dm.setup("fit")
+    recorded = SimpleNamespace(lightning_module=SimpleNamespace(model_config={"resolution": 16}), datamodule=dm)
+    assert data_resolution(recorded) == 16
+    unrecorded = SimpleNamespace(lightning_module=SimpleNamespace(model_config={}), datamodule=dm)
+    assert data_resolution(unrecorded) == 24, "an image folder knows its resolution (it was 512 before)"

@@ -16,7 +16,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.evaluation.config import EVAL_METRICS, EvaluateConfig
+from ldm.cli.evaluate_config import EVAL_METRICS, EvaluateConfig
 from ldm.evaluation.eval_set import first_items, shapes_checker
 from ldm.evaluation.metrics import build_image_metrics, group_by_reason, score_share
 from ldm.pipelines.sampling_options import SamplingOptions
@@ -65,7 +65,7 @@ def data_config(cfg: DictConfig) -> DictConfig:
 
 
 def check_options(cfg: DictConfig) -> None:
-    from ldm.formats.load import detect_source
+    from ldm.formats.detect import detect_source
 
     if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
         raise EvaluateConfigError("no model given: python -m ldm.evaluate <checkpoint or export folder> (or ckpt=...)")
@@ -100,7 +100,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     """Compute the configured metrics; returns {"metrics", "skipped", "settings", "path", ...} and writes JSON."""
     import torch
 
-    from ldm.evaluation.val_loss import validation_loss
+    from ldm.training.val_loss import validation_loss
     from ldm.formats.load import load_bundle
     from ldm.pipelines import text_to_image
 

@@ -1,0 +1,37 @@
+"""What the LoRA file formats share: our module paths in diffusers' and transformers' names, and fitting a file's
+down/up weights to our layers' shapes."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ldm.formats.diffusers_keys import unet_ldm_to_diffusers
+
+HUB_TEXT_PREFIX = "text_model."
+
+
+def unet_diffusers_paths(unet: nn.Module, paths: list[str]) -> dict[str, str]:
+    """Our U-Net module paths -> diffusers module paths, with the project's one key map (diffusers_keys)."""
+    renamed = unet_ldm_to_diffusers({f"{p}.weight": p for p in paths}, unet.config)
+    return {ours: key[: -len(".weight")] for key, ours in renamed.items()}
+
+
+def text_hub_path(path: str) -> str:
+    """A module path inside our CLIPTextEncoder (`model.` + transformers' path, with or without the `text_model.`
+    level newer transformers dropped) -> the hub CLIPTextModel path kohya names (`text_model.encoder...`)."""
+    inner = path.removeprefix("model.")
+    return inner if inner.startswith(HUB_TEXT_PREFIX) else HUB_TEXT_PREFIX + inner
+
+
+def fit_weights(parts: dict[str, Tensor], base: nn.Module) -> dict[str, Tensor]:
+    """Linear <-> 1x1-conv weights differ only by trailing (1, 1) (SD1 proj_in/out are convs, SD2's Linear):
+    reshape, as ComfyUI does."""
+    down, up = parts["down"].float(), parts["up"].float()
+    if isinstance(base, nn.Linear):
+        down, up = down.flatten(1) if down.ndim == 4 and down.shape[2:] == (1, 1) else down, up.flatten(1)
+    elif isinstance(base, nn.Conv2d) and down.ndim == 2:
+        down, up = down[:, :, None, None], up[:, :, None, None]
+    elif isinstance(base, nn.Conv2d) and up.ndim == 2:
+        up = up[:, :, None, None]
+    alpha = parts.get("alpha")
+    return {"down": down, "up": up, "alpha": None if alpha is None else float(alpha)}

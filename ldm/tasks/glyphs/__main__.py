@@ -1,0 +1,3 @@
+from ldm.tasks.glyphs.dataset import main
+
+main()
