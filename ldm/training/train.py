@@ -142,6 +142,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     module = build_autoencoder_module(cfg) if cfg.stage == "autoencoder" else build_diffusion_module(cfg)
     datamodule = build(cfg.data, "data")
+    bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
+    if hasattr(datamodule, "bad_samples_dir"):  # before anything reads the data (the latent cache build)
+        datamodule.bad_samples_dir = str(bad_samples_dir)
     if cfg.stage == "diffusion" and getattr(datamodule, "latent_cache", None):
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -161,9 +164,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
-    bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
     if hasattr(datamodule, "bad_samples_dir"):
-        datamodule.bad_samples_dir = str(bad_samples_dir)
         callbacks.append(BadSamplesCallback(bad_samples_dir))
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
