@@ -73,12 +73,13 @@ def run_timed(cmd: list[str], threads: int, log_path: Path) -> dict:
 
 
 @torch.no_grad()
-def sample_accuracy(ckpt: Path, classifier, per_class: int, guidance: float, steps: int, seed: int = 1234) -> dict:
+def sample_accuracy(ckpt: Path, classifier, per_class: int, guidance: float, steps: int, seed: int = 1234,
+                    use_ema: bool = True) -> dict:
     from ldm.pipelines import text_to_image
     from ldm.tasks.glyphs.dataset import CLASSES, TEMPLATES
     from ldm.formats.training_checkpoint import load_training_checkpoint
 
-    bundle = load_training_checkpoint(ckpt)
+    bundle = load_training_checkpoint(ckpt, use_ema=use_ema)
     bundle.unet.eval()
     prompts = [TEMPLATES[(i + r) % len(TEMPLATES)].format(c=c) for i, c in enumerate(CLASSES) for r in range(per_class)]
     labels = [c for c in CLASSES for _ in range(per_class)]
