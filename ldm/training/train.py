@@ -53,6 +53,18 @@ def validate(cfg: DictConfig) -> None:
         check_checkpoint_file(cfg.ckpt_path)
 
 
+def _is_callback_node(node: Any, key: str) -> bool:
+    """A callbacks.<key> entry to build. An entry with settings but no _target_ is what is left when an experiment
+    tunes a callback (e.g. experiment=own_data's callbacks.sampling.every_n_steps) that callbacks=none removed."""
+    if node is None:
+        return False
+    if OmegaConf.is_dict(node) and "_target_" not in node:
+        log.warning("callbacks.%s has settings but no _target_ (its callback is not in the callbacks group): "
+                    "not built", key)
+        return False
+    return True
+
+
 def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
     from ldm.training.factories import build_bundle
 
@@ -161,7 +173,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
                                              or module.model_config.get("resolution"))
-    callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
+    callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if _is_callback_node(c, k)]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
     if hasattr(datamodule, "bad_samples_dir"):
