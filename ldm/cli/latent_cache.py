@@ -8,7 +8,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -65,28 +64,14 @@ def make_source(kind: str, path: str | None, resolution: int, size: int, seed: i
 
 def make_vae(preset: str, weights: str | None):
     """Our AutoencoderKL from a preset, filled from an SD single file, our own safetensors or a diffusers folder."""
+    from ldm.formats.autoencoder_file import load_autoencoder
     from ldm.models.autoencoder import AutoencoderKL
 
     if weights is None:
         logger.warning("no --vae-weights: the %s VAE has RANDOM weights (only useful for tests and benchmarks)",
                        preset)
         return AutoencoderKL.from_preset(preset)
-    path = Path(weights).expanduser()
-    if path.is_dir():
-        from ldm.formats.diffusers_folder import load_diffusers_folder
-
-        folder = path.parent if (path / "config.json").is_file() and path.name == "vae" else path
-        return load_diffusers_folder(folder, components=("vae",))["vae"]
-    from ldm.formats.safe_load import load_into, load_state_dict
-
-    state = load_state_dict(path)
-    if any(k.startswith("model.diffusion_model.") for k in state):
-        from ldm.formats.single_file import split_sd_checkpoint
-
-        state = split_sd_checkpoint(state)["vae"]
-    vae = AutoencoderKL.from_preset(preset)
-    load_into(vae, state, source=str(path))
-    return vae
+    return load_autoencoder(weights, preset)
 
 
 def make_text_encoder(spec: str, penultimate: bool):

@@ -60,7 +60,8 @@ class CachedLatentsDataset(Dataset):
         self.store = m["store"]
         self.sample = bool(sample) and self.store == "posterior"
         self.seed = int(seed)
-        self.epoch = 0
+        # shared memory: persistent DataLoader workers keep their copy of the dataset, yet must see set_epoch
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.dtype = dtype
         self.scaling_factor = float(m["scaling_factor"])
         self.shift_factor = float(m["shift_factor"])
@@ -74,7 +75,11 @@ class CachedLatentsDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """New posterior draws for the next epoch (call it in every process that reads, before iterating)."""
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def _shard(self, k: int) -> "_Shard":
         if k in self._open:

@@ -86,6 +86,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if val is None and self.val_fraction > 0:
             train, val = self.split_train_val(train)
         self.train_dataset, self.val_dataset = train, val
+        for dataset in (train, val):  # any reader of them (a latent cache build) names bad samples once too
+            if self.bad_samples_dir is not None and dataset is not None:
+                share_bad_sample_log(dataset, self.bad_samples_dir)
 
     def split_train_val(self, dataset: Dataset) -> tuple[Subset, Subset]:
         """Deterministic (by seed) disjoint split of a map-style dataset."""

@@ -50,7 +50,7 @@ def make_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str = "lead
         ts = torch.arange(num_steps, dtype=torch.float64) * (T // num_steps) + steps_offset
         if ts[-1] > T - 1:
             raise ValueError(f"{num_steps} leading steps with steps_offset={steps_offset} reach timestep "
-                             f"{int(ts[-1])}, past the schedule's last one ({T - 1}); use fewer steps")
+                             f"{int(ts[-1])}, past the schedule's last one ({T - 1}); use fewer steps or steps_offset=0")
     elif spacing == "trailing":
         ts = torch.round(torch.arange(T, 0, -T / num_steps, dtype=torch.float64)) - 1
         ts = ts.flip(0)

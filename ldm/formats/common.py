@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.dtypes import DTYPES, dtype_name  # noqa: F401 - the one dtype table, re-used by the formats
 
 # Our schedule kinds -> diffusers' beta_schedule names, and -> the original ldm code's (``make_beta_schedule``).
 # The original "linear" is linear in sqrt(beta): our scaled_linear (SD); our linear (DDPM) is its "sqrt_linear".
@@ -73,6 +72,15 @@ def check_schedule(schedule: NoiseSchedule) -> None:
     if schedule.kind not in DIFFUSERS_BETA_SCHEDULES:
         raise ExportError(f"the noise schedule is {schedule.kind!r}: only the named schedules "
                           f"{sorted(DIFFUSERS_BETA_SCHEDULES)} (NoiseSchedule.make) can be written into a config")
+
+
+def check_sd_layout(bundle, what: str) -> None:
+    """The parts every Stable Diffusion layout needs: a KL autoencoder, a text encoder, a named schedule."""
+    if not is_kl_autoencoder(bundle.autoencoder):
+        raise ExportError(f"a pixel-space model (no AutoencoderKL) cannot be written as {what}; use --format ldm")
+    if bundle.text_encoder is None:
+        raise ExportError(f"the model has no text encoder; {what} needs one (use --format ldm)")
+    check_schedule(bundle.schedule)
 
 
 def is_kl_autoencoder(module) -> bool:

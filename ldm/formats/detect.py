@@ -15,6 +15,7 @@ from ldm.formats.single_file import UNET_PREFIX as SD_UNET_PREFIX
 SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffusers", "hub")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 TRAINING_UNET_PREFIX = "unet."
+TRAINING_ADAPTER_PREFIX = "lora.loras."  # a LoRA run's checkpoint (ldm.training.diffusion_module)
 
 
 def looks_like_hub_id(source) -> bool:
@@ -44,7 +45,9 @@ def detect_source(source) -> str:
         raise ValueError(f"{path}: unknown model file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}, "
                          "an export folder or a diffusers folder")
     names = _safetensors_keys(path) if suffix == ".safetensors" else _pickle_strings(path)
-    if any(n.startswith(TRAINING_UNET_PREFIX) for n in names) and suffix != ".safetensors" and (
+    trained = any(n.startswith(TRAINING_UNET_PREFIX) for n in names) or (  # a LoRA run: the adapter only
+        "adapter" in names and any(n.startswith(TRAINING_ADAPTER_PREFIX) for n in names))
+    if trained and suffix != ".safetensors" and (
             {"ldm", "ldm_config", "hyper_parameters", "state_dict"} & names):
         return "training_checkpoint"
     if any(n.startswith(SD_UNET_PREFIX) for n in names):

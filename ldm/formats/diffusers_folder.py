@@ -19,11 +19,10 @@ from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.bundle import ModelBundle
 from ldm.formats.common import (
     DIFFUSERS_BETA_SCHEDULES,
-    ExportError,
     _no_checkpointing,
+    check_sd_layout,
     cast_state,
     check_schedule,
-    is_kl_autoencoder,
     save_safetensors,
     text_model,
     write_json,
@@ -139,22 +138,22 @@ def _converted(convert, sub: Path) -> dict:
         raise CheckpointError(f"{path}: unsupported config ({type(err).__name__}: {err})") from err
 
 
-def _load_unet(sub: Path, unet, strict: bool, variant):
-    if unet is None:
-        unet = build_network("unet", _converted(unet_config_from_diffusers, sub), source=str(sub / "config.json"),
-                             key="unet")
-    state = unet_diffusers_to_ldm(read_weights(sub, "diffusion_pytorch_model", variant), unet.config)
-    load_into(unet, state, source=str(sub), strict=strict)
-    return unet
+def _network_loader(role: str, key: str, config_from_diffusers, to_ldm):
+    """Build (if not given) and fill a U-Net / VAE from ``<sub>/config.json`` + its diffusers weights."""
+
+    def load(sub: Path, module, strict: bool, variant):
+        if module is None:
+            module = build_network(role, _converted(config_from_diffusers, sub), source=str(sub / "config.json"),
+                                   key=key)
+        state = to_ldm(read_weights(sub, "diffusion_pytorch_model", variant), module.config)
+        load_into(module, state, source=str(sub), strict=strict)
+        return module
+
+    return load
 
 
-def _load_vae(sub: Path, vae, strict: bool, variant):
-    if vae is None:
-        vae = build_network("autoencoder", _converted(vae_config_from_diffusers, sub),
-                            source=str(sub / "config.json"), key="vae")
-    state = vae_diffusers_to_ldm(read_weights(sub, "diffusion_pytorch_model", variant), vae.config)
-    load_into(vae, state, source=str(sub), strict=strict)
-    return vae
+_load_unet = _network_loader("unet", "unet", unet_config_from_diffusers, unet_diffusers_to_ldm)
+_load_vae = _network_loader("autoencoder", "vae", vae_config_from_diffusers, vae_diffusers_to_ldm)
 
 
 def _load_text_encoder(sub: Path, text_encoder, strict: bool, variant):
@@ -354,9 +353,4 @@ def write_diffusers(bundle: ModelBundle, folder: Path, *, frozen: bool = True, d
 
 def check_diffusers(bundle: ModelBundle) -> None:
     """What a StableDiffusionPipeline cannot represent, found before anything is written."""
-    if not is_kl_autoencoder(bundle.autoencoder):
-        raise ExportError("a pixel-space model (no AutoencoderKL) cannot be written as a StableDiffusionPipeline; "
-                          "use --format ldm")
-    if bundle.text_encoder is None:
-        raise ExportError("the model has no text encoder; a StableDiffusionPipeline needs one (use --format ldm)")
-    check_schedule(bundle.schedule)
+    check_sd_layout(bundle, "a StableDiffusionPipeline")

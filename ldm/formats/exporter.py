@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
 from ldm.formats.bundle import ModelBundle
 from ldm.formats.common import ExportError, check_schedule
 from ldm.formats.dtypes import DTYPES as ALL_DTYPES

@@ -38,9 +38,7 @@ from ldm.formats.safe_build import (
 from ldm.formats.common import (
     ExportError,
     _no_checkpointing,
-    DTYPES,
     cast_state,
-    dtype_name,
     save_safetensors,
     schedule_kwargs,
     strip_prefix,
@@ -48,6 +46,7 @@ from ldm.formats.common import (
     write_json,
 )
 from ldm.formats.diffusers_folder import read_weights, write_hub_text_encoder
+from ldm.formats.dtypes import DTYPES, dtype_name
 
 BUNDLE_FILE = "ldm_bundle.json"
 WEIGHTS_FILE = "model.safetensors"

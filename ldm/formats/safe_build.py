@@ -21,14 +21,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ldm.formats.assets import resolve_weights
 from ldm.formats.safe_load import CheckpointError
 
 MAX_STRING = 4096  # characters of a stored string (paths, hub ids, preset names)
 MAX_LIST = 64  # items of a stored list
 MAX_DEPTH = 8  # nesting of a stored structure
 MAX_PARAMETERS = 20_000_000_000  # parameters of one network (80 GB in fp32; SDXL's U-Net has 2.6e9)
-ASSETS = Path(__file__).resolve().parents[1] / "assets"  # weights shipped with ldm (``builtin:<name>``)
-BUILTIN = "builtin:"
+HEADER_KEY = "ldm_autoencoder_config"  # our VAE file's header entry: the AutoencoderKL constructor arguments
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def _factory_autoencoder(preset: str | None = "sd", weights: str | None = None, 
 
     if pixel_space:
         return _identity(**{k: v for k, v in overrides.items() if k in IDENTITY_SCHEMA})
-    stored = _weights_header_config(weights, source=source)
+    stored = _weights_header_config(weights)
     if stored is not None:
         return _autoencoder(**{**stored, **overrides})
     if preset is None:
@@ -228,11 +228,18 @@ def _factory_autoencoder(preset: str | None = "sd", weights: str | None = None, 
     return AutoencoderKL.from_preset(preset, **overrides)
 
 
-def _weights_header_config(weights: str | None, *, source: str) -> dict | None:
+def _weights_header_config(weights: str | None) -> dict | None:
     if not weights:
         return None
-    path = ASSETS / f"{weights[len(BUILTIN):]}.safetensors" if weights.startswith(BUILTIN) else Path(weights)
-    path = path.expanduser()
+    try:
+        return stored_autoencoder_config(resolve_weights(weights))
+    except FileNotFoundError:  # not on this machine: the preset (the weights come with the file being loaded)
+        return None
+
+
+def stored_autoencoder_config(path: Path) -> dict | None:
+    """The checked config in the header of our VAE file, or None (not a safetensors file, or no such header)."""
+    path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
     from safetensors import safe_open
@@ -242,10 +249,10 @@ def _weights_header_config(weights: str | None, *, source: str) -> dict | None:
             meta = f.metadata() or {}
     except Exception:  # noqa: BLE001 - an unreadable header: fall back to the preset
         return None
-    if "ldm_autoencoder_config" not in meta:
+    if HEADER_KEY not in meta:
         return None
-    config = json_object(meta["ldm_autoencoder_config"], source=str(path), key="ldm_autoencoder_config")
-    return check_kwargs(config, AUTOENCODER_SCHEMA, source=str(path), key="ldm_autoencoder_config")
+    config = json_object(meta[HEADER_KEY], source=str(path), key=HEADER_KEY)
+    return check_kwargs(config, AUTOENCODER_SCHEMA, source=str(path), key=HEADER_KEY)
 
 
 def _tiny_text_encoder(preset: str = "tiny", folder: str | None = None, **kw) -> nn.Module:

@@ -22,12 +22,11 @@ from torch import nn
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.bundle import ModelBundle
 from ldm.formats.common import (
-    DIFFUSERS_BETA_SCHEDULES,
     ExportError,
     _no_checkpointing,
+    check_sd_layout,
     cast_state,
     check_schedule,
-    is_kl_autoencoder,
     save_safetensors,
     schedule_kwargs,
     strip_prefix,
@@ -165,6 +164,7 @@ def to_single_file(unet, vae=None, text_encoder=None, layout: str | None = None)
         else:
             out.update({SD1_TEXT_PREFIX + k: v for k, v in hub.items()})
     return {k: v.detach().contiguous() for k, v in out.items()}
+
 
 # Header keys of single files written by save_single_file: they make sizes, heads and schedule exact.
 META_UNET, META_VAE = "ldm_unet_config", "ldm_vae_config"
@@ -304,16 +304,19 @@ def infer_vae_config(state: dict) -> dict:
 def save_single_file(path, bundle: ModelBundle, resolution: int | None = None) -> Path:
     """Write an SD-layout ``.safetensors`` whose header also records the U-Net / VAE configs, the schedule and
     the training resolution, so :func:`load_bundle` rebuilds the model exactly (other tools ignore the header).
-    The header is the single-file export's (``ldm.formats.exporter``), without its yaml."""
-
+    The header is the single-file export's (:func:`write_single_file`), without its yaml and its checks."""
     header = single_file_header(bundle, resolution or 0, None)
     if not resolution:
         header.pop(META_RESOLUTION)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = to_single_file(bundle.unet, bundle.autoencoder, bundle.text_encoder)
-    save_safetensors({k: v.cpu() for k, v in state.items()}, path, header)
-    return path
+    _save_sd_state(bundle, Path(path), header)
+    return Path(path)
+
+
+def _save_sd_state(bundle: ModelBundle, path: Path, header: dict[str, str], *, frozen: bool = True,
+                   dtype: torch.dtype | None = None, layout: str | None = None) -> None:
+    te = bundle.text_encoder
+    state = to_single_file(bundle.unet, bundle.autoencoder if frozen else None, te if frozen else None, layout=layout)
+    save_safetensors(cast_state(state, dtype), path, header)
 
 ORIGINAL_BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}
 ORIGINAL_PARAMETERIZATION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -451,12 +454,8 @@ def text_layer_for(text_encoder) -> str:
 
 
 def check_single_file(bundle: ModelBundle) -> None:
-    if not is_kl_autoencoder(bundle.autoencoder):
-        raise ExportError("a pixel-space model (no AutoencoderKL) has no Stable Diffusion single-file layout; "
-                          "use --format ldm")
-    if bundle.text_encoder is None:
-        raise ExportError("the model has no text encoder; SD single files need one (use --format ldm)")
-    check_schedule(bundle.schedule)
+    """What an SD single file + yaml cannot represent, found before anything is written."""
+    check_sd_layout(bundle, "an SD single file")
     if bundle.autoencoder.config.get("shift_factor"):
         raise ExportError(f"the autoencoder has shift_factor={bundle.autoencoder.config['shift_factor']}, which "
                           "SD single files cannot express; use --format diffusers or ldm")
@@ -489,12 +488,11 @@ def write_single_file(bundle: ModelBundle, path: Path, yaml_path: Path, *, froze
                       dtype: torch.dtype | None = None, resolution: int = 512) -> list[str]:
     """An SD-layout ``.safetensors`` (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``;
     U-Net only when ``frozen=False``) and its original config at ``yaml_path``."""
-
     check_single_file(bundle)
     te = bundle.text_encoder
     layout = text_encoder_layout(te)
-    state = to_single_file(bundle.unet, bundle.autoencoder if frozen else None, te if frozen else None, layout=layout)
-    save_safetensors(cast_state(state, dtype), Path(path), single_file_header(bundle, resolution, dtype))
+    _save_sd_state(bundle, Path(path), single_file_header(bundle, resolution, dtype), frozen=frozen, dtype=dtype,
+                   layout=layout)
     config = original_config(_no_checkpointing(bundle.unet.config), bundle.autoencoder.config, bundle.schedule,
                              text_layout=layout, resolution=resolution, text_layer=text_layer_for(te))
     Path(yaml_path).write_text(original_config_yaml(config, bundle.schedule, bundle.source), encoding="utf-8")

@@ -49,6 +49,15 @@ def _model_config(ckpt: dict, path) -> tuple[dict, dict]:
     return model_cfg, model_cfg["model"]
 
 
+def trained_weights(state: dict[str, torch.Tensor], prefix: str, use_ema: bool) -> tuple[dict, bool]:
+    """The trained network's weights: the EMA copy (``ema.model.*``) when asked for and kept, else ``prefix*``.
+    Returns (weights, whether they are the EMA copy)."""
+    ema_state = strip_prefix(state, "ema.model.")
+    if use_ema and ema_state:
+        return ema_state, True
+    return strip_prefix(state, prefix), False
+
+
 def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBundle:
     """Rebuild the networks from the model config saved in the checkpoint and load its weights strictly.
 
@@ -65,15 +74,14 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     if ckpt["ldm"].get("adapter"):
         return _load_adapter_checkpoint(path, ckpt, use_ema, model_cfg, (unet, autoencoder, text_encoder, schedule))
     state = ckpt["state_dict"]
-    ema_state = strip_prefix(state, "ema.model.")
-    unet_state = ema_state if (use_ema and ema_state) else strip_prefix(state, "unet.")
-    load_into(unet, unet_state, source=f"{path} ({'EMA' if use_ema and ema_state else 'raw'} U-Net)")
+    unet_state, ema = trained_weights(state, "unet.", use_ema)
+    load_into(unet, unet_state, source=f"{path} ({'EMA' if ema else 'raw'} U-Net)")
     load_into(autoencoder, strip_prefix(state, "autoencoder."), source=f"{path} (autoencoder)")
     text_state = strip_prefix(state, "text_encoder.")
     if text_state:
         load_into(text_encoder, text_state, source=f"{path} (text encoder)")
     bundle = ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
-                         meta={"global_step": ckpt.get("global_step"), "ema": bool(use_ema and ema_state),
+                         meta={"global_step": ckpt.get("global_step"), "ema": ema,
                                "model_config": model_cfg, "resolution": model_cfg.get("resolution")})
     return bundle.eval()
 
@@ -106,13 +114,11 @@ def _load_adapter_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, mo
         raise CheckpointError(f"{path}: ldm.adapter: {err}") from err
     roots = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
     network = LoRANetwork.build(roots, config)
-    state = ckpt["state_dict"]
-    ema_state = strip_prefix(state, "ema.model.")
-    lora_state = ema_state if (use_ema and ema_state) else strip_prefix(state, "lora.")
-    load_into(network, lora_state, source=f"{path} ({'EMA' if use_ema and ema_state else 'raw'} adapter)")
+    lora_state, ema = trained_weights(ckpt["state_dict"], "lora.", use_ema)
+    load_into(network, lora_state, source=f"{path} ({'EMA' if ema else 'raw'} adapter)")
     network.merge_into(roots)
     bundle.source = str(path)
-    bundle.meta.update({"global_step": ckpt.get("global_step"), "ema": bool(use_ema and ema_state),
+    bundle.meta.update({"global_step": ckpt.get("global_step"), "ema": ema,
                         "model_config": model_cfg, "resolution": model_cfg.get("resolution"), "adapter": config_dict})
     return bundle.eval()
 

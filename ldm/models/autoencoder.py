@@ -123,7 +123,9 @@ class AttnBlock(nn.Module):
         hn = self.norm(x)
 
         def tokens(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, 1, c, h * w).transpose(2, 3)  # (B, 1, HW, C)
+            # contiguous: with a strided last dim SDPA falls back to the math kernel, which holds the whole
+            # (HW x HW) score matrix (590 MiB for 8k tokens instead of ~3; the VAE mid block at 512 px and up)
+            return t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous()  # (B, 1, HW, C)
 
         q, k, v = tokens(self.q(hn)), tokens(self.k(hn)), tokens(self.v(hn))
         out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)

@@ -7,7 +7,6 @@ built, nothing is downloaded. Each error names the key and the values it accepts
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import numbers
 import zipfile
@@ -87,7 +86,9 @@ def autoencoder_downsampling(node: dict) -> int | None:
     """The first stage's downsampling of a ``model.autoencoder`` node (1 in pixel space), or None if unknown.
     A weights file decides by the config in its header (read, not loaded), as the builder does."""
     from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL
-    from ldm.training.factories import autoencoder, resolve_weights
+    from ldm.formats.assets import resolve_weights
+    from ldm.formats.safe_build import stored_autoencoder_config
+    from ldm.training.factories import autoencoder
 
     if node.get("_target_") != "ldm.training.factories.autoencoder":
         return None
@@ -98,10 +99,7 @@ def autoencoder_downsampling(node: dict) -> int | None:
     weights = node.get("weights")
     if weights:
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(resolve_weights(weights)), "pt") as f:
-                stored = json.loads((f.metadata() or {}).get("ldm_autoencoder_config", "{}"))
+            stored = stored_autoencoder_config(resolve_weights(weights)) or {}
         except Exception:  # noqa: BLE001 - a missing/bad file is reported by the builder, naming it
             return None
         if "channel_mult" in stored:

@@ -81,7 +81,7 @@ class LatentDiffusion(L.LightningModule):
     # ------------------------------------------------------------------------------------------------- adapters
     def _build_adapter(self, config: LoRAConfig) -> LoRANetwork:
         """LoRA: the U-Net (and text encoder) stay frozen; the adapter's forward hooks add to their layers."""
-        freeze(self.unet)
+        self.unet.requires_grad_(False)  # frozen, but left in train mode: gradient checkpointing needs it
         roots = self.adapter_roots()
         network = LoRANetwork.build(roots, config).attach(roots)
         if config.text_encoder:  # gradients through the encoder, and no cached (stale) contexts

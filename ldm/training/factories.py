@@ -3,7 +3,6 @@ asset), and the whole model bundle with pretrained Stable Diffusion weights and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,43 +11,10 @@ from torch import nn
 
 from ldm.formats.bundle import ModelBundle
 from ldm.formats.training_checkpoint import load_weights_into
-from ldm.formats.safe_load import load_into, load_state_dict
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.safe_build import ASSETS, BUILTIN, build_network, json_object
+from ldm.formats.assets import resolve_weights
+from ldm.formats.autoencoder_file import load_autoencoder
 from ldm.models.autoencoder import AutoencoderKL, IdentityAutoencoder
-
-# The command that makes each shipped asset (see README, "The embedded default").
-ASSET_RECIPES = {"shapes_vae": "python train.py experiment=shapes_vae  (then copy <run>/autoencoder.safetensors "
-                               "to ldm/assets/shapes_vae.safetensors)"}
-
-
-def resolve_weights(path: str | Path) -> Path:
-    """A weights path, or ``builtin:<name>`` for a file shipped in ldm/assets."""
-    text = str(path)
-    if text.startswith(BUILTIN):
-        name = text[len(BUILTIN):]
-        resolved = ASSETS / f"{name}.safetensors"
-        if not resolved.exists():
-            recipe = ASSET_RECIPES.get(name, "")
-            raise FileNotFoundError(f"built-in weights {name!r} are missing ({resolved}); make them with: {recipe}")
-        return resolved
-    resolved = Path(text).expanduser()
-    if not resolved.exists():
-        raise FileNotFoundError(f"weights file not found: {resolved}")
-    return resolved
-
-
-def save_autoencoder(autoencoder: AutoencoderKL, path: str | Path) -> Path:
-    """Write an autoencoder as safetensors with its constructor config in the metadata (atomic rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
-    save_file(state, str(tmp), metadata={"ldm_autoencoder_config": json.dumps(autoencoder.config)})
-    tmp.replace(path)
-    return path
-
 
 @torch.no_grad()
 def calibrate_scaling_factor(ae: AutoencoderKL, loader, batches: int = 16) -> float:
@@ -77,18 +43,7 @@ def autoencoder(preset: str | None = "sd", weights: str | None = None, pixel_spa
         return IdentityAutoencoder(**overrides)
     if weights is None:
         return AutoencoderKL.from_preset(preset, **overrides)
-    path = resolve_weights(weights)
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "ldm_autoencoder_config" in meta:
-        stored = json_object(meta["ldm_autoencoder_config"], source=str(path), key="ldm_autoencoder_config")
-        model = build_network("autoencoder", {**stored, **overrides}, source=str(path), key="ldm_autoencoder_config")
-    else:
-        model = AutoencoderKL.from_preset(preset, **overrides)
-    load_into(model, load_state_dict(path), source=str(path))
-    return model
+    return load_autoencoder(resolve_weights(weights), preset, **overrides)
 
 
 def check_compatible(unet: nn.Module, ae: nn.Module, text_encoder: nn.Module) -> None:

@@ -39,6 +39,11 @@ def register_resolver() -> None:
     OmegaConf.register_new_resolver("ldm_unique_dir", unique_dir, replace=True, use_cache=True)
 
 
+def created_here() -> list[Path]:
+    """The run folders ``ldm_unique_dir`` created in this process (Hydra's folder of this job)."""
+    return [Path(p) for p in _claimed.values()]
+
+
 HYDRA_FILES = (".hydra",)  # what Hydra writes into a job's folder, besides <job>.log
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,7 +18,7 @@ from ldm.training.callbacks import BadSamplesCallback, DatasetEpochCallback
 from ldm.training.config import STAGES
 from ldm.training.config_checks import ConfigError, check_checkpoint_file, check_values
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
-from ldm.training.run_folder import fold_into
+from ldm.training.run_folder import created_here, fold_into
 
 log = logging.getLogger("ldm.training")
 
@@ -52,6 +51,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path: checkpoint not found: {cfg.ckpt_path}")
     if cfg.ckpt_path not in (None, "last"):
         check_checkpoint_file(cfg.ckpt_path)
+
+
+def _is_callback_node(node: Any, key: str) -> bool:
+    """A callbacks.<key> entry to build. An entry with settings but no _target_ is what is left when an experiment
+    tunes a callback (e.g. experiment=own_data's callbacks.sampling.every_n_steps) that callbacks=none removed."""
+    if node is None:
+        return False
+    if OmegaConf.is_dict(node) and "_target_" not in node:
+        log.warning("callbacks.%s has settings but no _target_ (its callback is not in the callbacks group): "
+                    "not built", key)
+        return False
+    return True
 
 
 def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
@@ -125,8 +136,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run_dir = find_last_run(cfg, run_dir)
         OmegaConf.update(cfg, "paths.run_dir", str(run_dir))
         print(f"resuming {run_dir / 'checkpoints' / 'last.ckpt'}")
-        if HydraConfig.initialized():  # Hydra's fresh folder for this process: its files go into the run's
-            fold_into(Path(HydraConfig.get().runtime.output_dir), run_dir)
+        for fresh in created_here():  # Hydra's fresh folder for this process: its files go into the run's
+            fold_into(fresh, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
     if cfg.ckpt_path == "last":
@@ -143,6 +154,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     module = build_autoencoder_module(cfg) if cfg.stage == "autoencoder" else build_diffusion_module(cfg)
     datamodule = build(cfg.data, "data")
+    bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
+    if hasattr(datamodule, "bad_samples_dir"):  # before anything reads the data (the latent cache build)
+        datamodule.bad_samples_dir = str(bad_samples_dir)
     if cfg.stage == "diffusion" and getattr(datamodule, "latent_cache", None):
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -159,12 +173,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
                                              or module.model_config.get("resolution"))
-    callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if c is not None]
+    callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if _is_callback_node(c, k)]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
-    bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
     if hasattr(datamodule, "bad_samples_dir"):
-        datamodule.bad_samples_dir = str(bad_samples_dir)
         callbacks.append(BadSamplesCallback(bad_samples_dir))
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
@@ -185,7 +197,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
         result["last_checkpoint"] = ckpt_cb.last_model_path
     if cfg.stage == "autoencoder" and trainer.is_global_zero:
-        from ldm.training.factories import calibrate_scaling_factor, save_autoencoder
+        from ldm.formats.autoencoder_file import save_autoencoder
+        from ldm.training.factories import calibrate_scaling_factor
 
         result["scaling_factor"] = calibrate_scaling_factor(module.autoencoder, datamodule.train_dataloader())
         result["autoencoder"] = str(save_autoencoder(module.autoencoder, run_dir / "autoencoder.safetensors"))

@@ -83,3 +83,21 @@ def test_bad_options_fail_before_loading_with_the_key_named(ckpt, tmp_path):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "ldm.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "python -m ldm.evaluate <checkpoint or export folder>" in out.stdout
+
+
+def test_the_whole_sampler_node_reaches_the_pipeline(ckpt, tmp_path, monkeypatch):
+    import ldm.pipelines
+    from ldm.pipelines.sampling_options import SamplingOptions
+
+    seen, real = [], ldm.pipelines.text_to_image
+
+    def recording_text_to_image(bundle, prompts, **kwargs):
+        seen.append(kwargs["sampler"])
+        return real(bundle, prompts, **kwargs)
+
+    monkeypatch.setattr(ldm.pipelines, "text_to_image", recording_text_to_image)
+    cfg = compose_evaluate([f"ckpt={ckpt}", "n=4", "batch_size=4", "metrics=[prompt_accuracy]", f"out_dir={tmp_path}",
+                            "sampler=dpmpp_2m", "sampler.karras=true", "sampler.steps=2"])
+    out = evaluate(cfg)
+    assert seen == [SamplingOptions(name="dpmpp_2m", steps=2, karras=True)]
+    assert json.loads(Path(out["path"]).read_text())["settings"]["sampler"]["karras"] is True

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.training.resume import AtomicCheckpointIO
 from tests.training.conftest import TINY_MODEL, assert_same_run, logged_losses, tiny_cfg  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,16 +38,16 @@ def env() -> dict:
             "PYTHONHASHSEED": "0"}
 
 
-def train_cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+def train_cmd(run_dir: Path, cache: Path, *extra: str, max_steps: int = MAX_STEPS, every: int = EVERY) -> list[str]:
     tiny = [o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "trainer.val_check_interval",
                                                        "trainer.limit_val_batches", "++data.latent_cache",
                                                        "data.train.resolution"))]
     return [sys.executable, "train.py", *tiny, f"paths.run_dir={run_dir}", f"paths.cache_dir={cache}",
-            f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=null", "trainer.limit_val_batches=0",
+            f"trainer.max_steps={max_steps}", "trainer.val_check_interval=null", "trainer.limit_val_batches=0",
             "module.ema_decay=0.9", "trainer.deterministic=true",
             "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
             "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
-            "+callbacks.checkpoint.save_top_k=-1", f"+callbacks.checkpoint.every_n_train_steps={EVERY}",
+            "+callbacks.checkpoint.save_top_k=-1", f"+callbacks.checkpoint.every_n_train_steps={every}",
             "+logger.csv.flush_logs_every_n_steps=1", f"hydra.run.dir={run_dir / 'hydra'}", *extra]
 
 
@@ -151,13 +152,21 @@ def test_kill9_resume_shapes_cached_latents(tmp_path):
     """The default data: shapes encoded once into the latent cache, posterior draws seeded by (seed, epoch,
     index). Before the fix a resumed epoch drew epoch 0's latents (step 10 differed)."""
     kill_resume_compare(tmp_path, f"data.train.size={N_IMAGES}", "data.train.resolution=16", "data.val.resolution=16")
-    assert list((tmp_path / "cache" / "latents").glob("ShapesDataset-*/**/manifest.json")), "trained from the cache"
+    assert list((tmp_path / "cache" / "latents").rglob("manifest.json")), "trained from the cache"
 
 
 def test_kill9_resume_image_folder_two_workers(tmp_path):
-    """data=folder with its default 2 DataLoader workers (the sampler's epoch must reach the workers)."""
+    """data=folder encoded on the fly by its default 2 DataLoader workers (the sampler's epoch must reach the
+    workers)."""
+    root = write_folder(tmp_path / "images")
+    kill_resume_compare(tmp_path, "data=folder", f"data.train.root={root}", *FOLDER, "data.latent_cache=null")
+
+
+def test_kill9_resume_image_folder_automatic_cache(tmp_path):
+    """data=folder as configured: encoded once into the automatic latent cache, posteriors drawn per epoch."""
     root = write_folder(tmp_path / "images")
     kill_resume_compare(tmp_path, "data=folder", f"data.train.root={root}", *FOLDER)
+    assert list((tmp_path / "cache" / "latents").rglob("manifest.json")), "trained from the cache"
 
 
 @pytest.mark.slow
@@ -195,8 +204,7 @@ def test_lr_1e6_checkpoints_no_blown_up_weights_and_logs_no_stale_loss(tmp_path)
     loss logged for a skipped step, a clear stop after 5 skipped steps in a row."""
     run_dir = tmp_path / "run"
     cmd = train_cmd(run_dir, tmp_path / "cache", f"data.train.size={N_IMAGES}", "data.train.resolution=16",
-                    "data.val.resolution=16", "optim.lr=1e6", "+callbacks.checkpoint.every_n_train_steps=1")
-    cmd = [c for c in cmd if not c.startswith("+callbacks.checkpoint.every_n_train_steps=5")]
+                    "data.val.resolution=16", "optim.lr=1e6", every=1)
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "5 steps in a row were skipped" in proc.stderr and "optim.lr" in proc.stderr
@@ -301,8 +309,8 @@ def test_non_utf8_metadata_row_is_named_and_skipped(tmp_path):
     (root / "metadata.jsonl").write_bytes(b"".join(lines) + b'{"file_name": "img000.png", "text": "' +
                                           b"x" * 7000 + b'"}\n')
     run_dir = tmp_path / "run"
-    proc = run([*train_cmd(run_dir, tmp_path / "cache", "data=folder", f"data.train.root={root}", *FOLDER),
-                "trainer.max_steps=2"])
+    proc = run(train_cmd(run_dir, tmp_path / "cache", "data=folder", f"data.train.root={root}", *FOLDER,
+                         max_steps=2))
     output = proc.stdout + proc.stderr
     message = [line for line in output.splitlines() if "not UTF-8" in line]
     assert len(message) == 1 and f"{root / 'metadata.jsonl'}:5:" in message[0] and "0xe9" in message[0]
@@ -366,8 +374,8 @@ def test_bad_images_named_once_across_workers_and_counted(tmp_path):
     (root / "img003.png").write_bytes(b"not a png")
     (root / "img007.png").write_bytes((root / "img008.png").read_bytes()[:60])  # truncated
     run_dir = tmp_path / "run"
-    proc = run([*train_cmd(run_dir, tmp_path / "cache", "data=folder", f"data.train.root={root}", *FOLDER),
-                "trainer.max_steps=9"])  # 3 batches of 4 per epoch: 3 epochs, new workers each epoch
+    proc = run(train_cmd(run_dir, tmp_path / "cache", "data=folder", f"data.train.root={root}", *FOLDER,
+                         "data.latent_cache=null", max_steps=9))  # 3 batches of 4 per epoch: 3 epochs
     output = proc.stdout + proc.stderr
     for name in ("img003.png", "img007.png"):
         assert sum(f"unreadable sample {name}" in line for line in output.splitlines()) == 1, output[-3000:]
@@ -377,3 +385,114 @@ def test_bad_images_named_once_across_workers_and_counted(tmp_path):
     with open(run_dir / "metrics.csv") as f:
         counts = [float(r["data/bad_samples"]) for r in csv.DictReader(f) if r.get("data/bad_samples")]
     assert counts and counts[-1] == 2.0
+
+
+# ------------------------------------------------------------------------------------------------ item 8
+
+DDP = ["trainer.devices=2", "+trainer.strategy=ddp", f"data.train.size={N_IMAGES}", "data.train.resolution=16",
+       "data.val.resolution=16"]  # 24 samples, batches of 4 per rank: 3 steps per epoch
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.slow
+def test_ddp_rank_killed_mid_epoch_then_resumed(tmp_path):
+    """2 processes (gloo, CPU): rank 1 is SIGKILLed mid-epoch; rank 0 must not hang, and no checkpoint is
+    half-written; `ckpt_path=last` on 2 processes then gives the losses and weights of an uninterrupted run."""
+    cache = tmp_path / "cache"
+    reference = tmp_path / "reference"
+    run_train(train_cmd(reference, cache, *DDP, max_steps=12), reference)
+    assert sorted(s for s, _ in logged_losses(reference)) == list(range(12))
+
+    killed = tmp_path / "killed"
+    cmd = train_cmd(killed, cache, *DDP, max_steps=12)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline, victim = time.time() + 600, None
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= EVERY + 1 for s, _ in logged_losses(killed)):
+            (victim,) = _children(proc.pid)  # Lightning starts rank 1 as a child of rank 0
+            os.kill(victim, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert victim is not None, "rank 1 must be killed mid-training"
+    try:  # rank 0 notices its peer is gone at the next collective and stops
+        _, err = proc.communicate(timeout=180)
+        hung = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        hung = True
+    assert not hung, "rank 0 hung after rank 1 died"
+    assert proc.returncode != 0
+    files = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert not [f for f in files if f.endswith(".tmp")], files  # no half-written file left
+    for name in files:
+        torch.load(killed / "checkpoints" / name, weights_only=True)  # every one complete
+    resumed_at = checkpoint_step(killed)
+    assert resumed_at in (EVERY, 2 * EVERY) and resumed_at % 3, "a mid-epoch resume"
+    run_train(cmd + ["ckpt_path=last"], killed)
+    assert_same_run(reference, killed)
+
+
+class RecordingIO(AtomicCheckpointIO):
+    """AtomicCheckpointIO that also leaves a note naming the rank of every process that writes a file."""
+
+    def __init__(self, notes: str):
+        super().__init__()
+        self.notes = notes
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else -1
+        Path(self.notes, f"rank{rank}-{Path(path).name}-{time.monotonic_ns()}").touch()
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+@pytest.mark.slow
+def test_ddp_checkpoints_are_written_by_rank_0_only(tiny_cfg, tmp_path):
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ldm.training.train import build_diffusion_module
+
+    cfg = tiny_cfg("data.train.size=32", "data.batch_size=4", "trainer.limit_val_batches=0")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        use_distributed_sampler=False, plugins=[RecordingIO(str(notes))],
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True,
+                                                   save_top_k=-1)])
+    trainer.fit(build_diffusion_module(cfg), datamodule=instantiate(cfg.data))
+    writers = {p.name.split("-")[0] for p in notes.iterdir()}
+    assert writers == {"rank0"}, writers
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "last.ckpt" in files and not [f for f in files if f.endswith(".tmp")]
+    for name in files:
+        assert torch.load(tmp_path / "ckpt" / name, weights_only=True)["global_step"] >= 1
+
+
+def test_latent_cache_posterior_draws_reach_persistent_workers(tmp_path):
+    """persistent_workers keep their copy of the dataset: set_epoch must still change their posterior draws."""
+    from torch.utils.data import DataLoader
+
+    from ldm.data.cached_latents import CachedLatentsDataset
+
+    cache = tmp_path / "cache"
+    run([sys.executable, "-m", "ldm.cli.latent_cache", str(cache), "--source", "shapes", "--size", "4",
+         "--resolution", "16", "--vae-preset", "tiny", "--device", "cpu", "--no-progress"])
+    ds = CachedLatentsDataset(cache)
+    loader = DataLoader(ds, batch_size=4, num_workers=1, persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        epochs.append(next(iter(loader))["latents"])
+    ds.set_epoch(1)
+    assert not torch.equal(epochs[0], epochs[1])
+    assert torch.equal(epochs[1], torch.stack([ds[i]["latents"] for i in range(4)]))

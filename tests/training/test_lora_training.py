@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ldm.formats.lora_files import read_lora_file
-from ldm.formats.training_checkpoint import load_training_checkpoint
+from ldm.formats.detect import detect_source
+from ldm.formats.load import load_bundle
 from ldm.training.train import ConfigError, build_diffusion_module, train
 from tests.training.conftest import assert_same_run, logged_losses
 from tests.training.test_resume import ROOT, _cmd, _env
@@ -49,7 +50,8 @@ def test_only_the_adapter_trains_and_is_saved(tiny_cfg, base):
     assert ckpt["ldm"]["adapter"]["preset"] == "full"
     lora_file = Path(result["run_dir"]) / "lora.safetensors"
     # the file holds the EMA adapter; the checkpoint loads as the base with it merged
-    bundle = load_training_checkpoint(result["last_checkpoint"])
+    assert detect_source(result["last_checkpoint"]) == "training_checkpoint"  # what sample.py / export read
+    bundle = load_bundle(result["last_checkpoint"])
     L.seed_everything(cfg.seed)
     fresh = build_diffusion_module(cfg)
     assert all(torch.equal(base[k], v) for k, v in fresh.unet.state_dict().items())  # same (seeded) base
@@ -135,3 +137,18 @@ def test_lora_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base):
     subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
     subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
     assert_same_run(ref, run)
+
+
+def test_lora_trains_from_the_latent_cache(tiny_cfg, base, tmp_path):
+    """The latent cache's stored text contexts are bypassed when the text encoder has an adapter (they were made
+    without it); the U-Net adapter still trains from the cached latents."""
+    cfg = tiny_cfg(base, "adapter=lora", "adapter.text_encoder=true", "module.ema_decay=null",
+                   f"++data.latent_cache={tmp_path / 'latents'}", *CKPT)
+    L.seed_everything(cfg.seed)
+    before = {k: v.clone() for k, v in build_diffusion_module(cfg).lora.state_dict().items()}
+    result = train(cfg)
+    assert any((tmp_path / "latents").rglob("*.safetensors"))  # trained from the cache
+    after = torch.load(result["last_checkpoint"], weights_only=True)["state_dict"]
+    for prefix in ("loras.unet_", "loras.te_"):
+        keys = [k for k in before if k.startswith(prefix) and k.endswith("up.weight")]
+        assert keys and any(not torch.equal(before[k], after["lora." + k]) for k in keys), prefix

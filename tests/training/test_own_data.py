@@ -78,7 +78,7 @@ def test_own_data_trains_a_vae_first_then_reuses_it(tiny_cfg, glyphs, capsys):
 
 def test_first_stage_with_given_weights_is_skipped(tiny_cfg, glyphs, tmp_path):
     from ldm.models.autoencoder import AutoencoderKL
-    from ldm.training.factories import save_autoencoder
+    from ldm.formats.autoencoder_file import save_autoencoder
 
     own = save_autoencoder(AutoencoderKL.from_preset("tiny"), tmp_path / "mine.safetensors")
     result = train(tiny_cfg("experiment=own_data", f"data.train.root={glyphs}", "data.batch_size=4",
