@@ -82,6 +82,8 @@ def share_bad_sample_log(dataset, folder: str | Path | None) -> None:
 
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
+    for inner in dataset.bad_sample_sources() if callable(getattr(dataset, "bad_sample_sources", None)) else []:
+        share_bad_sample_log(inner, folder)  # a dataset made of others (DreamBooth's instance + class folders)
     tracker = getattr(dataset, "_bad", None)
     if isinstance(tracker, BadSampleTracker):
         tracker.shared_dir = None if folder is None else Path(folder)

@@ -220,7 +220,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         if self.bad_samples_dir is not None:  # before the DataLoader's workers copy the dataset
             share_bad_sample_log(dataset, self.bad_samples_dir)
-        collate = collate_image_caption
+        collate = _collate_of(dataset)
         if train and _has_stream_position(dataset):
             collate = dataset.tracking_collate(collate)  # batches carry their stream position, see _resume_stream
         return DataLoader(
@@ -243,6 +243,13 @@ def set_dataset_epoch(dataset, epoch: int) -> None:
         dataset = dataset.dataset
     if callable(getattr(dataset, "set_epoch", None)):
         dataset.set_epoch(epoch)
+
+
+def _collate_of(dataset):
+    """The dataset's own ``collate_fn`` (DreamBooth: instance rows + class rows), else collate_image_caption."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "collate_fn", None) or collate_image_caption
 
 
 def _has_stream_position(dataset) -> bool:
