@@ -66,6 +66,9 @@ def cache_spec(dataset) -> CacheSpec | None:
         inner = cache_spec(dataset.dataset)
         if inner is None or inner.items is None:
             return None
+        if len(inner.items) != len(dataset.dataset):  # cache rows that are not its items (DreamBooth's pairs)
+            raise ValueError(f"a split of {type(dataset.dataset).__name__} cannot be cached (its cache rows are not "
+                             "its items): set data.val_fraction=0, or data.latent_cache=null")
         indices = list(dataset.indices)
         return CacheSpec(inner.settings, [inner.items[i] for i in indices], Subset(inner.source, indices),
                          inner.flip, inner.random_crop, inner.resolution, inner.extra)

@@ -136,3 +136,17 @@ def test_latent_cache_holds_both_folders_and_keeps_the_pairing(folders, tmp_path
     (folders / "more" / "00.png").rename(folders / "cls" / "05.png")
     ds2 = DreamBoothDataset(folders / "inst", "a sks thing", folders / "cls", "a thing", resolution=8)
     assert sync_cache(tmp_path / "cache", ds2.cache_spec(), encode, store="mode", progress=False).encoded == 1
+
+
+def test_a_val_split_of_pairs_is_not_cached_silently(folders):
+    from torch.utils.data import Subset
+
+    from ldm.data.auto_cache import cache_spec
+
+    ds = DreamBoothDataset(folders / "inst", "a sks thing", folders / "cls", "a thing", resolution=8)
+    with pytest.raises(ValueError, match="val_fraction=0"):
+        cache_spec(Subset(ds, [0, 1]))
+    dm = ImageCaptionDataModule(ds, val_fraction=0.4, batch_size=1, seed=0)  # on the fly a split batches as pairs
+    dm.setup("fit")
+    assert isinstance(dm.val_dataset, Subset)
+    assert next(iter(dm.val_dataloader()))["is_prior"].tolist() == [False, True]
