@@ -150,3 +150,21 @@ def test_a_class_folder_without_class_prompt_names_the_key(tmp_path):
     cfg = compose_train(tmp_path, dreambooth(tmp_path, "data.train.class_prompt=null", "trainer.max_steps=1"))
     with pytest.raises(ConfigError, match="class_prompt"):
         train(cfg)
+
+
+def test_a_stopped_dreambooth_run_resumes_exactly(tmp_path):
+    """5 pairs in batches of 2 (2 per epoch): stopped after step 3, mid-epoch 1, then resumed to step 5; the same
+    losses and weights as an uninterrupted run (pair order, cached posterior draws and class rows all restored)."""
+    from tests.training.conftest import assert_same_run
+
+    common = dreambooth(tmp_path, "data.train.mask_from_alpha=true", "trainer.val_check_interval=null",
+                        "trainer.limit_val_batches=0", "module.ema_decay=0.9", "+logger.csv.flush_logs_every_n_steps=1",
+                        "+callbacks.checkpoint.every_n_train_steps=1", *CKPT)
+    reference = compose_train(tmp_path / "reference", [*common, "trainer.max_steps=5"])
+    train(reference)
+    stopped = compose_train(tmp_path / "stopped", [*common, "trainer.max_steps=3"])
+    first = train(stopped)
+    resumed = compose_train(tmp_path / "stopped", [*common, "trainer.max_steps=5",
+                                                   f"ckpt_path={first['last_checkpoint']}"])
+    train(resumed)
+    assert_same_run(tmp_path / "reference" / "run", tmp_path / "stopped" / "run")
