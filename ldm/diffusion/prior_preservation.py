@@ -7,8 +7,9 @@ As diffusers' examples/dreambooth/train_dreambooth.py: one batch holds the insta
 prediction is split into the two parts and each part's loss is a mean over its own rows (so lambda = 1 weighs the
 two halves equally, whatever their sizes). Per-sample weights (min-SNR-gamma) are those of each row's own
 timestep in both halves, as kohya-ss/sd-scripts train_db.py does (its class rows carry ``loss_weights =
-prior_loss_weight`` and every row gets the min-SNR weight); diffusers applies min-SNR to the instance half only
-and leaves the prior half plain MSE. Here the prior half keeps the objective the base model was trained with.
+prior_loss_weight`` and every row gets the min-SNR weight). diffusers applies min-SNR to the instance half only,
+with weights computed from the whole batch's timesteps (2B of them for B instance rows), and leaves the prior half
+plain MSE. Here the prior half keeps the objective the base model was trained with.
 """
 
 from __future__ import annotations
