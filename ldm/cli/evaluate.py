@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.evaluate_config import EVAL_METRICS, EvaluateConfig
-from ldm.evaluation.eval_set import first_items, shapes_checker
+from ldm.evaluation.eval_set import first_items, prompt_checker
 from ldm.evaluation.metrics import build_image_metrics, group_by_reason, score_share
 from ldm.pipelines.sampling_options import SamplingOptions
 
@@ -49,8 +49,26 @@ def run_folder(ckpt: str) -> Path | None:
     return None
 
 
+# Data classes that moved since earlier runs wrote their config.yaml: old import path -> where it lives now.
+MOVED_TARGETS = {"ldm.data.shapes.ShapesDataset": "ldm.tasks.shapes.dataset.ShapesDataset"}
+
+
+def renamed_targets(node: Any, source: Path) -> Any:
+    """``node`` (plain containers) with every ``_target_`` of MOVED_TARGETS replaced by its new path."""
+    if isinstance(node, dict):
+        out = {k: renamed_targets(v, source) for k, v in node.items()}
+        if out.get("_target_") in MOVED_TARGETS:
+            log.info("%s: %s has moved to %s", source, out["_target_"], MOVED_TARGETS[out["_target_"]])
+            out["_target_"] = MOVED_TARGETS[out["_target_"]]
+        return out
+    if isinstance(node, list):
+        return [renamed_targets(v, source) for v in node]
+    return node
+
+
 def data_config(cfg: DictConfig) -> DictConfig:
-    """``data`` as given, else the data of the checkpoint's run (its config.yaml, interpolations resolved there)."""
+    """``data`` as given, else the data of the checkpoint's run (its config.yaml, interpolations resolved there;
+    the import paths of MOVED_TARGETS brought up to date, so runs made before a class moved still evaluate)."""
     if cfg.data is not None:
         return cfg.data
     run = run_folder(cfg.ckpt)
@@ -61,7 +79,7 @@ def data_config(cfg: DictConfig) -> DictConfig:
     run_cfg = OmegaConf.load(saved)
     if OmegaConf.select(run_cfg, "data") is None:
         raise EvaluateConfigError(f"{saved} has no data section: set data=<a configs/data/ option>")
-    return OmegaConf.create(OmegaConf.to_container(run_cfg.data, resolve=True))
+    return OmegaConf.create(renamed_targets(OmegaConf.to_container(run_cfg.data, resolve=True), saved))
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -120,7 +138,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     image_names = [m for m in cfg.metrics if m != "val_loss"]
     image_metrics = build_image_metrics(
         image_names, inception_weights=cfg.inception_weights, clip_model=cfg.clip_model, n_images=len(items),
-        kid_subset_size=cfg.kid_subset_size, checker=shapes_checker(val), kid_seed=cfg.seed,
+        kid_subset_size=cfg.kid_subset_size, checker=prompt_checker(val), kid_seed=cfg.seed,
         real_images=items.has_images)
     for names, reason in image_metrics.skipped_groups():
         log.warning("%s skipped: %s", " and ".join(names), reason)

@@ -4,9 +4,9 @@ per-process shares that cover it exactly once; items without pixels (cached late
 import torch
 from torch.utils.data import IterableDataset
 
-from ldm.data.shapes import ShapesDataset
-from ldm.evaluation.eval_set import first_items, generate_share, share, shapes_checker
+from ldm.evaluation.eval_set import first_items, generate_share, prompt_checker, share
 from ldm.evaluation.metrics import build_image_metrics
+from ldm.tasks.shapes.dataset import ShapesDataset
 from tests.evaluation.conftest import SmallExtractor
 
 
@@ -22,7 +22,7 @@ def test_first_items_of_a_map_style_dataset_are_read_again_on_demand():
     assert len(items) == 4 and items.captions == [val[i]["caption"] for i in range(4)]
     assert items.has_images and items.resolution == (16, 16)
     assert torch.equal(items.images(1, 3), torch.stack([val[1]["image"], val[2]["image"]]))
-    assert shapes_checker(val) is not None and shapes_checker([]) is None
+    assert prompt_checker(val) is not None and prompt_checker([]) is None
     assert len(first_items(val, 50)) == 10
 
 
