@@ -16,7 +16,7 @@ import torch
 
 def shapes_prompts(colors, n_per_prompt: int = 4) -> list[tuple[str, str, str]]:
     """(prompt, colour, shape) for every colour x shape, ``n_per_prompt`` times."""
-    from ldm.data.shapes import ShapesDataset
+    from ldm.tasks.shapes.dataset import ShapesDataset
 
     ds = ShapesDataset(size=1, colors=list(colors))
     items = []
@@ -33,7 +33,7 @@ def concept_accuracy(bundle, items, *, checker_colors, guidance: float = 3.0, st
     """{colour: {"color_acc", "shape_acc", "n"}} plus "all": samples of ``prompt_of(prompt)`` judged against the
     item's colour and shape, at ``resolution`` (default: the model's training resolution). ``prompt_of`` maps the scored prompt to the one sampled (e.g. a new token for a
     colour)."""
-    from ldm.data.shapes_checker import ShapesChecker
+    from ldm.tasks.shapes.checker import ShapesChecker
     from ldm.pipelines import text_to_image
 
     checker = ShapesChecker(colors=tuple(checker_colors))

@@ -167,3 +167,16 @@ def test_a_string_naming_a_module_is_an_import(tmp_path):
 def test_the_cycle_finder_finds_cycles(bad):
     assert find_cycle(bad) is not None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_bench_scripts_import_modules_that_exist():
+    """bench/ is run by hand, not collected: a module that moved (ldm.data.shapes -> ldm.tasks.shapes.dataset) must
+    not leave a bench script importing the old path."""
+    modules = set(graph())
+    stale = []
+    for path in sorted((LDM.parent / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level else []
+            stale += [f"bench/{path.name} imports {n}" for n in names if n.startswith("ldm.") and n not in modules]
+    assert not stale, "\n".join(stale)
