@@ -10,22 +10,11 @@ from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.bundle import ModelBundle
 from ldm.models.autoencoder import IdentityAutoencoder
 from ldm.models.text_encoder import CLIPTextEncoder
-from ldm.models.tiny_clip import write_tiny_clip
 from ldm.pipelines import text_to_image
 from ldm.tasks.shapes.guidance_scorers import ColorScorer
-from tests.test_pipelines import tiny_bundle
+from tests.test_pipelines import bundle, clip_folder  # noqa: F401 - the tiny bundle and CLIP fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    return write_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
-def bundle(clip_folder):
-    return tiny_bundle(clip_folder)
 
 
 class GaussianDenoiser(nn.Module):
