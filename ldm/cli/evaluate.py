@@ -16,7 +16,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cli.evaluate_config import EVAL_METRICS, EvaluateConfig
+from ldm.cli.evaluate_config import CONFIGS, EVAL_METRICS, EvaluateConfig
 from ldm.evaluation.eval_set import first_items, prompt_checker
 from ldm.evaluation.metrics import build_image_metrics, group_by_reason, score_share
 from ldm.pipelines.sampling_options import SamplingOptions
@@ -66,6 +66,40 @@ def renamed_targets(node: Any, source: Path) -> Any:
     return node
 
 
+def allowed_data_targets() -> set[str]:
+    """Every ``_target_`` our own ``configs/data/*.yaml`` name: the only classes a run's config.yaml may build."""
+    targets: set[str] = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("_target_"), str):
+                targets.add(node["_target_"])
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, list):
+            for v in node:
+                collect(v)
+
+    for path in sorted((CONFIGS / "data").glob("*.yaml")):
+        collect(OmegaConf.to_container(OmegaConf.load(path)))
+    return targets
+
+
+def check_targets(node: Any, source: Path, allowed: set[str], key: str = "data") -> None:
+    """A run folder may come from elsewhere: its config.yaml is data, so it may only name the data classes of our
+    own configs (nothing it names is imported otherwise)."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and target not in allowed:
+            raise EvaluateConfigError(f"{source}: {key}._target_ = {target!r} is not one of ldm's data classes "
+                                      f"({sorted(allowed)}); refusing to build it. Set data=<a configs/data/ option>")
+        for k, v in node.items():
+            check_targets(v, source, allowed, f"{key}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            check_targets(v, source, allowed, f"{key}[{i}]")
+
+
 def data_config(cfg: DictConfig) -> DictConfig:
     """``data`` as given, else the data of the checkpoint's run (its config.yaml, interpolations resolved there;
     the import paths of MOVED_TARGETS brought up to date, so runs made before a class moved still evaluate)."""
@@ -79,7 +113,9 @@ def data_config(cfg: DictConfig) -> DictConfig:
     run_cfg = OmegaConf.load(saved)
     if OmegaConf.select(run_cfg, "data") is None:
         raise EvaluateConfigError(f"{saved} has no data section: set data=<a configs/data/ option>")
-    return OmegaConf.create(renamed_targets(OmegaConf.to_container(run_cfg.data, resolve=True), saved))
+    data = renamed_targets(OmegaConf.to_container(run_cfg.data, resolve=True), saved)
+    check_targets(data, saved, allowed_data_targets())
+    return OmegaConf.create(data)
 
 
 def check_options(cfg: DictConfig) -> None:
