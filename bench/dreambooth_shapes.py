@@ -56,7 +56,7 @@ def write_instance_images(folder: Path, n: int, seed: int = 7) -> None:
     """Cyan circles on white, drawn by the shapes dataset (random size and position)."""
     from PIL import Image
 
-    from ldm.data.shapes import ShapesDataset, render_shape
+    from ldm.tasks.shapes.dataset import ShapesDataset, render_shape
 
     ds = ShapesDataset(size=n, resolution=32, seed=seed, colors=(NEW,), shapes=("circle",), backgrounds=("white",))
     folder.mkdir(parents=True, exist_ok=True)
