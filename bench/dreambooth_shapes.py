@@ -46,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--per-prompt", type=int, default=16, help="samples per old colour x shape prompt (18 prompts)")
     p.add_argument("--per-concept", type=int, default=32, help="samples of the instance prompt")
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the training process (1: fastest for this
-                   "small model, and robust on a shared CPU)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the training process (1: fastest for this small model, robust when shared)")
     p.add_argument("--run", default=None, help="score this finished run folder instead of training")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides (after --)")
     return p.parse_args(argv)
