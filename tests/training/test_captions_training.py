@@ -8,6 +8,9 @@ import pytest
 from PIL import Image
 
 from ldm.data.captions import CaptionProcessor
+from ldm.formats.exporter import export
+from ldm.formats.ldm_bundle import load_ldm_bundle
+from ldm.formats.training_checkpoint import load_training_checkpoint
 from ldm.training.diffusion_module import LatentDiffusion
 from ldm.training.train import train
 
@@ -38,8 +41,15 @@ def test_shuffled_long_captions_train_from_a_latent_cache_without_cached_context
     result = train(tiny_cfg("data=folder", f"data.train.root={root}", "data.train.resolution=16",
                             "data.num_workers=0", "data.val_fraction=0", "module.p_uncond=0",
                             "++data.latent_cache=${paths.cache_dir}/latents", "model.text_encoder.max_chunks=2",
-                            *[f"data.train.captions.{k}={v}" for k, v in options.items()]))
+                            *[f"data.train.captions.{k}={v}" for k, v in options.items()],
+                            "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                            "+callbacks.checkpoint.save_last=true",
+                            "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"))
     assert result["global_step"] == 3
+    bundle = load_training_checkpoint(result["last_checkpoint"])  # sampling from it encodes long prompts alike
+    assert bundle.text_encoder.max_chunks == 2
+    export(bundle, "ldm", tmp_path / "exported")
+    assert load_ldm_bundle(tmp_path / "exported").text_encoder.max_chunks == 2
     manifests = list((tmp_path.parent / "ldm-cache" / "latents").glob("*/part-*/manifest.json"))
     assert len(manifests) == 1 and json.loads(manifests[0].read_text())["text"] == "caption"
     train_batches = [s for s in seen if len(s[0]) == 4][:3]
