@@ -40,7 +40,7 @@ def test_shuffled_long_captions_train_from_a_latent_cache_without_cached_context
     options = {"shuffle": True, "tag_dropout": 0.1, "keep_tokens": 1, "extension": ".caption"}
     result = train(tiny_cfg("data=folder", f"data.train.root={root}", "data.train.resolution=16",
                             "data.num_workers=0", "data.val_fraction=0", "module.p_uncond=0",
-                            "++data.latent_cache=${paths.cache_dir}/latents", "model.text_encoder.max_chunks=2",
+                            f"++data.latent_cache={tmp_path / 'latents'}", "model.text_encoder.max_chunks=2",
                             *[f"data.train.captions.{k}={v}" for k, v in options.items()],
                             "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
                             "+callbacks.checkpoint.save_last=true",
@@ -50,7 +50,7 @@ def test_shuffled_long_captions_train_from_a_latent_cache_without_cached_context
     assert bundle.text_encoder.max_chunks == 2
     export(bundle, "ldm", tmp_path / "exported")
     assert load_ldm_bundle(tmp_path / "exported").text_encoder.max_chunks == 2
-    manifests = list((tmp_path.parent / "ldm-cache" / "latents").glob("*/part-*/manifest.json"))
+    manifests = list((tmp_path / "latents").glob("*/part-*/manifest.json"))
     assert len(manifests) == 1 and json.loads(manifests[0].read_text())["text"] == "caption"
     train_batches = [s for s in seen if len(s[0]) == 4][:3]
     assert len(train_batches) == 3
