@@ -201,3 +201,35 @@ def test_deterministic_options_are_cached_processed_and_keyed(tmp_path, images):
     view = sync_cache(tmp_path / "cache", prefixed, enc, batch_size=2, progress=False, sample=False)
     assert enc.captions == [f"sks, img{i}, red, green, blue, cyan" for i in range(2)]
     assert view[1]["caption"] == "sks, img1, red, green, blue, cyan"
+
+
+# ---------------------------------------------------------------------------------------------- hf, webdataset
+
+
+def test_hf_dataset_and_webdataset_process_their_captions(tmp_path, images):
+    import datasets
+    import webdataset as wds
+
+    from ldm.data.hf_dataset import HFDataset
+    from ldm.data.webdataset import WebDatasetSource
+
+    options = {"shuffle": True, "keep_tokens": 1, "suffix": "end", "seed": 2}
+    p = CaptionProcessor.of(options)
+    table = datasets.Dataset.from_dict({"image": [images.make(size=(8, 8)) for _ in range(3)],
+                                        "text": [f"img{i}, a, b, c" for i in range(3)]})
+    table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    hf = HFDataset(str(tmp_path / "hf"), resolution=8, captions=options)
+    hf.set_epoch(5)
+    assert [hf[i]["caption"] for i in range(3)] == [p(f"img{i}, a, b, c", i, 5) for i in range(3)]
+    assert not contexts_cacheable(cache_spec(hf))
+
+    with wds.TarWriter(str(tmp_path / "shard.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"k{i}", "png": images.bytes(size=(8, 8)), "txt": f"img{i}, a, b, c"})
+    source = WebDatasetSource(str(tmp_path / "shard.tar"), resolution=8, shuffle_buffer=0, captions=options)
+    source.set_epoch(1)
+    assert {s["key"]: s["caption"] for s in source} == {f"k{i}": p(f"img{i}, a, b, c", f"k{i}", 1) for i in range(3)}
+    for make in (lambda: HFDataset(str(tmp_path / "hf"), resolution=8, captions={"extension": ".caption"}),
+                 lambda: WebDatasetSource(str(tmp_path / "shard.tar"), captions={"extension": ".caption"})):
+        with pytest.raises(ValueError, match="captions.extension is for image folders"):
+            make()
