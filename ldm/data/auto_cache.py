@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from ldm.data.cached_latents import CachedLatentsDataset, _mix
+from ldm.data.captions import SharedEpoch
 from ldm.data.latent_cache import LatentCacheError, build_latent_cache, read_manifest
 
 logger = logging.getLogger("ldm.data")
@@ -233,7 +234,8 @@ class CachedView(Dataset):
     def __init__(self, parts: dict[int, Path], table: list[list[tuple[int, int]]], seed: int = 0,
                  sample: bool = True, encoded: int = 0, resolution: int | None = None, captions=None):
         self.parts = {n: CachedLatentsDataset(p, sample=sample, seed=_mix(seed, n)) for n, p in parts.items()}
-        self.table, self.seed, self.epoch = table, int(seed), 0
+        self.table, self.seed = table, int(seed)
+        self._epoch = SharedEpoch()  # persistent DataLoader workers must see set_epoch too (flips, captions)
         self.encoded, self.resolution = encoded, resolution
         first = next(iter(self.parts.values()))
         self.latent_shape, self.context_shape = first.latent_shape, first.context_shape
@@ -243,8 +245,12 @@ class CachedView(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.set(epoch)
         for part in self.parts.values():
             part.set_epoch(epoch)
 

@@ -233,3 +233,23 @@ def test_hf_dataset_and_webdataset_process_their_captions(tmp_path, images):
                  lambda: WebDatasetSource(str(tmp_path / "shard.tar"), captions={"extension": ".caption"})):
         with pytest.raises(ValueError, match="captions.extension is for image folders"):
             make()
+
+
+def test_persistent_workers_see_the_new_epoch(tmp_path, images):
+    from torch.utils.data import DataLoader
+
+    from ldm.data.collate import collate_image_caption
+
+    root = tmp_path / "images"
+    write_folder(root, images, 4)
+    options = {"shuffle": True, "seed": 4}
+    ds = ImageFolderDataset(root, resolution=8, captions=options)
+    view = sync_cache(tmp_path / "cache", cache_spec(ds), Encoder(), batch_size=2, progress=False, sample=False)
+    p = CaptionProcessor.of(options)
+    for dataset in (ds, view):
+        loader = DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True,
+                            collate_fn=collate_image_caption)
+        for epoch in (0, 1):
+            dataset.set_epoch(epoch)
+            (batch,) = list(loader)
+            assert batch["caption"] == [p(ds.captions[i], i, epoch) for i in range(4)], (type(dataset), epoch)
