@@ -168,3 +168,10 @@ def test_a_stopped_dreambooth_run_resumes_exactly(tmp_path):
                                                    f"ckpt_path={first['last_checkpoint']}"])
     train(resumed)
     assert_same_run(tmp_path / "reference" / "run", tmp_path / "stopped" / "run")
+
+
+def test_a_missing_instance_folder_names_the_key(tmp_path):
+    cfg = compose_train(tmp_path, dreambooth(tmp_path, f"data.train.instance_root={tmp_path / 'nowhere'}",
+                                             "data.train.class_root=null", "data.train.class_prompt=null"))
+    with pytest.raises(ConfigError, match="data.train.instance_root: folder not found"):
+        train(cfg)
