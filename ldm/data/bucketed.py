@@ -13,6 +13,12 @@ from ldm.data.transforms import ImageTransform
 logger = logging.getLogger("ldm.data")
 
 
+def buckets_enabled(buckets) -> bool:
+    """Whether a source's ``buckets`` setting (None, a mapping, `BucketSettings`) turns buckets on; an invalid
+    one raises the error naming its key."""
+    return BucketSettings.of(buckets).enabled
+
+
 def assign_source_buckets(buckets, sizes: list[tuple[int, int] | None], resolution: int,
                           name: str) -> BucketAssignment | None:
     """The assignment of a source's images (None: buckets disabled). An image whose size cannot be read is given

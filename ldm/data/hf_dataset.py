@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.bad_samples import BadSampleTracker, decode_image, upright, upright_size
-from ldm.data.bucketed import assign_source_buckets, bucket_sample, cache_records
+from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
 from ldm.data.transforms import ImageTransform
 
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json")
@@ -81,7 +81,7 @@ class HFDataset(Dataset):
         self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, seed=seed)
         self._bad = BadSampleTracker(f"HFDataset({self.path}, split={split})")
         sizes = [_image_size(value) for start in range(0, len(self.table), 1024)
-                 for value in self.table[start:start + 1024][image_column]] if buckets else []
+                 for value in self.table[start:start + 1024][image_column]] if buckets_enabled(buckets) else []
         self.bucket_assignment = assign_source_buckets(buckets, sizes, self.transform.resolution,
                                                        f"HFDataset({self.path}, split={split})")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from ldm.data.bad_samples import BadSampleTracker, decode_image, upright_size
-from ldm.data.bucketed import assign_source_buckets, bucket_sample, cache_records
+from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger("ldm.data")
@@ -74,7 +74,7 @@ class ImageFolderDataset(Dataset):
             )
         self._bad = BadSampleTracker(f"ImageFolderDataset({self.root})")
         self.bucket_assignment = assign_source_buckets(
-            buckets, [upright_size(str(self.root / key)) for key in self.files] if buckets else [],
+            buckets, [upright_size(str(self.root / key)) for key in self.files] if buckets_enabled(buckets) else [],
             self.transform.resolution, f"ImageFolderDataset({self.root})")
 
     @property

@@ -100,7 +100,9 @@ class WebDatasetSource(IterableDataset):
         buckets: dict | None = None,
     ):
         super().__init__()
-        if buckets and dict(buckets).get("enabled"):
+        from ldm.data.buckets import BucketSettings
+
+        if BucketSettings.of(buckets).enabled:
             raise ValueError("data.train.buckets: aspect-ratio buckets are not supported for webdataset shards (a "
                              "stream cannot be grouped by bucket without reading it ahead); webdataset stays square: "
                              "set data.train.buckets.enabled=false, or use data=folder / data=hf")
