@@ -90,11 +90,12 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.train_dataset, self.val_dataset = train, val
         buckets = bucket_assignment(train)
         if buckets is not None:
-            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+            from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-            rank_zero_info(f"aspect-ratio buckets of the {len(buckets.bucket_of)} training images (batches of "
-                           f"{self.batch_size} from one bucket; a bucket's last batch may be smaller):\n"
-                           f"{buckets.describe()}")
+            if rank_zero_only.rank == 0:  # printed, like the latent cache's messages: the run's start says it
+                print(f"aspect-ratio buckets of the {len(buckets.bucket_of)} training images (batches of "
+                      f"{self.batch_size} from one bucket; a bucket's last batch may be smaller):\n"
+                      f"{buckets.describe()}")
         for dataset in (train, val):  # any reader of them (a latent cache build) names bad samples once too
             if self.bad_samples_dir is not None and dataset is not None:
                 share_bad_sample_log(dataset, self.bad_samples_dir)

@@ -1,0 +1,92 @@
+"""A folder of mixed aspect ratios trains with aspect-ratio buckets (from the automatic latent cache, latents of
+several shapes), samples each caption at its bucket size in the grid, records the buckets in the checkpoint,
+resumes mid-epoch exactly, and sample.py draws a non-square image from the checkpoint."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+from ldm.training.train import train
+from tests.training.conftest import assert_same_run
+
+ROOT = Path(__file__).resolve().parents[2]
+# at resolution 16, step 8 (min side 8, max 32) the table is (8,24), (8,32), (16,16), (24,8), (32,8)
+BUCKETS = ["data=folder", "data.train.buckets.enabled=true", "data.train.buckets.step=8", "data.num_workers=0",
+           "data.val_fraction=0.2", "data.batch_size=3"]
+FAST = ["callbacks=default", "callbacks.sampling.every_n_steps=0", "sampler.steps=2", "callbacks.sampling.n_prompts=4",
+        "callbacks.prompt_accuracy=null", "callbacks.vae_check=null", "callbacks.checkpoint.every_n_train_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """15 images: 6 wide (48x16 -> bucket 32x8... ratio 3: (24, 8)), 5 tall (16x48 -> (8, 24)), 4 square."""
+    root = tmp_path_factory.mktemp("mixed")
+    g = torch.Generator().manual_seed(0)
+    for i, size in enumerate([(48, 16)] * 6 + [(16, 48)] * 5 + [(20, 20)] * 4):
+        pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(["a wide picture", "a tall picture", "a square picture"][
+            0 if size[0] > size[1] else 1 if size[0] < size[1] else 2])
+    return root
+
+
+def test_mixed_folder_trains_with_buckets_and_samples_at_bucket_sizes(tiny_cfg, mixed, tmp_path, capsys):
+    result = train(tiny_cfg(*BUCKETS, f"data.train.root={mixed}", f"++data.latent_cache={tmp_path / 'cache'}", *FAST))
+    out = capsys.readouterr().out
+    assert "aspect-ratio buckets" in out and "24 x 8" in out and "8 x 24" in out  # the table, logged
+    assert "latent cache" in out
+    ckpt = torch.load(result["last_checkpoint"], weights_only=True)
+    recorded = ckpt["ldm"]["model"]
+    assert recorded["resolution"] == 16 and recorded["buckets"]["max_area"] == 256
+    assert recorded["buckets"]["table"] == [[8, 24], [8, 32], [16, 16], [24, 8], [32, 8]]
+    assert sorted(map(tuple, recorded["buckets"]["buckets"])) == [(8, 24), (16, 16), (24, 8)]
+    grid = Image.open(result["sample_grid"])
+    assert grid.size[0] > grid.size[1] / 4  # a grid of (real, sample) pairs at their own sizes was written
+
+    from ldm.pipelines.cli import register_configs, sample
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={result['last_checkpoint']}", f"out_dir={tmp_path / 'samples'}",
+                                           "prompt='a wide picture'", "sampler.steps=2", "height=8", "width=24",
+                                           "n_images=2"])
+    paths = sample(cfg)
+    assert Image.open(paths[0]).size == (24, 8)
+
+
+def test_callback_samples_each_caption_at_its_bucket_size(tiny_cfg, mixed, tmp_path):
+    from ldm.data.datamodule import ImageCaptionDataModule
+    from ldm.data.image_folder import ImageFolderDataset
+    from types import SimpleNamespace
+
+    from ldm.training.callbacks import SamplingCallback, data_prompts
+
+    dm = ImageCaptionDataModule(ImageFolderDataset(mixed, resolution=16, buckets={"enabled": True, "step": 8}),
+                                val_fraction=0.4, seed=0)
+    prompts, real = data_prompts(SimpleNamespace(datamodule=dm), 6, seed=0)
+    assert isinstance(real, list) and len({tuple(r.shape) for r in real}) > 1  # several bucket sizes
+    cb = SamplingCallback(n_prompts=6)
+    cb.prompts, cb.real_images = prompts, real
+    assert cb.sample_sizes(None) == [tuple(r.shape[-2:]) for r in real]
+    assert SamplingCallback(resolution=[8, 24]).sample_sizes(None) is None  # a configured size wins
+    assert SamplingCallback(resolution=[8, 24]).resolution == (8, 24)
+
+
+def test_resume_mid_epoch_with_buckets_is_exact(tiny_cfg, mixed, tmp_path):
+    common = [*BUCKETS, f"data.train.root={mixed}", f"++data.latent_cache={tmp_path / 'cache'}", "callbacks=none",
+              "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+              "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
+              "+callbacks.checkpoint.every_n_train_steps=1", "+logger.csv.flush_logs_every_n_steps=1",
+              "trainer.val_check_interval=null", "trainer.limit_val_batches=0", "module.ema_decay=0.9",
+              "trainer.max_steps=7"]  # 12 training images: 5 batches of 3 or fewer per epoch; 7 steps cross one
+    reference = tiny_cfg(*common, f"paths.run_dir={tmp_path / 'reference'}")
+    train(reference)
+    stopped = [*common, f"paths.run_dir={tmp_path / 'resumed'}"]
+    train(tiny_cfg(*stopped, "trainer.max_steps=3"))  # stops mid-epoch 0
+    train(tiny_cfg(*stopped, "ckpt_path=last"))
+    assert_same_run(tmp_path / "reference", tmp_path / "resumed")
