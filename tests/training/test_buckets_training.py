@@ -77,6 +77,7 @@ def test_callback_samples_each_caption_at_its_bucket_size(tiny_cfg, mixed, tmp_p
     assert SamplingCallback(resolution=[8, 24]).resolution == (8, 24)
 
 
+@pytest.mark.slow  # three short training runs (~20 s on an idle 2-core machine)
 def test_resume_mid_epoch_with_buckets_is_exact(tiny_cfg, mixed, tmp_path):
     common = [*BUCKETS, f"data.train.root={mixed}", f"++data.latent_cache={tmp_path / 'cache'}", "callbacks=none",
               "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
