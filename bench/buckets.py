@@ -5,10 +5,10 @@ the real train(cfg) of `python train.py data=folder data.train.root=DIR data.tra
 sampling callbacks and validation off) both ways, each from its own automatic latent cache (built before timing):
   square:  data.train.buckets.enabled=false   (every image a centre square crop of R x R)
   buckets: data.train.buckets.enabled=true data.train.buckets.step=S   (kohya's buckets of area <= R x R)
-The arms alternate in --rounds rounds in this one process (the order flips every round); per arm the median fit
-time (from the throughput logged per step, steps after the first) gives images/s, and images/s x the mean pixels
-of a training image (R^2 for square crops; the bucket areas, weighted by their images, for buckets) gives pixel
-throughput. ratio = buckets / square (>= 0.9 is the goal), for images/s and for pixels/s (buckets hold at most
+The arms alternate in --rounds rounds in this one process (the order flips every round); per arm the median of the
+runs' images/s (the ThroughputCallback's images over the seconds between batch ends, steps after the first: a
+bucket's smaller last batch counts its own images) is compared, and images/s x the mean pixels of a training image (R^2 for square crops; the bucket areas, weighted by their
+images, for buckets) gives pixel throughput. ratio = buckets / square (>= 0.9 is the goal), for images/s and for pixels/s (buckets hold at most
 R^2 pixels, so the pixel ratio is the stricter one).
 
     python bench/buckets.py                    # 240 images, R=64, step 16, 40 steps of 8, 3 rounds
@@ -17,7 +17,6 @@ R^2 pixels, so the pixel ratio is the stricter one).
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import statistics
 import sys
@@ -71,16 +70,6 @@ def write_mixed(root: Path, n: int, resolution: int, seed: int = 0) -> Path:
     return root
 
 
-def fit_rate(run_dir: Path, batch: int) -> float | None:
-    """images/s over the fit from the per-step throughput the run logged (steps after the first)."""
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return None
-    with open(path) as f:
-        rates = [float(r["train/images_per_sec"]) for r in csv.DictReader(f) if r.get("train/images_per_sec")]
-    return None if not rates else len(rates) * batch / sum(batch / r for r in rates)
-
-
 def mean_pixels(root: Path, resolution: int, step: int) -> float:
     """Mean bucket area of the folder's images (each image trains once per epoch)."""
     from ldm.data.image_folder import ImageFolderDataset
@@ -117,7 +106,7 @@ def main(argv=None) -> list[dict]:
         extra = [f"trainer.max_steps={steps}"] if steps else []
         result = train(compose(base + arms[arm] + extra + [f"paths.run_dir={run_dir}"]))
         assert result["global_step"] == (steps or args.steps), result
-        return fit_rate(run_dir, args.batch)
+        return result["images_per_sec"]
 
     start = time.perf_counter()
     for arm in arms:  # build both latent caches (and warm up) before anything is timed

@@ -23,7 +23,7 @@ FAST = ["callbacks=default", "callbacks.sampling.every_n_steps=0", "sampler.step
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """15 images: 6 wide (48x16 -> bucket 32x8... ratio 3: (24, 8)), 5 tall (16x48 -> (8, 24)), 4 square."""
+    """15 images: 6 wide (48x16, ratio 3 -> bucket (24, 8)), 5 tall (16x48 -> (8, 24)), 4 square (20x20 -> (16, 16))."""
     root = tmp_path_factory.mktemp("mixed")
     g = torch.Generator().manual_seed(0)
     for i, size in enumerate([(48, 16)] * 6 + [(16, 48)] * 5 + [(20, 20)] * 4):
@@ -91,3 +91,41 @@ def test_resume_mid_epoch_with_buckets_is_exact(tiny_cfg, mixed, tmp_path):
     train(tiny_cfg(*stopped, "trainer.max_steps=3"))  # stops mid-epoch 0
     train(tiny_cfg(*stopped, "ckpt_path=last"))
     assert_same_run(tmp_path / "reference", tmp_path / "resumed")
+
+
+def test_bucket_step_must_be_a_multiple_of_the_models_downsampling(tiny_cfg, mixed):
+    from ldm.training.config_checks import ConfigError, check_resolution
+
+    check_resolution(tiny_cfg(*BUCKETS, f"data.train.root={mixed}"))  # step 8, the tiny model downsamples by 4
+    with pytest.raises(ConfigError, match=r"data.train.buckets.step=6: the model downsamples by 4"):
+        check_resolution(tiny_cfg(*BUCKETS, f"data.train.root={mixed}", "data.train.buckets.step=6"))
+
+
+@pytest.mark.slow  # two spawned processes
+def test_two_process_ddp_ranks_split_the_bucket_batches(tiny_cfg, mixed, tmp_path):
+    """2-process DDP (gloo): every batch of one bucket, the ranks' images disjoint and the whole epoch; 15 images in
+    batches of 3: (24, 8) 6 -> 2 batches, (8, 24) 5 -> 2, (16, 16) 4 -> 2: 3 steps per rank, no padding."""
+    import json
+
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from ldm.training.train import build_diffusion_module
+    from tests.training.test_ddp import RecordSeen
+
+    class RecordShapes(RecordSeen):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            assert len({tuple(s) for s in batch["target_size"].tolist()}) == 1
+            assert list(batch["image"].shape[-2:]) == batch["target_size"][0].tolist()
+
+    cfg = tiny_cfg(*BUCKETS, f"data.train.root={mixed}", "data.val_fraction=0", "trainer.limit_val_batches=0")
+    L.seed_everything(0)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[RecordShapes(str(tmp_path))])
+    trainer.fit(build_diffusion_module(cfg), datamodule=instantiate(cfg.data))
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(seen[0] + seen[1]) == list(range(15))  # disjoint, and the whole epoch
+    a, b = (torch.load(tmp_path / f"unet{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
