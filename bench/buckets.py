@@ -5,11 +5,11 @@ the real train(cfg) of `python train.py data=folder data.train.root=DIR data.tra
 sampling callbacks and validation off) both ways, each from its own automatic latent cache (built before timing):
   square:  data.train.buckets.enabled=false   (every image a centre square crop of R x R)
   buckets: data.train.buckets.enabled=true data.train.buckets.step=S   (kohya's buckets of area <= R x R)
-The arms alternate in --rounds rounds in this one process (the order flips every round); per arm the median of the
-runs' images/s (the ThroughputCallback's images over the seconds between batch ends, steps after the first: a
-bucket's smaller last batch counts its own images) is compared, and images/s x the mean pixels of a training image (R^2 for square crops; the bucket areas, weighted by their
-images, for buckets) gives pixel throughput. ratio = buckets / square (>= 0.9 is the goal), for images/s and for pixels/s (buckets hold at most
-R^2 pixels, so the pixel ratio is the stricter one).
+The arms alternate in --rounds rounds in this one process (the order flips every round). Per arm: the median of
+the runs' images/s (the ThroughputCallback's images over the seconds between batch ends, steps after the first; a
+bucket's smaller last batch counts its own images), and that x the mean pixels of a training image (R^2 for square
+crops; the bucket areas weighted by their images for buckets): pixels/s. ratio = buckets / square (goal >= 0.9),
+for images/s and for pixels/s (a bucket holds at most R^2 pixels, so the pixel ratio is the stricter one).
 
     python bench/buckets.py                    # 240 images, R=64, step 16, 40 steps of 8, 3 rounds
 """
