@@ -116,3 +116,24 @@ def test_disabled_is_todays_square_crop(tmp_path, images):
     off = ImageFolderDataset(tmp_path, resolution=32, buckets={"enabled": False, "step": 16})
     assert off.bucket_assignment is None and set(off[0]) == set(plain[0])
     torch.testing.assert_close(off[0]["image"], plain[0]["image"])
+
+
+def test_hf_dataset_rows_go_to_their_buckets_and_cache_keys_them(tmp_path, images):
+    import datasets
+
+    from ldm.data.auto_cache import cache_spec
+    from ldm.data.hf_dataset import HFDataset
+
+    sizes = [(96, 48), (30, 90), (40, 40)]
+    datasets.Dataset.from_dict(
+        {"image": [images.make(size=s) for s in sizes], "text": ["wide", "tall", "square"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    ).save_to_disk(str(tmp_path / "saved"))
+    ds = HFDataset(str(tmp_path / "saved"), resolution=32, buckets={"enabled": True, "step": 16})
+    # the same buckets as the folder test above: wide ties -> (32, 32), tall -> (16, 48), square -> (32, 32)
+    assert [tuple(ds[i]["image"].shape[-2:]) for i in range(3)] == [(32, 32), (48, 16), (32, 32)]
+    assert ds[1]["original_size"] == (90, 30) and ds[0]["crop_top_left"] == (0, 16)
+    spec = cache_spec(ds)
+    assert spec.buckets is ds.bucket_assignment and spec.settings["buckets"]["table"][0] == [16, 48]
+    plain = cache_spec(HFDataset(str(tmp_path / "saved"), resolution=32))
+    assert spec.items != plain.items and "buckets" not in plain.settings  # another bucket: other rows, folder
