@@ -12,6 +12,7 @@ from PIL import Image
 
 from ldm.training.train import train
 from tests.training.conftest import assert_same_run
+from tests.training.test_ddp import RecordSeen
 
 ROOT = Path(__file__).resolve().parents[2]
 # at resolution 16, step 8 (min side 8, max 32) the table is (8,24), (8,32), (16,16), (24,8), (32,8)
@@ -102,6 +103,15 @@ def test_bucket_step_must_be_a_multiple_of_the_models_downsampling(tiny_cfg, mix
         check_resolution(tiny_cfg(*BUCKETS, f"data.train.root={mixed}", "data.train.buckets.step=6"))
 
 
+class RecordShapes(RecordSeen):
+    """RecordSeen that also checks every batch is of one bucket (spawned processes pickle it: module level)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        assert len({tuple(s) for s in batch["target_size"].tolist()}) == 1
+        assert list(batch["image"].shape[-2:]) == batch["target_size"][0].tolist()
+
+
 @pytest.mark.slow  # two spawned processes
 def test_two_process_ddp_ranks_split_the_bucket_batches(tiny_cfg, mixed, tmp_path):
     """2-process DDP (gloo): every batch of one bucket, the ranks' images disjoint and the whole epoch; 15 images in
@@ -112,13 +122,6 @@ def test_two_process_ddp_ranks_split_the_bucket_batches(tiny_cfg, mixed, tmp_pat
     from hydra.utils import instantiate
 
     from ldm.training.train import build_diffusion_module
-    from tests.training.test_ddp import RecordSeen
-
-    class RecordShapes(RecordSeen):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-            assert len({tuple(s) for s in batch["target_size"].tolist()}) == 1
-            assert list(batch["image"].shape[-2:]) == batch["target_size"][0].tolist()
 
     cfg = tiny_cfg(*BUCKETS, f"data.train.root={mixed}", "data.val_fraction=0", "trainer.limit_val_batches=0")
     L.seed_everything(0)
