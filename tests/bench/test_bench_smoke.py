@@ -160,3 +160,11 @@ def test_shapes_lora(capsys, tmp_path):
     for when in ("before", "after"):
         assert row[when]["cyan"]["n"] == 3 and row[when]["old"]["color_acc"] >= 0
         assert row[when]["all"]["n"] == 21
+
+
+@pytest.mark.slow
+def test_buckets(capsys, tmp_path):
+    rows = bench_module("buckets").main(["--images", "14", "--steps", "2", "--rounds", "1", "--dir", str(tmp_path)])
+    assert [r["path"] for r in rows] == ["square", "buckets"]
+    assert rows[0]["px/img"] == 64 * 64 and rows[1]["px/img"] < 64 * 64 and rows[1]["px ratio"] > 0
+    assert "ratio buckets/square" in capsys.readouterr().out
