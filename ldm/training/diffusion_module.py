@@ -13,12 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from ldm.formats.bundle import ModelBundle
-from ldm.diffusion.losses import diffusion_loss, noised_batch
+from ldm.diffusion.losses import LossOptions, diffusion_loss, noised_batch
+from ldm.diffusion.noise import NoiseOptions
 from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.diffusion.timestep_sampling import TimestepSampling
 from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.training.divergence import DivergenceGuard
 from ldm.training.ema import EMA
+from ldm.training.unet_compile import UNetCompile
 
 log = logging.getLogger("ldm.training")
 
@@ -49,6 +52,11 @@ class LatentDiffusion(L.LightningModule):
         adapter: LoRAConfig | None = None,
         loss_spike_factor: float | None = 100.0,
         grad_norm_spike_factor: float | None = 100.0,
+        loss: LossOptions | None = None,
+        timesteps: TimestepSampling | None = None,
+        noise: NoiseOptions | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
@@ -60,12 +68,16 @@ class LatentDiffusion(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.p_uncond, self.min_snr_gamma, self.offset_noise = p_uncond, min_snr_gamma, offset_noise
         self.sample_posterior = sample_posterior
+        # loss type / debiased weighting, timestep sampling, pyramid noise / input perturbation (None: the defaults)
+        self.loss_options, self.timestep_sampling, self.noise_options = loss, timesteps, noise
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.adapter_config = adapter
         self.lora = self._build_adapter(adapter) if adapter is not None else None
         # EMA of what trains: the whole U-Net, or only the adapter weights
         self.ema = EMA(self.trained_module, ema_decay) if ema_decay else None
+        # after the EMA copy: module copies drop the compiled forward (nn.Module.__getstate__), so they run eager
+        self.unet_compile = UNetCompile(self.unet, compile_backend) if compile else None
         self.model_config: dict[str, Any] = {}  # the Hydra model node, saved with every checkpoint
         # skipped steps: NaN/inf, or a loss / gradient-norm spike; max_nonfinite_steps in a row stop the run
         self.guard = DivergenceGuard(loss_spike_factor, grad_norm_spike_factor, max_skipped_in_a_row=max_nonfinite_steps)
@@ -160,6 +172,8 @@ class LatentDiffusion(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------------- training
     def forward(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        if self.unet_compile is not None:  # the same (compiled in place) U-Net, timing its first forward
+            return self.unet_compile(x_t, t, context)
         return self.unet(x_t, t, context)
 
     def step_loss(self, batch: dict[str, Any]) -> Tensor:
@@ -170,8 +184,9 @@ class LatentDiffusion(L.LightningModule):
             context = self.encode_text(captions)
         else:
             context = self._dropped_context(batch, captions)
-        x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise)
-        return diffusion_loss(self(x_t, t, context), target, self.schedule, t, self.min_snr_gamma)
+        x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise, timesteps=self.timestep_sampling,
+                                      noise_options=self.noise_options)
+        return diffusion_loss(self(x_t, t, context), target, self.schedule, t, self.min_snr_gamma, self.loss_options)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # always backpropagated, even when NaN: with DDP every rank must join the gradient all-reduce; whether the
