@@ -101,7 +101,10 @@ def elementwise_loss(model_output: Tensor, target: Tensor, loss_type: str, c: Te
     if loss_type not in ("huber", "smooth_l1"):
         raise ValueError(f"module.loss.type must be one of {LOSS_TYPES}, got {loss_type!r}")
     c = c.reshape(c.shape + (1,) * (d.ndim - 1)).to(d)
-    pseudo = c * (torch.sqrt(d.pow(2) + c.pow(2)) - c)
+    # c (sqrt(d^2 + c^2) - c) written as c d^2 / (sqrt(d^2 + c^2) + c): the same value without the float32
+    # cancellation of sqrt(d^2 + c^2) - c when |d| << c
+    d2 = d.pow(2)
+    pseudo = c * d2 / (torch.sqrt(d2 + c.pow(2)) + c)
     return 2 * pseudo if loss_type == "huber" else pseudo
 
 
