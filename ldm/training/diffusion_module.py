@@ -4,6 +4,7 @@ Algorithm 1 in latent space, with classifier-free conditioning dropout)."""
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from typing import Any, Callable, Iterator
@@ -212,6 +213,9 @@ class LatentDiffusion(L.LightningModule):
                      if params else None)  # DDP has all-reduced the gradients already: the same on every rank
         loss_value = float(loss)
         grad_value = None if grad_norm is None else float(grad_norm)
+        if self._loss_scale_overflow(loss_value, grad_value):
+            self._step_skipped = True  # GradScaler skips the update and lowers its scale: no EMA update, no log
+            return
         reason = self.guard.verdict(loss_value, grad_value)
         self._step_skipped = reason is not None
         if reason is None:
@@ -228,6 +232,17 @@ class LatentDiffusion(L.LightningModule):
         self.log("train/nonfinite_steps", float(self.guard.nonfinite_total), batch_size=1)
         self.log("train/diverged_steps", float(self.guard.diverged_total), batch_size=1)
         self.guard.stop_if_persistent(reason)  # max_nonfinite_steps in a row
+
+    def _loss_scale_overflow(self, loss: float, grad_norm: float | None) -> bool:
+        """fp16 loss scaling (16-mixed): a finite loss whose unscaled gradients are inf/NaN is the scaler's overflow,
+        which GradScaler handles itself (skips the step, halves the scale), not a divergence of the weights."""
+        trainer = self._trainer
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+        if scaler is None or grad_norm is None or math.isfinite(grad_norm) or not math.isfinite(loss):
+            return False
+        log.info("step %d: fp16 loss-scale overflow (scale %g), the scaler skips it", self.global_step,
+                 scaler.get_scale())
+        return True
 
     def _dropped_context(self, batch: dict[str, Any], captions: list[str]) -> Tensor:
         """Cached text contexts: swap in the empty-prompt context where the caption was dropped."""
