@@ -127,3 +127,14 @@ def test_lora_step(capsys):
     assert [r["impl"] for r in rows] == ["full", "lora"]
     assert 0 < rows[1]["trainable"] < rows[0]["trainable"] / 10  # only the adapters train
     assert all(positive(r["ms/step"]) and positive(r["lora/full time"]) for r in rows)
+
+
+def test_optim_memory(capsys):
+    pytest.importorskip("bitsandbytes")
+    rows = bench_module("optim_memory").main(["--device", "cpu", "--preset", "tiny", "--resolution", "16",
+                                              "--batch", "1", "--steps", "1"])
+    assert [r["optimizer"] for r in rows] == ["adamw", "adamw8bit", "adafactor"]
+    by = {r["optimizer"]: r for r in rows}
+    assert by["adamw"]["state B/param"] == 8.0  # two fp32 moments per parameter
+    assert by["adamw8bit"]["state / adamw"] < 0.5 and by["adafactor"]["state / adamw"] < 0.5
+    assert "state / adamw" in capsys.readouterr().out
