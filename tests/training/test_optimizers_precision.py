@@ -1,6 +1,7 @@
 """Memory and speed switches: optim=adamw8bit / adafactor, trainer.precision=bf16-mixed / 16-mixed on the CPU,
 module.compile, and the loss / timestep / noise options wired through train() (config errors name the key)."""
 
+import io
 import shutil
 import sys
 
@@ -39,6 +40,13 @@ def test_adamw8bit_has_8bit_state_and_follows_adamw():
     assert moved > 0.03  # 5 Adam steps of ~lr each
     # block-wise 8-bit moments: the same updates up to quantisation error
     assert (q.weight - ref.weight).abs().mean() < 0.05 * moved
+    # resumable: the state goes through torch.save / torch.load(weights_only=True) as in a checkpoint
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    again = adamw8bit(q.parameters(), lr=1e-2)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(again.state[q.weight]["state2"], state["state2"])
 
 
 def test_adamw8bit_without_bitsandbytes_says_what_to_install(monkeypatch):
