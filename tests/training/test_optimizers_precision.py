@@ -150,3 +150,18 @@ def test_compiled_unet_trains(tiny_cfg, capsys, backend):
     _finite_run(train(tiny_cfg("module.compile=true", f"module.compile_backend={backend}", "trainer.max_steps=2",
                                "trainer.val_check_interval=2")))
     assert f"torch.compile(U-Net, backend={backend}): first forward" in capsys.readouterr().out
+
+
+def test_fp16_overflow_is_left_to_the_scaler_not_the_divergence_guard():
+    from types import SimpleNamespace
+
+    from ldm.training.diffusion_module import LatentDiffusion
+
+    scaler = torch.amp.GradScaler("cpu")
+    fake = SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)), global_step=3)
+    overflow = LatentDiffusion._loss_scale_overflow
+    assert overflow(fake, 0.5, float("inf"))  # finite loss, inf gradients: the scaler's overflow
+    assert not overflow(fake, float("nan"), float("inf"))  # a NaN loss is a divergence: the guard counts it
+    assert not overflow(fake, 0.5, 1.0)
+    fake.__dict__["_trainer"] = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))  # bf16 / fp32
+    assert not overflow(fake, 0.5, float("inf"))
