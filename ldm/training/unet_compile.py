@@ -35,7 +35,10 @@ class UNetCompile:
         check_backend(backend)
         self.unet, self.backend = unet, backend
         self.compile_s: float | None = None
-        unet.compile(backend=backend)
+        # static shapes: a new batch / context shape compiles once more instead of switching to dynamic shapes,
+        # which inductor (torch 2.13, CPU) failed on for this U-Net ("cannot determine truth value of
+        # Relational" when the caption length changed between batches)
+        unet.compile(backend=backend, dynamic=False)
 
     def __call__(self, *args, **kwargs):
         if self.compile_s is not None:
