@@ -117,3 +117,14 @@ def upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag (a phone photo stored sideways with "rotate 90" in its EXIF is trained as
     it is displayed, not as stored)."""
     return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+
+
+def upright_size(data: bytes | str) -> tuple[int, int] | None:
+    """(width, height) of an image as `decode_image` returns it (EXIF orientations 5-8 swap the sides), from its
+    header only; None when the file cannot be opened (it is skipped, and reported, when loaded)."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as image:
+            width, height = image.size
+            return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+    except Exception:  # corrupt, truncated, not an image
+        return None

@@ -174,6 +174,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
                                              or module.model_config.get("resolution"))
+        from ldm.training.resolution import training_buckets
+
+        buckets = training_buckets(datamodule)
+        if buckets is not None:  # aspect-ratio buckets: their table and max area too
+            module.model_config["buckets"] = buckets
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if _is_callback_node(c, k)]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch

@@ -161,3 +161,11 @@ def test_optim_memory(capsys):
     assert by["adamw"]["state B/param"] == 8.0  # two fp32 moments per parameter
     assert by["adamw8bit"]["state / adamw"] < 0.5 and by["adafactor"]["state / adamw"] < 0.5
     assert "state / adamw" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_buckets(capsys, tmp_path):
+    rows = bench_module("buckets").main(["--images", "14", "--steps", "2", "--rounds", "1", "--dir", str(tmp_path)])
+    assert [r["path"] for r in rows] == ["square", "buckets"]
+    assert rows[0]["px/img"] == 64 * 64 and rows[1]["px/img"] < 64 * 64 and rows[1]["px ratio"] > 0
+    assert "ratio buckets/square" in capsys.readouterr().out
