@@ -1,29 +1,51 @@
 """The training objective: the seed's Algorithm 1 (t ~ U{0..T-1}, eps ~ N(0, I), || target - net(x_t, t) ||^2),
-with v-prediction, min-SNR-gamma weighting and offset noise as options."""
+with v-prediction, loss types (l2 / l1 / pseudo-Huber / smooth-L1), min-SNR-gamma and debiased-estimation
+weighting, offset / pyramid noise, input perturbation and non-uniform timestep sampling as options."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ldm.diffusion.masked_loss import apply_masked_loss
+from ldm.diffusion.noise import NoiseOptions, perturbed_noise, pyramid_noise, sample_noise
 from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.diffusion.timestep_sampling import TimestepSampling, sample_timesteps
+
+__all__ = ["LossOptions", "diffusion_loss", "min_snr_weight", "debiased_weight", "huber_c", "elementwise_loss",
+           "noised_batch", "sample_noise", "sample_timesteps"]
+
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+DEBIASED_SNR_MAX = 1000.0  # kohya-ss/sd-scripts custom_train_functions.apply_debiased_estimation clamps SNR here
 
 
-def sample_timesteps(batch: int, schedule: NoiseSchedule, device, generator: torch.Generator | None = None) -> Tensor:
-    """t uniform over the T training steps (Algorithm 1, line 3)."""
-    return torch.randint(0, schedule.num_train_timesteps, (batch,), device=device, generator=generator)
+@dataclass(frozen=True)
+class LossOptions:
+    """module.loss: the per-element loss and the debiased-estimation weighting (min-SNR is module.min_snr_gamma).
+
+    huber_c is the pseudo-Huber threshold c of loss type huber / smooth_l1; huber_schedule makes it depend on t
+    (see ``huber_c``)."""
+
+    type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"  # kohya's default
+    debiased_estimation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in LOSS_TYPES:
+            raise ValueError(f"module.loss.type must be one of {LOSS_TYPES}, got {self.type!r}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise ValueError(f"module.loss.huber_schedule must be one of {HUBER_SCHEDULES}, "
+                             f"got {self.huber_schedule!r}")
+        if not 0.0 < self.huber_c <= 1.0:
+            raise ValueError(f"module.loss.huber_c must lie in (0, 1], got {self.huber_c}")
 
 
-def sample_noise(x0: Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
-    """eps ~ N(0, I), plus offset_noise * N(0, 1) per (sample, channel) when offset noise is on
-    (Guttenberg 2023: lets the model learn to change an image's overall brightness)."""
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    if offset_noise > 0:
-        noise = noise + offset_noise * torch.randn(x0.shape[:2] + (1,) * (x0.ndim - 2), device=x0.device,
-                                                   dtype=x0.dtype, generator=generator)
-    return noise
+L2 = LossOptions()
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float) -> Tensor:
@@ -40,25 +62,79 @@ def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float) -> Tensor:
     return w.to(device=t.device, dtype=torch.float32)
 
 
-def diffusion_loss(
-    model_output: Tensor, target: Tensor, schedule: NoiseSchedule, t: Tensor, min_snr_gamma: float | None = None,
-    mask: Tensor | None = None,
-) -> Tensor:
-    """Mean squared error per sample, optionally masked (``mask`` (B, 1, H, W) in [0, 1], see masked_loss) and
-    min-SNR weighted, averaged over the batch (float32)."""
-    per_element = (model_output.float() - target.float()).pow(2)
+def debiased_weight(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """Debiased-estimation weights (Yu et al. 2024, "Unmasking Bias in Diffusion Model Training", eq. (13)):
+    1 / sqrt(SNR_t) for eps-prediction and, as kohya's ``apply_debiased_estimation``, 1 / (SNR_t + 1) for
+    v-prediction; SNR clamped at 1000 there too."""
+    if schedule.prediction_type == "sample":
+        raise ValueError("module.loss.debiased_estimation is defined for prediction_type epsilon or v_prediction, "
+                         "not 'sample'")
+    snr = schedule.snr(t.cpu()).clamp(max=DEBIASED_SNR_MAX)
+    w = 1 / (snr + 1) if schedule.prediction_type == "v_prediction" else 1 / snr.sqrt()
+    return w.to(device=t.device, dtype=torch.float32)
+
+
+def huber_c(options: LossOptions, schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """The pseudo-Huber threshold per sample (kohya train_util ``get_huber_threshold_if_needed``):
+    constant: c; exponential: c^(t / T) (exp(-alpha t), alpha = -ln(c) / T: 1 at t = 0, c at t = T);
+    snr: c_t = (1 - c) / (1 + sigma_t)^2 + c, sigma_t = sqrt((1 - abar_t) / abar_t)."""
+    c = options.huber_c
+    if options.huber_schedule == "constant":
+        return torch.full(t.shape, c, dtype=torch.float32, device=t.device)
+    if options.huber_schedule == "exponential":
+        out = c ** (t.cpu().double() / schedule.num_train_timesteps)
+    else:
+        abar = schedule.abar(t.cpu())
+        sigma = ((1 - abar) / abar).sqrt()
+        out = (1 - c) / (1 + sigma) ** 2 + c
+    return out.to(device=t.device, dtype=torch.float32)
+
+
+def elementwise_loss(model_output: Tensor, target: Tensor, loss_type: str, c: Tensor | None = None) -> Tensor:
+    """The loss of every element (float32), for kohya's loss types (train_util ``conditional_loss``):
+    l2: d^2; l1: |d|; huber: 2c (sqrt(d^2 + c^2) - c) (pseudo-Huber, ~ d^2 near 0, ~ 2c|d| far out);
+    smooth_l1: c (sqrt(d^2 + c^2) - c). c: one threshold per sample."""
+    d = model_output.float() - target.float()
+    if loss_type == "l2":
+        return d.pow(2)
+    if loss_type == "l1":
+        return d.abs()
+    if loss_type not in ("huber", "smooth_l1"):
+        raise ValueError(f"module.loss.type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    c = c.reshape(c.shape + (1,) * (d.ndim - 1)).to(d)
+    # c (sqrt(d^2 + c^2) - c) written as c d^2 / (sqrt(d^2 + c^2) + c): the same value without the float32
+    # cancellation of sqrt(d^2 + c^2) - c when |d| << c
+    d2 = d.pow(2)
+    pseudo = c * d2 / (torch.sqrt(d2 + c.pow(2)) + c)
+    return 2 * pseudo if loss_type == "huber" else pseudo
+
+
+def diffusion_loss(model_output: Tensor, target: Tensor, schedule: NoiseSchedule, t: Tensor,
+                   min_snr_gamma: float | None = None, options: LossOptions | None = None,
+                   mask: Tensor | None = None) -> Tensor:
+    """Mean loss per sample (MSE by default), optionally masked (``mask`` (B, 1, H, W) in [0, 1], see
+    masked_loss), min-SNR and debiased weighted, averaged over the batch (float32)."""
+    options = options or L2
+    c = huber_c(options, schedule, t) if options.type in ("huber", "smooth_l1") else None
+    per_element = elementwise_loss(model_output, target, options.type, c)
     if mask is not None:
         per_element = apply_masked_loss(per_element, mask)
     per_sample = per_element.flatten(1).mean(1)
     if min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(schedule, t, min_snr_gamma)
+    if options.debiased_estimation:
+        per_sample = per_sample * debiased_weight(schedule, t)
     return per_sample.mean()
 
 
 def noised_batch(schedule: NoiseSchedule, x0: Tensor, offset_noise: float = 0.0,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Algorithm 1, lines 2-5: returns (x_t, t, target) for a clean batch x0."""
-    t = sample_timesteps(x0.shape[0], schedule, x0.device, generator)
+                 generator: torch.Generator | None = None, timesteps: TimestepSampling | None = None,
+                 noise_options: NoiseOptions | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Algorithm 1, lines 2-5: returns (x_t, t, target) for a clean batch x0. With input perturbation x_t is
+    built from the perturbed noise, the target from eps."""
+    noise_options = noise_options or NoiseOptions()
+    t = sample_timesteps(x0.shape[0], schedule, x0.device, generator, timesteps)
     noise = sample_noise(x0, offset_noise, generator)
-    x_t = q_sample(schedule, x0, t, noise)
+    noise = pyramid_noise(noise, noise_options.pyramid_iterations, noise_options.pyramid_discount, generator)
+    x_t = q_sample(schedule, x0, t, perturbed_noise(noise, noise_options.ip_noise_gamma, generator))
     return x_t, t, training_target(schedule, x0, noise, t)

@@ -155,8 +155,62 @@ def check_checkpoint_file(path: str | Path) -> None:
                               f"step*.ckpt in {path.parent}")
 
 
+# ---- module.loss / module.timesteps / module.noise / module.compile_backend of the diffusion stage
+
+def _options(cfg: DictConfig, key: str, cls: type) -> Any:
+    """The dataclass a module.<key> node builds, made here to check its values (plain numbers, nothing heavy)."""
+    node = OmegaConf.select(cfg, key)
+    if node is None:
+        return cls()
+    fields = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    known = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {unknown}; the keys are {sorted(known)}")
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e) if key in str(e) else f"{key}: {e}") from e
+
+
+def check_diffusion_options(cfg: DictConfig) -> None:
+    """Loss type, Huber schedule, timestep sampling, noise options and compile backend, before anything trains."""
+    from ldm.diffusion.losses import LossOptions
+    from ldm.diffusion.noise import NoiseOptions
+    from ldm.diffusion.timestep_sampling import TimestepSampling
+    from ldm.training.unet_compile import check_backend
+
+    if cfg.get("stage") != "diffusion" or OmegaConf.select(cfg, "module") is None:
+        return
+    loss = _options(cfg, "module.loss", LossOptions)
+    timesteps = _options(cfg, "module.timesteps", TimestepSampling)
+    noise = _options(cfg, "module.noise", NoiseOptions)
+    T = _number(cfg, "schedule.num_train_timesteps")
+    if T is not None and timesteps.max_timestep is not None and timesteps.max_timestep > T:
+        raise ConfigError(f"module.timesteps.max_timestep={timesteps.max_timestep} exceeds "
+                          f"schedule.num_train_timesteps={T} (it is exclusive: at most {T})")
+    if loss.debiased_estimation and _number(cfg, "schedule.prediction_type") == "sample":
+        raise ConfigError("module.loss.debiased_estimation=true needs schedule.prediction_type epsilon or "
+                          "v_prediction, not sample")
+    offset = _number(cfg, "module.offset_noise") or 0.0
+    if offset > 0 and noise.pyramid_iterations > 0:
+        raise ConfigError(f"module.offset_noise={offset} and module.noise.pyramid_iterations="
+                          f"{noise.pyramid_iterations} cannot both be on (as in kohya-ss/sd-scripts); set one to 0")
+    if _number(cfg, "module.compile"):
+        try:
+            check_backend(_number(cfg, "module.compile_backend") or "inductor")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
 def check_values(cfg: DictConfig) -> None:
     check_positive_int(cfg, "data.batch_size")
     check_positive_float(cfg, "optim.lr")
     check_val_check_interval(cfg)
     check_resolution(cfg)
+    check_diffusion_options(cfg)
+    from ldm.training.precision import check_precision
+
+    problem = check_precision(cfg)
+    if problem:
+        raise ConfigError(problem)

@@ -4,6 +4,7 @@ Algorithm 1 in latent space, with classifier-free conditioning dropout)."""
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from typing import Any, Callable, Iterator
@@ -13,13 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from ldm.formats.bundle import ModelBundle
-from ldm.diffusion.losses import diffusion_loss, noised_batch
+from ldm.diffusion.losses import LossOptions, diffusion_loss, noised_batch
+from ldm.diffusion.noise import NoiseOptions
 from ldm.diffusion.prior_preservation import prior_preservation_loss
 from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.diffusion.timestep_sampling import TimestepSampling
 from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.training.divergence import DivergenceGuard
 from ldm.training.ema import EMA
+from ldm.training.unet_compile import UNetCompile
 
 log = logging.getLogger("ldm.training")
 
@@ -51,6 +55,11 @@ class LatentDiffusion(L.LightningModule):
         loss_spike_factor: float | None = 100.0,
         grad_norm_spike_factor: float | None = 100.0,
         prior_loss_weight: float = 1.0,
+        loss: LossOptions | None = None,
+        timesteps: TimestepSampling | None = None,
+        noise: NoiseOptions | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
@@ -63,12 +72,16 @@ class LatentDiffusion(L.LightningModule):
         self.p_uncond, self.min_snr_gamma, self.offset_noise = p_uncond, min_snr_gamma, offset_noise
         self.sample_posterior = sample_posterior
         self.prior_loss_weight = float(prior_loss_weight)  # DreamBooth batches (data=dreambooth): class rows' weight
+        # loss type / debiased weighting, timestep sampling, pyramid noise / input perturbation (None: the defaults)
+        self.loss_options, self.timestep_sampling, self.noise_options = loss, timesteps, noise
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.adapter_config = adapter
         self.lora = self._build_adapter(adapter) if adapter is not None else None
         # EMA of what trains: the whole U-Net, or only the adapter weights
         self.ema = EMA(self.trained_module, ema_decay) if ema_decay else None
+        # after the EMA copy: module copies drop the compiled forward (nn.Module.__getstate__), so they run eager
+        self.unet_compile = UNetCompile(self.unet, compile_backend) if compile else None
         self.model_config: dict[str, Any] = {}  # the Hydra model node, saved with every checkpoint
         # skipped steps: NaN/inf, or a loss / gradient-norm spike; max_nonfinite_steps in a row stop the run
         self.guard = DivergenceGuard(loss_spike_factor, grad_norm_spike_factor, max_skipped_in_a_row=max_nonfinite_steps)
@@ -163,6 +176,8 @@ class LatentDiffusion(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------------- training
     def forward(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        if self.unet_compile is not None:  # the same (compiled in place) U-Net, timing its first forward
+            return self.unet_compile(x_t, t, context)
         return self.unet(x_t, t, context)
 
     def step_loss(self, batch: dict[str, Any]) -> Tensor:
@@ -173,18 +188,19 @@ class LatentDiffusion(L.LightningModule):
             context = self.encode_text(captions)
         else:
             context = self._dropped_context(batch, captions)
-        x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise)
+        x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise, timesteps=self.timestep_sampling,
+                                      noise_options=self.noise_options)
         return self.batch_loss(self(x_t, t, context), target, t, batch)
 
     def batch_loss(self, output: Tensor, target: Tensor, t: Tensor, batch: dict[str, Any]) -> Tensor:
-        """The loss of a batch's prediction: masked where the batch has a "mask" (ldm.diffusion.masked_loss), and
-        instance + prior_loss_weight x class rows where it marks class rows in "is_prior" (DreamBooth,
-        ldm.diffusion.prior_preservation); a plain batch has neither."""
+        """The loss of a batch's prediction (loss type, min-SNR / debiased weighting): masked where the batch has
+        a "mask" (ldm.diffusion.masked_loss), and instance + prior_loss_weight x class rows where it marks class
+        rows in "is_prior" (DreamBooth, ldm.diffusion.prior_preservation); a plain batch has neither."""
         mask = batch.get("mask")
 
         def loss_of(rows):
             return diffusion_loss(output[rows], target[rows], self.schedule, t[rows], self.min_snr_gamma,
-                                  mask=None if mask is None else mask[rows])
+                                  self.loss_options, mask=None if mask is None else mask[rows])
 
         return prior_preservation_loss(loss_of, batch.get("is_prior"), self.prior_loss_weight)
 
@@ -212,6 +228,9 @@ class LatentDiffusion(L.LightningModule):
                      if params else None)  # DDP has all-reduced the gradients already: the same on every rank
         loss_value = float(loss)
         grad_value = None if grad_norm is None else float(grad_norm)
+        if self._loss_scale_overflow(loss_value, grad_value):
+            self._step_skipped = True  # GradScaler skips the update and lowers its scale: no EMA update, no log
+            return
         reason = self.guard.verdict(loss_value, grad_value)
         self._step_skipped = reason is not None
         if reason is None:
@@ -228,6 +247,17 @@ class LatentDiffusion(L.LightningModule):
         self.log("train/nonfinite_steps", float(self.guard.nonfinite_total), batch_size=1)
         self.log("train/diverged_steps", float(self.guard.diverged_total), batch_size=1)
         self.guard.stop_if_persistent(reason)  # max_nonfinite_steps in a row
+
+    def _loss_scale_overflow(self, loss: float, grad_norm: float | None) -> bool:
+        """fp16 loss scaling (16-mixed): a finite loss whose unscaled gradients are inf/NaN is the scaler's overflow,
+        which GradScaler handles itself (skips the step, halves the scale), not a divergence of the weights."""
+        trainer = self._trainer
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+        if scaler is None or grad_norm is None or math.isfinite(grad_norm) or not math.isfinite(loss):
+            return False
+        log.info("step %d: fp16 loss-scale overflow (scale %g), the scaler skips it", self.global_step,
+                 scaler.get_scale())
+        return True
 
     def _dropped_context(self, batch: dict[str, Any], captions: list[str]) -> Tensor:
         """Cached text contexts: swap in the empty-prompt context where the caption was dropped."""

@@ -17,6 +17,7 @@ from ldm.data.bad_samples import bad_sample_names
 from ldm.training.callbacks import BadSamplesCallback, DatasetEpochCallback
 from ldm.training.config import STAGES
 from ldm.training.config_checks import ConfigError, check_checkpoint_file, check_values
+from ldm.training.precision import precision_overrides
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
 from ldm.training.run_folder import created_here, fold_into
 
@@ -194,8 +195,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if hasattr(datamodule, "bad_samples_dir"):
         callbacks.append(BadSamplesCallback(bad_samples_dir))
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
+    precision = precision_overrides(cfg)  # 16-mixed on the CPU: fp16 autocast + GradScaler("cpu"), not bf16
+    plugins = [AtomicCheckpointIO(), *precision.pop("plugins", [])]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
-                               default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+                               default_root_dir=str(run_dir), plugins=plugins, **precision)
     for cb in trainer.checkpoint_callbacks:  # partial files of a save that was killed (or ran out of disk)
         for stale in AtomicCheckpointIO.remove_stale(cb.dirpath) if getattr(cb, "dirpath", None) else []:
             log.warning("removed %s, left by an interrupted checkpoint save", stale)

@@ -162,6 +162,17 @@ def test_shapes_lora(capsys, tmp_path):
         assert row[when]["all"]["n"] == 21
 
 
+def test_optim_memory(capsys):
+    pytest.importorskip("bitsandbytes")
+    rows = bench_module("optim_memory").main(["--device", "cpu", "--preset", "tiny", "--resolution", "16",
+                                              "--batch", "1", "--steps", "1"])
+    assert [r["optimizer"] for r in rows] == ["adamw", "adamw8bit", "adafactor"]
+    by = {r["optimizer"]: r for r in rows}
+    assert by["adamw"]["state B/param"] == 8.0  # two fp32 moments per parameter
+    assert by["adamw8bit"]["state / adamw"] < 0.5 and by["adafactor"]["state / adamw"] < 0.5
+    assert "state / adamw" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_buckets(capsys, tmp_path):
     rows = bench_module("buckets").main(["--images", "14", "--steps", "2", "--rounds", "1", "--dir", str(tmp_path)])
