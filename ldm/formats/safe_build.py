@@ -79,6 +79,7 @@ class Param:
     high: float | None = None
     choices: tuple | None = None
     list_of: bool = False  # a list (of ``types`` items)
+    or_list: bool = False  # one value, or a list of them (a per-level setting)
 
 
 INT, FLOAT, BOOL, STR = (int,), (int, float), (bool,), (str,)
@@ -94,9 +95,9 @@ UNET_SCHEMA = {
     "in_channels": _channels(256), "out_channels": _channels(256), "model_channels": _channels(4096),
     "channel_mult": Param(INT, 1, 32, list_of=True), "num_res_blocks": Param(INT, 1, 16),
     "attention_levels": Param(INT, 0, 15, list_of=True), "num_heads": Param(INT, -1, 1024),
-    "num_head_channels": Param(INT, -1, 4096), "transformer_depth": Param(INT, 1, 64),
+    "num_head_channels": Param(INT, -1, 4096), "transformer_depth": Param(INT, 0, 64, or_list=True),
     "context_dim": _channels(16384), "use_linear_projection": Param(BOOL), "dropout": Param(FLOAT, 0.0, 1.0),
-    "gradient_checkpointing": Param(BOOL),
+    "gradient_checkpointing": Param(BOOL), "adm_in_channels": Param((int, type(None)), 1, 65536),
 }
 AUTOENCODER_SCHEMA = {
     "in_channels": _channels(256), "out_channels": _channels(256), "latent_channels": _channels(256),
@@ -137,12 +138,13 @@ def check_kwargs(kwargs: dict, schema: dict[str, Param], *, source: str, key: st
         param = schema.get(name)
         if param is None:
             raise CheckpointError(f"{source}: unknown key {where}; allowed: {', '.join(sorted(schema))}")
-        items = value if param.list_of else [value]
-        if param.list_of and not isinstance(value, (list, tuple)):
+        is_list = isinstance(value, (list, tuple))
+        items = value if is_list and (param.list_of or param.or_list) else [value]
+        if param.list_of and not is_list:
             raise CheckpointError(f"{source}: {where} must be a list, got {value!r}")
         for item in items:
             _check_value(item, param, source=source, where=where)
-        out[name] = list(value) if param.list_of else value
+        out[name] = list(value) if is_list and (param.list_of or param.or_list) else value
     return out
 
 
