@@ -53,7 +53,8 @@ SCHEDULER_OPTIONAL = ("timestep_spacing", "steps_offset", "rescale_betas_zero_sn
                       "set_alpha_to_one")
 # Bookkeeping keys diffusers writes into config.json (never read here); any other "_" key (_target_, ...) is refused.
 DIFFUSERS_METADATA = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
-_HUB_PATTERNS = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
+_HUB_PATTERNS = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors",
+                 "text_encoder_2/*.safetensors"]
 
 
 def resolve_folder(path_or_hub_id) -> Path:
@@ -159,12 +160,37 @@ _load_vae = _network_loader("autoencoder", "vae", vae_config_from_diffusers, vae
 def _load_text_encoder(sub: Path, text_encoder, strict: bool, variant):
     from ldm.models.text_encoder import CLIPTextEncoder, to_module_keys
 
+    if (sub.parent / "text_encoder_2").is_dir():  # SDXL: ViT-L + bigG
+        return _load_dual_text_encoder(sub.parent, text_encoder, strict, variant)
     if text_encoder is None:
         read_clip_text_config(sub)  # sizes checked before transformers allocates them
         return CLIPTextEncoder.from_pretrained(sub.parent)
     model = text_model(text_encoder)
     state = to_module_keys(read_weights(sub, "model", variant), model)
     load_into(model, state, source=str(sub), strict=strict)
+    return text_encoder
+
+
+def _load_dual_text_encoder(folder: Path, text_encoder, strict: bool, variant):
+    """``text_encoder/`` + ``text_encoder_2/`` (+ their tokenizers) of an SDXL folder -> DualCLIPTextEncoder."""
+    from ldm.models.text_encoder import to_module_keys
+    from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
+
+    if text_encoder is None:
+        for name in ("text_encoder", "text_encoder_2"):
+            read_clip_text_config(folder / name)  # sizes checked before transformers allocates them
+        for name in ("tokenizer", "tokenizer_2"):
+            if not (folder / name).is_dir():
+                raise CheckpointError(f"{folder}: an SDXL folder needs {name}/ beside text_encoder_2/")
+        return DualCLIPTextEncoder.from_pretrained(folder)
+    if not isinstance(text_encoder, DualCLIPTextEncoder):
+        raise CheckpointError(f"{folder}: an SDXL folder (text_encoder_2/) needs a DualCLIPTextEncoder to load into, "
+                              f"got {type(text_encoder).__name__}")
+    load_into(text_encoder.model, to_module_keys(read_weights(folder / "text_encoder", "model", variant),
+                                                 text_encoder.model), source=str(folder / "text_encoder"), strict=strict)
+    state_2 = {k: v for k, v in read_weights(folder / "text_encoder_2", "model", variant).items()
+               if not k.endswith("position_ids")}
+    load_into(text_encoder.model_2, state_2, source=str(folder / "text_encoder_2"), strict=strict)
     return text_encoder
 
 
@@ -234,6 +260,9 @@ def load_diffusers(source, *, text_encoder: nn.Module | None = None) -> ModelBun
     sample_size = json.loads(unet_cfg.read_text()).get("sample_size") if unet_cfg.is_file() else None
     if isinstance(sample_size, int):
         meta["resolution"] = sample_size * out["vae"].downsample_factor
+    if out["unet"].config.get("adm_in_channels"):  # SDXL: its VAE overflows in float16 unless fixed (force_upcast)
+        vae_cfg = folder / "vae" / "config.json"
+        meta["vae_fp32"] = _read_json(vae_cfg).get("force_upcast", True) is not False if vae_cfg.is_file() else True
     return ModelBundle(out["unet"], out["vae"], te, schedule_from_diffusers(out["scheduler"]),
                        source=str(source), meta=meta)
 

@@ -43,3 +43,15 @@ def sdxl_vector(pooled: Tensor, values: Tensor, dim: int = SIZE_EMBED_DIM) -> Te
     if emb.shape[0] != pooled.shape[0]:
         raise ValueError(f"{pooled.shape[0]} pooled embeddings for {emb.shape[0]} rows of size values")
     return torch.cat([pooled, emb], dim=1)
+
+
+def default_size_values(batch: int, height: int, width: int) -> Tensor:
+    """(B, 6) micro-conditioning of an uncropped image generated at its own size: original = target = (h, w),
+    crop (0, 0) (diffusers StableDiffusionXLPipeline defaults; SGM sampling defaults)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch, -1).clone()
+
+
+def unet_conditioning(text: dict[str, Tensor], values: Tensor) -> dict[str, Tensor]:
+    """The dual text encoder's {"crossattn", "pooled"} + (B, 6) size values -> the U-Net's
+    {"crossattn", "vector"} (SGM GeneralConditioner output)."""
+    return {"crossattn": text["crossattn"], "vector": sdxl_vector(text["pooled"], values)}
