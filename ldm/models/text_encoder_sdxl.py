@@ -51,6 +51,8 @@ class DualCLIPTextEncoder(nn.Module):
     ``model_1``: transformers ``CLIPTextModel`` (ViT-L); ``model_2``: ``CLIPTextModelWithProjection`` (bigG).
     """
 
+    context_cacheable = False  # the latent cache stores one (L, D) context per caption: SDXL's pair is encoded live
+
     def __init__(self, model_1, tokenizer_1, model_2, tokenizer_2, max_length: int = 77, frozen: bool = True,
                  zero_uncond: bool = True):
         super().__init__()

@@ -206,8 +206,8 @@ class UNet(nn.Module):
             attention_levels=list(attention_levels),
             num_heads=num_heads,
             num_head_channels=num_head_channels,
-            transformer_depth=list(transformer_depth) if isinstance(transformer_depth, (list, tuple))
-            else transformer_depth,
+            transformer_depth=transformer_depth if isinstance(transformer_depth, int)
+            else [int(d) for d in transformer_depth],
             context_dim=context_dim,
             use_linear_projection=use_linear_projection,
             dropout=dropout,
@@ -330,7 +330,7 @@ class UNet(nn.Module):
 
 def _level_depths(transformer_depth, levels, attention_levels):
     """Transformer depth per level (a list of `levels` ints) from an int or a per-level list."""
-    if isinstance(transformer_depth, (list, tuple)):
+    if not isinstance(transformer_depth, int):  # a list / tuple / Hydra ListConfig
         depths = [int(d) for d in transformer_depth]
         if len(depths) != levels:
             raise ValueError(f"transformer_depth {depths} needs one depth per level ({levels} levels)")

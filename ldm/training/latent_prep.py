@@ -112,6 +112,8 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
         return None
     store = "posterior" if module.sample_posterior else "mode"
     text_encoder = module.text_encoder if text_encoder_is_frozen(module.text_encoder) else None
+    if not getattr(module.text_encoder, "context_cacheable", True):  # SDXL's {crossattn, pooled}: captions only
+        text_encoder = None
     folder = cache_folder(root, spec, module.autoencoder, store, text_encoder)
     options = dict(store=store, text="context" if text_encoder is not None else "caption",
                    scaling_factor=float(getattr(module.autoencoder, "scaling_factor", 1.0)),
