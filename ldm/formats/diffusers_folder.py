@@ -334,6 +334,8 @@ def write_hub_text_encoder(text_encoder, folder: Path, dtype: torch.dtype | None
     """
     from ldm.models.text_encoder import to_hub_keys
 
+    if hasattr(text_encoder, "model_2"):  # SDXL: + text_encoder_2/ and tokenizer_2/
+        return _write_dual_text_encoder(text_encoder, folder, dtype)
     model = text_model(text_encoder)
     config = copy.deepcopy(model.config)
     state = to_hub_keys(model.state_dict())
@@ -358,6 +360,40 @@ def write_hub_text_encoder(text_encoder, folder: Path, dtype: torch.dtype | None
     return written
 
 
+def _write_text_model(config, state: dict, out: Path, architecture: str, dtype: torch.dtype | None) -> None:
+    config = copy.deepcopy(config)
+    config.architectures = [architecture]
+    stored = dtype or next(iter(state.values())).dtype
+    if hasattr(config, "dtype"):
+        config.dtype = stored
+    else:  # transformers 4.x
+        config.torch_dtype = stored
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_safetensors(cast_state(state, dtype), out / "model.safetensors")
+
+
+def _write_dual_text_encoder(text_encoder, folder: Path, dtype: torch.dtype | None) -> list[str]:
+    """SDXL's ``text_encoder/`` (CLIPTextModel) + ``text_encoder_2/`` (CLIPTextModelWithProjection) + tokenizers."""
+    hub_1, hub_2 = text_encoder.hub_state_dicts()
+    _write_text_model(text_encoder.model.config, hub_1, folder / "text_encoder", "CLIPTextModel", dtype)
+    _write_text_model(text_encoder.model_2.config, hub_2, folder / "text_encoder_2", "CLIPTextModelWithProjection",
+                      dtype)
+    text_encoder.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    text_encoder.tokenizer_2.save_pretrained(str(folder / "tokenizer_2"))
+    return ["text_encoder/", "tokenizer/", "text_encoder_2/", "tokenizer_2/"]
+
+
+def sdxl_model_index() -> dict:
+    """``model_index.json`` of a ``StableDiffusionXLPipeline`` (zero unconditional text, no watermarker)."""
+    index = {k: v for k, v in model_index().items()
+             if k not in ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker")}
+    return {**index, "_class_name": "StableDiffusionXLPipeline", "feature_extractor": [None, None],
+            "image_encoder": [None, None], "force_zeros_for_empty_prompt": True,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+
+
 def write_diffusers(bundle: ModelBundle, folder: Path, *, frozen: bool = True, dtype: torch.dtype | None = None,
                     resolution: int = 512) -> list[str]:
     """A ``StableDiffusionPipeline`` folder; ``frozen=False`` writes only ``unet/``, ``scheduler/`` and
@@ -370,13 +406,17 @@ def write_diffusers(bundle: ModelBundle, folder: Path, *, frozen: bool = True, d
     _write_component(folder, "unet", unet_diffusers_config(unet_cfg, latent_size),
                      unet_ldm_to_diffusers(bundle.unet.state_dict(), unet_cfg), dtype)
     written = ["unet/"]
+    sdxl = hasattr(bundle.text_encoder, "model_2")
     if frozen:
-        _write_component(folder, "vae", vae_diffusers_config(vae.config, resolution),
-                         vae_ldm_to_diffusers(vae.state_dict(), vae.config), dtype)
+        vae_config = vae_diffusers_config(vae.config, resolution)
+        if sdxl:  # SDXL's VAE overflows in float16: diffusers decodes it in float32
+            vae_config["force_upcast"] = bool(bundle.meta.get("vae_fp32", True))
+        _write_component(folder, "vae", vae_config, vae_ldm_to_diffusers(vae.state_dict(), vae.config),
+                         None if sdxl and vae_config["force_upcast"] else dtype)
         written.append("vae/")
         written += write_hub_text_encoder(bundle.text_encoder, folder, dtype, drop_unused_last_layer=True)
     write_json(folder / "scheduler" / "scheduler_config.json", diffusers_scheduler_config(bundle.schedule))
-    write_json(folder / "model_index.json", model_index())
+    write_json(folder / "model_index.json", sdxl_model_index() if sdxl else model_index())
     return written + ["scheduler/", "model_index.json"]
 
 

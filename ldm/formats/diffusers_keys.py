@@ -198,7 +198,7 @@ def unet_diffusers_config(unet_config: dict, sample_size: int | None = None) -> 
     levels = len(c["channel_mult"])
     attn = set(c["attention_levels"])
     if _head_channels(c) > 0:  # SD2: head counts per level (= channels / 64)
-        head_dim = [c["model_channels"] * m // _head_channels(c) for m in c["channel_mult"]]
+        head_dim = [max(1, c["model_channels"] * m // _head_channels(c)) for m in c["channel_mult"]]
     else:
         head_dim = c["num_heads"]  # SD1: diffusers' "attention_head_dim" is the head count
     depth = c.get("transformer_depth", 1)
@@ -254,8 +254,10 @@ def unet_config_from_diffusers(cfg: dict) -> dict:
         if len(set(heads)) == 1:
             num_heads, head_channels = heads[0], -1
         else:
-            widths = {b // h for b, h in zip(blocks, heads)}
-            if len(widths) != 1 or any(b % h for b, h in zip(blocks, heads)):
+            # only levels with attention have heads (SDXL's first level: a head count diffusers never uses)
+            pairs = [(blocks[i], heads[i]) for i in attention_levels] or list(zip(blocks, heads))
+            widths = {b // h for b, h in pairs if h > 0}
+            if len(widths) != 1 or any(h <= 0 or b % h for b, h in pairs):
                 raise ValueError(f"head counts {heads} give no common head width for {blocks}")
             num_heads, head_channels = -1, widths.pop()
     else:
