@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from ldm.data.cached_latents import CachedLatentsDataset, _mix
+from ldm.data.captions import SharedEpoch
 from ldm.data.latent_cache import LatentCacheError, build_latent_cache, read_manifest
 
 logger = logging.getLogger("ldm.data")
@@ -49,6 +50,8 @@ class CacheSpec:
     source: the same samples in the same order without random augmentation (no flip, centre crop).
     flip: the dataset flips at random: cache both variants.
     random_crop: the dataset crops at random: not cacheable (train on the fly).
+    captions: random caption options (`ldm.data.captions`) the view applies on read, per (seed, epoch, index):
+        the cache then holds the captions as read, and no text contexts (see `contexts_cacheable`).
     """
 
     settings: dict
@@ -58,6 +61,7 @@ class CacheSpec:
     random_crop: bool = False
     resolution: int | None = None
     extra: dict = field(default_factory=dict)
+    captions: Any = None
 
 
 def cache_spec(dataset) -> CacheSpec | None:
@@ -68,7 +72,7 @@ def cache_spec(dataset) -> CacheSpec | None:
             return None
         indices = list(dataset.indices)
         return CacheSpec(inner.settings, [inner.items[i] for i in indices], Subset(inner.source, indices),
-                         inner.flip, inner.random_crop, inner.resolution, inner.extra)
+                         inner.flip, inner.random_crop, inner.resolution, inner.extra, inner.captions)
     make = getattr(dataset, "cache_spec", None)
     return make() if callable(make) else None
 
@@ -191,7 +195,13 @@ def sync_cache(folder: str | Path, spec: CacheSpec, encode: Encode, *, store: st
     for number in [] if read_only else sorted(set(parts) - used):  # every row of it belongs to files that changed or went away
         shutil.rmtree(parts.pop(number))
     table = [[found[(identity, flip)] for flip in variants] for identity in spec.items]
-    return CachedView(parts, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution)
+    return CachedView(parts, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution,
+                      captions=spec.captions)
+
+
+def contexts_cacheable(spec: CacheSpec) -> bool:
+    """Text contexts can be cached per image unless random caption options change the caption each epoch."""
+    return spec.captions is None
 
 
 def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, seed: int,
@@ -210,29 +220,37 @@ def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, se
         encoded = n
     rows = _read_rows(part)
     table = [[(0, i + v) for v in range(len(variants))] for i in range(0, len(rows), len(variants))]
-    return CachedView({0: part}, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution)
+    return CachedView({0: part}, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution,
+                      captions=spec.captions)
 
 
 class CachedView(Dataset):
     """Map-style dataset over a synced cache: index i -> one of its variants' rows (picked per (seed, epoch, i)).
 
     Items are those of `CachedLatentsDataset` ({"latents", "caption", "index"[, "context"]}), with "index" the
-    dataset's index. `set_epoch` gives new posterior draws and new flip choices."""
+    dataset's index. `set_epoch` gives new posterior draws and new flip choices (and new captions, when random
+    caption options are applied on read)."""
 
     def __init__(self, parts: dict[int, Path], table: list[list[tuple[int, int]]], seed: int = 0,
-                 sample: bool = True, encoded: int = 0, resolution: int | None = None):
+                 sample: bool = True, encoded: int = 0, resolution: int | None = None, captions=None):
         self.parts = {n: CachedLatentsDataset(p, sample=sample, seed=_mix(seed, n)) for n, p in parts.items()}
-        self.table, self.seed, self.epoch = table, int(seed), 0
+        self.table, self.seed = table, int(seed)
+        self._epoch = SharedEpoch()  # persistent DataLoader workers must see set_epoch too (flips, captions)
         self.encoded, self.resolution = encoded, resolution
         first = next(iter(self.parts.values()))
         self.latent_shape, self.context_shape = first.latent_shape, first.context_shape
         self.has_context = first.has_context
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.table)
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.set(epoch)
         for part in self.parts.values():
             part.set_epoch(epoch)
 
@@ -242,6 +260,8 @@ class CachedView(Dataset):
         number, row = variants[choice]
         item = self.parts[number][row]
         item["index"] = int(index)
+        if self.captions is not None:
+            item["caption"] = self.captions(item["caption"], int(index), self.epoch)
         return item
 
     def __repr__(self) -> str:

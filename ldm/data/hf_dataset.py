@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.bad_samples import BadSampleTracker, decode_image, upright
+from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
 
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json")
@@ -38,6 +39,8 @@ class HFDataset(Dataset):
         name, data_dir, revision, cache_dir: passed to `datasets.load_dataset`.
         max_samples: keep only the first `max_samples` rows.
         load_kwargs: any other `datasets.load_dataset` keyword arguments.
+        captions: caption options (`ldm.data.captions.CaptionProcessor` fields, config `data.train.captions`),
+            applied per (seed, epoch, index); None: captions as read. (`extension` is for image folders.)
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class HFDataset(Dataset):
         cache_dir: str | None = None,
         max_samples: int | None = None,
         load_kwargs: dict[str, Any] | None = None,
+        captions: CaptionProcessor | dict | None = None,
     ):
         if load_from_disk not in ("auto", True, False):
             raise ValueError(f"HFDataset: load_from_disk must be 'auto', True or False, got {load_from_disk!r}")
@@ -64,6 +68,11 @@ class HFDataset(Dataset):
         self.split = split
         self.image_column = image_column
         self.caption_column = caption_column
+        self.caption_options = CaptionProcessor.of(captions)
+        if self.caption_options.extension != ".txt":
+            raise ValueError("HFDataset: data.train.captions.extension is for image folders; a table's captions come "
+                             f"from data.train.caption_column (now {caption_column!r})")
+        self._epoch = SharedEpoch()
         from_disk = is_saved_dataset(path) if load_from_disk == "auto" else bool(load_from_disk)
         if from_disk:
             table = self._load_from_disk(split)
@@ -93,7 +102,14 @@ class HFDataset(Dataset):
     def _load(self, i: int) -> dict:
         row = self.table[i]
         image = self.transform(_to_pil(row[self.image_column]))
-        return {"image": image, "caption": self._caption(row), "index": i}
+        caption = self._caption(row)
+        if not self.caption_options.is_identity:
+            caption = self.caption_options(caption, i, self._epoch.get())
+        return {"image": image, "caption": caption, "index": i}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Caption shuffle / dropout / wildcards draw anew each epoch."""
+        self._epoch.set(epoch)
 
     @property
     def resolution(self) -> int:
@@ -114,7 +130,7 @@ class HFDataset(Dataset):
         plain.transform = ImageTransform(t.resolution, center_crop=True, random_flip=False)
         items = [f"{version}:{i}" for i in range(len(self.table))]
         return CacheSpec(settings, items, plain, flip=t.random_flip, random_crop=not t.center_crop,
-                         resolution=t.resolution)
+                         resolution=t.resolution, **caption_cache_fields(plain, settings))
 
     def _caption(self, row: dict) -> str:
         if self.caption_column is None:

@@ -3,11 +3,14 @@
 Captions come from, in order of preference:
   1. a `metadata.jsonl` or `metadata.csv` (in the root or any subfolder) whose rows have
      `file_name` (relative to that metadata file's folder) and the caption column;
-  2. a sidecar text file next to the image (`img.png` + `img.txt`);
+  2. a sidecar text file next to the image (`img.png` + `img.txt`; `captions.extension` picks another suffix,
+     e.g. ".caption");
   3. otherwise "" (counted in `missing_captions`, logged once at start-up).
 
 Files that cannot be decoded are skipped: warned once by name, counted in `bad_files`,
 and the next index is returned instead.
+
+Captions are then processed per sample (prefix/suffix, wildcards, shuffle, tag dropout: `ldm.data.captions`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from ldm.data.bad_samples import BadSampleTracker, decode_image
+from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger("ldm.data")
@@ -37,6 +41,8 @@ class ImageFolderDataset(Dataset):
         caption_column: metadata column holding the caption.
         center_crop, random_flip, seed: passed to `ImageTransform`.
         extensions: image file suffixes to include (case-insensitive).
+        captions: caption options (`ldm.data.captions.CaptionProcessor` fields, config `data.train.captions`),
+            applied per (seed, epoch, index); None: captions as read.
     """
 
     def __init__(
@@ -48,11 +54,14 @@ class ImageFolderDataset(Dataset):
         random_flip: bool = False,
         seed: int | None = None,
         extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS,
+        captions: CaptionProcessor | dict | None = None,
     ):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolderDataset: root folder does not exist: {self.root}")
         self.caption_column = caption_column
+        self.caption_options = CaptionProcessor.of(captions)
+        self._epoch = SharedEpoch()
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, seed=seed)
         self.files = self._find_images()
@@ -81,10 +90,20 @@ class ImageFolderDataset(Dataset):
         """Sample `index`, or the next readable one if that file is bad."""
         return self._bad.first_readable(index, len(self.files), self.files.__getitem__, self._load)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Caption shuffle / dropout / wildcards draw anew each epoch."""
+        self._epoch.set(epoch)
+
     def _load(self, i: int) -> dict:
         key = self.files[i]
         image = self.transform(decode_image(str(self.root / key)))
-        return {"image": image, "caption": self.captions[i], "key": key, "index": i}
+        return {"image": image, "caption": self.caption(i), "key": key, "index": i}
+
+    def caption(self, i: int) -> str:
+        """The processed caption of sample i in the current epoch."""
+        if self.caption_options.is_identity:
+            return self.captions[i]
+        return self.caption_options(self.captions[i], i, self._epoch.get())
 
     @property
     def resolution(self) -> int:
@@ -107,7 +126,7 @@ class ImageFolderDataset(Dataset):
         plain = copy.copy(self)
         plain.transform = ImageTransform(t.resolution, center_crop=True, random_flip=False)
         return CacheSpec(settings, items, plain, flip=t.random_flip, random_crop=not t.center_crop,
-                         resolution=t.resolution)
+                         resolution=t.resolution, **caption_cache_fields(plain, settings))
 
     def _find_images(self) -> list[str]:
         return sorted(
@@ -120,7 +139,7 @@ class ImageFolderDataset(Dataset):
         from_metadata = self._read_all_metadata()
         captions, missing = [], 0
         for key in self.files:
-            caption = from_metadata.get(key) or _read_sidecar(self.root / key)
+            caption = from_metadata.get(key) or _read_sidecar(self.root / key, self.caption_options.extension)
             if not caption:
                 missing += 1
             captions.append(caption or "")
@@ -181,8 +200,8 @@ def _utf8_lines(path: Path) -> tuple[list[tuple[int, str]], list[int]]:
     return good, bad
 
 
-def _read_sidecar(image_path: Path) -> str | None:
-    sidecar = image_path.with_suffix(".txt")
+def _read_sidecar(image_path: Path, extension: str = ".txt") -> str | None:
+    sidecar = image_path.with_suffix(extension)
     if not sidecar.is_file():
         return None
     return sidecar.read_text(encoding="utf-8").strip()

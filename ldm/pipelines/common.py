@@ -113,7 +113,9 @@ def encode_prompts(bundle: ModelBundle, prompts: list[str], negative_prompt: str
     """Step 1 (CLIP text encoder): prompts -> context (B, L, D), B = len(prompts) * num_images_per_prompt.
 
     The unconditional branch of CFG is the empty prompt's context, or the negative prompt's when one is given
-    (one string for all prompts, or one per prompt). With guidance_scale 1 it is not needed.
+    (one string for all prompts, or one per prompt). With guidance_scale 1 it is not needed. Long prompts
+    (``max_chunks`` > 1): prompt and negative prompt are padded to the same number of 77-token chunks with
+    empty-prompt chunks (A1111's CFG padding), as the two branches run in one batch.
     SDXL (a dual encoder giving {"crossattn", "pooled"}): both branches become the U-Net's {"crossattn", "vector"}
     with the micro-conditioning of an uncropped ``size`` = (height, width) image (diffusers' defaults); the
     unconditional text is zeros (SDXL's force_zeros_for_empty_prompt) unless a negative prompt is given.
@@ -141,6 +143,9 @@ def encode_prompts(bundle: ModelBundle, prompts: list[str], negative_prompt: str
         if len(negative_prompt) != len(prompts):
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
         uncond = prepared(te(negative_prompt), num_images_per_prompt)
+    if not isinstance(context, dict) and uncond.shape[1] != context.shape[1]:
+        length = max(uncond.shape[1], context.shape[1])
+        context, uncond = te.pad_context(context, length), te.pad_context(uncond, length)
     return Conditioning(context, uncond)
 
 
