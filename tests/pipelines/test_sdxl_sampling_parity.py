@@ -139,3 +139,7 @@ def test_the_sdxl_vae_stays_float32(folder):
     bundle = load_bundle(folder, device="cpu", dtype="bfloat16")
     assert next(bundle.unet.parameters()).dtype == torch.bfloat16
     assert next(bundle.autoencoder.parameters()).dtype == torch.float32  # force_upcast: SDXL's VAE overflows in fp16
+    from ldm.pipelines import text_to_image
+
+    images = text_to_image(bundle, PROMPT, steps=2, guidance_scale=GUIDANCE, height=SIZE, width=SIZE, seed=SEED)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()  # bf16 U-Net, float32 decode
