@@ -22,7 +22,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ldm.data.bad_samples import BadSampleTracker, decode_image
+from ldm.data.bad_samples import BadSampleTracker, decode_image, upright_size
+from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
 from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
 
@@ -43,6 +44,9 @@ class ImageFolderDataset(Dataset):
         extensions: image file suffixes to include (case-insensitive).
         captions: caption options (`ldm.data.captions.CaptionProcessor` fields, config `data.train.captions`),
             applied per (seed, epoch, index); None: captions as read.
+        buckets: aspect-ratio buckets (`ldm.data.buckets.BucketSettings`: enabled, step, min_side, max_side,
+            no_upscale); enabled, each image is resized to cover its bucket (max area resolution^2) and cropped
+            to it, and its sample records original_size, crop_top_left and target_size.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class ImageFolderDataset(Dataset):
         seed: int | None = None,
         extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS,
         captions: CaptionProcessor | dict | None = None,
+        buckets: dict | None = None,
     ):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -77,6 +82,9 @@ class ImageFolderDataset(Dataset):
                 self.root, self.missing_captions, len(self.files),
             )
         self._bad = BadSampleTracker(f"ImageFolderDataset({self.root})")
+        self.bucket_assignment = assign_source_buckets(
+            buckets, [upright_size(str(self.root / key)) for key in self.files] if buckets_enabled(buckets) else [],
+            self.transform.resolution, f"ImageFolderDataset({self.root})")
 
     @property
     def bad_files(self) -> set[str]:
@@ -88,16 +96,22 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """Sample `index`, or the next readable one if that file is bad."""
-        return self._bad.first_readable(index, len(self.files), self.files.__getitem__, self._load)
+        return self._bad.first_readable(index, len(self.files), self.files.__getitem__,
+                                        lambda i: self._load(i, slot=index % len(self.files)))
 
     def set_epoch(self, epoch: int) -> None:
         """Caption shuffle / dropout / wildcards draw anew each epoch."""
         self._epoch.set(epoch)
 
-    def _load(self, i: int) -> dict:
+    def _load(self, i: int, slot: int | None = None) -> dict:
+        """Image i, at the size of index ``slot``'s bucket with buckets (i replaces an unreadable ``slot``)."""
         key = self.files[i]
-        image = self.transform(decode_image(str(self.root / key)))
-        return {"image": image, "caption": self.caption(i), "key": key, "index": i}
+        image = decode_image(str(self.root / key))
+        if self.bucket_assignment is None:
+            sample = {"image": self.transform(image)}
+        else:
+            sample = bucket_sample(self.transform, self.bucket_assignment, image, i if slot is None else slot, i)
+        return {**sample, "caption": self.caption(i), "key": key, "index": i}
 
     def caption(self, i: int) -> str:
         """The processed caption of sample i in the current epoch."""
@@ -116,17 +130,24 @@ class ImageFolderDataset(Dataset):
 
         from ldm.data.auto_cache import CacheSpec
 
+        buckets = self.bucket_assignment
         items = []
-        for key, caption in zip(self.files, self.captions):
+        for i, (key, caption) in enumerate(zip(self.files, self.captions)):
             stat = (self.root / key).stat()
-            items.append(json.dumps([key, stat.st_size, stat.st_mtime_ns, caption]))
+            identity = [key, stat.st_size, stat.st_mtime_ns, caption]
+            items.append(json.dumps(identity if buckets is None else identity + [list(buckets.target(i)),
+                                                                         list(buckets.resized[i])]))
         t = self.transform
         settings = {"kind": "ImageFolderDataset", "root": str(self.root.resolve()), "resolution": t.resolution,
                     "center_crop": t.center_crop}
+        if buckets is not None:  # another bucket table crops differently: another cache folder
+            settings["buckets"] = {"table": [list(b) for b in buckets.table], "no_upscale": not buckets.table}
         plain = copy.copy(self)
         plain.transform = ImageTransform(t.resolution, center_crop=True, random_flip=False)
         return CacheSpec(settings, items, plain, flip=t.random_flip, random_crop=not t.center_crop,
-                         resolution=t.resolution, **caption_cache_fields(plain, settings))
+                         resolution=t.resolution, buckets=buckets,
+                         records=None if buckets is None else cache_records(buckets, t.random_flip),
+                         **caption_cache_fields(plain, settings))
 
     def _find_images(self) -> list[str]:
         return sorted(

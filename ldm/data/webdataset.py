@@ -101,8 +101,15 @@ class WebDatasetSource(IterableDataset):
         json_caption_field: str = "caption",
         epoch_size: int | None = None,
         captions: CaptionProcessor | dict | None = None,
+        buckets: dict | None = None,
     ):
         super().__init__()
+        from ldm.data.buckets import BucketSettings
+
+        if BucketSettings.of(buckets).enabled:
+            raise ValueError("data.train.buckets: aspect-ratio buckets are not supported for webdataset shards (a "
+                             "stream cannot be grouped by bucket without reading it ahead); webdataset stays square: "
+                             "set data.train.buckets.enabled=false, or use data=folder / data=hf")
         self.urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
         if not self.urls:
             raise ValueError(f"WebDatasetSource: no shards in urls={urls!r}")

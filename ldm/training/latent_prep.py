@@ -139,7 +139,8 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
     else:
         view = _wait_for(folder, spec, options)
     datamodule.source_dataset = source
-    datamodule.train_dataset = view
+    # a dataset that pairs its rows (DreamBooth: instance + class) reads them from the view; others are the view
+    datamodule.train_dataset = source.with_cache(view) if callable(getattr(source, "with_cache", None)) else view
     return view
 
 

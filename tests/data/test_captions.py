@@ -253,3 +253,23 @@ def test_persistent_workers_see_the_new_epoch(tmp_path, images):
             dataset.set_epoch(epoch)
             (batch,) = list(loader)
             assert batch["caption"] == [p(ds.captions[i], i, epoch) for i in range(4)], (type(dataset), epoch)
+
+
+def test_random_captions_and_buckets_together_through_the_cache(tmp_path, images):
+    """Buckets (latents of several shapes, micro-conditioning records) and random caption options (applied on
+    read) meet in the cached view: each item has its bucket's latent shape, its record and the epoch's caption."""
+    root = tmp_path / "mixed"
+    for i, size in enumerate([(24, 8), (8, 24), (16, 16), (24, 8)]):
+        images.save(root / f"{i}.png", size=size)
+        (root / f"{i}.txt").write_text(f"img{i}, red, green, blue")
+    ds = ImageFolderDataset(root, resolution=16, captions={"shuffle": True, "keep_tokens": 1, "seed": 1},
+                            buckets={"enabled": True, "step": 8})
+    view = sync_cache(tmp_path / "cache", cache_spec(ds), Encoder(), batch_size=2, progress=False, sample=False)
+    for epoch in (0, 1):
+        view.set_epoch(epoch)
+        ds.set_epoch(epoch)
+        for i in range(4):
+            cached, direct = view[i], ds[i]
+            assert cached["caption"] == direct["caption"]
+            assert tuple(cached["latents"].shape[-2:]) == tuple(s // 2 for s in direct["image"].shape[-2:])
+            assert list(cached["target_size"]) == list(direct["target_size"])

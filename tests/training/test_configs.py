@@ -20,7 +20,9 @@ REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["d
             ("model", "sd21"): ["model.pretrained=x"], ("model", "sdxl"): ["model.pretrained=x"],
             ("experiment", "sdxl_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],
             ("experiment", "sd15_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],
-            ("experiment", "own_data"): ["data.train.root=REPLACE"]}
+            ("experiment", "own_data"): ["data.train.root=REPLACE"],
+            ("data", "dreambooth"): ["data.train.instance_root=REPLACE", "data.train.instance_prompt=x"],
+            ("experiment", "dreambooth_shapes"): ["data.train.instance_root=REPLACE"]}
 
 
 def _targets(node):
