@@ -101,3 +101,39 @@ def test_sdxl_finetune_needs_its_weights(tmp_path):
                                    f"model.pretrained={tmp_path / 'sd_xl_base_1.0.safetensors'}"])
     with pytest.raises(ConfigError, match="sd_xl_base_1.0.safetensors: no such file"):
         build_diffusion_module(cfg)
+
+
+def test_sdxl_trains_on_buckets_with_their_micro_conditioning(tmp_path, monkeypatch):
+    """Mixed aspect ratios, bucketed (from the latent cache): every training batch reaches the U-Net with the
+    original_size / crop_top_left / target_size the buckets recorded."""
+    from tests.training.test_buckets_training import BUCKETS
+
+    from PIL import Image
+
+    root = tmp_path / "mixed"
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, size in enumerate([(48, 16)] * 4 + [(16, 48)] * 4):
+        Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()).save(
+            root / f"{i}.png")
+        (root / f"{i}.txt").write_text("a wide picture" if size[0] > size[1] else "a tall picture")
+    import ldm.training.diffusion_module as dm
+
+    seen = []
+    real = dm.training_conditioning
+
+    def spy(text, batch, dropped, image_size, zero_dropped):
+        seen.append({k: batch[k].tolist() for k in ("original_size", "crop_top_left", "target_size") if k in batch})
+        return real(text, batch, dropped, image_size, zero_dropped)
+
+    monkeypatch.setattr(dm, "training_conditioning", spy)
+    keep = [o for o in SDXL_TINY if not o.startswith(("data.train.size", "data.val.", "data.batch_size"))]
+    result = train(compose_train(tmp_path, keep + BUCKETS + [f"data.train.root={root}", "data.val_fraction=0",
+                                                             "trainer.limit_val_batches=0",
+                                                             f"++data.latent_cache={tmp_path / 'cache'}"]))
+    assert result["global_step"] == 3
+    train_rows = [s for s in seen if s]
+    assert train_rows and all(len(s["original_size"]) == len(s["target_size"]) for s in train_rows)
+    originals = {tuple(r) for s in train_rows for r in s["original_size"]}
+    targets = {tuple(r) for s in train_rows for r in s["target_size"]}
+    assert originals <= {(16, 48), (48, 16)} and targets <= {(8, 24), (24, 8)}  # (h, w): the image, its bucket
