@@ -16,6 +16,33 @@ class DiffusionModel(Protocol):
     def __call__(self, x: Tensor, t: Tensor, context: Tensor | None) -> Tensor: ...
 
 
+Context = Tensor | dict[str, Tensor]
+"""A cross-attention context (B, L, D), or SGM's conditioner dict {"crossattn": (B, L, D), "vector": (B, A)}
+(SDXL: the vector is pooled text + size embeddings); every tensor's first axis is the batch."""
+
+
+def map_context(fn: Callable[[Tensor], Tensor], context: Context | None) -> Context | None:
+    """``fn`` applied to the context tensor, or to every tensor of a conditioner dict."""
+    if context is None:
+        return None
+    if isinstance(context, dict):
+        return {k: fn(v) for k, v in context.items()}
+    return fn(context)
+
+
+def context_batch(context: Context) -> int:
+    return next(iter(context.values())).shape[0] if isinstance(context, dict) else context.shape[0]
+
+
+def cat_contexts(a: Context, b: Context) -> Context:
+    """[a; b] along the batch (per key for conditioner dicts)."""
+    if isinstance(a, dict) != isinstance(b, dict) or (isinstance(a, dict) and a.keys() != b.keys()):
+        raise ValueError("the conditional and unconditional contexts have different structures")
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
 @dataclass
 class Conditioning:
     """The conditional context and the context of the unconditional branch.
@@ -24,8 +51,8 @@ class Conditioning:
     1 is broadcast to the batch of ``context``.
     """
 
-    context: Tensor | None = None  # (B, L, D)
-    uncond_context: Tensor | None = None  # (B, L, D) or (1, L, D)
+    context: Context | None = None  # (B, L, D), or a conditioner dict
+    uncond_context: Context | None = None  # (B, L, D) or (1, L, D), or a conditioner dict
 
 
 def classifier_free_guidance(model: DiffusionModel, x: Tensor, t: Tensor, cond: Conditioning | None,
@@ -41,9 +68,10 @@ def classifier_free_guidance(model: DiffusionModel, x: Tensor, t: Tensor, cond: 
     uncond = cond.uncond_context
     if context is None:
         raise ValueError("classifier-free guidance needs a conditional context as well as the unconditional one")
-    if uncond.shape[0] != context.shape[0]:
-        uncond = uncond.expand(context.shape[0], *uncond.shape[1:])
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context]))
+    batch = context_batch(context)
+    if context_batch(uncond) != batch:
+        uncond = map_context(lambda u: u.expand(batch, *u.shape[1:]), uncond)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), cat_contexts(uncond, context))
     out_uncond, out_cond = out.chunk(2)
     return out_uncond + scale * (out_cond - out_uncond)
 

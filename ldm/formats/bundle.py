@@ -25,8 +25,11 @@ class ModelBundle:
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. the training config, global step
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelBundle":
+        """Move / cast the networks; with meta["vae_fp32"] (SDXL's VAE, which overflows in float16: diffusers
+        ``force_upcast``) the autoencoder stays float32 whatever ``dtype`` is."""
         for m in (self.unet, self.autoencoder, self.text_encoder):
-            m.to(device=device, dtype=dtype) if dtype is not None else m.to(device)
+            m_dtype = torch.float32 if (m is self.autoencoder and self.meta.get("vae_fp32")) else dtype
+            m.to(device=device, dtype=m_dtype) if m_dtype is not None else m.to(device)
         return self
 
     def eval(self) -> "ModelBundle":

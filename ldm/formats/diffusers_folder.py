@@ -53,7 +53,8 @@ SCHEDULER_OPTIONAL = ("timestep_spacing", "steps_offset", "rescale_betas_zero_sn
                       "set_alpha_to_one")
 # Bookkeeping keys diffusers writes into config.json (never read here); any other "_" key (_target_, ...) is refused.
 DIFFUSERS_METADATA = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
-_HUB_PATTERNS = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
+_HUB_PATTERNS = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors",
+                 "text_encoder_2/*.safetensors"]
 
 
 def resolve_folder(path_or_hub_id) -> Path:
@@ -159,12 +160,37 @@ _load_vae = _network_loader("autoencoder", "vae", vae_config_from_diffusers, vae
 def _load_text_encoder(sub: Path, text_encoder, strict: bool, variant):
     from ldm.models.text_encoder import CLIPTextEncoder, to_module_keys
 
+    if (sub.parent / "text_encoder_2").is_dir():  # SDXL: ViT-L + bigG
+        return _load_dual_text_encoder(sub.parent, text_encoder, strict, variant)
     if text_encoder is None:
         read_clip_text_config(sub)  # sizes checked before transformers allocates them
         return CLIPTextEncoder.from_pretrained(sub.parent)
     model = text_model(text_encoder)
     state = to_module_keys(read_weights(sub, "model", variant), model)
     load_into(model, state, source=str(sub), strict=strict)
+    return text_encoder
+
+
+def _load_dual_text_encoder(folder: Path, text_encoder, strict: bool, variant):
+    """``text_encoder/`` + ``text_encoder_2/`` (+ their tokenizers) of an SDXL folder -> DualCLIPTextEncoder."""
+    from ldm.models.text_encoder import to_module_keys
+    from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
+
+    if text_encoder is None:
+        for name in ("text_encoder", "text_encoder_2"):
+            read_clip_text_config(folder / name)  # sizes checked before transformers allocates them
+        for name in ("tokenizer", "tokenizer_2"):
+            if not (folder / name).is_dir():
+                raise CheckpointError(f"{folder}: an SDXL folder needs {name}/ beside text_encoder_2/")
+        return DualCLIPTextEncoder.from_pretrained(folder)
+    if not isinstance(text_encoder, DualCLIPTextEncoder):
+        raise CheckpointError(f"{folder}: an SDXL folder (text_encoder_2/) needs a DualCLIPTextEncoder to load into, "
+                              f"got {type(text_encoder).__name__}")
+    load_into(text_encoder.model, to_module_keys(read_weights(folder / "text_encoder", "model", variant),
+                                                 text_encoder.model), source=str(folder / "text_encoder"), strict=strict)
+    state_2 = {k: v for k, v in read_weights(folder / "text_encoder_2", "model", variant).items()
+               if not k.endswith("position_ids")}
+    load_into(text_encoder.model_2, state_2, source=str(folder / "text_encoder_2"), strict=strict)
     return text_encoder
 
 
@@ -234,6 +260,9 @@ def load_diffusers(source, *, text_encoder: nn.Module | None = None) -> ModelBun
     sample_size = json.loads(unet_cfg.read_text()).get("sample_size") if unet_cfg.is_file() else None
     if isinstance(sample_size, int):
         meta["resolution"] = sample_size * out["vae"].downsample_factor
+    if out["unet"].config.get("adm_in_channels"):  # SDXL: its VAE overflows in float16 unless fixed (force_upcast)
+        vae_cfg = folder / "vae" / "config.json"
+        meta["vae_fp32"] = _read_json(vae_cfg).get("force_upcast", True) is not False if vae_cfg.is_file() else True
     return ModelBundle(out["unet"], out["vae"], te, schedule_from_diffusers(out["scheduler"]),
                        source=str(source), meta=meta)
 
@@ -305,6 +334,8 @@ def write_hub_text_encoder(text_encoder, folder: Path, dtype: torch.dtype | None
     """
     from ldm.models.text_encoder import to_hub_keys
 
+    if hasattr(text_encoder, "model_2"):  # SDXL: + text_encoder_2/ and tokenizer_2/
+        return _write_dual_text_encoder(text_encoder, folder, dtype)
     model = text_model(text_encoder)
     config = copy.deepcopy(model.config)
     state = to_hub_keys(model.state_dict())
@@ -329,6 +360,40 @@ def write_hub_text_encoder(text_encoder, folder: Path, dtype: torch.dtype | None
     return written
 
 
+def _write_text_model(config, state: dict, out: Path, architecture: str, dtype: torch.dtype | None) -> None:
+    config = copy.deepcopy(config)
+    config.architectures = [architecture]
+    stored = dtype or next(iter(state.values())).dtype
+    if hasattr(config, "dtype"):
+        config.dtype = stored
+    else:  # transformers 4.x
+        config.torch_dtype = stored
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_safetensors(cast_state(state, dtype), out / "model.safetensors")
+
+
+def _write_dual_text_encoder(text_encoder, folder: Path, dtype: torch.dtype | None) -> list[str]:
+    """SDXL's ``text_encoder/`` (CLIPTextModel) + ``text_encoder_2/`` (CLIPTextModelWithProjection) + tokenizers."""
+    hub_1, hub_2 = text_encoder.hub_state_dicts()
+    _write_text_model(text_encoder.model.config, hub_1, folder / "text_encoder", "CLIPTextModel", dtype)
+    _write_text_model(text_encoder.model_2.config, hub_2, folder / "text_encoder_2", "CLIPTextModelWithProjection",
+                      dtype)
+    text_encoder.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    text_encoder.tokenizer_2.save_pretrained(str(folder / "tokenizer_2"))
+    return ["text_encoder/", "tokenizer/", "text_encoder_2/", "tokenizer_2/"]
+
+
+def sdxl_model_index() -> dict:
+    """``model_index.json`` of a ``StableDiffusionXLPipeline`` (zero unconditional text, no watermarker)."""
+    index = {k: v for k, v in model_index().items()
+             if k not in ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker")}
+    return {**index, "_class_name": "StableDiffusionXLPipeline", "feature_extractor": [None, None],
+            "image_encoder": [None, None], "force_zeros_for_empty_prompt": True,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+
+
 def write_diffusers(bundle: ModelBundle, folder: Path, *, frozen: bool = True, dtype: torch.dtype | None = None,
                     resolution: int = 512) -> list[str]:
     """A ``StableDiffusionPipeline`` folder; ``frozen=False`` writes only ``unet/``, ``scheduler/`` and
@@ -341,13 +406,17 @@ def write_diffusers(bundle: ModelBundle, folder: Path, *, frozen: bool = True, d
     _write_component(folder, "unet", unet_diffusers_config(unet_cfg, latent_size),
                      unet_ldm_to_diffusers(bundle.unet.state_dict(), unet_cfg), dtype)
     written = ["unet/"]
+    sdxl = hasattr(bundle.text_encoder, "model_2")
     if frozen:
-        _write_component(folder, "vae", vae_diffusers_config(vae.config, resolution),
-                         vae_ldm_to_diffusers(vae.state_dict(), vae.config), dtype)
+        vae_config = vae_diffusers_config(vae.config, resolution)
+        if sdxl:  # SDXL's VAE overflows in float16: diffusers decodes it in float32
+            vae_config["force_upcast"] = bool(bundle.meta.get("vae_fp32", True))
+        _write_component(folder, "vae", vae_config, vae_ldm_to_diffusers(vae.state_dict(), vae.config),
+                         None if sdxl and vae_config["force_upcast"] else dtype)
         written.append("vae/")
         written += write_hub_text_encoder(bundle.text_encoder, folder, dtype, drop_unused_last_layer=True)
     write_json(folder / "scheduler" / "scheduler_config.json", diffusers_scheduler_config(bundle.schedule))
-    write_json(folder / "model_index.json", model_index())
+    write_json(folder / "model_index.json", sdxl_model_index() if sdxl else model_index())
     return written + ["scheduler/", "model_index.json"]
 
 

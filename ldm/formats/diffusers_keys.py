@@ -9,6 +9,7 @@ exact inverse of the other.
 from __future__ import annotations
 
 from ldm.formats.safe_load import CheckpointError
+from ldm.models.sdxl_conditioning import SIZE_EMBED_DIM  # diffusers' addition_time_embed_dim of SDXL
 
 # Renames inside a UNet ResBlock: ours -> diffusers.
 UNET_RESNET = {
@@ -44,6 +45,8 @@ def _unet_table(config: dict) -> list[tuple[str, str, dict]]:
         ("middle_block.1", "mid_block.attentions.0", {}),
         ("middle_block.2", "mid_block.resnets.1", UNET_RESNET),
     ]
+    if config.get("adm_in_channels"):  # SDXL's vector conditioning (diffusers addition_embed_type="text_time")
+        t += [("label_emb.0.0", "add_embedding.linear_1", {}), ("label_emb.0.2", "add_embedding.linear_2", {})]
     for level in range(levels):
         for j in range(nrb):
             i = 1 + level * (nrb + 1) + j
@@ -157,13 +160,31 @@ _UNET_FIXED = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
     "norm_num_groups": 32, "norm_eps": 1e-5, "downsample_padding": 1, "mid_block_scale_factor": 1,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+    "dual_cross_attention": False, "class_embed_type": None,
     "num_class_embeds": None, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
     "encoder_hid_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "time_cond_proj_dim": None,
     "attention_type": "default", "class_embeddings_concat": False, "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_dim": None, "timestep_post_act": None,
     "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
 }
+
+
+
+
+def _adm_in_channels(cfg: dict) -> int | None:
+    """The U-Net's vector-conditioning size from a diffusers config (None without addition embedding)."""
+    kind = cfg.get("addition_embed_type")
+    if kind is None:
+        return None
+    if kind != "text_time":
+        raise ValueError(f"unsupported diffusers UNet setting addition_embed_type={kind!r} (need None or 'text_time')")
+    if cfg.get("addition_time_embed_dim") != SIZE_EMBED_DIM:
+        raise ValueError(f"unsupported diffusers UNet setting addition_embed_type='text_time' with "
+                         f"addition_time_embed_dim={cfg.get('addition_time_embed_dim')!r} (need {SIZE_EMBED_DIM}, SDXL's)")
+    adm = cfg.get("projection_class_embeddings_input_dim")
+    if not isinstance(adm, int) or adm <= 0:
+        raise ValueError(f"addition_embed_type='text_time' needs projection_class_embeddings_input_dim, got {adm!r}")
+    return adm
 
 
 def _head_channels(config: dict) -> int:
@@ -177,12 +198,18 @@ def unet_diffusers_config(unet_config: dict, sample_size: int | None = None) -> 
     levels = len(c["channel_mult"])
     attn = set(c["attention_levels"])
     if _head_channels(c) > 0:  # SD2: head counts per level (= channels / 64)
-        head_dim = [c["model_channels"] * m // _head_channels(c) for m in c["channel_mult"]]
+        head_dim = [max(1, c["model_channels"] * m // _head_channels(c)) for m in c["channel_mult"]]
     else:
         head_dim = c["num_heads"]  # SD1: diffusers' "attention_head_dim" is the head count
     depth = c.get("transformer_depth", 1)
+    if isinstance(depth, (list, tuple)):  # diffusers builds no transformer at a DownBlock2D level: 0 -> 1
+        depth = [max(int(d), 1) for d in depth]
+    adm = c.get("adm_in_channels")
+    addition = ({"addition_embed_type": "text_time", "addition_time_embed_dim": SIZE_EMBED_DIM,
+                 "projection_class_embeddings_input_dim": adm} if adm else {"addition_embed_type": None})
     return {
         "_class_name": "UNet2DConditionModel",
+        **addition,
         **{k: v for k, v in _UNET_FIXED.items() if v is not None},
         "sample_size": sample_size,
         "in_channels": c["in_channels"],
@@ -227,14 +254,20 @@ def unet_config_from_diffusers(cfg: dict) -> dict:
         if len(set(heads)) == 1:
             num_heads, head_channels = heads[0], -1
         else:
-            widths = {b // h for b, h in zip(blocks, heads)}
-            if len(widths) != 1 or any(b % h for b, h in zip(blocks, heads)):
+            # only levels with attention have heads (SDXL's first level: a head count diffusers never uses)
+            pairs = [(blocks[i], heads[i]) for i in attention_levels] or list(zip(blocks, heads))
+            widths = {b // h for b, h in pairs if h > 0}
+            if len(widths) != 1 or any(h <= 0 or b % h for b, h in pairs):
                 raise ValueError(f"head counts {heads} give no common head width for {blocks}")
             num_heads, head_channels = -1, widths.pop()
     else:
         num_heads, head_channels = int(heads), -1
     depth = cfg.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)):  # no transformer at a level without attention (SGM writes 0 there)
+        depth = [int(d) if i in attention_levels else 0 for i, d in enumerate(depth)]
+    adm = _adm_in_channels(cfg)
     return {
+        **({"adm_in_channels": adm} if adm else {}),
         "in_channels": cfg.get("in_channels", 4),
         "out_channels": cfg.get("out_channels", 4),
         "model_channels": base,

@@ -78,6 +78,9 @@ def bundle_config(bundle: ModelBundle, *, frozen: bool = True, dtype: torch.dtyp
                   resolution: int | None = None) -> dict[str, Any]:
     """The ``ldm_bundle.json`` content for ``bundle``."""
     te = bundle.text_encoder
+    if hasattr(te, "model_2"):  # the bundle's text_encoder/ holds one CLIPTextModel: bigG would be lost
+        raise ExportError("the ldm bundle format does not store SDXL's two text encoders; use --format diffusers "
+                          "(a StableDiffusionXLPipeline folder, which load_bundle and sample.py read)")
     model: dict[str, Any] = {
         "unet": {"_target_": _target(bundle.unet), **_no_checkpointing(bundle.unet.config)},
         "autoencoder": {"_target_": _target(bundle.autoencoder), **_no_checkpointing(bundle.autoencoder.config)},

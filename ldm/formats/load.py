@@ -98,6 +98,10 @@ def resolve_text_encoder(text_encoder) -> nn.Module | None:
 
     if not Path(text_encoder).is_dir() and not looks_like_hub_id(text_encoder):
         raise FileNotFoundError(f"text encoder folder not found: {text_encoder}")
+    if (Path(text_encoder) / "text_encoder_2").is_dir():  # an SDXL folder: ViT-L + bigG
+        from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
+
+        return DualCLIPTextEncoder.from_pretrained(text_encoder)
     return CLIPTextEncoder.from_pretrained(text_encoder)
 
 

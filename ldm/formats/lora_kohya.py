@@ -5,6 +5,8 @@ Layout (kohya-ss/sd-scripts `networks/lora.py`, `LoRANetwork` / `LoRAModule`):
     lora_unet_<...>.lora_up.weight                                    (out, r)  or (out, r, 1, 1)
     lora_unet_<...>.alpha                                             scalar; scale = alpha / r
     lora_te_<transformers CLIPTextModel path, "." -> "_">...          the text encoder
+    lora_te1_<...> / lora_te2_<...>                                   SDXL's ViT-L / bigG (sd-scripts
+                                                                      sdxl_train_network.py: LORA_PREFIX_TEXT_ENCODER1/2)
 kohya's U-Net uses diffusers' module names (`down_blocks_0_attentions_0_...`), so that is what we write. On reading we
 also accept the original SD names (`lora_unet_input_blocks_1_1_...`), as ComfyUI's `comfy/lora.py`
 `model_lora_keys_unet` maps both: every `diffusion_model.<key>.weight` and every diffusers key of
@@ -27,6 +29,7 @@ from ldm.models.lora import LoRANetwork, is_adaptable
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"  # kohya LORA_PREFIX_TEXT_ENCODER (SD1/2 have one text encoder)
+TE1_PREFIX, TE2_PREFIX = "lora_te1_", "lora_te2_"  # SDXL's two encoders
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
@@ -39,8 +42,18 @@ def kohya_names(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> 
         if root == "unet":
             out[(root, path)] = UNET_PREFIX + diff[path].replace(".", "_")
         else:
-            out[(root, path)] = TE_PREFIX + text_hub_path(path).replace(".", "_")
+            out[(root, path)] = text_name(roots[root], path)
     return out
+
+
+def text_name(text_encoder: nn.Module, path: str) -> str:
+    """kohya's name of a text-encoder layer: lora_te_ (one encoder), lora_te1_ / lora_te2_ (SDXL's
+    ``model`` = ViT-L / ``model_2`` = bigG), then the hub CLIPTextModel path with "." -> "_"."""
+    if not hasattr(text_encoder, "model_2"):
+        return TE_PREFIX + text_hub_path(path).replace(".", "_")
+    if path.startswith("model_2."):
+        return TE2_PREFIX + text_hub_path("model." + path.removeprefix("model_2.")).replace(".", "_")
+    return TE1_PREFIX + text_hub_path(path).replace(".", "_")
 
 
 def name_table(roots: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
@@ -56,7 +69,7 @@ def name_table(roots: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
     if te is not None:
         for n, m in te.named_modules():
             if n and is_adaptable(m):
-                table[TE_PREFIX + text_hub_path(n).replace(".", "_")] = ("text_encoder", n)
+                table[text_name(te, n)] = ("text_encoder", n)
     return table
 
 
@@ -108,7 +121,7 @@ def kohya_metadata(network: LoRANetwork, roots: dict[str, nn.Module], *, base_mo
 # ------------------------------------------------------------------------------------------------------- read
 
 def is_kohya(keys) -> bool:
-    return any(k.startswith((UNET_PREFIX, TE_PREFIX)) and k.endswith(SUFFIXES) for k in keys)
+    return any(k.startswith((UNET_PREFIX, TE_PREFIX, TE1_PREFIX, TE2_PREFIX)) and k.endswith(SUFFIXES) for k in keys)
 
 
 def from_kohya(state: dict[str, Tensor], roots: dict[str, nn.Module]):

@@ -79,6 +79,7 @@ class Param:
     high: float | None = None
     choices: tuple | None = None
     list_of: bool = False  # a list (of ``types`` items)
+    or_list: bool = False  # one value, or a list of them (a per-level setting)
 
 
 INT, FLOAT, BOOL, STR = (int,), (int, float), (bool,), (str,)
@@ -94,9 +95,9 @@ UNET_SCHEMA = {
     "in_channels": _channels(256), "out_channels": _channels(256), "model_channels": _channels(4096),
     "channel_mult": Param(INT, 1, 32, list_of=True), "num_res_blocks": Param(INT, 1, 16),
     "attention_levels": Param(INT, 0, 15, list_of=True), "num_heads": Param(INT, -1, 1024),
-    "num_head_channels": Param(INT, -1, 4096), "transformer_depth": Param(INT, 1, 64),
+    "num_head_channels": Param(INT, -1, 4096), "transformer_depth": Param(INT, 0, 64, or_list=True),
     "context_dim": _channels(16384), "use_linear_projection": Param(BOOL), "dropout": Param(FLOAT, 0.0, 1.0),
-    "gradient_checkpointing": Param(BOOL),
+    "gradient_checkpointing": Param(BOOL), "adm_in_channels": Param((int, type(None)), 1, 65536),
 }
 AUTOENCODER_SCHEMA = {
     "in_channels": _channels(256), "out_channels": _channels(256), "latent_channels": _channels(256),
@@ -117,6 +118,12 @@ _TEXT_COMMON = {"penultimate": Param(BOOL), "max_length": Param(INT, 1, 4096), "
 TINY_TEXT_SCHEMA = {"preset": Param(STR), "folder": Param(OPT_STR), "seed": Param(INT, 0, 2**63 - 1),
                     "words": Param(STR, list_of=True), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}
 PRETRAINED_TEXT_SCHEMA = {"path_or_hub_id": Param(STR), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}
+# SDXL's dual encoder (ldm.models.text_encoder_sdxl.DualCLIPTextEncoder)
+_DUAL_COMMON = {"max_length": Param(INT, 1, 4096), "frozen": Param(BOOL), "zero_uncond": Param(BOOL)}
+PRETRAINED_DUAL_TEXT_SCHEMA = {"path_or_hub_id": Param(STR), **_DUAL_COMMON}
+TINY_DUAL_TEXT_SCHEMA = {"folder": Param(OPT_STR), "seed": Param(INT, 0, 2**63 - 1), "words": Param(STR, list_of=True),
+                         "hidden_size": Param(INT, 1, 1024), "hidden_size_2": Param(INT, 1, 1024),
+                         "projection_dim": Param(INT, 1, 1024), **_DUAL_COMMON}
 # The first-stage factory of our Hydra configs: a preset (+ overrides), optionally a weights file of our own
 FACTORY_AUTOENCODER_SCHEMA = {"preset": Param(OPT_STR), "weights": Param(OPT_STR), "pixel_space": Param(BOOL),
                               **AUTOENCODER_SCHEMA}
@@ -137,12 +144,13 @@ def check_kwargs(kwargs: dict, schema: dict[str, Param], *, source: str, key: st
         param = schema.get(name)
         if param is None:
             raise CheckpointError(f"{source}: unknown key {where}; allowed: {', '.join(sorted(schema))}")
-        items = value if param.list_of else [value]
-        if param.list_of and not isinstance(value, (list, tuple)):
+        is_list = isinstance(value, (list, tuple))
+        items = value if is_list and (param.list_of or param.or_list) else [value]
+        if param.list_of and not is_list:
             raise CheckpointError(f"{source}: {where} must be a list, got {value!r}")
         for item in items:
             _check_value(item, param, source=source, where=where)
-        out[name] = list(value) if param.list_of else value
+        out[name] = list(value) if is_list and (param.list_of or param.or_list) else value
     return out
 
 
@@ -276,6 +284,24 @@ def _pretrained_text_encoder(path_or_hub_id: str, **kw) -> nn.Module:
     return CLIPTextEncoder.from_pretrained(path_or_hub_id, **kw)
 
 
+def _pretrained_dual_text_encoder(path_or_hub_id: str, **kw) -> nn.Module:
+    from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
+
+    return DualCLIPTextEncoder.from_pretrained(path_or_hub_id, **kw)
+
+
+def _tiny_dual_text_encoder(folder: str | None = None, **kw) -> nn.Module:
+    """The local tiny SDXL-like pair; a stored ``folder`` is used only if it already holds one (as for the tiny
+    CLIP: a file never makes us write into a folder it names)."""
+    from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
+
+    if folder is not None and not (Path(folder) / "text_encoder_2" / "model.safetensors").is_file():
+        folder = None
+    if "words" in kw:
+        kw["words"] = tuple(kw["words"])
+    return DualCLIPTextEncoder.from_tiny(folder=folder, **kw)
+
+
 def _schedule(**kw):
     from ldm.diffusion.schedules import NoiseSchedule
 
@@ -306,6 +332,10 @@ BUILDERS: dict[str, Builder] = {
                                                                  "text_encoder"),
     "ldm.models.text_encoder.CLIPTextEncoder.from_pretrained": Builder(_pretrained_text_encoder,
                                                                        PRETRAINED_TEXT_SCHEMA, "text_encoder"),
+    "ldm.models.text_encoder_sdxl.DualCLIPTextEncoder.from_pretrained": Builder(
+        _pretrained_dual_text_encoder, PRETRAINED_DUAL_TEXT_SCHEMA, "text_encoder"),
+    "ldm.models.text_encoder_sdxl.DualCLIPTextEncoder.from_tiny": Builder(
+        _tiny_dual_text_encoder, TINY_DUAL_TEXT_SCHEMA, "text_encoder"),
     SCHEDULE_TARGET: Builder(_schedule, SCHEDULE_SCHEMA, "schedule"),
 }
 

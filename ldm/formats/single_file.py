@@ -35,6 +35,13 @@ from ldm.formats.common import (
 from ldm.formats.openclip_keys import DROPPED, hf_to_openclip, openclip_num_layers, openclip_to_hf
 from ldm.formats.safe_build import SCHEDULE_TARGET, build_network, build_node, json_object
 from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
+from ldm.formats.sdxl_single_file import (
+    SDXL_TEXT_2_PREFIX,
+    SDXL_TEXT_PREFIX,
+    is_sdxl_file,
+    sdxl_text_to_single_file,
+    split_sdxl_text,
+)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -70,7 +77,12 @@ def split_sd_checkpoint(sd: dict, use_ema: bool = False) -> dict:
 
     sd2_text = strip_prefix(sd, SD2_TEXT_PREFIX)
     sd1_text = strip_prefix(sd, SD1_TEXT_PREFIX)
-    if sd2_text:
+    text_2: dict = {}
+    if is_sdxl_file(sd):  # SGM: conditioner.embedders.0 (ViT-L) + 1 (OpenCLIP bigG)
+        kind = "sdxl"
+        text, text_2 = split_sdxl_text(sd)
+        text_layers = len({m.group(1) for k in text if (m := re.search(r"encoder\.layers\.(\d+)\.", k))})
+    elif sd2_text:
         kind, text_layers = "sd2", openclip_num_layers(sd2_text)
         text = openclip_to_hf(sd2_text)
     else:
@@ -82,11 +94,13 @@ def split_sd_checkpoint(sd: dict, use_ema: bool = False) -> dict:
         text_layers = len({m.group(1) for k in text if (m := re.search(r"encoder\.layers\.(\d+)\.", k))})
         kind = "sd1" if sd1_text else _kind_from_unet(unet)
 
-    used = {UNET_PREFIX, VAE_PREFIX, SD1_TEXT_PREFIX, SD2_TEXT_PREFIX}
+    used = {UNET_PREFIX, VAE_PREFIX, SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT_PREFIX, SDXL_TEXT_2_PREFIX}
     extra = {k: v for k, v in sd.items() if not any(k.startswith(p) for p in used)}
     extra.update({VAE_PREFIX + k: v for k, v in strip_prefix(sd, VAE_PREFIX).items() if k.startswith("loss.")})
     extra.update({SD2_TEXT_PREFIX + k: v for k, v in sd2_text.items() if k in DROPPED or k.startswith("visual.")})
-    return {"unet": unet, "vae": vae, "text_encoder": text, "kind": kind,
+    extra.update({SDXL_TEXT_2_PREFIX + k: v for k, v in strip_prefix(sd, SDXL_TEXT_2_PREFIX).items()
+                  if k.startswith("visual.") or k == "logit_scale"})
+    return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text_2, "kind": kind,
             "text_layers": text_layers, "extra": extra}
 
 
@@ -130,6 +144,12 @@ def load_single_file(path, unet, vae=None, text_encoder=None, strict: bool = Tru
         jobs.append((vae, parts["vae"], "vae"))
     if text_encoder is not None:
         jobs.append((text_model(text_encoder), _text_state_for(text_encoder, parts), "text_encoder"))
+        if hasattr(text_encoder, "model_2") or parts["kind"] == "sdxl":
+            if not hasattr(text_encoder, "model_2") or parts["kind"] != "sdxl":
+                raise CheckpointError(f"cannot load {source}: an SDXL file needs the dual SDXL text encoder "
+                                      f"(DualCLIPTextEncoder) and it needs an SDXL file; got a {parts['kind']} file "
+                                      f"and a {type(text_encoder).__name__}")
+            jobs.append((text_encoder.model_2, parts["text_encoder_2"], "text_encoder_2"))
     reports = [mismatch_report(m, s, strict=strict, name=n) for m, s, n in jobs]
     reports = [r for r in reports if r]
     if reports:
@@ -157,7 +177,9 @@ def to_single_file(unet, vae=None, text_encoder=None, layout: str | None = None)
     out = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     if vae is not None:
         out.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
-    if text_encoder is not None:
+    if text_encoder is not None and hasattr(text_encoder, "hub_state_dicts"):  # SDXL: conditioner.embedders.*
+        out.update(sdxl_text_to_single_file(*text_encoder.hub_state_dicts()))
+    elif text_encoder is not None:
         hub = to_hub_keys(text_model(text_encoder).state_dict())
         if (layout or text_encoder_layout(text_encoder)) == "sd2":
             out.update({SD2_TEXT_PREFIX + k: v for k, v in hf_to_openclip(hub).items()})
@@ -171,7 +193,9 @@ META_UNET, META_VAE = "ldm_unet_config", "ldm_vae_config"
 META_SCHEDULE, META_RESOLUTION = "ldm_schedule", "ldm_resolution"
 # Tokenizers for SD single files, which carry none.
 DEFAULT_TOKENIZERS = {"sd1": ("openai/clip-vit-large-patch14", ""),
-                      "sd2": ("stabilityai/stable-diffusion-2-1", "tokenizer")}
+                      "sd2": ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+                      "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer")}
+SDXL_SCALING_FACTOR = 0.13025  # sd_xl_base.yaml scale_factor
 
 
 def sd_schedule(prediction_type: str = "epsilon") -> NoiseSchedule:
@@ -194,7 +218,10 @@ def load_sd_single_file(path, *, use_ema: bool = True, text_encoder: nn.Module |
     if not parts["vae"]:
         raise CheckpointError(f"{path}: no VAE weights ('first_stage_model.*'); this loader needs a full SD file")
     ucfg = {**(_json(header, META_UNET, path) or infer_unet_config(parts["unet"])), **(unet_config or {})}
-    vcfg = {**(_json(header, META_VAE, path) or infer_vae_config(parts["vae"])), **(vae_config or {})}
+    inferred_vae = infer_vae_config(parts["vae"]) if META_VAE not in header else None
+    if inferred_vae is not None and parts["kind"] == "sdxl":
+        inferred_vae["scaling_factor"] = SDXL_SCALING_FACTOR
+    vcfg = {**(_json(header, META_VAE, path) or inferred_vae), **(vae_config or {})}
     unet = _build("unet", ucfg, path, META_UNET if META_UNET in header else "inferred U-Net config", "unet_config")
     vae = _build("autoencoder", vcfg, path, META_VAE if META_VAE in header else "inferred VAE config", "vae_config")
     has_text = bool(parts["text_encoder"])
@@ -203,6 +230,8 @@ def load_sd_single_file(path, *, use_ema: bool = True, text_encoder: nn.Module |
     if prediction_type is not None:
         schedule = replace(schedule, prediction_type=prediction_type)
     meta = {"format": "sd_single_file", "kind": parts["kind"], "ema": ema}
+    if parts["kind"] == "sdxl":
+        meta["vae_fp32"] = True  # SDXL's VAE overflows in float16
     if header.get(META_RESOLUTION):
         meta["resolution"] = int(header[META_RESOLUTION])
     return ModelBundle(unet, vae, te, schedule, source=str(path), meta=meta)
@@ -229,6 +258,30 @@ def _json(header: dict, key: str, path: Path) -> dict | None:
     return json_object(header[key], source=f"{path} (header)", key=key) if header.get(key) else None
 
 
+def _default_sdxl_text_encoder(path: Path, parts: dict) -> nn.Module:
+    """SDXL: ViT-L + bigG of SDXL base's configs, the two tokenizers of its hub repo."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder, sdxl_text_configs
+
+    repo = DEFAULT_TOKENIZERS["sdxl"][0]
+    hint = "pass text_encoder=<a diffusers SDXL folder (tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/)>"
+    if not parts["text_encoder"] or not parts["text_encoder_2"]:
+        raise CheckpointError(f"{path}: the SDXL file lacks conditioner.embedders.0/1 text weights; {hint}")
+    vit_l, big_g = sdxl_text_configs()
+    widths = [next(v.shape[1] for k, v in p.items() if k.endswith("token_embedding.weight"))
+              for p in (parts["text_encoder"], parts["text_encoder_2"])]
+    if widths != [vit_l.hidden_size, big_g.hidden_size]:
+        raise CheckpointError(f"{path}: text encoders of widths {widths} are not SDXL's "
+                              f"({[vit_l.hidden_size, big_g.hidden_size]}); {hint}")
+    try:
+        tokenizers = [CLIPTokenizer.from_pretrained(repo, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{path}: SDXL single files carry no tokenizers and the default ones ({repo}) are "
+                                f"not available ({type(err).__name__}); {hint}") from err
+    return DualCLIPTextEncoder(CLIPTextModel(vit_l), tokenizers[0], CLIPTextModelWithProjection(big_g), tokenizers[1])
+
+
 def _default_text_encoder(path: Path, parts: dict) -> nn.Module:
     """SD1: CLIP ViT-L/14 config; SD2: OpenCLIP ViT-H (23 layers); the tokenizer of the matching hub repo."""
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -236,6 +289,8 @@ def _default_text_encoder(path: Path, parts: dict) -> nn.Module:
     from ldm.models.text_encoder import CLIPTextEncoder, clip_text_config
 
     kind = parts["kind"]
+    if kind == "sdxl":
+        return _default_sdxl_text_encoder(path, parts)
     repo, sub = DEFAULT_TOKENIZERS[kind]
     hint = "pass text_encoder=<folder with tokenizer/ and text_encoder/, e.g. a diffusers SD folder>"
     if not parts["text_encoder"]:
@@ -266,7 +321,7 @@ def infer_unet_config(state: dict) -> dict:
     """
     conv_in = state["input_blocks.0.0.weight"]  # (model_channels, in_channels, 3, 3)
     mc = conv_in.shape[0]
-    level, per_level, mult, attn = 0, {}, {}, set()
+    level, per_level, mult, attn, depth = 0, {}, {}, set(), {}
     i = 1
     while any(k.startswith(f"input_blocks.{i}.") for k in state):
         if f"input_blocks.{i}.0.op.weight" in state:  # Downsample
@@ -276,15 +331,21 @@ def infer_unet_config(state: dict) -> dict:
             mult[level] = state[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // mc
             if f"input_blocks.{i}.1.proj_in.weight" in state:
                 attn.add(level)
+                depth[level] = _count(state, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.")
         i += 1
     linear = state["middle_block.1.proj_in.weight"].ndim == 2
     context_dim = next(v.shape[1] for k, v in state.items() if k.endswith("attn2.to_k.weight"))
     heads = dict(num_heads=-1, num_head_channels=64) if linear else dict(num_heads=8, num_head_channels=-1)
+    middle = _count(state, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+    levels = range(level + 1)
+    per_level_depth = [depth.get(lvl, 0) for lvl in levels]
+    uniform = set(depth.values()) <= {middle}
+    extra = {} if "label_emb.0.0.weight" not in state else {"adm_in_channels": state["label_emb.0.0.weight"].shape[1]}
     return dict(
         in_channels=conv_in.shape[1], out_channels=state["out.2.weight"].shape[0], model_channels=mc,
         channel_mult=[mult[lvl] for lvl in range(level + 1)], num_res_blocks=per_level[0],
-        attention_levels=sorted(attn), transformer_depth=_count(state, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        context_dim=context_dim, use_linear_projection=linear, **heads,
+        attention_levels=sorted(attn), transformer_depth=middle if uniform else per_level_depth,
+        context_dim=context_dim, use_linear_projection=linear, **heads, **extra,
     )
 
 
@@ -456,6 +517,9 @@ def text_layer_for(text_encoder) -> str:
 def check_single_file(bundle: ModelBundle) -> None:
     """What an SD single file + yaml cannot represent, found before anything is written."""
     check_sd_layout(bundle, "an SD single file")
+    if hasattr(bundle.text_encoder, "model_2"):
+        raise ExportError("SDXL single-file export (with an sd_xl_base.yaml) is not written by this exporter; use "
+                          "--format diffusers or ldm (load_bundle reads SDXL single files)")
     if bundle.autoencoder.config.get("shift_factor"):
         raise ExportError(f"the autoencoder has shift_factor={bundle.autoencoder.config['shift_factor']}, which "
                           "SD single files cannot express; use --format diffusers or ldm")

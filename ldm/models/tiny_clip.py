@@ -122,15 +122,16 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tokenizer(folder, words=DEFAULT_WORDS, max_length: int = 77) -> dict[str, int]:
-    """Write ``vocab.json``, ``merges.txt`` and tokenizer configs into ``folder``."""
+def write_tokenizer(folder, words=DEFAULT_WORDS, max_length: int = 77, pad_token: str = EOS) -> dict[str, int]:
+    """Write ``vocab.json``, ``merges.txt`` and tokenizer configs into ``folder`` (SDXL's bigG tokenizer pads
+    with ``!``, the others with EOS)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab(words)
     _write_json(folder / "vocab.json", vocab)
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
     _write_json(folder / "special_tokens_map.json", special)
     _write_json(folder / "tokenizer_config.json", {
         **special, "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
@@ -143,23 +144,42 @@ def write_tokenizer(folder, words=DEFAULT_WORDS, max_length: int = 77) -> dict[s
 def write_tiny_clip(folder, words=DEFAULT_WORDS, hidden_size: int = 32, num_layers: int = 2,
                     num_heads: int = 2, seed: int = 0) -> Path:
     """Write a hub-like ``tokenizer/`` + ``text_encoder/`` folder; returns ``folder``."""
-    from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
     folder = Path(folder)
     vocab = write_tokenizer(folder / "tokenizer", words)
     config = tiny_clip_config(len(vocab), vocab[BOS], vocab[EOS], hidden_size, num_layers, num_heads)
+    _write_model(folder / "text_encoder", CLIPTextModel, config, seed)
+    return folder
+
+
+def write_tiny_sdxl_clips(folder, words=DEFAULT_WORDS, hidden_size: int = 32, hidden_size_2: int = 48,
+                          projection_dim: int = 16, num_layers: int = 2, num_heads: int = 2, seed: int = 0) -> Path:
+    """An SDXL-like pair: ``tokenizer/`` + ``text_encoder/`` (a quick_gelu ``CLIPTextModel``, as ViT-L) and
+    ``tokenizer_2/`` (pads with ``!``) + ``text_encoder_2/`` (a gelu ``CLIPTextModelWithProjection``, as bigG)."""
+    from transformers import CLIPTextModelWithProjection
+
+    folder = write_tiny_clip(folder, words, hidden_size, num_layers, num_heads, seed)
+    vocab = write_tokenizer(folder / "tokenizer_2", words, pad_token="!")
+    config = tiny_clip_config(len(vocab), vocab[BOS], vocab[EOS], hidden_size_2, num_layers, num_heads)
+    config.hidden_act, config.projection_dim, config.pad_token_id = "gelu", projection_dim, vocab["!"]
+    _write_model(folder / "text_encoder_2", CLIPTextModelWithProjection, config, seed + 1)
+    return folder
+
+
+def _write_model(out: Path, cls, config, seed: int) -> None:
+    """A seeded random ``cls(config)`` as ``config.json`` + ``model.safetensors`` (hub key names)."""
+    from safetensors.torch import save_file
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIPTextModel(config)
-    out = folder / "text_encoder"
+        model = cls(config)
     out.mkdir(parents=True, exist_ok=True)
-    config.architectures = ["CLIPTextModel"]
+    config.architectures = [cls.__name__]
     _write_json(out / "config.json", config.to_dict())
     state = {}
     for key, value in model.state_dict().items():
         if not key.endswith("position_ids"):
-            hub_key = key if key.startswith("text_model.") else "text_model." + key
+            hub_key = key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
             state[hub_key] = value.detach().contiguous().clone()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return folder

@@ -162,6 +162,11 @@ class UNet(nn.Module):
     SpatialTransformers (original `attention_resolutions` = [2**l for l in attention_levels]).
     Heads: num_head_channels > 0 (SD2: 64) fixes the head width and takes precedence; otherwise
     num_heads (SD1: 8) fixes the number of heads at every level.
+    transformer_depth: one depth for every level, or one per level (SDXL: [0, 2, 10]; a level outside
+    attention_levels takes 0); the middle block uses the last level's (SGM `transformer_depth_middle` default).
+    adm_in_channels: size of the extra conditioning vector y (SDXL: 2816 = pooled text 1280 + 6 x 256 size
+    embeddings), embedded by `label_emb` and added to the timestep embedding (SGM openaimodel.py, UNetModel with
+    num_classes="sequential"; diffusers' `add_embedding` of addition_embed_type="text_time").
     """
 
     def __init__(
@@ -179,6 +184,7 @@ class UNet(nn.Module):
         use_linear_projection=False,
         dropout=0.0,
         gradient_checkpointing=False,
+        adm_in_channels=None,
     ):
         super().__init__()
         if num_head_channels <= 0 and num_heads <= 0:
@@ -187,6 +193,9 @@ class UNet(nn.Module):
         bad = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
         if bad:
             raise ValueError(f"attention_levels {bad} out of range for {len(channel_mult)} levels")
+        depths = _level_depths(transformer_depth, len(channel_mult), attention_levels)
+        if adm_in_channels is not None and adm_in_channels <= 0:
+            raise ValueError(f"adm_in_channels must be a positive size or None, got {adm_in_channels}")
         # plain, JSON-serialisable record of the constructor arguments: UNet(**unet.config) re-creates it
         self.config = dict(
             in_channels=in_channels,
@@ -197,12 +206,15 @@ class UNet(nn.Module):
             attention_levels=list(attention_levels),
             num_heads=num_heads,
             num_head_channels=num_head_channels,
-            transformer_depth=transformer_depth,
+            transformer_depth=transformer_depth if isinstance(transformer_depth, int)
+            else [int(d) for d in transformer_depth],
             context_dim=context_dim,
             use_linear_projection=use_linear_projection,
             dropout=dropout,
             gradient_checkpointing=gradient_checkpointing,
         )
+        if adm_in_channels is not None:  # only SDXL-style configs carry it: SD 1.x / 2.x records stay as they were
+            self.config["adm_in_channels"] = adm_in_channels
         self.in_channels = in_channels
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         self.gradient_checkpointing = gradient_checkpointing
@@ -216,15 +228,18 @@ class UNet(nn.Module):
                 raise ValueError(f"{ch} channels not divisible by num_heads={num_heads}")
             return num_heads, ch // num_heads
 
-        def transformer(ch):
-            return SpatialTransformer(
-                ch, *heads(ch), transformer_depth, context_dim, dropout, use_linear_projection
-            )
+        def transformer(ch, depth):
+            return SpatialTransformer(ch, *heads(ch), depth, context_dim, dropout, use_linear_projection)
 
         time_dim = 4 * model_channels
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
         )
+        self.adm_in_channels = adm_in_channels
+        if adm_in_channels is not None:  # SGM keys label_emb.0.0 / label_emb.0.2
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(adm_in_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+            ))
 
         # encoder: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]), then a Downsample
         self.input_blocks = nn.ModuleList(
@@ -237,7 +252,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, time_dim, mult * model_channels, dropout)]
                 ch = mult * model_channels
                 if level in attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -245,7 +260,7 @@ class UNet(nn.Module):
                 skip_chans.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_dim, ch, dropout), transformer(ch), ResBlock(ch, time_dim, ch, dropout)
+            ResBlock(ch, time_dim, ch, dropout), transformer(ch, depths[-1]), ResBlock(ch, time_dim, ch, dropout)
         )
 
         # decoder: per level (num_res_blocks + 1) x (ResBlock on [h, skip] [+ transformer]), then an Upsample
@@ -255,7 +270,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), time_dim, mult * model_channels, dropout)]
                 ch = mult * model_channels
                 if level in attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 if level > 0 and i == num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -276,9 +291,13 @@ class UNet(nn.Module):
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, y=None):
         """x: (B, in_channels, H, W) noisy latent; t: scalar or (B,) timesteps (int or float);
-        context: (B, L, context_dim). Returns (B, out_channels, H, W)."""
+        context: (B, L, context_dim), or SGM's conditioner dict {"crossattn": context, "vector": y}
+        (sgm/modules/diffusionmodules/wrappers.py, OpenAIWrapper); y: (B, adm_in_channels) for a U-Net with
+        adm_in_channels (SDXL), else None. Returns (B, out_channels, H, W)."""
+        if isinstance(context, dict):
+            context, y = context.get("crossattn"), context.get("vector", y)
         B, _, H, W = x.shape
         f = self.downsample_factor
         if H % f != 0 or W % f != 0:
@@ -288,6 +307,14 @@ class UNet(nn.Module):
             t = t.expand(B)  # (B,)
         t_emb = timestep_embedding(t, self.config["model_channels"]).to(x.dtype)  # (B, model_channels)
         emb = self.time_embed(t_emb)  # (B, 4*model_channels)
+        if self.adm_in_channels is not None:
+            if y is None or y.shape != (B, self.adm_in_channels):
+                got = None if y is None else tuple(y.shape)
+                raise ValueError(f"this UNet (adm_in_channels={self.adm_in_channels}) needs the conditioning vector "
+                                 f"y of shape ({B}, {self.adm_in_channels}); got {got}")
+            emb = emb + self.label_emb(y.to(emb.dtype))  # SGM UNetModel.forward: emb = emb + label_emb(y)
+        elif y is not None:
+            raise ValueError("y was given but this UNet has no adm_in_channels (no label_emb)")
 
         h = x
         skips = []
@@ -299,6 +326,22 @@ class UNet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H', W')
             h = self._run(block, h, emb, context)
         return self.out(h)  # (B, out_channels, H, W)
+
+
+def _level_depths(transformer_depth, levels, attention_levels):
+    """Transformer depth per level (a list of `levels` ints) from an int or a per-level list."""
+    if not isinstance(transformer_depth, int):  # a list / tuple / Hydra ListConfig
+        depths = [int(d) for d in transformer_depth]
+        if len(depths) != levels:
+            raise ValueError(f"transformer_depth {depths} needs one depth per level ({levels} levels)")
+    else:
+        depths = [int(transformer_depth)] * levels
+    bad = [lvl for lvl in attention_levels if depths[lvl] < 1]
+    if bad:
+        raise ValueError(f"transformer_depth {depths} is 0 at attention levels {bad}")
+    if depths[-1] < 1:
+        raise ValueError(f"transformer_depth {depths}: the middle block takes the last level's depth, which is 0")
+    return depths
 
 
 # -----------------------------------------------------------------------------
@@ -313,6 +356,17 @@ UNET_PRESETS: dict[str, dict] = {
     # Stable Diffusion 2.x (v2-inference(-v).yaml): 865,910,724 parameters
     "sd21": dict(_SD2),
     "sd21-base": dict(_SD2),
+    # SDXL base (SGM configs/inference/sd_xl_base.yaml): 2,567,463,684 parameters
+    "sdxl": dict(
+        channel_mult=(1, 2, 4),
+        attention_levels=(1, 2),
+        transformer_depth=(0, 2, 10),
+        num_heads=-1,
+        num_head_channels=64,
+        use_linear_projection=True,
+        context_dim=2048,
+        adm_in_channels=2816,
+    ),
     # CPU-sized models for unit tests and short CPU training runs. Keep >= 64 channels at every
     # level: with 32 GroupNorm groups a 32-channel ResBlock normalises each channel on its own,
     # which cancels the (per-channel constant) timestep embedding and makes that level blind to t.

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ldm.formats.bundle import ModelBundle
-from ldm.diffusion.guidance import ClassifierGuidance, Conditioning
+from ldm.diffusion.guidance import ClassifierGuidance, Conditioning, map_context
 from ldm.diffusion.samplers import get_sampler
 from ldm.pipelines.sampling_options import SamplingOptions
 
@@ -108,13 +108,17 @@ def _dtype_of(module, default: torch.dtype) -> torch.dtype:
 
 @torch.no_grad()
 def encode_prompts(bundle: ModelBundle, prompts: list[str], negative_prompt: str | Sequence[str] | None,
-                   num_images_per_prompt: int, guidance_scale: float) -> Conditioning:
+                   num_images_per_prompt: int, guidance_scale: float,
+                   size: tuple[int, int] | None = None) -> Conditioning:
     """Step 1 (CLIP text encoder): prompts -> context (B, L, D), B = len(prompts) * num_images_per_prompt.
 
     The unconditional branch of CFG is the empty prompt's context, or the negative prompt's when one is given
     (one string for all prompts, or one per prompt). With guidance_scale 1 it is not needed. Long prompts
     (``max_chunks`` > 1): prompt and negative prompt are padded to the same number of 77-token chunks with
     empty-prompt chunks (A1111's CFG padding), as the two branches run in one batch.
+    SDXL (a dual encoder giving {"crossattn", "pooled"}): both branches become the U-Net's {"crossattn", "vector"}
+    with the micro-conditioning of an uncropped ``size`` = (height, width) image (diffusers' defaults); the
+    unconditional text is zeros (SDXL's force_zeros_for_empty_prompt) unless a negative prompt is given.
     """
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
@@ -122,23 +126,39 @@ def encode_prompts(bundle: ModelBundle, prompts: list[str], negative_prompt: str
     if te is None:  # an unconditional model
         return Conditioning(None, None)
     dtype = model_dtype(bundle)
-    context = te(prompts).to(bundle.device, dtype).repeat_interleave(num_images_per_prompt, 0)  # (B, L, D)
+
+    def prepared(c, repeat):  # (n, ...) -> (n * repeat, ...) on the U-Net's device and dtype
+        c = map_context(lambda v: v.to(bundle.device, dtype).repeat_interleave(repeat, 0), c)
+        return with_size_conditioning(c, size)
+
+    context = prepared(te(prompts), num_images_per_prompt)  # (B, L, D)
     if guidance_scale == 1.0:
         return Conditioning(context, None)
     if negative_prompt is None:
-        uncond = te.empty_context(1)  # (1, L, D), broadcast over the batch
+        uncond = prepared(te.empty_context(1), 1)  # (1, L, D), broadcast over the batch
     elif isinstance(negative_prompt, str):
-        uncond = te([negative_prompt])
+        uncond = prepared(te([negative_prompt]), 1)
     else:
         negative_prompt = list(negative_prompt)
         if len(negative_prompt) != len(prompts):
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
-        uncond = te(negative_prompt).repeat_interleave(num_images_per_prompt, 0)
-    uncond = uncond.to(bundle.device, dtype)
-    if uncond.shape[1] != context.shape[1]:
+        uncond = prepared(te(negative_prompt), num_images_per_prompt)
+    if not isinstance(context, dict) and uncond.shape[1] != context.shape[1]:
         length = max(uncond.shape[1], context.shape[1])
         context, uncond = te.pad_context(context, length), te.pad_context(uncond, length)
     return Conditioning(context, uncond)
+
+
+def with_size_conditioning(context, size: tuple[int, int] | None):
+    """A dual encoder's {"crossattn", "pooled"} -> the SDXL U-Net's {"crossattn", "vector"}; others unchanged."""
+    if not (isinstance(context, dict) and "pooled" in context):
+        return context
+    if size is None:
+        raise ValueError("an SDXL text encoder needs the image size for its micro-conditioning (size=(h, w))")
+    from ldm.models.sdxl_conditioning import default_size_values, unet_conditioning
+
+    batch = context["pooled"].shape[0]
+    return unet_conditioning(context, default_size_values(batch, *size).to(context["pooled"].device))
 
 
 def initial_noise(bundle: ModelBundle, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:

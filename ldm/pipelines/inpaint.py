@@ -112,7 +112,8 @@ def inpaint(
         if len(timesteps) == 0:
             generated = decode(bundle, z0)
         else:
-            cond = encode_prompts(bundle, prompts, negative_prompt, num_images_per_prompt, guidance_scale)
+            cond = encode_prompts(bundle, prompts, negative_prompt, num_images_per_prompt, guidance_scale,
+                                  size=(height, width))
             if strength == 1.0:
                 x = noise  # step 5: pure noise
             else:

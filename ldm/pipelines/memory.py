@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ldm.diffusion.guidance import map_context
+from ldm.pipelines.common import with_size_conditioning
+
 GIB = 1024**3
 HEADROOM = 0.9  # use at most this fraction of the free memory
 UNET_K, VAE_K = 4, 6  # live copies of the largest activation (see the module docstring)
@@ -74,7 +77,8 @@ def probe(bundle) -> tuple[Probe, Probe]:
     side = 2 * max(1, int(getattr(bundle.unet, "downsample_factor", 1)))
     x = torch.zeros(1, bundle.latent_channels, side, side, device=param.device, dtype=param.dtype)
     t = torch.zeros(1, device=param.device, dtype=torch.long)
-    context = bundle.text_encoder([""]).to(param.device, param.dtype)
+    context = map_context(lambda v: v.to(param.device, param.dtype), bundle.text_encoder([""]))
+    context = with_size_conditioning(context, (side * bundle.downsample_factor,) * 2)  # SDXL: + the vector y
 
     def unet():
         bundle.unet(x, t, context)

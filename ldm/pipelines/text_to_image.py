@@ -66,7 +66,8 @@ def text_to_image(
     timesteps = options.timesteps(bundle.schedule)  # any model runs
     g = make_generator(seed, generator)
     with eval_mode(bundle):
-        cond = encode_prompts(bundle, prompts, negative_prompt, num_images_per_prompt, guidance_scale)  # step 1
+        cond = encode_prompts(bundle, prompts, negative_prompt, num_images_per_prompt, guidance_scale,
+                              size=(height, width))  # step 1
         x = initial_noise(bundle, len(prompts) * num_images_per_prompt, height, width, g)  # step 2: x_T ~ N(0, I)
         z = run_sampler(bundle, x, timesteps, cond, options=options, guidance_scale=guidance_scale,  # step 3
                         generator=g, classifier_guidance=classifier_guidance, callback=callback)
@@ -125,7 +126,8 @@ def image_to_image(
         z0 = expand_batch(encode_image(bundle, image, sample_posterior, g), batch, "image")  # step 1: VAE encode
         if len(timesteps) == 0:
             return decode(bundle, z0)  # no steps: the VAE round trip
-        cond = encode_prompts(bundle, prompts, negative_prompt, num_images_per_prompt, guidance_scale)  # step 2
+        cond = encode_prompts(bundle, prompts, negative_prompt, num_images_per_prompt, guidance_scale,
+                              size=(height, width))  # step 2
         t0 = timesteps[:1].long().expand(batch)
         x = q_sample(bundle.schedule, z0, t0, noise)  # step 3: x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
         z = run_sampler(bundle, x, timesteps, cond, options=options, guidance_scale=guidance_scale,  # step 4

@@ -23,6 +23,7 @@ from ldm.diffusion.timestep_sampling import TimestepSampling
 from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.training.divergence import DivergenceGuard
 from ldm.training.ema import EMA
+from ldm.training.micro_conditioning import is_dual_text, training_conditioning
 from ldm.training.unet_compile import UNetCompile
 
 log = logging.getLogger("ldm.training")
@@ -175,7 +176,7 @@ class LatentDiffusion(L.LightningModule):
             return self.text_encoder(list(captions))
 
     # -------------------------------------------------------------------------------------------------- training
-    def forward(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, context) -> Tensor:
         if self.unet_compile is not None:  # the same (compiled in place) U-Net, timing its first forward
             return self.unet_compile(x_t, t, context)
         return self.unet(x_t, t, context)
@@ -183,11 +184,12 @@ class LatentDiffusion(L.LightningModule):
     def step_loss(self, batch: dict[str, Any]) -> Tensor:
         """Algorithm 1's loss on a batch (caption dropout, random timesteps and noise)."""
         latents = self.encode_images(batch)
-        captions, _ = self.drop_captions(batch["caption"])
+        captions, dropped = self.drop_captions(batch["caption"])
         if "context" not in batch or self.text_encoder_adapted:  # an adapted encoder cannot use cached contexts
             context = self.encode_text(captions)
         else:
             context = self._dropped_context(batch, captions)
+        context = self._unet_conditioning(context, batch, dropped, latents)
         x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise, timesteps=self.timestep_sampling,
                                       noise_options=self.noise_options)
         return self.batch_loss(self(x_t, t, context), target, t, batch)
@@ -203,6 +205,16 @@ class LatentDiffusion(L.LightningModule):
                                   self.loss_options, mask=None if mask is None else mask[rows])
 
         return prior_preservation_loss(loss_of, batch.get("is_prior"), self.prior_loss_weight)
+
+    def _unet_conditioning(self, context, batch: dict[str, Any], dropped: Tensor, latents: Tensor):
+        """SDXL (a dual encoder's {"crossattn", "pooled"}): + the micro-conditioning vector from the batch, the
+        dropped captions' text zeroed (see ldm.training.micro_conditioning); other contexts pass unchanged."""
+        if not is_dual_text(context):
+            return context
+        f = int(getattr(self.autoencoder, "downsample_factor", 1))
+        image_size = (latents.shape[-2] * f, latents.shape[-1] * f)
+        return training_conditioning(context, batch, dropped, image_size,
+                                     zero_dropped=bool(getattr(self.text_encoder, "zero_uncond", False)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # always backpropagated, even when NaN: with DDP every rank must join the gradient all-reduce; whether the
@@ -289,7 +301,8 @@ class LatentDiffusion(L.LightningModule):
         posterior mean as latent, so the same weights always give the same number (for selection and sweeps)."""
         images = batch.get("image")
         latents = batch["latents"] if images is None else self.autoencoder.encode_latents(images, sample=False)
-        context = self.encode_text(batch["caption"])
+        context = self._unet_conditioning(self.encode_text(batch["caption"]), batch,
+                                          torch.zeros(len(batch["caption"]), dtype=torch.bool), latents)
         g = torch.Generator(device="cpu").manual_seed(10_000 + batch_idx)
         T = self.schedule.num_train_timesteps
         losses = []

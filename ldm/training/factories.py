@@ -60,6 +60,24 @@ def check_compatible(unet: nn.Module, ae: nn.Module, text_encoder: nn.Module) ->
     if cfg["context_dim"] != ctx:
         raise ValueError(f"model.unet.context_dim={cfg['context_dim']} does not match the text encoder's hidden size "
                          f"{ctx} (model.text_encoder): set model.unet.context_dim={ctx}")
+    check_vector_conditioning(cfg, text_encoder)
+
+
+def check_vector_conditioning(cfg: dict, text_encoder: nn.Module) -> None:
+    """SDXL: the U-Net's adm_in_channels = the dual encoder's pooled size + 6 x 256 size embeddings."""
+    from ldm.models.sdxl_conditioning import NUM_SIZE_VALUES, SIZE_EMBED_DIM
+
+    adm, pooled = cfg.get("adm_in_channels"), getattr(text_encoder, "pooled_dim", None)
+    if adm is None and pooled is None:
+        return
+    if adm is None or pooled is None:
+        raise ValueError(f"model.unet.adm_in_channels={adm} and model.text_encoder "
+                         f"({type(text_encoder).__name__}) disagree: SDXL's vector conditioning needs both a U-Net "
+                         "with adm_in_channels and the dual text encoder (DualCLIPTextEncoder)")
+    want = int(pooled) + NUM_SIZE_VALUES * SIZE_EMBED_DIM
+    if adm != want:
+        raise ValueError(f"model.unet.adm_in_channels={adm} does not match the text encoder's pooled size {pooled} + "
+                         f"{NUM_SIZE_VALUES} x {SIZE_EMBED_DIM}: set model.unet.adm_in_channels={want}")
 
 
 def build_bundle(unet: nn.Module, autoencoder: nn.Module, text_encoder: nn.Module, schedule: NoiseSchedule,

@@ -115,9 +115,11 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
         return None
     store = "posterior" if module.sample_posterior else "mode"
     text_encoder = module.text_encoder if text_encoder_is_frozen(module.text_encoder) else None
-    if text_encoder is not None and not (contexts_cacheable(spec) and getattr(text_encoder, "max_chunks", 1) == 1):
-        # random caption options change the caption each epoch; long prompts give contexts of different lengths:
-        # the cache holds captions, encoded every step (the encoder's cache_size memoises them per string)
+    if text_encoder is not None and not (contexts_cacheable(spec) and getattr(text_encoder, "max_chunks", 1) == 1
+                                         and getattr(text_encoder, "context_cacheable", True)):
+        # random caption options change the caption each epoch; long prompts give contexts of different lengths;
+        # SDXL's {crossattn, pooled} pair is no one (L, D) context: the cache holds captions, encoded every step
+        # (the encoder's cache_size memoises them per string)
         text_encoder = None
     folder = cache_folder(root, spec, module.autoencoder, store, text_encoder)
     options = dict(store=store, text="context" if text_encoder is not None else "caption",

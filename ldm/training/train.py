@@ -66,10 +66,25 @@ def _is_callback_node(node: Any, key: str) -> bool:
     return True
 
 
+def check_pretrained(model: DictConfig) -> None:
+    """model.pretrained: ??? (the full-size presets, experiment=sd*_finetune) must be set, to a file or folder that
+    exists here or a hub id."""
+    from ldm.formats.detect import looks_like_hub_id
+
+    if OmegaConf.is_missing(model, "pretrained"):
+        raise ConfigError("model.pretrained is not set: give the weights to start from, e.g. "
+                          "model.pretrained=/path/to/sd_xl_base_1.0.safetensors (an SD single file, a diffusers "
+                          "folder or a hub id)")
+    path = model.get("pretrained")
+    if path and not Path(str(path)).expanduser().exists() and not looks_like_hub_id(path):
+        raise ConfigError(f"model.pretrained={path}: no such file or folder (and not a hub id 'org/name')")
+
+
 def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
     from ldm.training.factories import build_bundle
 
     m = cfg.model
+    check_pretrained(m)  # before any network (or a hub download of its tokenizers) is built
     schedule = build(cfg.schedule, "schedule")
     unet = build(m.unet, "model.unet")
     autoencoder = build(m.autoencoder, "model.autoencoder")

@@ -64,7 +64,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _defaults(cls):
     params = inspect.signature(cls.__init__).parameters
-    return {k: p.default for k, p in params.items() if k != "self" and k != "gradient_checkpointing"}
+    skip = ("self", "gradient_checkpointing", "adm_in_channels")  # adm_in_channels: recorded only when set (SDXL)
+    return {k: p.default for k, p in params.items() if k not in skip}
 
 
 def _plain(cfg):
@@ -102,7 +103,10 @@ def test_real_vae_config_matches_preset():
 
 def test_unsupported_diffusers_settings_are_refused():
     with pytest.raises(ValueError, match="addition_embed_type"):
-        unet_config_from_diffusers({**SD15_UNET, "addition_embed_type": "text_time"})
+        unet_config_from_diffusers({**SD15_UNET, "addition_embed_type": "image"})
+    with pytest.raises(ValueError, match="addition_embed_type='text_time' with addition_time_embed_dim=8"):
+        unet_config_from_diffusers({**SD15_UNET, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                                    "projection_class_embeddings_input_dim": 80})
     with pytest.raises(ValueError, match="up_block_types"):
         unet_config_from_diffusers({**SD15_UNET, "up_block_types": ["UpBlock2D"] * 4})
 

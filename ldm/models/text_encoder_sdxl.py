@@ -1,0 +1,158 @@
+"""SDXL's two frozen text encoders (Podell et al. 2023, sec. 2.1): CLIP ViT-L and OpenCLIP ViT-bigG.
+
+What SDXL feeds the U-Net (diffusers ``StableDiffusionXLPipeline.encode_prompt``; SGM ``sd_xl_base.yaml``:
+``FrozenCLIPEmbedder(layer="hidden", layer_idx=11)`` + ``FrozenOpenCLIPEmbedder2(layer="penultimate",
+always_return_pooled=True, legacy=False)``):
+- context (B, 77, 768 + 1280): both encoders' penultimate hidden states (``hidden_states[-2]``, no final
+  LayerNorm), concatenated along the feature axis, ViT-L first;
+- pooled (B, 1280): bigG's ``text_embeds``: the final layer's (final-LayerNorm'ed) EOS token through
+  ``text_projection`` (``CLIPTextModelWithProjection``).
+The unconditional branch is all zeros (SGM ucg on the text embedders zeroes their outputs; diffusers
+``force_zeros_for_empty_prompt=True`` for SDXL base), unless ``zero_uncond=False`` (the empty prompt's encoding).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.models import tiny_clip
+from ldm.models.text_encoder import to_hub_keys
+
+SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+
+
+def sdxl_text_configs(name: str = "sdxl"):
+    """(``CLIPTextConfig`` of ViT-L, of bigG) of SDXL base (the ``text_encoder/`` and ``text_encoder_2/``
+    config.json of stabilityai/stable-diffusion-xl-base-1.0)."""
+    from transformers import CLIPTextConfig
+
+    if name != "sdxl":
+        raise ValueError(f"unknown SDXL text encoder preset {name!r}; expected sdxl")
+    vit_l = CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    )
+    big_g = CLIPTextConfig(
+        vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+        num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    )
+    return vit_l, big_g
+
+
+class DualCLIPTextEncoder(nn.Module):
+    """Prompts -> ``{"crossattn": (B, L, D1 + D2), "pooled": (B, P)}``; frozen by default.
+
+    ``model_1``: transformers ``CLIPTextModel`` (ViT-L); ``model_2``: ``CLIPTextModelWithProjection`` (bigG).
+    """
+
+    context_cacheable = False  # the latent cache stores one (L, D) context per caption: SDXL's pair is encoded live
+
+    def __init__(self, model_1, tokenizer_1, model_2, tokenizer_2, max_length: int = 77, frozen: bool = True,
+                 zero_uncond: bool = True):
+        super().__init__()
+        if not hasattr(model_2, "text_projection"):
+            raise ValueError("DualCLIPTextEncoder: the second encoder must be a CLIPTextModelWithProjection "
+                             "(SDXL's pooled embedding is its text_projection output)")
+        self.model = model_1
+        self.model_2 = model_2
+        self.tokenizer, self.tokenizer_2 = tokenizer_1, tokenizer_2
+        self.max_length = int(max_length)
+        self.frozen = frozen
+        self.zero_uncond = bool(zero_uncond)
+        self._empty: dict = {}
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, **kwargs) -> "DualCLIPTextEncoder":
+        """``tokenizer/``, ``text_encoder/``, ``tokenizer_2/``, ``text_encoder_2/`` of a diffusers SDXL folder."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        path = str(path_or_hub_id)
+        tok_1 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        tok_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+        model_1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        model_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
+        max_length = min(model_1.config.max_position_embeddings, tok_1.model_max_length)
+        return cls(model_1, tok_1, model_2, tok_2, max_length=max_length, **kwargs)
+
+    @classmethod
+    def from_tiny(cls, folder=None, seed: int = 0, words=tiny_clip.DEFAULT_WORDS, hidden_size: int = 32,
+                  hidden_size_2: int = 48, projection_dim: int = 16, **kwargs) -> "DualCLIPTextEncoder":
+        """Write (if needed) and load a local random pair of tiny CLIPs laid out like an SDXL folder."""
+        folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="tiny_sdxl_clip_"))
+        if not (folder / "text_encoder_2" / "model.safetensors").exists():
+            tiny_clip.write_tiny_sdxl_clips(folder, words=words, seed=seed, hidden_size=hidden_size,
+                                            hidden_size_2=hidden_size_2, projection_dim=projection_dim)
+        return cls.from_pretrained(folder, **kwargs)
+
+    # --------------------------------------------------------------------------------------------- properties
+    @property
+    def context_dim(self) -> int:
+        return self.model.config.hidden_size + self.model_2.config.hidden_size
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.model_2.config.projection_dim
+
+    @property
+    def config(self) -> dict:
+        return {"max_length": self.max_length, "context_dim": self.context_dim, "pooled_dim": self.pooled_dim,
+                "zero_uncond": self.zero_uncond, "kind": "sdxl"}
+
+    def train(self, mode: bool = True):
+        """A frozen encoder stays in eval mode."""
+        return super().train(False if self.frozen else mode)
+
+    def _clear_cache(self, *_):
+        self._empty.clear()
+
+    # ------------------------------------------------------------------------------------------------ encoding
+    def tokenize(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids ``(B, max_length)`` of each tokenizer (bigG's pads with ``!``, ViT-L's with EOS)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return tuple(tok(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                         return_tensors="pt").input_ids for tok in (self.tokenizer, self.tokenizer_2))
+
+    def encode_ids(self, ids_1: torch.Tensor, ids_2: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
+            out_1 = self.model(ids_1.to(device), output_hidden_states=True)
+            out_2 = self.model_2(ids_2.to(device), output_hidden_states=True)
+            context = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
+            return {"crossattn": context, "pooled": out_2.text_embeds}  # pooled: (B, P)
+
+    def forward(self, prompts) -> dict[str, torch.Tensor]:
+        return self.encode_ids(*self.tokenize(prompts))
+
+    def empty_context(self, batch_size: int = 1) -> dict[str, torch.Tensor]:
+        """The unconditional conditioning: zeros (SDXL), or the empty prompt's encoding (zero_uncond=False)."""
+        p = next(self.model.parameters())
+        key = (p.device, p.dtype)
+        if key not in self._empty:
+            with torch.no_grad():
+                cond = self.forward([""])
+                self._empty[key] = {k: (torch.zeros_like(v) if self.zero_uncond else v).detach()
+                                    for k, v in cond.items()}
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._empty[key].items()}
+
+    def hub_state_dicts(self) -> tuple[dict, dict]:
+        """The weights with the hub / diffusers ``text_encoder`` and ``text_encoder_2`` key names."""
+        return to_hub_keys(self.model.state_dict()), _hub_keys_2(self.model_2.state_dict())
+
+
+def _hub_keys_2(state_dict: dict) -> dict:
+    """``CLIPTextModelWithProjection`` keys as stored on the hub: ``text_model.*`` + ``text_projection.weight``."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("position_ids"):
+            continue
+        out[k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k] = v
+    return out
