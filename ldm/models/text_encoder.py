@@ -66,6 +66,22 @@ def to_module_keys(state_dict: dict, model: nn.Module) -> dict:
     return {k[len(HUB_PREFIX):]: v for k, v in hub.items()}
 
 
+def expand_placeholders(prompt: str, tokenizer) -> str:
+    """A multi-vector textual-inversion token ``<tok>`` in the prompt becomes ``<tok> <tok>_1 ... <tok>_{n-1}``
+    (diffusers ``loaders/textual_inversion.py`` ``_maybe_convert_prompt``, the same string replacement)."""
+    added = tokenizer.added_tokens_encoder
+    if not any(f"{t}_1" in added for t in added):
+        return prompt  # no multi-vector token: nothing to expand (and no second tokenization)
+    for token in set(tokenizer.tokenize(prompt)):
+        if token in added:
+            replacement, i = token, 1
+            while f"{token}_{i}" in added:
+                replacement += f" {token}_{i}"
+                i += 1
+            prompt = prompt.replace(token, replacement)
+    return prompt
+
+
 class CLIPTextEncoder(nn.Module):
     """Prompts -> cross-attention context ``(B, max_length, D)``; frozen by default."""
 
@@ -131,7 +147,8 @@ class CLIPTextEncoder(nn.Module):
         """``(B, max_length)`` token ids, padded / truncated (EOS kept)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        out = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+        prompts = [expand_placeholders(p, self.tokenizer) for p in prompts]
+        out = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt")
         return out.input_ids
 
