@@ -107,6 +107,9 @@ class PlaceholderEmbedding(nn.Module):
     def build(cls, encoder, config: TextualInversionConfig) -> "PlaceholderEmbedding":
         """Add the placeholder tokens to ``encoder``, each row starting at ``config.init_token``'s embedding."""
         init_id = single_token_id(encoder, config.init_token)
+        if len(encoder.tokenizer(config.placeholder_token, add_special_tokens=False).input_ids) == 1:
+            raise ValueError(f"adapter.placeholder_token={config.placeholder_token!r} is already a token of the "
+                             "vocabulary: its prompts would change meaning; choose a new word (e.g. '<my-concept>')")
         init = token_embedding(encoder).weight[init_id].detach().float()
         vectors = init.unsqueeze(0).repeat(config.num_vectors, 1)
         try:
