@@ -117,6 +117,9 @@ def test_a_run_writes_the_files_and_sample_py_loads_them(tiny_cfg, base, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(loaded([prompt]), trained.bundle(use_ema=True).text_encoder([prompt]),
                                    atol=1e-6, rtol=1e-6)
+        # sample.py ckpt=<run>/checkpoints/last.ckpt: the base from model.pretrained + the checkpoint's EMA vectors
+        torch.testing.assert_close(load_bundle(result["last_checkpoint"]).text_encoder([prompt]), loaded([prompt]),
+                                   atol=1e-6, rtol=1e-6)
     with pytest.raises(FileNotFoundError, match="embeddings: file not found"):
         sample(sample_config(base_ckpt, tmp_path / "c", f"prompt='{prompt}'", f"embeddings=[{tmp_path / 'nope.safetensors'}]"))
 
