@@ -48,12 +48,12 @@ def base_dataset(dataset):
     return dataset
 
 
-def shapes_checker(dataset):
-    """The shapes checker when ``dataset`` is the synthetic shapes, else None."""
-    from ldm.data.shapes import ShapesDataset
-
-    base = base_dataset(dataset)
-    return base.checker() if isinstance(base, ShapesDataset) else None
+def prompt_checker(dataset):
+    """The prompt checker (the protocol of ``metrics.PromptAccuracy``) that the validation dataset offers as its
+    ``checker()`` method, else None. The data brings it (the shapes task's ShapesDataset, built from
+    configs/data/shapes.yaml, has one), so evaluation needs no import of any task."""
+    make = getattr(base_dataset(dataset), "checker", None)
+    return make() if callable(make) else None
 
 
 def first_items(dataset, n: int) -> EvalItems:
