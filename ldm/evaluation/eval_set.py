@@ -38,7 +38,12 @@ class EvalItems(Dataset):
         """Images ``start:stop`` as (B, 3, H, W) float in [-1, 1]."""
         if not self.has_images:
             raise ValueError("the validation items have no 'image'")
-        return torch.stack([self[i]["image"] for i in range(start, stop)]).float()
+        images = [self[i]["image"] for i in range(start, stop)]
+        if len({tuple(im.shape) for im in images}) > 1:
+            raise ValueError(f"the validation images have several sizes {sorted({tuple(im.shape[-2:]) for im in images})} "
+                             "(aspect-ratio buckets): FID / KID / CLIP score compare images of one size; evaluate "
+                             "with data.train.buckets.enabled=false (square crops)")
+        return torch.stack(images).float()
 
 
 def base_dataset(dataset):
