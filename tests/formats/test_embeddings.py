@@ -138,6 +138,8 @@ def test_loading_into_the_tiny_clip_and_name_clashes(tmp_path):
     assert torch.equal(encoder(["a red circle"]), before)
     assert encoder.tokenizer.tokenize(encoder.tokenizer.decode(encoder.tokenize("<a> <bee>")[0][1:5])) == \
         ["<a>", "<a>_1", "<a>_2", "<bee>"]
+    encoder.max_chunks = 2  # long prompts (chunks of 75 tokens) expand the placeholder as well
+    assert int((encoder.chunk_ids(["<a> circle"]) >= table.shape[0]).sum()) == 3
     with pytest.raises(CheckpointError, match=r"a\.safetensors.*already in the tokenizer"):
         load_embedding_files(encoder, [str(a)], report=lambda _m: None)
     with pytest.raises(CheckpointError, match="same token"):
