@@ -46,7 +46,8 @@ def detect_source(source) -> str:
                          "an export folder or a diffusers folder")
     names = _safetensors_keys(path) if suffix == ".safetensors" else _pickle_strings(path)
     trained = any(n.startswith(TRAINING_UNET_PREFIX) for n in names) or (  # a LoRA run: the adapter only
-        "adapter" in names and any(n.startswith(TRAINING_ADAPTER_PREFIX) for n in names))
+        "adapter" in names and any(n.startswith(TRAINING_ADAPTER_PREFIX) for n in names)) or (
+        "textual_inversion" in names and "textual_inversion.vectors" in names)  # a textual-inversion run
     if trained and suffix != ".safetensors" and (
             {"ldm", "ldm_config", "hyper_parameters", "state_dict"} & names):
         return "training_checkpoint"

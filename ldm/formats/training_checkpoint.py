@@ -73,6 +73,9 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     text_encoder = build_node(m.get("text_encoder"), "text_encoder", source=src, key="ldm.model.model.text_encoder")
     if ckpt["ldm"].get("adapter"):
         return _load_adapter_checkpoint(path, ckpt, use_ema, model_cfg, (unet, autoencoder, text_encoder, schedule))
+    if ckpt["ldm"].get("textual_inversion"):
+        return _load_textual_inversion_checkpoint(path, ckpt, use_ema, model_cfg,
+                                                  (unet, autoencoder, text_encoder, schedule))
     state = ckpt["state_dict"]
     unet_state, ema = trained_weights(state, "unet.", use_ema)
     load_into(unet, unet_state, source=f"{path} ({'EMA' if ema else 'raw'} U-Net)")
@@ -121,6 +124,38 @@ def _load_adapter_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, mo
     bundle.meta.update({"global_step": ckpt.get("global_step"), "ema": ema,
                         "model_config": model_cfg, "resolution": model_cfg.get("resolution"), "adapter": config_dict})
     return bundle.eval()
+
+def _load_textual_inversion_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, model_cfg: dict,
+                                       networks: tuple) -> ModelBundle:
+    """A textual-inversion run's checkpoint holds only the placeholder's vectors: the base from model.pretrained,
+    then the (EMA) vectors added as the placeholder's tokens (``ldm.models.textual_inversion``)."""
+    from ldm.formats.safe_build import check_plain
+    from ldm.models.textual_inversion import add_token_rows, placeholder_tokens
+
+    unet, autoencoder, text_encoder, schedule = networks
+    pretrained = model_cfg["model"].get("pretrained")
+    stored = ckpt["ldm"]["textual_inversion"]
+    check_plain(pretrained, source=str(path), key="ldm.model.model.pretrained")
+    check_plain(stored, source=str(path), key="ldm.textual_inversion")
+    if not pretrained:
+        raise CheckpointError(f"{path}: a textual-inversion checkpoint needs its base: ldm.model.model.pretrained "
+                              "is empty")
+    token = stored.get("placeholder_token") if isinstance(stored, dict) else None
+    if not isinstance(token, str) or not token:
+        raise CheckpointError(f"{path}: ldm.textual_inversion.placeholder_token must be a token string")
+    load_weights_into(pretrained, unet, autoencoder, text_encoder)
+    weights, ema = trained_weights(ckpt["state_dict"], "textual_inversion.", use_ema)
+    vectors = weights.get("vectors")
+    if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2:
+        raise CheckpointError(f"{path}: no textual-inversion vectors [n, dim] in its state_dict")
+    try:
+        add_token_rows(text_encoder, placeholder_tokens(token, vectors.shape[0]), vectors)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    return ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
+                       meta={"global_step": ckpt.get("global_step"), "ema": ema, "model_config": model_cfg,
+                             "resolution": model_cfg.get("resolution"), "textual_inversion": dict(stored)}).eval()
+
 
 def load_weights_into(source, unet: nn.Module, autoencoder: nn.Module | None = None,
                       text_encoder: nn.Module | None = None, *, use_ema: bool = False) -> str:

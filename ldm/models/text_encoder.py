@@ -80,6 +80,22 @@ def to_module_keys(state_dict: dict, model: nn.Module) -> dict:
     return {k[len(HUB_PREFIX):]: v for k, v in hub.items()}
 
 
+def expand_placeholders(prompt: str, tokenizer) -> str:
+    """A multi-vector textual-inversion token ``<tok>`` in the prompt becomes ``<tok> <tok>_1 ... <tok>_{n-1}``
+    (diffusers ``loaders/textual_inversion.py`` ``_maybe_convert_prompt``, the same string replacement)."""
+    added = tokenizer.added_tokens_encoder
+    if not any(f"{t}_1" in added for t in added):
+        return prompt  # no multi-vector token: nothing to expand (and no second tokenization)
+    for token in set(tokenizer.tokenize(prompt)):
+        if token in added:
+            replacement, i = token, 1
+            while f"{token}_{i}" in added:
+                replacement += f" {token}_{i}"
+                i += 1
+            prompt = prompt.replace(token, replacement)
+    return prompt
+
+
 class CLIPTextEncoder(nn.Module):
     """Prompts -> cross-attention context ``(B, max_length * chunks, D)``; frozen by default.
 
@@ -151,7 +167,8 @@ class CLIPTextEncoder(nn.Module):
         """``(B, max_length)`` token ids, padded / truncated (EOS kept)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        out = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+        prompts = [expand_placeholders(p, self.tokenizer) for p in prompts]
+        out = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt")
         return out.input_ids
 
@@ -175,6 +192,7 @@ class CLIPTextEncoder(nn.Module):
         pad = eos if tok.pad_token_id is None else tok.pad_token_id
         rows = []
         for prompt in prompts:
+            prompt = expand_placeholders(prompt, tok)  # multi-vector textual-inversion tokens, as tokenize()
             ids = tok(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
             if len(ids) > self.max_chunks * body:
                 log.warning("prompt of %d tokens cut to %d (model.text_encoder.max_chunks=%d chunks of %d; raise it "

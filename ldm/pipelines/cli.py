@@ -57,6 +57,7 @@ class SampleConfig:
     prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
     check_memory: bool = True  # estimate the activation memory first; refuse (saying what to lower) if it won't fit
     lora: list[str] = field(default_factory=list)  # LoRA files merged in, each FILE or FILE:SCALE (kohya / diffusers)
+    embeddings: list[str] = field(default_factory=list)  # textual-inversion files, each FILE or FILE:TOKEN
 
 
 class SampleConfigError(ValueError):
@@ -171,6 +172,10 @@ def check_options(cfg: DictConfig) -> None:
     if cfg.prediction_type is not None and cfg.prediction_type not in PREDICTION_TYPES:
         raise SampleConfigError(f"prediction_type must be one of {PREDICTION_TYPES} (or null), got "
                                 f"{cfg.prediction_type!r}")
+    from ldm.formats.embeddings import parse_embedding_spec
+
+    for spec in cfg.embeddings:
+        _existing_file(parse_embedding_spec(spec)[0], "embeddings")
     if cfg.max_chunks is not None and not 1 <= cfg.max_chunks <= 64:
         raise SampleConfigError(f"max_chunks must be in [1, 64] chunks of 75 tokens (or null: the model's), got "
                                 f"{cfg.max_chunks}")
@@ -238,6 +243,14 @@ def sample(cfg: Any) -> list[Path]:
             apply_lora_files(bundle_roots(bundle), list(cfg.lora), report=print)
         except LoRAFileError as err:
             raise SampleConfigError(f"lora: {err}") from err
+    if cfg.embeddings:  # the prompt uses each file's token (its key, its file stem, or FILE:TOKEN)
+        from ldm.formats.embeddings import load_embedding_files
+        from ldm.formats.safe_load import CheckpointError
+
+        try:
+            load_embedding_files(bundle.text_encoder, list(cfg.embeddings), report=print)
+        except (CheckpointError, FileNotFoundError) as err:
+            raise SampleConfigError(f"embeddings: {err}") from err
     if init is not None:
         width, height = init.size
     else:
@@ -297,6 +310,8 @@ def _base_params(cfg: DictConfig, bundle, height: int, width: int, img2img: bool
     }
     if cfg.lora:
         params["lora"] = list(cfg.lora)
+    if cfg.embeddings:
+        params["embeddings"] = list(cfg.embeddings)
     if img2img:
         params.update(init_image=str(cfg.init_image), strength=_strength(cfg, inpainting))
     if inpainting:

@@ -23,6 +23,7 @@ from ldm.diffusion.timestep_sampling import TimestepSampling
 from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.training.divergence import DivergenceGuard
 from ldm.training.ema import EMA
+from ldm.training import textual_inversion as ti
 from ldm.training.micro_conditioning import is_dual_text, training_conditioning
 from ldm.training.unet_compile import UNetCompile
 
@@ -52,7 +53,7 @@ class LatentDiffusion(L.LightningModule):
         sample_posterior: bool = True,
         channels_last: bool = False,
         max_nonfinite_steps: int = 5,
-        adapter: LoRAConfig | None = None,
+        adapter: LoRAConfig | ti.TextualInversionConfig | None = None,
         loss_spike_factor: float | None = 100.0,
         grad_norm_spike_factor: float | None = 100.0,
         prior_loss_weight: float = 1.0,
@@ -78,7 +79,9 @@ class LatentDiffusion(L.LightningModule):
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.adapter_config = adapter
-        self.lora = self._build_adapter(adapter) if adapter is not None else None
+        self.lora = self._build_adapter(adapter) if isinstance(adapter, LoRAConfig) else None
+        # adapter=textual_inversion: only the placeholder's vectors train (ldm/training/textual_inversion.py)
+        self.textual_inversion = ti.build(self, adapter) if ti.is_textual_inversion(adapter) else None
         # EMA of what trains: the whole U-Net, or only the adapter weights
         self.ema = EMA(self.trained_module, ema_decay) if ema_decay else None
         # after the EMA copy: module copies drop the compiled forward (nn.Module.__getstate__), so they run eager
@@ -124,7 +127,9 @@ class LatentDiffusion(L.LightningModule):
 
     @property
     def trained_module(self) -> nn.Module:
-        """What the optimizer updates: the adapter, or the whole U-Net."""
+        """What the optimizer updates: the adapter (LoRA / textual-inversion vectors), or the whole U-Net."""
+        if self.textual_inversion is not None:
+            return self.textual_inversion
         return self.lora if self.lora is not None else self.unet
 
     def adapter_roots(self) -> dict[str, nn.Module]:
@@ -132,12 +137,18 @@ class LatentDiffusion(L.LightningModule):
 
     @property
     def text_encoder_adapted(self) -> bool:
+        if self.textual_inversion is not None:  # gradients flow through the frozen encoder to the vectors
+            return True
         return self.adapter_config is not None and bool(self.adapter_config.text_encoder)
 
     @contextmanager
     def sampling_bundle(self, use_ema: bool = True) -> Iterator[ModelBundle]:
         """The model as sampling sees it, for the length of the block: with an adapter, the (EMA) adapter is applied
         to the shared frozen networks; without one, `bundle()`."""
+        if self.textual_inversion is not None:
+            with ti.sampling_bundle(self, use_ema) as bundle:
+                yield bundle
+            return
         if self.lora is None:
             yield self.bundle(use_ema)
             return
@@ -319,7 +330,9 @@ class LatentDiffusion(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
 
     def configure_optimizers(self):
-        if self.lora is not None:
+        if self.textual_inversion is not None:
+            optimizer = self.optimizer_factory(ti.param_groups(self))
+        elif self.lora is not None:
             optimizer = self.optimizer_factory(self.adapter_param_groups())
         else:
             optimizer = self.optimizer_factory(self.unet.parameters())  # only the U-Net trains
@@ -341,7 +354,7 @@ class LatentDiffusion(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trained = self.lora if self.lora is not None else self.unet
+        trained = self.trained_module
         bad = [n for n, p in trained.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
             raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights ({bad[:3]}...); "
@@ -351,6 +364,8 @@ class LatentDiffusion(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k.startswith(("lora.", "ema."))}
             checkpoint["ldm"]["adapter"] = asdict(self.adapter_config)
+        if self.textual_inversion is not None:  # the placeholder's vectors (and their EMA) only
+            ti.checkpoint_entries(self, checkpoint)
         reason = self.weights_verdict()
         if reason is not None:  # AtomicCheckpointIO writes nothing for it: the previous checkpoints stay the last
             log.warning("step %d: not writing a checkpoint, the weights diverged (%s)", self.global_step, reason)
@@ -376,9 +391,12 @@ class LatentDiffusion(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.guard.load_state_dict(checkpoint.get("ldm", {}).get("guard", {}))
-        if self.lora is None:
+        if self.textual_inversion is not None:
+            ti.check_loaded(self, checkpoint)
+        if self.lora is None and self.textual_inversion is None:
             return
-        expected = {k for k in self.state_dict() if k.startswith(("lora.", "ema."))}
+        prefixes = ti.PREFIXES if self.textual_inversion is not None else ("lora.", "ema.")
+        expected = {k for k in self.state_dict() if k.startswith(prefixes)}
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} adapter weights of this config (e.g. "
@@ -387,6 +405,8 @@ class LatentDiffusion(L.LightningModule):
     def bundle(self, use_ema: bool = True) -> ModelBundle:
         """The model as sampling sees it (EMA weights by default; a copy, so training is untouched). With an adapter:
         copies of the U-Net and text encoder with the (EMA) adapter merged in."""
+        if self.textual_inversion is not None:
+            return ti.copied_bundle(self, use_ema)
         if self.lora is not None:
             return self._merged_bundle(use_ema)
         unet = self.ema.model if (use_ema and self.ema is not None) else self.unet
@@ -409,7 +429,12 @@ class LatentDiffusion(L.LightningModule):
 
     def on_train_end(self) -> None:
         """With an adapter: <run>/lora.safetensors (kohya layout: ComfyUI / A1111 / sample.py lora=...), EMA
-        weights when the run kept them."""
+        weights when the run kept them. Textual inversion: <run>/learned_embeds.safetensors + <token>.safetensors."""
+        if self.textual_inversion is not None and self.trainer.is_global_zero:
+            from pathlib import Path
+
+            self.embedding_paths = ti.save_files(self, Path(self.trainer.default_root_dir))
+            print(f"textual inversion: {', '.join(self.embedding_paths.values())}")
         if self.lora is None or not self.trainer.is_global_zero:
             return
         from pathlib import Path
