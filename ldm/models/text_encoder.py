@@ -67,7 +67,8 @@ def to_module_keys(state_dict: dict, model: nn.Module) -> dict:
 
 
 class CLIPTextEncoder(nn.Module):
-    """Prompts -> cross-attention context ``(B, max_length, D)``; frozen by default."""
+    """Prompts -> cross-attention context ``(B, max_length, D)``; frozen by default. ``frozen=False``: its weights
+    train with the U-Net (from scratch there is nothing to preserve), and no context is cached."""
 
     def __init__(self, model, tokenizer, penultimate: bool = False, max_length: int = 77,
                  frozen: bool = True, cache_size: int = 0):
@@ -103,11 +104,22 @@ class CLIPTextEncoder(nn.Module):
     @classmethod
     def from_tiny(cls, preset: str = "tiny", folder=None, seed: int = 0,
                   words=tiny_clip.DEFAULT_WORDS, **kwargs) -> "CLIPTextEncoder":
-        """Write (if needed) and load a local random tiny CLIP; no downloads."""
+        """Write (if needed) and load a local random tiny CLIP; no downloads. A folder that already holds one must
+        hold this one (the vocabulary of ``words``, the preset's width): a stale folder is an error, not reused."""
+        if isinstance(words, str):
+            raise ValueError(f"model.text_encoder.words={words!r}: expected a list of words ('captions' is replaced "
+                             "by train() with the words of data.train's captions)")
+        if preset not in tiny_clip.PRESETS:
+            raise ValueError(f"unknown tiny text encoder preset {preset!r}; expected one of {sorted(tiny_clip.PRESETS)}")
         folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="tiny_clip_"))
         if not (folder / "text_encoder" / "model.safetensors").exists():
             tiny_clip.write_tiny_clip(folder, words=words, seed=seed, **tiny_clip.PRESETS[preset])
-        return cls.from_pretrained(folder, **kwargs)
+        encoder = cls.from_pretrained(folder, **kwargs)
+        vocab, _ = tiny_clip.build_vocab(words)
+        if encoder.tokenizer.get_vocab() != vocab or encoder.context_dim != tiny_clip.PRESETS[preset]["hidden_size"]:
+            raise ValueError(f"model.text_encoder.folder: {folder} holds a tiny CLIP of other words or another width "
+                             f"than preset={preset!r} with these words; delete it or point folder elsewhere")
+        return encoder
 
     def _clear_cache(self, *_):
         """New weights -> the cached contexts are stale."""
@@ -171,6 +183,8 @@ class CLIPTextEncoder(nn.Module):
 
     def empty_context(self, batch_size: int = 1) -> torch.Tensor:
         """Context of the empty prompt ``""`` (CFG / conditioning dropout), cached."""
+        if not self.frozen:  # weights that train (or an adapter): a stored context would go stale
+            return self.forward([""]).expand(batch_size, -1, -1)
         p = next(self.model.parameters())
         key = (p.device, p.dtype)
         if key not in self._empty:
