@@ -127,3 +127,26 @@ def test_lora_step(capsys):
     assert [r["impl"] for r in rows] == ["full", "lora"]
     assert 0 < rows[1]["trainable"] < rows[0]["trainable"] / 10  # only the adapters train
     assert all(positive(r["ms/step"]) and positive(r["lora/full time"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_shapes_lora(capsys, tmp_path):
+    """bench/shapes_lora.py end to end on a tiny base: before/after per colour, cyan included."""
+    sys.path.insert(0, str(ROOT))
+    from tests.training.conftest import TINY_MODEL, compose_train
+    from ldm.training.train import train
+
+    ckpt = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
+    base = train(compose_train(tmp_path / "base", TINY_MODEL + ckpt + ["trainer.max_steps=2"]))["last_checkpoint"]
+    tiny = [o for o in TINY_MODEL if not o.startswith(("trainer.", "callbacks=", "data.batch_size"))]
+    row = bench_module("shapes_lora").main(
+        ["--base", base, "--out", str(tmp_path / "lora"), "--per-prompt", "1", "--", *tiny, "trainer.max_steps=2",
+         "data.train.size=16", "data.val.size=4", "data.batch_size=4", "callbacks=none",
+         "trainer.val_check_interval=2", "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+         "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"])
+    out = capsys.readouterr().out
+    assert "cyan (new)" in out and "six old colours" in out
+    for when in ("before", "after"):
+        assert row[when]["cyan"]["n"] == 3 and row[when]["old"]["color_acc"] >= 0
+        assert row[when]["all"]["n"] == 21
