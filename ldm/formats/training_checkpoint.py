@@ -63,7 +63,8 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
 
     The stored config is data: only our own classes, with plain bounded arguments, are built from it
     (``ldm.formats.safe_build``); nothing it names is imported or called.
-    use_ema: take the U-Net weights from the EMA copy when the run kept one (the default for sampling)."""
+    use_ema: take the U-Net weights (and a trained text encoder's) from the EMA copy when the run kept one (the
+    default for sampling)."""
     ckpt = read_checkpoint(path)
     model_cfg, m = _model_config(ckpt, path)
     src = str(path)

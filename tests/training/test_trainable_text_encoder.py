@@ -52,6 +52,7 @@ def test_trains_in_its_own_group_with_an_ema_and_is_read_back(tiny_cfg, glyphs):
         assert len(te.tokenize(["the letter K"])[0].unique()) == 5  # BOS, the, letter, k, then EOS padding
 
 
+@pytest.mark.slow  # three short trainings: ~4 min on the busy shared 2-core machine
 def test_stopped_and_resumed_equals_uninterrupted(tiny_cfg, glyphs, tmp_path):
     straight = train(tiny_cfg(*learning_encoder(glyphs, "trainer.max_steps=6")))
     a = torch.load(straight["last_checkpoint"], weights_only=True)
