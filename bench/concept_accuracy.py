@@ -15,16 +15,14 @@ import torch
 
 
 def shapes_prompts(colors, n_per_prompt: int = 4) -> list[tuple[str, str, str]]:
-    """(prompt, colour, shape) for every colour x shape, ``n_per_prompt`` times."""
-    from ldm.data.shapes import ShapesDataset
+    """(prompt, colour, shape) for the end-of-run prompt accuracy's prompts (every colour x shape,
+    ``n_per_prompt`` times, cycling through the backgrounds) over ``colors``."""
+    from ldm.tasks.shapes.palette import parse_caption
+    from ldm.tasks.shapes.dataset import ShapesDataset
+    from ldm.tasks.shapes.prompt_accuracy import PromptAccuracyCallback
 
-    ds = ShapesDataset(size=1, colors=list(colors))
-    items = []
-    for i, (color, shape) in enumerate((c, s) for c in ds.colors for s in ds.shapes):
-        backgrounds = ds.backgrounds_for(color)
-        items += [(ds.template.format(color=color, shape=shape, background=backgrounds[(i + r) % len(backgrounds)]),
-                   color, shape) for r in range(n_per_prompt)]
-    return items
+    prompts = PromptAccuracyCallback(n_per_prompt=n_per_prompt).prompts(ShapesDataset(size=1, colors=list(colors)))
+    return [(p, *parse_caption(p)) for p in prompts]
 
 
 @torch.no_grad()
@@ -33,7 +31,7 @@ def concept_accuracy(bundle, items, *, checker_colors, guidance: float = 3.0, st
     """{colour: {"color_acc", "shape_acc", "n"}} plus "all": samples of ``prompt_of(prompt)`` judged against the
     item's colour and shape, at ``resolution`` (default: the model's training resolution). ``prompt_of`` maps the scored prompt to the one sampled (e.g. a new token for a
     colour)."""
-    from ldm.data.shapes_checker import ShapesChecker
+    from ldm.tasks.shapes.checker import ShapesChecker
     from ldm.pipelines import text_to_image
 
     checker = ShapesChecker(colors=tuple(checker_colors))

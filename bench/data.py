@@ -106,7 +106,7 @@ def build_source(kind: str, tmp: Path, args, cache: dict):
     res = args.resolution
     augment = dict(center_crop=False, random_flip=True, seed=0)
     if kind == "shapes":
-        from ldm.data.shapes import ShapesDataset
+        from ldm.tasks.shapes.dataset import ShapesDataset
 
         return ShapesDataset(size=args.images, resolution=res)
     w, h = (int(v) for v in args.source_size.lower().split("x"))

@@ -91,7 +91,7 @@ def main(argv=None) -> list[dict]:
     from ldm.data.cached_latents import CachedLatentsDataset
     from ldm.data.collate import collate_image_caption
     from ldm.data.latent_cache import build_latent_cache
-    from ldm.data.shapes import ShapesDataset
+    from ldm.tasks.shapes.dataset import ShapesDataset
     from ldm.diffusion.losses import noised_batch
     from ldm.diffusion.schedules import NoiseSchedule
     from ldm.models.autoencoder import AutoencoderKL

@@ -155,6 +155,7 @@ def no_loader(*args, **kwargs):
     (["dtype=float8"], SampleConfigError, "unknown dtype 'float8'"),
     (["text_encoder=/no/such/clip"], FileNotFoundError, "text_encoder: folder not found"),
     (["prediction_type=v"], SampleConfigError, "prediction_type must be one of"),
+    (["max_chunks=0"], SampleConfigError, r"max_chunks must be in \[1, 64\]"),
 ])
 def test_bad_input_fails_before_the_model_loads(model, pictures, tmp_path, monkeypatch, overrides, error, match):
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -222,3 +223,32 @@ def test_a_batch_that_would_not_fit_is_refused_before_sampling_naming_what_to_lo
     assert not list((tmp_path / "out").glob("*.png")), "nothing was sampled"
     monkeypatch.setattr(ldm.pipelines, "text_to_image", lambda *a, **k: torch.zeros(1, 3, 64, 64))
     sample(config(model, tmp_path / "ok", "prompt=a", "height=64", "width=64", "check_memory=false", "grid=false"))
+
+
+def test_long_prompt_and_negative_prompt_padded_to_the_same_chunks(model, tmp_path, monkeypatch):
+    """max_chunks=3: a 150-token prompt is two 77-token chunks; the short negative prompt is padded to two with
+    the empty prompt's chunk, and both CFG branches reach the U-Net in one batch of 154 tokens."""
+    words = "a red green blue circle square triangle star on white black background".split()
+    long = " ".join(words[i % len(words)] for i in range(150))
+    seen = []
+
+    def recording_loader(*args, **kwargs):
+        bundle = load_bundle(*args, **kwargs)
+        bundle.unet.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[2].detach().clone()))
+        return bundle
+
+    load_bundle = cli.load_bundle
+    monkeypatch.setattr(cli, "load_bundle", recording_loader)
+    args = [f"prompt='{long}'", "negative_prompt=blue", "guidance_scale=4.0", "sampler.steps=2",
+            "check_memory=false"]  # its probe call runs the U-Net on the empty prompt
+    long_run = sample(config(model, tmp_path / "long", *args, "max_chunks=3"))
+    te = CLIPTextEncoder.from_pretrained(model[1], max_chunks=3)
+    assert seen and all(c.shape == (2, 154, 32) for c in seen)
+    uncond, cond = seen[0].chunk(2)
+    torch.testing.assert_close(cond, te([long]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(uncond, te.pad_context(te(["blue"]), 154), atol=1e-5, rtol=0)
+    torch.testing.assert_close(uncond[:, 77:], te.empty_context(1), atol=1e-5, rtol=0)
+    seen.clear()
+    short_run = sample(config(model, tmp_path / "short", *args))  # the model's max_chunks (1): cut to 75 tokens
+    assert all(c.shape == (2, 77, 32) for c in seen)
+    assert long_run[0].read_bytes() != short_run[0].read_bytes()

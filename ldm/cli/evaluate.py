@@ -16,8 +16,8 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cli.evaluate_config import EVAL_METRICS, EvaluateConfig
-from ldm.evaluation.eval_set import first_items, shapes_checker
+from ldm.cli.evaluate_config import CONFIGS, EVAL_METRICS, EvaluateConfig
+from ldm.evaluation.eval_set import first_items, prompt_checker
 from ldm.evaluation.metrics import build_image_metrics, group_by_reason, score_share
 from ldm.pipelines.sampling_options import SamplingOptions
 
@@ -49,8 +49,60 @@ def run_folder(ckpt: str) -> Path | None:
     return None
 
 
+# Data classes that moved since earlier runs wrote their config.yaml: old import path -> where it lives now.
+MOVED_TARGETS = {"ldm.data.shapes.ShapesDataset": "ldm.tasks.shapes.dataset.ShapesDataset"}
+
+
+def renamed_targets(node: Any, source: Path) -> Any:
+    """``node`` (plain containers) with every ``_target_`` of MOVED_TARGETS replaced by its new path."""
+    if isinstance(node, dict):
+        out = {k: renamed_targets(v, source) for k, v in node.items()}
+        if out.get("_target_") in MOVED_TARGETS:
+            log.info("%s: %s has moved to %s", source, out["_target_"], MOVED_TARGETS[out["_target_"]])
+            out["_target_"] = MOVED_TARGETS[out["_target_"]]
+        return out
+    if isinstance(node, list):
+        return [renamed_targets(v, source) for v in node]
+    return node
+
+
+def allowed_data_targets() -> set[str]:
+    """Every ``_target_`` our own ``configs/data/*.yaml`` name: the only classes a run's config.yaml may build."""
+    targets: set[str] = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("_target_"), str):
+                targets.add(node["_target_"])
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, list):
+            for v in node:
+                collect(v)
+
+    for path in sorted((CONFIGS / "data").glob("*.yaml")):
+        collect(OmegaConf.to_container(OmegaConf.load(path)))
+    return targets
+
+
+def check_targets(node: Any, source: Path, allowed: set[str], key: str = "data") -> None:
+    """A run folder may come from elsewhere: its config.yaml is data, so it may only name the data classes of our
+    own configs (nothing it names is imported otherwise)."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and target not in allowed:
+            raise EvaluateConfigError(f"{source}: {key}._target_ = {target!r} is not one of ldm's data classes "
+                                      f"({sorted(allowed)}); refusing to build it. Set data=<a configs/data/ option>")
+        for k, v in node.items():
+            check_targets(v, source, allowed, f"{key}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            check_targets(v, source, allowed, f"{key}[{i}]")
+
+
 def data_config(cfg: DictConfig) -> DictConfig:
-    """``data`` as given, else the data of the checkpoint's run (its config.yaml, interpolations resolved there)."""
+    """``data`` as given, else the data of the checkpoint's run (its config.yaml, interpolations resolved there;
+    the import paths of MOVED_TARGETS brought up to date, so runs made before a class moved still evaluate)."""
     if cfg.data is not None:
         return cfg.data
     run = run_folder(cfg.ckpt)
@@ -61,7 +113,9 @@ def data_config(cfg: DictConfig) -> DictConfig:
     run_cfg = OmegaConf.load(saved)
     if OmegaConf.select(run_cfg, "data") is None:
         raise EvaluateConfigError(f"{saved} has no data section: set data=<a configs/data/ option>")
-    return OmegaConf.create(OmegaConf.to_container(run_cfg.data, resolve=True))
+    data = renamed_targets(OmegaConf.to_container(run_cfg.data, resolve=True), saved)
+    check_targets(data, saved, allowed_data_targets())
+    return OmegaConf.create(data)
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -120,7 +174,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     image_names = [m for m in cfg.metrics if m != "val_loss"]
     image_metrics = build_image_metrics(
         image_names, inception_weights=cfg.inception_weights, clip_model=cfg.clip_model, n_images=len(items),
-        kid_subset_size=cfg.kid_subset_size, checker=shapes_checker(val), kid_seed=cfg.seed,
+        kid_subset_size=cfg.kid_subset_size, checker=prompt_checker(val), kid_seed=cfg.seed,
         real_images=items.has_images)
     for names, reason in image_metrics.skipped_groups():
         log.warning("%s skipped: %s", " and ".join(names), reason)

@@ -29,9 +29,9 @@ def _parse_json(text: str | None) -> dict:
 
 def make_source(kind: str, path: str | None, resolution: int, size: int, seed: int, caption_column: str | None,
                 image_column: str, split: str, extra: dict):
-    """A data source of `ldm.data` from command-line values; kind may also be `module:callable`."""
+    """A data source from command-line values: the shapes task, an `ldm.data` source, or `module:callable`."""
     if kind == "shapes":
-        from ldm.data.shapes import ShapesDataset
+        from ldm.tasks.shapes.dataset import ShapesDataset
 
         return ShapesDataset(size=size, resolution=resolution, seed=seed, **extra)
     if kind in ("folder", "hf", "webdataset") and not path:

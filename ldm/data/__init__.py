@@ -2,7 +2,8 @@
 
 Every source yields `{"image": FloatTensor (3, H, W) in [-1, 1], "caption": str}`
 (plus optional "key"/"index"); `collate_image_caption` batches them.
-Names are imported lazily so that `import ldm.data` does not pull in `datasets`.
+Names are imported lazily so that `import ldm.data` does not pull in `datasets`. The synthetic shapes are a task
+(ldm/tasks/shapes/), not part of the library.
 """
 
 from __future__ import annotations
@@ -12,11 +13,6 @@ import importlib
 _EXPORTS = {
     "ImageTransform": "ldm.data.transforms",
     "collate_image_caption": "ldm.data.collate",
-    "ShapesDataset": "ldm.data.shapes",
-    "ShapesChecker": "ldm.data.shapes_checker",
-    "classify_shapes_image": "ldm.data.shapes_checker",
-    "prompt_accuracy": "ldm.data.shapes_checker",
-    "parse_caption": "ldm.data.shape_palette",
     "ImageFolderDataset": "ldm.data.image_folder",
     "HFDataset": "ldm.data.hf_dataset",
     "WebDatasetSource": "ldm.data.webdataset",

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from ldm.data.cached_latents import CachedLatentsDataset, _mix
+from ldm.data.captions import SharedEpoch
 from ldm.data.latent_cache import LatentCacheError, build_latent_cache, read_manifest
 
 logger = logging.getLogger("ldm.data")
@@ -49,6 +50,12 @@ class CacheSpec:
     source: the same samples in the same order without random augmentation (no flip, centre crop).
     flip: the dataset flips at random: cache both variants.
     random_crop: the dataset crops at random: not cacheable (train on the fly).
+    captions: random caption options (`ldm.data.captions`) the view applies on read, per (seed, epoch, index):
+        the cache then holds the captions as read, and no text contexts (see `contexts_cacheable`).
+    buckets: the items' aspect-ratio buckets (`ldm.data.buckets.BucketAssignment`), None: one size. Each new part
+        then holds the rows of one bucket (a part's latents have one shape).
+    records: with buckets, per item the micro-conditioning record of each cached variant (original_size,
+        crop_top_left, target_size), which the view adds to its items.
     """
 
     settings: dict
@@ -58,6 +65,9 @@ class CacheSpec:
     random_crop: bool = False
     resolution: int | None = None
     extra: dict = field(default_factory=dict)
+    captions: Any = None
+    buckets: Any = None
+    records: list[list[dict]] | None = None
 
 
 def cache_spec(dataset) -> CacheSpec | None:
@@ -66,9 +76,14 @@ def cache_spec(dataset) -> CacheSpec | None:
         inner = cache_spec(dataset.dataset)
         if inner is None or inner.items is None:
             return None
+        if len(inner.items) != len(dataset.dataset):  # cache rows that are not its items (DreamBooth's pairs)
+            raise ValueError(f"a split of {type(dataset.dataset).__name__} cannot be cached (its cache rows are not "
+                             "its items): set data.val_fraction=0, or data.latent_cache=null")
         indices = list(dataset.indices)
         return CacheSpec(inner.settings, [inner.items[i] for i in indices], Subset(inner.source, indices),
-                         inner.flip, inner.random_crop, inner.resolution, inner.extra)
+                         inner.flip, inner.random_crop, inner.resolution, inner.extra, captions=inner.captions,
+                         buckets=None if inner.buckets is None else inner.buckets.subset(indices),
+                         records=None if inner.records is None else [inner.records[i] for i in indices])
     make = getattr(dataset, "cache_spec", None)
     return make() if callable(make) else None
 
@@ -175,15 +190,17 @@ def sync_cache(folder: str | Path, spec: CacheSpec, encode: Encode, *, store: st
     if missing and read_only:
         return None
     if missing:
+        print(f"latent cache {folder}: encoding {len(missing)} image(s) once with the frozen VAE"
+              + (f" ({len(wanted) - len(missing)} cached row(s) reused)" if len(wanted) > len(missing) else "")
+              + (f" in {len(_by_bucket(missing, spec))} bucket(s)" if spec.buckets is not None else ""))
+    for group in _by_bucket(missing, spec):  # one part per latent shape
         number = max(parts, default=-1) + 1
         part = folder / f"part-{number:05d}"
         part.mkdir()
-        rows = [[spec.items[i], flip] for i, flip in missing]
+        rows = [[spec.items[i], flip] for i, flip in group]
         (part / ROWS).write_text(json.dumps(rows), encoding="utf-8")  # first: a killed build can be finished
-        print(f"latent cache {folder}: encoding {len(missing)} image(s) once with the frozen VAE"
-              + (f" ({len(wanted) - len(missing)} cached row(s) reused)" if len(wanted) > len(missing) else ""))
-        build_latent_cache(_Planned(spec.source, missing), part, None, None, **build)
-        encoded += len(missing)
+        build_latent_cache(_Planned(spec.source, group), part, None, None, **build)
+        encoded += len(group)
         parts[number] = part
         for row, (identity, flip) in enumerate(rows):
             found[(identity, bool(flip))] = (number, row)
@@ -191,7 +208,25 @@ def sync_cache(folder: str | Path, spec: CacheSpec, encode: Encode, *, store: st
     for number in [] if read_only else sorted(set(parts) - used):  # every row of it belongs to files that changed or went away
         shutil.rmtree(parts.pop(number))
     table = [[found[(identity, flip)] for flip in variants] for identity in spec.items]
-    return CachedView(parts, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution)
+    return CachedView(parts, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution,
+                      captions=spec.captions, buckets=spec.buckets, records=spec.records)
+
+
+def contexts_cacheable(spec: CacheSpec) -> bool:
+    """Text contexts can be cached per image unless random caption options change the caption each epoch."""
+    return spec.captions is None
+
+
+def _by_bucket(rows: list[tuple[int, bool]], spec: CacheSpec) -> list[list[tuple[int, bool]]]:
+    """The rows to encode, grouped by the bucket of their item (one group without buckets; none without rows)."""
+    if not rows:
+        return []
+    if spec.buckets is None:
+        return [rows]
+    groups: dict[int, list[tuple[int, bool]]] = {}
+    for row in rows:
+        groups.setdefault(spec.buckets.bucket_of[row[0]], []).append(row)
+    return [groups[b] for b in sorted(groups)]
 
 
 def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, seed: int,
@@ -210,29 +245,39 @@ def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, se
         encoded = n
     rows = _read_rows(part)
     table = [[(0, i + v) for v in range(len(variants))] for i in range(0, len(rows), len(variants))]
-    return CachedView({0: part}, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution)
+    return CachedView({0: part}, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution,
+                      captions=spec.captions)
 
 
 class CachedView(Dataset):
     """Map-style dataset over a synced cache: index i -> one of its variants' rows (picked per (seed, epoch, i)).
 
     Items are those of `CachedLatentsDataset` ({"latents", "caption", "index"[, "context"]}), with "index" the
-    dataset's index. `set_epoch` gives new posterior draws and new flip choices."""
+    dataset's index. `set_epoch` gives new posterior draws and new flip choices (and new captions, when random
+    caption options are applied on read)."""
 
     def __init__(self, parts: dict[int, Path], table: list[list[tuple[int, int]]], seed: int = 0,
-                 sample: bool = True, encoded: int = 0, resolution: int | None = None):
+                 sample: bool = True, encoded: int = 0, resolution: int | None = None, captions=None,
+                 buckets=None, records: list[list[dict]] | None = None):
         self.parts = {n: CachedLatentsDataset(p, sample=sample, seed=_mix(seed, n)) for n, p in parts.items()}
-        self.table, self.seed, self.epoch = table, int(seed), 0
+        self.table, self.seed = table, int(seed)
+        self._epoch = SharedEpoch()  # persistent DataLoader workers must see set_epoch too (flips, captions)
         self.encoded, self.resolution = encoded, resolution
+        self.bucket_assignment, self.records = buckets, records  # aspect-ratio buckets: latents of several shapes
         first = next(iter(self.parts.values()))
         self.latent_shape, self.context_shape = first.latent_shape, first.context_shape
         self.has_context = first.has_context
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.table)
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.set(epoch)
         for part in self.parts.values():
             part.set_epoch(epoch)
 
@@ -242,6 +287,10 @@ class CachedView(Dataset):
         number, row = variants[choice]
         item = self.parts[number][row]
         item["index"] = int(index)
+        if self.captions is not None:
+            item["caption"] = self.captions(item["caption"], int(index), self.epoch)
+        if self.records is not None:
+            item.update(self.records[int(index)][choice])
         return item
 
     def __repr__(self) -> str:

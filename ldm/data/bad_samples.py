@@ -82,6 +82,8 @@ def share_bad_sample_log(dataset, folder: str | Path | None) -> None:
 
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
+    for inner in dataset.bad_sample_sources() if callable(getattr(dataset, "bad_sample_sources", None)) else []:
+        share_bad_sample_log(inner, folder)  # a dataset made of others (DreamBooth's instance + class folders)
     tracker = getattr(dataset, "_bad", None)
     if isinstance(tracker, BadSampleTracker):
         tracker.shared_dir = None if folder is None else Path(folder)
@@ -117,3 +119,14 @@ def upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag (a phone photo stored sideways with "rotate 90" in its EXIF is trained as
     it is displayed, not as stored)."""
     return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+
+
+def upright_size(data: bytes | str) -> tuple[int, int] | None:
+    """(width, height) of an image as `decode_image` returns it (EXIF orientations 5-8 swap the sides), from its
+    header only; None when the file cannot be opened (it is skipped, and reported, when loaded)."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as image:
+            width, height = image.size
+            return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+    except Exception:  # corrupt, truncated, not an image
+        return None

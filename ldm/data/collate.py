@@ -8,6 +8,8 @@ import torch
 
 
 TENSOR_FIELDS = ("image", "latents", "context")  # pixels, or cached VAE latents and text contexts
+# SDXL's micro-conditioning, each (B, 2) long: (height, width), (top, left), (height, width); with buckets
+RECORD_FIELDS = ("original_size", "crop_top_left", "target_size")
 
 
 def collate_image_caption(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -23,9 +25,13 @@ def collate_image_caption(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if len(sizes) > 1:
             raise ValueError(
                 f"collate_image_caption: {field} have different shapes {sorted(sizes)}; "
-                "set one `resolution` for the dataset so every image is cropped to the same size"
+                "set one `resolution` for the dataset so every image is cropped to the same size, or enable "
+                "data.train.buckets (batches of one bucket each)"
             )
         batch[field] = torch.stack([s[field] for s in samples])
+    for field in RECORD_FIELDS:
+        if all(field in s for s in samples):
+            batch[field] = torch.as_tensor([tuple(s[field]) for s in samples], dtype=torch.long)
     if all("index" in s for s in samples):
         batch["index"] = torch.as_tensor([int(s["index"]) for s in samples], dtype=torch.long)
     if all("key" in s for s in samples):

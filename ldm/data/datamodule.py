@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler, Subset
 
 from ldm.data.bad_samples import share_bad_sample_log
+from ldm.data.bucket_sampler import BucketBatchSampler, bucket_assignment
 from ldm.data.collate import collate_image_caption
 from ldm.data.resumable_sampler import ResumableSampler
 
@@ -31,7 +32,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         num_workers, pin_memory, persistent_workers: DataLoader options.
         seed: seed for the val split, the shuffling generator and worker seeds.
         shuffle: shuffle map-style training data.
-        drop_last: drop the last incomplete training batch.
+        drop_last: drop the last incomplete training batch (with aspect-ratio buckets every bucket keeps its last,
+            smaller batch: see ldm.data.bucket_sampler).
         latent_cache: a folder: train(cfg) encodes the training set once with the frozen VAE (and text encoder)
             into it and trains from the cache, encoding only new or changed images on later runs (datasets with
             ``cache_spec()``; see ldm.training.latent_prep and ldm.data.auto_cache). None: on the fly.
@@ -86,6 +88,14 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if val is None and self.val_fraction > 0:
             train, val = self.split_train_val(train)
         self.train_dataset, self.val_dataset = train, val
+        buckets = bucket_assignment(train)
+        if buckets is not None:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+            if rank_zero_only.rank == 0:  # printed, like the latent cache's messages: the run's start says it
+                print(f"aspect-ratio buckets of the {len(buckets.bucket_of)} training images (batches of "
+                      f"{self.batch_size} from one bucket; a bucket's last batch may be smaller):\n"
+                      f"{buckets.describe()}")
         for dataset in (train, val):  # any reader of them (a latent cache build) names bad samples once too
             if self.bad_samples_dir is not None and dataset is not None:
                 share_bad_sample_log(dataset, self.bad_samples_dir)
@@ -116,7 +126,12 @@ class ImageCaptionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         loader = self._loader(self.train_dataset, self.batch_size, train=True)
-        if isinstance(loader.sampler, ResumableSampler):
+        if isinstance(loader.batch_sampler, BucketBatchSampler):  # as below, the skip counted in batches
+            epoch, skip = self._resume_point(len(loader), in_batches=True)
+            loader.batch_sampler.set_epoch(epoch)
+            set_dataset_epoch(self.train_dataset, epoch)
+            loader.batch_sampler.skip(skip)
+        elif isinstance(loader.sampler, ResumableSampler):
             epoch, skip = self._resume_point(len(loader))
             # Lightning creates this loader's iterator (which starts the workers: they copy the dataset, and
             # take the sampler's first indices) before it sets the sampler's epoch, and after a mid-epoch resume
@@ -192,11 +207,11 @@ class ImageCaptionDataModule(L.LightningDataModule):
             self.train_dataset.consume(batch)
         return batch
 
-    def _resume_point(self, batches_per_epoch: int) -> tuple[int, int]:
+    def _resume_point(self, batches_per_epoch: int, in_batches: bool = False) -> tuple[int, int]:
         """(epoch, samples of it already trained on) where this training loader starts, from the trainer's
         loop state (restored from the checkpoint when resuming): (0, 0) without a trainer; the next epoch from
         its beginning when the checkpoint was taken at the end of an epoch; the samples skipped are batches done
-        x batch size x world size."""
+        x batch size x world size (``in_batches``: the batches done by each rank)."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 0
@@ -209,7 +224,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if done:
             log.info("resuming mid-epoch: the first %d batches of epoch %d are skipped (already trained on)",
                      done, epoch)
-        return epoch, done * self.batch_size * trainer.world_size
+        return epoch, done if in_batches else done * self.batch_size * trainer.world_size
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
@@ -220,9 +235,16 @@ class ImageCaptionDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         if self.bad_samples_dir is not None:  # before the DataLoader's workers copy the dataset
             share_bad_sample_log(dataset, self.bad_samples_dir)
-        collate = collate_image_caption
+        collate = _collate_of(dataset)
         if train and _has_stream_position(dataset):
             collate = dataset.tracking_collate(collate)  # batches carry their stream position, see _resume_stream
+        buckets = None if isinstance(dataset, IterableDataset) else bucket_assignment(dataset)
+        if buckets is not None:  # aspect-ratio buckets: every batch from one bucket (ldm.data.bucket_sampler)
+            batches = BucketBatchSampler(buckets.bucket_of, batch_size, shuffle=self.shuffle and train,
+                                         seed=self.seed, split_ranks=train)
+            return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+                              pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+                              collate_fn=collate, generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)))
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -243,6 +265,13 @@ def set_dataset_epoch(dataset, epoch: int) -> None:
         dataset = dataset.dataset
     if callable(getattr(dataset, "set_epoch", None)):
         dataset.set_epoch(epoch)
+
+
+def _collate_of(dataset):
+    """The dataset's own ``collate_fn`` (DreamBooth: instance rows + class rows), else collate_image_caption."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "collate_fn", None) or collate_image_caption
 
 
 def _has_stream_position(dataset) -> bool:

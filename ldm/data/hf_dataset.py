@@ -9,7 +9,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.bad_samples import BadSampleTracker, decode_image, upright
+from ldm.data.bad_samples import BadSampleTracker, decode_image, upright, upright_size
+from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
+from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
 
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json")
@@ -38,6 +40,9 @@ class HFDataset(Dataset):
         name, data_dir, revision, cache_dir: passed to `datasets.load_dataset`.
         max_samples: keep only the first `max_samples` rows.
         load_kwargs: any other `datasets.load_dataset` keyword arguments.
+        captions: caption options (`ldm.data.captions.CaptionProcessor` fields, config `data.train.captions`),
+            applied per (seed, epoch, index); None: captions as read. (`extension` is for image folders.)
+        buckets: aspect-ratio buckets, as for `ImageFolderDataset` (each row's image header is read once).
     """
 
     def __init__(
@@ -57,6 +62,8 @@ class HFDataset(Dataset):
         cache_dir: str | None = None,
         max_samples: int | None = None,
         load_kwargs: dict[str, Any] | None = None,
+        captions: CaptionProcessor | dict | None = None,
+        buckets: dict | None = None,
     ):
         if load_from_disk not in ("auto", True, False):
             raise ValueError(f"HFDataset: load_from_disk must be 'auto', True or False, got {load_from_disk!r}")
@@ -64,6 +71,11 @@ class HFDataset(Dataset):
         self.split = split
         self.image_column = image_column
         self.caption_column = caption_column
+        self.caption_options = CaptionProcessor.of(captions)
+        if self.caption_options.extension != ".txt":
+            raise ValueError("HFDataset: data.train.captions.extension is for image folders; a table's captions come "
+                             f"from data.train.caption_column (now {caption_column!r})")
+        self._epoch = SharedEpoch()
         from_disk = is_saved_dataset(path) if load_from_disk == "auto" else bool(load_from_disk)
         if from_disk:
             table = self._load_from_disk(split)
@@ -77,6 +89,10 @@ class HFDataset(Dataset):
             raise ValueError(f"HFDataset: {self.path} split {split!r} is empty")
         self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, seed=seed)
         self._bad = BadSampleTracker(f"HFDataset({self.path}, split={split})")
+        sizes = [_image_size(value) for start in range(0, len(self.table), 1024)
+                 for value in self.table[start:start + 1024][image_column]] if buckets_enabled(buckets) else []
+        self.bucket_assignment = assign_source_buckets(buckets, sizes, self.transform.resolution,
+                                                       f"HFDataset({self.path}, split={split})")
 
     @property
     def bad_files(self) -> set[str]:
@@ -88,12 +104,25 @@ class HFDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """Row `index`, or the next decodable row if that image is bad."""
-        return self._bad.first_readable(index, len(self.table), lambda i: f"{self.split}[{i}]", self._load)
+        return self._bad.first_readable(index, len(self.table), lambda i: f"{self.split}[{i}]",
+                                        lambda i: self._load(i, slot=index % len(self.table)))
 
-    def _load(self, i: int) -> dict:
+    def _load(self, i: int, slot: int | None = None) -> dict:
+        """Row i, at the size of row ``slot``'s bucket with buckets (i replaces an unreadable ``slot``)."""
         row = self.table[i]
-        image = self.transform(_to_pil(row[self.image_column]))
-        return {"image": image, "caption": self._caption(row), "index": i}
+        image = _to_pil(row[self.image_column])
+        if self.bucket_assignment is None:
+            sample = {"image": self.transform(image)}
+        else:
+            sample = bucket_sample(self.transform, self.bucket_assignment, image, i if slot is None else slot, i)
+        caption = self._caption(row)
+        if not self.caption_options.is_identity:
+            caption = self.caption_options(caption, i, self._epoch.get())
+        return {**sample, "caption": caption, "index": i}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Caption shuffle / dropout / wildcards draw anew each epoch."""
+        self._epoch.set(epoch)
 
     @property
     def resolution(self) -> int:
@@ -113,8 +142,14 @@ class HFDataset(Dataset):
         plain = copy.copy(self)
         plain.transform = ImageTransform(t.resolution, center_crop=True, random_flip=False)
         items = [f"{version}:{i}" for i in range(len(self.table))]
+        buckets = self.bucket_assignment
+        if buckets is not None:  # another bucket table crops differently: another cache folder and other rows
+            settings["buckets"] = {"table": [list(b) for b in buckets.table], "no_upscale": not buckets.table}
+            items = [f"{item}:{buckets.target(i)}:{buckets.resized[i]}" for i, item in enumerate(items)]
         return CacheSpec(settings, items, plain, flip=t.random_flip, random_crop=not t.center_crop,
-                         resolution=t.resolution)
+                         resolution=t.resolution, buckets=buckets,
+                         records=None if buckets is None else cache_records(buckets, t.random_flip),
+                         **caption_cache_fields(plain, settings))
 
     def _caption(self, row: dict) -> str:
         if self.caption_column is None:
@@ -158,6 +193,20 @@ def _without_image_decoding(table, image_column: str):
     if isinstance(table.features.get(image_column), datasets.Image):
         return table.cast_column(image_column, datasets.Image(decode=False))
     return table
+
+
+def _image_size(value) -> tuple[int, int] | None:
+    """The upright (width, height) of an image cell, from its header where it is bytes or a file."""
+    if isinstance(value, Image.Image):
+        return upright(value).size
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, str)):
+        return upright_size(bytes(value) if not isinstance(value, str) else value)
+    try:
+        return _to_pil(value).size
+    except ValueError:
+        return None
 
 
 def _to_pil(value) -> Image.Image:

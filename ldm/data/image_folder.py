@@ -3,11 +3,14 @@
 Captions come from, in order of preference:
   1. a `metadata.jsonl` or `metadata.csv` (in the root or any subfolder) whose rows have
      `file_name` (relative to that metadata file's folder) and the caption column;
-  2. a sidecar text file next to the image (`img.png` + `img.txt`);
+  2. a sidecar text file next to the image (`img.png` + `img.txt`; `captions.extension` picks another suffix,
+     e.g. ".caption");
   3. otherwise "" (counted in `missing_captions`, logged once at start-up).
 
 Files that cannot be decoded are skipped: warned once by name, counted in `bad_files`,
 and the next index is returned instead.
+
+Captions are then processed per sample (prefix/suffix, wildcards, shuffle, tag dropout: `ldm.data.captions`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ldm.data.bad_samples import BadSampleTracker, decode_image
+from ldm.data.bad_samples import BadSampleTracker, decode_image, upright_size
+from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
+from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger("ldm.data")
@@ -37,6 +42,11 @@ class ImageFolderDataset(Dataset):
         caption_column: metadata column holding the caption.
         center_crop, random_flip, seed: passed to `ImageTransform`.
         extensions: image file suffixes to include (case-insensitive).
+        captions: caption options (`ldm.data.captions.CaptionProcessor` fields, config `data.train.captions`),
+            applied per (seed, epoch, index); None: captions as read.
+        buckets: aspect-ratio buckets (`ldm.data.buckets.BucketSettings`: enabled, step, min_side, max_side,
+            no_upscale); enabled, each image is resized to cover its bucket (max area resolution^2) and cropped
+            to it, and its sample records original_size, crop_top_left and target_size.
     """
 
     def __init__(
@@ -48,11 +58,15 @@ class ImageFolderDataset(Dataset):
         random_flip: bool = False,
         seed: int | None = None,
         extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS,
+        captions: CaptionProcessor | dict | None = None,
+        buckets: dict | None = None,
     ):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolderDataset: root folder does not exist: {self.root}")
         self.caption_column = caption_column
+        self.caption_options = CaptionProcessor.of(captions)
+        self._epoch = SharedEpoch()
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, seed=seed)
         self.files = self._find_images()
@@ -68,6 +82,9 @@ class ImageFolderDataset(Dataset):
                 self.root, self.missing_captions, len(self.files),
             )
         self._bad = BadSampleTracker(f"ImageFolderDataset({self.root})")
+        self.bucket_assignment = assign_source_buckets(
+            buckets, [upright_size(str(self.root / key)) for key in self.files] if buckets_enabled(buckets) else [],
+            self.transform.resolution, f"ImageFolderDataset({self.root})")
 
     @property
     def bad_files(self) -> set[str]:
@@ -79,12 +96,28 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """Sample `index`, or the next readable one if that file is bad."""
-        return self._bad.first_readable(index, len(self.files), self.files.__getitem__, self._load)
+        return self._bad.first_readable(index, len(self.files), self.files.__getitem__,
+                                        lambda i: self._load(i, slot=index % len(self.files)))
 
-    def _load(self, i: int) -> dict:
+    def set_epoch(self, epoch: int) -> None:
+        """Caption shuffle / dropout / wildcards draw anew each epoch."""
+        self._epoch.set(epoch)
+
+    def _load(self, i: int, slot: int | None = None) -> dict:
+        """Image i, at the size of index ``slot``'s bucket with buckets (i replaces an unreadable ``slot``)."""
         key = self.files[i]
-        image = self.transform(decode_image(str(self.root / key)))
-        return {"image": image, "caption": self.captions[i], "key": key, "index": i}
+        image = decode_image(str(self.root / key))
+        if self.bucket_assignment is None:
+            sample = {"image": self.transform(image)}
+        else:
+            sample = bucket_sample(self.transform, self.bucket_assignment, image, i if slot is None else slot, i)
+        return {**sample, "caption": self.caption(i), "key": key, "index": i}
+
+    def caption(self, i: int) -> str:
+        """The processed caption of sample i in the current epoch."""
+        if self.caption_options.is_identity:
+            return self.captions[i]
+        return self.caption_options(self.captions[i], i, self._epoch.get())
 
     @property
     def resolution(self) -> int:
@@ -97,17 +130,24 @@ class ImageFolderDataset(Dataset):
 
         from ldm.data.auto_cache import CacheSpec
 
+        buckets = self.bucket_assignment
         items = []
-        for key, caption in zip(self.files, self.captions):
+        for i, (key, caption) in enumerate(zip(self.files, self.captions)):
             stat = (self.root / key).stat()
-            items.append(json.dumps([key, stat.st_size, stat.st_mtime_ns, caption]))
+            identity = [key, stat.st_size, stat.st_mtime_ns, caption]
+            items.append(json.dumps(identity if buckets is None else identity + [list(buckets.target(i)),
+                                                                         list(buckets.resized[i])]))
         t = self.transform
         settings = {"kind": "ImageFolderDataset", "root": str(self.root.resolve()), "resolution": t.resolution,
                     "center_crop": t.center_crop}
+        if buckets is not None:  # another bucket table crops differently: another cache folder
+            settings["buckets"] = {"table": [list(b) for b in buckets.table], "no_upscale": not buckets.table}
         plain = copy.copy(self)
         plain.transform = ImageTransform(t.resolution, center_crop=True, random_flip=False)
         return CacheSpec(settings, items, plain, flip=t.random_flip, random_crop=not t.center_crop,
-                         resolution=t.resolution)
+                         resolution=t.resolution, buckets=buckets,
+                         records=None if buckets is None else cache_records(buckets, t.random_flip),
+                         **caption_cache_fields(plain, settings))
 
     def _find_images(self) -> list[str]:
         return sorted(
@@ -120,7 +160,7 @@ class ImageFolderDataset(Dataset):
         from_metadata = self._read_all_metadata()
         captions, missing = [], 0
         for key in self.files:
-            caption = from_metadata.get(key) or _read_sidecar(self.root / key)
+            caption = from_metadata.get(key) or _read_sidecar(self.root / key, self.caption_options.extension)
             if not caption:
                 missing += 1
             captions.append(caption or "")
@@ -181,8 +221,8 @@ def _utf8_lines(path: Path) -> tuple[list[tuple[int, str]], list[int]]:
     return good, bad
 
 
-def _read_sidecar(image_path: Path) -> str | None:
-    sidecar = image_path.with_suffix(".txt")
+def _read_sidecar(image_path: Path, extension: str = ".txt") -> str | None:
+    sidecar = image_path.with_suffix(extension)
     if not sidecar.is_file():
         return None
     return sidecar.read_text(encoding="utf-8").strip()

@@ -89,6 +89,32 @@ class ImageTransform:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_tensor(image)
 
+    def to_bucket(self, image: Image.Image, bucket: tuple[int, int], resized: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        """An aspect-ratio bucket's crop (``ldm.data.buckets``): resize to ``resized`` (width, height; it covers
+        ``bucket``), crop ``bucket`` (width, height) at the centre or at random, maybe flip, scale to [-1, 1].
+
+        Returns the tensor (3, h, w) and SDXL's micro-conditioning record, each (height, width) / (top, left) as
+        diffusers' SDXL trainer writes it: ``original_size`` the upright image's size, ``crop_top_left`` the crop's
+        offset in the resized image (after a flip: measured from the mirrored left edge, as kohya's
+        train_util does), ``target_size`` the bucket's size."""
+        image = to_rgb(image)
+        original = (image.size[1], image.size[0])
+        if tuple(resized) != image.size:
+            image = image.resize(tuple(resized), resample=Image.Resampling.BICUBIC)
+        (bw, bh), (rw, rh) = bucket, image.size
+        if self.center_crop:
+            left, top = (rw - bw) // 2, (rh - bh) // 2
+        else:
+            rng = self._random()
+            left, top = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
+        if (left, top, bw, bh) != (0, 0, rw, rh):
+            image = image.crop((left, top, left + bw, top + bh))
+        if self.random_flip and self._random().random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = rw - bw - left
+        record = {"original_size": original, "crop_top_left": (top, left), "target_size": (bh, bw)}
+        return pil_to_tensor(image), record
+
     def resize(self, image: Image.Image) -> Image.Image:
         """Resize so the shorter side equals `resolution` (bicubic, antialiased by PIL)."""
         width, height = image.size

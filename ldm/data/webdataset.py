@@ -50,6 +50,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from ldm.data.bad_samples import BadSampleTracker, decode_image
+from ldm.data.captions import CaptionProcessor, caption_cache_fields
 from ldm.data.transforms import ImageTransform
 
 logger = logging.getLogger("ldm.data")
@@ -78,6 +79,8 @@ class WebDatasetSource(IterableDataset):
         json_caption_field: field holding the caption inside a `.json` member.
         epoch_size: samples per epoch on each rank (split across workers); the
             stream repeats (or resamples) until it is reached. None: one pass.
+        captions: caption options (`ldm.data.captions.CaptionProcessor` fields, config `data.train.captions`),
+            applied per (seed, epoch, sample key); None: captions as read. (Caption members: caption_keys.)
 
     Mid-epoch resume: `position()`, `resume_from()`, `tracking_collate()` and `consume()`
     (see the module docstring); `ImageCaptionDataModule` uses them.
@@ -97,8 +100,16 @@ class WebDatasetSource(IterableDataset):
         caption_keys: Sequence[str] = ("txt", "json"),
         json_caption_field: str = "caption",
         epoch_size: int | None = None,
+        captions: CaptionProcessor | dict | None = None,
+        buckets: dict | None = None,
     ):
         super().__init__()
+        from ldm.data.buckets import BucketSettings
+
+        if BucketSettings.of(buckets).enabled:
+            raise ValueError("data.train.buckets: aspect-ratio buckets are not supported for webdataset shards (a "
+                             "stream cannot be grouped by bucket without reading it ahead); webdataset stays square: "
+                             "set data.train.buckets.enabled=false, or use data=folder / data=hf")
         self.urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
         if not self.urls:
             raise ValueError(f"WebDatasetSource: no shards in urls={urls!r}")
@@ -111,6 +122,10 @@ class WebDatasetSource(IterableDataset):
         self.image_keys = tuple(k.lower().lstrip(".") for k in image_keys)
         self.caption_keys = tuple(k.lower().lstrip(".") for k in caption_keys)
         self.json_caption_field = json_caption_field
+        self.caption_options = CaptionProcessor.of(captions)
+        if self.caption_options.extension != ".txt":
+            raise ValueError("WebDatasetSource: data.train.captions.extension is for image folders; a shard's caption "
+                             f"members are chosen by data.train.caption_keys (now {list(self.caption_keys)})")
         self.epoch_size = None if epoch_size is None else int(epoch_size)
         self.transform = _PerSampleRandomTransform(resolution, center_crop=center_crop, random_flip=random_flip)
         # shared memory: persistent DataLoader workers keep their copy of the dataset, yet must see set_epoch
@@ -229,9 +244,9 @@ class WebDatasetSource(IterableDataset):
         plain = WebDatasetSource(self.urls, resolution=t.resolution, center_crop=True, random_flip=False,
                                  shuffle_buffer=0, shuffle_shards=False, resampled=False, seed=self.seed,
                                  image_keys=self.image_keys, caption_keys=self.caption_keys,
-                                 json_caption_field=self.json_caption_field)
+                                 json_caption_field=self.json_caption_field, captions=self.caption_options)
         return CacheSpec(settings, None, plain, flip=t.random_flip, random_crop=not t.center_crop,
-                         resolution=t.resolution)
+                         resolution=t.resolution, **caption_cache_fields(plain, settings))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
@@ -329,7 +344,11 @@ class WebDatasetSource(IterableDataset):
         if image_key is None:
             raise ValueError(f"no image member among {list(self.image_keys)}; sample has {sorted(members)}")
         image = self.transform(decode_image(members[image_key]))
-        return {"image": image, "caption": self._caption(members), "key": sample.get("__key__", "")}
+        key = sample.get("__key__", "")
+        caption = self._caption(members)
+        if not self.caption_options.is_identity:
+            caption = self.caption_options(caption, key, self.epoch)
+        return {"image": image, "caption": caption, "key": key}
 
     def _caption(self, members: dict[str, bytes]) -> str:
         for key in self.caption_keys:

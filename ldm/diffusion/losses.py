@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ldm.diffusion.masked_loss import apply_masked_loss
 from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
 
@@ -40,10 +41,15 @@ def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float) -> Tensor:
 
 
 def diffusion_loss(
-    model_output: Tensor, target: Tensor, schedule: NoiseSchedule, t: Tensor, min_snr_gamma: float | None = None
+    model_output: Tensor, target: Tensor, schedule: NoiseSchedule, t: Tensor, min_snr_gamma: float | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Mean squared error per sample, optionally min-SNR weighted, averaged over the batch (float32)."""
-    per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)
+    """Mean squared error per sample, optionally masked (``mask`` (B, 1, H, W) in [0, 1], see masked_loss) and
+    min-SNR weighted, averaged over the batch (float32)."""
+    per_element = (model_output.float() - target.float()).pow(2)
+    if mask is not None:
+        per_element = apply_masked_loss(per_element, mask)
+    per_sample = per_element.flatten(1).mean(1)
     if min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(schedule, t, min_snr_gamma)
     return per_sample.mean()

@@ -38,7 +38,12 @@ class EvalItems(Dataset):
         """Images ``start:stop`` as (B, 3, H, W) float in [-1, 1]."""
         if not self.has_images:
             raise ValueError("the validation items have no 'image'")
-        return torch.stack([self[i]["image"] for i in range(start, stop)]).float()
+        images = [self[i]["image"] for i in range(start, stop)]
+        if len({tuple(im.shape) for im in images}) > 1:
+            raise ValueError(f"the validation images have several sizes {sorted({tuple(im.shape[-2:]) for im in images})} "
+                             "(aspect-ratio buckets): FID / KID / CLIP score compare images of one size; evaluate "
+                             "with data.train.buckets.enabled=false (square crops)")
+        return torch.stack(images).float()
 
 
 def base_dataset(dataset):
@@ -48,12 +53,12 @@ def base_dataset(dataset):
     return dataset
 
 
-def shapes_checker(dataset):
-    """The shapes checker when ``dataset`` is the synthetic shapes, else None."""
-    from ldm.data.shapes import ShapesDataset
-
-    base = base_dataset(dataset)
-    return base.checker() if isinstance(base, ShapesDataset) else None
+def prompt_checker(dataset):
+    """The prompt checker (the protocol of ``metrics.PromptAccuracy``) that the validation dataset offers as its
+    ``checker()`` method, else None. The data brings it (the shapes task's ShapesDataset, built from
+    configs/data/shapes.yaml, has one), so evaluation needs no import of any task."""
+    make = getattr(base_dataset(dataset), "checker", None)
+    return make() if callable(make) else None
 
 
 def first_items(dataset, n: int) -> EvalItems:

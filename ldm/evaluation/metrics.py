@@ -1,5 +1,5 @@
 """Image metrics of generated samples as torchmetrics objects: FID and KID against validation images, CLIP score
-against the prompts, and the shapes prompt accuracy.
+against the prompts, and prompt accuracy (with the checker a dataset offers, e.g. the shapes task's).
 
 Each process updates them with its own share of the images; ``compute()`` reduces the states across processes
 (torchmetrics' built-in sync, whenever ``torch.distributed`` is initialised), so every rank gets the value of the
@@ -72,27 +72,35 @@ def group_by_reason(skipped: dict[str, str]) -> list[tuple[list[str], str]]:
 
 
 class PromptAccuracy(Metric):
-    """Fraction of images whose colour / shape, read back by the shapes checker, match their caption."""
+    """Fraction of images that show what their caption says, per aspect, as read back by a prompt checker.
+
+    The checker comes with the data (a dataset's ``checker()``, see ``eval_set.prompt_checker``; the shapes task's
+    ``ShapesChecker`` is one): ``checker.aspects`` names what it reads back (("color", "shape")), and
+    ``checker.hits(images, captions)`` counts per aspect the images that match their caption. ``compute()`` gives
+    ``prompt_<aspect>_acc`` for each aspect.
+    """
 
     full_state_update = False
 
     def __init__(self, checker, **kwargs: Any):
         super().__init__(**kwargs)
-        self.checker = checker
-        for name in ("color_hits", "shape_hits", "n"):
+        aspects = tuple(getattr(checker, "aspects", ()))
+        if not aspects or not callable(getattr(checker, "hits", None)):
+            raise TypeError(f"prompt accuracy needs a checker with `aspects` and `hits(images, captions)`, got "
+                            f"{type(checker).__name__}")
+        self.checker, self.aspects = checker, aspects
+        for name in (*(f"{a}_hits" for a in aspects), "n"):
             self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, images: Tensor, prompts: Sequence[str]) -> None:
-        from ldm.data.shapes_checker import prompt_accuracy
-
-        acc = prompt_accuracy(images.detach().float().cpu(), list(prompts), self.checker)
-        self.color_hits += round(acc["color_acc"] * acc["n"])
-        self.shape_hits += round(acc["shape_acc"] * acc["n"])
-        self.n += acc["n"]
+        hits = self.checker.hits(images.detach().float().cpu(), list(prompts))
+        for aspect in self.aspects:
+            setattr(self, f"{aspect}_hits", getattr(self, f"{aspect}_hits") + int(hits[aspect]))
+        self.n += len(prompts)
 
     def compute(self) -> dict[str, Tensor]:
         n = self.n.clamp(min=1).double()
-        return {"prompt_color_acc": self.color_hits / n, "prompt_shape_acc": self.shape_hits / n}
+        return {f"prompt_{a}_acc": getattr(self, f"{a}_hits") / n for a in self.aspects}
 
 
 class ImageMetrics:
@@ -180,8 +188,9 @@ def build_image_metrics(names: Sequence[str], *, inception_weights=None, clip_mo
     ``clip_model``).
 
     feature_extractor: an nn.Module (images in [0, 1] -> (B, D) features) used for FID / KID instead of the
-    Inception weights (tests, custom extractors). checker: the shapes checker; without one prompt accuracy is
-    skipped. n_images: the size of the evaluation set (FID / KID need 2; KID's subsets are at most this big).
+    Inception weights (tests, custom extractors). checker: the data's prompt checker (``eval_set.prompt_checker``;
+    see :class:`PromptAccuracy`); without one prompt accuracy is skipped. n_images: the size of the evaluation set
+    (FID / KID need 2; KID's subsets are at most this big).
     real_images: False when the validation data has no pixels (a latent cache): FID / KID are skipped.
     """
     unknown = [n for n in names if n not in METRIC_NAMES]
@@ -229,8 +238,9 @@ def build_image_metrics(names: Sequence[str], *, inception_weights=None, clip_mo
             skipped["clip_score"] = str(err)
     if "prompt_accuracy" in wanted:
         if checker is None:
-            skipped["prompt_accuracy"] = ("prompt accuracy reads colour and shape back with the shapes checker; "
-                                          "the validation data is not the synthetic shapes (data=shapes)")
+            skipped["prompt_accuracy"] = ("prompt accuracy reads the caption back from the image with a checker "
+                                          "that the validation dataset offers (its checker(): the synthetic shapes, "
+                                          "data=shapes, have one); this data has none")
         else:
             metrics["prompt_accuracy"] = PromptAccuracy(checker)
     order = {n: i for i, n in enumerate(wanted)}

@@ -19,7 +19,7 @@ from ldm.diffusion.schedules import NoiseSchedule
 class ModelBundle:
     unet: nn.Module  # UNet: (x, t, context) -> eps / v
     autoencoder: nn.Module  # AutoencoderKL or IdentityAutoencoder: encode_latents / decode_latents
-    text_encoder: nn.Module  # CLIPTextEncoder: list[str] -> (B, 77, D), .empty_context(B)
+    text_encoder: nn.Module  # CLIPTextEncoder: list[str] -> (B, 77 * chunks, D), .empty_context(B)
     schedule: NoiseSchedule
     source: str = ""  # where it was loaded from (for messages and PNG metadata)
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. the training config, global step

@@ -85,6 +85,7 @@ def bundle_config(bundle: ModelBundle, *, frozen: bool = True, dtype: torch.dtyp
             "_target_": TEXT_ENCODER_TARGET,
             "path_or_hub_id": ".",  # this folder: text_encoder/ + tokenizer/
             "penultimate": bool(getattr(te, "penultimate", False)),
+            "max_chunks": int(getattr(te, "max_chunks", 1)),  # long prompts (A1111 chunks of 75 tokens)
         },
     }
     components = ["unet"]  # the parts whose weights are written
@@ -208,7 +209,8 @@ def _text_encoder(folder: Path, node: dict, dtype: torch.dtype):
     max_length = model.config.max_position_embeddings
     if tokenizer is not None:
         max_length = min(max_length, tokenizer.model_max_length)
-    te = CLIPTextEncoder(model, tokenizer, penultimate=bool(node.get("penultimate", False)), max_length=max_length)
+    te = CLIPTextEncoder(model, tokenizer, penultimate=bool(node.get("penultimate", False)), max_length=max_length,
+                         max_chunks=int(node.get("max_chunks", 1)))
     return te.to(dtype)
 
 

@@ -113,7 +113,7 @@ SCHEDULE_SCHEMA = {
     "prediction_type": Param(STR, choices=("epsilon", "v_prediction", "sample")),
 }
 _TEXT_COMMON = {"penultimate": Param(BOOL), "max_length": Param(INT, 1, 4096), "frozen": Param(BOOL),
-                "cache_size": Param(INT, 0, 1_000_000)}
+                "cache_size": Param(INT, 0, 1_000_000), "max_chunks": Param(INT, 1, 64)}
 TINY_TEXT_SCHEMA = {"preset": Param(STR), "folder": Param(OPT_STR), "seed": Param(INT, 0, 2**63 - 1),
                     "words": Param(STR, list_of=True), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}
 PRETRAINED_TEXT_SCHEMA = {"path_or_hub_id": Param(STR), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}

@@ -4,10 +4,23 @@ SD1 uses CLIP ViT-L/14's last hidden state; SD2 uses OpenCLIP ViT-H's
 penultimate layer followed by the final LayerNorm. The diffusers SD2 text
 encoder already has the last layer removed (23 of 24 layers), so it is run
 with ``penultimate=False``; ``penultimate=True`` is for full-depth models.
+
+Prompts longer than 75 tokens (``max_chunks`` > 1), as A1111 (``modules/sd_hijack_clip.py``,
+``FrozenCLIPEmbedderWithCustomWordsBase``) and ComfyUI (``comfy/sd1_clip.py``) do: the prompt's tokens are cut into
+chunks of ``max_length - 2`` = 75, each chunk is wrapped in BOS ... EOS and padded to 77 with the tokenizer's pad
+token (EOS for SD1, "!" = 0 for SD2: A1111's ``id_pad`` after the first EOS), every chunk is encoded on its own and
+the contexts are concatenated along the sequence: ``(B, 77 * chunks, D)``. Prompts of a batch with fewer chunks
+are padded with empty chunks (BOS EOS pad...), whose encoding is that of the empty prompt "": A1111's
+``empty_chunk()`` padding, and its CFG padding of the unconditional context (``pad_cond`` with the empty prompt's
+encoding). ComfyUI instead repeats the shorter context; A1111 is followed here. A1111's comma backtracking (a
+chunk may end at a comma up to 20 tokens early) and its emphasis weights are not done. Tokens beyond
+``max_chunks * 75`` are cut, with a warning naming ``model.text_encoder.max_chunks``.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -18,6 +31,7 @@ from torch import nn
 from ldm.models import tiny_clip
 
 HUB_PREFIX = "text_model."
+log = logging.getLogger("ldm.models")
 
 
 def clip_text_config(name: str):
@@ -67,16 +81,22 @@ def to_module_keys(state_dict: dict, model: nn.Module) -> dict:
 
 
 class CLIPTextEncoder(nn.Module):
-    """Prompts -> cross-attention context ``(B, max_length, D)``; frozen by default. ``frozen=False``: its weights
-    train with the U-Net (from scratch there is nothing to preserve), and no context is cached."""
+    """Prompts -> cross-attention context ``(B, max_length * chunks, D)``; frozen by default. ``frozen=False``: its
+    weights train with the U-Net (from scratch there is nothing to preserve), and no context is cached.
+
+    max_chunks: 1 (default) encodes 77 tokens exactly as before (longer prompts cut); N > 1 encodes up to N chunks
+    of 75 tokens (A1111 / ComfyUI long prompts, see the module docstring), e.g. 3 -> 225 tokens."""
 
     def __init__(self, model, tokenizer, penultimate: bool = False, max_length: int = 77,
-                 frozen: bool = True, cache_size: int = 0):
+                 frozen: bool = True, cache_size: int = 0, max_chunks: int = 1):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.penultimate = penultimate
         self.max_length = max_length
+        if int(max_chunks) < 1:
+            raise ValueError(f"CLIPTextEncoder: model.text_encoder.max_chunks must be >= 1, got {max_chunks!r}")
+        self.max_chunks = int(max_chunks)
         self.frozen = frozen
         if int(cache_size) < 0:
             raise ValueError(f"CLIPTextEncoder: cache_size must be >= 0, got {cache_size!r}")
@@ -133,7 +153,7 @@ class CLIPTextEncoder(nn.Module):
     @property
     def config(self) -> dict:
         return {"penultimate": self.penultimate, "max_length": self.max_length,
-                "context_dim": self.context_dim}
+                "context_dim": self.context_dim, "max_chunks": self.max_chunks}
 
     def train(self, mode: bool = True):
         """A frozen encoder stays in eval mode."""
@@ -156,12 +176,57 @@ class CLIPTextEncoder(nn.Module):
                 return out.last_hidden_state
             return self.model.final_layer_norm(out.hidden_states[-2])
 
+    def chunk_ids(self, prompts) -> torch.Tensor:
+        """``(B, chunks, max_length)`` token ids of ``max_chunks`` > 1: each prompt's tokens in chunks of
+        ``max_length - 2``, each BOS + tokens + EOS + pad; shorter prompts padded with empty chunks (BOS EOS pad...),
+        chunks = the longest prompt's (at least 1, at most max_chunks)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tok, body = self.tokenizer, self.max_length - 2
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        pad = eos if tok.pad_token_id is None else tok.pad_token_id
+        rows = []
+        for prompt in prompts:
+            ids = tok(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
+            if len(ids) > self.max_chunks * body:
+                log.warning("prompt of %d tokens cut to %d (model.text_encoder.max_chunks=%d chunks of %d; raise it "
+                            "for longer prompts): %.60r...", len(ids), self.max_chunks * body, self.max_chunks, body,
+                            prompt)
+                ids = ids[:self.max_chunks * body]
+            pieces = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
+            rows.append([[bos] + p + [eos] + [pad] * (body - len(p)) for p in pieces])
+        empty = [bos, eos] + [pad] * body
+        chunks = max(len(r) for r in rows)
+        return torch.tensor([r + [empty] * (chunks - len(r)) for r in rows], dtype=torch.long)
+
+    def encode_chunks(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(B, chunks, L)`` ids -> ``(B, chunks * L, D)``: every chunk encoded on its own, then concatenated."""
+        b, n, length = ids.shape
+        context = self.encode_ids(ids.reshape(b * n, length))
+        return context.reshape(b, n * context.shape[1], context.shape[2])
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        if self.max_chunks == 1:
+            return self.encode_ids(self.tokenize(prompts))
+        return self.encode_chunks(self.chunk_ids(prompts))
+
     def forward(self, prompts) -> torch.Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
         if self.cache_size and self.frozen:
             return self._cached(list(prompts))
-        return self.encode_ids(self.tokenize(prompts))
+        return self.encode(list(prompts))
+
+    def pad_context(self, context: torch.Tensor, length: int) -> torch.Tensor:
+        """``context`` (B, L, D) padded to ``length`` tokens with empty-prompt chunks (A1111's CFG padding)."""
+        missing = length - context.shape[1]
+        if missing == 0:
+            return context
+        if missing < 0 or missing % self.max_length:
+            raise ValueError(f"cannot pad a context of {context.shape[1]} tokens to {length}: contexts are whole "
+                             f"chunks of {self.max_length} tokens")
+        empty = self.empty_context(context.shape[0], missing // self.max_length).to(context)
+        return torch.cat([context, empty], dim=1)
 
     def _cached(self, prompts: list[str]) -> torch.Tensor:
         """Contexts of a frozen encoder, memoised per prompt (least recently used out first): data whose captions
@@ -175,22 +240,29 @@ class CLIPTextEncoder(nn.Module):
                 self._contexts.move_to_end(key)
             else:
                 with torch.no_grad():
-                    self._contexts[key] = self.encode_ids(self.tokenize([prompt]))[0].detach()
+                    self._contexts[key] = self.encode([prompt])[0].detach()
                 if len(self._contexts) > self.cache_size:
                     self._contexts.popitem(last=False)
             contexts.append(self._contexts[key])
-        return torch.stack(contexts)
+        length = max(c.shape[0] for c in contexts)  # long prompts: pad to the longest with empty chunks
+        return torch.cat([self.pad_context(c[None], length) for c in contexts])
 
-    def empty_context(self, batch_size: int = 1) -> torch.Tensor:
-        """Context of the empty prompt ``""`` (CFG / conditioning dropout), cached."""
-        if not self.frozen:  # weights that train (or an adapter): a stored context would go stale
-            return self.forward([""]).expand(batch_size, -1, -1)
+    def empty_context(self, batch_size: int = 1, chunks: int = 1) -> torch.Tensor:
+        """Context of the empty prompt ``""`` (CFG / conditioning dropout), cached; ``chunks`` copies of its one
+        chunk along the sequence (the empty prompt padded to a long prompt's length). Not cached when the weights
+        train (or an adapter does): a stored context would go stale."""
+        if not self.frozen:
+            empty = self.encode_ids(self.tokenize([""]))
+            return (empty.repeat(1, int(chunks), 1) if chunks > 1 else empty).expand(batch_size, -1, -1)
         p = next(self.model.parameters())
         key = (p.device, p.dtype)
         if key not in self._empty:
             with torch.no_grad():
-                self._empty[key] = self.forward([""]).detach()
-        return self._empty[key].expand(batch_size, -1, -1)
+                self._empty[key] = self.encode_ids(self.tokenize([""])).detach()
+        empty = self._empty[key]
+        if chunks > 1:
+            empty = empty.repeat(1, int(chunks), 1)
+        return empty.expand(batch_size, -1, -1)
 
     def hub_state_dict(self) -> dict:
         """The weights with hub / diffusers ``text_encoder`` key names."""

@@ -53,6 +53,7 @@ class SampleConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     dtype: str = "auto"  # auto (float16 on CUDA, else float32) | float32 | float16 | bfloat16
     text_encoder: Optional[str] = None  # tokenizer/ + text_encoder/ folder (SD single files carry no tokenizer)
+    max_chunks: Optional[int] = None  # long prompts: up to 75 x N tokens (A1111 chunks); null: the model's (1 = 75)
     prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
     check_memory: bool = True  # estimate the activation memory first; refuse (saying what to lower) if it won't fit
     lora: list[str] = field(default_factory=list)  # LoRA files merged in, each FILE or FILE:SCALE (kohya / diffusers)
@@ -170,9 +171,21 @@ def check_options(cfg: DictConfig) -> None:
     if cfg.prediction_type is not None and cfg.prediction_type not in PREDICTION_TYPES:
         raise SampleConfigError(f"prediction_type must be one of {PREDICTION_TYPES} (or null), got "
                                 f"{cfg.prediction_type!r}")
+    if cfg.max_chunks is not None and not 1 <= cfg.max_chunks <= 64:
+        raise SampleConfigError(f"max_chunks must be in [1, 64] chunks of 75 tokens (or null: the model's), got "
+                                f"{cfg.max_chunks}")
     te = cfg.text_encoder
     if te is not None and not Path(te).is_dir() and not looks_like_hub_id(te):
         raise FileNotFoundError(f"text_encoder: folder not found: {te}")
+
+
+def set_max_chunks(bundle, max_chunks: int) -> None:
+    """sample.py max_chunks=N: prompts of up to 75 x N tokens (the model's text encoder setting otherwise)."""
+    te = bundle.text_encoder
+    if te is None or not hasattr(te, "max_chunks"):
+        raise SampleConfigError("max_chunks: this model has no CLIP text encoder (an unconditional model)")
+    te.max_chunks = int(max_chunks)
+    te._clear_cache()
 
 
 OUTPUT_NAME = re.compile(r"(\d{5}|grid)\.png")  # what sample() writes: 00000.png, ... and grid.png
@@ -216,6 +229,8 @@ def sample(cfg: Any) -> list[Path]:
 
     bundle = load_bundle(cfg.ckpt, use_ema=cfg.use_ema, device=cfg.device, dtype=cfg.dtype,
                          text_encoder=cfg.text_encoder, prediction_type=cfg.prediction_type)
+    if cfg.max_chunks is not None:
+        set_max_chunks(bundle, cfg.max_chunks)
     if cfg.lora:
         from ldm.formats.lora_files import LoRAFileError, apply_lora_files, bundle_roots
 

@@ -112,7 +112,9 @@ def encode_prompts(bundle: ModelBundle, prompts: list[str], negative_prompt: str
     """Step 1 (CLIP text encoder): prompts -> context (B, L, D), B = len(prompts) * num_images_per_prompt.
 
     The unconditional branch of CFG is the empty prompt's context, or the negative prompt's when one is given
-    (one string for all prompts, or one per prompt). With guidance_scale 1 it is not needed.
+    (one string for all prompts, or one per prompt). With guidance_scale 1 it is not needed. Long prompts
+    (``max_chunks`` > 1): prompt and negative prompt are padded to the same number of 77-token chunks with
+    empty-prompt chunks (A1111's CFG padding), as the two branches run in one batch.
     """
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
@@ -132,7 +134,11 @@ def encode_prompts(bundle: ModelBundle, prompts: list[str], negative_prompt: str
         if len(negative_prompt) != len(prompts):
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
         uncond = te(negative_prompt).repeat_interleave(num_images_per_prompt, 0)
-    return Conditioning(context, uncond.to(bundle.device, dtype))
+    uncond = uncond.to(bundle.device, dtype)
+    if uncond.shape[1] != context.shape[1]:
+        length = max(uncond.shape[1], context.shape[1])
+        context, uncond = te.pad_context(context, length), te.pad_context(uncond, length)
+    return Conditioning(context, uncond)
 
 
 def initial_noise(bundle: ModelBundle, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:

@@ -122,14 +122,15 @@ def check_same_size(image: Tensor, mask: Tensor) -> None:
 
 def labelled_grid(images: list, labels: list[str] | None = None, ncol: int | None = None, scale: int = 1,
                   pad: int = 2, line_px: int = 11):
-    """Tile images (all the same size, enlarged ``scale`` times) into a grid, each with its label word-wrapped
-    underneath (the default bitmap font is ~6 px per character)."""
+    """Tile images (enlarged ``scale`` times) into a grid, each with its label word-wrapped underneath (the
+    default bitmap font is ~6 px per character). Images of several sizes (aspect-ratio buckets) each sit at the
+    top left of a cell of the largest width and height."""
     from PIL import Image, ImageDraw
 
     if not images:
         raise ValueError("labelled_grid needs at least one image")
     images = [im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST) for im in images] if scale > 1 else images
-    w, h = images[0].size
+    w, h = max(im.size[0] for im in images), max(im.size[1] for im in images)
     ncol = ncol or math.ceil(math.sqrt(len(images)))
     nrow = math.ceil(len(images) / ncol)
     wrapped = [_wrap(t, w) for t in labels] if labels else None

@@ -1,8 +1,8 @@
-"""Training callbacks: sample grids while training, and the shapes prompt accuracy at the end of a run."""
+"""Training callbacks: sample grids and throughput while training, dataset epochs, bad-sample logs. (A task's own
+callbacks live with the task: the shapes prompt accuracy is ldm.tasks.shapes.prompt_accuracy.)"""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -40,19 +40,33 @@ def log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
 
 
 def generate(pl_module, prompts: list[str], *, sampler: SamplingOptions, guidance_scale: float, seed: int,
-             use_ema: bool = True, resolution: int | None = None) -> torch.Tensor:
+             use_ema: bool = True, resolution: int | tuple[int, int] | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for the prompts, through the same pipeline as sample.py, with every
-    setting of the ``sampler`` node (steps, eta, karras, spacing, ...)."""
+    setting of the ``sampler`` node (steps, eta, karras, spacing, ...). ``resolution``: a side, or (height,
+    width)."""
     from ldm.pipelines import text_to_image
 
+    height, width = resolution if isinstance(resolution, (tuple, list)) else (resolution, resolution)
     with pl_module.sampling_bundle(use_ema=use_ema) as bundle:  # with an adapter: the (EMA) adapter applied
         was_training = bundle.unet.training
         bundle.unet.eval()
         try:
             return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
-                                 height=resolution, width=resolution)
+                                 height=height, width=width)
         finally:
             bundle.unet.train(was_training)
+
+
+def generate_at_sizes(pl_module, prompts: list[str], sizes: list[tuple[int, int]], **options) -> list[torch.Tensor]:
+    """One image (3, H, W) per prompt at its own (height, width): one `generate` call per size (seeded alike), in
+    the prompts' order; how samples of bucketed data are drawn at each caption's bucket size."""
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for size in sorted(set(sizes)):
+        chosen = [i for i, s in enumerate(sizes) if s == size]
+        images = generate(pl_module, [prompts[i] for i in chosen], resolution=size, **options)
+        for i, image in zip(chosen, images):
+            out[i] = image
+    return out
 
 
 def training_source(trainer: L.Trainer):
@@ -126,13 +140,15 @@ class SamplingCallback(L.Callback):
 
     The prompts are ``prompts`` when given; otherwise the captions of ``n_prompts`` validation items drawn with
     ``seed`` (training items when the data has no validation split), and the grid shows each item's real image
-    beside its sample. Samples are drawn at ``resolution``, else the training data's, else the real images' size.
+    beside its sample. Samples are drawn at ``resolution`` (a side, or [height, width]); else, with aspect-ratio
+    buckets, each caption at its own image's bucket size; else at the training data's resolution, else at the
+    real images' size.
     ``sampler``: the whole ``sampler`` config node (``${sampler}``: name, steps, eta, karras, spacing, ...), a
     :class:`SamplingOptions` or a sampler name."""
 
     def __init__(self, prompts: list[str] | None = None, every_n_steps: int = 500, sampler: Any = TRAINING_SAMPLER,
-                 guidance_scale: float = 4.0, seed: int = 0, use_ema: bool = True, resolution: int | None = None,
-                 at_end: bool = True, n_prompts: int = 8):
+                 guidance_scale: float = 4.0, seed: int = 0, use_ema: bool = True,
+                 resolution: int | list[int] | None = None, at_end: bool = True, n_prompts: int = 8):
         if prompts is not None and len(prompts) == 0:
             raise ValueError("callbacks.sampling.prompts must list at least one prompt (or be null: captions of "
                              "the validation data)")
@@ -142,8 +158,14 @@ class SamplingCallback(L.Callback):
         self.n_prompts, self.every_n_steps = int(n_prompts), int(every_n_steps)
         self.sampler = SamplingOptions.of(sampler, key="callbacks.sampling.sampler")
         self.guidance_scale, self.seed = guidance_scale, seed
+        if resolution is not None and not isinstance(resolution, int):
+            resolution = tuple(int(v) for v in resolution)
+            if len(resolution) != 2:
+                raise ValueError(f"callbacks.sampling.resolution must be a side or [height, width], got {list(resolution)}")
         self.use_ema, self.resolution, self.at_end = use_ema, resolution, at_end
-        self.real_images: torch.Tensor | None = None  # beside the samples, when the prompts came from the data
+        # beside the samples, when the prompts came from the data: a (B, 3, H, W) tensor, or a list of (3, h, w)
+        # images of their own sizes (aspect-ratio buckets)
+        self.real_images: torch.Tensor | list[torch.Tensor] | None = None
         self.last_path: Path | None = None
         self._last_step = -1
 
@@ -163,14 +185,21 @@ class SamplingCallback(L.Callback):
             self.sample_grid(trainer, pl_module)
 
     @staticmethod
-    def grid_scale(images: torch.Tensor) -> int:
+    def grid_scale(images) -> int:
         """Small samples are enlarged (nearest) so that the grid's labels fit under them."""
-        return max(1, 96 // images.shape[-1])
+        return max(1, 96 // max(int(im.shape[-1]) for im in images))
 
-    def sample_resolution(self, trainer) -> int | None:
+    def sample_resolution(self, trainer) -> int | tuple[int, int] | None:
         if self.resolution or data_resolution(trainer):
             return self.resolution or data_resolution(trainer)
         return int(self.real_images.shape[-1]) if self.real_images is not None else None
+
+    def sample_sizes(self, trainer) -> list[tuple[int, int]] | None:
+        """Each prompt's (height, width) when they differ: the real images' (bucket) sizes unless ``resolution``
+        is set; None: one size for all."""
+        if self.resolution or not isinstance(self.real_images, list):
+            return None
+        return [(int(im.shape[-2]), int(im.shape[-1])) for im in self.real_images]
 
     @rank_zero_only
     def sample_grid(self, trainer, pl_module) -> Path:
@@ -178,15 +207,19 @@ class SamplingCallback(L.Callback):
             self.on_fit_start(trainer, pl_module)
         step = trainer.global_step
         self._last_step = step
-        images = generate(pl_module, self.prompts, sampler=self.sampler, guidance_scale=self.guidance_scale,
-                          seed=self.seed, use_ema=self.use_ema, resolution=self.sample_resolution(trainer))
+        options = dict(sampler=self.sampler, guidance_scale=self.guidance_scale, seed=self.seed, use_ema=self.use_ema)
+        sizes = self.sample_sizes(trainer)
+        if sizes is not None:
+            images = generate_at_sizes(pl_module, self.prompts, sizes, **options)
+        else:
+            images = generate(pl_module, self.prompts, resolution=self.sample_resolution(trainer), **options)
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        pils, labels, ncol = to_pil(images), list(self.prompts), None
+        pils, labels, ncol = [to_pil(im[None])[0] for im in images], list(self.prompts), None
         real = self.real_images
-        if real is not None and tuple(real.shape[-2:]) == tuple(images.shape[-2:]):
+        if real is not None and [tuple(r.shape[-2:]) for r in real] == [tuple(im.shape[-2:]) for im in images]:
             # (real, sample) pairs side by side: the caption under the sample, "real" under the image
-            pils = [im for pair in zip(to_pil(real), pils) for im in pair]
+            pils = [im for pair in zip([to_pil(r[None])[0] for r in real], pils) for im in pair]
             labels = [t for caption in self.prompts for t in ("real", caption)]
             ncol = 2 * max(1, round(len(self.prompts) ** 0.5))
         labelled_grid(pils, labels=labels, ncol=ncol, scale=self.grid_scale(images)).save(out)
@@ -220,84 +253,8 @@ def data_prompts(trainer: L.Trainer, n: int, seed: int) -> tuple[list[str], torc
         raise ValueError("callbacks.sampling: the data has no items to draw captions from; set "
                          "callbacks.sampling.prompts")
     images = [it.get("image") for it in items]
-    real = torch.stack(images).float() if all(isinstance(im, torch.Tensor) for im in images) else None
+    real = None
+    if all(isinstance(im, torch.Tensor) for im in images):
+        same = len({tuple(im.shape) for im in images}) == 1
+        real = torch.stack(images).float() if same else [im.float() for im in images]  # buckets: their own sizes
     return [str(it["caption"]) for it in items], real
-
-
-class PromptAccuracyCallback(L.Callback):
-    """At the end of training on the shapes data: does a sample of "a blue triangle ..." show a blue triangle?
-
-    Samples every colour x shape prompt ``n_per_prompt`` times with CFG (``guidance_scale``), with CFG off
-    (scale 1, the plain conditional model) and unconditionally (empty prompt), scores them with the shapes
-    checker, logs the accuracies, prints them and writes ``<run>/prompt_accuracy.json``. ``sampler`` as in
-    :class:`SamplingCallback`.
-    """
-
-    def __init__(self, n_per_prompt: int = 4, guidance_scale: float = 4.0, sampler: Any = TRAINING_SAMPLER,
-                 seed: int = 1234, use_ema: bool = True, batch_size: int = 64):
-        self.n_per_prompt, self.guidance_scale = n_per_prompt, guidance_scale
-        self.sampler = SamplingOptions.of(sampler, key="callbacks.prompt_accuracy.sampler")
-        self.seed, self.use_ema, self.batch_size = seed, use_ema, batch_size
-        self.results: dict[str, Any] | None = None
-
-    @staticmethod
-    def shapes_dataset(trainer):
-        from ldm.data.shapes import ShapesDataset
-
-        ds = training_source(trainer)
-        return ds if isinstance(ds, ShapesDataset) else None
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        ds = self.shapes_dataset(trainer)
-        if ds is None:
-            log.info("prompt accuracy: skipped (the training data is not the synthetic shapes)")
-            return
-        if trainer.is_global_zero:
-            self.results = self.evaluate(pl_module, ds, trainer)
-
-    def prompts(self, ds) -> list[str]:
-        """Every colour x shape pair, ``n_per_prompt`` times; the repeats cycle through the colour's
-        backgrounds (starting at a different one for each pair), so every background is exercised."""
-        prompts = []
-        for i, (color, shape) in enumerate((c, s) for c in ds.colors for s in ds.shapes):
-            backgrounds = ds.backgrounds_for(color)
-            prompts += [ds.template.format(color=color, shape=shape, background=backgrounds[(i + r) % len(backgrounds)])
-                        for r in range(self.n_per_prompt)]
-        return prompts
-
-    def evaluate(self, pl_module, ds, trainer=None) -> dict[str, Any]:
-        from ldm.data.shapes_checker import prompt_accuracy
-
-        prompts = self.prompts(ds)
-        checker = ds.checker()
-        results: dict[str, Any] = {"n": len(prompts), "guidance_scale": self.guidance_scale,
-                                   **self.sampler.record()}
-        settings = {"cfg": (self.guidance_scale, False), "no_cfg": (1.0, False), "uncond": (1.0, True)}
-        for name, (scale, uncond) in settings.items():
-            images = []
-            for start in range(0, len(prompts), self.batch_size):
-                chunk = prompts[start:start + self.batch_size]
-                images.append(generate(pl_module, [""] * len(chunk) if uncond else chunk, sampler=self.sampler,
-                                       guidance_scale=scale, seed=self.seed + start,
-                                       use_ema=self.use_ema, resolution=ds.resolution))
-            acc = prompt_accuracy(torch.cat(images), prompts, checker)
-            results[name] = {"color_acc": acc["color_acc"], "shape_acc": acc["shape_acc"]}
-            if name == "cfg" and trainer is not None:
-                out = run_dir(trainer) / "prompt_accuracy_cfg.png"
-                labelled_grid(to_pil(torch.cat(images)[:: self.n_per_prompt]), labels=prompts[:: self.n_per_prompt],
-                              ncol=len(ds.shapes), scale=max(1, 96 // ds.resolution)).save(out)
-                results["grid"] = str(out)
-        if trainer is not None:
-            metrics = {f"prompt_accuracy/{k}_{m}": v[m] for k, v in results.items() if isinstance(v, dict)
-                       for m in ("color_acc", "shape_acc")}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-                logger.save()
-            path = run_dir(trainer) / "prompt_accuracy.json"
-            path.write_text(json.dumps(results, indent=2))
-            results["path"] = str(path)
-        print("prompt accuracy (shapes checker):")
-        for name in settings:
-            r = results[name]
-            print(f"  {name:7s} colour {r['color_acc']:.1%}  shape {r['shape_acc']:.1%}")
-        return results

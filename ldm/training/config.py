@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ldm.pipelines.sampling_options import SamplingOptions
+from ldm.training.class_images import ClassImagesConfig
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TrainConfig:
     lr_scheduler: Any = None
     loss: Any = None  # autoencoder stage only
     first_stage: Any = None  # a VAE to fit to the data before the diffusion stage (ldm.training.first_stage)
+    class_images: ClassImagesConfig = field(default_factory=ClassImagesConfig)  # data=dreambooth's missing ones
     trainer: Any = MISSING
     callbacks: Any = field(default_factory=dict)
     logger: Any = field(default_factory=dict)

@@ -135,6 +135,14 @@ def check_resolution(cfg: DictConfig) -> None:
                     f"{key}={value!r}: the model downsamples by {multiple} (autoencoder x{ae}, U-Net x{unet}), "
                     f"so the resolution must be a positive multiple of {multiple} (e.g. {lower} or "
                     f"{lower + multiple})")
+        buckets = OmegaConf.select(cfg, f"data.{split}.buckets")
+        if buckets is not None and buckets.get("enabled"):  # every bucket side is a multiple of the step
+            step = buckets.get("step")
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step <= 0 or step % multiple:
+                raise ConfigError(
+                    f"data.{split}.buckets.step={step!r}: the model downsamples by {multiple} (autoencoder x{ae}, "
+                    f"U-Net x{unet}), so every bucket side, a multiple of the step, needs a step that is a positive "
+                    f"multiple of {multiple}")
 
 
 def check_checkpoint_file(path: str | Path) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ldm.formats.bundle import ModelBundle
 from ldm.diffusion.losses import diffusion_loss, noised_batch
+from ldm.diffusion.prior_preservation import prior_preservation_loss
 from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.models.lora import LoRAConfig, LoRANetwork
@@ -51,6 +52,7 @@ class LatentDiffusion(L.LightningModule):
         adapter: LoRAConfig | None = None,
         loss_spike_factor: float | None = 100.0,
         grad_norm_spike_factor: float | None = 100.0,
+        prior_loss_weight: float = 1.0,
         text_encoder_lr: float | None = None,
     ):
         super().__init__()
@@ -71,6 +73,7 @@ class LatentDiffusion(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.p_uncond, self.min_snr_gamma, self.offset_noise = p_uncond, min_snr_gamma, offset_noise
         self.sample_posterior = sample_posterior
+        self.prior_loss_weight = float(prior_loss_weight)  # DreamBooth batches (data=dreambooth): class rows' weight
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.adapter_config = adapter
@@ -195,7 +198,19 @@ class LatentDiffusion(L.LightningModule):
         else:
             context = self._dropped_context(batch, captions)
         x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise)
-        return diffusion_loss(self(x_t, t, context), target, self.schedule, t, self.min_snr_gamma)
+        return self.batch_loss(self(x_t, t, context), target, t, batch)
+
+    def batch_loss(self, output: Tensor, target: Tensor, t: Tensor, batch: dict[str, Any]) -> Tensor:
+        """The loss of a batch's prediction: masked where the batch has a "mask" (ldm.diffusion.masked_loss), and
+        instance + prior_loss_weight x class rows where it marks class rows in "is_prior" (DreamBooth,
+        ldm.diffusion.prior_preservation); a plain batch has neither."""
+        mask = batch.get("mask")
+
+        def loss_of(rows):
+            return diffusion_loss(output[rows], target[rows], self.schedule, t[rows], self.min_snr_gamma,
+                                  mask=None if mask is None else mask[rows])
+
+        return prior_preservation_loss(loss_of, batch.get("is_prior"), self.prior_loss_weight)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # always backpropagated, even when NaN: with DDP every rank must join the gradient all-reduce; whether the

@@ -11,6 +11,9 @@ The folder name is a hash of what the cache depends on besides the images themse
 (root, transform), the VAE's weights and scaling, the text encoder's weights (when contexts are cached) and the
 store. The images are keyed one by one inside it (for a folder: path, size, mtime, caption).
 
+Text contexts are not cached (captions are, and are encoded each step) with random caption options (shuffle, tag
+dropout, wildcards: ``data.train.captions``) or long prompts (``model.text_encoder.max_chunks`` > 1).
+
 What cannot be cached: a random crop (``center_crop=false``; each epoch sees another crop) trains on the fly, with
 a warning; ``data.latent_cache=null`` trains on the fly always (for augmentations of your own).
 """
@@ -27,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.auto_cache import CacheSpec, CachedView, cache_spec, sync_cache
+from ldm.data.auto_cache import CacheSpec, CachedView, cache_spec, contexts_cacheable, sync_cache
 
 log = logging.getLogger("ldm.training")
 
@@ -112,6 +115,10 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
         return None
     store = "posterior" if module.sample_posterior else "mode"
     text_encoder = module.text_encoder if text_encoder_is_frozen(module.text_encoder) else None
+    if text_encoder is not None and not (contexts_cacheable(spec) and getattr(text_encoder, "max_chunks", 1) == 1):
+        # random caption options change the caption each epoch; long prompts give contexts of different lengths:
+        # the cache holds captions, encoded every step (the encoder's cache_size memoises them per string)
+        text_encoder = None
     folder = cache_folder(root, spec, module.autoencoder, store, text_encoder)
     options = dict(store=store, text="context" if text_encoder is not None else "caption",
                    scaling_factor=float(getattr(module.autoencoder, "scaling_factor", 1.0)),
@@ -130,7 +137,8 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
     else:
         view = _wait_for(folder, spec, options)
     datamodule.source_dataset = source
-    datamodule.train_dataset = view
+    # a dataset that pairs its rows (DreamBooth: instance + class) reads them from the view; others are the view
+    datamodule.train_dataset = source.with_cache(view) if callable(getattr(source, "with_cache", None)) else view
     return view
 
 

@@ -1,4 +1,5 @@
-"""FID, KID, CLIP score and the shapes prompt accuracy of generated samples, computed while training.
+"""FID, KID, CLIP score and prompt accuracy (with the checker the data offers) of generated samples, computed
+while training.
 
 The validation loss at fixed timesteps and noise is the module's own ``val/loss``; this callback adds the
 sample-quality metrics of :mod:`ldm.evaluation.metrics` at validation time and logs them as ``val/<name>`` to every
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 
 import lightning as L
 
-from ldm.evaluation.eval_set import EvalItems, first_items, shapes_checker
+from ldm.evaluation.eval_set import EvalItems, first_items, prompt_checker
 from ldm.evaluation.metrics import METRIC_NAMES, ImageMetrics, build_image_metrics, score_share
 from ldm.pipelines.sampling_options import SamplingOptions
 from ldm.training.callbacks import TRAINING_SAMPLER, data_resolution, generate
@@ -95,7 +96,7 @@ class ImageMetricsCallback(L.Callback):
         self.image_metrics = build_image_metrics(
             self.metric_names, inception_weights=self.inception_weights, clip_model=self.clip_model,
             key_prefix=self.key_prefix, n_images=keep, kid_subset_size=self.kid_subset_size,
-            checker=shapes_checker(val), kid_seed=self.seed, real_images=self.items.has_images)
+            checker=prompt_checker(val), kid_seed=self.seed, real_images=self.items.has_images)
         for names, reason in self.image_metrics.skipped_groups():
             self.warn(trainer, f"{' and '.join(names)} skipped: {reason}")
         if self.image_metrics and trainer.is_global_zero:

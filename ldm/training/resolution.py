@@ -22,3 +22,19 @@ def training_resolution(datamodule, autoencoder=None) -> int | None:
         if latent_shape and factor:
             return int(latent_shape[-1]) * int(factor)
     return None
+
+
+def training_buckets(datamodule) -> dict | None:
+    """With aspect-ratio buckets, what checkpoints record of them: the max area (resolution^2), kohya's table and
+    the buckets in use ((width, height) each) with their numbers of training images; None without buckets."""
+    from ldm.data.bucket_sampler import bucket_assignment
+
+    datamodule.setup("fit")
+    for dataset in (getattr(datamodule, "source_dataset", None), getattr(datamodule, "train_dataset", None)):
+        assignment = bucket_assignment(dataset) if dataset is not None else None
+        if assignment is not None:
+            side = training_resolution(datamodule)
+            return {"max_area": None if side is None else side * side,
+                    "table": [list(b) for b in assignment.table],
+                    "buckets": [list(b) for b in assignment.buckets], "images": assignment.counts()}
+    return None

@@ -159,6 +159,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     module = build_autoencoder_module(cfg) if cfg.stage == "autoencoder" else build_diffusion_module(cfg)
+    if cfg.stage == "diffusion":  # data=dreambooth: the class folder filled with base-model samples first
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        from ldm.training.class_images import ensure_class_images
+
+        try:
+            ensure_class_images(cfg, module, rank=rank_zero_only.rank,
+                                progress=bool(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     datamodule = build(cfg.data, "data")
     bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
     if hasattr(datamodule, "bad_samples_dir"):  # before anything reads the data (the latent cache build)
@@ -179,6 +189,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
                                              or module.model_config.get("resolution"))
+        from ldm.training.resolution import training_buckets
+
+        buckets = training_buckets(datamodule)
+        if buckets is not None:  # aspect-ratio buckets: their table and max area too
+            module.model_config["buckets"] = buckets
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if _is_callback_node(c, k)]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch

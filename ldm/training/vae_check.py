@@ -17,13 +17,17 @@ FIX = ("train a VAE on these images first: python train.py experiment=own_data d
 
 
 def sample_images(dataset, n: int, seed: int) -> torch.Tensor | None:
-    """``n`` training images (see sample_items), or None when the items carry no images."""
+    """``n`` training images (see sample_items), or None when the items carry no images. With aspect-ratio buckets
+    (images of several sizes) those of the most common size among them (the first such size on a tie)."""
+    from collections import Counter
+
     from ldm.evaluation.eval_set import sample_items
 
     images = [item.get("image") for item in sample_items(dataset, n, seed)]
     if not images or not all(isinstance(im, torch.Tensor) for im in images):
         return None
-    return torch.stack(images).float()
+    size = Counter(tuple(im.shape) for im in images).most_common(1)[0][0]
+    return torch.stack([im for im in images if tuple(im.shape) == size]).float()
 
 
 class VAECheckCallback(L.Callback):

@@ -129,16 +129,26 @@ def test_lora_step(capsys):
     assert all(positive(r["ms/step"]) and positive(r["lora/full time"]) for r in rows)
 
 
-@pytest.mark.slow
-def test_shapes_lora(capsys, tmp_path):
-    """bench/shapes_lora.py end to end on a tiny base: before/after per colour, cyan included."""
+TINY_BASE_CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                  "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
+
+
+def tiny_base(tmp_path) -> str:
+    """The last checkpoint of a 2-step tiny base run: the --base of the "teach it something new" benches."""
     sys.path.insert(0, str(ROOT))
     from tests.training.conftest import TINY_MODEL, compose_train
     from ldm.training.train import train
 
-    ckpt = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-            "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
-    base = train(compose_train(tmp_path / "base", TINY_MODEL + ckpt + ["trainer.max_steps=2"]))["last_checkpoint"]
+    return train(compose_train(tmp_path / "base", TINY_MODEL + TINY_BASE_CKPT + ["trainer.max_steps=2"]))[
+        "last_checkpoint"]
+
+
+@pytest.mark.slow
+def test_shapes_lora(capsys, tmp_path):
+    """bench/shapes_lora.py end to end on a tiny base: before/after per colour, cyan included."""
+    from tests.training.conftest import TINY_MODEL
+
+    base = tiny_base(tmp_path)
     tiny = [o for o in TINY_MODEL if not o.startswith(("trainer.", "callbacks=", "data.batch_size"))]
     row = bench_module("shapes_lora").main(
         ["--base", base, "--out", str(tmp_path / "lora"), "--per-prompt", "1", "--", *tiny, "trainer.max_steps=2",
@@ -150,3 +160,11 @@ def test_shapes_lora(capsys, tmp_path):
     for when in ("before", "after"):
         assert row[when]["cyan"]["n"] == 3 and row[when]["old"]["color_acc"] >= 0
         assert row[when]["all"]["n"] == 21
+
+
+@pytest.mark.slow
+def test_buckets(capsys, tmp_path):
+    rows = bench_module("buckets").main(["--images", "14", "--steps", "2", "--rounds", "1", "--dir", str(tmp_path)])
+    assert [r["path"] for r in rows] == ["square", "buckets"]
+    assert rows[0]["px/img"] == 64 * 64 and rows[1]["px/img"] < 64 * 64 and rows[1]["px ratio"] > 0
+    assert "ratio buckets/square" in capsys.readouterr().out

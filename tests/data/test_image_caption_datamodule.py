@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import RandomSampler
 
 from ldm.data.datamodule import ImageCaptionDataModule
-from ldm.data.shapes import ShapesDataset
 from ldm.data.webdataset import WebDatasetSource
+from ldm.tasks.shapes.dataset import ShapesDataset
 
 
 def indices(loader):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ldm.data.cached_latents import CachedLatentsDataset
 from ldm.cli.latent_cache import main
 from ldm.data.latent_cache import MANIFEST, LatentCacheError, build_latent_cache, read_manifest, shard_name
-from ldm.data.shapes import ShapesDataset
+from ldm.tasks.shapes.dataset import ShapesDataset
 from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussian
 
 N, RES, SHARD = 10, 16, 4  # 3 shards: 4 + 4 + 2 samples; tiny VAE (f=2) -> (4, 8, 8) latents

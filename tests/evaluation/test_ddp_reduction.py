@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ldm.data.shapes import ShapesDataset
-from ldm.evaluation.eval_set import first_items, shapes_checker
+from ldm.evaluation.eval_set import first_items, prompt_checker
 from ldm.evaluation.metrics import build_image_metrics, score_share
+from ldm.tasks.shapes.dataset import ShapesDataset
 from tests.evaluation.conftest import SmallExtractor
 
 N, BATCH = 8, 2
@@ -22,7 +22,7 @@ def _score(clip_folder: str, rank: int = 0, world_size: int = 1) -> dict:
     items = first_items(val, N)
     metrics = build_image_metrics(["fid", "kid", "clip_score", "prompt_accuracy"], feature_extractor=SmallExtractor(),
                                   clip_model=clip_folder, n_images=N, kid_subset_size=4, kid_subsets=10,
-                                  checker=shapes_checker(val), kid_seed=3)
+                                  checker=prompt_checker(val), kid_seed=3)
     assert not metrics.skipped, metrics.skipped
 
     def generate(prompts, seed):  # batch starting at item i is seeded with seed + i (seed = 100)

@@ -1,12 +1,13 @@
 """The evaluation set: the first n validation items, read from map-style or iterable datasets, split into
 per-process shares that cover it exactly once; items without pixels (cached latents) rule out FID / KID."""
 
+import pytest
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, Subset
 
-from ldm.data.shapes import ShapesDataset
-from ldm.evaluation.eval_set import first_items, generate_share, share, shapes_checker
+from ldm.evaluation.eval_set import first_items, generate_share, prompt_checker, share
 from ldm.evaluation.metrics import build_image_metrics
+from ldm.tasks.shapes.dataset import ShapesDataset
 from tests.evaluation.conftest import SmallExtractor
 
 
@@ -22,7 +23,7 @@ def test_first_items_of_a_map_style_dataset_are_read_again_on_demand():
     assert len(items) == 4 and items.captions == [val[i]["caption"] for i in range(4)]
     assert items.has_images and items.resolution == (16, 16)
     assert torch.equal(items.images(1, 3), torch.stack([val[1]["image"], val[2]["image"]]))
-    assert shapes_checker(val) is not None and shapes_checker([]) is None
+    assert prompt_checker(val) is not None and prompt_checker([]) is None
     assert len(first_items(val, 50)) == 10
 
 
@@ -51,3 +52,23 @@ def test_generated_batches_are_seeded_by_their_first_global_index():
                                   [f"p{i}" for i in range(10)], range(5, 10), batch_size=2, seed=100))
     assert seen == [(["p5", "p6"], 105), (["p7", "p8"], 107), (["p9"], 109)]
     assert [len(images) for _, images in batches] == [2, 2, 1]
+
+
+def test_prompt_accuracy_scores_with_whatever_checker_the_dataset_offers():
+    class SignChecker:  # one aspect: is the image bright where the caption says "plus"?
+        aspects = ("sign",)
+
+        def hits(self, images, captions):
+            return {"sign": sum(bool(im.mean() > 0) == (c == "plus") for im, c in zip(images, captions))}
+
+    class Signs(list):
+        def checker(self):
+            return SignChecker()
+
+    val = Signs([{"caption": "plus", "image": torch.ones(3, 4, 4)}] * 2)
+    metrics = build_image_metrics(["prompt_accuracy"], checker=prompt_checker(Subset(val, [0, 1])))
+    metrics.update_generated(torch.stack([torch.ones(3, 4, 4), -torch.ones(3, 4, 4), torch.ones(3, 4, 4)]),
+                             ["plus", "plus", "minus"])
+    assert metrics.compute() == {"prompt_sign_acc": pytest.approx(1 / 3)}
+    with pytest.raises(TypeError, match="aspects"):
+        build_image_metrics(["prompt_accuracy"], checker=object())

@@ -101,3 +101,41 @@ def test_the_whole_sampler_node_reaches_the_pipeline(ckpt, tmp_path, monkeypatch
     out = evaluate(cfg)
     assert seen == [SamplingOptions(name="dpmpp_2m", steps=2, karras=True)]
     assert json.loads(Path(out["path"]).read_text())["settings"]["sampler"]["karras"] is True
+
+
+def test_a_run_config_with_the_old_shapes_path_still_gives_its_data(tmp_path):
+    """Runs made before the shapes moved to ldm/tasks/shapes/ name ldm.data.shapes.ShapesDataset in config.yaml."""
+    from omegaconf import OmegaConf
+
+    from ldm.cli.evaluate import data_config, validation_data
+    from ldm.tasks.shapes.dataset import ShapesDataset
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    old = {"_target_": "ldm.data.shapes.ShapesDataset", "size": 8, "resolution": 16}
+    OmegaConf.save({"data": {"_target_": "ldm.data.datamodule.ImageCaptionDataModule", "train": {**old, "seed": 0},
+                             "val": {**old, "seed": 1}, "batch_size": 4}}, ckpt.parent.parent / "config.yaml")
+    data = data_config(OmegaConf.create({"data": None, "ckpt": str(ckpt)}))
+    assert data.train._target_ == data.val._target_ == "ldm.tasks.shapes.dataset.ShapesDataset"
+    val, batch_size = validation_data(data)
+    assert isinstance(val, ShapesDataset) and len(val) == 8 and val.seed == 1 and batch_size == 4
+
+
+def test_a_run_config_naming_another_callable_is_refused_before_anything_runs(tmp_path):
+    """A run folder may be downloaded: its config.yaml may only name our data classes (nothing else is imported)."""
+    from omegaconf import OmegaConf
+
+    from ldm.cli.evaluate import data_config
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    marker = tmp_path / "pwned"
+    evil = {"_target_": "pathlib.Path.touch", "_args_": [str(marker)]}
+    for data in ({"_target_": "ldm.data.datamodule.ImageCaptionDataModule", "train": evil, "batch_size": 4},
+                 {"_target_": "numpy.load", "file": "x.npy", "allow_pickle": True}):
+        OmegaConf.save({"data": data}, ckpt.parent.parent / "config.yaml")
+        with pytest.raises(EvaluateConfigError, match=r"config\.yaml: data(\.train)?\._target_ = '(pathlib|numpy)"):
+            data_config(OmegaConf.create({"data": None, "ckpt": str(ckpt)}))
+    assert not marker.exists()

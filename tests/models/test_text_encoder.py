@@ -138,3 +138,89 @@ def test_context_cache_is_cleared_by_new_weights(folder):
 def test_context_cache_size_must_not_be_negative(folder):
     with pytest.raises(ValueError, match="cache_size"):
         CLIPTextEncoder.from_pretrained(folder, cache_size=-1)
+
+
+# ------------------------------------------------------------------------------------ long prompts (max_chunks)
+
+WORDS = "a red green blue circle square triangle star on white black background".split()
+
+
+def long_prompt(n_tokens: int) -> str:
+    """n_tokens words, each a single token of the tiny vocab."""
+    return " ".join(WORDS[i % len(WORDS)] for i in range(n_tokens))
+
+
+def reference_chunks(folder, prompt: str, chunks: int) -> torch.Tensor:
+    """A1111's layout computed here from the vocab, without the encoder's tokenizer code: 75 tokens a chunk, each
+    BOS + tokens + EOS, padded with EOS (SD1's pad); chunks beyond the prompt are empty (BOS EOS EOS ...); every
+    chunk through transformers' CLIPTextModel alone, concatenated along the sequence."""
+    import json
+
+    from transformers import CLIPTextModel
+
+    vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
+    bos, eos = vocab[BOS], vocab[EOS]
+    ids = [vocab[w + "</w>"] for w in prompt.split()]
+    pieces = [ids[i:i + 75] for i in range(0, 75 * chunks, 75)]
+    rows = [[bos] + p + [eos] * (76 - len(p)) for p in pieces]
+    ref = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    with torch.no_grad():
+        return torch.cat([ref(torch.tensor([row])).last_hidden_state for row in rows], dim=1)[0]
+
+
+def test_long_prompt_context_is_the_chunked_encoding(folder):
+    enc = CLIPTextEncoder.from_pretrained(folder, max_chunks=3)
+    p150, p160 = long_prompt(150), long_prompt(160)
+    ctx = enc([p150, p160, CAPTION])
+    assert ctx.shape == (3, 3 * 77, 32)  # the batch is padded to its longest prompt: 160 tokens -> 3 chunks
+    torch.testing.assert_close(ctx[0], reference_chunks(folder, p150, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ctx[1], reference_chunks(folder, p160, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ctx[2], reference_chunks(folder, CAPTION, 3), atol=1e-6, rtol=0)
+    alone = enc([p150])
+    assert alone.shape == (1, 2 * 77, 32)
+    torch.testing.assert_close(alone[0], reference_chunks(folder, p150, 2), atol=1e-6, rtol=0)
+    # the padding chunks are the empty prompt's context: what CFG and caption dropout use
+    torch.testing.assert_close(ctx[0, 154:], enc.empty_context(1)[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(enc([""]), enc.empty_context(1), atol=0, rtol=0)
+    torch.testing.assert_close(enc.pad_context(alone, 231), ctx[:1], atol=1e-6, rtol=0)
+    assert enc.empty_context(2, chunks=3).shape == (2, 231, 32)
+    with pytest.raises(ValueError, match="whole chunks"):
+        enc.pad_context(alone, 200)
+
+
+def test_one_chunk_is_unchanged_and_matches_the_tokenizer(folder, encoder):
+    long = long_prompt(150)
+    assert encoder.max_chunks == 1
+    torch.testing.assert_close(encoder([long]), reference_chunks(folder, long, 1)[None], atol=1e-6, rtol=0)
+    chunked = CLIPTextEncoder.from_pretrained(folder, max_chunks=4)
+    for prompt in (CAPTION, "", long_prompt(75)):
+        assert torch.equal(chunked.chunk_ids([prompt])[:, 0], encoder.tokenize([prompt])), prompt
+    # SD2's tokenizer pads with "!" (id 0), not EOS: a chunk is laid out as the tokenizer lays out 77 tokens
+    from transformers import CLIPTokenizer
+
+    sd2_like = CLIPTokenizer.from_pretrained(folder / "tokenizer", pad_token="!")
+    assert sd2_like.pad_token_id != sd2_like.eos_token_id
+    a = CLIPTextEncoder(encoder.model, sd2_like, max_chunks=2)
+    b = CLIPTextEncoder(encoder.model, sd2_like)
+    assert torch.equal(a.chunk_ids([CAPTION])[:, 0], b.tokenize([CAPTION]))
+    rest = " ".join(long_prompt(80).split()[75:])  # the 5 tokens of the second chunk
+    assert torch.equal(a.chunk_ids([long_prompt(80)])[0, 1], b.tokenize([rest])[0])
+    assert torch.equal(a.chunk_ids([long_prompt(80), CAPTION])[1, 1], b.tokenize([""])[0])  # an empty chunk
+
+
+def test_prompt_beyond_max_chunks_is_cut_with_a_warning(folder, caplog):
+    enc = CLIPTextEncoder.from_pretrained(folder, max_chunks=2)
+    with caplog.at_level("WARNING", logger="ldm.models"):
+        ctx = enc([long_prompt(200)])
+    assert ctx.shape == (1, 154, 32)
+    assert "model.text_encoder.max_chunks=2" in caplog.text and "200 tokens cut to 150" in caplog.text
+    torch.testing.assert_close(ctx, enc([long_prompt(150)]), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="model.text_encoder.max_chunks"):
+        CLIPTextEncoder.from_pretrained(folder, max_chunks=0)
+
+
+def test_context_cache_pads_long_prompts_like_the_plain_path(folder):
+    plain = CLIPTextEncoder.from_pretrained(folder, max_chunks=3)
+    cached = CLIPTextEncoder.from_pretrained(folder, max_chunks=3, cache_size=8)
+    prompts = [CAPTION, long_prompt(160), "", long_prompt(90)]
+    torch.testing.assert_close(cached(prompts), plain(prompts), atol=1e-6, rtol=0)

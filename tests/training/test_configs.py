@@ -19,7 +19,9 @@ REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["d
             ("data", "latent_cache"): ["data.train.path=REPLACE"], ("model", "sd15"): ["model.pretrained=x"],
             ("model", "sd21"): ["model.pretrained=x"],
             ("experiment", "sd15_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],
-            ("experiment", "own_data"): ["data.train.root=REPLACE"]}
+            ("experiment", "own_data"): ["data.train.root=REPLACE"],
+            ("data", "dreambooth"): ["data.train.instance_root=REPLACE", "data.train.instance_prompt=x"],
+            ("experiment", "dreambooth_shapes"): ["data.train.instance_root=REPLACE"]}
 
 
 def _targets(node):

@@ -28,7 +28,7 @@ def test_default_run_and_sample_green_square(tmp_path):
                     "guidance_scale=3", f"out_dir={out}"], cwd=ROOT, check=True)
     from PIL import Image
 
-    from ldm.data.shapes_checker import classify_shapes_image
+    from ldm.tasks.shapes.checker import classify_shapes_image
 
     labels = [classify_shapes_image(Image.open(p).convert("RGB")) for p in sorted(out.glob("0*.png"))]
     assert len(labels) == 8

@@ -8,7 +8,7 @@ import torch
 
 from ldm.data.cached_latents import CachedLatentsDataset
 from ldm.data.latent_cache import build_latent_cache
-from ldm.data.shapes import ShapesDataset
+from ldm.tasks.shapes.dataset import ShapesDataset
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.data.auto_cache import cache_spec
 from ldm.training.latent_prep import cache_folder

@@ -38,7 +38,7 @@ def test_a_folder_trained_checkpoint_samples_at_its_training_resolution(tiny_cfg
 
 def test_a_latent_cache_checkpoint_records_and_samples_at_the_images_resolution(tmp_path):
     from ldm.data.latent_cache import build_latent_cache
-    from ldm.data.shapes import ShapesDataset
+    from ldm.tasks.shapes.dataset import ShapesDataset
     from ldm.models.autoencoder import AutoencoderKL
 
     build_latent_cache(ShapesDataset(size=12, resolution=24), tmp_path / "cache", AutoencoderKL.from_preset("tiny"),

@@ -140,7 +140,7 @@ def test_bad_config_stops_before_training(tiny_cfg, tmp_path, override, match):
 def test_latent_cache(tiny_cfg, tmp_path):
     """Train from cached VAE posteriors + text contexts (no VAE or text encoder call per step for the data)."""
     from ldm.data.latent_cache import build_latent_cache
-    from ldm.data.shapes import ShapesDataset
+    from ldm.tasks.shapes.dataset import ShapesDataset
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.models.text_encoder import CLIPTextEncoder
 

@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.data.shapes import ShapesDataset, classify_shapes_image, parse_caption, prompt_accuracy
+from ldm.tasks.shapes.checker import classify_shapes_image, prompt_accuracy
+from ldm.tasks.shapes.dataset import ShapesDataset
+from ldm.tasks.shapes.palette import parse_caption
 from ldm.data.transforms import tensor_to_pil
 
 

@@ -1,7 +1,7 @@
 """Procedural "coloured shape on a plain background" images with matching captions.
 
 Every sample is a pure function of (seed, index), so the dataset holds no state and
-can be indexed from any worker. The checker in `shapes_checker` reads colour and shape
+can be indexed from any worker. The checker in `ldm.tasks.shapes.checker` reads colour and shape
 back from an image, which makes caption/content consistency measurable.
 """
 
@@ -14,29 +14,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.shape_palette import (
-    COLORS,
+from ldm.tasks.shapes.checker import ShapesChecker
+from ldm.tasks.shapes.palette import (
     DEFAULT_BACKGROUNDS,
     DEFAULT_COLORS,
     MIN_CONTRAST,
     SHAPES,
     color_distance,
-    parse_caption,
     rgb,
 )
-from ldm.data.shapes_checker import ShapesChecker, classify_shapes_image, prompt_accuracy
-
-__all__ = [
-    "COLORS",
-    "SHAPES",
-    "ShapeSpec",
-    "ShapesChecker",
-    "ShapesDataset",
-    "classify_shapes_image",
-    "parse_caption",
-    "prompt_accuracy",
-    "render_shape",
-]
 
 
 @dataclass(frozen=True)
@@ -77,7 +63,7 @@ class ShapesDataset(Dataset):
         size: number of samples (indices 0..size-1).
         resolution: image side in pixels.
         seed: dataset seed; sample i depends only on (seed, i).
-        colors: shape colour names (see `shape_palette.COLORS`).
+        colors: shape colour names (see `palette.COLORS`).
         shapes: subset of ("circle", "square", "triangle").
         backgrounds: background colour names; a background too close to the
             shape colour is never paired with it.

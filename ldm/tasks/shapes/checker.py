@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.data.shape_palette import DEFAULT_COLORS, UNKNOWN, parse_caption, rgb
+from ldm.tasks.shapes.palette import DEFAULT_COLORS, UNKNOWN, parse_caption, rgb
 
 # (top-corner occupancy, bottom-corner occupancy, fill ratio) of ideal shapes.
 _PROTOTYPES = {
@@ -61,8 +61,26 @@ class ShapesChecker:
         self.min_contrast = float(min_contrast)
         self.min_area = float(min_area)
 
+    # What prompt accuracy scores: the prompt-checker protocol of ldm.evaluation.metrics.PromptAccuracy
+    # (``aspects`` and ``hits``), which the metrics get from the dataset's ``checker()``.
+    aspects = ("color", "shape")
+
     def __call__(self, image) -> tuple[str, str]:
         return self.classify(image)
+
+    def hits(self, images: torch.Tensor | Iterable, captions: Sequence[str]) -> dict[str, int]:
+        """How many of ``images`` show the colour / the shape their caption names (an unknown one never counts).
+        ``images``: a (B, 3, H, W) tensor in [-1, 1] or a sequence of images."""
+        images = list(images)
+        if len(images) != len(captions):
+            raise ValueError(f"prompt_accuracy: {len(images)} images but {len(captions)} captions")
+        color_hits = shape_hits = 0
+        for image, caption in zip(images, captions):
+            want_color, want_shape = parse_caption(caption)
+            got_color, got_shape = self.classify(image)
+            color_hits += got_color == want_color != UNKNOWN
+            shape_hits += got_shape == want_shape != UNKNOWN
+        return {"color": color_hits, "shape": shape_hits}
 
     def classify(self, image) -> tuple[str, str]:
         """Return (colour, shape); ("unknown", "unknown") when no clear shape is found."""
@@ -151,16 +169,6 @@ def prompt_accuracy(
     Returns {"color_acc": float, "shape_acc": float, "n": int}.
     """
     images = list(images)
-    if len(images) != len(captions):
-        raise ValueError(f"prompt_accuracy: {len(images)} images but {len(captions)} captions")
-    if not images:
-        return {"color_acc": 0.0, "shape_acc": 0.0, "n": 0}
-    checker = checker or _DEFAULT_CHECKER
-    color_hits = shape_hits = 0
-    for image, caption in zip(images, captions):
-        want_color, want_shape = parse_caption(caption)
-        got_color, got_shape = checker.classify(image)
-        color_hits += got_color == want_color != UNKNOWN
-        shape_hits += got_shape == want_shape != UNKNOWN
+    hits = (checker or _DEFAULT_CHECKER).hits(images, captions)
     n = len(images)
-    return {"color_acc": color_hits / n, "shape_acc": shape_hits / n, "n": n}
+    return {"color_acc": hits["color"] / max(n, 1), "shape_acc": hits["shape"] / max(n, 1), "n": n}
