@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=25, help="DDIM steps per sample")
     p.add_argument("--run", default=None, help="evaluate this finished run folder of the same command instead of "
                                                "training (its folder's glyphs are --out/glyphs)")
+    p.add_argument("--ckpt", action="append", default=None,
+                   help="checkpoint(s) of the run's checkpoints/ folder to judge (repeatable; default: last.ckpt), "
+                        "e.g. --ckpt step0001000.ckpt: the same run at an earlier step")
     p.add_argument("--json", default=None, help="append the result row to this JSON-lines file")
     p.add_argument("--label", default="own_data")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides (after --)")
@@ -128,20 +131,22 @@ def main(argv=None) -> dict:
     vae = check_autoencoder(ae, test_x[:256])
     print(f"VAE round trip on 256 held-out real glyphs: {vae}")
 
-    res = sample_accuracy(run_dir / "checkpoints" / "last.ckpt", classifier, args.per_class, args.guidance, args.steps)
-    print(f"samples recognised as the prompted class: {res['acc']:.1%} of {len(res['prompts'])} "
-          f"(guidance {args.guidance}, DDIM {args.steps}); per class: "
-          + ", ".join(f"{c} {a:.0%}" for c, a in res["per_class"].items()))
-    grid = out / "samples_by_class.png"
-    labelled_grid(to_pil(res["images"][:: args.per_class // 2 or 1]), ncol=len(CLASSES) // 2 * 2,
-                  labels=res["prompts"][:: args.per_class // 2 or 1], scale=3).save(grid)
-    print(f"grid of samples: {grid}")
-    row = {"label": args.label, "classifier_acc": clf_acc, "sample_acc": res["acc"], "per_class": res["per_class"],
-           "vae_psnr_db": vae.psnr_db, "vae_colour_shift": vae.colour_shift, **timing, "threads": args.threads,
-           "overrides": args.overrides, "run_dir": str(run_dir)}
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    row = {}
+    for name in args.ckpt or ["last.ckpt"]:
+        res = sample_accuracy(run_dir / "checkpoints" / name, classifier, args.per_class, args.guidance, args.steps)
+        print(f"{name}: samples recognised as the prompted class: {res['acc']:.1%} of {len(res['prompts'])} "
+              f"(guidance {args.guidance}, DDIM {args.steps}); per class: "
+              + ", ".join(f"{c} {a:.0%}" for c, a in res["per_class"].items()))
+        grid = out / f"samples_by_class{'' if name == 'last.ckpt' else '_' + Path(name).stem}.png"
+        labelled_grid(to_pil(res["images"][:: args.per_class // 2 or 1]), ncol=len(CLASSES) // 2 * 2,
+                      labels=res["prompts"][:: args.per_class // 2 or 1], scale=3).save(grid)
+        print(f"grid of samples: {grid}")
+        row = {"label": args.label, "ckpt": name, "classifier_acc": clf_acc, "sample_acc": res["acc"],
+               "per_class": res["per_class"], "vae_psnr_db": vae.psnr_db, "vae_colour_shift": vae.colour_shift,
+               **timing, "threads": args.threads, "overrides": args.overrides, "run_dir": str(run_dir)}
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
     return row
 
 

@@ -63,7 +63,8 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
 
     The stored config is data: only our own classes, with plain bounded arguments, are built from it
     (``ldm.formats.safe_build``); nothing it names is imported or called.
-    use_ema: take the U-Net weights from the EMA copy when the run kept one (the default for sampling)."""
+    use_ema: take the U-Net weights (and a trained text encoder's) from the EMA copy when the run kept one (the
+    default for sampling)."""
     ckpt = read_checkpoint(path)
     model_cfg, m = _model_config(ckpt, path)
     src = str(path)
@@ -80,9 +81,14 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     unet_state, ema = trained_weights(state, "unet.", use_ema)
     load_into(unet, unet_state, source=f"{path} ({'EMA' if ema else 'raw'} U-Net)")
     load_into(autoencoder, strip_prefix(state, "autoencoder."), source=f"{path} (autoencoder)")
-    text_state = strip_prefix(state, "text_encoder.")
+    text_state, text_ema = strip_prefix(state, "ema_text.model."), True  # a text encoder that trained kept an EMA
+    if not (use_ema and text_state):
+        text_state, text_ema = strip_prefix(state, "text_encoder."), False
     if text_state:
-        load_into(text_encoder, text_state, source=f"{path} (text encoder)")
+        load_into(text_encoder, text_state, source=f"{path} ({'EMA' if text_ema else 'raw'} text encoder)")
+    if getattr(text_encoder, "frozen", None) is False:  # trained with frozen=false; loaded for use: frozen, cached
+        text_encoder.frozen = True
+        text_encoder.requires_grad_(False)
     bundle = ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
                          meta={"global_step": ckpt.get("global_step"), "ema": ema,
                                "model_config": model_cfg, "resolution": model_cfg.get("resolution")})

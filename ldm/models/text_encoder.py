@@ -97,7 +97,8 @@ def expand_placeholders(prompt: str, tokenizer) -> str:
 
 
 class CLIPTextEncoder(nn.Module):
-    """Prompts -> cross-attention context ``(B, max_length * chunks, D)``; frozen by default.
+    """Prompts -> cross-attention context ``(B, max_length * chunks, D)``; frozen by default. ``frozen=False``: its
+    weights train with the U-Net (from scratch there is nothing to preserve), and no context is cached.
 
     max_chunks: 1 (default) encodes 77 tokens exactly as before (longer prompts cut); N > 1 encodes up to N chunks
     of 75 tokens (A1111 / ComfyUI long prompts, see the module docstring), e.g. 3 -> 225 tokens."""
@@ -139,11 +140,22 @@ class CLIPTextEncoder(nn.Module):
     @classmethod
     def from_tiny(cls, preset: str = "tiny", folder=None, seed: int = 0,
                   words=tiny_clip.DEFAULT_WORDS, **kwargs) -> "CLIPTextEncoder":
-        """Write (if needed) and load a local random tiny CLIP; no downloads."""
+        """Write (if needed) and load a local random tiny CLIP; no downloads. A folder that already holds one must
+        hold this one (the vocabulary of ``words``, the preset's width): a stale folder is an error, not reused."""
+        if isinstance(words, str):
+            raise ValueError(f"model.text_encoder.words={words!r}: expected a list of words ('captions' is replaced "
+                             "by train() with the words of data.train's captions)")
+        if preset not in tiny_clip.PRESETS:
+            raise ValueError(f"unknown tiny text encoder preset {preset!r}; expected one of {sorted(tiny_clip.PRESETS)}")
         folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="tiny_clip_"))
         if not (folder / "text_encoder" / "model.safetensors").exists():
             tiny_clip.write_tiny_clip(folder, words=words, seed=seed, **tiny_clip.PRESETS[preset])
-        return cls.from_pretrained(folder, **kwargs)
+        encoder = cls.from_pretrained(folder, **kwargs)
+        vocab, _ = tiny_clip.build_vocab(words)
+        if encoder.tokenizer.get_vocab() != vocab or encoder.context_dim != tiny_clip.PRESETS[preset]["hidden_size"]:
+            raise ValueError(f"model.text_encoder.folder: {folder} holds a tiny CLIP of other words or another width "
+                             f"than preset={preset!r} with these words; delete it or point folder elsewhere")
+        return encoder
 
     def _clear_cache(self, *_):
         """New weights -> the cached contexts are stale."""
@@ -255,7 +267,11 @@ class CLIPTextEncoder(nn.Module):
 
     def empty_context(self, batch_size: int = 1, chunks: int = 1) -> torch.Tensor:
         """Context of the empty prompt ``""`` (CFG / conditioning dropout), cached; ``chunks`` copies of its one
-        chunk along the sequence (the empty prompt padded to a long prompt's length)."""
+        chunk along the sequence (the empty prompt padded to a long prompt's length). Not cached when the weights
+        train (or an adapter does): a stored context would go stale."""
+        if not self.frozen:
+            empty = self.encode_ids(self.tokenize([""]))
+            return (empty.repeat(1, int(chunks), 1) if chunks > 1 else empty).expand(batch_size, -1, -1)
         p = next(self.model.parameters())
         key = (p.device, p.dtype)
         if key not in self._empty:

@@ -105,6 +105,26 @@ def build_vocab(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
+def caption_words(captions, max_words: int = 8192, chunk_chars: int = 4000) -> list[str]:
+    """The vocabulary words of ``captions`` for ``build_vocab``: every pre-tokenized piece (lower-cased, split like
+    the tokenizer splits them), the ``max_words`` most frequent (ties: alphabetical), returned as space-joined chunks
+    of at most ``chunk_chars`` characters (a stored config holds short lists of bounded strings). The same captions,
+    in any order, always give the same list, so a resumed run and a sampling process rebuild the same tokenizer."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for piece in _PIECE.findall(str(caption).lower()):
+            if len(piece) <= 64:  # longer runs are not words (hashes, URLs): bytes are enough for them
+                counts[piece] = counts.get(piece, 0) + 1
+    words = sorted(counts, key=lambda w: (-counts[w], w))[:max_words]
+    chunks, line = [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > chunk_chars:
+            chunks.append(line)
+            line = ""
+        line = f"{line} {word}" if line else word
+    return chunks + ([line] if line else [])
+
+
 def tiny_clip_config(vocab_size: int, bos_id: int, eos_id: int, hidden_size: int = 32,
                      num_layers: int = 2, num_heads: int = 2, max_length: int = 77):
     """``CLIPTextConfig`` of a small SD1-style (quick_gelu) text encoder."""

@@ -1,5 +1,7 @@
 """The LightningModule of latent diffusion: frozen VAE + frozen text encoder + trainable U-Net (the seed's
-Algorithm 1 in latent space, with classifier-free conditioning dropout)."""
+Algorithm 1 in latent space, with classifier-free conditioning dropout). A text encoder built with ``frozen=False``
+(``model.text_encoder.frozen=false``: the from-scratch tiny CLIP of experiment=own_data) trains with the U-Net, in
+its own parameter group (``text_encoder_lr``), with its own EMA copy."""
 
 from __future__ import annotations
 
@@ -62,13 +64,22 @@ class LatentDiffusion(L.LightningModule):
         noise: NoiseOptions | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
+        text_encoder_lr: float | None = None,
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.unet = unet
         self.autoencoder = freeze(autoencoder)
-        self.text_encoder = freeze(text_encoder)
+        # model.text_encoder.frozen=false: the encoder's weights train too (nothing pretrained to preserve)
+        self.trains_text_encoder = not getattr(text_encoder, "frozen", True)
+        if self.trains_text_encoder and adapter is not None:
+            raise ValueError("model.text_encoder.frozen=false with adapter=lora: a LoRA run keeps its base frozen "
+                             "(adapter.text_encoder=true adapts the text encoder instead)")
+        if text_encoder_lr is not None and not float(text_encoder_lr) > 0:
+            raise ValueError(f"module.text_encoder_lr must be > 0 (or null: optim.lr), got {text_encoder_lr!r}")
+        self.text_encoder_lr = text_encoder_lr
+        self.text_encoder = text_encoder.requires_grad_(True) if self.trains_text_encoder else freeze(text_encoder)
         self.schedule = schedule
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.p_uncond, self.min_snr_gamma, self.offset_noise = p_uncond, min_snr_gamma, offset_noise
@@ -84,6 +95,7 @@ class LatentDiffusion(L.LightningModule):
         self.textual_inversion = ti.build(self, adapter) if ti.is_textual_inversion(adapter) else None
         # EMA of what trains: the whole U-Net, or only the adapter weights
         self.ema = EMA(self.trained_module, ema_decay) if ema_decay else None
+        self.ema_text = EMA(self.text_encoder, ema_decay) if (ema_decay and self.trains_text_encoder) else None
         # after the EMA copy: module copies drop the compiled forward (nn.Module.__getstate__), so they run eager
         self.unet_compile = UNetCompile(self.unet, compile_backend) if compile else None
         self.model_config: dict[str, Any] = {}  # the Hydra model node, saved with every checkpoint
@@ -141,6 +153,16 @@ class LatentDiffusion(L.LightningModule):
             return True
         return self.adapter_config is not None and bool(self.adapter_config.text_encoder)
 
+    @property
+    def text_encoder_learns(self) -> bool:
+        """Gradients flow through the text encoder (its weights or its adapter train): no cached contexts."""
+        return self.trains_text_encoder or self.text_encoder_adapted
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """Every parameter the optimizer updates: the U-Net (or adapter), and a training text encoder's."""
+        params = list(self.trained_module.parameters())
+        return params + list(self.text_encoder.parameters()) if self.trains_text_encoder else params
+
     @contextmanager
     def sampling_bundle(self, use_ema: bool = True) -> Iterator[ModelBundle]:
         """The model as sampling sees it, for the length of the block: with an adapter, the (EMA) adapter is applied
@@ -164,7 +186,9 @@ class LatentDiffusion(L.LightningModule):
     # ----------------------------------------------------------------------------------------------- frozen parts
     def train(self, mode: bool = True):
         super().train(mode)
-        freeze(self.autoencoder), freeze(self.text_encoder)  # Lightning's .train() must not wake them up
+        freeze(self.autoencoder)  # Lightning's .train() must not wake the frozen parts up
+        if not self.trains_text_encoder:
+            freeze(self.text_encoder)
         if self.text_encoder_adapted:
             self.text_encoder.frozen = False  # freeze() set eval mode and no grads on the base; the adapter trains
         return self
@@ -183,7 +207,7 @@ class LatentDiffusion(L.LightningModule):
         return ["" if d else c for c, d in zip(captions, drop.tolist())], drop
 
     def encode_text(self, captions: list[str]) -> Tensor:
-        with torch.set_grad_enabled(self.text_encoder_adapted and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.text_encoder_learns and torch.is_grad_enabled()):
             return self.text_encoder(list(captions))
 
     # -------------------------------------------------------------------------------------------------- training
@@ -196,7 +220,7 @@ class LatentDiffusion(L.LightningModule):
         """Algorithm 1's loss on a batch (caption dropout, random timesteps and noise)."""
         latents = self.encode_images(batch)
         captions, dropped = self.drop_captions(batch["caption"])
-        if "context" not in batch or self.text_encoder_adapted:  # an adapted encoder cannot use cached contexts
+        if "context" not in batch or self.text_encoder_learns:  # a learning encoder cannot use cached contexts
             context = self.encode_text(captions)
         else:
             context = self._dropped_context(batch, captions)
@@ -246,7 +270,7 @@ class LatentDiffusion(L.LightningModule):
             loss = loss.clone()  # the decision is on the mean loss over the ranks: every rank skips or none does
             torch.distributed.all_reduce(loss)
             loss /= torch.distributed.get_world_size()
-        params = [p for p in self.trained_module.parameters() if p.grad is not None]
+        params = [p for p in self.trained_parameters() if p.grad is not None]
         grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
                      if params else None)  # DDP has all-reduced the gradients already: the same on every rank
         loss_value = float(loss)
@@ -262,7 +286,7 @@ class LatentDiffusion(L.LightningModule):
             if grad_norm is not None:
                 self.log("train/grad_norm", grad_norm, batch_size=1)
             return
-        for p in self.trained_module.parameters():
+        for p in self.trained_parameters():
             p.grad = None
         self._forget_step_metrics("train/loss", "train/grad_norm")  # no stale value in this step's log row
         log.warning("step %d skipped: %s", self.global_step, reason)
@@ -296,6 +320,8 @@ class LatentDiffusion(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None and not self._step_skipped:
             self.ema.update(self.trained_module)
+        if self.ema_text is not None and not self._step_skipped:
+            self.ema_text.update(self.text_encoder)
 
     def _forget_step_metrics(self, *names: str) -> None:
         """Drop this epoch's cached values of these step metrics so that the logger writes none for this step
@@ -334,6 +360,11 @@ class LatentDiffusion(L.LightningModule):
             optimizer = self.optimizer_factory(ti.param_groups(self))
         elif self.lora is not None:
             optimizer = self.optimizer_factory(self.adapter_param_groups())
+        elif self.trains_text_encoder:  # two groups: module.text_encoder_lr (null: optim.lr) for the encoder
+            lr = {"lr": float(self.text_encoder_lr)} if self.text_encoder_lr is not None else {}
+            optimizer = self.optimizer_factory([{"params": list(self.unet.parameters()), "name": "unet"},
+                                                {"params": list(self.text_encoder.parameters()),
+                                                 "name": "text_encoder", **lr}])
         else:
             optimizer = self.optimizer_factory(self.unet.parameters())  # only the U-Net trains
         if self.lr_scheduler_factory is None:
@@ -355,7 +386,10 @@ class LatentDiffusion(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trained = self.trained_module
-        bad = [n for n, p in trained.named_parameters() if not bool(torch.isfinite(p).all())]
+        named = list(trained.named_parameters())
+        if self.trains_text_encoder:
+            named += [("text_encoder." + n, p) for n, p in self.text_encoder.named_parameters()]
+        bad = [n for n, p in named if not bool(torch.isfinite(p).all())]
         if bad:
             raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights ({bad[:3]}...); "
                                      "the previous checkpoints are kept")
@@ -410,7 +444,8 @@ class LatentDiffusion(L.LightningModule):
         if self.lora is not None:
             return self._merged_bundle(use_ema)
         unet = self.ema.model if (use_ema and self.ema is not None) else self.unet
-        return ModelBundle(unet, self.autoencoder, self.text_encoder, self.schedule, source="training",
+        text = self.ema_text.model if (use_ema and self.ema_text is not None) else self.text_encoder
+        return ModelBundle(unet, self.autoencoder, text, self.schedule, source="training",
                            meta={"global_step": self.global_step})
 
     def _merged_bundle(self, use_ema: bool) -> ModelBundle:

@@ -146,6 +146,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             resolve_auto(cfg)  # data.batch_size / trainer.max_steps / sampling cadence = auto -> numbers
         except Exception as e:  # noqa: BLE001 - the data could not be read to count it: name the key
             raise ConfigError(f"data.train: {type(e).__name__}: {e}") from e
+        from ldm.training.caption_vocab import resolve_caption_vocab
+
+        try:
+            resolve_caption_vocab(cfg)  # model.text_encoder.words = captions -> the captions' words
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir).resolve()
     if cfg.ckpt_path == "last":  # continue in the same run folder

@@ -22,11 +22,10 @@ def test_runs_end_to_end(tmp_path, capsys):
     assert 0 <= row["sample_acc"] <= 1 and row["cpu_s"] > 0 and (tmp_path / "r.jsonl").is_file()
 
 
-@pytest.mark.xfail(reason="measured 11% of samples recognised at 1,000 steps (README): text conditioning on "
-                          "byte-level tokens of the frozen tiny CLIP does not learn yet", strict=False)
 def test_meets_the_targets(tmp_path):
     """The README's numbers: >= 90% of samples recognised, the VAE round trip within 4/255 mean colour shift, and
-    the whole training (both stages) within 15 minutes of one core's CPU time."""
+    the whole training (both stages) within 15 minutes of one core's CPU time. Measured (README): 98.5% at the
+    default 1,000 steps, 9.8 CPU-min, with the trainable caption-vocabulary tiny CLIP of experiment=own_data."""
     row = bench_module("own_data").main(["--out", str(tmp_path), "--", f"paths.cache_dir={tmp_path / 'cache'}"])
     assert row["classifier_acc"] > 0.97
     assert row["sample_acc"] >= 0.90
