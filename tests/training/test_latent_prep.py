@@ -22,9 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_encoded_once_then_reused_with_identical_training(tiny_cfg, tmp_path, capsys):
-    first = train(tiny_cfg(*CACHE))
+    own = [*CACHE, f"paths.cache_dir={tmp_path / 'own-cache'}"]  # not the session's shared cache: others fill it
+    first = train(tiny_cfg(*own))
     assert "encoding 40 image(s) once" in capsys.readouterr().out
-    folders = list((tmp_path.parent / "ldm-cache" / "latents").iterdir())
+    folders = list((tmp_path / "own-cache" / "latents").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("ShapesDataset-")
     part = folders[0] / "part-00000"
     manifest = json.loads((part / "manifest.json").read_text())
@@ -33,7 +34,7 @@ def test_encoded_once_then_reused_with_identical_training(tiny_cfg, tmp_path, ca
     shard_mtime = (part / "shard-00000.safetensors").stat().st_mtime_ns
     losses = logged_losses(tmp_path / "run")
 
-    second = train(tiny_cfg(*CACHE, "paths.run_dir=" + str(tmp_path / "again")))
+    second = train(tiny_cfg(*own, "paths.run_dir=" + str(tmp_path / "again")))
     assert "nothing new to encode" in capsys.readouterr().out
     assert (part / "shard-00000.safetensors").stat().st_mtime_ns == shard_mtime
     assert logged_losses(tmp_path / "again") == losses, "a reused cache trains exactly like a fresh one"
