@@ -13,7 +13,6 @@ Prints cyan's accuracy before/after and the six old colours' before/after (they 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import append_jsonl  # noqa: E402
 from bench.concept_accuracy import concept_accuracy, shapes_prompts  # noqa: E402
 from bench.own_data import run_timed  # noqa: E402
 
@@ -71,9 +71,7 @@ def main(argv=None) -> dict:
     for key, name in ((NEW, "cyan (new)"), ("old", "six old colours"), *((c, c) for c in OLD)):
         b, a = before[key], after[key]
         print(f"{name:22s} {b['color_acc']:14.1%} {a['color_acc']:7.1%} {b['shape_acc']:13.1%} {a['shape_acc']:7.1%}")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    append_jsonl(args.json, [row])
     return row
 
 
