@@ -35,6 +35,7 @@ from ldm.formats.common import (
 from ldm.formats.openclip_keys import DROPPED, hf_to_openclip, openclip_num_layers, openclip_to_hf
 from ldm.formats.safe_build import SCHEDULE_TARGET, build_network, build_node, json_object
 from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
+from ldm.formats.sgm_config import sgm_config
 from ldm.formats.sdxl_single_file import (
     SDXL_TEXT_2_PREFIX,
     SDXL_TEXT_PREFIX,
@@ -493,10 +494,21 @@ def original_config(unet_config: dict, vae_config: dict, schedule: NoiseSchedule
                       "params": params}}
 
 
-def original_config_yaml(config: dict, schedule: NoiseSchedule, source: str = "") -> str:
+def _sdxl_config(bundle: ModelBundle, resolution: int) -> dict:
+    """SGM's ``sd_xl_base.yaml`` for an SDXL bundle (:func:`ldm.formats.sgm_config.sgm_config`)."""
+    unet_config = _no_checkpointing(bundle.unet.config)
+    te = bundle.text_encoder
+    return sgm_config(unet_config, bundle.autoencoder.config, bundle.schedule, heads=_original_heads(unet_config),
+                      vit_l_layers=te.model.config.num_hidden_layers, pooled_dim=te.pooled_dim,
+                      resolution=resolution)
+
+
+def original_config_yaml(config: dict, schedule: NoiseSchedule, source: str = "", sgm: bool = False) -> str:
     import yaml
 
-    lines = ["# Original Stable Diffusion (CompVis ldm) config of the weights next to this file.",
+    origin = ("SGM (Stability-AI/generative-models, sd_xl_base.yaml)" if sgm
+              else "Original Stable Diffusion (CompVis ldm)")
+    lines = [f"# {origin} config of the weights next to this file.",
              "# Written by ldm export" + (f" from {source}" if source else "") + "."]
     if schedule.zero_terminal_snr:
         lines += ["# The betas were rescaled to zero terminal SNR (Lin et al. 2023), which the original code has no",
@@ -517,9 +529,13 @@ def text_layer_for(text_encoder) -> str:
 def check_single_file(bundle: ModelBundle) -> None:
     """What an SD single file + yaml cannot represent, found before anything is written."""
     check_sd_layout(bundle, "an SD single file")
-    if hasattr(bundle.text_encoder, "model_2"):
-        raise ExportError("SDXL single-file export (with an sd_xl_base.yaml) is not written by this exporter; use "
-                          "--format diffusers or ldm (load_bundle reads SDXL single files)")
+    sdxl = hasattr(bundle.text_encoder, "model_2")
+    if sdxl or bundle.unet.config.get("adm_in_channels"):
+        if not (sdxl and bundle.unet.config.get("adm_in_channels")):
+            raise ExportError("an SDXL single file needs both the SDXL U-Net (adm_in_channels) and the dual SDXL text "
+                              f"encoder; got a {type(bundle.text_encoder).__name__} and adm_in_channels="
+                              f"{bundle.unet.config.get('adm_in_channels')}: use --format ldm")
+        _sdxl_config(bundle, 1024)  # the sd_xl_base.yaml refusals (schedule, vector input), before anything is written
     if bundle.autoencoder.config.get("shift_factor"):
         raise ExportError(f"the autoencoder has shift_factor={bundle.autoencoder.config['shift_factor']}, which "
                           "SD single files cannot express; use --format diffusers or ldm")
@@ -536,28 +552,36 @@ def single_file_header(bundle: ModelBundle, resolution: int, dtype: torch.dtype 
     """safetensors header entries that let ``ldm.formats.load.load_bundle`` rebuild the model exactly (the U-Net / VAE
     configs, schedule, resolution); other tools ignore them."""
 
+    te = bundle.text_encoder
+    text = {"penultimate": bool(getattr(te, "penultimate", False)), "config": text_model(te).config.to_diff_dict()}
+    if hasattr(te, "model_2"):  # SDXL: the bigG config too
+        text["config_2"] = te.model_2.config.to_diff_dict()
     return {
         META_UNET: json.dumps(_no_checkpointing(bundle.unet.config), sort_keys=True),
         META_VAE: json.dumps(_no_checkpointing(bundle.autoencoder.config), sort_keys=True),
         META_SCHEDULE: json.dumps(schedule_kwargs(bundle.schedule), sort_keys=True),
         META_RESOLUTION: str(int(resolution)),
-        "ldm_text_encoder": json.dumps({"penultimate": bool(getattr(bundle.text_encoder, "penultimate", False)),
-                                        "config": text_model(bundle.text_encoder).config.to_diff_dict()},
-                                       sort_keys=True, default=str),
+        "ldm_text_encoder": json.dumps(text, sort_keys=True, default=str),
         "ldm_dtype": str(dtype or next(bundle.unet.parameters()).dtype).removeprefix("torch."),
     }
 
 
 def write_single_file(bundle: ModelBundle, path: Path, yaml_path: Path, *, frozen: bool = True,
                       dtype: torch.dtype | None = None, resolution: int = 512) -> list[str]:
-    """An SD-layout ``.safetensors`` (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``;
-    U-Net only when ``frozen=False``) and its original config at ``yaml_path``."""
+    """An SD-layout ``.safetensors`` (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``,
+    or SDXL's ``conditioner.embedders.{0,1}.*``; U-Net only when ``frozen=False``) and its original config at
+    ``yaml_path`` (``v1/v2-inference.yaml``, or SGM's ``sd_xl_base.yaml`` for SDXL)."""
     check_single_file(bundle)
     te = bundle.text_encoder
-    layout = text_encoder_layout(te)
+    sdxl = hasattr(te, "model_2")
+    layout = None if sdxl else text_encoder_layout(te)
     _save_sd_state(bundle, Path(path), single_file_header(bundle, resolution, dtype), frozen=frozen, dtype=dtype,
                    layout=layout)
-    config = original_config(_no_checkpointing(bundle.unet.config), bundle.autoencoder.config, bundle.schedule,
-                             text_layout=layout, resolution=resolution, text_layer=text_layer_for(te))
-    Path(yaml_path).write_text(original_config_yaml(config, bundle.schedule, bundle.source), encoding="utf-8")
+    if sdxl:
+        config = _sdxl_config(bundle, resolution)
+    else:
+        config = original_config(_no_checkpointing(bundle.unet.config), bundle.autoencoder.config, bundle.schedule,
+                                 text_layout=layout, resolution=resolution, text_layer=text_layer_for(te))
+    text = original_config_yaml(config, bundle.schedule, bundle.source, sgm=sdxl)
+    Path(yaml_path).write_text(text, encoding="utf-8")
     return [Path(path).name, Path(yaml_path).name]
