@@ -8,6 +8,8 @@ Layout::
     model.safetensors   ``unet.*`` and ``autoencoder.*`` weights (our / original key names)
     text_encoder/       transformers ``CLIPTextModel`` (config.json + model.safetensors)
     tokenizer/          its ``CLIPTokenizer``
+    text_encoder_2/     SDXL only: ``CLIPTextModelWithProjection`` (bigG), as in a diffusers SDXL folder
+    tokenizer_2/        SDXL only: its tokenizer
 
 The ``_target_`` nodes read like Hydra configs, but loading never imports what a file names: only the classes in
 ``_BUILDERS`` are built, so a downloaded bundle cannot run code.
@@ -28,6 +30,7 @@ from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.safe_build import (
     AUTOENCODER_TARGET,
     IDENTITY_TARGET,
+    PRETRAINED_DUAL_TEXT_SCHEMA,
     PRETRAINED_TEXT_SCHEMA,
     SCHEDULE_TARGET,
     UNET_TARGET,
@@ -56,6 +59,8 @@ COMPONENTS = ("unet", "autoencoder", "text_encoder")
 
 AUTOENCODER_TARGETS = (AUTOENCODER_TARGET, IDENTITY_TARGET)
 TEXT_ENCODER_TARGET = "ldm.models.text_encoder.CLIPTextEncoder.from_pretrained"
+DUAL_TEXT_ENCODER_TARGET = "ldm.models.text_encoder_sdxl.DualCLIPTextEncoder.from_pretrained"  # SDXL: ViT-L + bigG
+TEXT_SCHEMAS = {TEXT_ENCODER_TARGET: PRETRAINED_TEXT_SCHEMA, DUAL_TEXT_ENCODER_TARGET: PRETRAINED_DUAL_TEXT_SCHEMA}
 
 
 def _target(module: nn.Module) -> str:
@@ -78,18 +83,10 @@ def bundle_config(bundle: ModelBundle, *, frozen: bool = True, dtype: torch.dtyp
                   resolution: int | None = None) -> dict[str, Any]:
     """The ``ldm_bundle.json`` content for ``bundle``."""
     te = bundle.text_encoder
-    if hasattr(te, "model_2"):  # the bundle's text_encoder/ holds one CLIPTextModel: bigG would be lost
-        raise ExportError("the ldm bundle format does not store SDXL's two text encoders; use --format diffusers "
-                          "(a StableDiffusionXLPipeline folder, which load_bundle and sample.py read)")
     model: dict[str, Any] = {
         "unet": {"_target_": _target(bundle.unet), **_no_checkpointing(bundle.unet.config)},
         "autoencoder": {"_target_": _target(bundle.autoencoder), **_no_checkpointing(bundle.autoencoder.config)},
-        "text_encoder": None if te is None else {
-            "_target_": TEXT_ENCODER_TARGET,
-            "path_or_hub_id": ".",  # this folder: text_encoder/ + tokenizer/
-            "penultimate": bool(getattr(te, "penultimate", False)),
-            "max_chunks": int(getattr(te, "max_chunks", 1)),  # long prompts (A1111 chunks of 75 tokens)
-        },
+        "text_encoder": None if te is None else _text_encoder_node(te),
     }
     components = ["unet"]  # the parts whose weights are written
     if frozen:
@@ -111,10 +108,25 @@ def bundle_config(bundle: ModelBundle, *, frozen: bool = True, dtype: torch.dtyp
         "resolution": resolution,
         "source": {k: v for k, v in source.items() if v is not None},
     }
+    if meta.get("vae_fp32", hasattr(te, "model_2")):  # as write_diffusers' force_upcast
+        config["vae_fp32"] = True  # SDXL's VAE overflows in float16: load_bundle keeps it float32
     trained = meta.get("model_config")
     if isinstance(trained, dict):
         config["training_config"] = trained  # what the run was configured with (for reference; not read back)
     return config
+
+
+def _text_encoder_node(te) -> dict[str, Any]:
+    """How load_ldm_bundle rebuilds the text encoder from this folder (text_encoder/ + tokenizer/, and for SDXL's
+    dual encoder text_encoder_2/ + tokenizer_2/)."""
+    if hasattr(te, "model_2"):
+        return {"_target_": DUAL_TEXT_ENCODER_TARGET, "path_or_hub_id": ".", "zero_uncond": bool(te.zero_uncond)}
+    return {
+        "_target_": TEXT_ENCODER_TARGET,
+        "path_or_hub_id": ".",  # this folder: text_encoder/ + tokenizer/
+        "penultimate": bool(getattr(te, "penultimate", False)),
+        "max_chunks": int(getattr(te, "max_chunks", 1)),  # long prompts (A1111 chunks of 75 tokens)
+    }
 
 
 def write_ldm_bundle(bundle: ModelBundle, folder: Path, *, frozen: bool = True, dtype: torch.dtype | None = None,
@@ -187,26 +199,36 @@ def _read_weights(folder: Path, config: dict) -> dict[str, dict[str, torch.Tenso
     return parts
 
 
-def _text_node(folder: Path, node: dict) -> dict:
-    """The stored text-encoder node, checked (before anything is read or built)."""
+def _text_node(folder: Path, node: dict) -> tuple[str, dict]:
+    """The stored text-encoder node (target, checked arguments), before anything is read or built."""
     source = str(folder / BUNDLE_FILE)
-    if not isinstance(node, dict) or node.get("_target_") != TEXT_ENCODER_TARGET:
-        raise CheckpointError(f"{source}: model.text_encoder._target_ must be {TEXT_ENCODER_TARGET}")
-    node = check_kwargs({k: v for k, v in node.items() if k != "_target_"}, PRETRAINED_TEXT_SCHEMA, source=source,
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if target not in TEXT_SCHEMAS:
+        raise CheckpointError(f"{source}: model.text_encoder._target_ must be one of {sorted(TEXT_SCHEMAS)}")
+    node = check_kwargs({k: v for k, v in node.items() if k != "_target_"}, TEXT_SCHEMAS[target], source=source,
                         key="model.text_encoder")
     if node.get("path_or_hub_id", ".") != ".":
         raise CheckpointError(f"{source}: the text encoder must be inside the bundle (path_or_hub_id: '.')")
-    if not (folder / "text_encoder").is_dir():
-        raise CheckpointError(f"{folder}: no text_encoder/ folder")
-    read_clip_text_config(folder / "text_encoder")
-    return node
+    subs = ["text_encoder"] + (["text_encoder_2", "tokenizer", "tokenizer_2"] if target == DUAL_TEXT_ENCODER_TARGET
+                               else [])
+    for sub in subs:
+        if not (folder / sub).is_dir():
+            raise CheckpointError(f"{folder}: no {sub}/ folder (model.text_encoder is {target})")
+    for sub in subs[:2]:
+        read_clip_text_config(folder / sub)  # sizes checked before transformers allocates them
+    return target, node
 
 
-def _text_encoder(folder: Path, node: dict, dtype: torch.dtype):
+def _text_encoder(folder: Path, target: str, node: dict, dtype: torch.dtype):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ldm.models.text_encoder import CLIPTextEncoder
 
+    if target == DUAL_TEXT_ENCODER_TARGET:
+        from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
+
+        return DualCLIPTextEncoder.from_pretrained(folder, **{k: v for k, v in node.items()
+                                                              if k != "path_or_hub_id"}).to(dtype)
     model = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
     tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
     max_length = model.config.max_position_embeddings
@@ -257,8 +279,10 @@ def load_ldm_bundle(folder, *, device: str | torch.device = "cpu") -> ModelBundl
     te_node = _text_node(folder, te_node) if te_node is not None else None
     weights = _read_weights(folder, config)
     modules = {name: _assign(m, weights[name], f"{folder} ({name})") for name, m in modules.items()}
-    te = _text_encoder(folder, te_node, dtype) if te_node is not None else None
+    te = _text_encoder(folder, *te_node, dtype) if te_node is not None else None
     meta = {"format": "ldm_bundle", "resolution": config.get("resolution"), "bundle": config}
+    if config.get("vae_fp32"):
+        meta["vae_fp32"] = True
     src = config.get("source") or {}
     meta.update({k: src[k] for k in ("global_step", "ema") if k in src})
     bundle = ModelBundle(modules["unet"], modules["autoencoder"], te, schedule, source=str(folder), meta=meta)
@@ -292,6 +316,13 @@ def load_ldm_bundle_into(folder, unet: nn.Module, autoencoder: nn.Module | None 
     if text_encoder is not None:
         model = text_model(text_encoder)
         jobs.append((model, to_module_keys(read_weights(folder / "text_encoder", "model"), model), "text_encoder"))
+        if hasattr(text_encoder, "model_2") != (folder / "text_encoder_2").is_dir():
+            raise CheckpointError(f"{folder}: an SDXL bundle (text_encoder_2/) loads into the dual SDXL text encoder "
+                                  f"only, and it only from one; got a {type(text_encoder).__name__}")
+        if hasattr(text_encoder, "model_2"):
+            state_2 = {k: v for k, v in read_weights(folder / "text_encoder_2", "model").items()
+                       if not k.endswith("position_ids")}
+            jobs.append((text_encoder.model_2, state_2, "text_encoder_2"))
     reports = [r for m, s, n in jobs if (r := mismatch_report(m, s, strict=strict, name=n))]
     if reports:
         raise CheckpointError(f"cannot load {folder}\n" + "\n".join(reports))

@@ -53,16 +53,3 @@ def test_write_then_read_in_diffusers_and_ours(tmp_path):
                  (bundle.text_encoder.model_2, back.text_encoder.model_2)]:
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
-
-def test_formats_without_sdxl_support_refuse_it(tmp_path):
-    from ldm.formats.common import ExportError
-    from ldm.formats.ldm_bundle import bundle_config
-    from ldm.formats.single_file import check_single_file
-
-    clips = write_tiny_sdxl_clips(tmp_path / "clips")
-    bundle = ModelBundle(UNet(**TINY_XL), AutoencoderKL.from_preset("tiny"), DualCLIPTextEncoder.from_pretrained(clips),
-                         NoiseSchedule.make("scaled_linear"))
-    with pytest.raises(ExportError, match="--format diffusers"):
-        bundle_config(bundle)
-    with pytest.raises(ExportError, match="--format diffusers"):
-        check_single_file(bundle)

@@ -187,3 +187,33 @@ def test_sd_text_encoder_with_an_sdxl_unet_is_refused(clips, tmp_path):
     bundle.text_encoder = CLIPTextEncoder.from_pretrained(clips)
     with pytest.raises(ExportError, match="adm_in_channels"):
         export(bundle, "single-file", tmp_path / "x.safetensors", resolution=SIZE)
+
+
+def test_ldm_bundle_stores_both_text_encoders(bundle, tmp_path):
+    from ldm.formats.ldm_bundle import load_ldm_bundle_into
+
+    result = export(bundle, "ldm", tmp_path / "b", resolution=SIZE)
+    assert {"text_encoder/", "tokenizer/", "text_encoder_2/", "tokenizer_2/"} <= set(result.written)
+    back = load_bundle(tmp_path / "b", device="cpu", dtype="float16")
+    assert isinstance(back.text_encoder, DualCLIPTextEncoder) and back.meta["vae_fp32"]
+    assert next(back.autoencoder.parameters()).dtype == torch.float32  # SDXL's VAE stays float32
+    back = load_bundle(tmp_path / "b", device="cpu", dtype="float32")
+    assert back.unet.config == bundle.unet.config and back.meta["resolution"] == SIZE
+    ours, theirs = bundle.text_encoder(PROMPTS), back.text_encoder(PROMPTS)
+    for key in ("crossattn", "pooled"):
+        torch.testing.assert_close(theirs[key], ours[key], atol=0, rtol=0)
+    x = latents()
+    torch.testing.assert_close(unet_out(back, theirs, x), unet_out(bundle, ours, x), atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(back.autoencoder.decode_latents(x), bundle.autoencoder.decode_latents(x),
+                                   atol=0, rtol=0)
+    # into existing modules (model.pretrained=<bundle>): bigG too, strictly
+    te = DualCLIPTextEncoder.from_pretrained(tmp_path / "b")
+    randomize(te.model_2, 5)
+    load_ldm_bundle_into(tmp_path / "b", UNet(**TINY_XL), None, te)
+    assert all(torch.equal(v, te.model_2.state_dict()[k]) for k, v in bundle.text_encoder.model_2.state_dict().items())
+    from ldm.formats.safe_load import CheckpointError
+    from ldm.models.text_encoder import CLIPTextEncoder
+
+    with pytest.raises(CheckpointError, match="dual SDXL text encoder"):
+        load_ldm_bundle_into(tmp_path / "b", UNet(**TINY_XL), None, CLIPTextEncoder.from_pretrained(tmp_path / "b"))
