@@ -6,7 +6,8 @@
 - ``diffusers``: a ``StableDiffusionPipeline`` folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
   ``tokenizer/``, ``scheduler/`` with the training schedule), safetensors weights;
 - ``single-file``: an original-layout SD ``.safetensors`` plus its ``v1/v2-inference.yaml``-style config next to it
-  (ComfyUI, A1111, diffusers' ``from_single_file``);
+  (SDXL: SGM layout ``conditioner.embedders.*`` and an ``sd_xl_base.yaml``-style config) for ComfyUI, A1111,
+  diffusers' ``from_single_file``;
 - ``ldm``: a folder ``load_ldm_bundle`` (and ``ldm.formats.load.load_bundle`` / ``sample.py``) rebuilds exactly.
 
 The input is a training checkpoint (EMA U-Net unless ``--raw``) or anything ``ldm.formats.load.load_bundle`` reads.

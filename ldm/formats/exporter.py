@@ -224,7 +224,8 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
             written = write_ldm_bundle(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
         stage.commit()
 
-    notes.append(_no_frozen_note(fmt, out) if not frozen else _how_to_load(fmt, out))
+    sdxl = hasattr(bundle.text_encoder, "model_2")
+    notes.append(_no_frozen_note(fmt, out) if not frozen else _how_to_load(fmt, out, sdxl))
     result = ExportResult(fmt, finals, written, dtype, _unet_weights(bundle, not raw), frozen, res, notes)
     if log is not None:
         log(result.summary())
@@ -243,11 +244,12 @@ def _no_frozen_note(fmt: str, out: Path) -> str:
             "ldm.formats.ldm_bundle.load_ldm_bundle_into(folder, unet, autoencoder=None, text_encoder=None)")
 
 
-def _how_to_load(fmt: str, out: Path) -> str:
+def _how_to_load(fmt: str, out: Path, sdxl: bool = False) -> str:
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     if fmt == "diffusers":
-        return f"load with diffusers: StableDiffusionPipeline.from_pretrained({str(out)!r})"
+        return f"load with diffusers: {pipeline}.from_pretrained({str(out)!r})"
     if fmt == "single-file":
         yaml_name = out.with_suffix(".yaml").name
         return (f"ComfyUI / A1111: put {out.name} and {yaml_name} side by side in the checkpoints folder; diffusers: "
-                f"StableDiffusionPipeline.from_single_file({str(out)!r}, original_config=..., config=...)")
+                f"{pipeline}.from_single_file({str(out)!r}, original_config=..., config=...)")
     return f"sample with: python sample.py ckpt={out}"

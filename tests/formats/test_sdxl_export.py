@@ -217,3 +217,16 @@ def test_ldm_bundle_stores_both_text_encoders(bundle, tmp_path):
 
     with pytest.raises(CheckpointError, match="dual SDXL text encoder"):
         load_ldm_bundle_into(tmp_path / "b", UNet(**TINY_XL), None, CLIPTextEncoder.from_pretrained(tmp_path / "b"))
+
+
+def test_cli_exports_an_sdxl_folder_as_a_single_file(bundle, tmp_path, capsys):
+    from ldm.cli.export import main
+
+    write_diffusers(bundle, tmp_path / "folder", resolution=SIZE)
+    out = tmp_path / "cli" / "xl.safetensors"
+    assert main([str(tmp_path / "folder"), "--format", "single-file", "--out", str(out), "--dtype", "bf16"]) == 0
+    assert f"exported single-file (bf16) -> {out}" in capsys.readouterr().out
+    with safe_open(str(out), framework="pt") as f:
+        assert f.get_tensor("conditioner.embedders.1.model.text_projection").dtype == torch.bfloat16
+    assert yaml.safe_load(out.with_suffix(".yaml").read_text())["model"]["params"]["network_config"]["params"][
+        "adm_in_channels"] == TINY_XL["adm_in_channels"]
