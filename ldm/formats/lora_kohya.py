@@ -87,24 +87,61 @@ def to_kohya(network: LoRANetwork, roots: dict[str, nn.Module]) -> dict[str, Ten
     return state
 
 
-def kohya_metadata(network: LoRANetwork, roots: dict[str, nn.Module], *, base_model_version: str = "sd_v1",
-                   resolution: int | None = None, title: str = "ldm LoRA",
+# sd-scripts' base-model names: library/sdxl_model_util.py MODEL_VERSION_SDXL_BASE_V1_0, library/model_util.py
+# get_model_version_str_for_sd1_sd2 ("sd_v1" / "sd_v2", + "_v" for v-prediction); library/sai_model_spec.py
+# determine_architecture (ARCH_*) and determine_implementation (an SDXL LoRA: IMPL_STABILITY_AI).
+SDXL_BASE_VERSION = "sdxl_base_v1-0"
+ARCH_SD_V1, ARCH_SD_V2_512, ARCH_SD_V2_768_V = "stable-diffusion-v1", "stable-diffusion-v2-512", "stable-diffusion-v2-768-v"
+ARCH_SD_XL_V1_BASE = "stable-diffusion-xl-v1-base"
+IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+IMPL_DIFFUSERS = "https://github.com/huggingface/diffusers"
+
+
+def infer_base_model_version(roots: dict[str, nn.Module], prediction_type: str = "epsilon") -> str:
+    """kohya's ``ss_base_model_version`` of the model the LoRA adapts: SDXL (dual text encoder, or a U-Net with
+    SDXL's vector input), SD2 (OpenCLIP's gelu text encoder; without one, a 1024-wide U-Net context), else SD1."""
+    te, unet = roots.get("text_encoder"), roots.get("unet")
+    unet_config = getattr(unet, "config", None) or {}
+    if hasattr(te, "model_2") or unet_config.get("adm_in_channels"):
+        return SDXL_BASE_VERSION
+    text = getattr(te, "model", te)
+    if text is not None and hasattr(text, "config"):
+        v2 = getattr(text.config, "hidden_act", None) == "gelu"
+    else:
+        v2 = unet_config.get("context_dim") == 1024
+    return ("sd_v2" if v2 else "sd_v1") + ("_v" if prediction_type == "v_prediction" else "")
+
+
+def model_spec_architecture(version: str) -> str:
+    """``modelspec.architecture`` of a LoRA for the base model ``version`` (sai_model_spec.determine_architecture)."""
+    if version.startswith("sdxl"):
+        arch = ARCH_SD_XL_V1_BASE
+    elif version.startswith("sd_v2"):
+        arch = ARCH_SD_V2_768_V if version.endswith("_v") else ARCH_SD_V2_512
+    else:
+        arch = ARCH_SD_V1
+    return f"{arch}/lora"
+
+
+def kohya_metadata(network: LoRANetwork, roots: dict[str, nn.Module], *, base_model_version: str | None = None,
+                   prediction_type: str = "epsilon", resolution: int | None = None, title: str = "ldm LoRA",
                    training: dict[str, Any] | None = None) -> dict[str, str]:
-    """kohya's ss_* keys (the ones A1111 / ComfyUI UIs show) and modelspec.* (architecture
-    `stable-diffusion-v1/lora`), all strings. `training` adds further ss_* values (lr, steps, seed, ...)."""
+    """kohya's ss_* keys (the ones A1111 / ComfyUI UIs show) and modelspec.* (architecture, e.g.
+    `stable-diffusion-xl-v1-base/lora`), all strings. The base model version is read from ``roots`` (and
+    ``prediction_type``) unless given. `training` adds further ss_* values (lr, steps, seed, ...)."""
     mods = list(network.loras.values())
     linear = [m for m in mods if not (m.kind == "conv" and m.down.kernel_size != (1, 1))]
     conv = [m for m in mods if m not in linear]
-    v2 = base_model_version.startswith("sd_v2")
+    version = base_model_version or infer_base_model_version(roots, prediction_type)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(linear[0].rank if linear else conv[0].rank),
         "ss_network_alpha": str(float(linear[0].alpha) if linear else float(conv[0].alpha)),
-        "ss_base_model_version": base_model_version,
-        "ss_v2": str(v2),
+        "ss_base_model_version": version,
+        "ss_v2": str(version.startswith("sd_v2")),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v2-768-v/lora" if v2 else "stable-diffusion-v1/lora",
-        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.architecture": model_spec_architecture(version),
+        "modelspec.implementation": IMPL_STABILITY_AI if version.startswith("sdxl") else IMPL_DIFFUSERS,
         "modelspec.title": title,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
     }

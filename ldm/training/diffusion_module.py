@@ -480,6 +480,7 @@ class LatentDiffusion(L.LightningModule):
         resolution = self.model_config.get("resolution")
         path = save_lora_file(weights, self.adapter_roots(), Path(self.trainer.default_root_dir) / "lora.safetensors",
                               metadata=ldm_metadata(self.adapter_config), resolution=resolution,
+                              prediction_type=self.schedule.prediction_type,
                               training={"ss_steps": str(self.global_step)})
         self.lora_path = str(path)
         print(f"LoRA: {path}")

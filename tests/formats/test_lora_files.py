@@ -249,3 +249,29 @@ def test_bad_files_fail_naming_the_file(bundle, tmp_path):
     with pytest.raises(LoRAFileError, match="misfit.safetensors.*do not fit"):
         apply_lora_files(r, [str(path), str(tmp_path / "misfit.safetensors")])
     assert all(torch.equal(before[k], v) for k, v in bundle.unet.state_dict().items())  # nothing was changed
+
+
+def test_kohya_metadata_names_the_base_model_as_sd_scripts_does(bundle, tmp_path):
+    """sd-scripts' ss_base_model_version / modelspec.architecture (library/model_util.py
+    get_model_version_str_for_sd1_sd2, library/sai_model_spec.py determine_architecture)."""
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.formats.lora_kohya import infer_base_model_version, model_spec_architecture
+
+    path = save_lora_file(trained_network(bundle, preset="attention"), roots(bundle), tmp_path / "sd1.safetensors",
+                          prediction_type="epsilon")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["modelspec.architecture"]) == (
+        "sd_v1", "False", "stable-diffusion-v1/lora")
+    with torch.device("meta"):
+        openclip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, hidden_act="gelu"))
+        sd2_unet = UNet.from_preset("tiny", context_dim=1024)
+    assert infer_base_model_version({"unet": bundle.unet, "text_encoder": openclip}) == "sd_v2"
+    assert infer_base_model_version({"unet": sd2_unet}, "v_prediction") == "sd_v2_v"
+    assert infer_base_model_version({"unet": bundle.unet}, "v_prediction") == "sd_v1_v"
+    assert [model_spec_architecture(v) for v in ("sd_v1_v", "sd_v2", "sd_v2_v", "sdxl_base_v1-0")] == [
+        "stable-diffusion-v1/lora", "stable-diffusion-v2-512/lora", "stable-diffusion-v2-768-v/lora",
+        "stable-diffusion-xl-v1-base/lora"]

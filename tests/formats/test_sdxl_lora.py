@@ -40,7 +40,11 @@ def test_kohya_sdxl_lora_loads_in_diffusers_with_our_outputs(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
+        keys, meta = list(f.keys()), f.metadata()
+    # sd-scripts' names for an SDXL base (library/sdxl_model_util.py, library/sai_model_spec.py)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
     assert "lora_te2_text_model_encoder_layers_1_mlp_fc2.lora_up.weight" in keys
     assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_") for k in keys)
