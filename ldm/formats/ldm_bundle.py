@@ -120,7 +120,8 @@ def _text_encoder_node(te) -> dict[str, Any]:
     """How load_ldm_bundle rebuilds the text encoder from this folder (text_encoder/ + tokenizer/, and for SDXL's
     dual encoder text_encoder_2/ + tokenizer_2/)."""
     if hasattr(te, "model_2"):
-        return {"_target_": DUAL_TEXT_ENCODER_TARGET, "path_or_hub_id": ".", "zero_uncond": bool(te.zero_uncond)}
+        return {"_target_": DUAL_TEXT_ENCODER_TARGET, "path_or_hub_id": ".", "zero_uncond": bool(te.zero_uncond),
+                "max_chunks": int(te.max_chunks)}
     return {
         "_target_": TEXT_ENCODER_TARGET,
         "path_or_hub_id": ".",  # this folder: text_encoder/ + tokenizer/

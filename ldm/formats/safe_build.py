@@ -119,7 +119,8 @@ TINY_TEXT_SCHEMA = {"preset": Param(STR), "folder": Param(OPT_STR), "seed": Para
                     "words": Param(STR, list_of=True), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}
 PRETRAINED_TEXT_SCHEMA = {"path_or_hub_id": Param(STR), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}
 # SDXL's dual encoder (ldm.models.text_encoder_sdxl.DualCLIPTextEncoder)
-_DUAL_COMMON = {"max_length": Param(INT, 1, 4096), "frozen": Param(BOOL), "zero_uncond": Param(BOOL)}
+_DUAL_COMMON = {"max_length": Param(INT, 1, 4096), "frozen": Param(BOOL), "zero_uncond": Param(BOOL),
+                "max_chunks": Param(INT, 1, 64)}
 PRETRAINED_DUAL_TEXT_SCHEMA = {"path_or_hub_id": Param(STR), **_DUAL_COMMON}
 TINY_DUAL_TEXT_SCHEMA = {"folder": Param(OPT_STR), "seed": Param(INT, 0, 2**63 - 1), "words": Param(STR, list_of=True),
                          "hidden_size": Param(INT, 1, 1024), "hidden_size_2": Param(INT, 1, 1024),

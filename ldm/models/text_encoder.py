@@ -96,6 +96,30 @@ def expand_placeholders(prompt: str, tokenizer) -> str:
     return prompt
 
 
+def chunk_token_ids(tokenizer, prompts, max_length: int, max_chunks: int, min_chunks: int = 1) -> torch.Tensor:
+    """``(B, chunks, max_length)`` token ids of long prompts (A1111 / ComfyUI, see the module docstring): each
+    prompt's tokens in chunks of ``max_length - 2``, each BOS + tokens + EOS + pad; shorter prompts padded with
+    empty chunks (BOS EOS pad...); chunks = the longest prompt's (at least ``min_chunks``, at most max_chunks)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    tok, body = tokenizer, max_length - 2
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    pad = eos if tok.pad_token_id is None else tok.pad_token_id
+    rows = []
+    for prompt in prompts:
+        prompt = expand_placeholders(prompt, tok)  # multi-vector textual-inversion tokens, as tokenize()
+        ids = tok(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        if len(ids) > max_chunks * body:
+            log.warning("prompt of %d tokens cut to %d (model.text_encoder.max_chunks=%d chunks of %d; raise it "
+                        "for longer prompts): %.60r...", len(ids), max_chunks * body, max_chunks, body, prompt)
+            ids = ids[:max_chunks * body]
+        pieces = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
+        rows.append([[bos] + p + [eos] + [pad] * (body - len(p)) for p in pieces])
+    empty = [bos, eos] + [pad] * body
+    chunks = max(min_chunks, *(len(r) for r in rows))
+    return torch.tensor([r + [empty] * (chunks - len(r)) for r in rows], dtype=torch.long)
+
+
 class CLIPTextEncoder(nn.Module):
     """Prompts -> cross-attention context ``(B, max_length * chunks, D)``; frozen by default. ``frozen=False``: its
     weights train with the U-Net (from scratch there is nothing to preserve), and no context is cached.
@@ -194,28 +218,8 @@ class CLIPTextEncoder(nn.Module):
             return self.model.final_layer_norm(out.hidden_states[-2])
 
     def chunk_ids(self, prompts) -> torch.Tensor:
-        """``(B, chunks, max_length)`` token ids of ``max_chunks`` > 1: each prompt's tokens in chunks of
-        ``max_length - 2``, each BOS + tokens + EOS + pad; shorter prompts padded with empty chunks (BOS EOS pad...),
-        chunks = the longest prompt's (at least 1, at most max_chunks)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        tok, body = self.tokenizer, self.max_length - 2
-        bos, eos = tok.bos_token_id, tok.eos_token_id
-        pad = eos if tok.pad_token_id is None else tok.pad_token_id
-        rows = []
-        for prompt in prompts:
-            prompt = expand_placeholders(prompt, tok)  # multi-vector textual-inversion tokens, as tokenize()
-            ids = tok(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
-            if len(ids) > self.max_chunks * body:
-                log.warning("prompt of %d tokens cut to %d (model.text_encoder.max_chunks=%d chunks of %d; raise it "
-                            "for longer prompts): %.60r...", len(ids), self.max_chunks * body, self.max_chunks, body,
-                            prompt)
-                ids = ids[:self.max_chunks * body]
-            pieces = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
-            rows.append([[bos] + p + [eos] + [pad] * (body - len(p)) for p in pieces])
-        empty = [bos, eos] + [pad] * body
-        chunks = max(len(r) for r in rows)
-        return torch.tensor([r + [empty] * (chunks - len(r)) for r in rows], dtype=torch.long)
+        """``(B, chunks, max_length)`` token ids of ``max_chunks`` > 1 (:func:`chunk_token_ids`)."""
+        return chunk_token_ids(self.tokenizer, prompts, self.max_length, self.max_chunks)
 
     def encode_chunks(self, ids: torch.Tensor) -> torch.Tensor:
         """``(B, chunks, L)`` ids -> ``(B, chunks * L, D)``: every chunk encoded on its own, then concatenated."""

@@ -9,6 +9,12 @@ always_return_pooled=True, legacy=False)``):
   ``text_projection`` (``CLIPTextModelWithProjection``).
 The unconditional branch is all zeros (SGM ucg on the text embedders zeroes their outputs; diffusers
 ``force_zeros_for_empty_prompt=True`` for SDXL base), unless ``zero_uncond=False`` (the empty prompt's encoding).
+
+Long prompts (``max_chunks`` > 1): both tokenizers' ids are cut into the same 75-token chunks as the single CLIP's
+(``text_encoder.chunk_token_ids``: BOS + tokens + EOS + each tokenizer's pad), every chunk is encoded on its own by
+both encoders, the contexts are concatenated along the sequence ``(B, 77 * chunks, D1 + D2)``, and the pooled
+embedding is the first chunk's (ComfyUI ``comfy/sd1_clip.py`` ``encode_token_weights``: ``first_pooled``; A1111
+``sd_hijack_clip.py`` returns ``zs[0].pooled``). A batch is padded to its longest prompt with empty chunks.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 from torch import nn
 
 from ldm.models import tiny_clip
-from ldm.models.text_encoder import to_hub_keys
+from ldm.models.text_encoder import chunk_token_ids, to_hub_keys
 
 SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
@@ -54,8 +60,11 @@ class DualCLIPTextEncoder(nn.Module):
     context_cacheable = False  # the latent cache stores one (L, D) context per caption: SDXL's pair is encoded live
 
     def __init__(self, model_1, tokenizer_1, model_2, tokenizer_2, max_length: int = 77, frozen: bool = True,
-                 zero_uncond: bool = True):
+                 zero_uncond: bool = True, max_chunks: int = 1):
         super().__init__()
+        if int(max_chunks) < 1:
+            raise ValueError(f"DualCLIPTextEncoder: model.text_encoder.max_chunks must be >= 1, got {max_chunks!r}")
+        self.max_chunks = int(max_chunks)
         if not hasattr(model_2, "text_projection"):
             raise ValueError("DualCLIPTextEncoder: the second encoder must be a CLIPTextModelWithProjection "
                              "(SDXL's pooled embedding is its text_projection output)")
@@ -66,6 +75,8 @@ class DualCLIPTextEncoder(nn.Module):
         self.frozen = frozen
         self.zero_uncond = bool(zero_uncond)
         self._empty: dict = {}
+        for model in (model_1, model_2):
+            model.register_load_state_dict_post_hook(self._clear_cache)  # new weights: the cached "" is stale
         if frozen:
             self.requires_grad_(False)
             self.eval()
@@ -105,7 +116,7 @@ class DualCLIPTextEncoder(nn.Module):
     @property
     def config(self) -> dict:
         return {"max_length": self.max_length, "context_dim": self.context_dim, "pooled_dim": self.pooled_dim,
-                "zero_uncond": self.zero_uncond, "kind": "sdxl"}
+                "zero_uncond": self.zero_uncond, "max_chunks": self.max_chunks, "kind": "sdxl"}
 
     def train(self, mode: bool = True):
         """A frozen encoder stays in eval mode."""
@@ -129,19 +140,55 @@ class DualCLIPTextEncoder(nn.Module):
             context = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
             return {"crossattn": context, "pooled": out_2.text_embeds}  # pooled: (B, P)
 
-    def forward(self, prompts) -> dict[str, torch.Tensor]:
-        return self.encode_ids(*self.tokenize(prompts))
+    def chunk_ids(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, chunks, max_length)`` ids of each tokenizer, the same number of chunks for both."""
+        ids = [chunk_token_ids(tok, prompts, self.max_length, self.max_chunks)
+               for tok in (self.tokenizer, self.tokenizer_2)]
+        chunks = max(i.shape[1] for i in ids)
+        return tuple(chunk_token_ids(tok, prompts, self.max_length, self.max_chunks, min_chunks=chunks)
+                     if i.shape[1] < chunks else i for tok, i in zip((self.tokenizer, self.tokenizer_2), ids))
 
-    def empty_context(self, batch_size: int = 1) -> dict[str, torch.Tensor]:
-        """The unconditional conditioning: zeros (SDXL), or the empty prompt's encoding (zero_uncond=False)."""
+    def encode_chunks(self, ids_1: torch.Tensor, ids_2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(B, chunks, L)`` ids -> crossattn ``(B, chunks * L, D1 + D2)`` (each chunk encoded on its own) and the
+        first chunk's pooled ``(B, P)``."""
+        b, n, length = ids_1.shape
+        out = self.encode_ids(ids_1.reshape(b * n, length), ids_2.reshape(b * n, length))
+        context = out["crossattn"].reshape(b, n * length, -1)
+        return {"crossattn": context, "pooled": out["pooled"].reshape(b, n, -1)[:, 0]}
+
+    def forward(self, prompts) -> dict[str, torch.Tensor]:
+        if self.max_chunks == 1:
+            return self.encode_ids(*self.tokenize(prompts))
+        return self.encode_chunks(*self.chunk_ids(prompts))
+
+    def _empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's one-chunk encoding, cached per device / dtype."""
         p = next(self.model.parameters())
         key = (p.device, p.dtype)
         if key not in self._empty:
             with torch.no_grad():
-                cond = self.forward([""])
-                self._empty[key] = {k: (torch.zeros_like(v) if self.zero_uncond else v).detach()
-                                    for k, v in cond.items()}
-        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._empty[key].items()}
+                self._empty[key] = {k: v.detach() for k, v in self.encode_ids(*self.tokenize([""])).items()}
+        return self._empty[key]
+
+    def empty_context(self, batch_size: int = 1, chunks: int = 1) -> dict[str, torch.Tensor]:
+        """The unconditional conditioning: zeros (SDXL), or the empty prompt's encoding (zero_uncond=False);
+        ``chunks`` x 77 tokens long (a long prompt's length)."""
+        empty = {k: torch.zeros_like(v) if self.zero_uncond else v for k, v in self._empty_prompt().items()}
+        empty["crossattn"] = empty["crossattn"].repeat(1, int(chunks), 1)
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in empty.items()}
+
+    def pad_context(self, context: dict, length: int) -> dict:
+        """``context["crossattn"]`` padded to ``length`` tokens with the empty prompt's chunks (as a batch pads a
+        shorter prompt; A1111's CFG padding); the other entries (pooled, vector) unchanged."""
+        crossattn = context["crossattn"]
+        missing = length - crossattn.shape[1]
+        if missing == 0:
+            return context
+        if missing < 0 or missing % self.max_length:
+            raise ValueError(f"cannot pad a context of {crossattn.shape[1]} tokens to {length}: contexts are whole "
+                             f"chunks of {self.max_length} tokens")
+        pad = self._empty_prompt()["crossattn"].to(crossattn).repeat(1, missing // self.max_length, 1)
+        return {**context, "crossattn": torch.cat([crossattn, pad.expand(crossattn.shape[0], -1, -1)], dim=1)}
 
     def hub_state_dicts(self) -> tuple[dict, dict]:
         """The weights with the hub / diffusers ``text_encoder`` and ``text_encoder_2`` key names."""

@@ -134,8 +134,9 @@ def encode_prompts(bundle: ModelBundle, prompts: list[str], negative_prompt: str
     context = prepared(te(prompts), num_images_per_prompt)  # (B, L, D)
     if guidance_scale == 1.0:
         return Conditioning(context, None)
-    if negative_prompt is None:
-        uncond = prepared(te.empty_context(1), 1)  # (1, L, D), broadcast over the batch
+    length = (context["crossattn"] if isinstance(context, dict) else context).shape[1]
+    if negative_prompt is None:  # (1, L, D), broadcast over the batch; as many chunks as the prompts
+        uncond = prepared(te.empty_context(1, chunks=max(1, length // te.max_length)), 1)
     elif isinstance(negative_prompt, str):
         uncond = prepared(te([negative_prompt]), 1)
     else:
@@ -143,8 +144,9 @@ def encode_prompts(bundle: ModelBundle, prompts: list[str], negative_prompt: str
         if len(negative_prompt) != len(prompts):
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
         uncond = prepared(te(negative_prompt), num_images_per_prompt)
-    if not isinstance(context, dict) and uncond.shape[1] != context.shape[1]:
-        length = max(uncond.shape[1], context.shape[1])
+    uncond_length = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[1]
+    if uncond_length != length:
+        length = max(uncond_length, length)
         context, uncond = te.pad_context(context, length), te.pad_context(uncond, length)
     return Conditioning(context, uncond)
 

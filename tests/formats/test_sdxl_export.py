@@ -189,13 +189,17 @@ def test_sd_text_encoder_with_an_sdxl_unet_is_refused(clips, tmp_path):
         export(bundle, "single-file", tmp_path / "x.safetensors", resolution=SIZE)
 
 
-def test_ldm_bundle_stores_both_text_encoders(bundle, tmp_path):
+def test_ldm_bundle_stores_both_text_encoders(clips, tmp_path):
     from ldm.formats.ldm_bundle import load_ldm_bundle_into
 
+    bundle = tiny_sdxl(clips)
+    bundle.meta = {}  # SDXL's VAE is kept in float32 without being told
+    bundle.text_encoder.max_chunks = 2
     result = export(bundle, "ldm", tmp_path / "b", resolution=SIZE)
     assert {"text_encoder/", "tokenizer/", "text_encoder_2/", "tokenizer_2/"} <= set(result.written)
     back = load_bundle(tmp_path / "b", device="cpu", dtype="float16")
     assert isinstance(back.text_encoder, DualCLIPTextEncoder) and back.meta["vae_fp32"]
+    assert back.text_encoder.max_chunks == 2 and back.text_encoder.zero_uncond
     assert next(back.autoencoder.parameters()).dtype == torch.float32  # SDXL's VAE stays float32
     back = load_bundle(tmp_path / "b", device="cpu", dtype="float32")
     assert back.unet.config == bundle.unet.config and back.meta["resolution"] == SIZE

@@ -92,3 +92,54 @@ def test_size_embedding_equals_diffusers_add_time_proj():
     assert y.shape == (2, 2816) and torch.equal(y[:, :1280], pooled)
     with pytest.raises(ValueError, match="batch sizes"):
         size_values(torch.zeros(2, 2), torch.zeros(1, 2), torch.zeros(2, 2))
+
+
+# ------------------------------------------------------------------------------------ long prompts (max_chunks)
+
+def reference_chunks(folder, prompt: str, chunks: int) -> dict:
+    """ComfyUI's SDXL layout computed here from the vocabularies, without the encoder's tokenizer code: 75 tokens a
+    chunk, each BOS + tokens + EOS + pad (ViT-L pads with EOS, bigG with "!"); every chunk through transformers'
+    models alone; the contexts concatenated, the pooled embedding the first chunk's (comfy/sd1_clip.py first_pooled)."""
+    import json
+
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.models.tiny_clip import BOS, EOS
+
+    contexts, pooled = [], None
+    for i, (tok, sub, cls, pad) in enumerate([("tokenizer", "text_encoder", CLIPTextModel, EOS),
+                                              ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection, "!")]):
+        vocab = json.loads((folder / tok / "vocab.json").read_text())
+        ids = [vocab[w + "</w>"] for w in prompt.split()]
+        rows = [[vocab[BOS]] + p + [vocab[EOS]] + [vocab[pad]] * (75 - len(p))
+                for p in (ids[k:k + 75] for k in range(0, 75 * chunks, 75))]
+        model = cls.from_pretrained(folder / sub).eval()
+        with torch.no_grad():
+            outs = [model(torch.tensor([row]), output_hidden_states=True) for row in rows]
+        contexts.append(torch.cat([o.hidden_states[-2] for o in outs], dim=1)[0])
+        if i == 1:
+            pooled = outs[0].text_embeds[0]
+    return {"crossattn": torch.cat(contexts, dim=-1), "pooled": pooled}
+
+
+def test_long_prompts_are_chunked_for_both_encoders(folder, encoder):
+    words = "a red green blue circle square triangle star on white black background".split()
+    p100, p160 = (" ".join(words[i % len(words)] for i in range(n)) for n in (100, 160))
+    enc = DualCLIPTextEncoder.from_pretrained(folder, max_chunks=3)
+    out = enc([p100, p160, PROMPTS[1]])
+    assert out["crossattn"].shape == (3, 3 * 77, 80) and out["pooled"].shape == (3, 16)
+    for row, prompt in enumerate([p100, p160, PROMPTS[1]]):
+        ref = reference_chunks(folder, prompt, 3)
+        torch.testing.assert_close(out["crossattn"][row], ref["crossattn"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["pooled"][row], ref["pooled"], atol=1e-5, rtol=0)
+    # one chunk (the default) is SDXL's plain 77-token encoding; a short prompt's first chunk is the same
+    torch.testing.assert_close(encoder([PROMPTS[1]])["crossattn"][0], out["crossattn"][2, :77], atol=1e-6, rtol=0)
+    # CFG: the zero unconditional text as long as the prompt; padding with the empty prompt's chunks
+    assert enc.empty_context(2, chunks=3)["crossattn"].shape == (2, 231, 80)
+    assert not enc.empty_context(1, chunks=3)["crossattn"].any()
+    alone = enc([p100])
+    padded = enc.pad_context({**alone, "vector": torch.ones(1, 3)}, 231)
+    torch.testing.assert_close(padded["crossattn"], enc([p100, p160])["crossattn"][:1], atol=1e-6, rtol=0)
+    assert torch.equal(padded["vector"], torch.ones(1, 3))
+    with pytest.raises(ValueError, match="max_chunks"):
+        DualCLIPTextEncoder.from_pretrained(folder, max_chunks=0)
