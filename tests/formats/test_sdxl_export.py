@@ -102,12 +102,12 @@ def test_single_file_reloads_exactly(bundle, single_file, clips):
     assert back.unet.config == bundle.unet.config and back.meta["kind"] == "sdxl" and back.meta["resolution"] == SIZE
     ours, theirs = bundle.text_encoder(PROMPTS), back.text_encoder(PROMPTS)
     for key in ("crossattn", "pooled"):
-        torch.testing.assert_close(theirs[key], ours[key], atol=1e-6, rtol=0)
+        torch.testing.assert_close(theirs[key], ours[key], atol=0, rtol=0)
     x = latents()
-    torch.testing.assert_close(unet_out(back, theirs, x), unet_out(bundle, ours, x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(unet_out(back, theirs, x), unet_out(bundle, ours, x), atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(back.autoencoder.decode_latents(x), bundle.autoencoder.decode_latents(x),
-                                   atol=1e-6, rtol=0)
+                                   atol=0, rtol=0)
 
 
 def test_single_file_loads_in_diffusers(bundle, single_file, tmp_path):

@@ -32,6 +32,14 @@ def test_sdxl_tiny_trains_a_few_steps_and_its_checkpoint_samples(tmp_path):
     images = text_to_image(bundle, ["a red circle", "a blue square"], steps=3, guidance_scale=4.0, height=16,
                            width=16, seed=0)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    # the run exports in every format (SDXL single file + sd_xl_base-style yaml, ldm bundle with bigG)
+    from ldm.formats.exporter import export
+
+    for fmt, out in (("single-file", tmp_path / "xl.safetensors"), ("ldm", tmp_path / "xl-bundle")):
+        export(result["last_checkpoint"], fmt, out)
+    assert (tmp_path / "xl.yaml").is_file()
+    again = load_bundle(tmp_path / "xl-bundle", device="cpu", dtype="float32")
+    assert all(torch.equal(v, again.unet.state_dict()[k]) for k, v in bundle.unet.state_dict().items())
 
 
 @pytest.fixture(scope="module")
