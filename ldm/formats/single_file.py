@@ -1,6 +1,6 @@
 """Original Stable Diffusion single-file checkpoints (``.ckpt`` / ``.safetensors``), reader and writer: the state
 dict layout, building a bundle from one (sizes from the key shapes or from our header), and writing one with its
-``v1/v2-inference.yaml``-style config.
+``v1/v2-inference.yaml``-style config (SDXL: SGM's ``sd_xl_base.yaml``-style one, ``sgm_config.py``).
 
 Layout: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
 ``cond_stage_model.transformer.text_model.*`` (SD1, transformers CLIP) or
