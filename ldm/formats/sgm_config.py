@@ -1,6 +1,13 @@
 """SGM's (Stability-AI/generative-models) ``configs/inference/sd_xl_base.yaml`` structure for an SDXL-style model:
 the original config written next to an SDXL single file, as ``original_config`` writes ``v1-inference.yaml`` for SD.
 
+Which SGM: the one SDXL 1.0 was released with, generative-models commit 45c443b, which A1111 clones and instantiates
+this yaml with (``modules/launch_utils.py`` STABLE_DIFFUSION_XL_COMMIT_HASH). Its ``UNetModel`` needs
+``use_spatial_transformer: True`` (default False: attention blocks instead of transformers) and takes ``legacy``;
+its ``DiscreteDenoiser`` needs a ``weighting_config``; its first stage is ``AutoencoderKLInferenceWrapper``. The
+SGM of November 2023 on (Stable Video Diffusion) dropped those three arguments and that class: its own
+``sd_xl_base.yaml`` omits them. diffusers' ``from_single_file`` and ComfyUI read only sizes, which both share.
+
 What SGM's inference config can say about the noise schedule (``sgm/modules/diffusionmodules/``):
 ``DiscreteDenoiser(num_idx)`` with ``LegacyDDPMDiscretization(linear_start, linear_end, num_timesteps)``, whose betas
 are always ``make_beta_schedule("linear")`` (linear in sqrt(beta): our ``scaled_linear``), and the scaling
@@ -18,6 +25,8 @@ from ldm.formats.common import ExportError
 
 SGM_SCALINGS = {"epsilon": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling",
                 "v_prediction": "sgm.modules.diffusionmodules.denoiser_scaling.VScaling"}
+SGM_WEIGHTINGS = {"epsilon": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting",  # sd_xl_base.yaml
+                  "v_prediction": "sgm.modules.diffusionmodules.denoiser_weighting.VWeighting"}  # sd_2_1_768.yaml
 SGM_SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")  # the "vector" inputs
 SGM_SIZE_EMBED_DIM = 256  # ConcatTimestepEmbedderND outdim (per value) in sd_xl_base.yaml
 SDXL_OPENCLIP = {"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k"}  # FrozenOpenCLIPEmbedder2 in sd_xl_base.yaml
@@ -60,6 +69,7 @@ def _unet_params(c: dict, heads: dict) -> dict[str, Any]:
         "num_res_blocks": c["num_res_blocks"],
         "channel_mult": list(c["channel_mult"]),
         **heads,
+        "use_spatial_transformer": True,
         "use_linear_in_transformer": bool(c.get("use_linear_projection", False)),
         "transformer_depth": depths,  # the middle block takes the last (SGM transformer_depth_middle default)
         "context_dim": c["context_dim"],
@@ -86,7 +96,7 @@ def _conditioner(vit_l_layers: int, outdim: int) -> dict[str, Any]:
 
 def _first_stage(vae_config: dict, resolution: int) -> dict[str, Any]:
     latent_channels = vae_config.get("latent_channels", 4)
-    return {"target": "sgm.models.autoencoder.AutoencoderKL", "params": {
+    return {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
         "embed_dim": latent_channels,
         "monitor": "val/rec_loss",
         "ddconfig": {
@@ -122,6 +132,7 @@ def sgm_config(unet_config: dict, vae_config: dict, schedule: NoiseSchedule, *, 
         "disable_first_stage_autocast": True,
         "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser", "params": {
             "num_idx": schedule.num_train_timesteps,
+            "weighting_config": {"target": SGM_WEIGHTINGS[schedule.prediction_type]},
             "scaling_config": {"target": SGM_SCALINGS[schedule.prediction_type]},
             "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization",
                                       "params": discretization},

@@ -78,7 +78,8 @@ def test_single_file_layout_header_and_yaml(bundle, single_file):
     unet = p["network_config"]["params"]
     assert p["network_config"]["target"] == "sgm.modules.diffusionmodules.openaimodel.UNetModel"
     assert unet["adm_in_channels"] == TINY_XL["adm_in_channels"] == 16 + 6 * 256
-    assert unet["num_classes"] == "sequential" and unet["legacy"] is False
+    # the SGM of SDXL 1.0 (generative-models 45c443b, which A1111 instantiates this yaml with)
+    assert unet["num_classes"] == "sequential" and unet["legacy"] is False and unet["use_spatial_transformer"]
     assert unet["context_dim"] == 80 and unet["transformer_depth"] == [1, 1, 2]  # level 0: no attention
     assert unet["attention_resolutions"] == [4, 2] and unet["num_head_channels"] == 64
     embedders = p["conditioner_config"]["params"]["emb_models"]
@@ -92,6 +93,8 @@ def test_single_file_layout_header_and_yaml(bundle, single_file):
     assert all(e["params"]["outdim"] == 256 for e in embedders[2:])
     denoiser = p["denoiser_config"]["params"]
     assert denoiser["scaling_config"]["target"].endswith("EpsScaling") and denoiser["num_idx"] == 1000
+    assert denoiser["weighting_config"]["target"].endswith("EpsWeighting")
+    assert p["first_stage_config"]["target"] == "sgm.models.autoencoder.AutoencoderKLInferenceWrapper"
     assert denoiser["discretization_config"]["params"] == {"linear_start": 0.00085, "linear_end": 0.012,
                                                            "num_timesteps": 1000}
     assert p["first_stage_config"]["params"]["ddconfig"]["ch_mult"] == [1, 2]
@@ -173,8 +176,9 @@ def test_schedules_the_yaml_cannot_say_are_refused_before_writing(clips, tmp_pat
     export(tiny_sdxl(clips, v), "single-file", out, resolution=SIZE, dtype="fp16")
     text = out.with_suffix(".yaml").read_text()
     assert "zero terminal SNR" in text.split("model:")[0]  # said in the comment
-    scaling = yaml.safe_load(text)["model"]["params"]["denoiser_config"]["params"]["scaling_config"]["target"]
-    assert scaling == "sgm.modules.diffusionmodules.denoiser_scaling.VScaling"
+    denoiser = yaml.safe_load(text)["model"]["params"]["denoiser_config"]["params"]
+    assert denoiser["scaling_config"]["target"] == "sgm.modules.diffusionmodules.denoiser_scaling.VScaling"
+    assert denoiser["weighting_config"]["target"] == "sgm.modules.diffusionmodules.denoiser_weighting.VWeighting"
     with safe_open(str(out), framework="pt") as f:
         assert f.get_tensor("model.diffusion_model.label_emb.0.0.weight").dtype == torch.float16
         assert f.metadata()["ldm_dtype"] == "float16"
