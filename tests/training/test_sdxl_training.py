@@ -23,12 +23,14 @@ def test_sdxl_tiny_trains_a_few_steps_and_its_checkpoint_samples(tmp_path):
     # data.latent_cache on (latents cached, captions encoded live); the sampling callback draws a grid at step 3
     result = train(compose_train(tmp_path, SDXL_TINY + [
         "callbacks=default", "callbacks.prompt_accuracy=null", "callbacks.vae_check=null",
-        "callbacks.sampling.n_prompts=2", "callbacks.sampling.every_n_steps=3", "sampler.steps=2"]))
+        "callbacks.sampling.n_prompts=2", "callbacks.sampling.every_n_steps=3", "sampler.steps=2",
+        "model.text_encoder.max_chunks=2"]))
     assert result["global_step"] == 3
     assert result["metrics"]["train/loss"] > 0 and "val/loss" in result["metrics"]
     assert list((tmp_path / "run" / "samples").glob("step_*.png"))
     bundle = load_bundle(result["last_checkpoint"], device="cpu", dtype="float32")
     assert isinstance(bundle.text_encoder, DualCLIPTextEncoder) and bundle.unet.config["adm_in_channels"] == 1552
+    assert bundle.text_encoder.max_chunks == 2  # long prompts: both encoders in chunks of 75 tokens
     images = text_to_image(bundle, ["a red circle", "a blue square"], steps=3, guidance_scale=4.0, height=16,
                            width=16, seed=0)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
@@ -39,6 +41,7 @@ def test_sdxl_tiny_trains_a_few_steps_and_its_checkpoint_samples(tmp_path):
         export(result["last_checkpoint"], fmt, out)
     assert (tmp_path / "xl.yaml").is_file()
     again = load_bundle(tmp_path / "xl-bundle", device="cpu", dtype="float32")
+    assert again.text_encoder.max_chunks == 2
     assert all(torch.equal(v, again.unet.state_dict()[k]) for k, v in bundle.unet.state_dict().items())
 
 
