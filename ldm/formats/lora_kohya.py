@@ -91,7 +91,8 @@ def to_kohya(network: LoRANetwork, roots: dict[str, nn.Module]) -> dict[str, Ten
 # get_model_version_str_for_sd1_sd2 ("sd_v1" / "sd_v2", + "_v" for v-prediction); library/sai_model_spec.py
 # determine_architecture (ARCH_*) and determine_implementation (an SDXL LoRA: IMPL_STABILITY_AI).
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
-ARCH_SD_V1, ARCH_SD_V2_512, ARCH_SD_V2_768_V = "stable-diffusion-v1", "stable-diffusion-v2-512", "stable-diffusion-v2-768-v"
+ARCH_SD_V1, ARCH_SD_V2_512 = "stable-diffusion-v1", "stable-diffusion-v2-512"
+ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
 ARCH_SD_XL_V1_BASE = "stable-diffusion-xl-v1-base"
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "https://github.com/huggingface/diffusers"

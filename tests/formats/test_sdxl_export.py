@@ -142,8 +142,8 @@ def test_sdxl_preset_yaml_reads_like_sd_xl_base_in_diffusers():
 
     with torch.device("meta"):
         unet, vae = UNet.from_preset("sdxl"), AutoencoderKL.from_preset("sdxl")
-    config = sgm_config(unet.config, vae.config, NoiseSchedule.make("scaled_linear"), heads=_original_heads(unet.config),
-                        vit_l_layers=12, pooled_dim=1280, resolution=1024)
+    config = sgm_config(unet.config, vae.config, NoiseSchedule.make("scaled_linear"),
+                        heads=_original_heads(unet.config), vit_l_layers=12, pooled_dim=1280, resolution=1024)
     p = config["model"]["params"]["network_config"]["params"]
     # sd_xl_base.yaml's values
     assert {k: p[k] for k in ("adm_in_channels", "model_channels", "attention_resolutions", "num_res_blocks",
