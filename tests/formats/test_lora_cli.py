@@ -60,7 +60,7 @@ def test_sample_with_loras_changes_the_images_and_records_them(model, loras, tmp
 def test_export_merge_lora_equals_the_runtime_adapter(model, loras, tmp_path):  # noqa: F811
     kohya, _ = loras
     out = tmp_path / "merged"
-    cmd = [sys.executable, "-m", "ldm.cli.export", str(model[0]), "--format", "diffusers", "--out", str(out),
+    cmd = [sys.executable, "-m", "ldm.export", str(model[0]), "--format", "diffusers", "--out", str(out),
            "--text-encoder", str(model[1]), "--merge-lora", f"{kohya}:0.6"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
