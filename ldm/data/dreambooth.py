@@ -39,11 +39,16 @@ KEY = "data.train"
 
 
 class PromptedImageFolder(ImageFolderDataset):
-    """Every image under ``root`` (sorted by path, at most ``limit``), each captioned with the one ``prompt``."""
+    """Every image under ``root`` (sorted by path, at most ``limit``), each captioned with the one ``prompt``.
 
-    def __init__(self, root: str | Path, prompt: str, resolution: int = 512, center_crop: bool = True,
-                 random_flip: bool = False, seed: int | None = None, limit: int | None = None):
-        self.prompt, self.limit = str(prompt), limit
+    ``own_captions=True`` (the class folder): an image's own caption (its ``.txt`` sidecar or a metadata file, read
+    as ``data=folder`` reads them) takes precedence and ``prompt`` captions the rest; ``prompt=None`` then requires
+    every image to have one (a list of class prompts: each generated image gets its prompt's sidecar)."""
+
+    def __init__(self, root: str | Path, prompt: str | None, resolution: int = 512, center_crop: bool = True,
+                 random_flip: bool = False, seed: int | None = None, limit: int | None = None,
+                 own_captions: bool = False):
+        self.prompt, self.limit, self.own_captions = None if prompt is None else str(prompt), limit, own_captions
         super().__init__(root, resolution, center_crop=center_crop, random_flip=random_flip, seed=seed)
 
     def _find_images(self) -> list[str]:
@@ -51,7 +56,15 @@ class PromptedImageFolder(ImageFolderDataset):
         return files[: self.limit] if self.limit is not None else files
 
     def _load_captions(self) -> tuple[list[str], int]:
-        return [self.prompt] * len(self.files), 0  # no metadata or sidecars: the prompt is the caption
+        if not self.own_captions:
+            return [self.prompt] * len(self.files), 0  # no metadata or sidecars: the prompt is the caption
+        captions, _ = super()._load_captions()
+        missing = [key for key, caption in zip(self.files, captions) if not caption]
+        if missing and self.prompt is None:
+            raise ValueError(f"{KEY}.class_root: {len(missing)} class image(s) have no caption file (first: "
+                             f"{self.root / missing[0]}) and {KEY}.class_prompt is a list of prompts: give each "
+                             f"image a .txt caption, or set {KEY}.class_prompt to one prompt for them")
+        return [caption or self.prompt for caption in captions], 0
 
     def cache_spec(self):
         spec = super().cache_spec()
@@ -74,6 +87,15 @@ class _Rows(Dataset):
         return self.parts[part][j - self.offsets[part]]
 
 
+def class_prompts(class_prompt) -> list[str]:
+    """``data.train.class_prompt`` as a list: one prompt, or several (class image k is sampled with prompt
+    k mod n and captioned by its sidecar), none of them empty."""
+    prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt or [])
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"{KEY}.class_prompt must be a prompt or a non-empty list of prompts, got {class_prompt!r}")
+    return prompts
+
+
 def count_images(root: str | Path) -> int:
     """Image files under ``root`` (what a class folder holds; 0 when it does not exist)."""
     root = Path(root).expanduser()
@@ -92,6 +114,8 @@ class DreamBoothDataset(Dataset):
     Args:
         instance_root, instance_prompt: the subject's images and their prompt.
         class_root, class_prompt: class images and their prompt (prior preservation); None: instance images only.
+            A class image's own caption file wins over class_prompt; class_prompt may be a list of prompts (the
+            generated images cycle through it, each with its prompt's .txt sidecar).
         num_class_images: the class folder's first images used (train(cfg) generates missing ones).
         resolution, center_crop, random_flip, seed: as ``ImageFolderDataset``.
         mask_root: folder of masks named like the instance images (any image extension).
@@ -99,7 +123,7 @@ class DreamBoothDataset(Dataset):
     """
 
     def __init__(self, instance_root: str | Path, instance_prompt: str, class_root: str | Path | None = None,
-                 class_prompt: str | None = None, num_class_images: int = 100, resolution: int = 512,
+                 class_prompt: str | list[str] | None = None, num_class_images: int = 100, resolution: int = 512,
                  center_crop: bool = True, random_flip: bool = False, seed: int | None = None,
                  mask_root: str | Path | None = None, mask_from_alpha: bool = False):
         if not instance_prompt:
@@ -130,7 +154,9 @@ class DreamBoothDataset(Dataset):
             if found < self.num_class_images:
                 logger.warning("%s.class_root %s holds %d image(s), fewer than num_class_images=%d: using those",
                                KEY, class_root, found, self.num_class_images)
-            self.class_images = PromptedImageFolder(class_root, class_prompt, limit=self.num_class_images, **folder)
+            prompts = class_prompts(class_prompt)
+            self.class_images = PromptedImageFolder(class_root, prompts[0] if len(prompts) == 1 else None,
+                                                    limit=self.num_class_images, own_captions=True, **folder)
         self.mask_root = None if mask_root is None else Path(mask_root).expanduser()
         self.mask_from_alpha = bool(mask_from_alpha)
         self.masks = self._load_masks() if (self.mask_root is not None or self.mask_from_alpha) else None

@@ -1,6 +1,9 @@
 """DreamBooth's class images: before training, fill the class folder up to ``data.train.num_class_images`` with
 samples of the base model for ``data.train.class_prompt`` (Ruiz et al. 2023, sec. 4.2; diffusers'
-examples/dreambooth/train_dreambooth.py generates them the same way when the folder holds fewer).
+examples/dreambooth/train_dreambooth.py generates them the same way when the folder holds fewer). ``class_prompt``
+may be a list: image k is sampled with prompt k mod n, a prior over several prompts (kohya's regularization images
+with their own captions). Each image is written with its prompt as a ``.txt`` sidecar (before the PNG), which the
+dataset reads as its caption.
 
 Resumable and seeded: image k of the folder (counting the images already there, e.g. your own) is
 ``<class_root>/<k:05d>.png``, sampled in batch b = k // batch_size whose initial noise is seeded with
@@ -46,10 +49,13 @@ def ensure_class_images(cfg: DictConfig, module, *, rank: int = 0, progress: boo
     root = OmegaConf.select(cfg, "data.train.class_root")
     if root is None or OmegaConf.select(cfg, "data.train._target_") != "ldm.data.dreambooth.DreamBoothDataset":
         return 0
+    from ldm.data.dreambooth import class_prompts
+
     prompt = OmegaConf.select(cfg, "data.train.class_prompt")
     wanted = int(OmegaConf.select(cfg, "data.train.num_class_images", default=100))
     if not prompt:
         raise ValueError("data.train.class_prompt is not set: the class images are sampled with it")
+    prompts = class_prompts(OmegaConf.to_object(prompt) if OmegaConf.is_config(prompt) else prompt)
     root = Path(root).expanduser()
     existing = count_images(root)
     if existing >= wanted:
@@ -64,15 +70,16 @@ def ensure_class_images(cfg: DictConfig, module, *, rank: int = 0, progress: boo
 
     sampler = SamplingOptions.of(cfg.sampler, key="sampler")
     resolution = OmegaConf.select(cfg, "data.train.resolution")
-    print(f"class images: generating {wanted - existing} of {prompt!r} into {root} with the base model "
+    named = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts"
+    print(f"class images: generating {wanted - existing} of {named} into {root} with the base model "
           f"({existing} there; {sampler.name} {sampler.steps} steps, guidance {options.guidance_scale})")
     start = time.perf_counter()
-    written = generate_class_images(module, root, prompt, existing, wanted, options, sampler, resolution, progress)
+    written = generate_class_images(module, root, prompts, existing, wanted, options, sampler, resolution, progress)
     log.info("class images: %d generated in %.1f s", written, time.perf_counter() - start)
     return written
 
 
-def generate_class_images(module, root: Path, prompt: str, existing: int, wanted: int, options: ClassImagesConfig,
+def generate_class_images(module, root: Path, prompts: list[str], existing: int, wanted: int, options: ClassImagesConfig,
                           sampler, resolution: int | None, progress: bool = True) -> int:
     """Images ``existing..wanted-1`` of the folder, batch by batch (see the module docstring)."""
     import torch
@@ -81,7 +88,7 @@ def generate_class_images(module, root: Path, prompt: str, existing: int, wanted
     from ldm.pipelines.images import to_pil
 
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("*.png.tmp"):  # a write killed half-way
+    for stale in [*root.glob("*.png.tmp"), *root.glob("*.txt.tmp")]:  # a write killed half-way
         stale.unlink()
     bar = _progress(wanted, existing) if progress else None
     written, B = 0, options.batch_size
@@ -92,15 +99,20 @@ def generate_class_images(module, root: Path, prompt: str, existing: int, wanted
             try:
                 for b in range(existing // B, (wanted + B - 1) // B):
                     first, last = b * B, min(wanted, (b + 1) * B)
-                    images = text_to_image(bundle, [prompt] * (last - first), sampler=sampler,
+                    batch_prompts = [prompts[k % len(prompts)] for k in range(first, last)]
+                    images = text_to_image(bundle, batch_prompts, sampler=sampler,
                                            guidance_scale=options.guidance_scale, seed=options.seed + b,
                                            height=resolution, width=resolution)
-                    for k, image in zip(range(first, last), to_pil(images)):
+                    for k, image, prompt in zip(range(first, last), to_pil(images), batch_prompts):
                         if k < existing:
                             continue  # written by the run that was killed in this batch
                         path = class_image_path(root, k)
                         if path.exists():  # a file of yours with this name: keep it, count on
                             path = root / f"{k:05d}-generated.png"
+                        caption = path.with_suffix(".txt")
+                        tmp = caption.with_name(caption.name + ".tmp")
+                        tmp.write_text(prompt + "\n", encoding="utf-8")
+                        os.replace(tmp, caption)  # the caption first: a PNG here always has its prompt
                         tmp = path.with_name(path.name + ".tmp")
                         image.save(tmp, format="PNG")
                         os.replace(tmp, path)

@@ -49,6 +49,19 @@ def test_items_pair_instance_and_class_rows(folders):
     assert count_images(folders / "cls") == 5 and count_images(folders / "none") == 0
 
 
+def test_a_class_image_caption_file_wins_and_a_prompt_list_needs_one_for_each(folders):
+    (folders / "cls" / "01.txt").write_text("a blue thing on white\n")
+    ds = DreamBoothDataset(folders / "inst", "a sks thing", folders / "cls", "a thing", num_class_images=3,
+                           resolution=8)
+    assert [ds[k]["prior"]["caption"] for k in range(3)] == ["a thing", "a blue thing on white", "a thing"]
+    assert [ds[k]["caption"] for k in range(3)] == ["a sks thing"] * 3  # instance images keep instance_prompt
+    with pytest.raises(ValueError, match=r"data.train.class_root: 2 class image\(s\) have no caption file.*00.png"):
+        DreamBoothDataset(folders / "inst", "a sks thing", folders / "cls", ["a thing", "a blue thing"],
+                          num_class_images=3, resolution=8)
+    with pytest.raises(ValueError, match="class_prompt must be a prompt or a non-empty list"):
+        DreamBoothDataset(folders / "inst", "a sks thing", folders / "cls", [], resolution=8)
+
+
 def test_without_class_folder_the_batch_has_instance_rows_only(folders):
     ds = DreamBoothDataset(folders / "inst", "a sks thing", resolution=8)
     assert len(ds) == 3 and "prior" not in ds[0]

@@ -68,7 +68,9 @@ def full_run(tmp_path_factory):
 
 def test_class_images_are_generated_and_every_step_has_both_halves(full_run):
     tmp, result, seen = full_run
-    assert sorted(p.name for p in (tmp / "class").iterdir()) == [f"{k:05d}.png" for k in range(5)]
+    assert sorted(p.name for p in (tmp / "class").iterdir()) == sorted(f"{k:05d}.{e}" for k in range(5)
+                                                                       for e in ("png", "txt"))
+    assert (tmp / "class" / "00003.txt").read_text() == "a square\n"  # each image's prompt, as its caption
     assert Image.open(tmp / "class" / "00000.png").size == (16, 16)
     assert result["global_step"] == 3 and np.isfinite(result["metrics"]["train/loss"])
     assert len(seen) == 3
@@ -126,7 +128,7 @@ def test_generation_resumes_after_a_kill_to_the_same_images(tmp_path, monkeypatc
     real_replace = os.replace
 
     def dying_replace(src, dst):
-        if len(calls) == 3:  # the 4th image (in the middle of batch 1) is never renamed into place
+        if len(calls) == 7:  # caption, image, ...: the 4th image (in the middle of batch 1) is never renamed into place
             raise KeyboardInterrupt("killed")
         calls.append(dst)
         real_replace(src, dst)
@@ -141,9 +143,38 @@ def test_generation_resumes_after_a_kill_to_the_same_images(tmp_path, monkeypatc
     names = sorted(p.name for p in (tmp_path / "reference").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "killed").iterdir())  # the .tmp was removed
     for name in names:
+        if name.endswith(".txt"):
+            assert (tmp_path / "reference" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes()
+            continue
         a = np.asarray(Image.open(tmp_path / "reference" / name))
         b = np.asarray(Image.open(tmp_path / "killed" / name))
         assert np.array_equal(a, b), name
+
+
+def test_a_list_of_class_prompts_cycles_and_captions_each_image(tmp_path, monkeypatch):
+    prompts = ["a square", "a red circle", "a blue triangle"]
+    cfg = compose_train(tmp_path, dreambooth(tmp_path, "data.train.num_class_images=5",
+                                             f"data.train.class_prompt=[{','.join(repr(p) for p in prompts)}]"))
+    module = build_diffusion_module(cfg)
+    seen = []
+    import ldm.pipelines as pipelines
+
+    original = pipelines.text_to_image
+
+    def recording(bundle, batch_prompts, **kw):
+        seen.extend(batch_prompts)
+        return original(bundle, batch_prompts, **kw)
+
+    monkeypatch.setattr(pipelines, "text_to_image", recording)
+    assert class_images.ensure_class_images(cfg, module, progress=False) == 5
+    assert seen == [prompts[k % 3] for k in range(5)]  # image k: prompt k mod 3
+    root = Path(cfg.data.train.class_root)
+    assert [(root / f"{k:05d}.txt").read_text().strip() for k in range(5)] == seen
+    from ldm.data.dreambooth import DreamBoothDataset
+
+    ds = DreamBoothDataset(instance_folder(tmp_path / "inst2"), "a sks square", root, list(prompts),
+                           num_class_images=5, resolution=16)
+    assert [ds[k]["prior"]["caption"] for k in range(5)] == seen
 
 
 def test_a_class_folder_without_class_prompt_names_the_key(tmp_path):
