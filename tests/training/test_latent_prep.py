@@ -75,7 +75,7 @@ def test_cache_folder_depends_on_data_and_vae_weights(tmp_path):
 
 def test_a_dataset_without_cache_spec_is_refused_before_training(tiny_cfg, tmp_path):
     cfg = tiny_cfg("data.train._target_=tests.training.test_latent_prep.PlainDataset", "~data.train.size",
-                   "~data.train.resolution", "~data.train.seed", "~data.val",
+                   "~data.train.resolution", "~data.train.seed", "~data.train.colors", "~data.val",
                    "++data.latent_cache=${paths.cache_dir}/latents")
     with pytest.raises(ConfigError, match="data.latent_cache=null"):
         train(cfg)
