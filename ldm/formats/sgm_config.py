@@ -94,13 +94,15 @@ def _conditioner(vit_l_layers: int, outdim: int) -> dict[str, Any]:
     ]}}
 
 
-def _first_stage(vae_config: dict, resolution: int) -> dict[str, Any]:
+def first_stage_params(vae_config: dict, resolution: int, **ddconfig_extra: Any) -> dict[str, Any]:
+    """The ``params`` of the original configs' first stage (CompVis ``AutoencoderKL`` / SGM's wrapper; the same
+    ``ddconfig``), from our VAE config; ``ddconfig_extra`` come first in ``ddconfig`` (SGM: ``attn_type``)."""
     latent_channels = vae_config.get("latent_channels", 4)
-    return {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
+    return {
         "embed_dim": latent_channels,
         "monitor": "val/rec_loss",
         "ddconfig": {
-            "attn_type": "vanilla-xformers",
+            **ddconfig_extra,
             "double_z": True,
             "z_channels": latent_channels,
             "resolution": resolution,
@@ -113,7 +115,12 @@ def _first_stage(vae_config: dict, resolution: int) -> dict[str, Any]:
             "dropout": 0.0,
         },
         "lossconfig": {"target": "torch.nn.Identity"},
-    }}
+    }
+
+
+def _first_stage(vae_config: dict, resolution: int) -> dict[str, Any]:
+    return {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
+            "params": first_stage_params(vae_config, resolution, attn_type="vanilla-xformers")}
 
 
 def sgm_config(unet_config: dict, vae_config: dict, schedule: NoiseSchedule, *, heads: dict, vit_l_layers: int,

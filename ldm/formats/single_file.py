@@ -35,7 +35,7 @@ from ldm.formats.common import (
 from ldm.formats.openclip_keys import DROPPED, hf_to_openclip, openclip_num_layers, openclip_to_hf
 from ldm.formats.safe_build import SCHEDULE_TARGET, build_network, build_node, json_object
 from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
-from ldm.formats.sgm_config import sgm_config
+from ldm.formats.sgm_config import first_stage_params, sgm_config
 from ldm.formats.sdxl_single_file import (
     SDXL_TEXT_2_PREFIX,
     SDXL_TEXT_PREFIX,
@@ -443,23 +443,7 @@ def original_config(unet_config: dict, vae_config: dict, schedule: NoiseSchedule
     }
     if c.get("use_linear_projection"):
         unet_params["use_linear_in_transformer"] = True
-    vae_params = {
-        "embed_dim": latent_channels,
-        "monitor": "val/rec_loss",
-        "ddconfig": {
-            "double_z": True,
-            "z_channels": latent_channels,
-            "resolution": resolution,
-            "in_channels": vae_config.get("in_channels", 3),
-            "out_ch": vae_config.get("out_channels", 3),
-            "ch": vae_config["base_channels"],
-            "ch_mult": list(vae_config["channel_mult"]),
-            "num_res_blocks": vae_config["num_res_blocks"],
-            "attn_resolutions": [],
-            "dropout": 0.0,
-        },
-        "lossconfig": {"target": "torch.nn.Identity"},
-    }
+    vae_params = first_stage_params(vae_config, resolution)
     if text_layout == "sd2":
         cond = {"target": SD2_EMBEDDER, "params": {"freeze": True, "layer": text_layer}}
     else:

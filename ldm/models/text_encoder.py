@@ -96,6 +96,16 @@ def expand_placeholders(prompt: str, tokenizer) -> str:
     return prompt
 
 
+def padding_chunks(tokens: int, length: int, max_length: int) -> int:
+    """How many empty-prompt chunks pad a context of ``tokens`` to ``length`` tokens (A1111's CFG padding); an
+    error when ``length`` is not ``tokens`` plus whole chunks of ``max_length``."""
+    missing = length - tokens
+    if missing < 0 or missing % max_length:
+        raise ValueError(f"cannot pad a context of {tokens} tokens to {length}: contexts are whole "
+                         f"chunks of {max_length} tokens")
+    return missing // max_length
+
+
 def chunk_token_ids(tokenizer, prompts, max_length: int, max_chunks: int, min_chunks: int = 1) -> torch.Tensor:
     """``(B, chunks, max_length)`` token ids of long prompts (A1111 / ComfyUI, see the module docstring): each
     prompt's tokens in chunks of ``max_length - 2``, each BOS + tokens + EOS + pad; shorter prompts padded with
@@ -241,14 +251,10 @@ class CLIPTextEncoder(nn.Module):
 
     def pad_context(self, context: torch.Tensor, length: int) -> torch.Tensor:
         """``context`` (B, L, D) padded to ``length`` tokens with empty-prompt chunks (A1111's CFG padding)."""
-        missing = length - context.shape[1]
-        if missing == 0:
+        chunks = padding_chunks(context.shape[1], length, self.max_length)
+        if chunks == 0:
             return context
-        if missing < 0 or missing % self.max_length:
-            raise ValueError(f"cannot pad a context of {context.shape[1]} tokens to {length}: contexts are whole "
-                             f"chunks of {self.max_length} tokens")
-        empty = self.empty_context(context.shape[0], missing // self.max_length).to(context)
-        return torch.cat([context, empty], dim=1)
+        return torch.cat([context, self.empty_context(context.shape[0], chunks).to(context)], dim=1)
 
     def _cached(self, prompts: list[str]) -> torch.Tensor:
         """Contexts of a frozen encoder, memoised per prompt (least recently used out first): data whose captions

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ldm.models import tiny_clip
-from ldm.models.text_encoder import chunk_token_ids, to_hub_keys
+from ldm.models.text_encoder import chunk_token_ids, padding_chunks, to_hub_keys
 
 SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
@@ -181,13 +181,10 @@ class DualCLIPTextEncoder(nn.Module):
         """``context["crossattn"]`` padded to ``length`` tokens with the empty prompt's chunks (as a batch pads a
         shorter prompt; A1111's CFG padding); the other entries (pooled, vector) unchanged."""
         crossattn = context["crossattn"]
-        missing = length - crossattn.shape[1]
-        if missing == 0:
+        chunks = padding_chunks(crossattn.shape[1], length, self.max_length)
+        if chunks == 0:
             return context
-        if missing < 0 or missing % self.max_length:
-            raise ValueError(f"cannot pad a context of {crossattn.shape[1]} tokens to {length}: contexts are whole "
-                             f"chunks of {self.max_length} tokens")
-        pad = self._empty_prompt()["crossattn"].to(crossattn).repeat(1, missing // self.max_length, 1)
+        pad = self._empty_prompt()["crossattn"].to(crossattn).repeat(1, chunks, 1)
         return {**context, "crossattn": torch.cat([crossattn, pad.expand(crossattn.shape[0], -1, -1)], dim=1)}
 
     def hub_state_dicts(self) -> tuple[dict, dict]:
