@@ -55,7 +55,7 @@ def ensure_class_images(cfg: DictConfig, module, *, rank: int = 0, progress: boo
     wanted = int(OmegaConf.select(cfg, "data.train.num_class_images", default=100))
     if not prompt:
         raise ValueError("data.train.class_prompt is not set: the class images are sampled with it")
-    prompts = class_prompts(OmegaConf.to_object(prompt) if OmegaConf.is_config(prompt) else prompt)
+    prompts = class_prompts(prompt)
     root = Path(root).expanduser()
     existing = count_images(root)
     if existing >= wanted:
