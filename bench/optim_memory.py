@@ -43,7 +43,7 @@ def parse_args(argv=None):
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     """The optimizers of configs/optim/*.yaml with their config defaults (lr from the command line)."""
-    from ldm.training.optimizers import adamw8bit
+    from ldm.training.build.optimizers import adamw8bit
 
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)

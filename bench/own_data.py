@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     from ldm.pipelines.images import labelled_grid, to_pil
     from ldm.tasks.glyphs.classifier import accuracy, fit_classifier, render_set
     from ldm.tasks.glyphs.dataset import CLASSES, write_glyph_folder
-    from ldm.training.factories import autoencoder
+    from ldm.training.build.factories import autoencoder
 
     out = Path(args.out or tempfile.mkdtemp(prefix="ldm_own_data_"))
     folder, run_dir = out / "glyphs", out / "run"

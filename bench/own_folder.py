@@ -78,7 +78,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ldm.training.config import register_configs
+    from ldm.training.run.config import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -99,7 +99,7 @@ def fit_seconds(run_dir: Path, batch: int) -> float | None:
 def main(argv=None) -> list[dict]:
     import torch
 
-    from ldm.training.train import train
+    from ldm.training.run.train import train
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -107,7 +107,7 @@ def main(argv=None) -> list[dict]:
     images = write_glyphs(work / "glyphs", args.images, args.resolution)
     base = ["data=folder", f"data.train.root={images}", f"data.train.resolution={args.resolution}",
             f"trainer.max_steps={args.steps}", "callbacks=none", "+callbacks.throughput._target_="
-            "ldm.training.callbacks.ThroughputCallback", "trainer.limit_val_batches=0",
+            "ldm.training.callbacks.sampling.ThroughputCallback", "trainer.limit_val_batches=0",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
             f"paths.cache_dir={work / 'cache'}"]
     if args.batch:

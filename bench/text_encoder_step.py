@@ -38,9 +38,9 @@ def build(folder: Path, cache: Path, frozen: bool):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ldm.training.caption_vocab import resolve_caption_vocab
-    from ldm.training.config import register_configs
-    from ldm.training.train import build_diffusion_module
+    from ldm.training.run.caption_vocab import resolve_caption_vocab
+    from ldm.training.run.config import register_configs
+    from ldm.training.run.train import build_diffusion_module
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.diffusers_folder import save_diffusers_folder
 from ldm.formats.single_file import _ema_key, to_single_file
 from ldm.diffusion.guidance import Conditioning

@@ -13,7 +13,7 @@ from PIL import Image
 
 import ldm.pipelines
 import ldm.pipelines.cli as cli
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.single_file import save_single_file
 from ldm.models.autoencoder import AutoencoderKL

@@ -154,7 +154,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     """Compute the configured metrics; returns {"metrics", "skipped", "settings", "path", ...} and writes JSON."""
     import torch
 
-    from ldm.training.val_loss import validation_loss
+    from ldm.training.module.val_loss import validation_loss
     from ldm.formats.load import load_bundle
     from ldm.pipelines import text_to_image
 

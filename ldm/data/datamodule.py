@@ -36,7 +36,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
             smaller batch: see ldm.data.bucket_sampler).
         latent_cache: a folder: train(cfg) encodes the training set once with the frozen VAE (and text encoder)
             into it and trains from the cache, encoding only new or changed images on later runs (datasets with
-            ``cache_spec()``; see ldm.training.latent_prep and ldm.data.auto_cache). None: on the fly.
+            ``cache_spec()``; see ldm.training.run.latent_prep and ldm.data.auto_cache). None: on the fly.
     """
 
     def __init__(

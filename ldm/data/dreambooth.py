@@ -6,7 +6,7 @@ Layout follows diffusers' examples/dreambooth/train_dreambooth.py ``DreamBoothDa
 has max(#instance, #class) items, item i pairs instance image i mod #instance with class image i mod #class, and a
 batch is the instance rows followed by the class rows (``is_prior`` marks the class rows; the loss splits there,
 ldm.diffusion.prior_preservation). The class folder's first ``num_class_images`` images (sorted by path) are used;
-train(cfg) fills a folder holding fewer with samples of the base model first (ldm.training.class_images).
+train(cfg) fills a folder holding fewer with samples of the base model first (ldm.training.run.class_images).
 
 Masks (instance images only; class rows get all-ones masks): ``mask_root``, a folder with one mask image per
 instance image with the same relative path stem (any image extension; its R channel, as kohya-ss/sd-scripts reads

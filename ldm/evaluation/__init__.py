@@ -1,6 +1,6 @@
 """Evaluation of text-to-image models: FID / KID against validation images, CLIP score against prompts, the shapes
 prompt accuracy (``metrics``), with feature extractors loaded from local files only (``extractors``); the
-``python -m ldm.evaluate`` command (``ldm.cli.evaluate``) and the training callback (``ldm.training.metrics_callback``) share
+``python -m ldm.evaluate`` command (``ldm.cli.evaluate``) and the training callback (``ldm.training.callbacks.metrics``) share
 them."""
 
 from ldm.evaluation.extractors import MissingExtractorError, load_clip, load_inception

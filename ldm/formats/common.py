@@ -1,7 +1,7 @@
 """What every format shares: the dtype table, the key-prefix stripper, the text-model getter, safetensors / JSON
 writing, the schedule's stored arguments.
 
-Writers take a :class:`~ldm.formats.bundle.ModelBundle` and never modify it: weights are read from ``state_dict()``
+Writers take a :class:`~ldm.models.bundle.ModelBundle` and never modify it: weights are read from ``state_dict()``
 and cast on the way out (``dtype``), so exporting fp16 leaves the caller's fp32 modules as they were.
 """
 

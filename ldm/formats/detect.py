@@ -15,7 +15,7 @@ from ldm.formats.single_file import UNET_PREFIX as SD_UNET_PREFIX
 SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffusers", "hub")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 TRAINING_UNET_PREFIX = "unet."
-TRAINING_ADAPTER_PREFIX = "lora.loras."  # a LoRA run's checkpoint (ldm.training.diffusion_module)
+TRAINING_ADAPTER_PREFIX = "lora.loras."  # a LoRA run's checkpoint (ldm.training.module.diffusion_module)
 
 
 def looks_like_hub_id(source) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.common import (
     DIFFUSERS_BETA_SCHEDULES,
     _no_checkpointing,

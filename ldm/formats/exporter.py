@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.common import ExportError, check_schedule
 from ldm.formats.dtypes import DTYPES as ALL_DTYPES
 from ldm.formats.diffusers_folder import check_diffusers, write_diffusers

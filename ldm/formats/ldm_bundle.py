@@ -1,4 +1,4 @@
-"""Our own compact export: one self-contained folder that rebuilds the exact :class:`~ldm.formats.bundle.ModelBundle`.
+"""Our own compact export: one self-contained folder that rebuilds the exact :class:`~ldm.models.bundle.ModelBundle`.
 
 Layout::
 
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.safe_build import (

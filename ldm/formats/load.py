@@ -1,4 +1,4 @@
-"""``load_bundle(source)``: any supported model source -> :class:`~ldm.formats.bundle.ModelBundle`.
+"""``load_bundle(source)``: any supported model source -> :class:`~ldm.models.bundle.ModelBundle`.
 
 What ``source`` may be (``detect_source`` tells them apart by reading headers / key names only):
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.detect import detect_source, looks_like_hub_id
 from ldm.formats.diffusers_folder import load_diffusers
 from ldm.formats.dtypes import DTYPES

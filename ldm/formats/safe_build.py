@@ -321,14 +321,17 @@ UNET_PRESET_SCHEMA = {"name": Param(STR), **UNET_SCHEMA}
 UNET_TARGET = "ldm.models.unet.UNet"
 AUTOENCODER_TARGET, IDENTITY_TARGET = "ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.IdentityAutoencoder"
 SCHEDULE_TARGET = "ldm.diffusion.schedules.NoiseSchedule.make"
+FACTORY_AUTOENCODER_TARGET = "ldm.training.build.factories.autoencoder"
+_FACTORY_AUTOENCODER = Builder(_factory_autoencoder, FACTORY_AUTOENCODER_SCHEMA, "autoencoder", needs_source=True)
 # Every _target_ a stored config may name (the Hydra paths our configs and exports write) -> our constructor.
 BUILDERS: dict[str, Builder] = {
     UNET_TARGET: Builder(_unet, UNET_SCHEMA, "unet"),
     "ldm.models.unet.UNet.from_preset": Builder(_unet_preset, UNET_PRESET_SCHEMA, "unet"),
     AUTOENCODER_TARGET: Builder(_autoencoder, AUTOENCODER_SCHEMA, "autoencoder"),
     IDENTITY_TARGET: Builder(_identity, IDENTITY_SCHEMA, "autoencoder"),
-    "ldm.training.factories.autoencoder": Builder(_factory_autoencoder, FACTORY_AUTOENCODER_SCHEMA, "autoencoder",
-                                                  needs_source=True),
+    FACTORY_AUTOENCODER_TARGET: _FACTORY_AUTOENCODER,
+    # the name checkpoints written before ldm/training/ moved into wings store (a name looked up here, never imported)
+    "ldm.training.factories.autoencoder": _FACTORY_AUTOENCODER,
     "ldm.models.text_encoder.CLIPTextEncoder.from_tiny": Builder(_tiny_text_encoder, TINY_TEXT_SCHEMA,
                                                                  "text_encoder"),
     "ldm.models.text_encoder.CLIPTextEncoder.from_pretrained": Builder(_pretrained_text_encoder,

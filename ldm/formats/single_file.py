@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.common import (
     ExportError,
     _no_checkpointing,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.common import strip_prefix
 from ldm.formats.detect import detect_source
 from ldm.formats.diffusers_folder import load_diffusers_folder

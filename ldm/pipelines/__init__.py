@@ -1,4 +1,4 @@
-"""Text-to-image, image-to-image and inpainting over a :class:`~ldm.formats.bundle.ModelBundle` (the seed's "Full
+"""Text-to-image, image-to-image and inpainting over a :class:`~ldm.models.bundle.ModelBundle` (the seed's "Full
 Architecture Combined"). The sampler math lives in ``ldm.diffusion``; these functions wire the models to it.
 
     from ldm.formats.load import load_bundle

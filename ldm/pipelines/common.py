@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.diffusion.guidance import ClassifierGuidance, Conditioning, map_context
 from ldm.diffusion.samplers import get_sampler
 from ldm.pipelines.sampling_options import SamplingOptions

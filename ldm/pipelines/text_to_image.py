@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.diffusion.guidance import ClassifierGuidance
 from ldm.diffusion.process import q_sample
 from ldm.diffusion.samplers import strength_timesteps

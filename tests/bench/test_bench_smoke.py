@@ -137,7 +137,7 @@ def tiny_base(tmp_path) -> str:
     """The last checkpoint of a 2-step tiny base run: the --base of the "teach it something new" benches."""
     sys.path.insert(0, str(ROOT))
     from tests.training.conftest import TINY_MODEL, compose_train
-    from ldm.training.train import train
+    from ldm.training.run.train import train
 
     return train(compose_train(tmp_path / "base", TINY_MODEL + TINY_BASE_CKPT + ["trainer.max_steps=2"]))[
         "last_checkpoint"]

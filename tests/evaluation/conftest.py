@@ -74,7 +74,7 @@ def inception_weights(tmp_path_factory) -> Path:
     return path
 
 
-METRICS_CALLBACK = ["+callbacks.metrics._target_=ldm.training.metrics_callback.ImageMetricsCallback",
+METRICS_CALLBACK = ["+callbacks.metrics._target_=ldm.training.callbacks.metrics.ImageMetricsCallback",
                     "+callbacks.metrics.n_images=4", "+callbacks.metrics.sampler.steps=2", "+callbacks.metrics.batch_size=4",
                     "+callbacks.metrics.every_n_steps=0"]
 CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -87,7 +87,7 @@ def metrics_run(tmp_path_factory, clip_folder):
     pointing at a missing Inception file. Returns (train result, the missing file, the log records)."""
     import logging
 
-    from ldm.training.train import train
+    from ldm.training.run.train import train
     from tests.training.conftest import TINY_MODEL, compose_train
 
     tmp = tmp_path_factory.mktemp("metrics-run")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldm.evaluation.extractors import INCEPTION_FILE, INCEPTION_URL
-from ldm.training.metrics_callback import ImageMetricsCallback
+from ldm.training.callbacks.metrics import ImageMetricsCallback
 
 
 def test_missing_inception_is_reported_once_and_the_run_completes(metrics_run):
@@ -37,7 +37,7 @@ def test_other_metrics_are_logged_to_the_loggers(metrics_run):
 def test_metric_sampling_is_deterministic_and_keeps_the_training_rng(tmp_path, clip_folder):
     from hydra.utils import instantiate
 
-    from ldm.training.train import build_diffusion_module
+    from ldm.training.run.train import build_diffusion_module
     from tests.training.conftest import TINY_MODEL, compose_train
 
     cfg = compose_train(tmp_path, TINY_MODEL + ["data.val.resolution=16"])

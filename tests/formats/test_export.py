@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A real training checkpoint: the tiny model trained 3 steps, with an EMA copy that differs from the U-Net."""
-    from ldm.training.train import train
+    from ldm.training.run.train import train
     from tests.training.conftest import TINY_MODEL, compose_train
 
     tmp = tmp_path_factory.mktemp("train")
@@ -624,7 +624,7 @@ def test_sd15_single_file_fine_tunes(tmp_path):
     from ldm.models.text_encoder import CLIPTextEncoder, clip_text_config
     from ldm.models.tiny_clip import write_tokenizer
     from ldm.models.unet import UNet
-    from ldm.training.train import train
+    from ldm.training.run.train import train
     from tests.training.conftest import compose_train
 
     clip = tmp_path / "clip-vit-l14"
@@ -656,7 +656,7 @@ def test_sd15_single_file_fine_tunes(tmp_path):
 def test_single_file_refuses_a_vae_whose_groupnorm_is_not_32(tmp_path):
     """SD's yaml cannot say norm_groups: from_single_file would build GroupNorm(32) and decode a wrong image."""
     from ldm.diffusion.schedules import NoiseSchedule
-    from ldm.formats.bundle import ModelBundle
+    from ldm.models.bundle import ModelBundle
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.models.text_encoder import CLIPTextEncoder
     from ldm.models.unet import UNet

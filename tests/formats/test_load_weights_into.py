@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.ldm_bundle import save_ldm_bundle
 from ldm.formats.training_checkpoint import load_weights_into
 from ldm.formats.single_file import save_single_file

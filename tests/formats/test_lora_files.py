@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.lora_files import LoRAFileError, apply_lora_files, read_lora_file, save_lora_file
 from ldm.models.autoencoder import AutoencoderKL

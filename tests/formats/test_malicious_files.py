@@ -74,7 +74,7 @@ def test_well_formed_nodes_build():
     unet = build_node({"_target_": "ldm.models.unet.UNet", "model_channels": 32, "channel_mult": [1],
                        "attention_levels": [], "num_heads": 1, "context_dim": 8}, "unet", source="f", key="unet")
     assert unet.config["model_channels"] == 32
-    ae = build_node({"_target_": "ldm.training.factories.autoencoder", "preset": "tiny", "weights": None},
+    ae = build_node({"_target_": "ldm.training.build.factories.autoencoder", "preset": "tiny", "weights": None},
                     "autoencoder", source="f", key="ae")
     assert type(ae).__name__ == "AutoencoderKL"
     sched = build_node({"_target_": "ldm.diffusion.schedules.NoiseSchedule.make", "kind": "linear"}, "schedule",
@@ -95,7 +95,7 @@ def test_plain_values_only():
 
 def _training_checkpoint(path, unet_node):
     model = {"unet": unet_node,
-             "autoencoder": {"_target_": "ldm.training.factories.autoencoder", "preset": "tiny"},
+             "autoencoder": {"_target_": "ldm.training.build.factories.autoencoder", "preset": "tiny"},
              "text_encoder": {"_target_": "ldm.models.text_encoder.CLIPTextEncoder.from_tiny"}}
     torch.save({"state_dict": {"unet.x": torch.zeros(1)}, "global_step": 1,
                 "ldm": {"model": {"model": model, "schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule.make"}}}},

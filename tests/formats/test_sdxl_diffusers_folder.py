@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.diffusers_folder import write_diffusers
 from ldm.formats.load import load_bundle
 from ldm.models.autoencoder import AutoencoderKL

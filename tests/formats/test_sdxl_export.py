@@ -7,7 +7,7 @@ import yaml
 from safetensors import safe_open
 
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.common import ExportError
 from ldm.formats.diffusers_folder import write_diffusers
 from ldm.formats.exporter import export

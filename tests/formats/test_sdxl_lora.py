@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.diffusers_folder import write_diffusers
 from ldm.formats.lora_files import read_lora_file, save_lora_file
 from ldm.models.autoencoder import AutoencoderKL

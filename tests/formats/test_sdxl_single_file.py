@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.load import load_bundle
 from ldm.formats.safe_load import CheckpointError
 from ldm.formats.single_file import infer_unet_config, load_single_file, save_single_file, to_single_file

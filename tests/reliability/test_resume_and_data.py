@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.training.resume import AtomicCheckpointIO
+from ldm.training.run.resume import AtomicCheckpointIO
 from tests.training.conftest import TINY_MODEL, assert_same_run, logged_losses, tiny_cfg  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,7 +229,7 @@ def _poisoned_fit(tiny_cfg, poison: dict[int, float], max_steps: int, *overrides
     import lightning as L
     from hydra.utils import instantiate
 
-    from ldm.training.train import build_diffusion_module
+    from ldm.training.run.train import build_diffusion_module
 
     cfg = tiny_cfg("trainer.limit_val_batches=0", "module.ema_decay=0.9", *overrides)
     module = build_diffusion_module(cfg)
@@ -281,7 +281,7 @@ def test_divergence_guard_skips_a_loss_spike(tiny_cfg, overrides, skipped):
 
 
 def test_divergence_guard_levels():
-    from ldm.training.divergence import DivergenceGuard
+    from ldm.training.module.divergence import DivergenceGuard
 
     guard = DivergenceGuard(loss_factor=10, grad_norm_factor=None, momentum=0.5)
     assert guard.verdict(1e9) is None  # no level yet: only NaN/inf are refused
@@ -459,7 +459,7 @@ def test_ddp_checkpoints_are_written_by_rank_0_only(tiny_cfg, tmp_path):
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ldm.training.train import build_diffusion_module
+    from ldm.training.run.train import build_diffusion_module
 
     cfg = tiny_cfg("data.train.size=32", "data.batch_size=4", "trainer.limit_val_batches=0")
     notes = tmp_path / "notes"

@@ -79,7 +79,7 @@ def test_resume_leaves_no_stray_folder_and_no_versioned_duplicate(tmp_path):
 @pytest.fixture
 def nothing_built(monkeypatch):
     """Fail the test if train(cfg) gets as far as building a network or a datamodule."""
-    import ldm.training.train as train_module
+    import ldm.training.run.train as train_module
 
     def built(*args, **kwargs):
         raise AssertionError("something was built before the bad value was reported")
@@ -104,7 +104,7 @@ def test_bad_value_is_refused_before_anything_is_built(tmp_path, nothing_built, 
     """The default model (shapes VAE x4, U-Net x4) with one bad value."""
     from tests.training.conftest import compose_train
 
-    from ldm.training.train import ConfigError, train
+    from ldm.training.run.train import ConfigError, train
 
     with pytest.raises(ConfigError) as err:
         train(compose_train(tmp_path, [override]))
@@ -117,7 +117,7 @@ def test_bad_value_is_refused_before_anything_is_built(tmp_path, nothing_built, 
 def test_good_values_pass_the_checks(tmp_path, override):
     from tests.training.conftest import compose_train
 
-    from ldm.training.config_checks import check_values
+    from ldm.training.run.config_checks import check_values
 
     check_values(compose_train(tmp_path, [override]))
 
@@ -126,7 +126,7 @@ def test_multiple_comes_from_the_model(tmp_path):
     """Not a hard-coded 16: the tiny model (VAE x2, U-Net x2) takes 20, pixel space with U-Net x4 takes 36."""
     from tests.training.conftest import compose_train
 
-    from ldm.training.config_checks import ConfigError, check_values
+    from ldm.training.run.config_checks import ConfigError, check_values
 
     check_values(compose_train(tmp_path, [*TINY_MODEL, "data.train.resolution=20", "data.val.resolution=20"]))
     check_values(compose_train(tmp_path, ["model=pixel", "data.train.resolution=36", "data.val.resolution=36"]))
@@ -154,7 +154,7 @@ def test_truncated_ckpt_path_names_the_file(tmp_path, nothing_built):
     from tests.training.conftest import compose_train
 
     from ldm.formats.safe_load import CheckpointError
-    from ldm.training.train import train
+    from ldm.training.run.train import train
 
     ckpt = _torch_file(tmp_path / "step0000010.ckpt")
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
@@ -167,7 +167,7 @@ def test_unreadable_checkpoint_at_load_names_the_file(tmp_path):
     import zipfile
 
     from ldm.formats.safe_load import CheckpointError
-    from ldm.training.resume import AtomicCheckpointIO
+    from ldm.training.run.resume import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
     with zipfile.ZipFile(path, "w") as z:
@@ -207,10 +207,10 @@ def test_disk_full_during_save_names_the_file_and_keeps_last(tmp_path, monkeypat
     """train(cfg) with checkpoints every 2 steps; the disk fills up during the step-4 save."""
     import torch
 
-    import ldm.training.resume as resume
+    import ldm.training.run.resume as resume
     from tests.training.conftest import compose_train
 
-    from ldm.training.train import train
+    from ldm.training.run.train import train
 
     real_open, saves = open, []
 
@@ -239,7 +239,7 @@ def test_disk_full_during_save_names_the_file_and_keeps_last(tmp_path, monkeypat
 def test_stale_tmp_from_a_killed_save_is_removed_at_the_next_start(tmp_path):
     from tests.training.conftest import compose_train
 
-    from ldm.training.train import train
+    from ldm.training.run.train import train
 
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
@@ -266,7 +266,7 @@ def tiny_tmpfs(tmp_path):
 def test_real_full_tmpfs(tiny_tmpfs):
     import torch
 
-    from ldm.training.resume import AtomicCheckpointIO
+    from ldm.training.run.resume import AtomicCheckpointIO
 
     io, last = AtomicCheckpointIO(), tiny_tmpfs / "last.ckpt"
     io.save_checkpoint({"w": torch.ones(1000)}, last)

@@ -6,7 +6,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from ldm.training.config import register_configs
+from ldm.training.run.config import register_configs
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from ldm.training.train import train
+from ldm.training.run.train import train
 from tests.training.conftest import assert_same_run
 from tests.training.test_ddp import RecordSeen
 
@@ -66,7 +66,7 @@ def test_callback_samples_each_caption_at_its_bucket_size(tiny_cfg, mixed, tmp_p
     from ldm.data.image_folder import ImageFolderDataset
     from types import SimpleNamespace
 
-    from ldm.training.callbacks import SamplingCallback, data_prompts
+    from ldm.training.callbacks.sampling import SamplingCallback, data_prompts
 
     dm = ImageCaptionDataModule(ImageFolderDataset(mixed, resolution=16, buckets={"enabled": True, "step": 8}),
                                 val_fraction=0.4, seed=0)
@@ -96,7 +96,7 @@ def test_resume_mid_epoch_with_buckets_is_exact(tiny_cfg, mixed, tmp_path):
 
 
 def test_bucket_step_must_be_a_multiple_of_the_models_downsampling(tiny_cfg, mixed):
-    from ldm.training.config_checks import ConfigError, check_resolution
+    from ldm.training.run.config_checks import ConfigError, check_resolution
 
     check_resolution(tiny_cfg(*BUCKETS, f"data.train.root={mixed}"))  # step 8, the tiny model downsamples by 4
     with pytest.raises(ConfigError, match=r"data.train.buckets.step=6: the model downsamples by 4"):
@@ -121,7 +121,7 @@ def test_two_process_ddp_ranks_split_the_bucket_batches(tiny_cfg, mixed, tmp_pat
     import lightning as L
     from hydra.utils import instantiate
 
-    from ldm.training.train import build_diffusion_module
+    from ldm.training.run.train import build_diffusion_module
 
     cfg = tiny_cfg(*BUCKETS, f"data.train.root={mixed}", "data.val_fraction=0", "trainer.limit_val_batches=0")
     L.seed_everything(0)

@@ -12,7 +12,7 @@ from PIL import Image
 import ldm.diffusion.samplers as samplers
 from ldm.pipelines import text_to_image
 from ldm.pipelines.sampling_options import SamplingOptions
-from ldm.training.train import build_diffusion_module
+from ldm.training.run.train import build_diffusion_module
 from tests.test_sample_cli import randomize
 from tests.training.conftest import TINY_MODEL, compose_train
 
@@ -83,7 +83,7 @@ def test_sampling_callback_uses_karras_sigmas(tmp_path, module, monkeypatch):
     assert len(seen) == 2 and (direct - plain).abs().max() > 1e-3
 
     from ldm.pipelines.images import labelled_grid, to_pil
-    from ldm.training.callbacks import SamplingCallback
+    from ldm.training.callbacks.sampling import SamplingCallback
 
     def as_grid(images):
         pil = labelled_grid(to_pil(images), labels=PROMPTS, scale=SamplingCallback.grid_scale(images))

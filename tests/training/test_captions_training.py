@@ -11,8 +11,8 @@ from ldm.data.captions import CaptionProcessor
 from ldm.formats.exporter import export
 from ldm.formats.ldm_bundle import load_ldm_bundle
 from ldm.formats.training_checkpoint import load_training_checkpoint
-from ldm.training.diffusion_module import LatentDiffusion
-from ldm.training.train import train
+from ldm.training.module.diffusion_module import LatentDiffusion
+from ldm.training.run.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

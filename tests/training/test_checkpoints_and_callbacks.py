@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from ldm.formats.training_checkpoint import load_training_checkpoint
-from ldm.training.train import train
+from ldm.training.run.train import train
 
 CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
         "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
-SAMPLING = ["+callbacks.sampling._target_=ldm.training.callbacks.SamplingCallback",
+SAMPLING = ["+callbacks.sampling._target_=ldm.training.callbacks.sampling.SamplingCallback",
             "+callbacks.sampling.prompts=[a red circle,a blue square]", "+callbacks.sampling.every_n_steps=2",
             "+callbacks.sampling.sampler.steps=3", "+callbacks.sampling.guidance_scale=2.0"]
 
@@ -64,7 +64,7 @@ def test_dataset_epoch_callback_advances_iterable_datasets():
 
     from torch.utils.data import IterableDataset
 
-    from ldm.training.callbacks import DatasetEpochCallback
+    from ldm.training.callbacks.sampling import DatasetEpochCallback
 
     class Shards(IterableDataset):
         epoch = 0

@@ -75,7 +75,7 @@ def test_fsdp_strategy_builds_and_wraps_unet_blocks(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
     from ldm.models.unet import BasicTransformerBlock, ResBlock
-    from ldm.training.strategies import unet_block_wrap_policy
+    from ldm.training.build.strategies import unet_block_wrap_policy
 
     assert unet_block_wrap_policy() == {ResBlock, BasicTransformerBlock}
     cfg = compose_train(tmp_path, ["trainer=fsdp"])

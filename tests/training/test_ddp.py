@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from ldm.training.train import build_diffusion_module
+from ldm.training.run.train import build_diffusion_module
 
 
 class RecordSeen(L.Callback):
@@ -57,7 +57,7 @@ def test_two_process_ddp_with_a_lora_adapter(tiny_cfg, tmp_path):
     """adapter=lora under DDP: the frozen base is not wrapped for gradients (no unused-parameter error), both ranks
     end with identical adapters that did train, the base is untouched, and the ranks split the epoch."""
     from tests.training.conftest import TINY_MODEL, compose_train
-    from ldm.training.train import train
+    from ldm.training.run.train import train
 
     ckpt = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
             "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]

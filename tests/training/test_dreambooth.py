@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import ldm.training.class_images as class_images
+import ldm.training.run.class_images as class_images
 from ldm.diffusion.losses import diffusion_loss
-from ldm.training.diffusion_module import LatentDiffusion
-from ldm.training.train import ConfigError, build_diffusion_module, train
+from ldm.training.module.diffusion_module import LatentDiffusion
+from ldm.training.run.train import ConfigError, build_diffusion_module, train
 from tests.training.conftest import TINY_MODEL, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

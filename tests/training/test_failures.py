@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldm.training.train import build_diffusion_module
+from ldm.training.run.train import build_diffusion_module
 
 
 def _fit(cfg, bad_steps, max_steps):

@@ -11,8 +11,8 @@ from ldm.data.latent_cache import build_latent_cache
 from ldm.tasks.shapes.dataset import ShapesDataset
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.data.auto_cache import cache_spec
-from ldm.training.latent_prep import cache_folder
-from ldm.training.train import ConfigError, train
+from ldm.training.run.latent_prep import cache_folder
+from ldm.training.run.train import ConfigError, train
 from tests.training.conftest import assert_same_run, logged_losses
 
 CACHE = ["data.latent_cache=${paths.cache_dir}/latents", "data.train.size=40", "trainer.max_steps=12"]

@@ -12,7 +12,7 @@ import torch
 from ldm.formats.lora_files import read_lora_file
 from ldm.formats.detect import detect_source
 from ldm.formats.load import load_bundle
-from ldm.training.train import ConfigError, build_diffusion_module, train
+from ldm.training.run.train import ConfigError, build_diffusion_module, train
 from tests.training.conftest import assert_same_run, logged_losses
 from tests.training.test_resume import ROOT, _cmd, _env
 
@@ -87,7 +87,7 @@ def test_text_encoder_adapter_trains_with_its_own_lr(tiny_cfg, base):
 
 def test_sampling_callback_samples_with_the_adapter(tiny_cfg, base):
     from ldm.pipelines.common import SamplingOptions
-    from ldm.training.callbacks import generate
+    from ldm.training.callbacks.sampling import generate
 
     module = build_diffusion_module(tiny_cfg(base, "adapter=lora", "module.ema_decay=0.9"))
     ddim = SamplingOptions(name="ddim", steps=2)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldm.training.config_checks import ConfigError, check_values
-from ldm.training.optimizers import adamw8bit
-from ldm.training.precision import precision_overrides
-from ldm.training.train import train
+from ldm.training.run.config_checks import ConfigError, check_values
+from ldm.training.build.optimizers import adamw8bit
+from ldm.training.build.precision import precision_overrides
+from ldm.training.run.train import train
 
 
 def _steps(make_optimizer, n=5):
@@ -126,7 +126,7 @@ def test_fp16_loss_scaling_adafactor_train(tiny_cfg):
 @pytest.mark.slow
 def test_compiled_unet_matches_eager_and_keeps_state_dict_keys(capsys):
     from ldm.models.unet import UNet
-    from ldm.training.unet_compile import UNetCompile
+    from ldm.training.module.unet_compile import UNetCompile
 
     kwargs = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 1), attention_levels=(1,),
                   num_head_channels=32, context_dim=32, num_res_blocks=1)
@@ -155,7 +155,7 @@ def test_compiled_unet_trains(tiny_cfg, capsys, backend):
 def test_fp16_overflow_is_left_to_the_scaler_not_the_divergence_guard():
     from types import SimpleNamespace
 
-    from ldm.training.diffusion_module import LatentDiffusion
+    from ldm.training.module.diffusion_module import LatentDiffusion
 
     scaler = torch.amp.GradScaler("cpu")
     fake = SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)), global_step=3)

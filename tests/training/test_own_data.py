@@ -13,8 +13,8 @@ from PIL import Image
 from ldm.data.datamodule import ImageCaptionDataModule
 from ldm.data.image_folder import ImageFolderDataset
 from ldm.tasks.glyphs.dataset import write_glyph_folder
-from ldm.training.callbacks import data_prompts
-from ldm.training.train import train
+from ldm.training.callbacks.sampling import data_prompts
+from ldm.training.run.train import train
 
 FAST = ["data.num_workers=0", "callbacks.sampling.every_n_steps=0", "sampler.steps=2",
         "callbacks.sampling.n_prompts=3", "callbacks.prompt_accuracy=null", "callbacks.checkpoint.every_n_train_steps=3"]
@@ -64,7 +64,7 @@ def test_own_data_trains_a_vae_first_then_reuses_it(tiny_cfg, glyphs, capsys):
     assert weights.is_file() and (weights.parent / "checkpoints" / "last.ckpt").is_file()
     ckpt = torch.load(result["last_checkpoint"], weights_only=True)
     assert ckpt["ldm"]["model"]["model"]["autoencoder"]["weights"] == str(weights)
-    from ldm.training.factories import autoencoder
+    from ldm.training.build.factories import autoencoder
 
     vae = autoencoder(weights=str(weights))
     assert vae.config["base_channels"] == 16 and vae.scaling_factor != 1.0  # first_stage's model, calibrated
@@ -88,7 +88,7 @@ def test_first_stage_with_given_weights_is_skipped(tiny_cfg, glyphs, tmp_path):
 
 
 def test_first_stage_errors_name_its_keys(tiny_cfg, glyphs):
-    from ldm.training.train import ConfigError
+    from ldm.training.run.train import ConfigError
 
     with pytest.raises(ConfigError, match="first_stage.max_steps"):
         train(tiny_cfg("experiment=own_data", f"data.train.root={glyphs}", "first_stage.max_steps=null",
@@ -101,8 +101,8 @@ def test_first_stage_errors_name_its_keys(tiny_cfg, glyphs):
 def test_vae_stages_of_both_experiments_build(tiny_cfg, glyphs, tmp_path):
     """experiment=shapes_vae and own_data's first stage build their autoencoder module (a diffusion-only key such
     as module.min_snr_gamma in train.yaml once broke the former)."""
-    from ldm.training.first_stage import first_stage_config
-    from ldm.training.train import build_autoencoder_module
+    from ldm.training.run.first_stage import first_stage_config
+    from ldm.training.run.train import build_autoencoder_module
 
     assert build_autoencoder_module(tiny_cfg("experiment=shapes_vae", tiny=False)) is not None
     cfg = tiny_cfg("experiment=own_data", f"data.train.root={glyphs}", tiny=False)
@@ -113,7 +113,7 @@ def test_vae_stages_of_both_experiments_build(tiny_cfg, glyphs, tmp_path):
 
 
 def test_auto_defaults_follow_the_data_size(tiny_cfg, glyphs):
-    from ldm.training.auto_defaults import batch_size, max_steps, resolve_auto, sampling_every
+    from ldm.training.run.auto_defaults import batch_size, max_steps, resolve_auto, sampling_every
 
     assert (batch_size(1960, 8, cuda=False), max_steps(1960, 64), sampling_every(1000)) == (64, 1000, 250)
     assert batch_size(200, 8, cuda=False) == 20 and max_steps(200_000, 64) == 20_000  # a tenth; the cap

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from ldm.pipelines.cli import sample
-from ldm.training.train import train
+from ldm.training.run.train import train
 from tests.training.conftest import TINY_MODEL, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +55,7 @@ def test_callbacks_sample_at_the_recorded_resolution_else_the_sources(tmp_path):
 
     from ldm.data.datamodule import ImageCaptionDataModule
     from ldm.data.image_folder import ImageFolderDataset
-    from ldm.training.callbacks import data_resolution
+    from ldm.training.callbacks.sampling import data_resolution
 
     Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
     dm = ImageCaptionDataModule(ImageFolderDataset(tmp_path, resolution=24))

@@ -71,7 +71,7 @@ def test_clean_stop_mid_epoch_then_resume(reference, tmp_path):
 
 def test_atomic_save_interrupted_keeps_previous_checkpoint(tmp_path, monkeypatch):
     """A save killed half-way (here: torch.save dies after writing part of the file) leaves last.ckpt intact."""
-    from ldm.training.resume import AtomicCheckpointIO
+    from ldm.training.run.resume import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -92,11 +92,11 @@ def test_atomic_save_interrupted_keeps_previous_checkpoint(tmp_path, monkeypatch
 
 def test_sigkill_during_a_real_save_keeps_previous_checkpoint(tmp_path):
     """The same with a real SIGKILL while a large checkpoint is being written by another process."""
-    from ldm.training.resume import AtomicCheckpointIO
+    from ldm.training.run.resume import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(10)}, path)
-    code = (f"import torch; from ldm.training.resume import AtomicCheckpointIO\\n"
+    code = (f"import torch; from ldm.training.run.resume import AtomicCheckpointIO\\n"
             f"AtomicCheckpointIO().save_checkpoint({{'step': 2, 'w': torch.zeros(400_000_000 // 4)}}, r'{path}')")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env())
     tmp = path.with_name(f".{path.name}.tmp")

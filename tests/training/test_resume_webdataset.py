@@ -9,7 +9,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from ldm.training.train import train
+from ldm.training.run.train import train
 from tests.training.conftest import TINY_MODEL, assert_same_run, compose_train, logged_losses
 
 MAX_STEPS = 12

@@ -4,7 +4,7 @@ micro-conditioning read from the batch, and its checkpoint samples."""
 import pytest
 import torch
 
-from ldm.training.train import ConfigError, build_diffusion_module, train
+from ldm.training.run.train import ConfigError, build_diffusion_module, train
 from tests.training.conftest import compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,7 +128,7 @@ def test_sdxl_trains_on_buckets_with_their_micro_conditioning(tmp_path, monkeypa
         Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()).save(
             root / f"{i}.png")
         (root / f"{i}.txt").write_text("a wide picture" if size[0] > size[1] else "a tall picture")
-    import ldm.training.diffusion_module as dm
+    import ldm.training.module.diffusion_module as dm
 
     seen = []
     real = dm.training_conditioning

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm.formats.embeddings import read_embedding
-from ldm.training.train import ConfigError, build_diffusion_module, train
+from ldm.training.run.train import ConfigError, build_diffusion_module, train
 from tests.training.conftest import assert_same_run, logged_losses
 from tests.training.test_lora_training import CKPT, base  # noqa: F401 - the trained tiny base fixture
 from tests.training.test_resume import ROOT, _cmd, _env
@@ -127,7 +127,7 @@ def test_a_run_writes_the_files_and_sample_py_loads_them(tiny_cfg, base, tmp_pat
 def test_sampling_callback_samples_with_the_learned_tokens(tiny_cfg, base):  # noqa: F811
     from ldm.pipelines import text_to_image
     from ldm.pipelines.common import SamplingOptions
-    from ldm.training.callbacks import generate
+    from ldm.training.callbacks.sampling import generate
 
     module = build_diffusion_module(tiny_cfg(base, *TI, "module.ema_decay=0.9"))
     ddim = SamplingOptions(name="ddim", steps=2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.training.train import ConfigError, build_diffusion_module, train
+from ldm.training.run.train import ConfigError, build_diffusion_module, train
 
 
 def _images(folder, n=8, size=20):

@@ -10,7 +10,7 @@ import torch
 from ldm.formats.training_checkpoint import load_training_checkpoint
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.tasks.glyphs.dataset import write_glyph_folder
-from ldm.training.train import train
+from ldm.training.run.train import train
 
 CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
         "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",

@@ -15,7 +15,7 @@ from ldm.pipelines.images import labelled_grid, to_pil
 from ldm.pipelines.sampling_options import SamplingOptions
 from ldm.tasks.shapes.checker import prompt_accuracy
 from ldm.tasks.shapes.dataset import ShapesDataset
-from ldm.training.callbacks import TRAINING_SAMPLER, generate, run_dir, training_source
+from ldm.training.callbacks.sampling import TRAINING_SAMPLER, generate, run_dir, training_source
 
 log = logging.getLogger("ldm.training")
 
@@ -26,7 +26,7 @@ class PromptAccuracyCallback(L.Callback):
     Samples every colour x shape prompt ``n_per_prompt`` times with CFG (``guidance_scale``), with CFG off
     (scale 1, the plain conditional model) and unconditionally (empty prompt), scores them with the shapes
     checker, logs the accuracies, prints them and writes ``<run>/prompt_accuracy.json``. ``sampler`` as in
-    :class:`ldm.training.callbacks.SamplingCallback`.
+    :class:`ldm.training.callbacks.sampling.SamplingCallback`.
     """
 
     def __init__(self, n_per_prompt: int = 4, guidance_scale: float = 4.0, sampler: Any = TRAINING_SAMPLER,

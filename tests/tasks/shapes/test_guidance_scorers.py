@@ -7,7 +7,7 @@ from torch import nn
 
 from ldm.diffusion.guidance import ClassifierGuidance
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.models.autoencoder import IdentityAutoencoder
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.pipelines import text_to_image

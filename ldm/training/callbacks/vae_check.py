@@ -41,7 +41,7 @@ class VAECheckCallback(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         from ldm.models.autoencoder import IdentityAutoencoder
-        from ldm.training.callbacks import training_source
+        from ldm.training.callbacks.sampling import training_source
 
         ae = getattr(pl_module, "autoencoder", None)
         if ae is None or isinstance(ae, IdentityAutoencoder) or not hasattr(pl_module, "unet"):

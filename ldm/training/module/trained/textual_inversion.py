@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.models.textual_inversion import PlaceholderEmbedding, TextualInversionConfig
 
 PREFIXES = ("textual_inversion.", "ema.")  # what a textual-inversion checkpoint holds

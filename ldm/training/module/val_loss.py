@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 
 
 def _to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def validation_loss(bundle: ModelBundle, items: Dataset, batch_size: int) -> flo
     Lightning averages it: with the data's validation batch size it is the number training logged for the same
     weights and items. The same weights always give the same value."""
     from ldm.data.collate import collate_image_caption
-    from ldm.training.diffusion_module import LatentDiffusion
+    from ldm.training.module.diffusion_module import LatentDiffusion
 
     if not len(items):
         raise ValueError("validation_loss: no items")

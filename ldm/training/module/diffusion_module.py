@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.diffusion.losses import LossOptions, diffusion_loss, noised_batch
 from ldm.diffusion.noise import NoiseOptions
 from ldm.diffusion.prior_preservation import prior_preservation_loss
@@ -23,11 +23,11 @@ from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.timestep_sampling import TimestepSampling
 from ldm.models.lora import LoRAConfig, LoRANetwork
-from ldm.training.divergence import DivergenceGuard
-from ldm.training.ema import EMA
-from ldm.training import textual_inversion as ti
-from ldm.training.micro_conditioning import is_dual_text, training_conditioning
-from ldm.training.unet_compile import UNetCompile
+from ldm.training.module.divergence import DivergenceGuard
+from ldm.training.module.ema import EMA
+from ldm.training.module.trained import textual_inversion as ti
+from ldm.training.module.micro_conditioning import is_dual_text, training_conditioning
+from ldm.training.module.unet_compile import UNetCompile
 
 log = logging.getLogger("ldm.training")
 
@@ -243,7 +243,7 @@ class LatentDiffusion(L.LightningModule):
 
     def _unet_conditioning(self, context, batch: dict[str, Any], dropped: Tensor, latents: Tensor):
         """SDXL (a dual encoder's {"crossattn", "pooled"}): + the micro-conditioning vector from the batch, the
-        dropped captions' text zeroed (see ldm.training.micro_conditioning); other contexts pass unchanged."""
+        dropped captions' text zeroed (see ldm.training.module.micro_conditioning); other contexts pass unchanged."""
         if not is_dual_text(context):
             return context
         f = int(getattr(self.autoencoder, "downsample_factor", 1))

@@ -88,9 +88,9 @@ def autoencoder_downsampling(node: dict) -> int | None:
     from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL
     from ldm.formats.assets import resolve_weights
     from ldm.formats.safe_build import stored_autoencoder_config
-    from ldm.training.factories import autoencoder
+    from ldm.training.build.factories import autoencoder
 
-    if node.get("_target_") != "ldm.training.factories.autoencoder":
+    if node.get("_target_") != "ldm.training.build.factories.autoencoder":
         return None
     if node.get("pixel_space", _default(autoencoder, "pixel_space")):
         return 1
@@ -178,7 +178,7 @@ def check_diffusion_options(cfg: DictConfig) -> None:
     from ldm.diffusion.losses import LossOptions
     from ldm.diffusion.noise import NoiseOptions
     from ldm.diffusion.timestep_sampling import TimestepSampling
-    from ldm.training.unet_compile import check_backend
+    from ldm.training.module.unet_compile import check_backend
 
     if cfg.get("stage") != "diffusion" or OmegaConf.select(cfg, "module") is None:
         return
@@ -209,7 +209,7 @@ def check_values(cfg: DictConfig) -> None:
     check_val_check_interval(cfg)
     check_resolution(cfg)
     check_diffusion_options(cfg)
-    from ldm.training.precision import check_precision
+    from ldm.training.build.precision import check_precision
 
     problem = check_precision(cfg)
     if problem:

@@ -12,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ldm.pipelines.sampling_options import SamplingOptions
-from ldm.training.class_images import ClassImagesConfig
+from ldm.training.run.class_images import ClassImagesConfig
 
 
 @dataclass
@@ -31,7 +31,7 @@ class TrainConfig:
     optim: Any = MISSING
     lr_scheduler: Any = None
     loss: Any = None  # autoencoder stage only
-    first_stage: Any = None  # a VAE to fit to the data before the diffusion stage (ldm.training.first_stage)
+    first_stage: Any = None  # a VAE to fit to the data before the diffusion stage (ldm.training.run.first_stage)
     class_images: ClassImagesConfig = field(default_factory=ClassImagesConfig)  # data=dreambooth's missing ones
     trainer: Any = MISSING
     callbacks: Any = field(default_factory=dict)
@@ -43,7 +43,7 @@ STAGES = ("diffusion", "autoencoder")
 
 
 def register_configs() -> None:
-    from ldm.training.run_folder import register_resolver
+    from ldm.training.run.run_folder import register_resolver
 
     register_resolver()  # ${ldm_unique_dir:...} of configs/hydra/default.yaml
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)

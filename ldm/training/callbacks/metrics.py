@@ -18,7 +18,7 @@ import lightning as L
 from ldm.evaluation.eval_set import EvalItems, first_items, prompt_checker
 from ldm.evaluation.metrics import METRIC_NAMES, ImageMetrics, build_image_metrics, score_share
 from ldm.pipelines.sampling_options import SamplingOptions
-from ldm.training.callbacks import TRAINING_SAMPLER, data_resolution, generate
+from ldm.training.callbacks.sampling import TRAINING_SAMPLER, data_resolution, generate
 
 log = logging.getLogger("ldm.training")
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.formats.bundle import ModelBundle
+from ldm.models.bundle import ModelBundle
 from ldm.formats.training_checkpoint import load_weights_into
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.assets import resolve_weights

@@ -14,12 +14,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.bad_samples import bad_sample_names
-from ldm.training.callbacks import BadSamplesCallback, DatasetEpochCallback
-from ldm.training.config import STAGES
-from ldm.training.config_checks import ConfigError, check_checkpoint_file, check_values
-from ldm.training.precision import precision_overrides
-from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
-from ldm.training.run_folder import created_here, fold_into
+from ldm.training.callbacks.sampling import BadSamplesCallback, DatasetEpochCallback
+from ldm.training.run.config import STAGES
+from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, check_values
+from ldm.training.build.precision import precision_overrides
+from ldm.training.run.resume import AtomicCheckpointIO, RNGStateCallback
+from ldm.training.run.run_folder import created_here, fold_into
 
 log = logging.getLogger("ldm.training")
 
@@ -81,7 +81,7 @@ def check_pretrained(model: DictConfig) -> None:
 
 
 def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
-    from ldm.training.factories import build_bundle
+    from ldm.training.build.factories import build_bundle
 
     m = cfg.model
     check_pretrained(m)  # before any network (or a hub download of its tokenizers) is built
@@ -139,14 +139,14 @@ def keep_metrics_history(run_dir: Path) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the run folder, final metrics and written files."""
-    from ldm.training.auto_defaults import resolve_auto
+    from ldm.training.run.auto_defaults import resolve_auto
 
     if cfg.stage == "diffusion":
         try:
             resolve_auto(cfg)  # data.batch_size / trainer.max_steps / sampling cadence = auto -> numbers
         except Exception as e:  # noqa: BLE001 - the data could not be read to count it: name the key
             raise ConfigError(f"data.train: {type(e).__name__}: {e}") from e
-        from ldm.training.caption_vocab import resolve_caption_vocab
+        from ldm.training.run.caption_vocab import resolve_caption_vocab
 
         try:
             resolve_caption_vocab(cfg)  # model.text_encoder.words = captions -> the captions' words
@@ -166,7 +166,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint_file(ckpt_path)
     if ckpt_path:
         keep_metrics_history(run_dir)
-    from ldm.training.first_stage import ensure_first_stage
+    from ldm.training.run.first_stage import ensure_first_stage
 
     try:
         ensure_first_stage(cfg, run_dir, train)
@@ -178,7 +178,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.stage == "diffusion":  # data=dreambooth: the class folder filled with base-model samples first
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-        from ldm.training.class_images import ensure_class_images
+        from ldm.training.run.class_images import ensure_class_images
 
         try:
             ensure_class_images(cfg, module, rank=rank_zero_only.rank,
@@ -192,7 +192,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.stage == "diffusion" and getattr(datamodule, "latent_cache", None):
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-        from ldm.training.latent_prep import encode_training_set
+        from ldm.training.run.latent_prep import encode_training_set
 
         try:
             encode_training_set(module, datamodule, datamodule.latent_cache, rank=rank_zero_only.rank,
@@ -201,11 +201,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except ValueError as e:
             raise ConfigError(str(e)) from e
     if cfg.stage == "diffusion":  # every checkpoint and export records it, whatever the data source
-        from ldm.training.resolution import training_resolution
+        from ldm.training.run.resolution import training_resolution
 
         module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
                                              or module.model_config.get("resolution"))
-        from ldm.training.resolution import training_buckets
+        from ldm.training.run.resolution import training_buckets
 
         buckets = training_buckets(datamodule)
         if buckets is not None:  # aspect-ratio buckets: their table and max area too
@@ -237,7 +237,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result["last_checkpoint"] = ckpt_cb.last_model_path
     if cfg.stage == "autoencoder" and trainer.is_global_zero:
         from ldm.formats.autoencoder_file import save_autoencoder
-        from ldm.training.factories import calibrate_scaling_factor
+        from ldm.training.build.factories import calibrate_scaling_factor
 
         result["scaling_factor"] = calibrate_scaling_factor(module.autoencoder, datamodule.train_dataloader())
         result["autoencoder"] = str(save_autoencoder(module.autoencoder, run_dir / "autoencoder.safetensors"))
