@@ -67,10 +67,7 @@ def time_steps(module, batch: dict, steps: int) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.trained_parameters(), 1.0)
         optimizer.step()
-        if module.ema is not None:
-            module.ema.update(module.trained_module)
-        if module.ema_text is not None:
-            module.ema_text.update(module.text_encoder)
+        module.part.update_ema()
     return (time.process_time() - start) / steps
 
 

@@ -18,8 +18,8 @@ def _to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict
 
 @torch.no_grad()
 def validation_loss(bundle: ModelBundle, items: Dataset, batch_size: int) -> float:
-    """Mean of ``val/loss`` over ``items`` (a dataset, e.g. the evaluation set) in batches of ``batch_size``, weighted by batch size as
-    Lightning averages it: with the data's validation batch size it is the number training logged for the same
+    """Mean of ``val/loss`` over ``items`` (a dataset, e.g. the evaluation set) in batches of ``batch_size``,
+    weighted by batch size as Lightning averages it: with the data's validation batch size it is the number training logged for the same
     weights and items. The same weights always give the same value."""
     from ldm.data.collate import collate_image_caption
     from ldm.training.module.diffusion_module import LatentDiffusion

@@ -1,0 +1,118 @@
+"""adapter=lora (LoRA / LoCon): the U-Net (and text encoder) stay frozen; the adapter network's forward hooks add
+its low-rank updates to their layers. Only the adapter (and its EMA) is optimised and checkpointed; the run ends
+with ``<run>/lora.safetensors`` (kohya layout: ComfyUI / A1111 / sample.py lora=...)."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+from typing import Any, Iterator
+
+from torch import nn
+
+from ldm.models.bundle import ModelBundle
+from ldm.models.lora import LoRAConfig, LoRANetwork
+from ldm.training.module.ema import EMA
+from ldm.training.module.trained.base import Networks, RunEnd, check_has_keys, freeze, state_with_prefixes
+
+PREFIXES = ("lora.", "ema.")  # what an adapter run's checkpoint holds
+
+
+class LoRAAdapter:
+    strict_loading = False  # the checkpoint holds only the adapter; the base comes from model.pretrained again
+
+    def __init__(self, networks: Networks, config: LoRAConfig, ema_decay: float | None):
+        self.networks, self.config = networks, config
+        networks.unet.requires_grad_(False)  # frozen, but left in train mode: gradient checkpointing needs it
+        self.network = LoRANetwork.build(networks.roots(), config).attach(networks.roots())
+        self.text_encoder_learns = bool(config.text_encoder)
+        if config.text_encoder:  # gradients through the encoder, and no cached (stale) contexts
+            networks.text_encoder.frozen = False
+        if config.init_from:
+            self._init_from(config.init_from)
+        self.ema = EMA(self.network, ema_decay) if ema_decay else None
+
+    def _init_from(self, path: str) -> None:
+        from ldm.formats.lora_files import LoRAFileError, read_lora_file
+
+        try:
+            lora = read_lora_file(path, self.networks.roots())
+        except LoRAFileError as e:
+            raise ValueError(f"adapter.init_from: {e}") from e
+        not_here = self.network.load_weights(lora.weights)
+        print(f"adapter.init_from: {len(lora.weights) - len(not_here)} layers from {lora.path} ({lora.layout})")
+        skipped = lora.unmapped + not_here
+        if skipped:
+            print(f"adapter.init_from: {len(skipped)} entries of the file are not used (not in this model or not "
+                  f"adapted by preset={self.config.preset!r}): {', '.join(skipped[:10])}")
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"lora": self.network, **({"ema": self.ema} if self.ema is not None else {})}
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.network.parameters())
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """U-Net and text-encoder adapters as two parameter groups; adapter.unet_lr / text_encoder_lr override
+        optim.lr (the text encoder's defaults to the U-Net adapter's)."""
+        cfg, groups = self.config, []
+        for root, lr in (("unet", cfg.unet_lr), ("text_encoder", cfg.text_encoder_lr or cfg.unet_lr)):
+            params = [p for k, m in self.network.loras.items() if self.network.paths[k][0] == root
+                      for p in m.parameters()]
+            if params:
+                groups.append({"params": params, "name": f"lora_{root}", **({"lr": float(lr)} if lr else {})})
+        return groups
+
+    def set_train_mode(self) -> None:
+        freeze(self.networks.text_encoder)
+        if self.config.text_encoder:
+            self.networks.text_encoder.frozen = False  # the base is frozen; its adapter trains
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.network)
+
+    def checkpoint_entries(self, checkpoint: dict[str, Any]) -> None:
+        state_with_prefixes(checkpoint, PREFIXES)  # the adapter (and its EMA), not the frozen base
+        checkpoint["ldm"]["adapter"] = asdict(self.config)
+
+    def check_loaded(self, checkpoint: dict[str, Any], expected: list[str]) -> None:
+        check_has_keys(checkpoint, expected, PREFIXES)
+
+    def _weights(self, use_ema: bool) -> LoRANetwork:
+        return self.ema.model if (use_ema and self.ema is not None) else self.network
+
+    @contextmanager
+    def sampling_bundle(self, global_step: int, use_ema: bool) -> Iterator[ModelBundle]:
+        """The (EMA) adapter applied to the shared frozen networks for the length of the block."""
+        weights = self._weights(use_ema)
+        text_encoder = self.networks.text_encoder
+        with self.network.weights_of(weights) if weights is not self.network else nullcontext():
+            text_encoder._clear_cache()  # contexts made with other adapter weights
+            try:
+                yield self.networks.bundle(global_step)
+            finally:
+                text_encoder._clear_cache()
+
+    def bundle(self, global_step: int, use_ema: bool) -> ModelBundle:
+        """Copies of the U-Net and text encoder with the (EMA) adapter merged in."""
+        self.network.detach()  # copy the bases without the hooks
+        try:
+            roots = {name: copy.deepcopy(m) for name, m in self.networks.roots().items()}
+        finally:
+            self.network.attach(self.networks.roots())
+        self._weights(use_ema).merge_into(roots, 1.0)
+        roots["text_encoder"].frozen = True
+        return self.networks.bundle(global_step, unet=roots["unet"], text_encoder=roots["text_encoder"])
+
+    def write_files(self, end: RunEnd) -> dict[str, str]:
+        """<run>/lora.safetensors with the EMA weights when the run kept them."""
+        from ldm.formats.lora_files import ldm_metadata, save_lora_file
+
+        path = save_lora_file(self._weights(use_ema=True), self.networks.roots(), end.run_dir / "lora.safetensors",
+                              metadata=ldm_metadata(self.config), resolution=end.model_config.get("resolution"),
+                              prediction_type=self.networks.schedule.prediction_type,
+                              training={"ss_steps": str(end.global_step)})
+        print(f"LoRA: {path}")
+        return {"lora": str(path)}
