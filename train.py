@@ -1,16 +1,16 @@
-"""python train.py [overrides...]: the Hydra entry point around ldm.training.train(cfg)."""
+"""python train.py [overrides...]: the Hydra entry point around ldm.training.run.train.train(cfg)."""
 
 import hydra
 from omegaconf import DictConfig
 
-from ldm.training.config import register_configs
+from ldm.training.run.config import register_configs
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from ldm.training.train import train
+    from ldm.training.run.train import train
 
     result = train(cfg)
     metric = cfg.get("optimized_metric")

@@ -90,7 +90,7 @@ def main(argv=None) -> list[dict]:
     base = ["data=folder", f"data.train.root={images}", f"data.train.resolution={args.resolution}",
             f"data.batch_size={args.batch}", "data.num_workers=0", "data.val_fraction=0",
             f"trainer.max_steps={args.steps}", "callbacks=none",
-            "+callbacks.throughput._target_=ldm.training.callbacks.sampling.ThroughputCallback", "trainer.limit_val_batches=0",
+            "+callbacks.throughput._target_=ldm.training.callbacks.throughput.ThroughputCallback", "trainer.limit_val_batches=0",
             "trainer.val_check_interval=null", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", f"paths.cache_dir={work / 'cache'}",
             *args.override]

@@ -107,7 +107,7 @@ def main(argv=None) -> list[dict]:
     images = write_glyphs(work / "glyphs", args.images, args.resolution)
     base = ["data=folder", f"data.train.root={images}", f"data.train.resolution={args.resolution}",
             f"trainer.max_steps={args.steps}", "callbacks=none", "+callbacks.throughput._target_="
-            "ldm.training.callbacks.sampling.ThroughputCallback", "trainer.limit_val_batches=0",
+            "ldm.training.callbacks.throughput.ThroughputCallback", "trainer.limit_val_batches=0",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
             f"paths.cache_dir={work / 'cache'}"]
     if args.batch:

@@ -180,3 +180,32 @@ def test_bench_scripts_import_modules_that_exist():
                 [node.module] if isinstance(node, ast.ImportFrom) and not node.level else []
             stale += [f"bench/{path.name} imports {n}" for n in names if n.startswith("ldm.") and n not in modules]
     assert not stale, "\n".join(stale)
+
+
+# ldm/training/ in wings (docs/architecture.md): what runs each step (module/: the LightningModules and what they
+# hold) and the factories (build/) stand alone, callbacks may use them, and run/ (train(cfg) as named stages) sits
+# on top of all three. No file lives directly in ldm/training/ besides __init__.py.
+TRAINING_WINGS = {"module": set(), "build": {"module"}, "callbacks": {"module", "build"},
+                  "run": {"module", "build", "callbacks"}}
+
+
+def wing(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "training" else None
+
+
+def test_training_wings():
+    wrong = [f"{a} imports {b}" for a, targets in graph().items() if wing(a) for b in targets
+             if wing(b) and wing(b) != wing(a) and wing(b) not in TRAINING_WINGS[wing(a)]]
+    assert not wrong, "imports between ldm/training/ wings against their order:\n" + "\n".join(sorted(wrong))
+    loose = sorted(p.name for p in (LDM / "training").glob("*.py") if p.name != "__init__.py")
+    assert not loose and {p.name for p in (LDM / "training").iterdir() if p.is_dir() and p.name != "__pycache__"} \
+        == set(TRAINING_WINGS), f"files outside the wings: {loose}"
+
+
+def test_training_wings_stay_small():
+    """A wing is a room one can take in: about a dozen files at most."""
+    for folder in (LDM / "training").rglob("*"):
+        if folder.is_dir() and folder.name != "__pycache__":
+            files = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+            assert len(files) <= 12, f"{folder} holds {len(files)} files"

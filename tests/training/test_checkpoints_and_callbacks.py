@@ -64,7 +64,7 @@ def test_dataset_epoch_callback_advances_iterable_datasets():
 
     from torch.utils.data import IterableDataset
 
-    from ldm.training.callbacks.sampling import DatasetEpochCallback
+    from ldm.training.callbacks.data import DatasetEpochCallback
 
     class Shards(IterableDataset):
         epoch = 0

@@ -8,19 +8,19 @@ import json
 import logging
 from typing import Any
 
-import lightning as L
 import torch
 
 from ldm.pipelines.images import labelled_grid, to_pil
 from ldm.pipelines.sampling_options import SamplingOptions
 from ldm.tasks.shapes.checker import prompt_accuracy
 from ldm.tasks.shapes.dataset import ShapesDataset
+from ldm.training.callbacks.result import ResultCallback
 from ldm.training.callbacks.sampling import TRAINING_SAMPLER, generate, run_dir, training_source
 
 log = logging.getLogger("ldm.training")
 
 
-class PromptAccuracyCallback(L.Callback):
+class PromptAccuracyCallback(ResultCallback):
     """At the end of training on the shapes data: does a sample of "a blue triangle ..." show a blue triangle?
 
     Samples every colour x shape prompt ``n_per_prompt`` times with CFG (``guidance_scale``), with CFG off
@@ -48,6 +48,9 @@ class PromptAccuracyCallback(L.Callback):
             return
         if trainer.is_global_zero:
             self.results = self.evaluate(pl_module, ds, trainer)
+
+    def result(self) -> dict[str, Any]:
+        return {"prompt_accuracy": self.results} if self.results else {}
 
     def prompts(self, ds) -> list[str]:
         """Every colour x shape pair, ``n_per_prompt`` times; the repeats cycle through the colour's

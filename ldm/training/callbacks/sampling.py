@@ -1,5 +1,6 @@
-"""Training callbacks: sample grids and throughput while training, dataset epochs, bad-sample logs. (A task's own
-callbacks live with the task: the shapes prompt accuracy is ldm.tasks.shapes.prompt_accuracy.)"""
+"""Sample grids while training, and the sampling helpers other callbacks share (``generate``, the training source
+and resolution). (A task's own callbacks live with the task: the shapes prompt accuracy is
+ldm.tasks.shapes.prompt_accuracy.)"""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ldm.data.datamodule import set_dataset_epoch
 from ldm.pipelines.images import labelled_grid, to_pil
 from ldm.pipelines.sampling_options import SamplingOptions
+from ldm.training.callbacks.result import ResultCallback
 
 log = logging.getLogger("ldm.training")
 
@@ -86,55 +87,7 @@ def data_resolution(trainer: L.Trainer) -> int | None:
     return recorded or getattr(training_source(trainer), "resolution", None)
 
 
-class DatasetEpochCallback(L.Callback):
-    """Tells the training dataset which epoch starts when it has ``set_epoch``: webdataset shards change their
-    order and shuffle, a latent cache draws new posterior samples. Lightning only calls set_epoch on samplers."""
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        dm = trainer.datamodule
-        ds = getattr(dm, "train_dataset", None) if dm is not None else None
-        if ds is not None:
-            set_dataset_epoch(ds, trainer.current_epoch)
-
-
-class BadSamplesCallback(L.Callback):
-    """Logs ``data/bad_samples``: the unreadable samples skipped so far in this run, each counted once across
-    DataLoader workers, ranks and resumes (the marker files of ``ldm.data.bad_samples`` in ``folder``)."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-
-    def count(self) -> int:
-        return len(list(self.folder.glob("*.txt"))) if self.folder.is_dir() else 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        pl_module.log("data/bad_samples", float(self.count()), batch_size=1)
-
-
-class ThroughputCallback(L.Callback):
-    """Logs training throughput (images/s over all ranks) from the wall time between batch ends."""
-
-    def __init__(self):
-        self._last: float | None = None
-        self.images, self.seconds = 0, 0.0  # totals since the first batch (for the end-of-run summary)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        import time
-
-        now = time.perf_counter()
-        if self._last is not None:
-            n = len(batch["caption"]) * trainer.world_size
-            pl_module.log("train/images_per_sec", n / max(now - self._last, 1e-9), batch_size=1)
-            self.images, self.seconds = self.images + n, self.seconds + (now - self._last)
-        self._last = now
-
-    @property
-    def images_per_sec(self) -> float | None:
-        """Mean over the run (sampling and checkpoint pauses between batches included)."""
-        return self.images / self.seconds if self.seconds > 0 else None
-
-
-class SamplingCallback(L.Callback):
+class SamplingCallback(ResultCallback):
     """Every ``every_n_steps`` optimizer steps (and at the end) sample prompts with a fixed seed, write a labelled
     PNG grid to ``<run>/samples/step_XXXXXX.png`` and send it to the loggers.
 
@@ -226,6 +179,9 @@ class SamplingCallback(L.Callback):
         log_image(trainer, "samples", out, step)
         self.last_path = out
         return out
+
+    def result(self) -> dict[str, Any]:
+        return {"sample_grid": str(self.last_path)} if self.last_path else {}
 
 
 def validation_items(trainer: L.Trainer):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-import lightning as L
 import torch
 
 from ldm.evaluation.reconstruction import ReconstructionReport, check_autoencoder
+from ldm.training.callbacks.result import ResultCallback
 
 log = logging.getLogger("ldm.training")
 
@@ -30,7 +31,7 @@ def sample_images(dataset, n: int, seed: int) -> torch.Tensor | None:
     return torch.stack([im for im in images if tuple(im.shape) == size]).float()
 
 
-class VAECheckCallback(L.Callback):
+class VAECheckCallback(ResultCallback):
     """Measures the frozen first stage's round trip on ``n_images`` training images when fitting starts, logs
     ``vae_check/psnr_db`` and ``vae_check/colour_shift`` and warns, naming the fix, when it is poor
     (ldm.evaluation.reconstruction: PSNR < 22 dB or a mean colour shift > 8/255). ``report`` keeps the result."""
@@ -64,3 +65,6 @@ class VAECheckCallback(L.Callback):
             if self.report.poor:
                 log.warning("the frozen VAE reconstructs the training images poorly (%s): samples will show its "
                             "errors (wrong colours, blur). Fix: %s", self.report, FIX)
+
+    def result(self) -> dict[str, Any]:
+        return {"vae_check": self.report.as_dict()} if self.report is not None else {}

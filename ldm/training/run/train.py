@@ -10,37 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.bad_samples import bad_sample_names
-from ldm.training.callbacks.sampling import BadSamplesCallback, DatasetEpochCallback
+from ldm.training.callbacks.data import BadSamplesCallback, DatasetEpochCallback
+from ldm.training.callbacks.result import ResultCallback
 from ldm.training.run.config import STAGES
 from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, check_values
+from ldm.training.run.first_stage import ensure_first_stage
 from ldm.training.build.precision import precision_overrides
 from ldm.training.run.resume import AtomicCheckpointIO, RNGStateCallback
 from ldm.training.run.run_folder import created_here, fold_into
+from ldm.training.run.stages import STAGE_KINDS, build, build_autoencoder_module, build_diffusion_module
+
+__all__ = ["ConfigError", "build", "build_autoencoder_module", "build_diffusion_module", "train"]
 
 log = logging.getLogger("ldm.training")
 
 
-def build(node: Any, key: str, **kwargs: Any) -> Any:
-    """instantiate(node) with errors that name the config key (Hydra's own messages bury the cause)."""
-    if node is None:
-        raise ConfigError(f"{key} is not set")
-    try:
-        return instantiate(node, **kwargs)
-    except Exception as e:  # noqa: BLE001 - re-raised with the key that caused it
-        cause = e
-        while cause.__cause__ is not None and type(cause).__name__ == "InstantiationException":
-            cause = cause.__cause__
-        raise ConfigError(f"{key}: {type(cause).__name__}: {cause}") from e
-
-
 def validate(cfg: DictConfig) -> None:
     """Cheap checks on values, before anything is built."""
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
     check_values(cfg)  # batch size, learning rate, val_check_interval, resolution vs the model
     steps = OmegaConf.select(cfg, "trainer.max_steps")
     if steps is not None and int(steps) == 0:
@@ -66,56 +55,6 @@ def _is_callback_node(node: Any, key: str) -> bool:
     return True
 
 
-def check_pretrained(model: DictConfig) -> None:
-    """model.pretrained: ??? (the full-size presets, experiment=sd*_finetune) must be set, to a file or folder that
-    exists here or a hub id."""
-    from ldm.formats.detect import looks_like_hub_id
-
-    if OmegaConf.is_missing(model, "pretrained"):
-        raise ConfigError("model.pretrained is not set: give the weights to start from, e.g. "
-                          "model.pretrained=/path/to/sd_xl_base_1.0.safetensors (an SD single file, a diffusers "
-                          "folder or a hub id)")
-    path = model.get("pretrained")
-    if path and not Path(str(path)).expanduser().exists() and not looks_like_hub_id(path):
-        raise ConfigError(f"model.pretrained={path}: no such file or folder (and not a hub id 'org/name')")
-
-
-def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
-    from ldm.training.build.factories import build_bundle
-
-    m = cfg.model
-    check_pretrained(m)  # before any network (or a hub download of its tokenizers) is built
-    schedule = build(cfg.schedule, "schedule")
-    unet = build(m.unet, "model.unet")
-    autoencoder = build(m.autoencoder, "model.autoencoder")
-    text_encoder = build(m.text_encoder, "model.text_encoder")
-    try:
-        bundle = build_bundle(unet, autoencoder, text_encoder, schedule, pretrained=m.get("pretrained"))
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from e
-    # objects are passed to the partial, not to instantiate (Hydra would turn the dataclass schedule into a config)
-    make_module = build(cfg.module, "module", _partial_=True)
-    adapter = build(cfg.adapter, "adapter") if OmegaConf.select(cfg, "adapter") else None
-    try:
-        module = make_module(
-            unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,
-            optimizer=build(cfg.optim, "optim"),
-            lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None, adapter=adapter)
-    except ValueError as e:  # bad values found while building (adapter.init_from file, ...): name them
-        raise ConfigError(str(e)) from e
-    module.model_config = {"model": OmegaConf.to_container(m, resolve=True),
-                           "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
-                           "resolution": OmegaConf.select(cfg, "data.train.resolution", default=None)}
-    return module
-
-
-def build_autoencoder_module(cfg: DictConfig) -> L.LightningModule:
-    return build(cfg.module, "module", _partial_=True)(
-        autoencoder=build(cfg.model.autoencoder, "model.autoencoder"), loss=build(cfg.loss, "loss"),
-        optimizer=build(cfg.optim, "optim"),
-        lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None)
-
-
 def find_last_run(cfg: DictConfig, run_dir: Path) -> Path:
     """ckpt_path=last: the run folder to continue: paths.run_dir if it has a last.ckpt, else the newest run of
     this task under paths.output_dir that has one."""
@@ -138,21 +77,48 @@ def keep_metrics_history(run_dir: Path) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the configured stage; returns the run folder, final metrics and written files."""
-    from ldm.training.run.auto_defaults import resolve_auto
-
-    if cfg.stage == "diffusion":
-        try:
-            resolve_auto(cfg)  # data.batch_size / trainer.max_steps / sampling cadence = auto -> numbers
-        except Exception as e:  # noqa: BLE001 - the data could not be read to count it: name the key
-            raise ConfigError(f"data.train: {type(e).__name__}: {e}") from e
-        from ldm.training.run.caption_vocab import resolve_caption_vocab
-
-        try:
-            resolve_caption_vocab(cfg)  # model.text_encoder.words = captions -> the captions' words
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    """Fit the configured stage; returns the run folder, final metrics and written files. The steps, in order:"""
+    validate_stage(cfg)
+    stage = STAGE_KINDS[cfg.stage]
+    stage.resolve_config(cfg)  # the "auto" values -> numbers, before anything checks them
     validate(cfg)
+    run_dir, ckpt_path = prepare_run_folder(cfg)
+    try:
+        ensure_first_stage(cfg, run_dir, train)  # a VAE to train first (experiment=own_data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    L.seed_everything(cfg.seed, workers=True)
+    module = stage.build_module(cfg)
+    stage.before_data(cfg, module)
+    datamodule = build(cfg.data, "data")
+    bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
+    if hasattr(datamodule, "bad_samples_dir"):  # before anything reads the data (the latent cache build)
+        datamodule.bad_samples_dir = str(bad_samples_dir)
+    stage.before_fit(cfg, module, datamodule)
+    callbacks = build_callbacks(cfg, datamodule, bad_samples_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    result = fit_result(trainer, callbacks, run_dir)
+    if trainer.is_global_zero:
+        result.update(stage.results(module, datamodule, run_dir))
+    bad = bad_sample_names(bad_samples_dir)
+    if bad:
+        result["bad_samples"] = bad
+    if trainer.is_global_zero:
+        print_summary(result, run_dir, bad_samples_dir)
+    return result
+
+
+def validate_stage(cfg: DictConfig) -> None:
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+
+
+def prepare_run_folder(cfg: DictConfig) -> tuple[Path, str | None]:
+    """The run folder (an earlier run's, for ckpt_path=last) and the checkpoint to resume from, if any."""
     run_dir = Path(cfg.paths.run_dir).resolve()
     if cfg.ckpt_path == "last":  # continue in the same run folder
         run_dir = find_last_run(cfg, run_dir)
@@ -166,55 +132,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint_file(ckpt_path)
     if ckpt_path:
         keep_metrics_history(run_dir)
-    from ldm.training.run.first_stage import ensure_first_stage
+    return run_dir, ckpt_path
 
-    try:
-        ensure_first_stage(cfg, run_dir, train)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    L.seed_everything(cfg.seed, workers=True)
 
-    module = build_autoencoder_module(cfg) if cfg.stage == "autoencoder" else build_diffusion_module(cfg)
-    if cfg.stage == "diffusion":  # data=dreambooth: the class folder filled with base-model samples first
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-        from ldm.training.run.class_images import ensure_class_images
-
-        try:
-            ensure_class_images(cfg, module, rank=rank_zero_only.rank,
-                                progress=bool(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True)))
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    datamodule = build(cfg.data, "data")
-    bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
-    if hasattr(datamodule, "bad_samples_dir"):  # before anything reads the data (the latent cache build)
-        datamodule.bad_samples_dir = str(bad_samples_dir)
-    if cfg.stage == "diffusion" and getattr(datamodule, "latent_cache", None):
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-        from ldm.training.run.latent_prep import encode_training_set
-
-        try:
-            encode_training_set(module, datamodule, datamodule.latent_cache, rank=rank_zero_only.rank,
-                                seed=cfg.seed, progress=bool(OmegaConf.select(cfg, "trainer.enable_progress_bar",
-                                                                              default=True)))
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    if cfg.stage == "diffusion":  # every checkpoint and export records it, whatever the data source
-        from ldm.training.run.resolution import training_resolution
-
-        module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
-                                             or module.model_config.get("resolution"))
-        from ldm.training.run.resolution import training_buckets
-
-        buckets = training_buckets(datamodule)
-        if buckets is not None:  # aspect-ratio buckets: their table and max area too
-            module.model_config["buckets"] = buckets
+def build_callbacks(cfg: DictConfig, datamodule: Any, bad_samples_dir: Path) -> list[L.Callback]:
+    """The configured callbacks, and those every run has."""
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if _is_callback_node(c, k)]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
     if hasattr(datamodule, "bad_samples_dir"):
         callbacks.append(BadSamplesCallback(bad_samples_dir))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    """The Lightning Trainer with the loggers, precision and atomic checkpoint writes; partial files of a killed
+    save are removed first."""
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     precision = precision_overrides(cfg)  # 16-mixed on the CPU: fp16 autocast + GradScaler("cpu"), not bf16
     plugins = [AtomicCheckpointIO(), *precision.pop("plugins", [])]
@@ -223,10 +156,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for cb in trainer.checkpoint_callbacks:  # partial files of a save that was killed (or ran out of disk)
         for stale in AtomicCheckpointIO.remove_stale(cb.dirpath) if getattr(cb, "dirpath", None) else []:
             log.warning("removed %s, left by an interrupted checkpoint save", stale)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+    return trainer
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
+def fit_result(trainer: L.Trainer, callbacks: list[L.Callback], run_dir: Path) -> dict[str, Any]:
+    """The run folder, steps, final metrics, last checkpoint, and what each reporting callback found."""
     result: dict[str, Any] = {
         "run_dir": str(run_dir),
         "global_step": trainer.global_step,
@@ -235,26 +169,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_cb = trainer.checkpoint_callback
     if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
         result["last_checkpoint"] = ckpt_cb.last_model_path
-    if cfg.stage == "autoencoder" and trainer.is_global_zero:
-        from ldm.formats.autoencoder_file import save_autoencoder
-        from ldm.training.build.factories import calibrate_scaling_factor
-
-        result["scaling_factor"] = calibrate_scaling_factor(module.autoencoder, datamodule.train_dataloader())
-        result["autoencoder"] = str(save_autoencoder(module.autoencoder, run_dir / "autoencoder.safetensors"))
     for cb in callbacks:
-        if getattr(cb, "last_path", None):
-            result["sample_grid"] = str(cb.last_path)
-        if getattr(cb, "results", None):
-            result["prompt_accuracy"] = cb.results
-        if getattr(cb, "report", None) is not None:
-            result["vae_check"] = cb.report.as_dict()
-        if getattr(cb, "images_per_sec", None):
-            result["images_per_sec"] = cb.images_per_sec
-    bad = bad_sample_names(bad_samples_dir)
-    if bad:
-        result["bad_samples"] = bad
-    if trainer.is_global_zero:
-        print_summary(result, run_dir, bad_samples_dir)
+        if isinstance(cb, ResultCallback):
+            result.update(cb.result())
     return result
 
 

@@ -1,0 +1,172 @@
+"""The two kinds of run ``cfg.stage`` names, and what each does around the shared fit:
+
+- ``diffusion`` (the seed's latent diffusion): resolve the auto defaults and the caption vocabulary, build
+  LatentDiffusion (U-Net + frozen VAE + text encoder, or an adapter on them), fill DreamBooth's class folder, encode
+  the latent cache, record the training resolution / buckets in the model config;
+- ``autoencoder`` (the first stage): build the VAE's module; at the end calibrate its scaling factor and write it.
+
+``train(cfg)`` calls the same steps of either kind and never checks ``cfg.stage`` itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.training.run.config_checks import ConfigError
+
+
+def build(node: Any, key: str, **kwargs: Any) -> Any:
+    """instantiate(node) with errors that name the config key (Hydra's own messages bury the cause)."""
+    if node is None:
+        raise ConfigError(f"{key} is not set")
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the key that caused it
+        cause = e
+        while cause.__cause__ is not None and type(cause).__name__ == "InstantiationException":
+            cause = cause.__cause__
+        raise ConfigError(f"{key}: {type(cause).__name__}: {cause}") from e
+
+
+def check_pretrained(model: DictConfig) -> None:
+    """model.pretrained: ??? (the full-size presets, experiment=sd*_finetune) must be set, to a file or folder that
+    exists here or a hub id."""
+    from ldm.formats.detect import looks_like_hub_id
+
+    if OmegaConf.is_missing(model, "pretrained"):
+        raise ConfigError("model.pretrained is not set: give the weights to start from, e.g. "
+                          "model.pretrained=/path/to/sd_xl_base_1.0.safetensors (an SD single file, a diffusers "
+                          "folder or a hub id)")
+    path = model.get("pretrained")
+    if path and not Path(str(path)).expanduser().exists() and not looks_like_hub_id(path):
+        raise ConfigError(f"model.pretrained={path}: no such file or folder (and not a hub id 'org/name')")
+
+
+def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
+    from ldm.training.build.factories import build_bundle
+
+    m = cfg.model
+    check_pretrained(m)  # before any network (or a hub download of its tokenizers) is built
+    schedule = build(cfg.schedule, "schedule")
+    unet = build(m.unet, "model.unet")
+    autoencoder = build(m.autoencoder, "model.autoencoder")
+    text_encoder = build(m.text_encoder, "model.text_encoder")
+    try:
+        bundle = build_bundle(unet, autoencoder, text_encoder, schedule, pretrained=m.get("pretrained"))
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    # objects are passed to the partial, not to instantiate (Hydra would turn the dataclass schedule into a config)
+    make_module = build(cfg.module, "module", _partial_=True)
+    adapter = build(cfg.adapter, "adapter") if OmegaConf.select(cfg, "adapter") else None
+    try:
+        module = make_module(
+            unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,
+            optimizer=build(cfg.optim, "optim"),
+            lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None, adapter=adapter)
+    except ValueError as e:  # bad values found while building (adapter.init_from file, ...): name them
+        raise ConfigError(str(e)) from e
+    module.model_config = {"model": OmegaConf.to_container(m, resolve=True),
+                           "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
+                           "resolution": OmegaConf.select(cfg, "data.train.resolution", default=None)}
+    return module
+
+
+def build_autoencoder_module(cfg: DictConfig) -> L.LightningModule:
+    return build(cfg.module, "module", _partial_=True)(
+        autoencoder=build(cfg.model.autoencoder, "model.autoencoder"), loss=build(cfg.loss, "loss"),
+        optimizer=build(cfg.optim, "optim"),
+        lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None)
+
+
+def _progress(cfg: DictConfig) -> bool:
+    return bool(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True))
+
+
+def _named(step: Callable[[], Any]) -> Any:
+    """Run a step whose bad values surface as ValueError, reporting them as the config's (ConfigError)."""
+    try:
+        return step()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+class DiffusionStage:
+    name = "diffusion"
+
+    def resolve_config(self, cfg: DictConfig) -> None:
+        """data.batch_size / trainer.max_steps / sampling cadence = auto -> numbers; model.text_encoder.words =
+        captions -> the captions' words."""
+        from ldm.training.run.auto_defaults import resolve_auto
+        from ldm.training.run.caption_vocab import resolve_caption_vocab
+
+        try:
+            resolve_auto(cfg)
+        except Exception as e:  # noqa: BLE001 - the data could not be read to count it: name the key
+            raise ConfigError(f"data.train: {type(e).__name__}: {e}") from e
+        _named(lambda: resolve_caption_vocab(cfg))
+
+    def build_module(self, cfg: DictConfig) -> L.LightningModule:
+        return build_diffusion_module(cfg)
+
+    def before_data(self, cfg: DictConfig, module: L.LightningModule) -> None:
+        """data=dreambooth: the class folder filled with base-model samples first."""
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        from ldm.training.run.class_images import ensure_class_images
+
+        _named(lambda: ensure_class_images(cfg, module, rank=rank_zero_only.rank, progress=_progress(cfg)))
+
+    def before_fit(self, cfg: DictConfig, module: L.LightningModule, datamodule: Any) -> None:
+        """The latent cache encoded (once, by rank 0); the training resolution and buckets recorded, so every
+        checkpoint and export carries them whatever the data source."""
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        from ldm.training.run.latent_prep import encode_training_set
+        from ldm.training.run.resolution import training_buckets, training_resolution
+
+        if getattr(datamodule, "latent_cache", None):
+            _named(lambda: encode_training_set(module, datamodule, datamodule.latent_cache, rank=rank_zero_only.rank,
+                                               seed=cfg.seed, progress=_progress(cfg)))
+        module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
+                                             or module.model_config.get("resolution"))
+        buckets = training_buckets(datamodule)
+        if buckets is not None:  # aspect-ratio buckets: their table and max area too
+            module.model_config["buckets"] = buckets
+
+    def results(self, module: L.LightningModule, datamodule: Any, run_dir: Path) -> dict[str, Any]:
+        """The files the trained part wrote (an adapter file, embeddings)."""
+        return {"files": dict(module.written_files)} if module.written_files else {}
+
+
+class AutoencoderStage:
+    name = "autoencoder"
+
+    def resolve_config(self, cfg: DictConfig) -> None:
+        """Nothing is auto here."""
+
+    def build_module(self, cfg: DictConfig) -> L.LightningModule:
+        return build_autoencoder_module(cfg)
+
+    def before_data(self, cfg: DictConfig, module: L.LightningModule) -> None:
+        """No class images."""
+
+    def before_fit(self, cfg: DictConfig, module: L.LightningModule, datamodule: Any) -> None:
+        """Pixels are the training data: no cache to encode."""
+
+    def results(self, module: L.LightningModule, datamodule: Any, run_dir: Path) -> dict[str, Any]:
+        """The scaling factor calibrated on the training data, and the VAE file the diffusion stage loads."""
+        from ldm.formats.autoencoder_file import save_autoencoder
+        from ldm.training.build.factories import calibrate_scaling_factor
+
+        scaling = calibrate_scaling_factor(module.autoencoder, datamodule.train_dataloader())
+        return {"scaling_factor": scaling,
+                "autoencoder": str(save_autoencoder(module.autoencoder, run_dir / "autoencoder.safetensors"))}
+
+
+STAGE_KINDS = {s.name: s for s in (DiffusionStage(), AutoencoderStage())}
