@@ -206,9 +206,20 @@ def output_path(cfg: DictConfig) -> Path:
     return out_dir / f"{name.replace('/', '_')}.json"
 
 
+def shared_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The result as written to JSON, a file people share: the checkpoint named relative to its run folder (else a
+    hub id / relative path as given, or its file name), the paths in skipped metrics' reasons reduced to file names
+    (``ldm.formats.shared_names``). The returned result and the printed table keep the full paths for the user."""
+    from ldm.formats.shared_names import shared_config, shared_name
+
+    shared = {k: shared_config(v) for k, v in result.items() if k != "path"}
+    shared["checkpoint"] = shared_name(result["checkpoint"], run_folder(result["checkpoint"]))
+    return shared
+
+
 def write_json(result: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: v for k, v in result.items() if k != "path"}, indent=2) + "\n")
+    path.write_text(json.dumps(shared_result(result), indent=2) + "\n")
     return path
 
 

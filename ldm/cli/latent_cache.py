@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 
 from ldm.data.latent_cache import DTYPES, STORES, TEXTS, build_latent_cache
+from ldm.formats.shared_names import shared_config
 
 logger = logging.getLogger("ldm.data")
 
@@ -141,7 +142,9 @@ def main(argv: Iterable[str] | None = None) -> dict:
     text_encoder = make_text_encoder(args.text_encoder, args.penultimate)
     if text_encoder is not None:
         text_encoder = text_encoder.to(device)
-    description = {k: v for k, v in vars(args).items() if k not in ("overwrite", "no_progress", "out")}
+    # how the cache was made, kept in its manifest: a cache may be shared, so its paths are shareable names
+    description = shared_config({k: v for k, v in vars(args).items() if k not in ("overwrite", "no_progress", "out")},
+                                args.out)
     manifest = build_latent_cache(
         source, args.out, vae, text_encoder, store=args.store, text=args.text, shard_size=args.shard_size,
         batch_size=args.batch_size, num_workers=args.num_workers, dtype=args.dtype,

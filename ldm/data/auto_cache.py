@@ -20,6 +20,7 @@ This module is data only: the encoding (VAE, text encoder) is the `encode` calla
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -68,6 +69,14 @@ class CacheSpec:
     captions: Any = None
     buckets: Any = None
     records: list[list[dict]] | None = None
+
+
+def place_digest(path: str | Path) -> str:
+    """Where a dataset's folder or file lies on this machine, as a digest for its cache key: the key still tells two
+    folders apart (symlinks resolved, so two spellings of one folder agree), but ``key.json`` and the manifests
+    written beside the latents hold no path of the user's (their home, their folder layout)."""
+    place = str(Path(path).expanduser().resolve())
+    return "sha256:" + hashlib.sha256(place.encode("utf-8")).hexdigest()[:16]
 
 
 def cache_spec(dataset) -> CacheSpec | None:

@@ -128,7 +128,7 @@ class ImageFolderDataset(Dataset):
         the transform (`ldm.data.auto_cache`). A changed file gets a new identity and is encoded again."""
         import copy
 
-        from ldm.data.auto_cache import CacheSpec
+        from ldm.data.auto_cache import CacheSpec, place_digest
 
         buckets = self.bucket_assignment
         items = []
@@ -138,7 +138,7 @@ class ImageFolderDataset(Dataset):
             items.append(json.dumps(identity if buckets is None else identity + [list(buckets.target(i)),
                                                                          list(buckets.resized[i])]))
         t = self.transform
-        settings = {"kind": "ImageFolderDataset", "root": str(self.root.resolve()), "resolution": t.resolution,
+        settings = {"kind": "ImageFolderDataset", "root": place_digest(self.root), "resolution": t.resolution,
                     "center_crop": t.center_crop}
         if buckets is not None:  # another bucket table crops differently: another cache folder
             settings["buckets"] = {"table": [list(b) for b in buckets.table], "no_upscale": not buckets.table}

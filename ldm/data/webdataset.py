@@ -227,14 +227,14 @@ class WebDatasetSource(IterableDataset):
         file), the keys read and the transform. The stream is cached as a whole, read once in shard order."""
         import os
 
-        from ldm.data.auto_cache import CacheSpec
+        from ldm.data.auto_cache import CacheSpec, place_digest
 
         shards = []
         for url in self.urls:
             path = url[len("file:"):] if url.startswith("file:") else url
             try:
                 stat = os.stat(path)
-                shards.append([url, stat.st_size, stat.st_mtime_ns])
+                shards.append([place_digest(path), stat.st_size, stat.st_mtime_ns])  # a local file: no path kept
             except OSError:  # a URL: its name is all we know
                 shards.append([url])
         t = self.transform

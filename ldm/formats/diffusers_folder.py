@@ -344,6 +344,7 @@ def write_hub_text_encoder(text_encoder, folder: Path, dtype: torch.dtype | None
         state = {k: v for k, v in state.items() if not k.startswith(f"text_model.encoder.layers.{last}.")}
         config.num_hidden_layers = last
     config.architectures = ["CLIPTextModel"]
+    config.name_or_path = ""  # the folder it was loaded from (transformers 4.x writes it): not in a shared file
     stored = dtype or next(iter(state.values())).dtype
     if hasattr(config, "dtype"):
         config.dtype = stored
@@ -363,6 +364,7 @@ def write_hub_text_encoder(text_encoder, folder: Path, dtype: torch.dtype | None
 def _write_text_model(config, state: dict, out: Path, architecture: str, dtype: torch.dtype | None) -> None:
     config = copy.deepcopy(config)
     config.architectures = [architecture]
+    config.name_or_path = ""  # as in write_hub_text_encoder
     stored = dtype or next(iter(state.values())).dtype
     if hasattr(config, "dtype"):
         config.dtype = stored

@@ -49,6 +49,7 @@ from ldm.formats.common import (
     write_json,
 )
 from ldm.formats.diffusers_folder import read_weights, write_hub_text_encoder
+from ldm.formats.shared_names import shared_config, shared_name
 from ldm.formats.dtypes import DTYPES, dtype_name
 
 BUNDLE_FILE = "ldm_bundle.json"
@@ -95,8 +96,9 @@ def bundle_config(bundle: ModelBundle, *, frozen: bool = True, dtype: torch.dtyp
         if te is not None:
             components.append("text_encoder")
     meta = bundle.meta or {}
-    source = {"path": str(bundle.source), "format": meta.get("format"), "global_step": meta.get("global_step"),
-              "ema": meta.get("ema")}
+    # where it came from, as a name people may see: a bundle is shared, the user's folders are not (shared_names)
+    source = {"path": shared_name(bundle.source), "format": meta.get("format"),
+              "global_step": meta.get("global_step"), "ema": meta.get("ema")}
     config: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -112,7 +114,8 @@ def bundle_config(bundle: ModelBundle, *, frozen: bool = True, dtype: torch.dtyp
         config["vae_fp32"] = True  # SDXL's VAE overflows in float16: load_bundle keeps it float32
     trained = meta.get("model_config")
     if isinstance(trained, dict):
-        config["training_config"] = trained  # what the run was configured with (for reference; not read back)
+        # what the run was configured with (for reference; not read back), its paths as shareable names
+        config["training_config"] = shared_config(trained)
     return config
 
 

@@ -142,10 +142,14 @@ def apply_lora_files(roots: dict[str, nn.Module], specs, report=print) -> list[L
 
 
 def ldm_metadata(config) -> dict[str, str]:
-    """Our own key in the file: the adapter config (JSON data, never executed)."""
+    """Our own key in the file: the adapter config (JSON data, never executed). A LoRA file is shared: a path in
+    it (``init_from``) is written as a shareable name (``ldm.formats.shared_names``), never the user's home."""
     from dataclasses import asdict
 
-    return {"ldm_lora": json.dumps(asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config))}
+    from ldm.formats.shared_names import shared_config
+
+    config = asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
+    return {"ldm_lora": json.dumps(shared_config(config))}
 
 
 def bundle_roots(bundle) -> dict[str, nn.Module]:

@@ -36,6 +36,7 @@ from ldm.formats.openclip_keys import DROPPED, hf_to_openclip, openclip_num_laye
 from ldm.formats.safe_build import SCHEDULE_TARGET, build_network, build_node, json_object
 from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
 from ldm.formats.sgm_config import first_stage_params, sgm_config
+from ldm.formats.shared_names import shared_name
 from ldm.formats.sdxl_single_file import (
     SDXL_TEXT_2_PREFIX,
     SDXL_TEXT_PREFIX,
@@ -532,14 +533,20 @@ def check_single_file(bundle: ModelBundle) -> None:
                           "norm_num_groups) or --format ldm")
 
 
+def _text_config(model) -> dict:
+    """A text model's config for the header, without ``_name_or_path``: the folder it was loaded from (a path of
+    this machine, which transformers 4.x keeps) has no place in a shared file."""
+    return {k: v for k, v in model.config.to_diff_dict().items() if k != "_name_or_path"}
+
+
 def single_file_header(bundle: ModelBundle, resolution: int, dtype: torch.dtype | None) -> dict[str, str]:
     """safetensors header entries that let ``ldm.formats.load.load_bundle`` rebuild the model exactly (the U-Net / VAE
     configs, schedule, resolution); other tools ignore them."""
 
     te = bundle.text_encoder
-    text = {"penultimate": bool(getattr(te, "penultimate", False)), "config": text_model(te).config.to_diff_dict()}
+    text = {"penultimate": bool(getattr(te, "penultimate", False)), "config": _text_config(text_model(te))}
     if hasattr(te, "model_2"):  # SDXL: the bigG config too
-        text["config_2"] = te.model_2.config.to_diff_dict()
+        text["config_2"] = _text_config(te.model_2)
     return {
         META_UNET: json.dumps(_no_checkpointing(bundle.unet.config), sort_keys=True),
         META_VAE: json.dumps(_no_checkpointing(bundle.autoencoder.config), sort_keys=True),
@@ -566,6 +573,6 @@ def write_single_file(bundle: ModelBundle, path: Path, yaml_path: Path, *, froze
     else:
         config = original_config(_no_checkpointing(bundle.unet.config), bundle.autoencoder.config, bundle.schedule,
                                  text_layout=layout, resolution=resolution, text_layer=text_layer_for(te))
-    text = original_config_yaml(config, bundle.schedule, bundle.source, sgm=sdxl)
+    text = original_config_yaml(config, bundle.schedule, shared_name(bundle.source), sgm=sdxl)  # a shared file
     Path(yaml_path).write_text(text, encoding="utf-8")
     return [Path(path).name, Path(yaml_path).name]

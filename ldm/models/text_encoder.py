@@ -23,6 +23,7 @@ import logging
 import math
 import tempfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -106,6 +107,19 @@ def padding_chunks(tokens: int, length: int, max_length: int) -> int:
     return missing // max_length
 
 
+@contextmanager
+def tiny_clip_folder(folder, prefix: str):
+    """Where a tiny CLIP is written and read: ``folder`` as given (a cache the user chose, kept), else a temporary
+    folder removed as soon as the encoder is loaded. Nothing reads it later (the tokenizer's vocabulary and the
+    weights are in memory; exports write them from memory), so loading a checkpoint leaves no ``tiny_clip_*``
+    folder behind in the temp directory."""
+    if folder is not None:
+        yield Path(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as temporary:
+        yield Path(temporary)
+
+
 def chunk_token_ids(tokenizer, prompts, max_length: int, max_chunks: int, min_chunks: int = 1) -> torch.Tensor:
     """``(B, chunks, max_length)`` token ids of long prompts (A1111 / ComfyUI, see the module docstring): each
     prompt's tokens in chunks of ``max_length - 2``, each BOS + tokens + EOS + pad; shorter prompts padded with
@@ -181,10 +195,10 @@ class CLIPTextEncoder(nn.Module):
                              "by train() with the words of data.train's captions)")
         if preset not in tiny_clip.PRESETS:
             raise ValueError(f"unknown tiny text encoder preset {preset!r}; expected one of {sorted(tiny_clip.PRESETS)}")
-        folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="tiny_clip_"))
-        if not (folder / "text_encoder" / "model.safetensors").exists():
-            tiny_clip.write_tiny_clip(folder, words=words, seed=seed, **tiny_clip.PRESETS[preset])
-        encoder = cls.from_pretrained(folder, **kwargs)
+        with tiny_clip_folder(folder, "tiny_clip_") as folder:
+            if not (folder / "text_encoder" / "model.safetensors").exists():
+                tiny_clip.write_tiny_clip(folder, words=words, seed=seed, **tiny_clip.PRESETS[preset])
+            encoder = cls.from_pretrained(folder, **kwargs)
         vocab, _ = tiny_clip.build_vocab(words)
         if encoder.tokenizer.get_vocab() != vocab or encoder.context_dim != tiny_clip.PRESETS[preset]["hidden_size"]:
             raise ValueError(f"model.text_encoder.folder: {folder} holds a tiny CLIP of other words or another width "

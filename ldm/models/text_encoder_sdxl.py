@@ -19,14 +19,11 @@ embedding is the first chunk's (ComfyUI ``comfy/sd1_clip.py`` ``encode_token_wei
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from ldm.models import tiny_clip
-from ldm.models.text_encoder import chunk_token_ids, padding_chunks, to_hub_keys
+from ldm.models.text_encoder import chunk_token_ids, padding_chunks, tiny_clip_folder, to_hub_keys
 
 SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
@@ -98,11 +95,11 @@ class DualCLIPTextEncoder(nn.Module):
     def from_tiny(cls, folder=None, seed: int = 0, words=tiny_clip.DEFAULT_WORDS, hidden_size: int = 32,
                   hidden_size_2: int = 48, projection_dim: int = 16, **kwargs) -> "DualCLIPTextEncoder":
         """Write (if needed) and load a local random pair of tiny CLIPs laid out like an SDXL folder."""
-        folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="tiny_sdxl_clip_"))
-        if not (folder / "text_encoder_2" / "model.safetensors").exists():
-            tiny_clip.write_tiny_sdxl_clips(folder, words=words, seed=seed, hidden_size=hidden_size,
-                                            hidden_size_2=hidden_size_2, projection_dim=projection_dim)
-        return cls.from_pretrained(folder, **kwargs)
+        with tiny_clip_folder(folder, "tiny_sdxl_clip_") as folder:
+            if not (folder / "text_encoder_2" / "model.safetensors").exists():
+                tiny_clip.write_tiny_sdxl_clips(folder, words=words, seed=seed, hidden_size=hidden_size,
+                                                hidden_size_2=hidden_size_2, projection_dim=projection_dim)
+            return cls.from_pretrained(folder, **kwargs)
 
     # --------------------------------------------------------------------------------------------- properties
     @property

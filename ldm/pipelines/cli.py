@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from ldm.diffusion.schedules import PREDICTION_TYPES
 from ldm.formats.detect import detect_source, looks_like_hub_id
 from ldm.formats.load import load_bundle, resolve_device, resolve_dtype
+from ldm.formats.shared_names import shared_name
 from ldm.pipelines.common import check_size, default_size, unet_kind
 from ldm.pipelines.images import make_grid, mask_batch, pil_to_tensor, to_pil
 from ldm.pipelines.png import save_png
@@ -300,22 +301,28 @@ def sample(cfg: Any) -> list[Path]:
 
 
 def _base_params(cfg: DictConfig, bundle, height: int, width: int, img2img: bool, inpainting: bool) -> dict:
-    """What produced the images (recorded in every PNG); no paths of the run itself, no times."""
+    """What produced the images (recorded in every PNG); no paths of the run itself, no times. PNGs are shared:
+    the files they name are written as shareable names (``ldm.formats.shared_names``: relative to out_dir, a hub
+    id or relative path as given, else the file name), never the user's home or an absolute path."""
     sampling = SamplingOptions.of(cfg.sampler).record()  # steps, sampler, spacing and what applies to the sampler
+
+    def name(path) -> str:
+        return shared_name(path, cfg.out_dir)
+
     params: dict[str, Any] = {
         "negative_prompt": cfg.negative_prompt, "steps": sampling.pop("steps"), "sampler": sampling.pop("sampler"),
-        "cfg_scale": cfg.guidance_scale, "size": f"{width}x{height}", "model": str(cfg.ckpt),
+        "cfg_scale": cfg.guidance_scale, "size": f"{width}x{height}", "model": name(cfg.ckpt),
         "prediction_type": bundle.schedule.prediction_type, **sampling,
         "use_ema": cfg.use_ema, "dtype": str(next(bundle.unet.parameters()).dtype).removeprefix("torch."),
     }
     if cfg.lora:
-        params["lora"] = list(cfg.lora)
+        params["lora"] = [name(spec) for spec in cfg.lora]  # FILE[:SCALE]: the scale stays with the file name
     if cfg.embeddings:
-        params["embeddings"] = list(cfg.embeddings)
+        params["embeddings"] = [name(spec) for spec in cfg.embeddings]
     if img2img:
-        params.update(init_image=str(cfg.init_image), strength=_strength(cfg, inpainting))
+        params.update(init_image=name(cfg.init_image), strength=_strength(cfg, inpainting))
     if inpainting:
-        params.update(mask=str(cfg.mask), feather=cfg.feather)
+        params.update(mask=name(cfg.mask), feather=cfg.feather)
     return {k: v for k, v in params.items() if v is not None}
 
 

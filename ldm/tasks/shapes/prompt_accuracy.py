@@ -81,7 +81,7 @@ class PromptAccuracyCallback(ResultCallback):
                 out = run_dir(trainer) / "prompt_accuracy_cfg.png"
                 labelled_grid(to_pil(torch.cat(images)[:: self.n_per_prompt]), labels=prompts[:: self.n_per_prompt],
                               ncol=len(ds.shapes), scale=max(1, 96 // ds.resolution)).save(out)
-                results["grid"] = str(out)
+                results["grid"] = out.name  # beside prompt_accuracy.json in the run folder: no absolute path
         if trainer is not None:
             metrics = {f"prompt_accuracy/{k}_{m}": v[m] for k, v in results.items() if isinstance(v, dict)
                        for m in ("color_acc", "shape_acc")}
