@@ -20,6 +20,7 @@ from ldm.cli.evaluate_config import CONFIGS, EVAL_METRICS, EvaluateConfig, Evalu
 from ldm.cli.run_config import local_paths, read_run_config, resolved_data, run_config_path, without_cache
 from ldm.evaluation.eval_set import first_items, prompt_checker
 from ldm.evaluation.metrics import build_image_metrics, group_by_reason, score_share
+from ldm.formats.safe_paths import writable_inside
 from ldm.pipelines.sampling_options import SamplingOptions
 
 log = logging.getLogger("ldm.evaluation")
@@ -161,6 +162,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 
     cfg = typed_config(cfg)
     check_options(cfg)
+    output_path(cfg)  # a link shipped in the model's folder is refused before the work, and again when writing
     val, val_batch_size = validation_data(data_config(cfg))
     items = first_items(val, cfg.n)
     if not len(items):
@@ -200,11 +202,18 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 
 
 def output_path(cfg: DictConfig) -> Path:
-    """<out_dir or the checkpoint's run folder/eval>/<checkpoint name>.json"""
+    """<out_dir or the checkpoint's run folder/eval>/<checkpoint name>.json. In the model's own folder (which may
+    come from elsewhere) never through a symbolic link shipped there: ``eval -> ~/somewhere`` is refused."""
     run = run_folder(cfg.ckpt)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else (run / "eval" if run is not None else Path("eval"))
     name = Path(str(cfg.ckpt).rstrip("/")).stem or "model"
-    return out_dir / f"{name.replace('/', '_')}.json"
+    path = out_dir / f"{name.replace('/', '_')}.json"
+    if cfg.out_dir or run is None:
+        return path
+    try:
+        return writable_inside(path, run)
+    except OSError as err:
+        raise EvaluateConfigError(f"{err}; or set out_dir=<folder> to write the results elsewhere") from None
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:

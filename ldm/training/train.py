@@ -19,7 +19,7 @@ from ldm.training.config import STAGES
 from ldm.training.config_checks import ConfigError, check_checkpoint_file, check_values
 from ldm.training.precision import precision_overrides
 from ldm.training.resume import AtomicCheckpointIO, RNGStateCallback
-from ldm.training.run_folder import created_here, fold_into
+from ldm.training.run_folder import created_here, fold_into, refuse_links_out
 
 log = logging.getLogger("ldm.training")
 
@@ -156,10 +156,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.run_dir).resolve()
     if cfg.ckpt_path == "last":  # continue in the same run folder
         run_dir = find_last_run(cfg, run_dir)
+        refuse_links_out(run_dir)  # before anything is written there (a run folder may come from elsewhere)
         OmegaConf.update(cfg, "paths.run_dir", str(run_dir))
         print(f"resuming {run_dir / 'checkpoints' / 'last.ckpt'}")
         for fresh in created_here():  # Hydra's fresh folder for this process: its files go into the run's
             fold_into(fresh, run_dir)
+    else:  # paths.run_dir may name a folder that exists, from elsewhere too
+        refuse_links_out(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
     if cfg.ckpt_path == "last":
