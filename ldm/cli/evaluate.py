@@ -16,16 +16,14 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cli.evaluate_config import CONFIGS, EVAL_METRICS, EvaluateConfig
+from ldm.cli.evaluate_config import CONFIGS, EVAL_METRICS, EvaluateConfig, EvaluateConfigError
+from ldm.cli.run_config import local_paths, read_run_config, resolved_data, run_config_path, without_cache
 from ldm.evaluation.eval_set import first_items, prompt_checker
 from ldm.evaluation.metrics import build_image_metrics, group_by_reason, score_share
+from ldm.formats.safe_paths import writable_inside
 from ldm.pipelines.sampling_options import SamplingOptions
 
 log = logging.getLogger("ldm.evaluation")
-
-
-class EvaluateConfigError(ValueError):
-    """An evaluation option is wrong; the message names it."""
 
 
 def typed_config(cfg: Any) -> DictConfig:
@@ -101,20 +99,24 @@ def check_targets(node: Any, source: Path, allowed: set[str], key: str = "data")
 
 
 def data_config(cfg: DictConfig) -> DictConfig:
-    """``data`` as given, else the data of the checkpoint's run (its config.yaml, interpolations resolved there;
-    the import paths of MOVED_TARGETS brought up to date, so runs made before a class moved still evaluate)."""
+    """``data`` as given, else the data of the checkpoint's training run (``<run>/config.yaml`` beside
+    ``<run>/checkpoints/``), read as bounded data (ldm.cli.run_config: node interpolations only, local paths that
+    exist, each named in a log line); the import paths of MOVED_TARGETS brought up to date, so runs made before a
+    class moved still evaluate."""
     if cfg.data is not None:
         return cfg.data
-    run = run_folder(cfg.ckpt)
-    saved = run / "config.yaml" if run is not None else None
-    if saved is None or not saved.is_file():
-        raise EvaluateConfigError(f"no data given and {cfg.ckpt} has no run config.yaml to take it from: set "
+    saved = run_config_path(cfg.ckpt)
+    if saved is None:
+        raise EvaluateConfigError(f"no data given and {cfg.ckpt} is not a checkpoint of a training run "
+                                  "(<run>/checkpoints/<name>.ckpt beside <run>/config.yaml) to take it from: set "
                                   "data=<a configs/data/ option, e.g. shapes> (with data.<key>=... as needed)")
-    run_cfg = OmegaConf.load(saved)
-    if OmegaConf.select(run_cfg, "data") is None:
+    raw = without_cache(read_run_config(saved))
+    if raw.get("data") is None:
         raise EvaluateConfigError(f"{saved} has no data section: set data=<a configs/data/ option>")
-    data = renamed_targets(OmegaConf.to_container(run_cfg.data, resolve=True), saved)
+    data = renamed_targets(resolved_data(raw, saved), saved)
     check_targets(data, saved, allowed_data_targets())
+    paths = local_paths(data, saved)
+    log.info("%s: evaluating on the run's data, read from %s", saved, "; ".join(paths) or "no files (generated)")
     return OmegaConf.create(data)
 
 
@@ -160,6 +162,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 
     cfg = typed_config(cfg)
     check_options(cfg)
+    output_path(cfg)  # a link shipped in the model's folder is refused before the work, and again when writing
     val, val_batch_size = validation_data(data_config(cfg))
     items = first_items(val, cfg.n)
     if not len(items):
@@ -199,11 +202,18 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 
 
 def output_path(cfg: DictConfig) -> Path:
-    """<out_dir or the checkpoint's run folder/eval>/<checkpoint name>.json"""
+    """<out_dir or the checkpoint's run folder/eval>/<checkpoint name>.json. In the model's own folder (which may
+    come from elsewhere) never through a symbolic link shipped there: ``eval -> ~/somewhere`` is refused."""
     run = run_folder(cfg.ckpt)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else (run / "eval" if run is not None else Path("eval"))
     name = Path(str(cfg.ckpt).rstrip("/")).stem or "model"
-    return out_dir / f"{name.replace('/', '_')}.json"
+    path = out_dir / f"{name.replace('/', '_')}.json"
+    if cfg.out_dir or run is None:
+        return path
+    try:
+        return writable_inside(path, run)
+    except OSError as err:
+        raise EvaluateConfigError(f"{err}; or set out_dir=<folder> to write the results elsewhere") from None
 
 
 def shared_result(result: dict[str, Any]) -> dict[str, Any]:

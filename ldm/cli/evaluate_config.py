@@ -16,6 +16,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EVAL_METRICS = ("val_loss", *METRIC_NAMES)
 
 
+class EvaluateConfigError(ValueError):
+    """An evaluation option is wrong; the message names it."""
+
+
 @dataclass
 class EvaluateConfig:
     ckpt: str = MISSING  # training .ckpt, export folder, SD single file or diffusers folder

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from ldm.data.latent_cache import LatentCacheError, read_manifest
 
 MAX_OPEN_SHARDS = 128
+MAX_HEADER = 100_000_000  # bytes of a shard's JSON header (safetensors' own limit)
 
 
 class CachedLatentsDataset(Dataset):
@@ -155,7 +157,13 @@ class _Shard:
         try:
             with open(file, "rb") as f:
                 (size,) = np.frombuffer(f.read(8), dtype="<u8")
-                header = json.loads(f.read(int(size)))
+                size, present = int(size), os.fstat(f.fileno()).st_size - 8
+                if size > min(present, MAX_HEADER):  # checked before read(size) allocates it: 2**50 is a claim
+                    raise ValueError(f"its header claims {size} bytes; the file holds {present} after the size "
+                                     f"field (and a header holds at most {MAX_HEADER})")
+                header = json.loads(f.read(size))
+            if not isinstance(header, dict):
+                raise ValueError(f"its header is a {type(header).__name__}, not a mapping of tensors")
             data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + int(size))
             self.captions = json.loads((header.pop("__metadata__", None) or {}).get("captions", "[]"))
             self.arrays = {}
@@ -164,7 +172,8 @@ class _Shard:
                 begin, end = info["data_offsets"]
                 array = data[begin:end].view(np_dtype).reshape(info["shape"])
                 self.arrays[name] = (array, torch_dtype)
-        except (OSError, ValueError, KeyError, TypeError) as error:  # truncated, not safetensors, bad header
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:  # truncated, not safetensors,
+            # bad header (nested too deep for json)
             raise LatentCacheError(f"latent cache shard {file} is unreadable ({type(error).__name__}: {error}); "
                                    f"delete it and run the build command again to re-encode it") from None
 

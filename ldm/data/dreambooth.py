@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from ldm.data.bad_samples import decode_image
 from ldm.data.collate import collate_image_caption
 from ldm.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
+from ldm.formats.safe_paths import inside
 
 logger = logging.getLogger("ldm.data")
 
@@ -249,9 +250,10 @@ class DreamBoothDataset(Dataset):
                 if stem not in by_stem:
                     raise FileNotFoundError(f"{KEY}.mask_root: no mask for instance image {key} (looked for "
                                             f"{self.mask_root / stem}.<png|jpg|...>)")
-                channel = decode_image(str(by_stem[stem])).convert("RGB").getchannel("R")
-            else:
-                image = decode_image(str(self.instance.root / key))
+                mask_file = inside(self.mask_root, by_stem[stem], source=f"{KEY}.mask_root", key=f"mask of {key}")
+                channel = decode_image(str(mask_file)).convert("RGB").getchannel("R")
+            else:  # an instance image linked from outside instance_root is refused here, as it is when loaded
+                image = decode_image(str(self.instance.image_path(key)))
                 if image.mode == "P" and "transparency" in image.info:
                     image = image.convert("RGBA")
                 if "A" not in image.getbands():
@@ -266,15 +268,17 @@ class DreamBoothDataset(Dataset):
                            "(e.g. %s)", KEY, len(without_alpha), without_alpha[0])
         return masks
 
-    def _mask_files(self) -> dict[str, Path]:
+    def _mask_files(self) -> dict[str, str]:
+        """{instance image stem: mask file name relative to mask_root} (a link out of mask_root is refused when
+        the mask is read)."""
         if not self.mask_root.is_dir():
             raise FileNotFoundError(f"{KEY}.mask_root: folder not found: {self.mask_root}")
         instance_root = self.instance.root.resolve()
         if self.mask_root.resolve().is_relative_to(instance_root):
             raise ValueError(f"{KEY}.mask_root {self.mask_root} is inside instance_root: its masks would be read "
                              "as instance images; keep the masks in a folder of their own")
-        return {str(p.relative_to(self.mask_root).with_suffix("")): p for p in sorted(self.mask_root.rglob("*"))
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()}
+        return {str(p.relative_to(self.mask_root).with_suffix("")): p.relative_to(self.mask_root).as_posix()
+                for p in sorted(self.mask_root.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()}
 
     def __repr__(self) -> str:
         return (f"DreamBoothDataset({self.n_instance} instance image(s) {self.instance.prompt!r} from "

@@ -10,6 +10,10 @@ Captions come from, in order of preference:
 Files that cannot be decoded are skipped: warned once by name, counted in `bad_files`,
 and the next index is returned instead.
 
+A folder may be downloaded: an image that is a symbolic link resolving outside `root` is never read (skipped and
+counted like an undecodable one), and a caption sidecar or metadata file linking outside `root` is ignored with a
+warning, so no file elsewhere on the machine reaches the samples or the captions.
+
 Captions are then processed per sample (prefix/suffix, wildcards, shuffle, tag dropout: `ldm.data.captions`).
 """
 
@@ -26,6 +30,7 @@ from ldm.data.bad_samples import BadSampleTracker, decode_image, upright_size
 from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
 from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
+from ldm.formats.safe_paths import inside, is_inside
 
 logger = logging.getLogger("ldm.data")
 
@@ -83,7 +88,7 @@ class ImageFolderDataset(Dataset):
             )
         self._bad = BadSampleTracker(f"ImageFolderDataset({self.root})")
         self.bucket_assignment = assign_source_buckets(
-            buckets, [upright_size(str(self.root / key)) for key in self.files] if buckets_enabled(buckets) else [],
+            buckets, [self._size(key) for key in self.files] if buckets_enabled(buckets) else [],
             self.transform.resolution, f"ImageFolderDataset({self.root})")
 
     @property
@@ -106,12 +111,22 @@ class ImageFolderDataset(Dataset):
     def _load(self, i: int, slot: int | None = None) -> dict:
         """Image i, at the size of index ``slot``'s bucket with buckets (i replaces an unreadable ``slot``)."""
         key = self.files[i]
-        image = decode_image(str(self.root / key))
+        image = decode_image(str(self.image_path(key)))
         if self.bucket_assignment is None:
             sample = {"image": self.transform(image)}
         else:
             sample = bucket_sample(self.transform, self.bucket_assignment, image, i if slot is None else slot, i)
         return {**sample, "caption": self.caption(i), "key": key, "index": i}
+
+    def image_path(self, key: str) -> Path:
+        """``root / key``; a CheckpointError naming it when a symbolic link takes it outside root (a downloaded
+        folder may link any file the user can read): `first_readable` then skips it as a bad sample."""
+        return inside(self.root, key, source=f"ImageFolderDataset({self.root})", key="image")
+
+    def _size(self, key: str) -> tuple[int, int] | None:
+        """The image's size from its header; None (skipped when loaded) for one outside root, which is not read."""
+        path = self.root / key
+        return upright_size(str(path)) if is_inside(path, self.root) else None
 
     def caption(self, i: int) -> str:
         """The processed caption of sample i in the current epoch."""
@@ -160,7 +175,8 @@ class ImageFolderDataset(Dataset):
         from_metadata = self._read_all_metadata()
         captions, missing = [], 0
         for key in self.files:
-            caption = from_metadata.get(key) or _read_sidecar(self.root / key, self.caption_options.extension)
+            caption = from_metadata.get(key) or _read_sidecar(self.root / key, self.caption_options.extension,
+                                                               self.root)
             if not caption:
                 missing += 1
             captions.append(caption or "")
@@ -171,6 +187,10 @@ class ImageFolderDataset(Dataset):
         captions: dict[str, str] = {}
         for name in METADATA_FILES:
             for meta in sorted(self.root.rglob(name)):
+                if not is_inside(meta, self.root):
+                    logger.warning("%s is a symbolic link to a file outside %s: not read (its captions are "
+                                   "ignored)", meta, self.root)
+                    continue
                 folder = meta.parent.relative_to(self.root)
                 rows, bad_lines = _read_rows(meta)
                 self.bad_metadata_rows += len(bad_lines)
@@ -221,8 +241,14 @@ def _utf8_lines(path: Path) -> tuple[list[tuple[int, str]], list[int]]:
     return good, bad
 
 
-def _read_sidecar(image_path: Path, extension: str = ".txt") -> str | None:
+def _read_sidecar(image_path: Path, extension: str, root: Path) -> str | None:
+    """The caption beside the image; None when there is none, or when it is a symbolic link out of ``root``
+    (ignored with a warning: the image keeps an empty caption, as without a sidecar, rather than being dropped,
+    since the image itself is the folder's own; the linked file's words never become a caption)."""
     sidecar = image_path.with_suffix(extension)
     if not sidecar.is_file():
+        return None
+    if not is_inside(sidecar, root):
+        logger.warning("%s is a symbolic link to a file outside %s: not read as a caption", sidecar, root)
         return None
     return sidecar.read_text(encoding="utf-8").strip()

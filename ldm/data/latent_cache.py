@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ldm.formats.dtypes import DTYPES as ALL_DTYPES
 from ldm.formats.safe_build import INT, Param, check_kwargs, check_plain
+from ldm.formats.safe_load import CheckpointError
+from ldm.formats.safe_paths import inside
 
 logger = logging.getLogger("ldm.data")
 
@@ -71,7 +73,7 @@ def read_manifest(path: str | Path) -> dict:
         )
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise LatentCacheError(
             f"latent cache manifest {file} is corrupt ({error}). Rebuild the cache: run the build command "
             f"again with --overwrite"
@@ -96,9 +98,18 @@ def _check_manifest(manifest: Any, file: Path) -> None:
     if manifest["store"] not in STORES or manifest["text"] not in TEXTS:
         raise LatentCacheError(f"latent cache manifest {file} is corrupt: store={manifest['store']!r}, "
                                f"text={manifest['text']!r}")
-    for shard in manifest["shards"]:
+    if not isinstance(manifest["shards"], list):
+        raise LatentCacheError(f"latent cache manifest {file} is corrupt: shards is not a list")
+    for i, shard in enumerate(manifest["shards"]):
         if not isinstance(shard, dict) or not {"file", "start", "count"} <= shard.keys():
             raise LatentCacheError(f"latent cache manifest {file} is corrupt: bad shard entry {shard!r}")
+        if not all(type(shard[k]) is int and shard[k] >= 0 for k in ("start", "count")):
+            raise LatentCacheError(f"{file}: shards[{i}]: start and count must be whole numbers >= 0, got "
+                                   f"{shard['start']!r}, {shard['count']!r}")
+        try:  # a manifest from elsewhere names only shards of its own folder: no '../', no absolute path, no link out
+            inside(file.parent, shard["file"], source=str(file), key=f"shards[{i}].file")
+        except CheckpointError as error:
+            raise LatentCacheError(str(error)) from None
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:

@@ -3,6 +3,9 @@
 ``hydra.run.dir`` (configs/hydra/default.yaml) names its folder through the ``ldm_unique_dir`` resolver:
 the folder is created with ``os.mkdir`` (which fails if it exists), so two runs started in the same second
 get ``<time>`` and ``<time>-1`` instead of sharing one folder (interleaved metrics.csv, one config.yaml).
+
+A run folder may come from elsewhere (downloaded, then resumed): ``refuse_links_out`` stops a run before it writes
+anything into a folder that ships a symbolic link out of it where the run writes.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from ldm.formats.safe_paths import is_inside
+from ldm.training.config_checks import ConfigError
 
 _claimed: dict[str, str] = {}  # base path -> the folder this process created for it
 
@@ -66,3 +72,22 @@ def fold_into(fresh: Path, run_dir: Path) -> None:
     for e in entries:
         os.replace(e, target / e.name.lstrip("."))
     fresh.rmdir()
+
+
+def refuse_links_out(run_dir: Path) -> None:
+    """A ConfigError naming the first symbolic link in ``run_dir`` (at any depth) that resolves outside it.
+
+    A run writes config.yaml, checkpoints/ (and the files in it), metrics.csv, samples/, bad_samples/, logs and
+    more into its folder, and Lightning's loggers and callbacks write wherever they were told under it: rather than
+    list every name, no link out is accepted anywhere in the folder. Links that stay inside (Lightning's
+    ``save_last="link"``) are fine: whatever is written through them lands in the run folder."""
+    if not run_dir.is_dir():
+        return
+    for folder, dirs, files in os.walk(run_dir):  # links to folders are listed in dirs and not followed
+        for name in sorted(dirs + files):
+            path = Path(folder) / name
+            if path.is_symlink() and not is_inside(path, run_dir):
+                raise ConfigError(f"{path} is a symbolic link to {os.readlink(path)}, outside the run folder "
+                                  f"{run_dir}: a run writes there and never through a link out (a folder from "
+                                  "elsewhere may point one at any file of yours). Remove the link (or replace it "
+                                  "with a copy of what it points to) and run again")

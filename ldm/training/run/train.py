@@ -20,7 +20,7 @@ from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, c
 from ldm.training.run.first_stage import ensure_first_stage
 from ldm.training.build.precision import precision_overrides
 from ldm.training.run.resume import AtomicCheckpointIO, RNGStateCallback
-from ldm.training.run.run_folder import created_here, fold_into
+from ldm.training.run.run_folder import created_here, fold_into, refuse_links_out
 from ldm.training.run.stages import STAGE_KINDS, build, build_autoencoder_module, build_diffusion_module
 
 __all__ = ["ConfigError", "build", "build_autoencoder_module", "build_diffusion_module", "train"]
@@ -122,10 +122,13 @@ def prepare_run_folder(cfg: DictConfig) -> tuple[Path, str | None]:
     run_dir = Path(cfg.paths.run_dir).resolve()
     if cfg.ckpt_path == "last":  # continue in the same run folder
         run_dir = find_last_run(cfg, run_dir)
+        refuse_links_out(run_dir)  # before anything is written there (a run folder may come from elsewhere)
         OmegaConf.update(cfg, "paths.run_dir", str(run_dir))
         print(f"resuming {run_dir / 'checkpoints' / 'last.ckpt'}")
         for fresh in created_here():  # Hydra's fresh folder for this process: its files go into the run's
             fold_into(fresh, run_dir)
+    else:  # paths.run_dir may name a folder that exists, from elsewhere too
+        refuse_links_out(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
     if cfg.ckpt_path == "last":
