@@ -28,7 +28,7 @@ from ldm.data.cached_latents import CachedLatentsDataset
 from ldm.data.image_folder import ImageFolderDataset
 from ldm.data.latent_cache import FORMAT, MANIFEST, LatentCacheError
 from ldm.models.tiny_clip import caption_words
-from ldm.training.config_checks import ConfigError
+from ldm.training.run.config_checks import ConfigError
 from tests.data.conftest import save_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -325,7 +325,7 @@ def test_evaluate_writes_no_result_through_a_shipped_link(tmp_path):
 
 @pytest.mark.parametrize("link", ["config.yaml", "checkpoints", "metrics.csv", "samples"])
 def test_a_resumed_run_writes_nothing_through_a_shipped_link(tmp_path, link):
-    from ldm.training.train import train
+    from ldm.training.run.train import train
     from tests.training.conftest import TINY_MODEL, compose_train
 
     victim = tmp_path / "victim"

@@ -15,9 +15,9 @@ from ldm.cli.evaluate_config import compose_evaluate
 from ldm.cli.export import main as export_main
 from ldm.pipelines.cli import register_configs as register_sample_configs
 from ldm.pipelines.cli import sample
-from ldm.training.config import register_configs
+from ldm.training.run.config import register_configs
 from ldm.formats.lora_files import save_lora_file
-from ldm.training.train import build_diffusion_module, train
+from ldm.training.run.train import build_diffusion_module, train
 from tests.training.conftest import CONFIGS, TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")

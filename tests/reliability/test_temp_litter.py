@@ -9,7 +9,7 @@ import torch
 from ldm.formats.load import load_bundle
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
-from ldm.training.train import train
+from ldm.training.run.train import train
 from tests.training.conftest import TINY_MODEL, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

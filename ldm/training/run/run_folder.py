@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ldm.formats.safe_paths import is_inside
-from ldm.training.config_checks import ConfigError
+from ldm.training.run.config_checks import ConfigError
 
 _claimed: dict[str, str] = {}  # base path -> the folder this process created for it
 
