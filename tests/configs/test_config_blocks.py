@@ -1,0 +1,63 @@
+"""Blocks that several configs share are written once (configs/data/{loader,captions,buckets}/) and composed through
+`defaults:`; each block states its class's defaults, and the keys users override on the command line still land."""
+
+from dataclasses import asdict
+
+import pytest
+from omegaconf import OmegaConf
+
+from ldm.data.buckets import BucketSettings
+from ldm.data.captions import CaptionProcessor
+from tests.training.conftest import compose_train
+
+SOURCES = {"folder": "data.train.root", "hf": "data.train.path", "webdataset": "data.train.urls"}
+
+
+def _data(tmp_path, source, *overrides):
+    return compose_train(tmp_path, [f"data={source}", f"{SOURCES[source]}={tmp_path}", *overrides]).data
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_the_caption_block_is_every_caption_option_at_its_default(tmp_path, source):
+    captions = OmegaConf.to_container(_data(tmp_path, source).train.captions, resolve=False)
+    assert captions.pop("seed") == "${seed}"  # the run's seed
+    expected = asdict(CaptionProcessor())
+    del expected["seed"]
+    if source != "folder":  # caption sidecar files exist in an image folder only (HFDataset refuses the key)
+        del expected["extension"]
+    assert captions == expected
+
+
+@pytest.mark.parametrize("source", ["folder", "hf"])
+def test_the_bucket_block_is_every_bucket_setting_at_its_default(tmp_path, source):
+    buckets = OmegaConf.to_container(_data(tmp_path, source).train.buckets)
+    assert buckets == asdict(BucketSettings())
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_the_loader_block_is_shared(tmp_path, source):
+    data = _data(tmp_path, source)
+    assert (data.batch_size, data.num_workers) == (8, 2)
+    assert OmegaConf.to_container(data, resolve=False)["latent_cache"] == "${paths.cache_dir}/latents"
+
+
+def test_command_line_overrides_land_in_the_shared_blocks(tmp_path):
+    """The overrides the README shows."""
+    data = _data(tmp_path, "folder", "data.train.captions.extension=.caption", "data.train.captions.prefix='sks,'",
+                 "data.train.captions.shuffle=true", "data.train.captions.keep_tokens=1",
+                 "data.train.captions.tag_dropout=0.1", "data.train.resolution=32", "data.train.buckets.enabled=true",
+                 "data.train.buckets.step=16", "data.batch_size=16", "data.latent_cache=null")
+    assert CaptionProcessor.of({**data.train.captions, "seed": 0}) == CaptionProcessor(
+        prefix="sks,", shuffle=True, keep_tokens=1, tag_dropout=0.1, extension=".caption")
+    assert BucketSettings.of(data.train.buckets) == BucketSettings(enabled=True, step=16)
+    assert (data.train.resolution, data.batch_size, data.latent_cache) == (32, 16, None)
+    hf = _data(tmp_path, "hf", "data.train.captions.wildcards=true", "data.train.buckets.no_upscale=true")
+    assert hf.train.captions.wildcards and hf.train.buckets.no_upscale
+    assert _data(tmp_path, "webdataset", "data.train.captions.suffix=x").train.captions.suffix == "x"
+
+
+def test_an_experiment_overrides_a_shared_block(tmp_path):
+    cfg = compose_train(tmp_path, ["experiment=own_data", f"data.train.root={tmp_path}", "data.train.resolution=32",
+                                   "data.train.captions.separator='|'"])
+    assert (cfg.data.batch_size, cfg.data.num_workers) == ("auto", 0)  # own_data's, over the loader block's
+    assert cfg.data.train.resolution == 32 and cfg.data.train.captions.separator == "|"
