@@ -2,6 +2,7 @@
 `defaults:`; each block states its class's defaults, and the keys users override on the command line still land."""
 
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -10,6 +11,7 @@ from ldm.data.buckets import BucketSettings
 from ldm.data.captions import CaptionProcessor
 from tests.training.conftest import compose_train
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SOURCES = {"folder": "data.train.root", "hf": "data.train.path", "webdataset": "data.train.urls"}
 
 
@@ -61,3 +63,26 @@ def test_an_experiment_overrides_a_shared_block(tmp_path):
                                    "data.train.captions.separator='|'"])
     assert (cfg.data.batch_size, cfg.data.num_workers) == ("auto", 0)  # own_data's, over the loader block's
     assert cfg.data.train.resolution == 32 and cfg.data.train.captions.separator == "|"
+
+
+def _schema_defaults(config: str, tmp_path: Path) -> dict:
+    """The defaults of configs/<config>.yaml's schema, as Hydra's ConfigStore holds it (``<config>_schema``)."""
+    from hydra.core.config_store import ConfigStore
+
+    from ldm.cli.evaluate_config import register_configs as evaluate
+    from ldm.pipelines.cli import register_configs as sample
+
+    if config == "train":
+        compose_train(tmp_path, [])  # registers train_schema, wherever the training package keeps it
+    else:
+        {"sample": sample, "evaluate": evaluate}[config]()
+    return OmegaConf.to_container(OmegaConf.create(ConfigStore.instance().load(f"{config}_schema.yaml").node))
+
+
+@pytest.mark.parametrize("config", ["train", "sample", "evaluate"])
+def test_a_primary_config_restates_no_default_of_its_schema(config, tmp_path):
+    """The schema (a dataclass) is the one place of a top-level default: the yaml only sets what differs."""
+    defaults = _schema_defaults(config, tmp_path)
+    written = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{config}.yaml"))
+    restated = sorted(k for k, v in written.items() if k in defaults and v == defaults[k])
+    assert restated == [], f"configs/{config}.yaml restates the schema's defaults of {restated}"
