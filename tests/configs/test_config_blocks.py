@@ -1,10 +1,12 @@
 """Blocks that several configs share are written once (configs/data/{loader,captions,buckets}/) and composed through
 `defaults:`; each block states its class's defaults, and the keys users override on the command line still land."""
 
+import inspect
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from hydra._internal.utils import _locate
 from omegaconf import OmegaConf
 
 from ldm.data.buckets import BucketSettings
@@ -86,3 +88,29 @@ def test_a_primary_config_restates_no_default_of_its_schema(config, tmp_path):
     written = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{config}.yaml"))
     restated = sorted(k for k, v in written.items() if k in defaults and v == defaults[k])
     assert restated == [], f"configs/{config}.yaml restates the schema's defaults of {restated}"
+
+
+# module/diffusion.yaml's deliberate choices over LatentDiffusion's own defaults (a library user gets plain MSE)
+MODULE_CHOICES = {"min_snr_gamma"}
+
+
+def _disagreements(node, where: str):
+    """(key, the config's value, the _target_'s default) of every ldm _target_ node under `node`."""
+    if not OmegaConf.is_dict(node):
+        return
+    target = node.get("_target_")
+    if isinstance(target, str) and target.startswith("ldm."):
+        parameters = inspect.signature(_locate(target)).parameters
+        for key, value in node.items():
+            default = parameters[key].default if key in parameters else inspect.Parameter.empty
+            if default is not inspect.Parameter.empty and not OmegaConf.is_config(value) and value != default:
+                yield f"{where}.{key}", value, default
+    for key, value in node.items():
+        yield from _disagreements(value, f"{where}.{key}")
+
+
+def test_the_diffusion_module_config_and_its_class_agree_on_defaults(tmp_path):
+    """A default the config states is the class's too (EMA decay once said 0.999 in the yaml, 0.9999 in the code)."""
+    module = compose_train(tmp_path, []).module
+    found = [d for d in _disagreements(module, "module") if d[0].removeprefix("module.") not in MODULE_CHOICES]
+    assert found == []
