@@ -31,6 +31,8 @@ IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.75, 1.0
 
 @dataclass
 class SampleConfig:
+    # Every key of configs/sample.yaml and its default: this class is the one place they are written (sample.yaml
+    # only picks the sampler and keeps Hydra from writing a run folder; `python sample.py --cfg job` prints them).
     ckpt: str = MISSING  # the model: training .ckpt, export folder, SD .safetensors/.ckpt, diffusers folder or hub id
     prompt: Optional[str] = None  # one prompt ...
     prompt_file: Optional[str] = None  # ... or a text file with one prompt per line
@@ -47,7 +49,7 @@ class SampleConfig:
     # default 0.75 for image-to-image, 1.0 for inpainting
     mask: Optional[str] = None  # inpainting: white = repaint; same size as init_image
     feather: int = 0  # inpainting: soften the composite edge over this many pixels inside the mask
-    out_dir: str = "samples"
+    out_dir: str = "samples"  # PNGs (with their parameters in a text chunk) and grid.png
     overwrite: bool = False  # an out_dir holding an earlier run's images is refused unless true (then they go first)
     grid: bool = True  # also write grid.png
     use_ema: bool = True
@@ -57,8 +59,11 @@ class SampleConfig:
     max_chunks: Optional[int] = None  # long prompts: up to 75 x N tokens (A1111 chunks); null: the model's (1 = 75)
     prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
     check_memory: bool = True  # estimate the activation memory first; refuse (saying what to lower) if it won't fit
-    lora: list[str] = field(default_factory=list)  # LoRA files merged in, each FILE or FILE:SCALE (kohya / diffusers)
-    embeddings: list[str] = field(default_factory=list)  # textual-inversion files, each FILE or FILE:TOKEN
+    lora: list[str] = field(default_factory=list)  # LoRA files merged in (kohya / diffusers), each FILE or FILE:SCALE:
+    # lora=[a.safetensors,b.safetensors:0.5]
+    embeddings: list[str] = field(default_factory=list)  # textual-inversion files, each FILE or FILE:TOKEN; the
+    # prompt uses the token (the key of a diffusers learned_embeds file, else the file stem):
+    # embeddings=[run/learned_embeds.safetensors]
 
 
 class SampleConfigError(ValueError):
