@@ -29,7 +29,7 @@ class PromptAccuracyCallback(ResultCallback):
     :class:`ldm.training.callbacks.sampling.SamplingCallback`.
     """
 
-    def __init__(self, n_per_prompt: int = 4, guidance_scale: float = 4.0, sampler: Any = TRAINING_SAMPLER,
+    def __init__(self, n_per_prompt: int = 4, guidance_scale: float = 3.0, sampler: Any = TRAINING_SAMPLER,
                  seed: int = 1234, use_ema: bool = True, batch_size: int = 64):
         self.n_per_prompt, self.guidance_scale = n_per_prompt, guidance_scale
         self.sampler = SamplingOptions.of(sampler, key="callbacks.prompt_accuracy.sampler")

@@ -42,7 +42,7 @@ class ImageMetricsCallback(L.Callback):
     def __init__(self, metrics: Sequence[str] = METRIC_NAMES, n_images: int = 256, every_n_steps: int = 0,
                  inception_weights: str | None = None, clip_model: str | None = None,
                  sampler: Any = TRAINING_SAMPLER, guidance_scale: float = 4.0, seed: int = 0, use_ema: bool = True,
-                 batch_size: int = 32, kid_subset_size: int = 100, key_prefix: str = "callbacks.metrics."):
+                 batch_size: int = 64, kid_subset_size: int = 100, key_prefix: str = "callbacks.metrics."):
         unknown = [m for m in metrics if m not in METRIC_NAMES]
         if unknown:
             raise ValueError(f"{key_prefix}metrics: unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")

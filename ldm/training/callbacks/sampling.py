@@ -99,8 +99,8 @@ class SamplingCallback(ResultCallback):
     ``sampler``: the whole ``sampler`` config node (``${sampler}``: name, steps, eta, karras, spacing, ...), a
     :class:`SamplingOptions` or a sampler name."""
 
-    def __init__(self, prompts: list[str] | None = None, every_n_steps: int = 500, sampler: Any = TRAINING_SAMPLER,
-                 guidance_scale: float = 4.0, seed: int = 0, use_ema: bool = True,
+    def __init__(self, prompts: list[str] | None = None, every_n_steps: int = 400, sampler: Any = TRAINING_SAMPLER,
+                 guidance_scale: float = 3.0, seed: int = 0, use_ema: bool = True,
                  resolution: int | list[int] | None = None, at_end: bool = True, n_prompts: int = 8):
         if prompts is not None and len(prompts) == 0:
             raise ValueError("callbacks.sampling.prompts must list at least one prompt (or be null: captions of "

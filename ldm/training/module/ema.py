@@ -16,7 +16,7 @@ class EMA(nn.Module):
     every checkpoint and restored on resume like any other weight.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         super().__init__()
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
