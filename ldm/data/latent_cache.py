@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -227,6 +227,36 @@ def _progress(total: int | None, initial: int, enabled: bool, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True)
 
 
+def _check_options(store: str, text: str | None, has_text_encoder: bool, has_encode: bool, dtype: str,
+                   shard_size: int, batch_size: int) -> str:
+    """build_latent_cache's choices checked; returns what ``text`` stands for (its default filled in)."""
+    if store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    text = text or ("context" if has_text_encoder else "caption")
+    if text not in TEXTS:
+        raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
+    if text == "context" and not (has_text_encoder or has_encode):
+        raise ValueError("text='context' needs a text_encoder (or use text='caption' to store captions only)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if int(shard_size) <= 0 or int(batch_size) <= 0:
+        raise ValueError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
+    return text
+
+
+@contextmanager
+def _eval_mode(*modules):
+    """The networks in eval mode while they encode, each back in its own mode afterwards."""
+    was_training = [(m, m.training) for m in modules if isinstance(m, torch.nn.Module)]
+    for module, _ in was_training:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in was_training:
+            module.train(mode)
+
+
 def build_latent_cache(
     source: Dataset | IterableDataset,
     out_dir: str | Path,
@@ -275,17 +305,7 @@ def build_latent_cache(
             caller (ldm.training) owns the networks; vae may then be None, and scaling_factor / shift_factor
             say how its latents are scaled.
     """
-    if store not in STORES:
-        raise ValueError(f"store must be one of {STORES}, got {store!r}")
-    text = text or ("context" if text_encoder is not None else "caption")
-    if text not in TEXTS:
-        raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
-    if text == "context" and text_encoder is None and encode is None:
-        raise ValueError("text='context' needs a text_encoder (or use text='caption' to store captions only)")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if int(shard_size) <= 0 or int(batch_size) <= 0:
-        raise ValueError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
+    text = _check_options(store, text, text_encoder is not None, encode is not None, dtype, shard_size, batch_size)
     shard_size, batch_size = int(shard_size), int(batch_size)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -312,17 +332,11 @@ def build_latent_cache(
         encoder = _EncodeFunction(encode, DTYPES[dtype], device)
     loader_kwargs = dict(batch_size=batch_size, num_workers=int(num_workers), collate_fn=_collate,
                          pin_memory=device.type == "cuda")
-    was_training = [(m, m.training) for m in (vae, text_encoder) if isinstance(m, torch.nn.Module)]
-    for module, _ in was_training:
-        module.eval()
-    try:
+    with _eval_mode(vae, text_encoder):
         if iterable:
             _encode_stream(source, out, manifest, encoder, loader_kwargs, progress)
         else:
             _encode_ranges(source, out, manifest, encoder, loader_kwargs, progress)
-    finally:
-        for module, mode in was_training:
-            module.train(mode)
     manifest["complete"] = True
     manifest["num_samples"] = sum(s["count"] for s in manifest["shards"])
     _write_json_atomic(out / MANIFEST, manifest)

@@ -155,11 +155,10 @@ def test_compiled_unet_trains(tiny_cfg, capsys, backend):
 def test_fp16_overflow_is_left_to_the_scaler_not_the_divergence_guard():
     from types import SimpleNamespace
 
-    from ldm.training.module.diffusion_module import LatentDiffusion
+    from ldm.training.module.guarded_update import loss_scale_overflow as overflow
 
     scaler = torch.amp.GradScaler("cpu")
     fake = SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)), global_step=3)
-    overflow = LatentDiffusion._loss_scale_overflow
     assert overflow(fake, 0.5, float("inf"))  # finite loss, inf gradients: the scaler's overflow
     assert not overflow(fake, float("nan"), float("inf"))  # a NaN loss is a divergence: the guard counts it
     assert not overflow(fake, 0.5, 1.0)

@@ -26,12 +26,16 @@ class LoRAAdapter:
         self.networks, self.config = networks, config
         networks.unet.requires_grad_(False)  # frozen, but left in train mode: gradient checkpointing needs it
         self.network = LoRANetwork.build(networks.roots(), config).attach(networks.roots())
-        self.text_encoder_learns = bool(config.text_encoder)
         if config.text_encoder:  # gradients through the encoder, and no cached (stale) contexts
             networks.text_encoder.frozen = False
         if config.init_from:
             self._init_from(config.init_from)
         self.ema = EMA(self.network, ema_decay) if ema_decay else None
+
+    @property
+    def text_encoder_learns(self) -> bool:
+        """adapter.text_encoder=true: gradients flow through the encoder to its adapter (no cached contexts)."""
+        return bool(self.config.text_encoder)
 
     def _init_from(self, path: str) -> None:
         from ldm.formats.lora_files import LoRAFileError, read_lora_file
