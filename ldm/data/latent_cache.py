@@ -244,6 +244,13 @@ def _check_options(store: str, text: str | None, has_text_encoder: bool, has_enc
     return text
 
 
+def _limit(num_samples: int | None, max_samples: int | None) -> int | None:
+    """The samples to encode: all of a sized source, at most max_samples; None: an iterable source, to its end."""
+    if max_samples is None:
+        return num_samples
+    return int(max_samples) if num_samples is None else min(int(max_samples), num_samples)
+
+
 @contextmanager
 def _eval_mode(*modules):
     """The networks in eval mode while they encode, each back in its own mode afterwards."""
@@ -312,16 +319,11 @@ def build_latent_cache(
     device = torch.device(device) if device is not None else _module_device(vae, torch.device("cpu"))
 
     iterable = isinstance(source, IterableDataset) or not hasattr(source, "__len__")
-    num_samples = None if iterable else len(source)
-    if max_samples is not None:
-        num_samples = int(max_samples) if num_samples is None else min(int(max_samples), num_samples)
-    # limit: samples to encode (None: an iterable source, to its end)
-    if scaling_factor is None:
-        scaling_factor = _factor(vae, "scaling_factor", 1.0)
-    if shift_factor is None:
-        shift_factor = _factor(vae, "shift_factor", 0.0)
-    settings = dict(store=store, text=text, shard_size=shard_size, dtype=dtype, limit=num_samples, seed=int(seed),
-                    scaling_factor=float(scaling_factor), shift_factor=float(shift_factor))
+    settings = dict(store=store, text=text, shard_size=shard_size, dtype=dtype,
+                    limit=_limit(None if iterable else len(source), max_samples), seed=int(seed),
+                    scaling_factor=float(_factor(vae, "scaling_factor", 1.0) if scaling_factor is None
+                                         else scaling_factor),
+                    shift_factor=float(_factor(vae, "shift_factor", 0.0) if shift_factor is None else shift_factor))
     manifest = _start_manifest(out, settings, overwrite)
     manifest.update(source=repr(source), vae=_config(vae), text_encoder=_config(text_encoder),
                     description=description or {})

@@ -15,12 +15,15 @@ checkpoint loads with ``load_state_dict`` after stripping that prefix.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ldm.models.config_fields import bounded, config_of, record
 
 __all__ = [
     "AUTOENCODER_PRESETS",
@@ -298,58 +301,49 @@ AUTOENCODER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass
+class AutoencoderConfig:
+    """The KL autoencoder's architecture (defaults: SD's first stage) and its latent scaling. The bounds are what a
+    stored config may ask for (ldm.formats.safe_build)."""
+
+    in_channels: int = bounded(3, 1, 256)
+    out_channels: int = bounded(3, 1, 256)
+    latent_channels: int = bounded(4, 1, 256)
+    base_channels: int = bounded(128, 1, 4096)
+    channel_mult: tuple[int, ...] = bounded((1, 2, 4, 4), 1, 32)
+    num_res_blocks: int = bounded(2, 1, 16)
+    dropout: float = bounded(0.0, 0.0, 1.0)
+    scaling_factor: float = bounded(0.18215, -1e6, 1e6)
+    shift_factor: float = bounded(0.0, -1e6, 1e6)
+    gradient_checkpointing: bool = False
+    norm_groups: int = bounded(32, 1, 4096)
+
+    def __post_init__(self):
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        for mult in self.channel_mult:
+            if (self.base_channels * mult) % self.norm_groups != 0:
+                raise ValueError(
+                    f"base_channels * channel_mult must be divisible by norm_groups={self.norm_groups} (GroupNorm); "
+                    f"got {self.base_channels} * {mult}"
+                )
+
+
 class AutoencoderKL(nn.Module):
     """KL-regularised convolutional VAE (the Stable Diffusion first stage)."""
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        latent_channels: int = 4,
-        base_channels: int = 128,
-        channel_mult: tuple[int, ...] = (1, 2, 4, 4),
-        num_res_blocks: int = 2,
-        dropout: float = 0.0,
-        scaling_factor: float = 0.18215,
-        shift_factor: float = 0.0,
-        gradient_checkpointing: bool = False,
-        norm_groups: int = 32,
-    ):
+    def __init__(self, config: AutoencoderConfig | None = None, /, **arguments: Any):
+        """``AutoencoderKL(AutoencoderConfig(...))``, or the config's fields as keywords (Hydra, stored configs)."""
         super().__init__()
-        channel_mult = tuple(int(m) for m in channel_mult)
-        for mult in channel_mult:
-            if (base_channels * mult) % norm_groups != 0:
-                raise ValueError(
-                    f"base_channels * channel_mult must be divisible by norm_groups={norm_groups} (GroupNorm); "
-                    f"got {base_channels} * {mult}"
-                )
-        self.config = dict(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            latent_channels=latent_channels,
-            base_channels=base_channels,
-            channel_mult=list(channel_mult),
-            num_res_blocks=num_res_blocks,
-            dropout=dropout,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-            gradient_checkpointing=gradient_checkpointing,
-            norm_groups=norm_groups,
-        )
-        self.in_channels = in_channels
-        self.latent_channels = latent_channels
-        self.scaling_factor = scaling_factor
-        self.shift_factor = shift_factor
-
-        self.encoder = Encoder(
-            in_channels, latent_channels, base_channels, channel_mult, num_res_blocks, dropout, norm_groups
-        )
-        self.decoder = Decoder(
-            out_channels, latent_channels, base_channels, channel_mult, num_res_blocks, dropout, norm_groups
-        )
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-        self.gradient_checkpointing = gradient_checkpointing
+        c = config_of(AutoencoderConfig, config, arguments)
+        self.config = record(c)  # plain, JSON-serialisable: AutoencoderKL(**vae.config) re-creates it
+        self.in_channels, self.latent_channels = c.in_channels, c.latent_channels
+        self.scaling_factor, self.shift_factor = c.scaling_factor, c.shift_factor
+        args = (c.latent_channels, c.base_channels, c.channel_mult, c.num_res_blocks, c.dropout, c.norm_groups)
+        self.encoder = Encoder(c.in_channels, *args)
+        self.decoder = Decoder(c.out_channels, *args)
+        self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
+        self.gradient_checkpointing = c.gradient_checkpointing
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "AutoencoderKL":
@@ -417,20 +411,24 @@ class AutoencoderKL(nn.Module):
         return self.decode(z / self.scaling_factor + self.shift_factor)
 
 
+@dataclass
+class IdentityConfig:
+    """Pixel space as a first stage: the image's channels are the latent, scaled (x - shift) * scale."""
+
+    in_channels: int = bounded(3, 1, 256)
+    scaling_factor: float = bounded(1.0, -1e6, 1e6)
+    shift_factor: float = bounded(0.0, -1e6, 1e6)
+
+
 class IdentityAutoencoder(nn.Module):
     """No-op first stage for pixel-space diffusion (same API as ``AutoencoderKL``)."""
 
-    def __init__(
-        self, in_channels: int = 3, scaling_factor: float = 1.0, shift_factor: float = 0.0
-    ):
+    def __init__(self, config: IdentityConfig | None = None, /, **arguments: Any):
         super().__init__()
-        self.config = dict(
-            in_channels=in_channels, scaling_factor=scaling_factor, shift_factor=shift_factor
-        )
-        self.in_channels = in_channels
-        self.latent_channels = in_channels
-        self.scaling_factor = scaling_factor
-        self.shift_factor = shift_factor
+        c = config_of(IdentityConfig, config, arguments)
+        self.config = record(c)
+        self.in_channels = self.latent_channels = c.in_channels
+        self.scaling_factor, self.shift_factor = c.scaling_factor, c.shift_factor
 
     @property
     def downsample_factor(self) -> int:

@@ -6,11 +6,16 @@ Module and parameter names match the original CompVis `UNetModel` exactly, so th
 `unet.load_state_dict({k.removeprefix("model.diffusion_model."): v ...})`.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ldm.models.config_fields import bounded, config_of, record
 from ldm.models.layers import Attention, FeedForward, normalization, timestep_embedding
 
 # -----------------------------------------------------------------------------
@@ -155,127 +160,136 @@ class TimestepEmbedSequential(nn.Sequential):
 # the U-Net
 
 
+@dataclass
+class UNetConfig:
+    """The U-Net's architecture (defaults: SD 1.5). attention_levels are indices into channel_mult of the levels
+    that carry SpatialTransformers (original `attention_resolutions` = [2**l for l in attention_levels]).
+    Heads: num_head_channels > 0 (SD2: 64) fixes the head width and takes precedence; otherwise num_heads (SD1: 8)
+    fixes the number of heads at every level. transformer_depth: one depth for every level, or one per level
+    (SDXL: [0, 2, 10]; a level outside attention_levels takes 0); the middle block uses the last level's (SGM
+    `transformer_depth_middle` default). adm_in_channels: size of the extra conditioning vector y (SDXL: 2816 =
+    pooled text 1280 + 6 x 256 size embeddings), embedded by `label_emb` and added to the timestep embedding (SGM
+    openaimodel.py, UNetModel with num_classes="sequential"; diffusers' `add_embedding` of
+    addition_embed_type="text_time"). The bounds are what a stored config may ask for (ldm.formats.safe_build)."""
+
+    in_channels: int = bounded(4, 1, 256)
+    out_channels: int = bounded(4, 1, 256)
+    model_channels: int = bounded(320, 1, 4096)
+    channel_mult: tuple[int, ...] = bounded((1, 2, 4, 4), 1, 32)
+    num_res_blocks: int = bounded(2, 1, 16)
+    attention_levels: tuple[int, ...] = bounded((0, 1, 2), 0, 15)
+    num_heads: int = bounded(8, -1, 1024)
+    num_head_channels: int = bounded(-1, -1, 4096)
+    transformer_depth: int | tuple[int, ...] = bounded(1, 0, 64)
+    context_dim: int = bounded(768, 1, 16384)
+    use_linear_projection: bool = False
+    dropout: float = bounded(0.0, 0.0, 1.0)
+    gradient_checkpointing: bool = False
+    adm_in_channels: int | None = bounded(None, 1, 65536)
+
+    def __post_init__(self):
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.attention_levels = tuple(int(lvl) for lvl in self.attention_levels)
+        if not isinstance(self.transformer_depth, int):  # a list / tuple / Hydra ListConfig
+            self.transformer_depth = tuple(int(d) for d in self.transformer_depth)
+        if self.num_head_channels <= 0 and self.num_heads <= 0:
+            raise ValueError("UNet needs num_heads > 0 or num_head_channels > 0")
+        bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} out of range for {len(self.channel_mult)} levels")
+        self.level_depths()
+        if self.adm_in_channels is not None and self.adm_in_channels <= 0:
+            raise ValueError(f"adm_in_channels must be a positive size or None, got {self.adm_in_channels}")
+
+    def level_depths(self) -> list[int]:
+        return _level_depths(self.transformer_depth, len(self.channel_mult), self.attention_levels)
+
+    def heads(self, ch: int) -> tuple[int, int]:
+        """(num_heads, head_dim) of a transformer on ch channels."""
+        if self.num_head_channels > 0:
+            if ch % self.num_head_channels:
+                raise ValueError(f"{ch} channels not divisible by num_head_channels={self.num_head_channels}")
+            return ch // self.num_head_channels, self.num_head_channels
+        if ch % self.num_heads:
+            raise ValueError(f"{ch} channels not divisible by num_heads={self.num_heads}")
+        return self.num_heads, ch // self.num_heads
+
+
+def _transformer(config: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    return SpatialTransformer(ch, *config.heads(ch), depth, config.context_dim, config.dropout,
+                              config.use_linear_projection)
+
+
+def _encoder_blocks(config: UNetConfig, time_dim: int) -> tuple[nn.ModuleList, list[int]]:
+    """conv_in, then per level num_res_blocks x (ResBlock [+ transformer]), then a Downsample; and the channels of
+    each skip connection, consumed by the decoder."""
+    mc, depths = config.model_channels, config.level_depths()
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
+    skip_chans, ch = [mc], mc
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            layers = [ResBlock(ch, time_dim, mult * mc, config.dropout)]
+            ch = mult * mc
+            if level in config.attention_levels:
+                layers.append(_transformer(config, ch, depths[level]))
+            blocks.append(TimestepEmbedSequential(*layers))
+            skip_chans.append(ch)
+        if level != len(config.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_chans.append(ch)
+    return blocks, skip_chans
+
+
+def _decoder_blocks(config: UNetConfig, time_dim: int, skip_chans: list[int]) -> nn.ModuleList:
+    """Per level (num_res_blocks + 1) x (ResBlock on [h, skip] [+ transformer]), then an Upsample."""
+    mc, depths = config.model_channels, config.level_depths()
+    skip_chans, ch = list(skip_chans), skip_chans[-1]
+    blocks = nn.ModuleList()
+    for level, mult in reversed(list(enumerate(config.channel_mult))):
+        for i in range(config.num_res_blocks + 1):
+            layers = [ResBlock(ch + skip_chans.pop(), time_dim, mult * mc, config.dropout)]
+            ch = mult * mc
+            if level in config.attention_levels:
+                layers.append(_transformer(config, ch, depths[level]))
+            if level > 0 and i == config.num_res_blocks:
+                layers.append(Upsample(ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+    return blocks
+
+
 class UNet(nn.Module):
     """Stable Diffusion U-Net: predicts eps (or v) from a noisy latent x_t, the timestep t and a text context.
+    Its architecture is a :class:`UNetConfig` (defaults: SD 1.5)."""
 
-    Defaults are SD 1.5. attention_levels are indices into channel_mult of the levels that carry
-    SpatialTransformers (original `attention_resolutions` = [2**l for l in attention_levels]).
-    Heads: num_head_channels > 0 (SD2: 64) fixes the head width and takes precedence; otherwise
-    num_heads (SD1: 8) fixes the number of heads at every level.
-    transformer_depth: one depth for every level, or one per level (SDXL: [0, 2, 10]; a level outside
-    attention_levels takes 0); the middle block uses the last level's (SGM `transformer_depth_middle` default).
-    adm_in_channels: size of the extra conditioning vector y (SDXL: 2816 = pooled text 1280 + 6 x 256 size
-    embeddings), embedded by `label_emb` and added to the timestep embedding (SGM openaimodel.py, UNetModel with
-    num_classes="sequential"; diffusers' `add_embedding` of addition_embed_type="text_time").
-    """
-
-    def __init__(
-        self,
-        in_channels=4,
-        out_channels=4,
-        model_channels=320,
-        channel_mult=(1, 2, 4, 4),
-        num_res_blocks=2,
-        attention_levels=(0, 1, 2),
-        num_heads=8,
-        num_head_channels=-1,
-        transformer_depth=1,
-        context_dim=768,
-        use_linear_projection=False,
-        dropout=0.0,
-        gradient_checkpointing=False,
-        adm_in_channels=None,
-    ):
+    def __init__(self, config: UNetConfig | None = None, /, **arguments):
+        """``UNet(UNetConfig(...))``, or the config's fields as keywords (how Hydra and stored configs build it)."""
         super().__init__()
-        if num_head_channels <= 0 and num_heads <= 0:
-            raise ValueError("UNet needs num_heads > 0 or num_head_channels > 0")
-        channel_mult, attention_levels = tuple(channel_mult), tuple(attention_levels)
-        bad = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
-        if bad:
-            raise ValueError(f"attention_levels {bad} out of range for {len(channel_mult)} levels")
-        depths = _level_depths(transformer_depth, len(channel_mult), attention_levels)
-        if adm_in_channels is not None and adm_in_channels <= 0:
-            raise ValueError(f"adm_in_channels must be a positive size or None, got {adm_in_channels}")
-        # plain, JSON-serialisable record of the constructor arguments: UNet(**unet.config) re-creates it
-        self.config = dict(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            model_channels=model_channels,
-            channel_mult=list(channel_mult),
-            num_res_blocks=num_res_blocks,
-            attention_levels=list(attention_levels),
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            transformer_depth=transformer_depth if isinstance(transformer_depth, int)
-            else [int(d) for d in transformer_depth],
-            context_dim=context_dim,
-            use_linear_projection=use_linear_projection,
-            dropout=dropout,
-            gradient_checkpointing=gradient_checkpointing,
-        )
-        if adm_in_channels is not None:  # only SDXL-style configs carry it: SD 1.x / 2.x records stay as they were
-            self.config["adm_in_channels"] = adm_in_channels
-        self.in_channels = in_channels
-        self.downsample_factor = 2 ** (len(channel_mult) - 1)
-        self.gradient_checkpointing = gradient_checkpointing
-
-        def heads(ch):  # (num_heads, head_dim) of a transformer on ch channels
-            if num_head_channels > 0:
-                if ch % num_head_channels:
-                    raise ValueError(f"{ch} channels not divisible by num_head_channels={num_head_channels}")
-                return ch // num_head_channels, num_head_channels
-            if ch % num_heads:
-                raise ValueError(f"{ch} channels not divisible by num_heads={num_heads}")
-            return num_heads, ch // num_heads
-
-        def transformer(ch, depth):
-            return SpatialTransformer(ch, *heads(ch), depth, context_dim, dropout, use_linear_projection)
-
-        time_dim = 4 * model_channels
+        config = config_of(UNetConfig, config, arguments)
+        # plain, JSON-serialisable record of the config: UNet(**unet.config) re-creates it (SD 1.x / 2.x records
+        # carry no adm_in_channels)
+        self.config = record(config, omit_none=("adm_in_channels",))
+        self.in_channels = config.in_channels
+        self.downsample_factor = 2 ** (len(config.channel_mult) - 1)
+        self.gradient_checkpointing = config.gradient_checkpointing
+        time_dim = 4 * config.model_channels
         self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+            nn.Linear(config.model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
         )
-        self.adm_in_channels = adm_in_channels
-        if adm_in_channels is not None:  # SGM keys label_emb.0.0 / label_emb.0.2
+        self.adm_in_channels = config.adm_in_channels
+        if config.adm_in_channels is not None:  # SGM keys label_emb.0.0 / label_emb.0.2
             self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(adm_in_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+                nn.Linear(config.adm_in_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
             ))
-
-        # encoder: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]), then a Downsample
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
-        )
-        skip_chans = [model_channels]  # channels of each skip connection, consumed by the decoder
-        ch = model_channels
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [ResBlock(ch, time_dim, mult * model_channels, dropout)]
-                ch = mult * model_channels
-                if level in attention_levels:
-                    layers.append(transformer(ch, depths[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_chans.append(ch)
-
+        self.input_blocks, skip_chans = _encoder_blocks(config, time_dim)
+        ch = skip_chans[-1]
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_dim, ch, dropout), transformer(ch, depths[-1]), ResBlock(ch, time_dim, ch, dropout)
+            ResBlock(ch, time_dim, ch, config.dropout), _transformer(config, ch, config.level_depths()[-1]),
+            ResBlock(ch, time_dim, ch, config.dropout)
         )
-
-        # decoder: per level (num_res_blocks + 1) x (ResBlock on [h, skip] [+ transformer]), then an Upsample
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_chans.pop(), time_dim, mult * model_channels, dropout)]
-                ch = mult * model_channels
-                if level in attention_levels:
-                    layers.append(transformer(ch, depths[level]))
-                if level > 0 and i == num_res_blocks:
-                    layers.append(Upsample(ch))
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        self.output_blocks = _decoder_blocks(config, time_dim, skip_chans)
+        model_channels = config.model_channels
+        self.out = nn.Sequential(normalization(model_channels * config.channel_mult[0]), nn.SiLU(),
+                                 nn.Conv2d(model_channels, config.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 

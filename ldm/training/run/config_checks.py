@@ -69,23 +69,23 @@ def _default(fn: Any, name: str) -> Any:
 
 def unet_downsampling(node: dict) -> int | None:
     """2^(levels - 1) of a ``model.unet`` node, or None for a network this check does not know."""
-    from ldm.models.unet import UNET_PRESETS, UNet
+    from ldm.models.unet import UNET_PRESETS, UNetConfig
 
     target = node.get("_target_", "")
     if target == "ldm.models.unet.UNet.from_preset":
         preset = UNET_PRESETS.get(node.get("name"))
         if preset is None:
             return None
-        return _factor(node.get("channel_mult", preset.get("channel_mult", _default(UNet, "channel_mult"))))
+        return _factor(node.get("channel_mult", preset.get("channel_mult", UNetConfig.channel_mult)))
     if target == "ldm.models.unet.UNet":
-        return _factor(node.get("channel_mult", _default(UNet, "channel_mult")))
+        return _factor(node.get("channel_mult", UNetConfig.channel_mult))
     return None
 
 
 def autoencoder_downsampling(node: dict) -> int | None:
     """The first stage's downsampling of a ``model.autoencoder`` node (1 in pixel space), or None if unknown.
     A weights file decides by the config in its header (read, not loaded), as the builder does."""
-    from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL
+    from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig
     from ldm.formats.assets import resolve_weights
     from ldm.formats.safe_build import stored_autoencoder_config
     from ldm.training.build.factories import autoencoder
@@ -107,7 +107,7 @@ def autoencoder_downsampling(node: dict) -> int | None:
     preset = AUTOENCODER_PRESETS.get(node.get("preset", _default(autoencoder, "preset")))
     if preset is None:
         return None
-    return _factor(preset.get("channel_mult", _default(AutoencoderKL, "channel_mult")))
+    return _factor(preset.get("channel_mult", AutoencoderConfig.channel_mult))
 
 
 def check_resolution(cfg: DictConfig) -> None:

@@ -1,0 +1,59 @@
+"""Fields of the networks' config objects (``UNetConfig``, ``AutoencoderConfig``, ...), with their bounds.
+
+A config dataclass is the one place a network's arguments are written: the network takes it (or its fields as
+keywords, which is how Hydra builds it), and the loaders' schemas for configs stored in files
+(``ldm.formats.safe_build``) are generated from its fields, types and bounds. The bounds are what a file may ask
+for, not what a user may build: they keep a tiny file from describing a network of terabytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+BOUNDS = "ldm_bounds"  # the dataclass field metadata key
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    low: float | None = None  # a number (or every item of a list) is at least this ...
+    high: float | None = None  # ... and at most this
+    choices: tuple | None = None  # or one of these
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, *,
+            choices: tuple | None = None) -> Any:
+    """A dataclass field with ``default`` and the bounds a stored config must respect."""
+    return dataclasses.field(default=default, metadata={BOUNDS: Bounds(low, high, choices)})
+
+
+def field_bounds(field: dataclasses.Field) -> Bounds:
+    return field.metadata.get(BOUNDS, Bounds())
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type hints of a config dataclass's fields."""
+    return typing.get_type_hints(cls)
+
+
+def config_of(cls: type, config: Any, arguments: dict[str, Any]) -> Any:
+    """``config`` (an instance of ``cls``) or ``cls(**arguments)``: networks take one or the other."""
+    if config is not None and arguments:
+        raise TypeError(f"give a {cls.__name__} or its fields as keywords, not both ({sorted(arguments)})")
+    if config is None:
+        return cls(**arguments)
+    if not isinstance(config, cls):
+        raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
+    return config
+
+
+def record(config: Any, omit_none: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The plain, JSON-able record of a config (tuples as lists; ``omit_none`` fields left out when None), as
+    files store it: ``Network(**record)`` builds the same network."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None and f.name in omit_none:
+            continue
+        out[f.name] = list(value) if isinstance(value, (tuple, list)) else value
+    return out
