@@ -207,7 +207,7 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
     if res is None:
         res = DEFAULT_RESOLUTION
         notes.append(f"the source does not record its training resolution: assumed {res} (set --resolution)")
-    multiple = bundle.downsample_factor * int(getattr(bundle.unet, "downsample_factor", 1))
+    multiple = bundle.downsample_factor * bundle.unet.downsample_factor
     if res % multiple:
         raise ExportError(f"resolution {res} is not a multiple of {multiple} (VAE factor x U-Net downsampling)")
     torch_dtype = DTYPES[dtype]

@@ -151,6 +151,11 @@ class CLIPTextEncoder(nn.Module):
     max_chunks: 1 (default) encodes 77 tokens exactly as before (longer prompts cut); N > 1 encodes up to N chunks
     of 75 tokens (A1111 / ComfyUI long prompts, see the module docstring), e.g. 3 -> 225 tokens."""
 
+    # the TextEncoder protocol (ldm.models.protocols): one CLIP's context, no pooled vector, "" as unconditional
+    context_cacheable = True
+    zero_uncond = False
+    pooled_dim = None
+
     def __init__(self, model, tokenizer, penultimate: bool = False, max_length: int = 77,
                  frozen: bool = True, cache_size: int = 0, max_chunks: int = 1):
         super().__init__()

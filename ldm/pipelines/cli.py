@@ -193,7 +193,7 @@ def check_options(cfg: DictConfig) -> None:
 def set_max_chunks(bundle, max_chunks: int) -> None:
     """sample.py max_chunks=N: prompts of up to 75 x N tokens (the model's text encoder setting otherwise)."""
     te = bundle.text_encoder
-    if te is None or not hasattr(te, "max_chunks"):
+    if te is None:
         raise SampleConfigError("max_chunks: this model has no CLIP text encoder (an unconditional model)")
     te.max_chunks = int(max_chunks)
     te._clear_cache()

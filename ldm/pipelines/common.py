@@ -50,7 +50,7 @@ def sampling_options(sampler: str | SamplingOptions, **changes) -> SamplingOptio
 
 def size_multiple(bundle: ModelBundle) -> int:
     """Image sides must be multiples of the VAE factor times the U-Net's downsampling."""
-    return bundle.downsample_factor * int(getattr(bundle.unet, "downsample_factor", 1))
+    return bundle.downsample_factor * bundle.unet.downsample_factor
 
 
 def default_size(bundle: ModelBundle) -> int:

@@ -74,7 +74,7 @@ def _skip_bytes(unet, run) -> int:
 def probe(bundle) -> tuple[Probe, Probe]:
     """(U-Net, VAE decode) per-image activation bytes at the smallest latent size the U-Net takes (x 2)."""
     param = next(bundle.unet.parameters())
-    side = 2 * max(1, int(getattr(bundle.unet, "downsample_factor", 1)))
+    side = 2 * max(1, bundle.unet.downsample_factor)
     x = torch.zeros(1, bundle.latent_channels, side, side, device=param.device, dtype=param.dtype)
     t = torch.zeros(1, device=param.device, dtype=torch.long)
     context = map_context(lambda v: v.to(param.device, param.dtype), bundle.text_encoder([""]))
@@ -148,7 +148,7 @@ def check_fits(bundle, batch: int, height: int, width: int, guidance: bool, trai
     max_batch = int(budget // per_image)
     if 1 <= max_batch < batch:
         fixes.append(f"batch_size={max_batch}")
-    m = f * max(1, int(getattr(bundle.unet, "downsample_factor", 1)))
+    m = f * max(1, bundle.unet.downsample_factor)
     side = min(height, width) - m
     while side >= m and max(unet.bytes(2 if guidance else 1, (side // f) ** 2), vae.bytes(1, (side // f) ** 2)) > budget:
         side -= m

@@ -67,7 +67,7 @@ def check_vector_conditioning(cfg: dict, text_encoder: nn.Module) -> None:
     """SDXL: the U-Net's adm_in_channels = the dual encoder's pooled size + 6 x 256 size embeddings."""
     from ldm.models.sdxl_conditioning import NUM_SIZE_VALUES, SIZE_EMBED_DIM
 
-    adm, pooled = cfg.get("adm_in_channels"), getattr(text_encoder, "pooled_dim", None)
+    adm, pooled = cfg.get("adm_in_channels"), text_encoder.pooled_dim
     if adm is None and pooled is None:
         return
     if adm is None or pooled is None:

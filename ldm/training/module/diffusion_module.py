@@ -174,10 +174,10 @@ class LatentDiffusion(L.LightningModule):
         dropped captions' text zeroed (see ldm.training.module.micro_conditioning); other contexts pass unchanged."""
         if not is_dual_text(context):
             return context
-        f = int(getattr(self.autoencoder, "downsample_factor", 1))
+        f = self.autoencoder.downsample_factor
         image_size = (latents.shape[-2] * f, latents.shape[-1] * f)
         return training_conditioning(context, batch, dropped, image_size,
-                                     zero_dropped=bool(getattr(self.text_encoder, "zero_uncond", False)))
+                                     zero_dropped=self.text_encoder.zero_uncond)
 
     def _dropped_context(self, batch: dict[str, Any], captions: list[str]) -> Tensor:
         """Cached text contexts: swap in the empty-prompt context where the caption was dropped."""

@@ -64,7 +64,7 @@ def cache_folder(root: str | Path, spec: CacheSpec, autoencoder: torch.nn.Module
                  text_encoder: torch.nn.Module | None = None) -> Path:
     """``<root>/<kind>-<16 hex>``: one folder per (dataset settings, VAE weights, store, text encoder weights)."""
     extra: list[Any] = [json.dumps(spec.settings, sort_keys=True, default=str), store,
-                        getattr(autoencoder, "scaling_factor", 1.0), getattr(autoencoder, "shift_factor", 0.0)]
+                        autoencoder.scaling_factor, autoencoder.shift_factor]
     if text_encoder is not None:
         extra.append(weights_fingerprint(text_encoder))
     fingerprint = weights_fingerprint(autoencoder, *extra)
@@ -116,16 +116,16 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
         return None
     store = "posterior" if module.sample_posterior else "mode"
     text_encoder = module.text_encoder if text_encoder_is_frozen(module.text_encoder) else None
-    if text_encoder is not None and not (contexts_cacheable(spec) and getattr(text_encoder, "max_chunks", 1) == 1
-                                         and getattr(text_encoder, "context_cacheable", True)):
+    if text_encoder is not None and not (contexts_cacheable(spec) and text_encoder.max_chunks == 1
+                                         and text_encoder.context_cacheable):
         # random caption options change the caption each epoch; long prompts give contexts of different lengths;
         # SDXL's {crossattn, pooled} pair is no one (L, D) context: the cache holds captions, encoded every step
         # (the encoder's cache_size memoises them per string)
         text_encoder = None
     folder = cache_folder(root, spec, module.autoencoder, store, text_encoder)
     options = dict(store=store, text="context" if text_encoder is not None else "caption",
-                   scaling_factor=float(getattr(module.autoencoder, "scaling_factor", 1.0)),
-                   shift_factor=float(getattr(module.autoencoder, "shift_factor", 0.0)), seed=seed, batch_size=batch_size,
+                   scaling_factor=float(module.autoencoder.scaling_factor),
+                   shift_factor=float(module.autoencoder.shift_factor), seed=seed, batch_size=batch_size,
                    progress=progress, description={"dataset": shared_text(repr(source))})  # no folder of the user's
     encode = make_encode(module.autoencoder, text_encoder, store)
     if rank == 0:

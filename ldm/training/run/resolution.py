@@ -18,7 +18,7 @@ def training_resolution(datamodule, autoencoder=None) -> int | None:
         if resolution:
             return int(resolution)
         latent_shape = getattr(dataset, "latent_shape", None)
-        factor = getattr(autoencoder, "downsample_factor", None)
+        factor = autoencoder.downsample_factor if autoencoder is not None else None
         if latent_shape and factor:
             return int(latent_shape[-1]) * int(factor)
     return None

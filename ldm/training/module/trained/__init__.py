@@ -22,7 +22,7 @@ def trained_part(networks: Networks, adapter=None, ema_decay: float | None = Non
     with ``frozen=false`` (nothing pretrained to preserve)."""
     if text_encoder_lr is not None and not float(text_encoder_lr) > 0:
         raise ValueError(f"module.text_encoder_lr must be > 0 (or null: optim.lr), got {text_encoder_lr!r}")
-    trains_text_encoder = not getattr(networks.text_encoder, "frozen", True)
+    trains_text_encoder = not networks.text_encoder.frozen
     if not trains_text_encoder:
         freeze(networks.text_encoder)  # before an adapter attaches to it (its own weights train)
     if adapter is not None:
