@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from ldm.data.cached_latents import CachedLatentsDataset, _mix
 from ldm.data.captions import SharedEpoch
 from ldm.data.latent_cache import LatentCacheError, build_latent_cache, read_manifest
+from ldm.data.protocols import CacheableDataset
 
 logger = logging.getLogger("ldm.data")
 
@@ -93,8 +94,7 @@ def cache_spec(dataset) -> CacheSpec | None:
                          inner.flip, inner.random_crop, inner.resolution, inner.extra, captions=inner.captions,
                          buckets=None if inner.buckets is None else inner.buckets.subset(indices),
                          records=None if inner.records is None else [inner.records[i] for i in indices])
-    make = getattr(dataset, "cache_spec", None)
-    return make() if callable(make) else None
+    return dataset.cache_spec() if isinstance(dataset, CacheableDataset) else None
 
 
 class _Planned(Dataset):

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Sequ
 from ldm.data.bad_samples import share_bad_sample_log
 from ldm.data.bucket_sampler import BucketBatchSampler, bucket_assignment
 from ldm.data.collate import collate_image_caption
+from ldm.data.protocols import EpochAware
 from ldm.data.resumable_sampler import ResumableSampler
 
 log = logging.getLogger("ldm.data")
@@ -263,7 +264,7 @@ def set_dataset_epoch(dataset, epoch: int) -> None:
     ``Subset`` (a val split), which epoch it serves."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    if callable(getattr(dataset, "set_epoch", None)):
+    if isinstance(dataset, EpochAware):
         dataset.set_epoch(epoch)
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.bad_samples import decode_image
 from ldm.data.collate import collate_image_caption
+from ldm.data.protocols import EpochAware
 from ldm.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from ldm.formats.safe_paths import inside
 
@@ -231,7 +232,7 @@ class DreamBoothDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """New posterior draws (and flip choices) of a cached view each epoch."""
-        if callable(getattr(self.rows, "set_epoch", None)):
+        if isinstance(self.rows, EpochAware):
             self.rows.set_epoch(epoch)
 
     def bad_sample_sources(self) -> list[Dataset]:

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.data.auto_cache import CacheSpec, CachedView, cache_spec, contexts_cacheable, sync_cache
+from ldm.data.protocols import PairedRows
 from ldm.formats.shared_names import shared_text
 
 log = logging.getLogger("ldm.training")
@@ -141,7 +142,7 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
         view = _wait_for(folder, spec, options)
     datamodule.source_dataset = source
     # a dataset that pairs its rows (DreamBooth: instance + class) reads them from the view; others are the view
-    datamodule.train_dataset = source.with_cache(view) if callable(getattr(source, "with_cache", None)) else view
+    datamodule.train_dataset = source.with_cache(view) if isinstance(source, PairedRows) else view
     return view
 
 
