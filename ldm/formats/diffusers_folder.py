@@ -39,7 +39,7 @@ from ldm.formats.diffusers_keys import (
 )
 from ldm.formats.safe_load import CheckpointError, load_into, read_json_file
 from ldm.formats.safe_build import SCHEDULE_SCHEMA, build_network, check_kwargs, check_plain
-from ldm.formats.weight_folder import check_text_encoder_folder, read_weights, weights_file  # noqa: F401 (API)
+from ldm.formats.weight_folder import check_text_encoder_folder, read_weights
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 SCHEDULER_DEFAULTS = {

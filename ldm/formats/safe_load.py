@@ -3,8 +3,8 @@
 Pickled files (``.ckpt/.pt/.pth/.bin``) are only read with
 ``torch.load(weights_only=True)``: arbitrary pickled objects are refused. Zip-format pickles are memory-mapped
 (``mmap=True``): a storage is pages of the file (torch checks every stated storage size against its record), read
-when copied, not a second copy in memory. JSON a file holds is bounded (bytes and nesting). A module built on the meta device gets its memory only once a
-state dict that fills all of it has been checked against it.
+when copied, not a second copy in memory. JSON a file holds is bounded (bytes and nesting). A module built on the
+meta device gets its memory only once a state dict that fills all of it has been checked against it.
 """
 
 from __future__ import annotations
