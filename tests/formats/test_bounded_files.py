@@ -242,9 +242,9 @@ def test_clip_config_describing_a_huge_text_encoder(tmp_path, clip):
 # 2. hangs: walks of what a file holds are bounded; patterns are literal; chains of bases end
 
 
-def _shared_lists(width: int = 64, depth: int = 8):
-    """width^depth leaves from a few hundred bytes of pickle: every level references the one below ``width``
-    times (a "billion laughs")."""
+def _shared_lists(width: int = 64, depth: int = 7):
+    """width^depth leaves (4e12) from a few hundred bytes of pickle: every level references the one below
+    ``width`` times (a "billion laughs"), each list within MAX_LIST and the whole within MAX_DEPTH."""
     node = [1] * width
     for _ in range(depth - 1):
         node = [node] * width
