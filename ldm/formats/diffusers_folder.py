@@ -9,7 +9,6 @@ fills our models, and writes our models back in that layout (``write_diffusers``
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -38,8 +37,9 @@ from ldm.formats.diffusers_keys import (
     vae_diffusers_to_ldm,
     vae_ldm_to_diffusers,
 )
-from ldm.formats.safe_load import CheckpointError, load_into, load_state_dict
-from ldm.formats.safe_build import build_network, check_plain, read_clip_text_config
+from ldm.formats.safe_load import CheckpointError, load_into, read_json_file
+from ldm.formats.safe_build import SCHEDULE_SCHEMA, build_network, check_kwargs, check_plain
+from ldm.formats.weight_folder import check_text_encoder_folder, read_weights
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 SCHEDULER_DEFAULTS = {
@@ -68,38 +68,23 @@ def resolve_folder(path_or_hub_id) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read JSON config ({err})") from err
+    return read_json_file(path)  # bounded: size, nesting
 
 
-def weights_file(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
-    """Weight files of a component folder: single file or the shards of an index."""
-    name = f"{stem}.{variant}" if variant else stem
-    for suffix in (".safetensors", ".bin"):
-        if (folder / (name + suffix)).is_file():
-            return [folder / (name + suffix)]
-        index = folder / f"{name}{suffix}.index.json"
-        if index.is_file():
-            shards = sorted(set(_read_json(index)["weight_map"].values()))
-            return [folder / s for s in shards]
-    raise CheckpointError(f"{folder}: no {name}.safetensors or {name}.bin weights")
-
-
-def read_weights(folder: Path, stem: str, variant: str | None = None) -> dict:
-    state = {}
-    for file in weights_file(folder, stem, variant):
-        state.update(load_state_dict(file))
-    return state
+# diffusers' scheduler fields -> the NoiseSchedule.make arguments whose bounds (SCHEDULE_SCHEMA) they must meet
+_SCHEDULE_FIELDS = {"num_train_timesteps": "num_train_timesteps", "beta_start": "beta_start", "beta_end": "beta_end",
+                    "prediction_type": "prediction_type", "rescale_betas_zero_snr": "rescale_zero_terminal_snr"}
 
 
 def read_scheduler_config(folder) -> dict:
-    """Training-relevant fields of ``scheduler/scheduler_config.json`` (defaults if absent)."""
+    """Training-relevant fields of ``scheduler/scheduler_config.json`` (defaults if absent), within the bounds of
+    a stored schedule (e.g. at most 100,000 timesteps: the schedule's tables are allocated from this number)."""
     path = Path(folder) / "scheduler" / "scheduler_config.json"
     cfg = _read_json(path) if path.is_file() else {}
     out = {k: cfg.get(k, v) for k, v in SCHEDULER_DEFAULTS.items()}
     out.update({k: cfg[k] for k in SCHEDULER_OPTIONAL if k in cfg})
+    check_kwargs({ours: out[k] for k, ours in _SCHEDULE_FIELDS.items() if k in out}, SCHEDULE_SCHEMA,
+                 source=str(path), key="scheduler")
     return out
 
 
@@ -143,9 +128,9 @@ def _network_loader(role: str, key: str, config_from_diffusers, to_ldm):
     """Build (if not given) and fill a U-Net / VAE from ``<sub>/config.json`` + its diffusers weights."""
 
     def load(sub: Path, module, strict: bool, variant):
-        if module is None:
+        if module is None:  # on the meta device: memory only once the weights are checked against it (load_into)
             module = build_network(role, _converted(config_from_diffusers, sub), source=str(sub / "config.json"),
-                                   key=key)
+                                   key=key, meta=True)
         state = to_ldm(read_weights(sub, "diffusion_pytorch_model", variant), module.config)
         load_into(module, state, source=str(sub), strict=strict)
         return module
@@ -163,7 +148,7 @@ def _load_text_encoder(sub: Path, text_encoder, strict: bool, variant):
     if (sub.parent / "text_encoder_2").is_dir():  # SDXL: ViT-L + bigG
         return _load_dual_text_encoder(sub.parent, text_encoder, strict, variant)
     if text_encoder is None:
-        read_clip_text_config(sub)  # sizes checked before transformers allocates them
+        check_text_encoder_folder(sub)  # sizes checked against the weights before transformers allocates them
         return CLIPTextEncoder.from_pretrained(sub.parent)
     model = text_model(text_encoder)
     state = to_module_keys(read_weights(sub, "model", variant), model)
@@ -177,8 +162,8 @@ def _load_dual_text_encoder(folder: Path, text_encoder, strict: bool, variant):
     from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
 
     if text_encoder is None:
-        for name in ("text_encoder", "text_encoder_2"):
-            read_clip_text_config(folder / name)  # sizes checked before transformers allocates them
+        for name in ("text_encoder", "text_encoder_2"):  # sizes checked against the weights, before allocation
+            check_text_encoder_folder(folder / name, projection=name == "text_encoder_2")
         for name in ("tokenizer", "tokenizer_2"):
             if not (folder / name).is_dir():
                 raise CheckpointError(f"{folder}: an SDXL folder needs {name}/ beside text_encoder_2/")
@@ -257,7 +242,7 @@ def load_diffusers(source, *, text_encoder: nn.Module | None = None) -> ModelBun
     te = text_encoder if text_encoder is not None else out["text_encoder"]
     meta: dict = {"format": "diffusers"}
     unet_cfg = folder / "unet" / "config.json"
-    sample_size = json.loads(unet_cfg.read_text()).get("sample_size") if unet_cfg.is_file() else None
+    sample_size = _read_json(unet_cfg).get("sample_size") if unet_cfg.is_file() else None
     if isinstance(sample_size, int):
         meta["resolution"] = sample_size * out["vae"].downsample_factor
     if out["unet"].config.get("adm_in_channels"):  # SDXL: its VAE overflows in float16 unless fixed (force_upcast)

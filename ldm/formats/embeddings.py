@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from ldm.formats.common import save_safetensors
-from ldm.formats.safe_load import PICKLE_SUFFIXES, CheckpointError
+from ldm.formats.safe_build import NodeBudget
+from ldm.formats.safe_load import PICKLE_SUFFIXES, CheckpointError, load_pickle
 
 LAYOUTS = ("diffusers", "a1111")
 DIFFUSERS_FILE = "learned_embeds.safetensors"  # diffusers' name for the embedding of a run
@@ -64,23 +65,31 @@ def parse_embedding_spec(spec: str) -> tuple[str, str | None]:
     return text, None
 
 
+MAX_EMBEDDING_DEPTH = 8  # A1111's .pt nests two levels (string_to_param -> "*" -> tensor)
+
+
 def _flat_tensors(state, path: Path) -> dict[str, Tensor]:
     """A weights-only pickle's nested dicts as ``a.b`` keys; anything but str keys / tensors / plain values is
-    refused."""
+    refused. A pickle may reference one dict from many places (64 references to a dict of 64 references ... is
+    64^8 keys from a few KB): the walk is bounded in depth and in values reached (``NodeBudget``)."""
     out: dict[str, Tensor] = {}
-
-    def walk(node, prefix):
+    budget = NodeBudget(str(path), "the embedding file")
+    stack = [(state, "", 0)]
+    while stack:  # every value is paid for when it is reached, before it is kept
+        node, prefix, depth = stack.pop()
+        if depth > MAX_EMBEDDING_DEPTH:
+            raise CheckpointError(f"{path}: {prefix} is nested more than {MAX_EMBEDDING_DEPTH} levels deep")
         if isinstance(node, Tensor):
             out[prefix or "tensor"] = node
         elif isinstance(node, dict):
             for k, v in node.items():
                 if not isinstance(k, str):
                     raise CheckpointError(f"{path}: embedding files have string keys, found {type(k).__name__}")
-                walk(v, f"{prefix}.{k}" if prefix else k)
+                key = f"{prefix}.{k}" if prefix else k
+                budget.spend(key)
+                stack.append((v, key, depth + 1))
         elif not isinstance(node, (str, int, float, bool, type(None))):
             raise CheckpointError(f"{path}: unexpected {type(node).__name__} in an embedding file")
-
-    walk(state, "")
     return out
 
 
@@ -98,7 +107,7 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from err
     if suffix in PICKLE_SUFFIXES:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_pickle(path)  # weights only, memory-mapped
         except Exception as err:  # noqa: BLE001 - code in the pickle, or not a pickle
             raise CheckpointError(f"{path}: not a data-only embedding file ({type(err).__name__}: {err}); "
                                   "convert it to .safetensors") from err
@@ -164,6 +173,7 @@ def load_embedding_files(text_encoder, specs, report=print) -> list[EmbeddingFil
         try:
             add_token_rows(text_encoder, placeholder_tokens(f.token, f.vectors.shape[0]), f.vectors)
         except ValueError as err:
-            raise CheckpointError(f"{f.path}: {err}") from err
+            raise CheckpointError(f"{f.path}: {err}; load the file under a token of your own: "
+                                  f"embeddings=['{f.path}:<{f.token}>']") from err
         report(f"embedding {f.path} ({f.layout}): token {f.token!r}, {f.vectors.shape[0]} vector(s)")
     return files

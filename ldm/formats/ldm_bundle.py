@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ldm.models.bundle import ModelBundle
-from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
+from ldm.formats.safe_load import CheckpointError, copy_checked, load_state_dict, mismatch_report, read_json_file
+from ldm.formats.safe_paths import inside
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.safe_build import (
     AUTOENCODER_TARGET,
@@ -36,7 +37,6 @@ from ldm.formats.safe_build import (
     UNET_TARGET,
     build_node,
     check_kwargs,
-    read_clip_text_config,
 )
 from ldm.formats.common import (
     ExportError,
@@ -48,8 +48,9 @@ from ldm.formats.common import (
     text_model,
     write_json,
 )
-from ldm.formats.diffusers_folder import read_weights, write_hub_text_encoder
+from ldm.formats.diffusers_folder import write_hub_text_encoder
 from ldm.formats.shared_names import shared_config, shared_name
+from ldm.formats.weight_folder import check_text_encoder_folder, inside_model_folder, read_weights
 from ldm.formats.dtypes import DTYPES, dtype_name
 
 BUNDLE_FILE = "ldm_bundle.json"
@@ -169,11 +170,8 @@ def read_bundle_config(folder) -> dict[str, Any]:
     path = folder / BUNDLE_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: not an ldm bundle (no {BUNDLE_FILE})")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err})") from err
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    config = read_json_file(path)  # bounded: size, nesting
+    if config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an ldm bundle description (format is not {FORMAT!r})")
     version = config.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -195,7 +193,7 @@ def _read_weights(folder: Path, config: dict) -> dict[str, dict[str, torch.Tenso
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
         raise CheckpointError(f"{folder / BUNDLE_FILE}: weights = {name!r} must be a .safetensors file name inside "
                               "the bundle folder")
-    state = load_state_dict(folder / name)
+    state = load_state_dict(inside_model_folder(folder, name, source=str(folder / BUNDLE_FILE), key="weights"))
     parts = {c: strip_prefix(state, f"{c}.") for c in ("unet", "autoencoder")}
     stray = [k for k in state if not k.startswith(("unet.", "autoencoder."))]
     if stray:
@@ -218,8 +216,10 @@ def _text_node(folder: Path, node: dict) -> tuple[str, dict]:
     for sub in subs:
         if not (folder / sub).is_dir():
             raise CheckpointError(f"{folder}: no {sub}/ folder (model.text_encoder is {target})")
-    for sub in subs[:2]:
-        read_clip_text_config(folder / sub)  # sizes checked before transformers allocates them
+    for sub in {*subs, "tokenizer"}:  # inside the bundle: a folder shipped as a symlink out of it is refused
+        inside(folder, sub, source=source, key="model.text_encoder")
+    for sub in subs[:2]:  # sizes checked against the weights before transformers allocates them
+        check_text_encoder_folder(folder / sub, projection=sub == "text_encoder_2")
     return target, node
 
 
@@ -330,7 +330,7 @@ def load_ldm_bundle_into(folder, unet: nn.Module, autoencoder: nn.Module | None 
     reports = [r for m, s, n in jobs if (r := mismatch_report(m, s, strict=strict, name=n))]
     if reports:
         raise CheckpointError(f"cannot load {folder}\n" + "\n".join(reports))
-    for module, state, _ in jobs:
-        module.load_state_dict(state, strict=False)
+    for module, state, name in jobs:  # a module built on the meta device gets its memory here, once checked
+        copy_checked(module, state, source=f"{folder} ({name})")
     return {"loaded": [n for _, _, n in jobs], "schedule": _schedule(config, folder / BUNDLE_FILE),
             "resolution": config.get("resolution"), "config": config}

@@ -31,6 +31,7 @@ from ldm.formats.dtypes import DTYPES
 from ldm.formats.ldm_bundle import load_ldm_bundle
 from ldm.formats.single_file import load_sd_single_file
 from ldm.formats.training_checkpoint import load_training_checkpoint
+from ldm.formats.weight_folder import check_text_encoder_folder
 
 
 def load_bundle(source, *, use_ema: bool = True, device: str | torch.device = "cpu",
@@ -101,7 +102,11 @@ def resolve_text_encoder(text_encoder) -> nn.Module | None:
     if (Path(text_encoder) / "text_encoder_2").is_dir():  # an SDXL folder: ViT-L + bigG
         from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
 
+        for sub in ("text_encoder", "text_encoder_2"):  # sizes checked against the weights before allocation
+            check_text_encoder_folder(Path(text_encoder) / sub, projection=sub == "text_encoder_2")
         return DualCLIPTextEncoder.from_pretrained(text_encoder)
+    if Path(text_encoder).is_dir():
+        check_text_encoder_folder(Path(text_encoder) / "text_encoder")
     return CLIPTextEncoder.from_pretrained(text_encoder)
 
 

@@ -13,12 +13,12 @@ key `lora_adapter_metadata`, a JSON object with prefixed keys ("unet.r", "unet.l
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 from torch import Tensor, nn
 
 from ldm.formats.diffusers_keys import unet_diffusers_to_ldm
+from ldm.formats.safe_load import CheckpointError, json_object
 from ldm.formats.lora_layers import HUB_TEXT_PREFIX, fit_weights, text_hub_path, unet_diffusers_paths
 from ldm.models.lora import LoRANetwork, is_adaptable
 
@@ -76,15 +76,16 @@ def is_peft(keys) -> bool:
 
 
 def _pattern_value(patterns: dict, name: str):
-    """PEFT's rule (`get_pattern_key`): a pattern matches a module name it ends (after a dot) as a regex."""
+    """The value of the ``alpha_pattern`` / ``rank_pattern`` key naming module ``name``: the key equals it or a
+    dotted suffix of it (``to_q`` names ``...attn1.to_q``), which is what the exact module paths PEFT and we write
+    mean. PEFT reads a key as a regex (``get_pattern_key``); a file is data, so here it is matched literally: a
+    backtracking pattern in a downloaded file cannot hang the load."""
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{METADATA_KEY}: alpha_pattern must map module names to numbers, got "
+                         f"{type(patterns).__name__}")
     for pattern, value in patterns.items():
         if name == pattern or name.endswith("." + pattern):
             return value
-        try:
-            if re.match(rf"(.*\.)?({pattern})$", name):
-                return value
-        except re.error:
-            continue
     return None
 
 
@@ -93,9 +94,9 @@ def _component_config(metadata: dict[str, str] | None, prefix: str) -> dict:
     if not raw:
         return {}
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"the {METADATA_KEY!r} metadata is not valid JSON ({e})") from e
+        meta = json_object(raw, source="the safetensors header", key=METADATA_KEY)  # bounded: nesting, numbers
+    except CheckpointError as e:
+        raise ValueError(str(e)) from e
     return {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
 
 
@@ -153,6 +154,8 @@ def from_peft(state: dict[str, Tensor], roots: dict[str, nn.Module], metadata: d
             alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name)
             if alpha is None:
                 alpha = cfg.get("lora_alpha")
+        if alpha is not None and not isinstance(alpha, (int, float, torch.Tensor)):
+            raise ValueError(f"{METADATA_KEY}: the alpha of {name} is {alpha!r}, not a number")
         base = roots[target[0]].get_submodule(target[1])
         weights[target] = fit_weights({"down": parts["down"], "up": parts["up"],
                                 "alpha": torch.tensor(float(alpha if alpha is not None else rank))}, base)

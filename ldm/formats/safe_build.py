@@ -12,7 +12,6 @@ file and the key, raised before anything is built.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,17 @@ import torch
 from torch import nn
 
 from ldm.formats.assets import resolve_weights
-from ldm.formats.safe_load import CheckpointError
+from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
+from ldm.formats.weight_folder import check_text_encoder_folder
 
 MAX_STRING = 4096  # characters of a stored string (paths, hub ids, preset names)
 MAX_LIST = 64  # items of a stored list
 MAX_DEPTH = 8  # nesting of a stored structure
+# Values visited in one stored structure. A pickle or YAML may reference one list from many places: 64 references
+# to a list of 64 references ... 8 levels deep is 2.8e14 visits from a few KB, so shared references count each
+# time they are reached. Our own run configs hold a few thousand values.
+MAX_NODES = 100_000
+MAX_STORED_DEPTH = 32  # nesting of a whole stored run config (checkpoints' ``ldm`` entry), Hydra directives and all
 MAX_PARAMETERS = 20_000_000_000  # parameters of one network (80 GB in fp32; SDXL's U-Net has 2.6e9)
 HEADER_KEY = "ldm_autoencoder_config"  # our VAE file's header entry: the AutoencoderKL constructor arguments
 
@@ -35,9 +40,28 @@ HEADER_KEY = "ldm_autoencoder_config"  # our VAE file's header entry: the Autoen
 # plain values
 
 
-def check_plain(value: Any, *, source: str, key: str, depth: int = 0, max_list: int = MAX_LIST) -> None:
+class NodeBudget:
+    """How many more values a walk of one stored structure may visit (MAX_NODES): every walker of data a file
+    holds spends one per value it reaches."""
+
+    def __init__(self, source: str, key: str, nodes: int = MAX_NODES):
+        self.source, self.key, self.left = source, key, nodes
+
+    def spend(self, where: str = "") -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise CheckpointError(f"{self.source}: {self.key} holds more than {MAX_NODES} values (counting shared "
+                                  "references each time they are reached; the last one reached: "
+                                  f"{where or self.key}); refused as a file built to exhaust us")
+
+
+def check_plain(value: Any, *, source: str, key: str, depth: int = 0, max_list: int = MAX_LIST,
+                budget: NodeBudget | None = None) -> None:
     """``value`` is JSON-like data without Hydra directives: dict keys are strings not starting with ``_`` (no
-    ``_target_``, ``_args_``, ``_partial_``, ...), lists and strings are bounded."""
+    ``_target_``, ``_args_``, ``_partial_``, ...), lists and strings are bounded, and at most MAX_NODES values
+    are visited."""
+    budget = budget or NodeBudget(source, key)
+    budget.spend(key)
     if depth > MAX_DEPTH:
         raise CheckpointError(f"{source}: {key} is nested more than {MAX_DEPTH} levels deep")
     if value is None or isinstance(value, (bool, int)):
@@ -54,7 +78,7 @@ def check_plain(value: Any, *, source: str, key: str, depth: int = 0, max_list: 
         if len(value) > max_list:
             raise CheckpointError(f"{source}: {key} is a list of {len(value)} items (at most {max_list})")
         for i, item in enumerate(value):
-            check_plain(item, source=source, key=f"{key}[{i}]", depth=depth + 1, max_list=max_list)
+            check_plain(item, source=source, key=f"{key}[{i}]", depth=depth + 1, max_list=max_list, budget=budget)
         return
     if isinstance(value, dict):
         for k, item in value.items():
@@ -63,9 +87,35 @@ def check_plain(value: Any, *, source: str, key: str, depth: int = 0, max_list: 
             if k.startswith("_"):
                 raise CheckpointError(f"{source}: {key}.{k} is refused: stored configs may not carry Hydra "
                                       "directives (_target_, _args_, _partial_, ...) below a network's own node")
-            check_plain(item, source=source, key=f"{key}.{k}", depth=depth + 1, max_list=max_list)
+            check_plain(item, source=source, key=f"{key}.{k}", depth=depth + 1, max_list=max_list, budget=budget)
         return
     raise CheckpointError(f"{source}: {key} is a {type(value).__name__}; stored configs hold only plain values")
+
+
+def check_stored(value: Any, *, source: str, key: str) -> None:
+    """A whole stored run config (a training checkpoint's ``ldm`` entry: Hydra nodes with ``_target_`` included)
+    is bounded before anything walks it: string keys, plain leaves, at most MAX_STORED_DEPTH levels and MAX_NODES
+    values (shared references counted each time). Its nodes are checked one by one when built (``build_node``)."""
+    budget = NodeBudget(source, key)
+    budget.spend()
+    stack = [(value, key, 0)]
+    while stack:  # without recursion; every value is paid for when it is reached, before it is kept
+        node, where, depth = stack.pop()
+        if depth > MAX_STORED_DEPTH:
+            raise CheckpointError(f"{source}: {where} is nested more than {MAX_STORED_DEPTH} levels deep")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    raise CheckpointError(f"{source}: {where} has a non-string key {k!r}")
+                budget.spend(f"{where}.{k}")
+                stack.append((v, f"{where}.{k}", depth + 1))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                budget.spend(f"{where}[{i}]")
+                stack.append((v, f"{where}[{i}]", depth + 1))
+        elif not (node is None or isinstance(node, (bool, int, float, str))):
+            raise CheckpointError(f"{source}: {where} is a {type(node).__name__}; stored configs hold only plain "
+                                  "values")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,10 +178,6 @@ TINY_DUAL_TEXT_SCHEMA = {"folder": Param(OPT_STR), "seed": Param(INT, 0, 2**63 -
 # The first-stage factory of our Hydra configs: a preset (+ overrides), optionally a weights file of our own
 FACTORY_AUTOENCODER_SCHEMA = {"preset": Param(OPT_STR), "weights": Param(OPT_STR), "pixel_space": Param(BOOL),
                               **AUTOENCODER_SCHEMA}
-# transformers CLIPTextConfig fields that size the model (config.json of a text_encoder/ folder)
-CLIP_TEXT_BOUNDS = {"vocab_size": 1_000_000, "hidden_size": 16384, "intermediate_size": 65536,
-                    "num_hidden_layers": 128, "num_attention_heads": 1024, "max_position_embeddings": 65536,
-                    "projection_dim": 16384}
 
 
 def check_kwargs(kwargs: dict, schema: dict[str, Param], *, source: str, key: str) -> dict:
@@ -165,31 +211,6 @@ def _check_value(value: Any, param: Param, *, source: str, where: str) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if (param.low is not None and value < param.low) or (param.high is not None and value > param.high):
             raise CheckpointError(f"{source}: {where} = {value!r} is outside [{param.low}, {param.high}]")
-
-
-def check_clip_text_config(config: dict, *, source: str) -> None:
-    """The sizes of a transformers ``CLIPTextConfig`` dict are bounded (before transformers allocates them)."""
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{source}: not a JSON object")
-    for name, high in CLIP_TEXT_BOUNDS.items():
-        value = config.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= high):
-            raise CheckpointError(f"{source}: {name} = {value!r} must be an integer in [1, {high}]")
-    for name in ("auto_map", "custom_pipelines", "_target_", "_args_", "_partial_"):
-        if name in config:
-            raise CheckpointError(f"{source}: {name} names code to import or call; refused")
-
-
-def read_clip_text_config(folder: Path) -> dict:
-    """``folder/config.json`` of a transformers CLIP text model, checked before transformers reads it."""
-    path = Path(folder) / "config.json"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read the text encoder config ({err})") from err
-    config = json_object(text, source=str(path), key="config.json")
-    check_clip_text_config(config, source=str(path))
-    return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,6 +295,8 @@ def _tiny_text_encoder(preset: str = "tiny", folder: str | None = None, **kw) ->
         raise ValueError(f"unknown tiny text encoder preset {preset!r}; expected one of {sorted(tiny_clip.PRESETS)}")
     if folder is not None and not (Path(folder) / "text_encoder" / "model.safetensors").is_file():
         folder = None
+    if folder is not None:  # a folder on this machine that a file names: checked like any text encoder folder
+        check_text_encoder_folder(Path(folder) / "text_encoder")
     if "words" in kw:
         kw["words"] = tuple(kw["words"])
     return CLIPTextEncoder.from_tiny(preset, folder=folder, **kw)
@@ -282,12 +305,17 @@ def _tiny_text_encoder(preset: str = "tiny", folder: str | None = None, **kw) ->
 def _pretrained_text_encoder(path_or_hub_id: str, **kw) -> nn.Module:
     from ldm.models.text_encoder import CLIPTextEncoder
 
+    if Path(path_or_hub_id).is_dir():  # a local folder: its weights checked against its config first
+        check_text_encoder_folder(Path(path_or_hub_id) / ("text_encoder" if kw.get("subfolder_layout", True) else ""))
     return CLIPTextEncoder.from_pretrained(path_or_hub_id, **kw)
 
 
 def _pretrained_dual_text_encoder(path_or_hub_id: str, **kw) -> nn.Module:
     from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
 
+    if Path(path_or_hub_id).is_dir():
+        for sub in ("text_encoder", "text_encoder_2"):
+            check_text_encoder_folder(Path(path_or_hub_id) / sub, projection=sub == "text_encoder_2")
     return DualCLIPTextEncoder.from_pretrained(path_or_hub_id, **kw)
 
 
@@ -298,6 +326,8 @@ def _tiny_dual_text_encoder(folder: str | None = None, **kw) -> nn.Module:
 
     if folder is not None and not (Path(folder) / "text_encoder_2" / "model.safetensors").is_file():
         folder = None
+    for sub in ("text_encoder", "text_encoder_2") if folder is not None else ():
+        check_text_encoder_folder(Path(folder) / sub, projection=sub == "text_encoder_2")
     if "words" in kw:
         kw["words"] = tuple(kw["words"])
     return DualCLIPTextEncoder.from_tiny(folder=folder, **kw)
@@ -391,14 +421,3 @@ def build_checked(builder: Builder, kwargs: dict, *, source: str, key: str, meta
         raise
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{source}: cannot build {key} from {kwargs} ({type(err).__name__}: {err})") from err
-
-
-def json_object(text: str, *, source: str, key: str) -> dict:
-    """A JSON object stored in a header / file, or a CheckpointError naming it."""
-    try:
-        value = json.loads(text)
-    except (TypeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{source}: {key} is not valid JSON ({err})") from err
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{source}: {key} must be a JSON object, got {type(value).__name__}")
-    return value

@@ -1,13 +1,19 @@
 """Safe checkpoint reading and all-or-nothing loading into modules.
 
 Pickled files (``.ckpt/.pt/.pth/.bin``) are only read with
-``torch.load(weights_only=True)``: arbitrary pickled objects are refused.
+``torch.load(weights_only=True)``: arbitrary pickled objects are refused. Zip-format pickles are memory-mapped
+(``mmap=True``): a storage is pages of the file (torch checks every stated storage size against its record), read
+when copied, not a second copy in memory. JSON a file holds is bounded (bytes and nesting). A module built on the
+meta device gets its memory only once a state dict that fills all of it has been checked against it.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +21,8 @@ from torch import nn
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_LISTED = 20
+MAX_JSON_BYTES = 64 << 20  # a JSON file we read (configs, weight indexes: the largest known is a few hundred KB)
+MAX_JSON_DEPTH = 64  # nesting of stored JSON (configs nest a few levels; deeper is a file built to exhaust us)
 
 
 class CheckpointError(ValueError):
@@ -58,11 +66,17 @@ def _read_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from err
 
 
+def load_pickle(path: Path):
+    """``torch.load(weights_only=True)``, memory-mapped for zip-format files (torch >= 1.6; the legacy format cannot
+    be mapped and is read as it is: torch checks each storage against the bytes it reads)."""
+    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
 def _read_pickle(path: Path):
     import pickle
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return load_pickle(path)
     except pickle.UnpicklingError as err:
         detail = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if detail:
@@ -123,5 +137,88 @@ def load_into(module: nn.Module, state_dict: dict, *, source: str, strict: bool 
     if report:
         raise CheckpointError(f"cannot load {source}\n{report}")
     missing, unexpected, _ = check_state_dict(module, state_dict)
-    module.load_state_dict(state_dict, strict=False)
+    copy_checked(module, state_dict, source=source)
     return missing, unexpected
+
+
+def copy_checked(module: nn.Module, state_dict: dict, *, source: str) -> None:
+    """Copy an already checked ``state_dict`` into ``module``. A module built on the meta device (its sizes came
+    from a stored config, not yet backed by the file) gets CPU memory here, for its meta tensors only, and only
+    when ``state_dict`` holds a value for every one of them: nothing is allocated that the file does not hold."""
+    on_meta = [k for k, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+    unfilled = [k for k in on_meta if k not in state_dict]
+    if unfilled:
+        raise CheckpointError(f"cannot load {source}: it holds no values for {len(unfilled)} tensors of the model, "
+                              f"e.g. {', '.join(unfilled[:5])}")
+    if on_meta:
+        module._apply(lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t)
+        left = [n for n, b in module.named_buffers() if b.is_meta]  # non-persistent buffers: no file value exists
+        if left:
+            raise CheckpointError(f"cannot load {source}: {left[:5]} are not stored in files; build the model on "
+                                  "a real device")
+    module.load_state_dict(state_dict, strict=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSON a file holds
+
+
+def json_object(text: str | bytes, *, source: str, key: str) -> dict:
+    """A JSON object stored in a header / file, or a CheckpointError naming it: invalid, not an object, nested
+    deeper than MAX_JSON_DEPTH (a RecursionError otherwise), or a number Python refuses to parse."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{source}: {key} is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except (TypeError, ValueError) as err:  # JSONDecodeError, an integer of more than 4300 digits
+        raise CheckpointError(f"{source}: {key} is not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source}: {key} must be a JSON object, got {type(value).__name__}")
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{source}: {key} is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (JSON has no shared references: linear in its size)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def read_json_file(path: str | Path, *, key: str | None = None) -> dict:
+    """A JSON object file (a config, a weight index), at most MAX_JSON_BYTES, checked as :func:`json_object`."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: a JSON file of {size} bytes (at most {MAX_JSON_BYTES}); refused")
+        text = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read JSON config ({err})") from err
+    return json_object(text, source=str(path), key=key or path.name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes without loading
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of a weight file, read without loading its tensors (the safetensors header; a pickle
+    memory-mapped), to check a model built on the meta device against the file before allocating it."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:  # noqa: BLE001 - the Rust reader's errors, named with the file
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from err
+    return {k: tuple(v.shape) for k, v in load_state_dict(path).items()}

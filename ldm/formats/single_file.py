@@ -34,7 +34,7 @@ from ldm.formats.common import (
 )
 from ldm.formats.openclip_keys import DROPPED, hf_to_openclip, openclip_num_layers, openclip_to_hf
 from ldm.formats.safe_build import SCHEDULE_TARGET, build_network, build_node, json_object
-from ldm.formats.safe_load import CheckpointError, load_state_dict, mismatch_report
+from ldm.formats.safe_load import CheckpointError, copy_checked, load_state_dict, mismatch_report
 from ldm.formats.sgm_config import first_stage_params, sgm_config
 from ldm.formats.shared_names import shared_name
 from ldm.formats.sdxl_single_file import (
@@ -131,14 +131,15 @@ def _text_state_for(text_encoder, parts: dict) -> dict:
 
 
 def load_single_file(path, unet, vae=None, text_encoder=None, strict: bool = True,
-                     use_ema: bool = False) -> dict:
+                     use_ema: bool = False, source: str | None = None) -> dict:
     """Load an SD single file (path or state dict) into our modules.
 
     Every component is checked before anything is copied; problems in any of
     them are reported together in one ``CheckpointError``. Returns
     ``{"kind", "extra"}`` (extra = names of keys that were not used).
+    source: the file a given state dict was read from (for messages).
     """
-    source = "<state dict>" if isinstance(path, dict) else str(path)
+    source = source or ("<state dict>" if isinstance(path, dict) else str(path))
     sd = path if isinstance(path, dict) else load_state_dict(path)
     parts = split_sd_checkpoint(sd, use_ema=use_ema)
     jobs = [(unet, parts["unet"], "unet")]
@@ -156,8 +157,8 @@ def load_single_file(path, unet, vae=None, text_encoder=None, strict: bool = Tru
     reports = [r for r in reports if r]
     if reports:
         raise CheckpointError(f"cannot load {source}\n" + "\n".join(reports))
-    for module, state, _ in jobs:
-        module.load_state_dict(state, strict=False)
+    for module, state, name in jobs:  # a module built on the meta device gets its memory here, once checked
+        copy_checked(module, state, source=f"{source} ({name})")
     return {"kind": parts["kind"], "extra": sorted(parts["extra"])}
 
 
@@ -219,8 +220,9 @@ def load_sd_single_file(path, *, use_ema: bool = True, text_encoder: nn.Module |
     parts = split_sd_checkpoint(state, use_ema=ema)
     if not parts["vae"]:
         raise CheckpointError(f"{path}: no VAE weights ('first_stage_model.*'); this loader needs a full SD file")
-    ucfg = {**(_json(header, META_UNET, path) or infer_unet_config(parts["unet"])), **(unet_config or {})}
-    inferred_vae = infer_vae_config(parts["vae"]) if META_VAE not in header else None
+    ucfg = {**(_json(header, META_UNET, path) or _inferred(infer_unet_config, parts["unet"], path, "U-Net")),
+            **(unet_config or {})}
+    inferred_vae = _inferred(infer_vae_config, parts["vae"], path, "VAE") if META_VAE not in header else None
     if inferred_vae is not None and parts["kind"] == "sdxl":
         inferred_vae["scaling_factor"] = SDXL_SCALING_FACTOR
     vcfg = {**(_json(header, META_VAE, path) or inferred_vae), **(vae_config or {})}
@@ -228,21 +230,37 @@ def load_sd_single_file(path, *, use_ema: bool = True, text_encoder: nn.Module |
     vae = _build("autoencoder", vcfg, path, META_VAE if META_VAE in header else "inferred VAE config", "vae_config")
     has_text = bool(parts["text_encoder"])
     te = text_encoder if text_encoder is not None else _default_text_encoder(path, parts)
-    load_single_file(state, unet, vae, te if has_text else None, use_ema=ema)
+    load_single_file(state, unet, vae, te if has_text else None, use_ema=ema, source=str(path))
     if prediction_type is not None:
         schedule = replace(schedule, prediction_type=prediction_type)
     meta = {"format": "sd_single_file", "kind": parts["kind"], "ema": ema}
     if parts["kind"] == "sdxl":
         meta["vae_fp32"] = True  # SDXL's VAE overflows in float16
     if header.get(META_RESOLUTION):
-        meta["resolution"] = int(header[META_RESOLUTION])
+        meta["resolution"] = _resolution(header[META_RESOLUTION], path)
     return ModelBundle(unet, vae, te, schedule, source=str(path), meta=meta)
 
 
-def _build(role: str, config: dict, path: Path, key: str, option: str):
-    """Through the one safe builder: a header cannot make us import anything or allocate terabytes."""
+def _resolution(text: str, path: Path) -> int:
+    if not (text.isdigit() and len(text) <= 6 and 0 < int(text) <= 65536):
+        raise CheckpointError(f"{path} (header): {META_RESOLUTION} = {text[:40]!r} must be a resolution in pixels")
+    return int(text)
+
+
+def _inferred(infer, state: dict, path: Path, what: str) -> dict:
+    """A config inferred from the file's keys and shapes, or a CheckpointError naming the file."""
     try:
-        return build_network(role, config, source=str(path), key=key)
+        return infer(state)
+    except (KeyError, IndexError, StopIteration, ZeroDivisionError, AttributeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot infer the {what} config from its weights ({type(err).__name__}: "
+                              f"{err}); not an SD layout we know") from err
+
+
+def _build(role: str, config: dict, path: Path, key: str, option: str):
+    """Through the one safe builder, on the meta device: a header cannot make us import anything, and the sizes
+    it (or the keys) state get memory only once load_single_file has checked the file's tensors against them."""
+    try:
+        return build_network(role, config, source=str(path), key=key, meta=True)
     except CheckpointError as err:
         raise CheckpointError(f"{err}; fix it with {option}={{...}}") from err
 
@@ -297,7 +315,8 @@ def _default_text_encoder(path: Path, parts: dict) -> nn.Module:
     hint = "pass text_encoder=<folder with tokenizer/ and text_encoder/, e.g. a diffusers SD folder>"
     if not parts["text_encoder"]:
         raise CheckpointError(f"{path}: no text-encoder weights in the file; {hint}")
-    hidden = next(v.shape[1] for k, v in parts["text_encoder"].items() if k.endswith("token_embedding.weight"))
+    hidden = next((v.shape[1] for k, v in parts["text_encoder"].items()
+                   if k.endswith("token_embedding.weight") and v.ndim == 2), None)
     config = clip_text_config("sd15" if kind == "sd1" else "sd21")
     if hidden != config.hidden_size:
         raise CheckpointError(f"{path}: text encoder of width {hidden} is not SD's ({config.hidden_size}); {hint}")
@@ -307,6 +326,10 @@ def _default_text_encoder(path: Path, parts: dict) -> nn.Module:
         raise FileNotFoundError(f"{path}: SD single files carry no tokenizer and the default one ({repo}) is "
                                 f"not available ({type(err).__name__}); {hint}") from err
     return CLIPTextEncoder(CLIPTextModel(config), tokenizer)
+
+
+_INPUT_BLOCK = re.compile(r"input_blocks\.(\d{1,4})\.")
+MAX_INPUT_BLOCKS = 32 * 17  # channel_mult levels x (num_res_blocks + a downsample), the bounds of UNET_SCHEMA
 
 
 def _count(state: dict, pattern: str) -> int:
@@ -324,8 +347,11 @@ def infer_unet_config(state: dict) -> dict:
     conv_in = state["input_blocks.0.0.weight"]  # (model_channels, in_channels, 3, 3)
     mc = conv_in.shape[0]
     level, per_level, mult, attn, depth = 0, {}, {}, set(), {}
+    blocks = {int(m.group(1)) for k in state if (m := _INPUT_BLOCK.match(k))}  # one pass over the keys
+    if len(blocks) > MAX_INPUT_BLOCKS:
+        raise ValueError(f"{len(blocks)} input blocks (a U-Net of our schema has at most {MAX_INPUT_BLOCKS})")
     i = 1
-    while any(k.startswith(f"input_blocks.{i}.") for k in state):
+    while i in blocks:
         if f"input_blocks.{i}.0.op.weight" in state:  # Downsample
             level += 1
         else:

@@ -3,8 +3,10 @@ modules from any pretrained source (``model.pretrained``; a LoRA run's checkpoin
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -14,23 +16,49 @@ from ldm.formats.common import strip_prefix
 from ldm.formats.detect import detect_source
 from ldm.formats.diffusers_folder import load_diffusers_folder
 from ldm.formats.ldm_bundle import load_ldm_bundle_into
-from ldm.formats.safe_load import CheckpointError, load_into
+from ldm.formats.safe_load import CheckpointError, load_into, load_pickle
 from ldm.formats.single_file import load_single_file
-from ldm.formats.safe_build import build_node
+from ldm.formats.safe_build import build_node, check_plain, check_stored
+
+MAX_BASES = 8  # a LoRA / textual-inversion run's base may itself be such a run's checkpoint: at most this deep
+_LOADING: ContextVar[tuple[Path, ...]] = ContextVar("ldm_training_checkpoints_loading", default=())
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True (never unpickle code); a clear error for anything else."""
+    """torch.load with weights_only=True (never unpickle code; memory-mapped); a clear error for anything else.
+    The stored run config (``ldm``) is bounded before anything walks it (``check_stored``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_pickle(path)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "ldm" not in ckpt:
         raise CheckpointError(f"{path}: not an ldm training checkpoint (no 'state_dict'/'ldm' entries)")
+    if not isinstance(ckpt["state_dict"], dict):
+        raise CheckpointError(f"{path}: state_dict must be a mapping of tensors")
+    check_stored(ckpt["ldm"], source=str(path), key="ldm")
     return ckpt
+
+
+@contextmanager
+def _base_chain(path: Path) -> Iterator[None]:
+    """Loading ``path`` while the checkpoints that named it as their base are being loaded: a checkpoint whose
+    ``pretrained`` names itself, or a cycle of them, or a chain deeper than MAX_BASES is refused, not recursed."""
+    chain = _LOADING.get()
+    here = path.resolve()
+    if here in chain:
+        loop = " -> ".join(str(p) for p in (*chain[chain.index(here):], here))
+        raise CheckpointError(f"{path}: ldm.model.model.pretrained leads back to this checkpoint ({loop}); refused")
+    if len(chain) >= MAX_BASES:
+        raise CheckpointError(f"{path}: ldm.model.model.pretrained chains through more than {MAX_BASES} training "
+                              f"checkpoints ({' -> '.join(str(p) for p in chain)}); refused")
+    token = _LOADING.set((*chain, here))
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -64,13 +92,22 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     The stored config is data: only our own classes, with plain bounded arguments, are built from it
     (``ldm.formats.safe_build``); nothing it names is imported or called.
     use_ema: take the U-Net weights (and a trained text encoder's) from the EMA copy when the run kept one (the
-    default for sampling)."""
+    default for sampling).
+
+    The U-Net and autoencoder are built on the meta device: the sizes the stored config states get memory only
+    once the weights (this file's, or the base's) have been checked to fill them (``load_into``)."""
+    with _base_chain(Path(path)):
+        return _load_training_checkpoint(Path(path), use_ema)
+
+
+def _load_training_checkpoint(path: Path, use_ema: bool) -> ModelBundle:
     ckpt = read_checkpoint(path)
     model_cfg, m = _model_config(ckpt, path)
     src = str(path)
     schedule = build_node(model_cfg.get("schedule"), "schedule", source=src, key="ldm.model.schedule")
-    unet = build_node(m.get("unet"), "unet", source=src, key="ldm.model.model.unet")
-    autoencoder = build_node(m.get("autoencoder"), "autoencoder", source=src, key="ldm.model.model.autoencoder")
+    unet = build_node(m.get("unet"), "unet", source=src, key="ldm.model.model.unet", meta=True)
+    autoencoder = build_node(m.get("autoencoder"), "autoencoder", source=src, key="ldm.model.model.autoencoder",
+                             meta=True)
     text_encoder = build_node(m.get("text_encoder"), "text_encoder", source=src, key="ldm.model.model.text_encoder")
     if ckpt["ldm"].get("adapter"):
         return _load_adapter_checkpoint(path, ckpt, use_ema, model_cfg, (unet, autoencoder, text_encoder, schedule))
@@ -95,61 +132,79 @@ def load_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBun
     return bundle.eval()
 
 
-def _load_adapter_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, model_cfg: dict,
-                             networks: tuple) -> ModelBundle:
-    """A LoRA run's checkpoint holds only the adapter: load the base (built safely from the stored config) from
-    model.pretrained, then merge the (EMA) adapter into it. The adapter config is checked as plain data."""
-    from dataclasses import fields
-
-    from ldm.formats.safe_build import check_plain
-    from ldm.models.lora import LoRAConfig, LoRANetwork
-    unet, autoencoder, text_encoder, schedule = networks
+def _load_base(path: Path, model_cfg: dict, networks: tuple, run: str) -> None:
+    """Fill the networks built from a LoRA / textual-inversion run's stored config from its base
+    (``model.pretrained``); every tensor the stored config sized must then hold the base's values."""
+    unet, autoencoder, text_encoder, _ = networks
     pretrained = model_cfg["model"].get("pretrained")
     check_plain(pretrained, source=str(path), key="ldm.model.model.pretrained")
-    if not pretrained:
-        raise CheckpointError(f"{path}: a LoRA run's checkpoint needs its base: ldm.model.model.pretrained is empty")
+    if not pretrained or not isinstance(pretrained, str):
+        raise CheckpointError(f"{path}: a {run} checkpoint needs its base: ldm.model.model.pretrained must name "
+                              f"it, got {pretrained!r}")
     load_weights_into(pretrained, unet, autoencoder, text_encoder)
-    bundle = ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path))
-    stored = ckpt["ldm"]["adapter"]
+    for name, module in (("unet", unet), ("autoencoder", autoencoder)):
+        left = [k for k, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+        if left:
+            raise CheckpointError(f"{path}: its base {pretrained} holds no values for {name} {left[:5]}")
+
+
+def _adapter_config(path: Path, stored: Any):
+    """The LoRAConfig a LoRA run stored: plain data, known keys, bounded values (LoRAConfig's own checks)."""
+    from dataclasses import fields
+
+    from ldm.models.lora import LoRAConfig
+
     check_plain(stored, source=str(path), key="ldm.adapter")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: ldm.adapter must be a mapping, got {type(stored).__name__}")
     known = {f.name for f in fields(LoRAConfig)}
     unknown = sorted(set(stored) - known)
     if unknown:
         raise CheckpointError(f"{path}: unknown key(s) ldm.adapter.{unknown[0]}; allowed: {', '.join(sorted(known))}")
     config_dict = {k: v for k, v in stored.items() if k != "init_from"}  # the weights are in the file
     try:
-        config = LoRAConfig(**config_dict)
+        return LoRAConfig(**config_dict), config_dict
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: ldm.adapter: {err}") from err
-    roots = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
-    network = LoRANetwork.build(roots, config)
+
+
+def _load_adapter_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, model_cfg: dict,
+                             networks: tuple) -> ModelBundle:
+    """A LoRA run's checkpoint holds only the adapter: load the base (built safely from the stored config) from
+    model.pretrained, then merge the (EMA) adapter into it. The adapter config is checked as plain data, and the
+    adapter is built on the meta device: its stored ranks get memory only once this file's tensors fill them."""
+    from ldm.models.lora import LoRANetwork
+
+    config, config_dict = _adapter_config(path, ckpt["ldm"]["adapter"])
+    _load_base(path, model_cfg, networks, "LoRA run's")
+    unet, autoencoder, text_encoder, schedule = networks
+    roots = {"unet": unet, "text_encoder": text_encoder}
+    try:
+        with torch.device("meta"):
+            network = LoRANetwork.build(roots, config)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: ldm.adapter: {err}") from err
     lora_state, ema = trained_weights(ckpt["state_dict"], "lora.", use_ema)
     load_into(network, lora_state, source=f"{path} ({'EMA' if ema else 'raw'} adapter)")
     network.merge_into(roots)
-    bundle.source = str(path)
-    bundle.meta.update({"global_step": ckpt.get("global_step"), "ema": ema,
-                        "model_config": model_cfg, "resolution": model_cfg.get("resolution"), "adapter": config_dict})
-    return bundle.eval()
+    meta = {"global_step": ckpt.get("global_step"), "ema": ema, "model_config": model_cfg,
+            "resolution": model_cfg.get("resolution"), "adapter": config_dict}
+    return ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path), meta=meta).eval()
+
 
 def _load_textual_inversion_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, model_cfg: dict,
                                        networks: tuple) -> ModelBundle:
     """A textual-inversion run's checkpoint holds only the placeholder's vectors: the base from model.pretrained,
     then the (EMA) vectors added as the placeholder's tokens (``ldm.models.textual_inversion``)."""
-    from ldm.formats.safe_build import check_plain
     from ldm.models.textual_inversion import add_token_rows, placeholder_tokens
 
-    unet, autoencoder, text_encoder, schedule = networks
-    pretrained = model_cfg["model"].get("pretrained")
     stored = ckpt["ldm"]["textual_inversion"]
-    check_plain(pretrained, source=str(path), key="ldm.model.model.pretrained")
     check_plain(stored, source=str(path), key="ldm.textual_inversion")
-    if not pretrained:
-        raise CheckpointError(f"{path}: a textual-inversion checkpoint needs its base: ldm.model.model.pretrained "
-                              "is empty")
     token = stored.get("placeholder_token") if isinstance(stored, dict) else None
     if not isinstance(token, str) or not token:
         raise CheckpointError(f"{path}: ldm.textual_inversion.placeholder_token must be a token string")
-    load_weights_into(pretrained, unet, autoencoder, text_encoder)
+    _load_base(path, model_cfg, networks, "textual-inversion run's")
+    unet, autoencoder, text_encoder, schedule = networks
     weights, ema = trained_weights(ckpt["state_dict"], "textual_inversion.", use_ema)
     vectors = weights.get("vectors")
     if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2:
@@ -157,7 +212,7 @@ def _load_textual_inversion_checkpoint(path: Path, ckpt: dict[str, Any], use_ema
     try:
         add_token_rows(text_encoder, placeholder_tokens(token, vectors.shape[0]), vectors)
     except ValueError as err:
-        raise CheckpointError(f"{path}: {err}") from err
+        raise CheckpointError(f"{path}: ldm.textual_inversion.placeholder_token: {err}") from err
     return ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
                        meta={"global_step": ckpt.get("global_step"), "ema": ema, "model_config": model_cfg,
                              "resolution": model_cfg.get("resolution"), "textual_inversion": dict(stored)}).eval()

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 PRESETS = ("attention", "attention_ff", "full")
+# A rank above a layer's narrower side adds nothing (SD's and SDXL's layers are at most 1280 on it); a stored
+# config's rank sizes the adapter's tensors, so it is bounded.
+MAX_RANK = 4096
 ROOTS = ("unet", "text_encoder")
 KEY_PREFIX = {"unet": "unet", "text_encoder": "te"}
 
@@ -50,8 +53,8 @@ class LoRAConfig:
             raise ValueError(f"adapter.preset must be one of {PRESETS}, got {self.preset!r}")
         for key in ("rank", "conv_rank"):
             value = getattr(self, key)
-            if value is not None and int(value) <= 0:
-                raise ValueError(f"adapter.{key} must be a positive integer, got {value!r}")
+            if value is not None and not 0 < int(value) <= MAX_RANK:
+                raise ValueError(f"adapter.{key} must be an integer in [1, {MAX_RANK}], got {value!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"adapter.dropout must be in [0, 1), got {self.dropout!r}")
         for key in ("alpha", "conv_alpha", "unet_lr", "text_encoder_lr"):

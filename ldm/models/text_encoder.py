@@ -183,10 +183,13 @@ class CLIPTextEncoder(nn.Module):
         """Load ``tokenizer/`` + ``text_encoder/`` of a hub-like folder or hub id."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from ldm.models.clip_bounds import bounded_text_config
+
         path = str(path_or_hub_id)
         sub = ("tokenizer", "text_encoder") if subfolder_layout else ("", "")
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder=sub[0])
-        model = CLIPTextModel.from_pretrained(path, subfolder=sub[1])
+        config = bounded_text_config(path, sub[1], CLIPTextModel)  # sizes bounded before transformers allocates
+        model = CLIPTextModel.from_pretrained(path, subfolder=sub[1], config=config)
         max_length = min(model.config.max_position_embeddings, tokenizer.model_max_length)
         return cls(model, tokenizer, penultimate=penultimate, max_length=max_length, **kwargs)
 

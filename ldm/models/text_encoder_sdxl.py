@@ -86,8 +86,13 @@ class DualCLIPTextEncoder(nn.Module):
         path = str(path_or_hub_id)
         tok_1 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         tok_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
-        model_1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-        model_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
+        from ldm.models.clip_bounds import bounded_text_config
+
+        model_1 = CLIPTextModel.from_pretrained(  # sizes bounded before transformers allocates
+            path, subfolder="text_encoder", config=bounded_text_config(path, "text_encoder", CLIPTextModel))
+        model_2 = CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2",
+            config=bounded_text_config(path, "text_encoder_2", CLIPTextModelWithProjection))
         max_length = min(model_1.config.max_position_embeddings, tok_1.model_max_length)
         return cls(model_1, tok_1, model_2, tok_2, max_length=max_length, **kwargs)
 

@@ -60,6 +60,26 @@ def single_token_id(encoder, word: str, key: str = "adapter.init_token") -> int:
     return int(ids[0])
 
 
+END_OF_WORD = "</w>"  # CLIP's BPE marks a word's last piece: the vocabulary holds "red</w>", not "red"
+
+
+def check_new_tokens(tokenizer, tokens: list[str]) -> None:
+    """New tokens must not take over text a prompt already means: a token with spaces, or one that (lower-cased,
+    as CLIP reads prompts) is a vocabulary entry with or without the end-of-word mark, would silently replace that
+    word in every prompt (a downloaded embedding named ``red``)."""
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        if not token or any(c.isspace() for c in token):
+            raise ValueError(f"token {token!r} must be one word without spaces")
+        word = next((w for w in (token.lower() + END_OF_WORD, token.lower()) if w in vocab and w != token), None)
+        if word is not None:
+            raise ValueError(f"token {token!r} is the word {word!r} of the tokenizer's vocabulary: it would change "
+                             "the meaning of every prompt that uses the word; choose a new name (e.g. "
+                             f"'<{token}>')")
+        if token in vocab:
+            raise ValueError(f"token {token!r} is already in the tokenizer's vocabulary: choose another name")
+
+
 @torch.no_grad()
 def add_token_rows(encoder, tokens: list[str], vectors: Tensor) -> list[int]:
     """Add ``tokens`` to the tokenizer and one embedding row each (``vectors`` [n, dim]) to the text model,
@@ -71,9 +91,7 @@ def add_token_rows(encoder, tokens: list[str], vectors: Tensor) -> list[int]:
     if vectors.shape[1] != table.embedding_dim:
         raise ValueError(f"embedding vectors have {vectors.shape[1]} dims; the text encoder's are "
                          f"{table.embedding_dim}")
-    taken = [t for t in tokens if t in encoder.tokenizer.get_vocab()]
-    if taken:
-        raise ValueError(f"token {taken[0]!r} is already in the tokenizer's vocabulary: choose another name")
+    check_new_tokens(encoder.tokenizer, tokens)
     if len(encoder.tokenizer) != table.num_embeddings:
         raise ValueError(f"tokenizer ({len(encoder.tokenizer)} tokens) and text encoder ({table.num_embeddings} "
                          "embedding rows) disagree: cannot add tokens")

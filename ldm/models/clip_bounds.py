@@ -1,0 +1,63 @@
+"""Bounds of a transformers CLIP text model read from a folder or hub id, checked before transformers allocates it.
+
+A ``config.json`` is data: each size field is bounded, and the model it describes is built on the meta device and
+counted before anything real is allocated (bounded fields still multiply: a vocabulary of 10^6 by a width of
+16384 is 65 GB). ``ldm.formats`` also compares that meta model with the tensors the folder's weight file
+holds; here, below the formats, the text encoders' ``from_pretrained`` apply the bounds to every folder and hub id.
+Errors are ``ValueError``s naming the file and the field (``ldm.formats`` raises them as ``CheckpointError``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# transformers CLIPTextConfig fields that size the model
+CLIP_TEXT_BOUNDS = {"vocab_size": 1_000_000, "hidden_size": 16384, "intermediate_size": 65536,
+                    "num_hidden_layers": 128, "num_attention_heads": 1024, "max_position_embeddings": 65536,
+                    "projection_dim": 16384}
+MAX_TEXT_PARAMETERS = 2_000_000_000  # OpenCLIP bigG's text tower (SDXL's text_encoder_2) has 0.7e9
+MAX_CONFIG_BYTES = 16 << 20  # a CLIP config.json is about 1 KB
+CODE_KEYS = ("auto_map", "custom_pipelines", "_target_", "_args_", "_partial_")  # names of code to import or call
+
+
+def check_clip_text_fields(config: dict, *, source: str) -> None:
+    """The size fields of a CLIPTextConfig dict are integers within CLIP_TEXT_BOUNDS; no key names code."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: not a JSON object")
+    for name, high in CLIP_TEXT_BOUNDS.items():
+        value = config.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= high):
+            raise ValueError(f"{source}: {name} = {value!r} must be an integer in [1, {high}]")
+    for name in CODE_KEYS:
+        if name in config:
+            raise ValueError(f"{source}: {name} names code to import or call; refused")
+
+
+def meta_text_model(model_class: type[nn.Module], config, *, source: str) -> nn.Module:
+    """``model_class(config)`` on the meta device (no memory), refused above MAX_TEXT_PARAMETERS."""
+    with torch.device("meta"):
+        model = model_class(config)
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_TEXT_PARAMETERS:
+        raise ValueError(f"{source}: describes a text encoder of {count:.3g} parameters (at most "
+                         f"{MAX_TEXT_PARAMETERS:.3g}); refused")
+    return model
+
+
+def bounded_text_config(path_or_hub_id, subfolder: str, model_class: type[nn.Module]):
+    """The ``CLIPTextConfig`` of ``path_or_hub_id/subfolder``, its fields bounded and the model it describes
+    counted on the meta device; pass it to ``model_class.from_pretrained(..., config=...)``."""
+    local = Path(str(path_or_hub_id)) / subfolder / "config.json"
+    source = str(local) if local.is_file() else f"{path_or_hub_id} ({subfolder or '.'}/config.json)"
+    if local.is_file() and local.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{source}: a config of {local.stat().st_size} bytes (at most {MAX_CONFIG_BYTES}); refused")
+    try:
+        config = model_class.config_class.from_pretrained(str(path_or_hub_id), subfolder=subfolder)
+    except RecursionError:  # json.loads of a deeply nested file
+        raise ValueError(f"{source}: nested too deeply to be a text encoder config") from None
+    check_clip_text_fields(config.to_dict(), source=source)
+    meta_text_model(model_class, config, source=source)
+    return config
