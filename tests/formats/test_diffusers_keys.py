@@ -4,7 +4,7 @@ diffusers' own ``convert_ldm_*_checkpoint`` (original -> diffusers) is the
 reference; our maps must invert it exactly.
 """
 
-import inspect
+import dataclasses
 
 import pytest
 import torch
@@ -20,8 +20,8 @@ from ldm.formats.diffusers_keys import (
     vae_ldm_to_diffusers,
 )
 from ldm.formats.safe_load import CheckpointError
-from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL
-from ldm.models.unet import UNET_PRESETS, UNet
+from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL
+from ldm.models.unet import UNET_PRESETS, UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import (  # noqa: E402
@@ -62,10 +62,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def _defaults(cls):
-    params = inspect.signature(cls.__init__).parameters
-    skip = ("self", "gradient_checkpointing", "adm_in_channels")  # adm_in_channels: recorded only when set (SDXL)
-    return {k: p.default for k, p in params.items() if k not in skip}
+def _defaults(config_cls):
+    """The defaults of a network's config object (the one place they are written)."""
+    skip = ("gradient_checkpointing", "adm_in_channels")  # adm_in_channels: recorded only when set (SDXL)
+    return {f.name: f.default for f in dataclasses.fields(config_cls) if f.name not in skip}
 
 
 def _plain(cfg):
@@ -81,8 +81,8 @@ def randomize(module, seed=0):
 
 
 def test_real_unet_configs_match_presets():
-    sd15 = _plain({**_defaults(UNet), **UNET_PRESETS["sd15"]})
-    sd21 = _plain({**_defaults(UNet), **UNET_PRESETS["sd21"]})
+    sd15 = _plain({**_defaults(UNetConfig), **UNET_PRESETS["sd15"]})
+    sd21 = _plain({**_defaults(UNetConfig), **UNET_PRESETS["sd21"]})
     assert unet_config_from_diffusers(SD15_UNET) == sd15
     assert unet_config_from_diffusers(SD21_UNET) == sd21
     for ours, hub in [(sd15, SD15_UNET), (sd21, SD21_UNET)]:
@@ -95,7 +95,7 @@ def test_real_unet_configs_match_presets():
 
 
 def test_real_vae_config_matches_preset():
-    ours = _plain({**_defaults(AutoencoderKL), **AUTOENCODER_PRESETS["sd"]})
+    ours = _plain({**_defaults(AutoencoderConfig), **AUTOENCODER_PRESETS["sd"]})
     assert vae_config_from_diffusers(SD_VAE) == ours
     back = vae_diffusers_config(ours, sample_size=512)
     assert {k: back[k] for k in SD_VAE} == SD_VAE
