@@ -12,7 +12,10 @@ file and the key, raised before anything is built.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +24,9 @@ import torch
 from torch import nn
 
 from ldm.formats.assets import resolve_weights
+from ldm.models.autoencoder import AutoencoderConfig, IdentityConfig
+from ldm.models.config_fields import field_bounds, field_types
+from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
 from ldm.formats.weight_folder import check_text_encoder_folder
 
@@ -137,27 +143,35 @@ OPT_FLOAT = (int, float, type(None))
 OPT_STR = (str, type(None))
 
 
-def _channels(high: int = 8192) -> Param:
-    return Param(INT, 1, high)
+def schema_of(config_cls: type) -> dict[str, Param]:
+    """The schema of a network's config object (``UNetConfig``, ...): every field, its type and its bounds, read
+    from the dataclass (the one place they are written; ldm.models.config_fields)."""
+    hints = field_types(config_cls)
+    return {f.name: _param(hints[f.name], field_bounds(f), config_cls, f.name) for f in dataclasses.fields(config_cls)}
 
 
-UNET_SCHEMA = {
-    "in_channels": _channels(256), "out_channels": _channels(256), "model_channels": _channels(4096),
-    "channel_mult": Param(INT, 1, 32, list_of=True), "num_res_blocks": Param(INT, 1, 16),
-    "attention_levels": Param(INT, 0, 15, list_of=True), "num_heads": Param(INT, -1, 1024),
-    "num_head_channels": Param(INT, -1, 4096), "transformer_depth": Param(INT, 0, 64, or_list=True),
-    "context_dim": _channels(16384), "use_linear_projection": Param(BOOL), "dropout": Param(FLOAT, 0.0, 1.0),
-    "gradient_checkpointing": Param(BOOL), "adm_in_channels": Param((int, type(None)), 1, 65536),
-}
-AUTOENCODER_SCHEMA = {
-    "in_channels": _channels(256), "out_channels": _channels(256), "latent_channels": _channels(256),
-    "base_channels": _channels(4096), "channel_mult": Param(INT, 1, 32, list_of=True),
-    "num_res_blocks": Param(INT, 1, 16), "dropout": Param(FLOAT, 0.0, 1.0),
-    "scaling_factor": Param(FLOAT, -1e6, 1e6), "shift_factor": Param(FLOAT, -1e6, 1e6),
-    "gradient_checkpointing": Param(BOOL), "norm_groups": Param(INT, 1, 4096),
-}
-IDENTITY_SCHEMA = {"in_channels": _channels(256), "scaling_factor": Param(FLOAT, -1e6, 1e6),
-                   "shift_factor": Param(FLOAT, -1e6, 1e6)}
+_SCALARS = {int: INT, float: FLOAT, bool: BOOL, str: STR}
+
+
+def _param(hint: Any, bounds: Any, config_cls: type, name: str) -> Param:
+    """int / float / bool / str, ``X | None``, ``tuple[X, ...]`` (a list) and ``X | tuple[X, ...]`` (one or a
+    list) -> a Param."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    optional = type(None) in args
+    lists = [a for a in args if typing.get_origin(a) is tuple]
+    scalars = [a for a in args if a in _SCALARS]
+    item = typing.get_args(lists[0])[0] if lists else (scalars[0] if scalars else None)
+    if item not in _SCALARS:
+        raise TypeError(f"{config_cls.__name__}.{name}: no stored form for {hint!r}")
+    allowed = _SCALARS[item] + ((type(None),) if optional else ())
+    return Param(allowed, bounds.low, bounds.high, bounds.choices, list_of=bool(lists) and not scalars,
+                 or_list=bool(lists) and bool(scalars))
+
+
+UNET_SCHEMA = schema_of(UNetConfig)
+AUTOENCODER_SCHEMA = schema_of(AutoencoderConfig)
+IDENTITY_SCHEMA = schema_of(IdentityConfig)
 SCHEDULE_SCHEMA = {
     "kind": Param(STR), "num_train_timesteps": Param(INT, 2, 100_000), "beta_start": Param(OPT_FLOAT, 0.0, 1.0),
     "beta_end": Param(OPT_FLOAT, 0.0, 1.0), "rescale_zero_terminal_snr": Param(BOOL),
