@@ -53,7 +53,7 @@ SCHEDULER_OPTIONAL = ("timestep_spacing", "steps_offset", "rescale_betas_zero_sn
                       "set_alpha_to_one")
 # Bookkeeping keys diffusers writes into config.json (never read here); any other "_" key (_target_, ...) is refused.
 DIFFUSERS_METADATA = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
-_HUB_PATTERNS = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors",
+HUB_PATTERNS = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors",
                  "text_encoder_2/*.safetensors"]
 
 
@@ -64,7 +64,7 @@ def resolve_folder(path_or_hub_id) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=_HUB_PATTERNS))
+    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_PATTERNS))
 
 
 def _read_json(path: Path) -> dict:

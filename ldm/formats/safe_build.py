@@ -28,7 +28,7 @@ from ldm.models.autoencoder import AutoencoderConfig, IdentityConfig
 from ldm.models.config_fields import field_bounds, field_types
 from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
-from ldm.formats.weight_folder import check_text_encoder_folder
+from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder
 
 MAX_STRING = 4096  # characters of a stored string (paths, hub ids, preset names)
 MAX_LIST = 64  # items of a stored list
@@ -316,21 +316,31 @@ def _tiny_text_encoder(preset: str = "tiny", folder: str | None = None, **kw) ->
     return CLIPTextEncoder.from_tiny(preset, folder=folder, **kw)
 
 
-def _pretrained_text_encoder(path_or_hub_id: str, **kw) -> nn.Module:
+_TEXT_PATTERNS = ["tokenizer*/*", "text_encoder*/*.json", "text_encoder*/*.safetensors"]
+
+
+def _local_text_folder(path_or_hub_id: str, source: str) -> Path:
+    """The folder a stored text encoder node names: a local folder, or a hub id already in this machine's cache."""
+    if Path(path_or_hub_id).is_dir():
+        return Path(path_or_hub_id)
+    return cached_hub_folder(path_or_hub_id, _TEXT_PATTERNS, source=source, key="text_encoder.path_or_hub_id")
+
+
+def _pretrained_text_encoder(path_or_hub_id: str, *, source: str = "", **kw) -> nn.Module:
     from ldm.models.text_encoder import CLIPTextEncoder
 
-    if Path(path_or_hub_id).is_dir():  # a local folder: its weights checked against its config first
-        check_text_encoder_folder(Path(path_or_hub_id) / ("text_encoder" if kw.get("subfolder_layout", True) else ""))
-    return CLIPTextEncoder.from_pretrained(path_or_hub_id, **kw)
+    folder = _local_text_folder(path_or_hub_id, source)  # its weights checked against its config first
+    check_text_encoder_folder(folder / ("text_encoder" if kw.get("subfolder_layout", True) else ""))
+    return CLIPTextEncoder.from_pretrained(folder, **kw)
 
 
-def _pretrained_dual_text_encoder(path_or_hub_id: str, **kw) -> nn.Module:
+def _pretrained_dual_text_encoder(path_or_hub_id: str, *, source: str = "", **kw) -> nn.Module:
     from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
 
-    if Path(path_or_hub_id).is_dir():
-        for sub in ("text_encoder", "text_encoder_2"):
-            check_text_encoder_folder(Path(path_or_hub_id) / sub, projection=sub == "text_encoder_2")
-    return DualCLIPTextEncoder.from_pretrained(path_or_hub_id, **kw)
+    folder = _local_text_folder(path_or_hub_id, source)
+    for sub in ("text_encoder", "text_encoder_2"):
+        check_text_encoder_folder(folder / sub, projection=sub == "text_encoder_2")
+    return DualCLIPTextEncoder.from_pretrained(folder, **kw)
 
 
 def _tiny_dual_text_encoder(folder: str | None = None, **kw) -> nn.Module:
@@ -378,10 +388,10 @@ BUILDERS: dict[str, Builder] = {
     "ldm.training.factories.autoencoder": _FACTORY_AUTOENCODER,
     "ldm.models.text_encoder.CLIPTextEncoder.from_tiny": Builder(_tiny_text_encoder, TINY_TEXT_SCHEMA,
                                                                  "text_encoder"),
-    "ldm.models.text_encoder.CLIPTextEncoder.from_pretrained": Builder(_pretrained_text_encoder,
-                                                                       PRETRAINED_TEXT_SCHEMA, "text_encoder"),
+    "ldm.models.text_encoder.CLIPTextEncoder.from_pretrained": Builder(
+        _pretrained_text_encoder, PRETRAINED_TEXT_SCHEMA, "text_encoder", needs_source=True),
     "ldm.models.text_encoder_sdxl.DualCLIPTextEncoder.from_pretrained": Builder(
-        _pretrained_dual_text_encoder, PRETRAINED_DUAL_TEXT_SCHEMA, "text_encoder"),
+        _pretrained_dual_text_encoder, PRETRAINED_DUAL_TEXT_SCHEMA, "text_encoder", needs_source=True),
     "ldm.models.text_encoder_sdxl.DualCLIPTextEncoder.from_tiny": Builder(
         _tiny_dual_text_encoder, TINY_DUAL_TEXT_SCHEMA, "text_encoder"),
     SCHEDULE_TARGET: Builder(_schedule, SCHEDULE_SCHEMA, "schedule"),

@@ -14,7 +14,8 @@ from torch import nn
 from ldm.models.bundle import ModelBundle
 from ldm.formats.common import strip_prefix
 from ldm.formats.detect import detect_source
-from ldm.formats.diffusers_folder import load_diffusers_folder
+from ldm.formats.diffusers_folder import HUB_PATTERNS, load_diffusers_folder
+from ldm.formats.weight_folder import cached_hub_folder
 from ldm.formats.ldm_bundle import load_ldm_bundle_into
 from ldm.formats.safe_load import CheckpointError, load_into, load_pickle
 from ldm.formats.single_file import load_single_file
@@ -141,7 +142,7 @@ def _load_base(path: Path, model_cfg: dict, networks: tuple, run: str) -> None:
     if not pretrained or not isinstance(pretrained, str):
         raise CheckpointError(f"{path}: a {run} checkpoint needs its base: ldm.model.model.pretrained must name "
                               f"it, got {pretrained!r}")
-    load_weights_into(pretrained, unet, autoencoder, text_encoder)
+    load_weights_into(pretrained, unet, autoencoder, text_encoder, named_by=str(path))
     for name, module in (("unet", unet), ("autoencoder", autoencoder)):
         left = [k for k, t in module.state_dict(keep_vars=True).items() if t.is_meta]
         if left:
@@ -219,11 +220,18 @@ def _load_textual_inversion_checkpoint(path: Path, ckpt: dict[str, Any], use_ema
 
 
 def load_weights_into(source, unet: nn.Module, autoencoder: nn.Module | None = None,
-                      text_encoder: nn.Module | None = None, *, use_ema: bool = False) -> str:
+                      text_encoder: nn.Module | None = None, *, use_ema: bool = False,
+                      named_by: str | None = None) -> str:
     """Fill existing modules (fine-tuning: ``model.pretrained``) from ``source``, told apart by ``detect_source``:
     an ldm bundle, a diffusers folder / hub id, an SD single file or one of our training checkpoints. Each module
-    is checked before anything is copied into it. Returns the source kind."""
+    is checked before anything is copied into it. Returns the source kind.
+
+    named_by: the file that names ``source`` (a LoRA run's checkpoint naming its base): a hub id is then taken only
+    from this machine's hub cache, never downloaded."""
     kind = detect_source(source)
+    if kind == "hub" and named_by is not None:
+        source = cached_hub_folder(str(source), HUB_PATTERNS, source=named_by, key="ldm.model.model.pretrained")
+        kind = "diffusers"
     if kind == "ldm_bundle":
         load_ldm_bundle_into(source, unet, autoencoder, text_encoder)
     elif kind in ("diffusers", "hub"):

@@ -107,3 +107,18 @@ def check_text_encoder_folder(folder: Path, projection: bool = False) -> None:
         if held[name] != tuple(tensor.shape):
             raise CheckpointError(f"{files[0]}: {name} has shape {held[name]}, but {source} describes "
                                   f"{tuple(tensor.shape)}")
+
+
+def cached_hub_folder(hub_id: str, patterns: list[str], *, source: str, key: str) -> Path:
+    """The folder of a hub repo that a *file* names (a stored text encoder node, a LoRA run's base): taken only from
+    this machine's hub cache. A file never makes ldm download anything (issue 25: a file is bounded data); the
+    user downloads a model they chose themselves."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(hub_id), allow_patterns=patterns, local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - huggingface_hub's LocalEntryNotFoundError and kin: not cached here
+        raise CheckpointError(
+            f"{source}: {key} = {hub_id!r} names a hub model that is not on this machine, and a file never makes ldm "
+            f"download anything: download it yourself if you trust it (huggingface-cli download {hub_id}) or give "
+            "the model explicitly (model.pretrained= / text_encoder=)") from err
