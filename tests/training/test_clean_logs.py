@@ -1,6 +1,8 @@
-"""What a user sees while training: the progress bar counts the run's steps (not Lightning's "Epoch 3/-2"), and
-Lightning's product tips stay out of the log while its real messages and warnings remain."""
+"""What a user sees while training: the progress bar counts the run's steps (not Lightning's "Epoch 3/-2"),
+Lightning's product tips stay out of the log while its real messages and warnings remain, and the files a run
+writes hold plain data (no Python object reprs)."""
 
+import json
 import logging
 
 import lightning as L
@@ -8,6 +10,7 @@ import pytest
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from ldm.data.latent_cache import MANIFEST
 from ldm.training.build.loggers import LIGHTNING_RANK_ZERO_LOGGERS, LightningTipFilter, quiet_lightning_tips
 from ldm.training.callbacks.progress import StepProgressBar, default_progress_bar
 from ldm.training.run.train import build_callbacks, train
@@ -109,3 +112,13 @@ def test_a_training_run_logs_no_lightning_tips(tmp_path, capfd):
     assert any(m.startswith("GPU available:") for m in recorder.messages)  # Lightning's real messages remain
     assert "Training (epoch 0): 100%" in out and "3/3" in out  # the step bar, on stdout
 
+
+def test_a_training_runs_cache_manifest_describes_the_data_plainly(tiny_cfg, tmp_path):
+    train(tiny_cfg("++data.latent_cache=${paths.cache_dir}/latents", f"paths.cache_dir={tmp_path / 'cache'}",
+                   "data.train.size=8", "trainer.max_steps=1"))
+    (manifest_file,) = (tmp_path / "cache" / "latents").glob(f"*/part-*/{MANIFEST}")
+    text = manifest_file.read_text()
+    assert "object at 0x" not in text and str(tmp_path) not in text
+    manifest = json.loads(text)
+    assert manifest["source"] == "ShapesDataset"
+    assert manifest["description"]["dataset"]["kind"] == "ShapesDataset"

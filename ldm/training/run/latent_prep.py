@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.data.auto_cache import CacheSpec, CachedView, cache_spec, contexts_cacheable, sync_cache
-from ldm.formats.shared_names import shared_text
+from ldm.formats.shared_names import shared_config
 
 log = logging.getLogger("ldm.training")
 
@@ -126,7 +126,7 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
     options = dict(store=store, text="context" if text_encoder is not None else "caption",
                    scaling_factor=float(getattr(module.autoencoder, "scaling_factor", 1.0)),
                    shift_factor=float(getattr(module.autoencoder, "shift_factor", 0.0)), seed=seed, batch_size=batch_size,
-                   progress=progress, description={"dataset": shared_text(repr(source))})  # no folder of the user's
+                   progress=progress, description={"dataset": shared_config(spec.settings)})  # no folder of the user's
     encode = make_encode(module.autoencoder, text_encoder, store)
     if rank == 0:
         start = time.perf_counter()
