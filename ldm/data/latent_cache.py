@@ -306,7 +306,8 @@ def build_latent_cache(
         device: where to run the encoders; default: the VAE's device.
         max_samples: encode only the first `max_samples` samples.
         overwrite: delete an existing cache in `out_dir` first (otherwise it is resumed).
-        description: extra JSON-able info stored in the manifest (e.g. how the source was built).
+        description: extra info stored in the manifest (e.g. how the source was built), as plain data: what is not
+            JSON data (an object) is stored as its class name, never its repr.
         encode: instead of `vae` / `text_encoder`, a callable (images, captions, generator) -> {"mean", "logvar"}
             (store="posterior") or {"latents"}, plus "context" (text="context"): the rows of one batch, so the
             caller (ldm.training) owns the networks; vae may then be None, and scaling_factor / shift_factor
@@ -325,8 +326,8 @@ def build_latent_cache(
                                          else scaling_factor),
                     shift_factor=float(_factor(vae, "shift_factor", 0.0) if shift_factor is None else shift_factor))
     manifest = _start_manifest(out, settings, overwrite)
-    manifest.update(source=repr(source), vae=_config(vae), text_encoder=_config(text_encoder),
-                    description=description or {})
+    manifest.update(source=dataset_name(source), vae=_config(vae), text_encoder=_config(text_encoder),
+                    description=plain_data(description or {}))
     if encode is None:
         encoder = _Encoder(vae, text_encoder, store, text, DTYPES[dtype], device, amp,
                            manifest["scaling_factor"], manifest["shift_factor"])
@@ -343,6 +344,33 @@ def build_latent_cache(
     manifest["num_samples"] = sum(s["count"] for s in manifest["shards"])
     _write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def dataset_name(source: Dataset) -> str:
+    """The class name of the dataset under the wrappers a cache reads it through (torch's Subset: ``.dataset``;
+    a part's plan, a doubled stream: ``.source``). The manifest holds it, not the dataset's repr: that is
+    ``<... object at 0x7f...>``, an address of the process that wrote it."""
+    for _ in range(16):
+        inner = getattr(source, "dataset", None)
+        inner = inner if isinstance(inner, Dataset) else getattr(source, "source", None)
+        if not isinstance(inner, Dataset):
+            break
+        source = inner
+    return type(source).__name__
+
+
+def plain_data(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON data (dicts with string keys, lists, strings, finite numbers, booleans, None), anything
+    else by its class name: what a manifest stores describes the data, never a Python object."""
+    if depth > 32:
+        return type(value).__name__
+    if isinstance(value, dict):
+        return {str(k): plain_data(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return type(value).__name__
 
 
 def _config(module) -> Any:

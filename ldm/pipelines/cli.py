@@ -7,6 +7,7 @@ before anything is sampled, so bad input fails fast with a message naming the op
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tempfile
@@ -22,8 +23,9 @@ from ldm.formats.detect import detect_source, looks_like_hub_id
 from ldm.formats.load import load_bundle, resolve_device, resolve_dtype
 from ldm.formats.shared_names import shared_name
 from ldm.pipelines.common import check_size, default_size, unet_kind
-from ldm.pipelines.images import make_grid, mask_batch, pil_to_tensor, to_pil
+from ldm.pipelines.images import labelled_grid, make_grid, mask_batch, pil_to_tensor, to_pil
 from ldm.pipelines.png import save_png
+from ldm.pipelines.prompt_file import PromptFileError, SamplePrompt, read_prompt_file, sampler_for
 from ldm.pipelines.sampling_options import SamplingOptions
 
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.75, 1.0
@@ -35,7 +37,8 @@ class SampleConfig:
     # only picks the sampler and keeps Hydra from writing a run folder; `python sample.py --cfg job` prints them).
     ckpt: str = MISSING  # the model: training .ckpt, export folder, SD .safetensors/.ckpt, diffusers folder or hub id
     prompt: Optional[str] = None  # one prompt ...
-    prompt_file: Optional[str] = None  # ... or a text file with one prompt per line
+    prompt_file: Optional[str] = None  # ... or a file with one prompt per line, each with its own settings in kohya's
+    # format (a red circle --n blurry --w 512 --h 768 --d 42 --l 7 --s 30 --ss euler_a): ldm.pipelines.prompt_file
     negative_prompt: str = ""  # the unconditional branch of CFG ("" = the empty prompt)
     n_images: int = 1  # images per prompt
     batch_size: int = 1  # images per model call; batch j uses seed + (index of its first image)
@@ -101,18 +104,20 @@ def _existing_file(path: str | None, option: str) -> Path | None:
     return p
 
 
-def read_prompts(cfg: DictConfig) -> list[str]:
+def read_prompts(cfg: DictConfig) -> list[SamplePrompt]:
+    """``prompt``, or the prompts of ``prompt_file``: one a line, each with the settings its line gives in kohya's
+    format (``ldm.pipelines.prompt_file``: --n --w --h --d --l --s --ss), the options' where it gives none."""
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise SampleConfigError("give prompt=... or prompt_file=..., not both")
     if cfg.prompt_file is not None:
         path = _existing_file(cfg.prompt_file, "prompt_file")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise SampleConfigError(f"prompt_file {path} has no prompts (one prompt per line)")
-        return prompts
+        try:
+            return read_prompt_file(path)
+        except PromptFileError as err:
+            raise SampleConfigError(f"prompt_file: {err}") from None
     if cfg.prompt is None:
         raise SampleConfigError('no prompt given: set prompt="..." or prompt_file=<file with one prompt per line>')
-    return [cfg.prompt]
+    return [SamplePrompt(cfg.prompt)]
 
 
 def _open_image(path: Path, option: str):
@@ -236,8 +241,25 @@ def sample(cfg: Any) -> list[Path]:
     check_options(cfg)
     prompts = read_prompts(cfg)
     init, mask = read_images(cfg)
+    sized = [p for p in prompts if p.width is not None or p.height is not None]
+    if init is not None and sized:
+        raise SampleConfigError(f"prompt_file: {sized[0].where}: --w/--h cannot be used with init_image (the "
+                                "images take its size)")
     out_dir, earlier = prepare_out_dir(cfg)
+    bundle = _load_model(cfg)
+    runs = [(p, prompt_config(cfg, p)) for p in prompts]  # each prompt with its line's settings in cfg
+    sizes = {}
+    for p, run in runs:
+        key = _settings_key(p)
+        if key not in sizes:
+            sizes[key] = _check_run(run, bundle, init, mask, len(prompts), p.where if p.has_settings() else "")
+    for p in earlier:  # overwrite=true, and the model is ready: the earlier run's images go, all of them
+        p.unlink(missing_ok=True)
+    return _write_images(cfg, bundle, runs, sizes, init, mask, out_dir)
 
+
+def _load_model(cfg: DictConfig):
+    """The model of ``ckpt`` with the LoRA files, embeddings and long-prompt setting asked for."""
     bundle = load_bundle(cfg.ckpt, use_ema=cfg.use_ema, device=cfg.device, dtype=cfg.dtype,
                          text_encoder=cfg.text_encoder, prediction_type=cfg.prediction_type)
     if cfg.max_chunks is not None:
@@ -257,6 +279,30 @@ def sample(cfg: Any) -> list[Path]:
             load_embedding_files(bundle.text_encoder, list(cfg.embeddings), report=print)
         except (CheckpointError, FileNotFoundError) as err:
             raise SampleConfigError(f"embeddings: {err}") from err
+    return bundle
+
+
+def _settings_key(prompt: SamplePrompt) -> tuple:
+    """What a prompt's line sets (images of prompts with equal settings may share a batch)."""
+    return dataclasses.astuple(dataclasses.replace(prompt, prompt="", where=""))
+
+
+def prompt_config(cfg: DictConfig, prompt: SamplePrompt) -> DictConfig:
+    """``cfg`` with the settings a prompt file's line gives (--n --w --h --d --l --s --ss) in place of its own."""
+    if not prompt.has_settings():
+        return cfg
+    changes: dict[str, Any] = {key: value for key, value in (
+        ("negative_prompt", prompt.negative_prompt), ("width", prompt.width), ("height", prompt.height),
+        ("seed", prompt.seed), ("guidance_scale", prompt.guidance_scale)) if value is not None}
+    if prompt.sampler is not None or prompt.steps is not None:
+        changes["sampler"] = dataclasses.asdict(sampler_for(prompt, SamplingOptions.of(cfg.sampler)))
+    return OmegaConf.merge(cfg, changes)
+
+
+def _check_run(cfg: DictConfig, bundle, init, mask, n_prompts: int, where: str) -> tuple[int, int]:
+    """The (height, width) of a run's images, after the checks that need the model: its size, memory and steps.
+    ``where``: the prompt file line whose settings ``cfg`` holds ('' for the options alone)."""
+    said = f"prompt_file: {where}: " if where else ""
     if init is not None:
         width, height = init.size
     else:
@@ -264,43 +310,57 @@ def sample(cfg: Any) -> list[Path]:
     try:
         check_size(bundle, height, width)
     except ValueError as err:
-        raise SampleConfigError(f"height/width{' (of init_image)' if init is not None else ''}: {err}") from err
+        raise SampleConfigError(f"{said}height/width{' (of init_image)' if init is not None else ''}: {err}") from err
     if cfg.check_memory:
         from ldm.pipelines.memory import check_fits
 
         try:
-            check_fits(bundle, min(cfg.batch_size, len(prompts) * cfg.n_images), height, width,
+            check_fits(bundle, min(cfg.batch_size, n_prompts * cfg.n_images), height, width,
                        guidance=cfg.guidance_scale != 1.0, trained_at=bundle.meta.get("resolution"))
         except MemoryError as err:
-            raise SampleConfigError(str(err)) from None
+            raise SampleConfigError(f"{said}{err}") from None
     if unet_kind(bundle) == "inpaint" and mask is None:
         raise SampleConfigError(f"{cfg.ckpt} is an inpainting model (9-channel U-Net): give init_image=... and "
                                 "mask=...")
     if cfg.sampler.steps > bundle.schedule.num_train_timesteps:
-        raise SampleConfigError(f"sampler.steps must be <= {bundle.schedule.num_train_timesteps} (the model's "
-                                f"training timesteps), got {cfg.sampler.steps}")
+        raise SampleConfigError(f"{said}sampler.steps must be <= {bundle.schedule.num_train_timesteps} (the "
+                                f"model's training timesteps), got {cfg.sampler.steps}")
     try:
         SamplingOptions.of(cfg.sampler).timesteps(bundle.schedule)  # steps_offset past the last timestep
     except ValueError as err:
-        raise SampleConfigError(f"sampler: {err}") from err
+        raise SampleConfigError(f"{said}sampler: {err}") from err
+    return height, width
 
-    base = _base_params(cfg, bundle, height, width, init is not None, mask is not None)
-    for p in earlier:  # overwrite=true, and the model is ready: the earlier run's images go, all of them
-        p.unlink(missing_ok=True)
-    jobs = [p for p in prompts for _ in range(cfg.n_images)]
-    paths, images = [], []
-    for start in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[start:start + cfg.batch_size]
-        seed = cfg.seed + start
-        out = _generate(cfg, bundle, batch, seed, init, mask, height, width)
+
+def _write_images(cfg: DictConfig, bundle, runs: list, sizes: dict, init, mask, out_dir: Path) -> list[Path]:
+    """``n_images`` of each prompt, in batches of up to ``batch_size`` images of prompts with equal settings:
+    batch j is seeded with seed + (index of its first image), a prompt's own --d + (its index among the prompt's
+    images); each PNG records what made it. Then grid.png of them all."""
+    jobs = [(p, run, k) for p, run in runs for k in range(cfg.n_images)]
+    paths, images, start = [], [], 0
+    while start < len(jobs):
+        key = _settings_key(jobs[start][0])
+        stop = start + 1
+        while stop < min(len(jobs), start + cfg.batch_size) and _settings_key(jobs[stop][0]) == key:
+            stop += 1
+        first, run, k = jobs[start]
+        batch = [p.prompt for p, _, _ in jobs[start:stop]]
+        seed = first.seed + k if first.seed is not None else cfg.seed + start
+        height, width = sizes[key]
+        out = _generate(run, bundle, batch, seed, init, mask, height, width)
+        base = _base_params(run, bundle, height, width, init is not None, mask is not None)
         for j, (prompt, pil) in enumerate(zip(batch, to_pil(out))):
             params = {"prompt": prompt, **base, "seed": seed, "batch_size": len(batch), "batch_pos": j}
             paths.append(save_png(pil, out_dir / f"{start + j:05d}.png", params))
         images.append(out.cpu())
+        start = stop
     if cfg.grid:
-        grid = to_pil(make_grid(torch.cat(images)))[0]
-        params = {"prompt": " | ".join(dict.fromkeys(prompts)), **base, "seed": cfg.seed,
-                  "batch_size": cfg.batch_size, "n_images": len(jobs)}
+        one_size = len({tuple(im.shape[-2:]) for im in images}) == 1
+        grid = (to_pil(make_grid(torch.cat(images)))[0] if one_size  # prompts of several sizes: each in its cell
+                else labelled_grid([pil for batch in images for pil in to_pil(batch)]))
+        params = {"prompt": " | ".join(dict.fromkeys(p.prompt for p, _ in runs)),
+                  **_base_params(cfg, bundle, *sizes[_settings_key(runs[0][0])], init is not None, mask is not None),
+                  "seed": cfg.seed, "batch_size": cfg.batch_size, "n_images": len(jobs)}
         paths.append(save_png(grid, out_dir / "grid.png", params))
     return paths
 

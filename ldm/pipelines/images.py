@@ -123,8 +123,8 @@ def check_same_size(image: Tensor, mask: Tensor) -> None:
 def labelled_grid(images: list, labels: list[str] | None = None, ncol: int | None = None, scale: int = 1,
                   pad: int = 2, line_px: int = 11):
     """Tile images (enlarged ``scale`` times) into a grid, each with its label word-wrapped underneath (the
-    default bitmap font is ~6 px per character). Images of several sizes (aspect-ratio buckets) each sit at the
-    top left of a cell of the largest width and height."""
+    default bitmap font is ~6 px per character; a newline in a label starts a new line). Images of several sizes
+    (aspect-ratio buckets) each sit at the top left of a cell of the largest width and height."""
     from PIL import Image, ImageDraw
 
     if not images:
@@ -146,12 +146,15 @@ def labelled_grid(images: list, labels: list[str] | None = None, ncol: int | Non
 
 
 def _wrap(text: str, width: int, char_px: int = 6) -> list[str]:
-    """Greedy word wrap to lines of at most width // char_px characters (long words are cut)."""
+    """Greedy word wrap to lines of at most width // char_px characters (long words are cut); a newline in the
+    text starts a new line."""
     n = max(width // char_px, 4)
     lines: list[str] = []
-    for word in text.split():
-        if lines and len(lines[-1]) + 1 + len(word) <= n:
-            lines[-1] += " " + word
-        else:
-            lines.append(word[:n])
+    for paragraph in text.split("\n"):
+        start = len(lines)
+        for word in paragraph.split():
+            if len(lines) > start and len(lines[-1]) + 1 + len(word) <= n:
+                lines[-1] += " " + word
+            else:
+                lines.append(word[:n])
     return lines or [""]

@@ -1,8 +1,32 @@
-"""Logger factories that need a decision at run time."""
+"""Logger factories that need a decision at run time, and what Lightning may write into a run's log."""
 
 from __future__ import annotations
 
+import logging
 import os
+
+# Lightning 2.6 logs advertisements for its cloud products at every run, as info lines through its rank-zero
+# logger: "💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/project/litlogger/)"
+# (trainer/connectors/logger_connector) and "💡 Tip: For seamless cloud uploads ... [litmodels](...)"
+# (trainer/connectors/callback_connector). Its warnings go through `warnings`, not these loggers, and stay.
+LIGHTNING_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                               "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
+
+
+class LightningTipFilter(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing [lit...]" lines; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage().lstrip()
+        return not (message.startswith("💡") or (message.startswith("Tip:") and "pypi.org/project/lit" in message))
+
+
+def quiet_lightning_tips() -> None:
+    """Keep Lightning's product tips out of the run's log (idempotent)."""
+    for name in LIGHTNING_RANK_ZERO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, LightningTipFilter) for f in logger.filters):
+            logger.addFilter(LightningTipFilter())
 
 
 def wandb_logger(save_dir: str, project: str = "ldm", name: str | None = None, **kwargs):

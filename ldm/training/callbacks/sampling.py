@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.pipelines.images import labelled_grid, to_pil
+from ldm.pipelines.prompt_file import PromptFileError, check_sizes, read_prompt_file, sampler_for, settings_label
 from ldm.pipelines.sampling_options import SamplingOptions
 from ldm.training.callbacks.result import ResultCallback
 
@@ -41,7 +42,8 @@ def log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
 
 
 def generate(pl_module, prompts: list[str], *, sampler: SamplingOptions, guidance_scale: float, seed: int,
-             use_ema: bool = True, resolution: int | tuple[int, int] | None = None) -> torch.Tensor:
+             use_ema: bool = True, resolution: int | tuple[int, int] | None = None,
+             negative_prompt: str | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for the prompts, through the same pipeline as sample.py, with every
     setting of the ``sampler`` node (steps, eta, karras, spacing, ...). ``resolution``: a side, or (height,
     width)."""
@@ -53,21 +55,29 @@ def generate(pl_module, prompts: list[str], *, sampler: SamplingOptions, guidanc
         bundle.unet.eval()
         try:
             return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
-                                 height=height, width=width)
+                                 height=height, width=width, negative_prompt=negative_prompt)
         finally:
             bundle.unet.train(was_training)
+
+
+def generate_each(pl_module, prompts: list[str], options: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """One image (3, H, W) per prompt with its own `generate` options (resolution, sampler, guidance_scale, seed,
+    negative_prompt, use_ema): prompts whose options are equal share one call. In the prompts' order."""
+    groups: dict[str, list[int]] = {}
+    for i, opts in enumerate(options):
+        groups.setdefault(repr(sorted(opts.items())), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for chosen in groups.values():
+        images = generate(pl_module, [prompts[i] for i in chosen], **options[chosen[0]])
+        for i, image in zip(chosen, images):
+            out[i] = image
+    return out
 
 
 def generate_at_sizes(pl_module, prompts: list[str], sizes: list[tuple[int, int]], **options) -> list[torch.Tensor]:
     """One image (3, H, W) per prompt at its own (height, width): one `generate` call per size (seeded alike), in
     the prompts' order; how samples of bucketed data are drawn at each caption's bucket size."""
-    out: list[torch.Tensor | None] = [None] * len(prompts)
-    for size in sorted(set(sizes)):
-        chosen = [i for i, s in enumerate(sizes) if s == size]
-        images = generate(pl_module, [prompts[i] for i in chosen], resolution=size, **options)
-        for i, image in zip(chosen, images):
-            out[i] = image
-    return out
+    return generate_each(pl_module, prompts, [dict(options, resolution=size) for size in sizes])
 
 
 def training_source(trainer: L.Trainer):
@@ -91,17 +101,24 @@ class SamplingCallback(ResultCallback):
     """Every ``every_n_steps`` optimizer steps (and at the end) sample prompts with a fixed seed, write a labelled
     PNG grid to ``<run>/samples/step_XXXXXX.png`` and send it to the loggers.
 
-    The prompts are ``prompts`` when given; otherwise the captions of ``n_prompts`` validation items drawn with
-    ``seed`` (training items when the data has no validation split), and the grid shows each item's real image
-    beside its sample. Samples are drawn at ``resolution`` (a side, or [height, width]); else, with aspect-ratio
-    buckets, each caption at its own image's bucket size; else at the training data's resolution, else at the
-    real images' size.
+    The prompts are those of ``prompt_file`` when given (kohya's sample-prompt format, each prompt with its own
+    size, steps, seed, guidance, negative prompt and sampler: ``ldm.pipelines.prompt_file``; each grid cell is
+    labelled with its prompt and settings), else ``prompts``; otherwise the captions of ``n_prompts`` validation
+    items drawn with ``seed`` (training items when the data has no validation split), and the grid shows each
+    item's real image beside its sample. Samples are drawn at ``resolution`` (a side, or [height, width]); else,
+    with aspect-ratio buckets, each caption at its own image's bucket size; else at the training data's
+    resolution, else at the real images' size.
     ``sampler``: the whole ``sampler`` config node (``${sampler}``: name, steps, eta, karras, spacing, ...), a
     :class:`SamplingOptions` or a sampler name."""
 
     def __init__(self, prompts: list[str] | None = None, every_n_steps: int = 400, sampler: Any = TRAINING_SAMPLER,
                  guidance_scale: float = 3.0, seed: int = 0, use_ema: bool = True,
-                 resolution: int | list[int] | None = None, at_end: bool = True, n_prompts: int = 8):
+                 resolution: int | list[int] | None = None, at_end: bool = True, n_prompts: int = 8,
+                 prompt_file: str | None = None):
+        # read (and checked) when the run starts; what the model decides (sizes, steps) is checked at fit start
+        self.file_prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
+        if self.file_prompts is not None:  # in place of an experiment's prompts
+            prompts = [p.prompt for p in self.file_prompts]
         if prompts is not None and len(prompts) == 0:
             raise ValueError("callbacks.sampling.prompts must list at least one prompt (or be null: captions of "
                              "the validation data)")
@@ -121,8 +138,11 @@ class SamplingCallback(ResultCallback):
         self.real_images: torch.Tensor | list[torch.Tensor] | None = None
         self.last_path: Path | None = None
         self._last_step = -1
+        self._file_runs: list[tuple[dict[str, Any], str]] | None = None  # prompt_file: (generate options, label)
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self.file_prompts is not None:
+            self._file_runs = self.prompt_file_runs(trainer, pl_module)
         if self.prompts is None:
             self.prompts, self.real_images = data_prompts(trainer, self.n_prompts, self.seed)
             log.info("sampling callback: %d captions drawn from the %s data", len(self.prompts),
@@ -154,27 +174,64 @@ class SamplingCallback(ResultCallback):
             return None
         return [(int(im.shape[-2]), int(im.shape[-1])) for im in self.real_images]
 
-    @rank_zero_only
-    def sample_grid(self, trainer, pl_module) -> Path:
-        if self.prompts is None:  # sampling before fit (a test, a script)
-            self.on_fit_start(trainer, pl_module)
-        step = trainer.global_step
-        self._last_step = step
+    def prompt_file_runs(self, trainer, pl_module) -> list[tuple[dict[str, Any], str]]:
+        """Each prompt of the prompt file: its `generate` options (the callback's settings where its line gives
+        none) and its grid label; checked against the model (sizes, steps) before anything trains."""
+        default = self.sample_resolution(trainer)
+        default_hw = tuple(default) if isinstance(default, (tuple, list)) else (default, default)
+        f = int(getattr(pl_module.autoencoder, "downsample_factor", 1))
+        check_sizes(self.file_prompts, f * int(getattr(pl_module.unet, "downsample_factor", 1)))
+        runs = []
+        for p in self.file_prompts:
+            height, width = p.height or default_hw[0], p.width or default_hw[1]
+            if height is None or width is None:
+                raise PromptFileError(f"{p.where}: no --w/--h and the training resolution is unknown; give them, "
+                                      "or set callbacks.sampling.resolution")
+            sampler = sampler_for(p, self.sampler)
+            try:
+                sampler.timesteps(pl_module.schedule)  # steps past the model's timesteps
+            except ValueError as err:
+                raise PromptFileError(f"{p.where}: {err}") from None
+            guidance = self.guidance_scale if p.guidance_scale is None else p.guidance_scale
+            seed = self.seed if p.seed is None else p.seed
+            label = "\n".join([p.prompt, settings_label(width, height, sampler.steps, guidance, seed, sampler.name)]
+                              + ([f"neg: {p.negative_prompt}"] if p.negative_prompt else []))
+            runs.append((dict(resolution=(height, width), sampler=sampler, guidance_scale=guidance, seed=seed,
+                              negative_prompt=p.negative_prompt, use_ema=self.use_ema), label))
+        return runs
+
+    def sample_images(self, trainer, pl_module) -> tuple[list, list[str], list[torch.Tensor]]:
+        """The grid's cells (PIL images), their labels, and the samples: the prompt file's prompts each with its
+        settings, or the prompts at one size (or their buckets'), beside their real images when drawn from data."""
+        if self.file_prompts is not None:
+            if self._file_runs is None:  # sampling before fit (a test, a script)
+                self._file_runs = self.prompt_file_runs(trainer, pl_module)
+            images = generate_each(pl_module, self.prompts, [options for options, _ in self._file_runs])
+            return [to_pil(im[None])[0] for im in images], [label for _, label in self._file_runs], images
         options = dict(sampler=self.sampler, guidance_scale=self.guidance_scale, seed=self.seed, use_ema=self.use_ema)
         sizes = self.sample_sizes(trainer)
         if sizes is not None:
             images = generate_at_sizes(pl_module, self.prompts, sizes, **options)
         else:
             images = generate(pl_module, self.prompts, resolution=self.sample_resolution(trainer), **options)
-        out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pils, labels, ncol = [to_pil(im[None])[0] for im in images], list(self.prompts), None
+        pils, labels = [to_pil(im[None])[0] for im in images], list(self.prompts)
         real = self.real_images
         if real is not None and [tuple(r.shape[-2:]) for r in real] == [tuple(im.shape[-2:]) for im in images]:
             # (real, sample) pairs side by side: the caption under the sample, "real" under the image
             pils = [im for pair in zip([to_pil(r[None])[0] for r in real], pils) for im in pair]
             labels = [t for caption in self.prompts for t in ("real", caption)]
-            ncol = 2 * max(1, round(len(self.prompts) ** 0.5))
+        return pils, labels, images
+
+    @rank_zero_only
+    def sample_grid(self, trainer, pl_module) -> Path:
+        if self.prompts is None:  # sampling before fit (a test, a script)
+            self.on_fit_start(trainer, pl_module)
+        step = trainer.global_step
+        self._last_step = step
+        pils, labels, images = self.sample_images(trainer, pl_module)
+        out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ncol = 2 * max(1, round(len(self.prompts) ** 0.5)) if len(pils) > len(images) else None  # real beside
         labelled_grid(pils, labels=labels, ncol=ncol, scale=self.grid_scale(images)).save(out)
         log_image(trainer, "samples", out, step)
         self.last_path = out

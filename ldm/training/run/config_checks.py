@@ -203,12 +203,25 @@ def check_diffusion_options(cfg: DictConfig) -> None:
             raise ConfigError(str(e)) from e
 
 
+def check_prompt_file(cfg: DictConfig) -> None:
+    """callbacks.sampling.prompt_file is read before the model and data are prepared (a bad line fails at once)."""
+    from ldm.pipelines.prompt_file import PromptFileError, read_prompt_file
+
+    path = OmegaConf.select(cfg, "callbacks.sampling.prompt_file", default=None)
+    if path is not None:
+        try:
+            read_prompt_file(path)
+        except PromptFileError as e:
+            raise ConfigError(f"callbacks.sampling.prompt_file: {e}") from None
+
+
 def check_values(cfg: DictConfig) -> None:
     check_positive_int(cfg, "data.batch_size")
     check_positive_float(cfg, "optim.lr")
     check_val_check_interval(cfg)
     check_resolution(cfg)
     check_diffusion_options(cfg)
+    check_prompt_file(cfg)
     from ldm.training.build.precision import check_precision
 
     problem = check_precision(cfg)

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.auto_cache import CacheSpec, CachedView, cache_spec, contexts_cacheable, sync_cache
 from ldm.data.protocols import PairedRows
-from ldm.formats.shared_names import shared_text
+from ldm.formats.shared_names import shared_config
 
 log = logging.getLogger("ldm.training")
 
@@ -127,7 +127,7 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
     options = dict(store=store, text="context" if text_encoder is not None else "caption",
                    scaling_factor=float(module.autoencoder.scaling_factor),
                    shift_factor=float(module.autoencoder.shift_factor), seed=seed, batch_size=batch_size,
-                   progress=progress, description={"dataset": shared_text(repr(source))})  # no folder of the user's
+                   progress=progress, description={"dataset": shared_config(spec.settings)})  # no folder of the user's
     encode = make_encode(module.autoencoder, text_encoder, store)
     if rank == 0:
         start = time.perf_counter()

@@ -14,10 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.bad_samples import bad_sample_names
 from ldm.training.callbacks.data import BadSamplesCallback, DatasetEpochCallback
+from ldm.training.callbacks.progress import default_progress_bar
 from ldm.training.callbacks.result import ResultCallback
 from ldm.training.run.config import STAGES
 from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, check_values
 from ldm.training.run.first_stage import ensure_first_stage
+from ldm.training.build.loggers import quiet_lightning_tips
 from ldm.training.build.precision import precision_overrides
 from ldm.training.run.resume import AtomicCheckpointIO, RNGStateCallback
 from ldm.training.run.run_folder import created_here, fold_into, refuse_links_out
@@ -143,6 +145,7 @@ def build_callbacks(cfg: DictConfig, datamodule: Any, bad_samples_dir: Path) -> 
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.callbacks or {}).items() if _is_callback_node(c, k)]
     callbacks.append(RNGStateCallback())  # always: exact resume needs the generators' states
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
+    callbacks += default_progress_bar(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True), callbacks)
     if hasattr(datamodule, "bad_samples_dir"):
         callbacks.append(BadSamplesCallback(bad_samples_dir))
     return callbacks
@@ -151,6 +154,7 @@ def build_callbacks(cfg: DictConfig, datamodule: Any, bad_samples_dir: Path) -> 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
     """The Lightning Trainer with the loggers, precision and atomic checkpoint writes; partial files of a killed
     save are removed first."""
+    quiet_lightning_tips()  # Lightning's product advertisements, logged while the Trainer is made and at fit
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.logger or {}).items() if c is not None]
     precision = precision_overrides(cfg)  # 16-mixed on the CPU: fp16 autocast + GradScaler("cpu"), not bf16
     plugins = [AtomicCheckpointIO(), *precision.pop("plugins", [])]
