@@ -30,6 +30,7 @@ from ldm.data.bad_samples import BadSampleTracker, decode_image, upright_size
 from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
 from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
+from ldm.formats.safe_load import CheckpointError, json_value
 from ldm.formats.safe_paths import inside, is_inside
 
 logger = logging.getLogger("ldm.data")
@@ -221,9 +222,9 @@ def _read_rows(path: Path) -> tuple[list[dict], list[int]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
+            rows.append(json_value(line, source=f"{path}:{line_number}", key="the row"))
+        except CheckpointError as error:  # invalid, too deep, an absurd number: named by file and line
+            raise ValueError(str(error)) from None
     return rows, bad
 
 

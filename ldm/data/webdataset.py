@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import math
 import random
@@ -52,6 +51,7 @@ from torch.utils.data import IterableDataset
 from ldm.data.bad_samples import BadSampleTracker, decode_image
 from ldm.data.captions import CaptionProcessor, caption_cache_fields
 from ldm.data.transforms import ImageTransform
+from ldm.formats.safe_load import json_value
 
 logger = logging.getLogger("ldm.data")
 
@@ -356,7 +356,8 @@ class WebDatasetSource(IterableDataset):
                 continue
             text = members[key].decode("utf-8")
             if key == "json":
-                value = json.loads(text).get(self.json_caption_field)
+                row = json_value(text, source="the sample's .json", key=self.json_caption_field)
+                value = row.get(self.json_caption_field) if isinstance(row, dict) else None
                 text = "" if value is None else str(value)
             if text.strip():
                 return text.strip()

@@ -163,19 +163,25 @@ def copy_checked(module: nn.Module, state_dict: dict, *, source: str) -> None:
 # JSON a file holds
 
 
-def json_object(text: str | bytes, *, source: str, key: str) -> dict:
-    """A JSON object stored in a header / file, or a CheckpointError naming it: invalid, not an object, nested
-    deeper than MAX_JSON_DEPTH (a RecursionError otherwise), or a number Python refuses to parse."""
+def json_value(text: str | bytes, *, source: str, key: str) -> Any:
+    """Any JSON value a file holds (a metadata row, a sample's sidecar), or a CheckpointError naming it: invalid,
+    nested deeper than MAX_JSON_DEPTH (a RecursionError otherwise), or a number Python refuses to parse."""
     try:
         value = json.loads(text)
     except RecursionError:
         raise CheckpointError(f"{source}: {key} is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
     except (TypeError, ValueError) as err:  # JSONDecodeError, an integer of more than 4300 digits
         raise CheckpointError(f"{source}: {key} is not valid JSON ({err})") from err
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{source}: {key} must be a JSON object, got {type(value).__name__}")
     if _json_depth(value) > MAX_JSON_DEPTH:
         raise CheckpointError(f"{source}: {key} is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def json_object(text: str | bytes, *, source: str, key: str) -> dict:
+    """A JSON object stored in a header / file (see :func:`json_value`), or a CheckpointError naming it."""
+    value = json_value(text, source=source, key=key)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source}: {key} must be a JSON object, got {type(value).__name__}")
     return value
 
 
