@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.bad_samples import BadSampleTracker, decode_image, upright, upright_size
+from ldm.formats.safe_paths import is_inside
 from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
 from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
@@ -89,7 +90,8 @@ class HFDataset(Dataset):
             raise ValueError(f"HFDataset: {self.path} split {split!r} is empty")
         self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, seed=seed)
         self._bad = BadSampleTracker(f"HFDataset({self.path}, split={split})")
-        sizes = [_image_size(value) for start in range(0, len(self.table), 1024)
+        self.image_roots = image_roots(path, cache_dir)
+        sizes = [_image_size(value, self.image_roots) for start in range(0, len(self.table), 1024)
                  for value in self.table[start:start + 1024][image_column]] if buckets_enabled(buckets) else []
         self.bucket_assignment = assign_source_buckets(buckets, sizes, self.transform.resolution,
                                                        f"HFDataset({self.path}, split={split})")
@@ -110,7 +112,7 @@ class HFDataset(Dataset):
     def _load(self, i: int, slot: int | None = None) -> dict:
         """Row i, at the size of row ``slot``'s bucket with buckets (i replaces an unreadable ``slot``)."""
         row = self.table[i]
-        image = _to_pil(row[self.image_column])
+        image = _to_pil(row[self.image_column], self.image_roots)
         if self.bucket_assignment is None:
             sample = {"image": self.transform(image)}
         else:
@@ -195,34 +197,54 @@ def _without_image_decoding(table, image_column: str):
     return table
 
 
-def _image_size(value) -> tuple[int, int] | None:
+def image_roots(path: str, cache_dir: str | None) -> tuple[Path, ...]:
+    """Where an image cell that names a file may point: the dataset's own folder (a local or saved dataset) and
+    `datasets`' caches (a hub dataset's downloaded files). A table from elsewhere may name any path; a file outside
+    these is never read (issue 25: a dataset reaches nothing outside its own folder)."""
+    import datasets
+
+    roots = [Path(datasets.config.HF_DATASETS_CACHE), Path(datasets.config.DOWNLOADED_DATASETS_PATH)]
+    roots += [Path(p).expanduser() for p in (path, cache_dir) if p and Path(p).expanduser().is_dir()]
+    return tuple(roots)
+
+
+def _image_file(name: str, roots: tuple[Path, ...]) -> str:
+    if not any(is_inside(name, root) for root in roots):
+        raise ValueError(f"image cell names {name!r}, outside the dataset's folder and the datasets cache; not read")
+    return name
+
+
+def _image_size(value, roots: tuple[Path, ...]) -> tuple[int, int] | None:
     """The upright (width, height) of an image cell, from its header where it is bytes or a file."""
     if isinstance(value, Image.Image):
         return upright(value).size
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray, str)):
-        return upright_size(bytes(value) if not isinstance(value, str) else value)
+    if isinstance(value, (bytes, bytearray)):
+        return upright_size(bytes(value))
+    if isinstance(value, str):  # a file outside the roots is not read: its row is skipped when loaded
+        return upright_size(value) if any(is_inside(value, root) for root in roots) else None
     try:
-        return _to_pil(value).size
+        return _to_pil(value, roots).size
     except ValueError:
         return None
 
 
-def _to_pil(value) -> Image.Image:
-    """An image cell (PIL image, {"bytes", "path"} dict, path string or array) -> decoded PIL image."""
+def _to_pil(value, roots: tuple[Path, ...]) -> Image.Image:
+    """An image cell (PIL image, {"bytes", "path"} dict, path string or array) -> decoded PIL image; a path only
+    inside ``roots``."""
     if isinstance(value, Image.Image):
         return upright(value)
     if isinstance(value, dict):
         if value.get("bytes"):
             return decode_image(value["bytes"])
         if value.get("path"):
-            return decode_image(value["path"])
+            return decode_image(_image_file(value["path"], roots))
         raise ValueError("image cell has neither bytes nor path")
     if isinstance(value, (bytes, bytearray)):
         return decode_image(bytes(value))
     if isinstance(value, str):
-        return decode_image(value)
+        return decode_image(_image_file(value, roots))
     array = np.asarray(value)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or array.size == 0:
         raise ValueError(f"array image must be a non-empty uint8 (H, W[, C]) array, got {array.dtype} {array.shape}")

@@ -31,3 +31,23 @@ def test_a_deep_json_sidecar_skips_its_sample(tmp_path, images, caplog):
     samples = list(WebDatasetSource(str(tmp_path / "shard-000.tar"), resolution=8, shuffle_buffer=0))
     assert [s["key"] for s in samples] == ["good"] and samples[0]["caption"] == "ok"
     assert "bomb" in caplog.text and "nested too deeply" in caplog.text
+
+
+def test_a_saved_table_naming_a_file_outside_its_folder_is_not_read(tmp_path, images):
+    import datasets
+
+    from ldm.data.hf_dataset import HFDataset
+
+    private = tmp_path / "home" / "private.png"  # a picture of the user's, named by a table from elsewhere
+    private.parent.mkdir()
+    images.save(private)
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": images.bytes(), "path": None}, {"bytes": None, "path": str(private)}],
+         "text": ["shipped", "stolen"]},
+        # a plain struct column: save_to_disk embeds the files of an Image column, a crafted table need not
+        features=datasets.Features({"image": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                                    "text": datasets.Value("string")}))
+    table.save_to_disk(str(tmp_path / "downloaded"))
+    dataset = HFDataset(str(tmp_path / "downloaded"), resolution=8)
+    assert [dataset[i]["caption"] for i in range(2)] == ["shipped", "shipped"]  # the outside row skipped
+    assert dataset.bad_files == {"train[1]"}
