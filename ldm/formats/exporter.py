@@ -40,6 +40,7 @@ class ExportResult:
     frozen: bool
     resolution: int
     notes: list[str] = field(default_factory=list)
+    model: ModelBundle | None = field(default=None, repr=False, compare=False)  # what was written, before the cast
 
     def summary(self) -> str:
         lines = [f"exported {self.format} ({self.dtype}) -> {self.paths[0]}"]
@@ -226,7 +227,7 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
 
     sdxl = hasattr(bundle.text_encoder, "model_2")
     notes.append(_no_frozen_note(fmt, out) if not frozen else _how_to_load(fmt, out, sdxl))
-    result = ExportResult(fmt, finals, written, dtype, _unet_weights(bundle, not raw), frozen, res, notes)
+    result = ExportResult(fmt, finals, written, dtype, _unet_weights(bundle, not raw), frozen, res, notes, bundle)
     if log is not None:
         log(result.summary())
     return result
