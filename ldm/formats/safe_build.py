@@ -26,6 +26,8 @@ from torch import nn
 from ldm.formats.assets import resolve_weights
 from ldm.models.autoencoder import AutoencoderConfig, IdentityConfig
 from ldm.models.config_fields import field_bounds, field_types
+from ldm.models.text_encoder import CLIPFolder, TextEncoderOptions, TinyCLIPConfig
+from ldm.models.text_encoder_sdxl import DualTextOptions, TinyDualCLIPConfig
 from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
 from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder
@@ -177,18 +179,14 @@ SCHEDULE_SCHEMA = {
     "beta_end": Param(OPT_FLOAT, 0.0, 1.0), "rescale_zero_terminal_snr": Param(BOOL),
     "prediction_type": Param(STR, choices=("epsilon", "v_prediction", "sample")),
 }
-_TEXT_COMMON = {"penultimate": Param(BOOL), "max_length": Param(INT, 1, 4096), "frozen": Param(BOOL),
-                "cache_size": Param(INT, 0, 1_000_000), "max_chunks": Param(INT, 1, 64)}
-TINY_TEXT_SCHEMA = {"preset": Param(STR), "folder": Param(OPT_STR), "seed": Param(INT, 0, 2**63 - 1),
-                    "words": Param(STR, list_of=True), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}
-PRETRAINED_TEXT_SCHEMA = {"path_or_hub_id": Param(STR), "subfolder_layout": Param(BOOL), **_TEXT_COMMON}
+# The text encoders' factories (a stored model.text_encoder node): their sources and options, from their configs
+TEXT_OPTIONS_SCHEMA = schema_of(TextEncoderOptions)
+TINY_TEXT_SCHEMA = {**schema_of(TinyCLIPConfig), "subfolder_layout": Param(BOOL), **TEXT_OPTIONS_SCHEMA}
+PRETRAINED_TEXT_SCHEMA = {**schema_of(CLIPFolder), **TEXT_OPTIONS_SCHEMA}
 # SDXL's dual encoder (ldm.models.text_encoder_sdxl.DualCLIPTextEncoder)
-_DUAL_COMMON = {"max_length": Param(INT, 1, 4096), "frozen": Param(BOOL), "zero_uncond": Param(BOOL),
-                "max_chunks": Param(INT, 1, 64)}
-PRETRAINED_DUAL_TEXT_SCHEMA = {"path_or_hub_id": Param(STR), **_DUAL_COMMON}
-TINY_DUAL_TEXT_SCHEMA = {"folder": Param(OPT_STR), "seed": Param(INT, 0, 2**63 - 1), "words": Param(STR, list_of=True),
-                         "hidden_size": Param(INT, 1, 1024), "hidden_size_2": Param(INT, 1, 1024),
-                         "projection_dim": Param(INT, 1, 1024), **_DUAL_COMMON}
+PRETRAINED_DUAL_TEXT_SCHEMA = {"path_or_hub_id": schema_of(CLIPFolder)["path_or_hub_id"],
+                               **schema_of(DualTextOptions)}
+TINY_DUAL_TEXT_SCHEMA = {**schema_of(TinyDualCLIPConfig), **schema_of(DualTextOptions)}
 # The first-stage factory of our Hydra configs: a preset (+ overrides), optionally a weights file of our own
 FACTORY_AUTOENCODER_SCHEMA = {"preset": Param(OPT_STR), "weights": Param(OPT_STR), "pixel_space": Param(BOOL),
                               **AUTOENCODER_SCHEMA}
@@ -302,17 +300,12 @@ def stored_autoencoder_config(path: Path) -> dict | None:
 def _tiny_text_encoder(preset: str = "tiny", folder: str | None = None, **kw) -> nn.Module:
     """The local tiny CLIP: a stored ``folder`` is used only if it already holds one (a file never makes us write
     into a folder it names); otherwise it is written afresh (same seed and words -> same weights)."""
-    from ldm.models import tiny_clip
     from ldm.models.text_encoder import CLIPTextEncoder
 
-    if preset not in tiny_clip.PRESETS:
-        raise ValueError(f"unknown tiny text encoder preset {preset!r}; expected one of {sorted(tiny_clip.PRESETS)}")
     if folder is not None and not (Path(folder) / "text_encoder" / "model.safetensors").is_file():
         folder = None
     if folder is not None:  # a folder on this machine that a file names: checked like any text encoder folder
         check_text_encoder_folder(Path(folder) / "text_encoder")
-    if "words" in kw:
-        kw["words"] = tuple(kw["words"])
     return CLIPTextEncoder.from_tiny(preset, folder=folder, **kw)
 
 
@@ -352,8 +345,6 @@ def _tiny_dual_text_encoder(folder: str | None = None, **kw) -> nn.Module:
         folder = None
     for sub in ("text_encoder", "text_encoder_2") if folder is not None else ():
         check_text_encoder_folder(Path(folder) / sub, projection=sub == "text_encoder_2")
-    if "words" in kw:
-        kw["words"] = tuple(kw["words"])
     return DualCLIPTextEncoder.from_tiny(folder=folder, **kw)
 
 

@@ -57,3 +57,11 @@ def record(config: Any, omit_none: tuple[str, ...] = ()) -> dict[str, Any]:
             continue
         out[f.name] = list(value) if isinstance(value, (tuple, list)) else value
     return out
+
+
+def split_config(cls: type, config: Any, arguments: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(``cls`` from ``config`` or from the keywords that are its fields, the other keywords): for a factory whose
+    keywords are two configs (e.g. a tiny CLIP's and its encoder options)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    own = {k: v for k, v in arguments.items() if k in names}
+    return config_of(cls, config, own), {k: v for k, v in arguments.items() if k not in names}

@@ -20,16 +20,17 @@ chunk may end at a comma up to 20 tokens early) and its emphasis weights are not
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ldm.models import tiny_clip
+from ldm.models.config_fields import bounded, config_of, split_config
 
 HUB_PREFIX = "text_model."
 log = logging.getLogger("ldm.models")
@@ -144,6 +145,52 @@ def chunk_token_ids(tokenizer, prompts, max_length: int, max_chunks: int, min_ch
     return torch.tensor([r + [empty] * (chunks - len(r)) for r in rows], dtype=torch.long)
 
 
+@dataclass
+class TextEncoderOptions:
+    """How a CLIP text encoder is used (its sizes and weights come with its folder). The bounds are what a stored
+    config may ask for (ldm.formats.safe_build)."""
+
+    penultimate: bool = False  # the context is the penultimate layer's output (SD 2.x), not the last (SD 1.x)
+    max_length: int = bounded(77, 1, 4096)  # tokens per chunk, BOS and EOS included
+    frozen: bool = True  # False: its weights train with the U-Net, and no context is cached
+    cache_size: int = bounded(0, 0, 1_000_000)  # contexts memoised per prompt string (frozen encoders)
+    max_chunks: int = bounded(1, 1, 64)  # prompts of up to 75 x max_chunks tokens (A1111 long prompts)
+
+    def __post_init__(self):
+        if int(self.max_chunks) < 1:
+            raise ValueError(f"CLIPTextEncoder: model.text_encoder.max_chunks must be >= 1, got {self.max_chunks!r}")
+        if int(self.cache_size) < 0:
+            raise ValueError(f"CLIPTextEncoder: cache_size must be >= 0, got {self.cache_size!r}")
+        self.max_chunks, self.cache_size = int(self.max_chunks), int(self.cache_size)
+
+
+@dataclass
+class TinyCLIPConfig:
+    """A local random tiny CLIP, written on first use (no downloads): same seed and words -> same weights."""
+
+    preset: str = "tiny"  # a key of ldm.models.tiny_clip.PRESETS (its width and depth)
+    folder: str | None = None  # where it is kept (None: built in a temporary folder, removed once loaded)
+    seed: int = bounded(0, 0, 2**63 - 1)
+    words: tuple[str, ...] = tiny_clip.DEFAULT_WORDS  # its vocabulary (model.text_encoder.words=captions: the data's)
+
+    def __post_init__(self):
+        if isinstance(self.words, str):
+            raise ValueError(f"model.text_encoder.words={self.words!r}: expected a list of words ('captions' is "
+                             "replaced by train() with the words of data.train's captions)")
+        self.words = tuple(self.words)
+        if self.preset not in tiny_clip.PRESETS:
+            raise ValueError(f"unknown tiny text encoder preset {self.preset!r}; expected one of "
+                             f"{sorted(tiny_clip.PRESETS)}")
+
+
+@dataclass
+class CLIPFolder:
+    """A CLIP text encoder's folder: ``tokenizer/`` + ``text_encoder/`` (subfolder_layout) or both in one."""
+
+    path_or_hub_id: str
+    subfolder_layout: bool = True
+
+
 class CLIPTextEncoder(nn.Module):
     """Prompts -> cross-attention context ``(B, max_length * chunks, D)``; frozen by default. ``frozen=False``: its
     weights train with the U-Net (from scratch there is nothing to preserve), and no context is cached.
@@ -156,30 +203,23 @@ class CLIPTextEncoder(nn.Module):
     zero_uncond = False
     pooled_dim = None
 
-    def __init__(self, model, tokenizer, penultimate: bool = False, max_length: int = 77,
-                 frozen: bool = True, cache_size: int = 0, max_chunks: int = 1):
+    def __init__(self, model, tokenizer, options: TextEncoderOptions | None = None, **arguments):
+        """``model``: a transformers CLIPTextModel; ``options`` (or its fields as keywords): how it is used."""
         super().__init__()
+        o = config_of(TextEncoderOptions, options, arguments)
         self.model = model
         self.tokenizer = tokenizer
-        self.penultimate = penultimate
-        self.max_length = max_length
-        if int(max_chunks) < 1:
-            raise ValueError(f"CLIPTextEncoder: model.text_encoder.max_chunks must be >= 1, got {max_chunks!r}")
-        self.max_chunks = int(max_chunks)
-        self.frozen = frozen
-        if int(cache_size) < 0:
-            raise ValueError(f"CLIPTextEncoder: cache_size must be >= 0, got {cache_size!r}")
-        self.cache_size = int(cache_size)
+        self.penultimate, self.max_length, self.frozen = o.penultimate, o.max_length, o.frozen
+        self.max_chunks, self.cache_size = o.max_chunks, o.cache_size
         self._empty: dict = {}
         self._contexts: OrderedDict = OrderedDict()  # (prompt, device, dtype) -> (L, D), least recent first
         self.model.register_load_state_dict_post_hook(self._clear_cache)
-        if frozen:
+        if self.frozen:
             self.requires_grad_(False)
             self.eval()
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, subfolder_layout: bool = True,
-                        penultimate: bool = False, **kwargs) -> "CLIPTextEncoder":
+    def from_pretrained(cls, path_or_hub_id, subfolder_layout: bool = True, **options) -> "CLIPTextEncoder":
         """Load ``tokenizer/`` + ``text_encoder/`` of a hub-like folder or hub id."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -191,22 +231,22 @@ class CLIPTextEncoder(nn.Module):
         config = bounded_text_config(path, sub[1], CLIPTextModel)  # sizes bounded before transformers allocates
         model = CLIPTextModel.from_pretrained(path, subfolder=sub[1], config=config)
         max_length = min(model.config.max_position_embeddings, tokenizer.model_max_length)
-        return cls(model, tokenizer, penultimate=penultimate, max_length=max_length, **kwargs)
+        return cls(model, tokenizer, **{"max_length": max_length, **options})
 
     @classmethod
-    def from_tiny(cls, preset: str = "tiny", folder=None, seed: int = 0,
-                  words=tiny_clip.DEFAULT_WORDS, **kwargs) -> "CLIPTextEncoder":
-        """Write (if needed) and load a local random tiny CLIP; no downloads. A folder that already holds one must
-        hold this one (the vocabulary of ``words``, the preset's width): a stale folder is an error, not reused."""
-        if isinstance(words, str):
-            raise ValueError(f"model.text_encoder.words={words!r}: expected a list of words ('captions' is replaced "
-                             "by train() with the words of data.train's captions)")
-        if preset not in tiny_clip.PRESETS:
-            raise ValueError(f"unknown tiny text encoder preset {preset!r}; expected one of {sorted(tiny_clip.PRESETS)}")
-        with tiny_clip_folder(folder, "tiny_clip_") as folder:
+    def from_tiny(cls, config: TinyCLIPConfig | str | None = None, /, **arguments) -> "CLIPTextEncoder":
+        """Write (if needed) and load a local random tiny CLIP (a ``TinyCLIPConfig``, or its preset's name, or its
+        fields as keywords; the other keywords are ``TextEncoderOptions``); no downloads. A folder that already
+        holds one must hold this one (the vocabulary of ``words``, the preset's width): a stale folder is an error,
+        not reused."""
+        if isinstance(config, str):  # from_tiny("tiny", ...)
+            config, arguments = None, {"preset": config, **arguments}
+        config, options = split_config(TinyCLIPConfig, config, arguments)
+        preset, words, seed = config.preset, config.words, config.seed
+        with tiny_clip_folder(config.folder, "tiny_clip_") as folder:
             if not (folder / "text_encoder" / "model.safetensors").exists():
                 tiny_clip.write_tiny_clip(folder, words=words, seed=seed, **tiny_clip.PRESETS[preset])
-            encoder = cls.from_pretrained(folder, **kwargs)
+            encoder = cls.from_pretrained(folder, **options)
         vocab, _ = tiny_clip.build_vocab(words)
         if encoder.tokenizer.get_vocab() != vocab or encoder.context_dim != tiny_clip.PRESETS[preset]["hidden_size"]:
             raise ValueError(f"model.text_encoder.folder: {folder} holds a tiny CLIP of other words or another width "

@@ -19,10 +19,13 @@ embedding is the first chunk's (ComfyUI ``comfy/sd1_clip.py`` ``encode_token_wei
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ldm.models import tiny_clip
+from ldm.models.config_fields import bounded, config_of, split_config
 from ldm.models.text_encoder import chunk_token_ids, padding_chunks, tiny_clip_folder, to_hub_keys
 
 SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
@@ -48,6 +51,38 @@ def sdxl_text_configs(name: str = "sdxl"):
     return vit_l, big_g
 
 
+@dataclass
+class DualTextOptions:
+    """How SDXL's pair of text encoders is used. The bounds are what a stored config may ask for."""
+
+    max_length: int = bounded(77, 1, 4096)
+    frozen: bool = True
+    zero_uncond: bool = True  # a dropped / empty prompt is the zero context (SGM, diffusers force_zeros_...)
+    max_chunks: int = bounded(1, 1, 64)
+
+    def __post_init__(self):
+        if int(self.max_chunks) < 1:
+            raise ValueError(f"DualCLIPTextEncoder: model.text_encoder.max_chunks must be >= 1, got "
+                             f"{self.max_chunks!r}")
+        self.max_length, self.max_chunks, self.zero_uncond = int(self.max_length), int(self.max_chunks), \
+            bool(self.zero_uncond)
+
+
+@dataclass
+class TinyDualCLIPConfig:
+    """A local random pair of tiny CLIPs laid out like an SDXL folder (no downloads)."""
+
+    folder: str | None = None
+    seed: int = bounded(0, 0, 2**63 - 1)
+    words: tuple[str, ...] = tiny_clip.DEFAULT_WORDS
+    hidden_size: int = bounded(32, 1, 1024)
+    hidden_size_2: int = bounded(48, 1, 1024)
+    projection_dim: int = bounded(16, 1, 1024)
+
+    def __post_init__(self):
+        self.words = tuple(self.words)
+
+
 class DualCLIPTextEncoder(nn.Module):
     """Prompts -> ``{"crossattn": (B, L, D1 + D2), "pooled": (B, P)}``; frozen by default.
 
@@ -56,30 +91,29 @@ class DualCLIPTextEncoder(nn.Module):
 
     context_cacheable = False  # the latent cache stores one (L, D) context per caption: SDXL's pair is encoded live
 
-    def __init__(self, model_1, tokenizer_1, model_2, tokenizer_2, max_length: int = 77, frozen: bool = True,
-                 zero_uncond: bool = True, max_chunks: int = 1):
+    def __init__(self, model_1, tokenizer_1, model_2, tokenizer_2, options: DualTextOptions | None = None,
+                 **arguments):
+        """``model_1`` / ``model_2``: transformers CLIPTextModel / CLIPTextModelWithProjection; ``options`` (or its
+        fields as keywords): how the pair is used."""
         super().__init__()
-        if int(max_chunks) < 1:
-            raise ValueError(f"DualCLIPTextEncoder: model.text_encoder.max_chunks must be >= 1, got {max_chunks!r}")
-        self.max_chunks = int(max_chunks)
+        o = config_of(DualTextOptions, options, arguments)
+        self.max_chunks = o.max_chunks
         if not hasattr(model_2, "text_projection"):
             raise ValueError("DualCLIPTextEncoder: the second encoder must be a CLIPTextModelWithProjection "
                              "(SDXL's pooled embedding is its text_projection output)")
         self.model = model_1
         self.model_2 = model_2
         self.tokenizer, self.tokenizer_2 = tokenizer_1, tokenizer_2
-        self.max_length = int(max_length)
-        self.frozen = frozen
-        self.zero_uncond = bool(zero_uncond)
+        self.max_length, self.frozen, self.zero_uncond = o.max_length, o.frozen, o.zero_uncond
         self._empty: dict = {}
         for model in (model_1, model_2):
             model.register_load_state_dict_post_hook(self._clear_cache)  # new weights: the cached "" is stale
-        if frozen:
+        if self.frozen:
             self.requires_grad_(False)
             self.eval()
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, **kwargs) -> "DualCLIPTextEncoder":
+    def from_pretrained(cls, path_or_hub_id, **options) -> "DualCLIPTextEncoder":
         """``tokenizer/``, ``text_encoder/``, ``tokenizer_2/``, ``text_encoder_2/`` of a diffusers SDXL folder."""
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -94,17 +128,19 @@ class DualCLIPTextEncoder(nn.Module):
             path, subfolder="text_encoder_2",
             config=bounded_text_config(path, "text_encoder_2", CLIPTextModelWithProjection))
         max_length = min(model_1.config.max_position_embeddings, tok_1.model_max_length)
-        return cls(model_1, tok_1, model_2, tok_2, max_length=max_length, **kwargs)
+        return cls(model_1, tok_1, model_2, tok_2, **{"max_length": max_length, **options})
 
     @classmethod
-    def from_tiny(cls, folder=None, seed: int = 0, words=tiny_clip.DEFAULT_WORDS, hidden_size: int = 32,
-                  hidden_size_2: int = 48, projection_dim: int = 16, **kwargs) -> "DualCLIPTextEncoder":
-        """Write (if needed) and load a local random pair of tiny CLIPs laid out like an SDXL folder."""
-        with tiny_clip_folder(folder, "tiny_sdxl_clip_") as folder:
+    def from_tiny(cls, config: TinyDualCLIPConfig | None = None, /, **arguments) -> "DualCLIPTextEncoder":
+        """Write (if needed) and load a local random pair of tiny CLIPs laid out like an SDXL folder (a
+        ``TinyDualCLIPConfig`` or its fields as keywords; the other keywords are ``DualTextOptions``)."""
+        config, options = split_config(TinyDualCLIPConfig, config, arguments)
+        with tiny_clip_folder(config.folder, "tiny_sdxl_clip_") as folder:
             if not (folder / "text_encoder_2" / "model.safetensors").exists():
-                tiny_clip.write_tiny_sdxl_clips(folder, words=words, seed=seed, hidden_size=hidden_size,
-                                                hidden_size_2=hidden_size_2, projection_dim=projection_dim)
-            return cls.from_pretrained(folder, **kwargs)
+                tiny_clip.write_tiny_sdxl_clips(folder, words=config.words, seed=config.seed,
+                                                hidden_size=config.hidden_size, hidden_size_2=config.hidden_size_2,
+                                                projection_dim=config.projection_dim)
+            return cls.from_pretrained(folder, **options)
 
     # --------------------------------------------------------------------------------------------- properties
     @property

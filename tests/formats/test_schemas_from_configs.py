@@ -49,3 +49,18 @@ def test_a_stored_value_past_a_config_bound_is_refused():
     high = field_bounds(next(f for f in dataclasses.fields(UNetConfig) if f.name == "model_channels")).high
     with pytest.raises(CheckpointError, match=r"model_channels = .* is outside"):
         build_network("unet", {"model_channels": high + 1}, source="file.safetensors", key="unet")
+
+
+def test_the_text_encoder_builders_check_their_config_fields():
+    from ldm.models.text_encoder import CLIPFolder, TextEncoderOptions, TinyCLIPConfig
+    from ldm.models.text_encoder_sdxl import DualTextOptions, TinyDualCLIPConfig
+
+    def names(*classes):
+        return {f.name for c in classes for f in dataclasses.fields(c)}
+
+    schema = {name: set(b.schema) for name, b in BUILDERS.items() if b.role == "text_encoder"}
+    clip, sdxl = "ldm.models.text_encoder.CLIPTextEncoder", "ldm.models.text_encoder_sdxl.DualCLIPTextEncoder"
+    assert schema[f"{clip}.from_tiny"] == names(TinyCLIPConfig, TextEncoderOptions) | {"subfolder_layout"}
+    assert schema[f"{clip}.from_pretrained"] == names(CLIPFolder, TextEncoderOptions)
+    assert schema[f"{sdxl}.from_tiny"] == names(TinyDualCLIPConfig, DualTextOptions)
+    assert schema[f"{sdxl}.from_pretrained"] == {"path_or_hub_id"} | names(DualTextOptions)
