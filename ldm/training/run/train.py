@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.bad_samples import bad_sample_names
 from ldm.training.callbacks.data import BadSamplesCallback, DatasetEpochCallback
+from ldm.training.callbacks.preemption import DEFAULT_SIGNALS, PreemptionCallback, SignalExit, signal_numbers
+from ldm.training.callbacks.preemption import stop_summary
 from ldm.training.callbacks.result import ResultCallback
 from ldm.training.run.config import STAGES
 from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, check_values
@@ -41,6 +43,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path: checkpoint not found: {cfg.ckpt_path}")
     if cfg.ckpt_path not in (None, "last"):
         check_checkpoint_file(cfg.ckpt_path)
+    try:
+        signal_numbers(_signals(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _signals(cfg: DictConfig) -> list[str]:
+    """The signals that stop a run with a checkpoint (``signals=[]``: none, Lightning's own handling)."""
+    return list(OmegaConf.select(cfg, "signals", default=list(DEFAULT_SIGNALS)) or [])
 
 
 def _is_callback_node(node: Any, key: str) -> bool:
@@ -99,7 +110,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, run_dir, callbacks)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SignalExit as stop:  # preempted: say what was saved and how to resume, then exit 128 + signal
+        stop.result = fit_result(trainer, callbacks, run_dir)
+        if trainer.is_global_zero:
+            print_summary(stop.result, run_dir, bad_samples_dir)
+        raise
 
     result = fit_result(trainer, callbacks, run_dir)
     if trainer.is_global_zero:
@@ -145,6 +162,8 @@ def build_callbacks(cfg: DictConfig, datamodule: Any, bad_samples_dir: Path) -> 
     callbacks.append(DatasetEpochCallback())  # always: iterable datasets reshuffle per epoch
     if hasattr(datamodule, "bad_samples_dir"):
         callbacks.append(BadSamplesCallback(bad_samples_dir))
+    if _signals(cfg):  # last: it saves where ModelCheckpoint does, after every other callback's batch end
+        callbacks.append(PreemptionCallback(Path(cfg.paths.run_dir).resolve() / "checkpoints", _signals(cfg)))
     return callbacks
 
 
@@ -192,6 +211,8 @@ def print_summary(result: dict[str, Any], run_dir: Path, bad_samples_dir: Path |
         print(f"  vae check: PSNR {v['psnr_db']:.1f} dB, mean colour shift {v['colour_shift']:.1f}/255 ({verdict})")
     if "images_per_sec" in result:
         print(f"  throughput: {result['images_per_sec']:.1f} training images/s (all ranks, pauses included)")
+    if "stopped" in result:
+        print("\n".join(stop_summary(result["stopped"], run_dir)))
     if result.get("bad_samples"):
         print(f"  unreadable samples skipped: {len(result['bad_samples'])} (each named once in the log; listed in "
               f"{bad_samples_dir})")
