@@ -170,3 +170,22 @@ def test_first_signal_is_recorded_second_stops_then_the_usual_handler_is_back(tm
         assert seen == [signal.SIGUSR1] * 2, "an inactive handler acts as the one it replaced"
     finally:
         signal.signal(signal.SIGUSR1, usual)
+
+
+def test_the_summary_says_how_to_continue(tmp_path):
+    from ldm.training.callbacks.preemption import resume_command, stop_summary
+
+    run = tmp_path / "run"
+    assert "ckpt_path=last" not in resume_command(run)  # no checkpoint yet: the run starts again in its folder
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").touch()
+    command = resume_command(run)
+    assert command.endswith(f"paths.run_dir={run} ckpt_path=last")
+    stop = {"signal": "SIGTERM", "step": 40, "checkpoint": str(run / "checkpoints" / "last.ckpt"), "resume": command}
+    lines = stop_summary(stop, run)
+    assert "PREEMPTED by SIGTERM at step 40" in lines[0] and "exit status 143" in lines[0]
+    assert lines[1] == f"  resume with: {command}"
+    abandoned = stop_summary({**stop, "signal": "SIGINT", "step": None, "checkpoint": None}, run)
+    assert "holds an earlier step" in abandoned[0] and "exit status 130" in abandoned[0]
+    nested = stop_summary({**stop, "first_stage": True}, run)
+    assert "first stage" in nested[-1]

@@ -183,6 +183,9 @@ class PreemptionCallback(ResultCallback):
         if self.received:
             log.warning("received %s after the last step: the run finished", signal.Signals(self.received[0]).name)
 
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.restore()  # after Lightning's teardown, which sets back the handlers it found: this one among them
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self.restore()
         launcher = trainer.strategy.launcher
@@ -213,11 +216,12 @@ def _mtime(path: Path) -> int | None:
 
 
 def resume_command(run_dir: str | Path) -> str:
-    """The command that continues a stopped run: this process's overrides (Hydra's), its run folder, ckpt_path=last."""
+    """The command that continues a stopped run: this process's overrides (Hydra's), its run folder, and
+    ckpt_path=last once that folder has a last.ckpt (before one, the run starts again there)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    tail = [f"paths.run_dir={run_dir}", "ckpt_path=last"]
+    tail = [f"paths.run_dir={run_dir}"] + (["ckpt_path=last"] if _last(run_dir).exists() else [])
     if not HydraConfig.initialized():  # train(cfg) called from Python: its overrides are the caller's
         return "python train.py <the same overrides> " + shlex.join(tail)
     own = {"ckpt_path", "paths.run_dir"}
@@ -226,17 +230,23 @@ def resume_command(run_dir: str | Path) -> str:
     return shlex.join(["python", "train.py", *keep, *tail])
 
 
+def _last(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def stop_summary(stop: dict[str, Any], run_dir: str | Path) -> list[str]:
-    """The end-of-run lines of a run stopped by a signal: what was saved, and the command that continues it."""
+    """The end-of-run lines of a run stopped by a signal: what was saved, and ``stop["resume"]``, the command that
+    continues it (train() sets it: a first stage's is its whole run's, ``stop["first_stage"]`` marks one)."""
     status = 128 + signal.Signals[stop["signal"]]
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if stop["checkpoint"]:
         lines = [f"  PREEMPTED by {stop['signal']} at step {stop['step']}: checkpoint {stop['checkpoint']} "
                  f"(exit status {status})"]
     else:
-        kept = f"{last} holds an earlier step" if last.exists() else "no checkpoint was written"
+        kept = f"{_last(run_dir)} holds an earlier step" if _last(run_dir).exists() else "no checkpoint was written"
         lines = [f"  STOPPED by {stop['signal']} before a checkpoint of this step was written: {kept} "
                  f"(exit status {status})"]
-    if last.exists():
-        lines.append(f"  resume with: {resume_command(run_dir)}")
+    if stop.get("resume"):
+        lines.append(f"  {'resume' if 'ckpt_path=last' in stop['resume'] else 'start again'} with: {stop['resume']}")
+    if stop.get("first_stage"):
+        lines.append("  (this was the run's first stage: it trains again from its start, its checkpoint unused)")
     return lines

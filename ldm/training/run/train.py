@@ -6,6 +6,7 @@ A plain function (train.py at the repo root is only ``@hydra.main`` around it), 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.data.bad_samples import bad_sample_names
 from ldm.training.callbacks.data import BadSamplesCallback, DatasetEpochCallback
 from ldm.training.callbacks.preemption import DEFAULT_SIGNALS, PreemptionCallback, SignalExit, signal_numbers
-from ldm.training.callbacks.preemption import stop_summary
+from ldm.training.callbacks.preemption import resume_command, stop_summary
 from ldm.training.callbacks.result import ResultCallback
 from ldm.training.run.config import STAGES
 from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, check_values
@@ -87,15 +88,16 @@ def keep_metrics_history(run_dir: Path) -> None:
         metrics.rename(run_dir / f"metrics.before-resume-{n + 1}.csv")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the configured stage; returns the run folder, final metrics and written files. The steps, in order:"""
+def train(cfg: DictConfig, within: Path | None = None) -> dict[str, Any]:
+    """Fit the configured stage; returns the run folder, final metrics and written files (``within``: the run folder
+    of the run this one is the first stage of). The steps, in order:"""
     validate_stage(cfg)
     stage = STAGE_KINDS[cfg.stage]
     stage.resolve_config(cfg)  # the "auto" values -> numbers, before anything checks them
     validate(cfg)
     run_dir, ckpt_path = prepare_run_folder(cfg)
     try:
-        ensure_first_stage(cfg, run_dir, train)  # a VAE to train first (experiment=own_data)
+        ensure_first_stage(cfg, run_dir, partial(train, within=run_dir))  # a VAE to train first (own_data)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     L.seed_everything(cfg.seed, workers=True)
@@ -114,6 +116,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SignalExit as stop:  # preempted: say what was saved and how to resume, then exit 128 + signal
         stop.result = fit_result(trainer, callbacks, run_dir)
+        stop.result["stopped"].update(resume=resume_command(within or run_dir), first_stage=within is not None)
         if trainer.is_global_zero:
             print_summary(stop.result, run_dir, bad_samples_dir)
         raise
