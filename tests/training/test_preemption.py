@@ -44,7 +44,7 @@ def test_sigterm_mid_run_checkpoints_the_step_reached_and_resumes_exactly(refere
     run = tmp_path / "preempted"
     cmd = _cmd(run, reference.parent / "cache", FEW)
     proc = start(cmd, tmp_path / "out.txt")
-    wait_for_step(proc, run, 2)  # epoch 0 has 6 steps: the first checkpoint ModelCheckpoint would write is at 6
+    wait_for_step(proc, run, 1)  # epoch 0 has 6 steps: the first checkpoint ModelCheckpoint would write is at 6
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
     ckpt = stopped_checkpoint(run)
