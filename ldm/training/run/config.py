@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ldm.pipelines.sampling_options import SamplingOptions
+from ldm.training.callbacks.preemption import DEFAULT_SIGNALS
 from ldm.training.run.class_images import ClassImagesConfig
 
 
@@ -37,6 +38,9 @@ class TrainConfig:
     callbacks: Any = field(default_factory=dict)
     logger: Any = field(default_factory=dict)
     paths: Any = MISSING
+    # signals that stop a run with a checkpoint at the step reached and exit status 128 + signal (SLURM sends SIGUSR1
+    # with --signal=USR1@90); [] leaves them to Lightning (SIGTERM: exit 0, no checkpoint)
+    signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
 
 
 STAGES = ("diffusion", "autoencoder")

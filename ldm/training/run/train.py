@@ -6,6 +6,7 @@ A plain function (train.py at the repo root is only ``@hydra.main`` around it), 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.bad_samples import bad_sample_names
 from ldm.training.callbacks.data import BadSamplesCallback, DatasetEpochCallback
+from ldm.training.callbacks.preemption import DEFAULT_SIGNALS, PreemptionCallback, SignalExit, signal_numbers
+from ldm.training.callbacks.preemption import resume_command, stop_summary
 from ldm.training.callbacks.progress import default_progress_bar
 from ldm.training.callbacks.result import ResultCallback
 from ldm.training.run.config import STAGES
@@ -43,6 +46,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path: checkpoint not found: {cfg.ckpt_path}")
     if cfg.ckpt_path not in (None, "last"):
         check_checkpoint_file(cfg.ckpt_path)
+    try:
+        signal_numbers(_signals(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _signals(cfg: DictConfig) -> list[str]:
+    """The signals that stop a run with a checkpoint (``signals=[]``: none, Lightning's own handling)."""
+    return list(OmegaConf.select(cfg, "signals", default=list(DEFAULT_SIGNALS)) or [])
 
 
 def _is_callback_node(node: Any, key: str) -> bool:
@@ -78,15 +90,16 @@ def keep_metrics_history(run_dir: Path) -> None:
         metrics.rename(run_dir / f"metrics.before-resume-{n + 1}.csv")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the configured stage; returns the run folder, final metrics and written files. The steps, in order:"""
+def train(cfg: DictConfig, within: Path | None = None) -> dict[str, Any]:
+    """Fit the configured stage; returns the run folder, final metrics and written files (``within``: the run folder
+    of the run this one is the first stage of). The steps, in order:"""
     validate_stage(cfg)
     stage = STAGE_KINDS[cfg.stage]
     stage.resolve_config(cfg)  # the "auto" values -> numbers, before anything checks them
     validate(cfg)
     run_dir, ckpt_path = prepare_run_folder(cfg)
     try:
-        ensure_first_stage(cfg, run_dir, train)  # a VAE to train first (experiment=own_data)
+        ensure_first_stage(cfg, run_dir, partial(train, within=run_dir))  # a VAE to train first (own_data)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     L.seed_everything(cfg.seed, workers=True)
@@ -101,7 +114,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, run_dir, callbacks)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SignalExit as stop:  # preempted: say what was saved and how to resume, then exit 128 + signal
+        stop.result = fit_result(trainer, callbacks, run_dir)
+        stop.result["stopped"].update(resume=resume_command(within or run_dir), first_stage=within is not None)
+        if trainer.is_global_zero:
+            print_summary(stop.result, run_dir, bad_samples_dir)
+        raise
 
     result = fit_result(trainer, callbacks, run_dir)
     if trainer.is_global_zero:
@@ -148,6 +168,8 @@ def build_callbacks(cfg: DictConfig, datamodule: Any, bad_samples_dir: Path) -> 
     callbacks += default_progress_bar(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True), callbacks)
     if hasattr(datamodule, "bad_samples_dir"):
         callbacks.append(BadSamplesCallback(bad_samples_dir))
+    if _signals(cfg):  # last: it saves where ModelCheckpoint does, after every other callback's batch end
+        callbacks.append(PreemptionCallback(Path(cfg.paths.run_dir).resolve() / "checkpoints", _signals(cfg)))
     return callbacks
 
 
@@ -196,6 +218,8 @@ def print_summary(result: dict[str, Any], run_dir: Path, bad_samples_dir: Path |
         print(f"  vae check: PSNR {v['psnr_db']:.1f} dB, mean colour shift {v['colour_shift']:.1f}/255 ({verdict})")
     if "images_per_sec" in result:
         print(f"  throughput: {result['images_per_sec']:.1f} training images/s (all ranks, pauses included)")
+    if "stopped" in result:
+        print("\n".join(stop_summary(result["stopped"], run_dir)))
     if result.get("bad_samples"):
         print(f"  unreadable samples skipped: {len(result['bad_samples'])} (each named once in the log; listed in "
               f"{bad_samples_dir})")
