@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import lightning as L
 import torch
@@ -18,6 +18,9 @@ from ldm.data.resumable_sampler import ResumableSampler
 log = logging.getLogger("ldm.data")
 
 DatasetOrFactory = Union[Dataset, IterableDataset, Callable[[], Dataset]]
+
+# batch entries that stay on the host: the rows' layout, read by the loss to split the batch (DreamBooth's class rows)
+HOST_KEYS = ("is_prior",)
 
 
 class ImageCaptionDataModule(L.LightningDataModule):
@@ -207,6 +210,15 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if _has_stream_position(self.train_dataset):
             self.train_dataset.consume(batch)
         return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Every tensor to the device but the rows' layout (``is_prior``: DreamBooth's class rows), which the loss
+        reads on the host to split the batch (on the device, that read would stall every training step)."""
+        if not (isinstance(batch, dict) and any(k in batch for k in HOST_KEYS)):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in HOST_KEYS}, device,
+                                                 dataloader_idx)
+        return {**moved, **{k: batch[k] for k in HOST_KEYS if k in batch}}
 
     def _resume_point(self, batches_per_epoch: int, in_batches: bool = False) -> tuple[int, int]:
         """(epoch, samples of it already trained on) where this training loader starts, from the trainer's

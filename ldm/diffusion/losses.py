@@ -51,7 +51,7 @@ L2 = LossOptions()
 def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float) -> Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023, eq. (9)), per sample, for the schedule's prediction type:
     min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0."""
-    snr = schedule.snr(t.cpu())
+    snr = schedule.snr(t)
     clipped = snr.clamp(max=gamma)
     if schedule.prediction_type == "epsilon":
         w = clipped / snr.clamp(min=1e-12)
@@ -69,7 +69,7 @@ def debiased_weight(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     if schedule.prediction_type == "sample":
         raise ValueError("module.loss.debiased_estimation is defined for prediction_type epsilon or v_prediction, "
                          "not 'sample'")
-    snr = schedule.snr(t.cpu()).clamp(max=DEBIASED_SNR_MAX)
+    snr = schedule.snr(t).clamp(max=DEBIASED_SNR_MAX)
     w = 1 / (snr + 1) if schedule.prediction_type == "v_prediction" else 1 / snr.sqrt()
     return w.to(device=t.device, dtype=torch.float32)
 
@@ -82,9 +82,9 @@ def huber_c(options: LossOptions, schedule: NoiseSchedule, t: Tensor) -> Tensor:
     if options.huber_schedule == "constant":
         return torch.full(t.shape, c, dtype=torch.float32, device=t.device)
     if options.huber_schedule == "exponential":
-        out = c ** (t.cpu().double() / schedule.num_train_timesteps)
+        out = c ** (t.double() / schedule.num_train_timesteps)
     else:
-        abar = schedule.abar(t.cpu())
+        abar = schedule.abar(t)
         sigma = ((1 - abar) / abar).sqrt()
         out = (1 - c) / (1 + sigma) ** 2 + c
     return out.to(device=t.device, dtype=torch.float32)

@@ -55,13 +55,21 @@ def pyramid_noise(noise: Tensor, iterations: int, discount: float, generator: to
     b, c, h, w = noise.shape
     out = noise.float().clone()
     for i in range(iterations):
-        r = 2 + 2 * float(torch.rand((), generator=generator, device=noise.device))
+        r = 2 + 2 * _host_uniform(generator)
         h, w = max(1, int(h / r**i)), max(1, int(w / r**i))
         level = torch.randn((b, c, h, w), generator=generator, device=noise.device)
         out += F.interpolate(level, size=noise.shape[2:], mode="bilinear", align_corners=False) * discount**i
         if h == 1 or w == 1:
             break
     return (out / out.std()).to(noise.dtype)
+
+
+def _host_uniform(generator: torch.Generator | None) -> float:
+    """u ~ U(0, 1) as a Python number: the grid size depends on it, so it is drawn on the host (a draw on the GPU
+    read back would stall the training step), from ``generator`` when it is a CPU one."""
+    if generator is not None and generator.device.type != "cpu":
+        return float(torch.rand((), generator=generator, device=generator.device))  # its own stream, read back
+    return float(torch.rand((), generator=generator))
 
 
 def perturbed_noise(noise: Tensor, ip_noise_gamma: float, generator: torch.Generator | None = None) -> Tensor:

@@ -20,7 +20,7 @@ def _bcast(coef: Tensor, like: Tensor) -> Tensor:
 
 def signal_noise(schedule: NoiseSchedule, t: Tensor) -> tuple[Tensor, Tensor]:
     """(a_t, s_t) = (sqrt(abar_t), sqrt(1 - abar_t)) in float64, for integer timesteps t."""
-    abar = schedule.abar(t.cpu())
+    abar = schedule.abar(t)
     return abar.sqrt(), (1 - abar).sqrt()
 
 

@@ -68,6 +68,9 @@ class NoiseSchedule:
     beta_end: float | None = None
     zero_terminal_snr: bool = False
     alphas_cumprod: Tensor = field(init=False, repr=False)
+    # (1, abar_0, ..., abar_{T-1}) per device, copied there once: a training step indexes it with timesteps drawn
+    # on the device and never reads them back to the host
+    _abar_tables: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -128,10 +131,13 @@ class NoiseSchedule:
         return 1 - self.betas
 
     def abar(self, t: Tensor | int) -> Tensor:
-        """abar_t for integer timesteps; t = -1 means "before the first step" (abar = 1)."""
+        """abar_t (float64) for integer timesteps, on their device; t = -1 means "before the first step" (abar = 1)."""
         t = torch.as_tensor(t, dtype=torch.long)
-        padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
-        return padded[t + 1]
+        table = self._abar_tables.get(t.device)
+        if table is None:
+            table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]).to(t.device)
+            self._abar_tables[t.device] = table
+        return table[t + 1]
 
     def sigmas(self) -> Tensor:
         """Variance-exploding noise levels sigma_t = sqrt((1 - abar_t) / abar_t) (Karras et al. 2022, sec. 2).

@@ -146,8 +146,10 @@ class LoRAModule(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
+    def scale(self) -> Tensor:
+        """alpha / r as a tensor on the adapter's device: a Python number would be read from the device at every
+        forward (a host sync on a GPU, a graph break under torch.compile)."""
+        return self.alpha / self.rank
 
     def delta(self, x: Tensor) -> Tensor:
         """(alpha / r) * B(dropout(A x)), computed in the adapter's dtype."""

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ldm.training.module.divergence import DivergenceGuard
 from ldm.training.module.guarded_update import mean_over_ranks
+from ldm.training.module.host_sync import CHECKPOINT, host_sync_point
 
 log = logging.getLogger("ldm.training")
 
@@ -26,14 +27,18 @@ class CheckpointGate:
     def fill(self, checkpoint: dict[str, Any], *, model_config: dict, part, named: list[tuple[str, nn.Parameter]],
              global_step: int, last_loss: Callable[[], Tensor] | None) -> None:
         """Fill ``checkpoint`` (Lightning's dict) for the weights ``named`` of ``part``; mark it refused when the
-        weights diverged."""
-        bad = [n for n, p in named if not bool(torch.isfinite(p).all())]
-        if bad:
-            raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights ({bad[:3]}...); "
-                                     "the previous checkpoints are kept")
-        checkpoint["ldm"] = {"model": model_config, "kind": "latent_diffusion", "guard": self.guard.state_dict()}
-        part.checkpoint_entries(checkpoint)
-        reason = self.verdict(global_step, last_loss)
+        weights diverged. A host sync point: the guard's state comes from the device, and a run that has skipped
+        max_nonfinite_steps steps in a row since the last logging step stops here, before writing."""
+        with host_sync_point(CHECKPOINT):
+            self.guard.sync()
+            self.guard.stop_if_persistent(self.guard.last_reason)
+            bad = non_finite(named)
+            if bad:
+                raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights ({bad[:3]}...); "
+                                         "the previous checkpoints are kept")
+            checkpoint["ldm"] = {"model": model_config, "kind": "latent_diffusion", "guard": self.guard.state_dict()}
+            part.checkpoint_entries(checkpoint)
+            reason = self.verdict(global_step, last_loss)
         if reason is not None:  # AtomicCheckpointIO writes nothing for it: the previous checkpoints stay the last
             log.warning("step %d: not writing a checkpoint, the weights diverged (%s)", global_step, reason)
             checkpoint["ldm"]["refused"] = reason
@@ -51,3 +56,11 @@ class CheckpointGate:
         reason = self.guard.verdict(float(loss))
         self._checked = (global_step, reason)
         return reason
+
+
+def non_finite(named: list[tuple[str, Tensor]]) -> list[str]:
+    """The names of the tensors holding a NaN/inf (their checks read back together, once)."""
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]

@@ -131,7 +131,8 @@ class LatentDiffusion(L.LightningModule):
 
     def drop_captions(self, captions: list[str]) -> tuple[list[str], Tensor]:
         """Classifier-free conditioning dropout: each caption becomes "" with probability p_uncond, so the model
-        also learns the unconditional prediction, from the same empty-prompt context sampling uses."""
+        also learns the unconditional prediction, from the same empty-prompt context sampling uses. The mask is
+        drawn on the host (the captions are host strings): reading it back is no device sync."""
         drop = torch.rand(len(captions)) < self.p_uncond
         return ["" if d else c for c, d in zip(captions, drop.tolist())], drop
 
@@ -180,12 +181,14 @@ class LatentDiffusion(L.LightningModule):
                                      zero_dropped=self.text_encoder.zero_uncond)
 
     def _dropped_context(self, batch: dict[str, Any], captions: list[str]) -> Tensor:
-        """Cached text contexts: swap in the empty-prompt context where the caption was dropped."""
-        context = batch["context"].clone()
-        dropped = torch.tensor([c == "" for c in captions], device=context.device)
-        if dropped.any():
-            context[dropped] = self.text_encoder.empty_context(1).to(context)
-        return context
+        """Cached text contexts: the empty-prompt context where the caption was dropped (decided on the host from
+        the captions; a select, not a masked write, which would read the mask back)."""
+        context = batch["context"]
+        dropped = [c == "" for c in captions]
+        if not any(dropped):
+            return context
+        rows = torch.tensor(dropped).to(context.device).reshape(-1, *([1] * (context.ndim - 1)))
+        return torch.where(rows, self.text_encoder.empty_context(1).to(context), context)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # always backpropagated, even when NaN: with DDP every rank must join the gradient all-reduce; whether the
@@ -196,15 +199,15 @@ class LatentDiffusion(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Apply the update or skip it (see GuardedUpdate)."""
-        self.update_guard.decide(self, self.part.parameters(), batch_size=len(self._last_batch["caption"]))
+        """Apply the update or skip it (see GuardedUpdate: decided on the device, reported at logging steps)."""
+        self.update_guard.decide(self, optimizer, self.part.parameters(), batch_size=len(self._last_batch["caption"]))
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The step (closure: training_step + backward, then on_before_optimizer_step's verdict), then the EMA
-        update, before any callback (checkpointing) sees the batch end; a skipped step leaves the EMA alone."""
+        update weighted by the verdict, before any callback (checkpointing) sees the batch end; a skipped step
+        leaves the EMA alone."""
         super().optimizer_step(*args, **kwargs)
-        if not self.update_guard.skipped:
-            self.part.update_ema()
+        self.part.update_ema(self.update_guard.after_step())
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.part.param_groups())

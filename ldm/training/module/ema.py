@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+CHUNK_ELEMENTS = 1 << 26  # the update's temporary (weights - average) is made for this many elements at a time
 
 
 class EMA(nn.Module):
@@ -13,7 +15,8 @@ class EMA(nn.Module):
 
     The effective decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates (warm-up), so early
     averages are not dominated by the random initialisation. Lives inside the LightningModule, so it is saved in
-    every checkpoint and restored on resume like any other weight.
+    every checkpoint and restored on resume like any other weight. The decay and the update count stay on the
+    device: an update reads nothing back to the host.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
@@ -27,16 +30,39 @@ class EMA(nn.Module):
     def train(self, mode: bool = True):  # the averaged copy never trains
         return super().train(False)
 
-    def current_decay(self) -> float:
-        n = int(self.num_updates)
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+    def current_decay(self) -> Tensor:
+        """The next update's decay (float64, on the device of the update count)."""
+        if not self.warmup:
+            return torch.full((), self.decay, dtype=torch.float64, device=self.num_updates.device)
+        n = self.num_updates.double()
+        return ((1 + n) / (10 + n)).clamp(max=self.decay)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
-        ema_params = [p for p in self.model.parameters()]
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, [p.to(e.dtype) for p, e in zip(params, ema_params)], 1.0 - decay)
+    def update(self, model: nn.Module, applied: Tensor | None = None) -> None:
+        """ema += (1 - decay) * applied * (weights - ema). ``applied`` (a bool on the device, None: True) is the
+        optimizer step's verdict: after a skipped step the average, its buffers and its count stay as they are,
+        without the host learning which it was."""
+        weight = 1.0 - self.current_decay()
+        if applied is not None:
+            weight = weight * applied
+        ema_params = list(self.model.parameters())
+        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+        _lerp_(ema_params, params, weight)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
-        self.num_updates += 1
+            b_ema.copy_(b if applied is None else torch.where(applied, b.to(b_ema.dtype), b_ema))
+        self.num_updates += 1 if applied is None else applied.long()
+
+
+def _lerp_(averages: list[Tensor], values: list[Tensor], weight: Tensor) -> None:
+    """averages += weight * (values - averages) with a tensor weight (torch's _foreach_lerp_ takes a Python number
+    only), a chunk of the tensors at a time so that the temporary differences stay small."""
+    start = 0
+    while start < len(averages):
+        end, size = start, 0
+        while end < len(averages) and (end == start or size + averages[end].numel() <= CHUNK_ELEMENTS):
+            size += averages[end].numel()
+            end += 1
+        diff = torch._foreach_sub(values[start:end], averages[start:end])
+        torch._foreach_mul_(diff, weight)
+        torch._foreach_add_(averages[start:end], diff)
+        start = end

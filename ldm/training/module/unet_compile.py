@@ -1,4 +1,5 @@
-"""module.compile=true: torch.compile of the U-Net's forward, in place, with the compilation time reported.
+"""module.compile=true: torch.compile of the U-Net's forward (one graph: fullgraph=True), in place, with the
+compilation time reported. The backward is compiled from the same graph (AOTAutograd) by backends that do so.
 
 ``nn.Module.compile`` (not ``torch.compile(module)``) keeps the module object and its state-dict keys (no
 ``_orig_mod.`` prefix), so checkpoints, the EMA and exports are the same as without it; copies of the module
@@ -37,8 +38,10 @@ class UNetCompile:
         self.compile_s: float | None = None
         # static shapes: a new batch / context shape compiles once more instead of switching to dynamic shapes,
         # which inductor (torch 2.13, CPU) failed on for this U-Net ("cannot determine truth value of
-        # Relational" when the caption length changed between batches)
-        unet.compile(backend=backend, dynamic=False)
+        # Relational" when the caption length changed between batches). fullgraph: the forward (with any adapter
+        # hooks) is one graph, and a change that would break it fails loudly instead of running half eager
+        # (tests/training/test_unet_compile.py)
+        unet.compile(backend=backend, dynamic=False, fullgraph=True)
 
     def __call__(self, *args, **kwargs):
         if self.compile_s is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from torch import nn
+from torch import Tensor, nn
 
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.models.bundle import ModelBundle
@@ -82,8 +82,9 @@ class TrainedPart(Protocol):
         """After ``module.train()``: put the frozen networks back in eval mode and set what learns."""
         ...
 
-    def update_ema(self) -> None:
-        """After an applied optimizer step."""
+    def update_ema(self, applied: Tensor | None = None) -> None:
+        """After every optimizer step; ``applied`` is its verdict as a bool on the device (None: applied), which
+        weights the update (a skipped step leaves the EMA alone, with no host branch)."""
         ...
 
     def checkpoint_entries(self, checkpoint: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
 from ldm.models.bundle import ModelBundle
 from ldm.training.module.ema import EMA
@@ -33,9 +33,9 @@ class WholeDenoiser:
     def set_train_mode(self) -> None:
         freeze(self.networks.text_encoder)
 
-    def update_ema(self) -> None:
+    def update_ema(self, applied: Tensor | None = None) -> None:
         if self.ema is not None:
-            self.ema.update(self.networks.unet)
+            self.ema.update(self.networks.unet, applied)
 
     def checkpoint_entries(self, checkpoint: dict[str, Any]) -> None:
         """The whole state dict stays: U-Net, EMA and the frozen parts (a checkpoint that samples on its own)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ldm.models.bundle import ModelBundle
 from ldm.training.module.ema import EMA
@@ -37,10 +37,10 @@ class DenoiserAndTextEncoder(WholeDenoiser):
     def set_train_mode(self) -> None:
         """Both networks are in train mode (the module's .train() put them there)."""
 
-    def update_ema(self) -> None:
-        super().update_ema()
+    def update_ema(self, applied: Tensor | None = None) -> None:
+        super().update_ema(applied)
         if self.ema_text is not None:
-            self.ema_text.update(self.networks.text_encoder)
+            self.ema_text.update(self.networks.text_encoder, applied)
 
     def bundle(self, global_step: int, use_ema: bool) -> ModelBundle:
         use_text_ema = use_ema and self.ema_text is not None

@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from typing import Any, Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
 from ldm.models.bundle import ModelBundle
 from ldm.models.lora import LoRAConfig, LoRANetwork
@@ -73,9 +73,9 @@ class LoRAAdapter:
         if self.config.text_encoder:
             self.networks.text_encoder.frozen = False  # the base is frozen; its adapter trains
 
-    def update_ema(self) -> None:
+    def update_ema(self, applied: Tensor | None = None) -> None:
         if self.ema is not None:
-            self.ema.update(self.network)
+            self.ema.update(self.network, applied)
 
     def checkpoint_entries(self, checkpoint: dict[str, Any]) -> None:
         state_with_prefixes(checkpoint, PREFIXES)  # the adapter (and its EMA), not the frozen base

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
 from ldm.models.bundle import ModelBundle
 from ldm.models.textual_inversion import PlaceholderEmbedding, TextualInversionConfig
@@ -49,9 +49,9 @@ class TextualInversionRows:
         freeze(self.networks.text_encoder)
         self.networks.text_encoder.frozen = False  # the splicing hook's gradients reach the vectors
 
-    def update_ema(self) -> None:
+    def update_ema(self, applied: Tensor | None = None) -> None:
         if self.ema is not None:
-            self.ema.update(self.embedding)
+            self.ema.update(self.embedding, applied)
 
     def checkpoint_entries(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the vectors (and their EMA) in the checkpoint; record the config."""
