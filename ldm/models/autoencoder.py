@@ -331,10 +331,10 @@ class AutoencoderConfig:
 class AutoencoderKL(nn.Module):
     """KL-regularised convolutional VAE (the Stable Diffusion first stage)."""
 
-    def __init__(self, config: AutoencoderConfig | None = None, /, **arguments: Any):
+    def __init__(self, *args: Any, **arguments: Any):
         """``AutoencoderKL(AutoencoderConfig(...))``, or the config's fields as keywords (Hydra, stored configs)."""
         super().__init__()
-        c = config_of(AutoencoderConfig, config, arguments)
+        c = config_of(AutoencoderConfig, args, arguments)
         self.config = record(c)  # plain, JSON-serialisable: AutoencoderKL(**vae.config) re-creates it
         self.in_channels, self.latent_channels = c.in_channels, c.latent_channels
         self.scaling_factor, self.shift_factor = c.scaling_factor, c.shift_factor
@@ -423,9 +423,9 @@ class IdentityConfig:
 class IdentityAutoencoder(nn.Module):
     """No-op first stage for pixel-space diffusion (same API as ``AutoencoderKL``)."""
 
-    def __init__(self, config: IdentityConfig | None = None, /, **arguments: Any):
+    def __init__(self, *args: Any, **arguments: Any):
         super().__init__()
-        c = config_of(IdentityConfig, config, arguments)
+        c = config_of(IdentityConfig, args, arguments)
         self.config = record(c)
         self.in_channels = self.latent_channels = c.in_channels
         self.scaling_factor, self.shift_factor = c.scaling_factor, c.shift_factor

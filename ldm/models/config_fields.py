@@ -36,15 +36,20 @@ def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def config_of(cls: type, config: Any, arguments: dict[str, Any]) -> Any:
-    """``config`` (an instance of ``cls``) or ``cls(**arguments)``: networks take one or the other."""
-    if config is not None and arguments:
-        raise TypeError(f"give a {cls.__name__} or its fields as keywords, not both ({sorted(arguments)})")
-    if config is None:
-        return cls(**arguments)
-    if not isinstance(config, cls):
-        raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
-    return config
+def config_of(cls: type, args: tuple, arguments: dict[str, Any]) -> Any:
+    """A network's config from how it was called: ``Network(config)``, or the config's fields as keywords (Hydra,
+    stored configs) and/or positionally in their order (``IdentityAutoencoder(3)``)."""
+    if len(args) == 1 and isinstance(args[0], cls):
+        if arguments:
+            raise TypeError(f"give a {cls.__name__} or its fields as keywords, not both ({sorted(arguments)})")
+        return args[0]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if len(args) > len(names):
+        raise TypeError(f"{cls.__name__} has {len(names)} fields, got {len(args)} positional values")
+    twice = sorted(set(names[:len(args)]) & set(arguments))
+    if twice:
+        raise TypeError(f"{cls.__name__}: {twice} given positionally and as keywords")
+    return cls(**dict(zip(names, args)), **arguments)
 
 
 def record(config: Any, omit_none: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -59,9 +64,9 @@ def record(config: Any, omit_none: tuple[str, ...] = ()) -> dict[str, Any]:
     return out
 
 
-def split_config(cls: type, config: Any, arguments: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """(``cls`` from ``config`` or from the keywords that are its fields, the other keywords): for a factory whose
-    keywords are two configs (e.g. a tiny CLIP's and its encoder options)."""
+def split_config(cls: type, args: tuple, arguments: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(``cls`` from ``args`` (a config, or positional field values) or from the keywords that are its fields, the
+    other keywords): for a factory whose keywords are two configs (e.g. a tiny CLIP's and its encoder options)."""
     names = {f.name for f in dataclasses.fields(cls)}
     own = {k: v for k, v in arguments.items() if k in names}
-    return config_of(cls, config, own), {k: v for k, v in arguments.items() if k not in names}
+    return config_of(cls, args, own), {k: v for k, v in arguments.items() if k not in names}

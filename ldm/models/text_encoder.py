@@ -24,6 +24,7 @@ import tempfile
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -203,10 +204,10 @@ class CLIPTextEncoder(nn.Module):
     zero_uncond = False
     pooled_dim = None
 
-    def __init__(self, model, tokenizer, options: TextEncoderOptions | None = None, **arguments):
+    def __init__(self, model, tokenizer, *args: Any, **arguments: Any):
         """``model``: a transformers CLIPTextModel; ``options`` (or its fields as keywords): how it is used."""
         super().__init__()
-        o = config_of(TextEncoderOptions, options, arguments)
+        o = config_of(TextEncoderOptions, args, arguments)
         self.model = model
         self.tokenizer = tokenizer
         self.penultimate, self.max_length, self.frozen = o.penultimate, o.max_length, o.frozen
@@ -234,14 +235,12 @@ class CLIPTextEncoder(nn.Module):
         return cls(model, tokenizer, **{"max_length": max_length, **options})
 
     @classmethod
-    def from_tiny(cls, config: TinyCLIPConfig | str | None = None, /, **arguments) -> "CLIPTextEncoder":
+    def from_tiny(cls, *args: Any, **arguments: Any) -> "CLIPTextEncoder":
         """Write (if needed) and load a local random tiny CLIP (a ``TinyCLIPConfig``, or its preset's name, or its
         fields as keywords; the other keywords are ``TextEncoderOptions``); no downloads. A folder that already
         holds one must hold this one (the vocabulary of ``words``, the preset's width): a stale folder is an error,
         not reused."""
-        if isinstance(config, str):  # from_tiny("tiny", ...)
-            config, arguments = None, {"preset": config, **arguments}
-        config, options = split_config(TinyCLIPConfig, config, arguments)
+        config, options = split_config(TinyCLIPConfig, args, arguments)
         preset, words, seed = config.preset, config.words, config.seed
         with tiny_clip_folder(config.folder, "tiny_clip_") as folder:
             if not (folder / "text_encoder" / "model.safetensors").exists():

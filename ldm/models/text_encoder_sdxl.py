@@ -20,6 +20,7 @@ embedding is the first chunk's (ComfyUI ``comfy/sd1_clip.py`` ``encode_token_wei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,12 +92,11 @@ class DualCLIPTextEncoder(nn.Module):
 
     context_cacheable = False  # the latent cache stores one (L, D) context per caption: SDXL's pair is encoded live
 
-    def __init__(self, model_1, tokenizer_1, model_2, tokenizer_2, options: DualTextOptions | None = None,
-                 **arguments):
+    def __init__(self, model_1, tokenizer_1, model_2, tokenizer_2, *args: Any, **arguments: Any):
         """``model_1`` / ``model_2``: transformers CLIPTextModel / CLIPTextModelWithProjection; ``options`` (or its
         fields as keywords): how the pair is used."""
         super().__init__()
-        o = config_of(DualTextOptions, options, arguments)
+        o = config_of(DualTextOptions, args, arguments)
         self.max_chunks = o.max_chunks
         if not hasattr(model_2, "text_projection"):
             raise ValueError("DualCLIPTextEncoder: the second encoder must be a CLIPTextModelWithProjection "
@@ -131,10 +131,10 @@ class DualCLIPTextEncoder(nn.Module):
         return cls(model_1, tok_1, model_2, tok_2, **{"max_length": max_length, **options})
 
     @classmethod
-    def from_tiny(cls, config: TinyDualCLIPConfig | None = None, /, **arguments) -> "DualCLIPTextEncoder":
+    def from_tiny(cls, *args: Any, **arguments: Any) -> "DualCLIPTextEncoder":
         """Write (if needed) and load a local random pair of tiny CLIPs laid out like an SDXL folder (a
         ``TinyDualCLIPConfig`` or its fields as keywords; the other keywords are ``DualTextOptions``)."""
-        config, options = split_config(TinyDualCLIPConfig, config, arguments)
+        config, options = split_config(TinyDualCLIPConfig, args, arguments)
         with tiny_clip_folder(config.folder, "tiny_sdxl_clip_") as folder:
             if not (folder / "text_encoder_2" / "model.safetensors").exists():
                 tiny_clip.write_tiny_sdxl_clips(folder, words=config.words, seed=config.seed,

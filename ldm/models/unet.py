@@ -9,6 +9,7 @@ Module and parameter names match the original CompVis `UNetModel` exactly, so th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -261,10 +262,11 @@ class UNet(nn.Module):
     """Stable Diffusion U-Net: predicts eps (or v) from a noisy latent x_t, the timestep t and a text context.
     Its architecture is a :class:`UNetConfig` (defaults: SD 1.5)."""
 
-    def __init__(self, config: UNetConfig | None = None, /, **arguments):
-        """``UNet(UNetConfig(...))``, or the config's fields as keywords (how Hydra and stored configs build it)."""
+    def __init__(self, *args: Any, **arguments: Any):
+        """``UNet(UNetConfig(...))``, or the config's fields as keywords (how Hydra and stored configs build it) or
+        positionally."""
         super().__init__()
-        config = config_of(UNetConfig, config, arguments)
+        config = config_of(UNetConfig, args, arguments)
         # plain, JSON-serialisable record of the config: UNet(**unet.config) re-creates it (SD 1.x / 2.x records
         # carry no adm_in_channels)
         self.config = record(config, omit_none=("adm_in_channels",))
