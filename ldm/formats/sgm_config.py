@@ -51,6 +51,19 @@ def size_embed_dim(adm_in_channels: int, pooled_dim: int) -> int:
     return rest // (2 * len(SGM_SIZE_KEYS))
 
 
+def unet_size_params(c: dict) -> dict:
+    """The U-Net sizes both original configs write (CompVis ``UNetModel`` and SGM's): channels, levels, the
+    attention resolutions (``[2**level]`` of the levels with attention, largest first)."""
+    return {
+        "in_channels": c["in_channels"],
+        "out_channels": c["out_channels"],
+        "model_channels": c["model_channels"],
+        "attention_resolutions": sorted((2**lvl for lvl in c["attention_levels"]), reverse=True),
+        "num_res_blocks": c["num_res_blocks"],
+        "channel_mult": list(c["channel_mult"]),
+    }
+
+
 def _unet_params(c: dict, heads: dict) -> dict[str, Any]:
     """``network_config`` params (``sgm.modules.diffusionmodules.openaimodel.UNetModel``)."""
     levels = len(c["channel_mult"])
@@ -62,12 +75,7 @@ def _unet_params(c: dict, heads: dict) -> dict[str, Any]:
         "adm_in_channels": int(c["adm_in_channels"]),
         "num_classes": "sequential",
         "use_checkpoint": True,
-        "in_channels": c["in_channels"],
-        "out_channels": c["out_channels"],
-        "model_channels": c["model_channels"],
-        "attention_resolutions": sorted((2**lvl for lvl in c["attention_levels"]), reverse=True),
-        "num_res_blocks": c["num_res_blocks"],
-        "channel_mult": list(c["channel_mult"]),
+        **unet_size_params(c),
         **heads,
         "use_spatial_transformer": True,
         "use_linear_in_transformer": bool(c.get("use_linear_projection", False)),

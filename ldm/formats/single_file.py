@@ -35,7 +35,7 @@ from ldm.formats.common import (
 from ldm.formats.openclip_keys import DROPPED, hf_to_openclip, openclip_num_layers, openclip_to_hf
 from ldm.formats.safe_build import SCHEDULE_TARGET, build_network, build_node, json_object
 from ldm.formats.safe_load import CheckpointError, copy_checked, load_state_dict, mismatch_report
-from ldm.formats.sgm_config import first_stage_params, sgm_config
+from ldm.formats.sgm_config import first_stage_params, sgm_config, unet_size_params
 from ldm.formats.shared_names import shared_name
 from ldm.formats.sdxl_single_file import (
     SDXL_TEXT_2_PREFIX,
@@ -456,12 +456,7 @@ def original_config(unet_config: dict, vae_config: dict, schedule: NoiseSchedule
         "use_checkpoint": True,
         "use_fp16": False,
         "image_size": latent_size,
-        "in_channels": c["in_channels"],
-        "out_channels": c["out_channels"],
-        "model_channels": c["model_channels"],
-        "attention_resolutions": sorted((2**lvl for lvl in c["attention_levels"]), reverse=True),
-        "num_res_blocks": c["num_res_blocks"],
-        "channel_mult": list(c["channel_mult"]),
+        **unet_size_params(c),
         **_original_heads(c),
         "use_spatial_transformer": True,
         "transformer_depth": c.get("transformer_depth", 1),

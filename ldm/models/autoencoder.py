@@ -183,19 +183,12 @@ def _run(module: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tens
 class Encoder(nn.Module):
     """Image ``(B, in, H, W)`` -> moments ``(B, 2*latent, H/f, W/f)``."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        latent_channels: int,
-        base_channels: int,
-        channel_mult: tuple[int, ...],
-        num_res_blocks: int,
-        dropout: float,
-        groups: int = 32,
-    ):
+    def __init__(self, c: AutoencoderConfig):
         super().__init__()
+        base_channels, channel_mult, num_res_blocks = c.base_channels, c.channel_mult, c.num_res_blocks
+        dropout, groups = c.dropout, c.norm_groups
         self.gradient_checkpointing = False
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels, base_channels, 3, padding=1)
 
         in_mult = (1,) + tuple(channel_mult)
         self.down = nn.ModuleList()
@@ -213,7 +206,7 @@ class Encoder(nn.Module):
         ch = base_channels * channel_mult[-1]
         self.mid = MidBlock(ch, dropout, groups)
         self.norm_out = _norm(ch, groups)
-        self.conv_out = nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -236,20 +229,13 @@ class Decoder(nn.Module):
     ``up[len-1]`` runs first) and each level has ``num_res_blocks + 1`` blocks.
     """
 
-    def __init__(
-        self,
-        out_channels: int,
-        latent_channels: int,
-        base_channels: int,
-        channel_mult: tuple[int, ...],
-        num_res_blocks: int,
-        dropout: float,
-        groups: int = 32,
-    ):
+    def __init__(self, c: AutoencoderConfig):
         super().__init__()
+        base_channels, channel_mult, num_res_blocks = c.base_channels, c.channel_mult, c.num_res_blocks
+        dropout, groups, out_channels = c.dropout, c.norm_groups, c.out_channels
         self.gradient_checkpointing = False
         ch = base_channels * channel_mult[-1]
-        self.conv_in = nn.Conv2d(latent_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.latent_channels, ch, 3, padding=1)
         self.mid = MidBlock(ch, dropout, groups)
 
         levels: list[nn.Module] = []
@@ -338,9 +324,7 @@ class AutoencoderKL(nn.Module):
         self.config = record(c)  # plain, JSON-serialisable: AutoencoderKL(**vae.config) re-creates it
         self.in_channels, self.latent_channels = c.in_channels, c.latent_channels
         self.scaling_factor, self.shift_factor = c.scaling_factor, c.shift_factor
-        args = (c.latent_channels, c.base_channels, c.channel_mult, c.num_res_blocks, c.dropout, c.norm_groups)
-        self.encoder = Encoder(c.in_channels, *args)
-        self.decoder = Decoder(c.out_channels, *args)
+        self.encoder, self.decoder = Encoder(c), Decoder(c)
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
         self.gradient_checkpointing = c.gradient_checkpointing
