@@ -71,7 +71,8 @@ def test_two_process_ddp_with_a_lora_adapter(tiny_cfg, tmp_path):
     base_unet = {k: v.clone() for k, v in module.unet.state_dict().items() if "lora" not in k}
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[RecordAdapter(str(tmp_path))])
+                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[RecordAdapter(str(tmp_path))],
+                        default_root_dir=str(tmp_path))  # where the run's lora.safetensors goes (not the cwd)
     trainer.fit(module, datamodule=instantiate(cfg.data))
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
     assert sorted(seen[0] + seen[1]) == list(range(32))
