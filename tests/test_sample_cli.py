@@ -3,48 +3,21 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import ldm.pipelines
 import ldm.pipelines.cli as cli
-from ldm.formats.bundle import ModelBundle
-from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.single_file import save_single_file
-from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import CLIPTextEncoder
-from ldm.models.tiny_clip import write_tiny_clip
-from ldm.models.unet import UNet
-from ldm.pipelines.cli import SampleConfigError, register_configs, sample
+from ldm.pipelines.cli import SampleConfigError, sample
 from ldm.pipelines.png import read_parameters
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.helpers import ROOT
+from tests.helpers.sample import config, model  # noqa: F401 - the tiny SD single file fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A tiny random SD-layout single file (training resolution 16 in its header) and a tiny CLIP folder."""
-    root = tmp_path_factory.mktemp("model")
-    clip = write_tiny_clip(root / "clip")
-    bundle = ModelBundle(randomize(UNet.from_preset("tiny"), 1), randomize(AutoencoderKL.from_preset("tiny"), 2),
-                         CLIPTextEncoder.from_pretrained(clip), NoiseSchedule.make("scaled_linear"))
-    return save_single_file(root / "tiny.safetensors", bundle, resolution=16), clip
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +33,6 @@ def pictures(tmp_path_factory):
     Image.fromarray(mask[:8, :8].numpy()).save(root / "small_mask.png")
     Image.fromarray(np.zeros((18, 16, 3), np.uint8)).save(root / "odd.png")  # height 18: not a multiple of 4
     return root
-
-
-def config(model, out_dir, *overrides):
-    """configs/sample.yaml + overrides, composed as `python sample.py ...` would."""
-    ckpt, clip = model
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("sample", overrides=[f"ckpt={ckpt}", f"text_encoder={clip}", f"out_dir={out_dir}",
-                                            "sampler.steps=3", *overrides])
 
 
 def test_pngs_are_deterministic_and_carry_their_parameters(model, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bench.test_bench_smoke import bench_module
+from tests.helpers.bench import bench_module
 
 pytestmark = pytest.mark.slow
 

@@ -13,14 +13,9 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_sdxl_clips
 from ldm.models.unet import UNet
-from tests.formats.test_single_file import randomize
+from tests.helpers.models import TINY_XL, randomize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY_XL = dict(model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attention_levels=[1, 2],
-               transformer_depth=[0, 1, 2], num_heads=-1, num_head_channels=64, use_linear_projection=True,
-               context_dim=80, adm_in_channels=16 + 6 * 256)
-
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.training.train import ConfigError, build_diffusion_module, train
-from tests.training.conftest import compose_train
+from tests.helpers.training import compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,7 +117,7 @@ def test_sdxl_finetune_needs_its_weights(tmp_path):
 def test_sdxl_trains_on_buckets_with_their_micro_conditioning(tmp_path, monkeypatch):
     """Mixed aspect ratios, bucketed (from the latent cache): every training batch reaches the U-Net with the
     original_size / crop_top_left / target_size the buckets recorded."""
-    from tests.training.test_buckets_training import BUCKETS
+    from tests.helpers.training import BUCKETS
 
     from PIL import Image
 
