@@ -7,6 +7,7 @@ from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.bundle import ModelBundle
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import CLIPTextEncoder
+from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_clip
 from ldm.models.unet import UNet
 
@@ -41,3 +42,9 @@ def tiny_bundle(clip_folder, seed=1, **unet_overrides):
 @pytest.fixture(scope="module")
 def bundle(clip_folder):
     return tiny_bundle(clip_folder)
+
+
+def tiny_sdxl_bundle(clips):
+    """TINY_XL + a tiny KL VAE + the dual encoders of ``write_tiny_sdxl_clips(clips)``."""
+    return ModelBundle(randomize(UNet(**TINY_XL), 1), randomize(AutoencoderKL.from_preset("tiny"), 2),
+                       DualCLIPTextEncoder.from_pretrained(clips), NoiseSchedule.make("scaled_linear"))
