@@ -1,4 +1,4 @@
-"""Own data, from scratch, offline: the README's own-data command on a glyph folder, judged by a classifier.
+"""Own data, from scratch, offline: the own-data command of docs/own-data.md on a glyph folder, judged by a classifier.
 
     python bench/own_data.py [--out DIR] [--threads 1] [--n 2000] [-- extra train.py overrides]
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
 
 
 def train_command(root: Path, run_dir: Path, overrides: list[str]) -> list[str]:
-    """The README's own-data command (plus the run folder and any extra overrides)."""
+    """The own-data command of docs/own-data.md (plus the run folder and any extra overrides)."""
     return [sys.executable, str(ROOT / "train.py"), "experiment=own_data", f"data.train.root={root}",
             "data.train.resolution=32", f"paths.run_dir={run_dir}", "trainer.enable_progress_bar=false", *overrides]
 

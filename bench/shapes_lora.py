@@ -1,4 +1,4 @@
-"""The LoRA example of the README: teach the shapes model a colour it has never seen, and measure it.
+"""The LoRA example of docs/adapters.md: teach the shapes model a colour it has never seen, and measure it.
 
     python bench/shapes_lora.py --base <base run>/checkpoints/last.ckpt [--out DIR] [-- extra train.py overrides]
 

@@ -19,3 +19,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """Tests write into tmp_path, never into the checkout: `git status` (untracked and ignored files included) is
+    the same after the whole session, runs and exports included, as before it. Nothing is checked outside a git
+    checkout."""
+    from tests.helpers.checkout import changes, checkout_state
+
+    before = checkout_state(Path(ROOT))
+    yield
+    after = checkout_state(Path(ROOT)) if before is not None else None
+    assert after == before, ("the tests changed the checkout (a test wrote outside tmp_path, or files were edited "
+                             f"while the tests ran):\n{changes(before, after or [])}")

@@ -14,10 +14,10 @@ from ldm.formats.load import load_bundle
 from ldm.formats.single_file import infer_unet_config, infer_vae_config, save_single_file
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import CLIPTextEncoder
-from ldm.models.tiny_clip import write_tiny_clip
 from ldm.models.unet import UNet
 from ldm.pipelines import image_to_image, inpaint, text_to_image
 from ldm.pipelines.inpaint import KeepKnownRegion
+from tests.helpers.models import bundle, clip_folder, randomize, tiny_bundle  # noqa: F401 - fixtures
 
 SAMPLERS = ["ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m"]
 PROMPTS = ["a red circle", "a blue square"]
@@ -26,35 +26,9 @@ PROMPTS = ["a red circle", "a blue square"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def randomize(module, seed, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
-
-
 def same_weights(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    return write_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-def tiny_bundle(clip_folder, seed=1, **unet_overrides):
-    """Tiny U-Net (f=2) + tiny KL VAE (f=2): 16x16 images, 8x8 latents, 4x4 at the U-Net bottom."""
-    unet = randomize(UNet.from_preset("tiny", **unet_overrides), seed)
-    vae = randomize(AutoencoderKL.from_preset("tiny"), seed + 1)
-    te = CLIPTextEncoder.from_pretrained(clip_folder)
-    return ModelBundle(unet, vae, te, NoiseSchedule.make("scaled_linear"), source="tiny").eval()
-
-
-@pytest.fixture(scope="module")
-def bundle(clip_folder):
-    return tiny_bundle(clip_folder)
 
 
 @pytest.fixture(scope="module")

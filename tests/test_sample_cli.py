@@ -3,72 +3,21 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import ldm.pipelines
 import ldm.pipelines.cli as cli
-from ldm.models.bundle import ModelBundle
-from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.single_file import save_single_file
-from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import CLIPTextEncoder
-from ldm.models.tiny_clip import write_tiny_clip
-from ldm.models.unet import UNet
-from ldm.pipelines.cli import SampleConfigError, register_configs, sample
+from ldm.pipelines.cli import SampleConfigError, sample
 from ldm.pipelines.png import read_parameters
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.helpers import ROOT
+from tests.helpers.sample import config, model, no_loader, pictures  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A tiny random SD-layout single file (training resolution 16 in its header) and a tiny CLIP folder."""
-    root = tmp_path_factory.mktemp("model")
-    clip = write_tiny_clip(root / "clip")
-    bundle = ModelBundle(randomize(UNet.from_preset("tiny"), 1), randomize(AutoencoderKL.from_preset("tiny"), 2),
-                         CLIPTextEncoder.from_pretrained(clip), NoiseSchedule.make("scaled_linear"))
-    return save_single_file(root / "tiny.safetensors", bundle, resolution=16), clip
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    """A 16x16 RGB image and a mask (white square = repaint) as PNG files, plus a mask of the wrong size."""
-    root = tmp_path_factory.mktemp("pictures")
-    g = torch.Generator().manual_seed(0)
-    pixels = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
-    Image.fromarray(pixels).save(root / "init.png")
-    mask = torch.zeros(16, 16, dtype=torch.uint8)
-    mask[4:12, 4:12] = 255
-    Image.fromarray(mask.numpy()).save(root / "mask.png")
-    Image.fromarray(mask[:8, :8].numpy()).save(root / "small_mask.png")
-    Image.fromarray(np.zeros((18, 16, 3), np.uint8)).save(root / "odd.png")  # height 18: not a multiple of 4
-    return root
-
-
-def config(model, out_dir, *overrides):
-    """configs/sample.yaml + overrides, composed as `python sample.py ...` would."""
-    ckpt, clip = model
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("sample", overrides=[f"ckpt={ckpt}", f"text_encoder={clip}", f"out_dir={out_dir}",
-                                            "sampler.steps=3", *overrides])
 
 
 def test_pngs_are_deterministic_and_carry_their_parameters(model, tmp_path):
@@ -128,10 +77,6 @@ def test_img2img_and_inpainting(model, pictures, tmp_path):
     outside[4:12, 4:12] = False
     assert torch.equal(result[outside], source[outside])
     assert not torch.equal(result[~outside], source[~outside])
-
-
-def no_loader(*args, **kwargs):
-    raise AssertionError("the model was loaded before the bad input was caught")
 
 
 @pytest.mark.parametrize("overrides, error, match", [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -13,16 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.bench import bench_module, tiny_base
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 QUICK = ["--rounds", "1", "--steps", "1", "--warmup", "1", "--device", "cpu"]
-
-
-def bench_module(name):
-    """bench.NAME (a package, so that bench/sample.py is not confused with the repo's sample.py)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return importlib.import_module(f"bench.{name}")
 
 
 def positive(value) -> bool:
@@ -129,24 +123,10 @@ def test_lora_step(capsys):
     assert all(positive(r["ms/step"]) and positive(r["lora/full time"]) for r in rows)
 
 
-TINY_BASE_CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-                  "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
-
-
-def tiny_base(tmp_path) -> str:
-    """The last checkpoint of a 2-step tiny base run: the --base of the "teach it something new" benches."""
-    sys.path.insert(0, str(ROOT))
-    from tests.training.conftest import TINY_MODEL, compose_train
-    from ldm.training.run.train import train
-
-    return train(compose_train(tmp_path / "base", TINY_MODEL + TINY_BASE_CKPT + ["trainer.max_steps=2"]))[
-        "last_checkpoint"]
-
-
 @pytest.mark.slow
 def test_shapes_lora(capsys, tmp_path):
     """bench/shapes_lora.py end to end on a tiny base: before/after per colour, cyan included."""
-    from tests.training.conftest import TINY_MODEL
+    from tests.helpers.training import TINY_MODEL
 
     base = tiny_base(tmp_path)
     tiny = [o for o in TINY_MODEL if not o.startswith(("trainer.", "callbacks=", "data.batch_size"))]

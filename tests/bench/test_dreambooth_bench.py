@@ -3,12 +3,13 @@ DreamBooth fine-tune, before/after scores of the concept and the old prompts."""
 
 import pytest
 
-from tests.bench.test_bench_smoke import TINY_BASE_CKPT, bench_module, tiny_base
+from tests.helpers.bench import bench_module, tiny_base
+from tests.helpers.training import CKPT
 
 
 @pytest.mark.slow
 def test_dreambooth_shapes_bench(capsys, tmp_path):
-    from tests.training.conftest import TINY_MODEL
+    from tests.helpers.training import TINY_MODEL
 
     base = tiny_base(tmp_path)
     tiny = [o for o in TINY_MODEL if not o.startswith(("trainer.", "callbacks=", "data.batch_size", "data.train.res"))]
@@ -16,7 +17,7 @@ def test_dreambooth_shapes_bench(capsys, tmp_path):
         ["--base", base, "--out", str(tmp_path / "db"), "--n-instance", "3", "--per-prompt", "1", "--per-concept",
          "2", "--", *tiny, "data.train.resolution=16", "trainer.max_steps=2", "data.batch_size=2",
          "data.train.num_class_images=3", "class_images.batch_size=3", "sampler.steps=2", "callbacks=none",
-         *TINY_BASE_CKPT])
+         *CKPT])
     out = capsys.readouterr().out
     assert "| instance prompt (x2) |" in out and "| old prompts (x18) |" in out
     assert len(list((tmp_path / "db" / "class_images").glob("*.png"))) == 3

@@ -1,10 +1,10 @@
-"""bench/own_data.py: the README's own-data command on the glyphs, judged by a classifier (both slow)."""
+"""bench/own_data.py: the own-data command of docs/own-data.md on the glyphs, judged by a classifier (both slow)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.bench.test_bench_smoke import bench_module
+from tests.helpers.bench import bench_module
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,8 @@ def test_runs_end_to_end(tmp_path, capsys):
 
 
 def test_meets_the_targets(tmp_path):
-    """The README's numbers: >= 90% of samples recognised, the VAE round trip within 4/255 mean colour shift, and
-    the whole training (both stages) within 15 minutes of one core's CPU time. Measured (README): 98.5% at the
+    """The targets: >= 90% of samples recognised, the VAE round trip within 4/255 mean colour shift, and
+    the whole training (both stages) within 15 minutes of one core's CPU time. Measured (bench/README.md): 98.5% at the
     default 1,000 steps, 9.8 CPU-min, with the trainable caption-vocabulary tiny CLIP of experiment=own_data."""
     row = bench_module("own_data").main(["--out", str(tmp_path), "--", f"paths.cache_dir={tmp_path / 'cache'}"])
     assert row["classifier_acc"] > 0.97

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from ldm.data.buckets import BucketSettings
 from ldm.data.captions import CaptionProcessor
-from tests.training.conftest import compose_train
+from tests.helpers.training import compose_train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SOURCES = {"folder": "data.train.root", "hf": "data.train.path", "webdataset": "data.train.urls"}

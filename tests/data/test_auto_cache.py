@@ -10,19 +10,7 @@ import torch.nn.functional as F
 
 from ldm.data.auto_cache import cache_spec, sync_cache
 from ldm.data.image_folder import ImageFolderDataset
-
-
-class CountingEncoder:
-    """A stand-in first stage: mean = 2x2 average pool of the image, logvar = -30 (so a draw is the mean)."""
-
-    def __init__(self):
-        self.calls, self.images = 0, 0
-
-    def __call__(self, images, captions, generator=None):
-        self.calls += 1
-        self.images += len(images)
-        mean = F.avg_pool2d(images, 2)
-        return {"mean": mean, "logvar": torch.full_like(mean, -30.0)}
+from tests.helpers.data import CountingEncoder
 
 
 def write_folder(root, images, n, start=0):

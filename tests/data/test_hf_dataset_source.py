@@ -66,7 +66,7 @@ def test_corrupt_image_bytes_are_skipped(tmp_path, images):
 
 def test_the_automatic_cache_reuses_a_saved_dataset_and_rebuilds_when_it_changes(saved_dataset, tmp_path, images):
     from ldm.data.auto_cache import cache_spec, sync_cache
-    from tests.data.test_auto_cache import CountingEncoder
+    from tests.helpers.data import CountingEncoder
 
     enc = CountingEncoder()
     view = sync_cache(tmp_path / "cache", cache_spec(HFDataset(str(saved_dataset), resolution=16)), enc,

@@ -1,6 +1,7 @@
-"""Local stand-ins for the metrics' feature extractors (nothing is downloaded): a small fixed feature map for the
-FID / KID math, torch-fidelity-layout Inception weights from a random initialisation, and a tiny CLIP model folder
-written with transformers' save_pretrained; plus one tiny training run shared by the callback and command tests."""
+"""Local stand-ins for the metrics' feature extractors (nothing is downloaded): torch-fidelity-layout Inception
+weights from a random initialisation and a tiny CLIP model folder written with transformers' save_pretrained; plus
+one tiny training run shared by the callback and command tests. (The small fixed feature map for the FID / KID math
+is tests/helpers/evaluation.py's SmallExtractor.)"""
 
 from pathlib import Path
 
@@ -9,21 +10,6 @@ import torch
 from torch import nn
 
 from ldm.evaluation.extractors import INCEPTION_FILE
-
-
-class SmallExtractor(nn.Module):
-    """Images in [0, 1] -> 16 fixed random projections of their 4x4 average-pooled pixels (deterministic)."""
-
-    num_features = 16
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("proj", torch.randn(3 * 4 * 4, self.num_features, generator=g))
-
-    def forward(self, images):
-        pooled = nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1)
-        return pooled @ self.proj / 7.0  # ~unit scale, like pool features (KID's cubic kernel)
 
 
 def write_tiny_clip_model(folder: Path) -> Path:
@@ -88,7 +74,7 @@ def metrics_run(tmp_path_factory, clip_folder):
     import logging
 
     from ldm.training.run.train import train
-    from tests.training.conftest import TINY_MODEL, compose_train
+    from tests.helpers.training import TINY_MODEL, compose_train
 
     tmp = tmp_path_factory.mktemp("metrics-run")
     missing = tmp / "nowhere" / INCEPTION_FILE

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from ldm.evaluation.eval_set import first_items, prompt_checker
 from ldm.evaluation.metrics import build_image_metrics, score_share
 from ldm.tasks.shapes.dataset import ShapesDataset
-from tests.evaluation.conftest import SmallExtractor
+from tests.helpers.evaluation import SmallExtractor
 
 N, BATCH = 8, 2
 

@@ -8,7 +8,7 @@ from torch.utils.data import IterableDataset, Subset
 from ldm.evaluation.eval_set import first_items, generate_share, prompt_checker, share
 from ldm.evaluation.metrics import build_image_metrics
 from ldm.tasks.shapes.dataset import ShapesDataset
-from tests.evaluation.conftest import SmallExtractor
+from tests.helpers.evaluation import SmallExtractor
 
 
 def test_shares_cover_the_set_once():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.evaluation.metrics import build_image_metrics
-from tests.evaluation.conftest import SmallExtractor
+from tests.helpers.evaluation import SmallExtractor
 
 
 def _images(n=48, seed=0):

@@ -38,7 +38,7 @@ def test_metric_sampling_is_deterministic_and_keeps_the_training_rng(tmp_path, c
     from hydra.utils import instantiate
 
     from ldm.training.run.train import build_diffusion_module
-    from tests.training.conftest import TINY_MODEL, compose_train
+    from tests.helpers.training import TINY_MODEL, compose_train
 
     cfg = compose_train(tmp_path, TINY_MODEL + ["data.val.resolution=16"])
     module = build_diffusion_module(cfg)

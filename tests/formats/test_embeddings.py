@@ -13,7 +13,7 @@ from ldm.formats.exporter import export
 from ldm.formats.load import load_bundle
 from ldm.formats.safe_load import CheckpointError
 from ldm.models.text_encoder import CLIPTextEncoder
-from tests.test_sample_cli import model  # noqa: F401 - the tiny SD single file + tiny CLIP fixture
+from tests.helpers.sample import model  # noqa: F401 - the tiny SD single file + tiny CLIP fixture
 
 DIM = 32  # the tiny CLIP's width
 

@@ -26,6 +26,7 @@ from ldm.formats.common import ExportError
 from ldm.formats.diffusers_folder import diffusers_scheduler_config
 from ldm.formats.single_file import original_config
 from ldm.formats.training_checkpoint import load_training_checkpoint
+from tests.helpers.models import randomize
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def ckpt(tmp_path_factory):
     """A real training checkpoint: the tiny model trained 3 steps, with an EMA copy that differs from the U-Net."""
     from ldm.training.run.train import train
-    from tests.training.conftest import TINY_MODEL, compose_train
+    from tests.helpers.training import TINY_MODEL, compose_train
 
     tmp = tmp_path_factory.mktemp("train")
     result = train(compose_train(tmp, TINY_MODEL + CKPT + ["module.ema_decay=0.9", f"data.val.resolution={RES}",
@@ -260,14 +261,6 @@ def test_original_config_of_sd_presets_reads_like_the_official_one():
     mine = vae_diffusers_config(vae_cfg)
     assert {k: theirs[k] for k in mine if k != "_class_name" and k in theirs} == {
         k: mine[k] for k in mine if k != "_class_name" and k in theirs}
-
-
-def randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
 
 
 def sd2_style(ours, tmp_path):
@@ -625,7 +618,7 @@ def test_sd15_single_file_fine_tunes(tmp_path):
     from ldm.models.tiny_clip import write_tokenizer
     from ldm.models.unet import UNet
     from ldm.training.run.train import train
-    from tests.training.conftest import compose_train
+    from tests.helpers.training import compose_train
 
     clip = tmp_path / "clip-vit-l14"
     write_tokenizer(clip)

@@ -12,7 +12,8 @@ from ldm.formats.load import load_bundle
 from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.pipelines.cli import SampleConfigError, sample
 from ldm.pipelines.png import read_parameters
-from tests.test_sample_cli import ROOT, config, model  # noqa: F401 - the tiny SD single file fixture
+from tests.helpers import ROOT
+from tests.helpers.sample import config, model  # noqa: F401 - the tiny SD single file fixture
 
 diffusers = pytest.importorskip("diffusers")
 

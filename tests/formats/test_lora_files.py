@@ -18,19 +18,12 @@ from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_clip
 from ldm.models.unet import UNet
+from tests.helpers.models import randomize
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomize(module, seed, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 @pytest.fixture(scope="module")

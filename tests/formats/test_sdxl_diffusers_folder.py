@@ -13,7 +13,7 @@ from ldm.models.sdxl_conditioning import default_size_values
 from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_sdxl_clips
 from ldm.models.unet import UNet
-from tests.formats.test_sdxl_single_file import TINY_XL, randomize
+from tests.helpers.models import TINY_XL, randomize
 
 diffusers = pytest.importorskip("diffusers")
 

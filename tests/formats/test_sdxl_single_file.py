@@ -4,8 +4,6 @@ OpenCLIP bigG with text_projection): sizes inferred from the keys, strict loadin
 import pytest
 import torch
 
-from ldm.diffusion.schedules import NoiseSchedule
-from ldm.models.bundle import ModelBundle
 from ldm.formats.load import load_bundle
 from ldm.formats.safe_load import CheckpointError
 from ldm.formats.single_file import infer_unet_config, load_single_file, save_single_file, to_single_file
@@ -13,14 +11,9 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_sdxl_clips
 from ldm.models.unet import UNet
-from tests.formats.test_single_file import randomize
+from tests.helpers.models import TINY_XL, tiny_sdxl_bundle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY_XL = dict(model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attention_levels=[1, 2],
-               transformer_depth=[0, 1, 2], num_heads=-1, num_head_channels=64, use_linear_projection=True,
-               context_dim=80, adm_in_channels=16 + 6 * 256)
-
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
@@ -29,8 +22,7 @@ def clips(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(clips):
-    return ModelBundle(randomize(UNet(**TINY_XL), 1), randomize(AutoencoderKL.from_preset("tiny"), 2),
-                       DualCLIPTextEncoder.from_pretrained(clips), NoiseSchedule.make("scaled_linear"))
+    return tiny_sdxl_bundle(clips)
 
 
 def test_sgm_key_layout(bundle):

@@ -12,17 +12,10 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import CLIPTextEncoder, to_hub_keys
 from ldm.models.tiny_clip import write_tiny_clip
 from ldm.models.unet import UNet
+from tests.helpers.models import randomize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-
-def randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
 
 
 def same(a, b):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ldm.pipelines.cli import register_configs, sample
 from ldm.pipelines.sampling_options import SamplingOptions
-from tests.test_sample_cli import model  # noqa: F401 - the tiny random SD single file + tiny CLIP folder
+from tests.helpers.sample import model  # noqa: F401 - the tiny random SD single file + tiny CLIP folder
 
 diffusers = pytest.importorskip("diffusers")
 

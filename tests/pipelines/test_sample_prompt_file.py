@@ -7,7 +7,7 @@ from PIL import Image
 
 from ldm.pipelines.cli import SampleConfigError, sample
 from ldm.pipelines.png import read_parameters
-from tests.test_sample_cli import config, model, no_loader, pictures  # noqa: F401 - fixtures
+from tests.helpers.sample import config, model, no_loader, pictures  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -29,7 +29,7 @@ from ldm.data.image_folder import ImageFolderDataset
 from ldm.data.latent_cache import FORMAT, MANIFEST, LatentCacheError
 from ldm.models.tiny_clip import caption_words
 from ldm.training.run.config_checks import ConfigError
-from tests.data.conftest import save_image
+from tests.helpers.data import save_image
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-correct-horse"  # an environment value that must never be read
@@ -169,7 +169,7 @@ for ckpt in ({str(laughs)!r}, {str(braces)!r}):
 
 def test_a_legit_run_config_still_gives_its_data_with_its_paths_shown(tmp_path, caplog, no_network, monkeypatch):
     """As train() saves it (interpolations kept: ${seed}, ${data.train.colors}, latent_cache through oc.env)."""
-    from tests.training.conftest import compose_train
+    from tests.helpers.training import compose_train
 
     cfg = compose_train(tmp_path, ["data=shapes", "data.val.size=4"])
     ckpt = run_folder(tmp_path, None)
@@ -326,7 +326,7 @@ def test_evaluate_writes_no_result_through_a_shipped_link(tmp_path):
 @pytest.mark.parametrize("link", ["config.yaml", "checkpoints", "metrics.csv", "samples"])
 def test_a_resumed_run_writes_nothing_through_a_shipped_link(tmp_path, link):
     from ldm.training.run.train import train
-    from tests.training.conftest import TINY_MODEL, compose_train
+    from tests.helpers.training import TINY_MODEL, compose_train
 
     victim = tmp_path / "victim"
     run = tmp_path / "run"

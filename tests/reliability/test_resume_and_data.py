@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ldm.training.run.resume import AtomicCheckpointIO
-from tests.training.conftest import TINY_MODEL, assert_same_run, logged_losses, tiny_cfg  # noqa: F401 (fixture)
+from tests.helpers.training import TINY_MODEL, assert_same_run, logged_losses, tiny_cfg  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 N_IMAGES = 24  # 6 batches of 4 per epoch

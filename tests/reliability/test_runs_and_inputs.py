@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.conftest import TINY_MODEL, logged_losses
+from tests.helpers.training import TINY_MODEL, logged_losses
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,7 +102,7 @@ def nothing_built(monkeypatch):
 ])
 def test_bad_value_is_refused_before_anything_is_built(tmp_path, nothing_built, override, key, valid):
     """The default model (shapes VAE x4, U-Net x4) with one bad value."""
-    from tests.training.conftest import compose_train
+    from tests.helpers.training import compose_train
 
     from ldm.training.run.train import ConfigError, train
 
@@ -115,7 +115,7 @@ def test_bad_value_is_refused_before_anything_is_built(tmp_path, nothing_built, 
                                       "optim.lr=3e-4", "trainer.val_check_interval=0.5",
                                       "trainer.val_check_interval=null"])
 def test_good_values_pass_the_checks(tmp_path, override):
-    from tests.training.conftest import compose_train
+    from tests.helpers.training import compose_train
 
     from ldm.training.run.config_checks import check_values
 
@@ -124,7 +124,7 @@ def test_good_values_pass_the_checks(tmp_path, override):
 
 def test_multiple_comes_from_the_model(tmp_path):
     """Not a hard-coded 16: the tiny model (VAE x2, U-Net x2) takes 20, pixel space with U-Net x4 takes 36."""
-    from tests.training.conftest import compose_train
+    from tests.helpers.training import compose_train
 
     from ldm.training.run.config_checks import ConfigError, check_values
 
@@ -151,7 +151,7 @@ def _torch_file(path: Path) -> Path:
 
 
 def test_truncated_ckpt_path_names_the_file(tmp_path, nothing_built):
-    from tests.training.conftest import compose_train
+    from tests.helpers.training import compose_train
 
     from ldm.formats.safe_load import CheckpointError
     from ldm.training.run.train import train
@@ -208,7 +208,7 @@ def test_disk_full_during_save_names_the_file_and_keeps_last(tmp_path, monkeypat
     import torch
 
     import ldm.training.run.resume as resume
-    from tests.training.conftest import compose_train
+    from tests.helpers.training import compose_train
 
     from ldm.training.run.train import train
 
@@ -237,7 +237,7 @@ def test_disk_full_during_save_names_the_file_and_keeps_last(tmp_path, monkeypat
 
 
 def test_stale_tmp_from_a_killed_save_is_removed_at_the_next_start(tmp_path):
-    from tests.training.conftest import compose_train
+    from tests.helpers.training import compose_train
 
     from ldm.training.run.train import train
 
@@ -278,7 +278,7 @@ def test_real_full_tmpfs(tiny_tmpfs):
 
 # ---- item 7: sample.py never overwrites, refuses an unwritable out_dir and a negative guidance scale
 
-from tests.test_sample_cli import config, model  # noqa: E402,F401 - the tiny single-file model fixture
+from tests.helpers.sample import config, model  # noqa: E402,F401 - the tiny single-file model fixture
 
 
 def _no_model(*args, **kwargs):

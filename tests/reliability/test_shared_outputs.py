@@ -18,7 +18,8 @@ from ldm.pipelines.cli import sample
 from ldm.training.run.config import register_configs
 from ldm.formats.lora_files import save_lora_file
 from ldm.training.run.train import build_diffusion_module, train
-from tests.training.conftest import CONFIGS, TINY_MODEL
+from tests.helpers import CONFIGS
+from tests.helpers.training import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

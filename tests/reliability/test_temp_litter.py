@@ -10,7 +10,7 @@ from ldm.formats.load import load_bundle
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
 from ldm.training.run.train import train
-from tests.training.conftest import TINY_MODEL, compose_train
+from tests.helpers.training import TINY_MODEL, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,13 +11,9 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from ldm.training.run.train import train
-from tests.training.conftest import assert_same_run
-from tests.training.test_ddp import RecordSeen
+from tests.helpers.training import BUCKETS, RecordSeen, assert_same_run
 
 ROOT = Path(__file__).resolve().parents[2]
-# at resolution 16, step 8 (min side 8, max 32) the table is (8,24), (8,32), (16,16), (24,8), (32,8)
-BUCKETS = ["data=folder", "data.train.buckets.enabled=true", "data.train.buckets.step=8", "data.num_workers=0",
-           "data.val_fraction=0.2", "data.batch_size=3"]
 FAST = ["callbacks=default", "callbacks.sampling.every_n_steps=0", "sampler.steps=2", "callbacks.sampling.n_prompts=4",
         "callbacks.prompt_accuracy=null", "callbacks.checkpoint.every_n_train_steps=1"]
 

@@ -13,8 +13,8 @@ import ldm.diffusion.samplers as samplers
 from ldm.pipelines import text_to_image
 from ldm.pipelines.sampling_options import SamplingOptions
 from ldm.training.run.train import build_diffusion_module
-from tests.test_sample_cli import randomize
-from tests.training.conftest import TINY_MODEL, compose_train
+from tests.helpers.models import randomize
+from tests.helpers.training import TINY_MODEL, compose_train
 
 PROMPTS = ["a red circle", "a blue square"]
 

@@ -15,7 +15,7 @@ SAMPLING = ["+callbacks.sampling._target_=ldm.training.callbacks.sampling.Sampli
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tests.training.conftest import TINY_MODEL, compose_train
+    from tests.helpers.training import TINY_MODEL, compose_train
 
     tmp = tmp_path_factory.mktemp("run")
     cfg = compose_train(tmp, TINY_MODEL + CKPT + SAMPLING + ["module.ema_decay=0.9", "data.val.resolution=16"])

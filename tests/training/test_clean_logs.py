@@ -14,7 +14,7 @@ from ldm.data.latent_cache import MANIFEST
 from ldm.training.build.loggers import LIGHTNING_RANK_ZERO_LOGGERS, LightningTipFilter, quiet_lightning_tips
 from ldm.training.callbacks.progress import StepProgressBar, default_progress_bar
 from ldm.training.run.train import build_callbacks, train
-from tests.training.conftest import TINY_MODEL, compose_train
+from tests.helpers.training import TINY_MODEL, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,8 @@ from hydra._internal.utils import _locate
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.training.conftest import CONFIGS, compose_train
+from tests.helpers import CONFIGS
+from tests.helpers.training import compose_train
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIGS).iterdir() if p.is_dir()}
 OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "sampler") for o in opts]

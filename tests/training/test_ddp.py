@@ -9,21 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from ldm.training.run.train import build_diffusion_module
-
-
-class RecordSeen(L.Callback):
-    """Writes the sample indices each rank trained on, and its final U-Net weights."""
-
-    def __init__(self, out: str):
-        self.out, self.seen = out, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen += batch["index"].tolist()
-
-    def on_train_end(self, trainer, pl_module):
-        rank = trainer.global_rank
-        Path(self.out, f"seen{rank}.json").write_text(json.dumps(self.seen))
-        torch.save(pl_module.unet.state_dict(), Path(self.out, f"unet{rank}.pt"))
+from tests.helpers.training import RecordSeen
 
 
 def test_two_process_ddp(tiny_cfg, tmp_path):
@@ -56,7 +42,7 @@ class RecordAdapter(RecordSeen):
 def test_two_process_ddp_with_a_lora_adapter(tiny_cfg, tmp_path):
     """adapter=lora under DDP: the frozen base is not wrapped for gradients (no unused-parameter error), both ranks
     end with identical adapters that did train, the base is untouched, and the ranks split the epoch."""
-    from tests.training.conftest import TINY_MODEL, compose_train
+    from tests.helpers.training import TINY_MODEL, compose_train
     from ldm.training.run.train import train
 
     ckpt = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -71,7 +57,8 @@ def test_two_process_ddp_with_a_lora_adapter(tiny_cfg, tmp_path):
     base_unet = {k: v.clone() for k, v in module.unet.state_dict().items() if "lora" not in k}
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[RecordAdapter(str(tmp_path))])
+                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[RecordAdapter(str(tmp_path))],
+                        default_root_dir=str(tmp_path))  # where the run's lora.safetensors goes (not the cwd)
     trainer.fit(module, datamodule=instantiate(cfg.data))
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
     assert sorted(seen[0] + seen[1]) == list(range(32))

@@ -15,7 +15,7 @@ import ldm.training.run.class_images as class_images
 from ldm.diffusion.losses import diffusion_loss
 from ldm.training.module.diffusion_module import LatentDiffusion
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
-from tests.training.conftest import TINY_MODEL, compose_train
+from tests.helpers.training import TINY_MODEL, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,7 +186,7 @@ def test_a_class_folder_without_class_prompt_names_the_key(tmp_path):
 def test_a_stopped_dreambooth_run_resumes_exactly(tmp_path):
     """5 pairs in batches of 2 (2 per epoch): stopped after step 3, mid-epoch 1, then resumed to step 5; the same
     losses and weights as an uninterrupted run (pair order, cached posterior draws and class rows all restored)."""
-    from tests.training.conftest import assert_same_run
+    from tests.helpers.training import assert_same_run
 
     common = dreambooth(tmp_path, "data.train.mask_from_alpha=true", "trainer.val_check_interval=null",
                         "trainer.limit_val_batches=0", "module.ema_decay=0.9", "+logger.csv.flush_logs_every_n_steps=1",

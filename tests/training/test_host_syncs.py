@@ -32,7 +32,7 @@ from ldm.data.datamodule import HOST_KEYS
 from ldm.training.callbacks.throughput import ThroughputCallback
 from ldm.training.module.host_sync import HOST_SKIP, REPORT, active_sync_point
 from ldm.training.run.train import build_diffusion_module
-from tests.training.test_sdxl_training import SDXL_TINY
+from tests.helpers.training import SDXL_TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,7 +255,7 @@ def test_no_host_sync_in_the_training_step(tiny_cfg, tmp_path, name):
 
 
 def test_no_host_sync_in_an_sdxl_training_step(tmp_path):
-    from tests.training.conftest import compose_train
+    from tests.helpers.training import compose_train
 
     cfg = compose_train(tmp_path, SDXL_TINY + ["++data.latent_cache=null", "module.ema_decay=0.9",
                                                 "module.p_uncond=0.5"])

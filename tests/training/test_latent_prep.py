@@ -13,7 +13,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.data.auto_cache import cache_spec
 from ldm.training.run.latent_prep import cache_folder
 from ldm.training.run.train import ConfigError, train
-from tests.training.conftest import assert_same_run, logged_losses
+from tests.helpers.training import assert_same_run, logged_losses
 
 CACHE = ["data.latent_cache=${paths.cache_dir}/latents", "data.train.size=40", "trainer.max_steps=12"]
 
@@ -96,14 +96,15 @@ def test_clean_stop_mid_epoch_then_resume_from_the_cache_is_exact(tmp_path):
     """Two epochs over a 24-sample cache (new posterior draws in the second), stopped at step 4 and resumed."""
     import subprocess
 
-    from tests.training.test_resume import ROOT, _cmd, _env
+    from tests.helpers import ROOT
+    from tests.helpers.training import child_env, resume_cmd
 
     cache = tmp_path / "cache"
     on = ["++data.latent_cache=${paths.cache_dir}/latents", "+callbacks.checkpoint.every_n_train_steps=1"]
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    subprocess.run(_cmd(reference, cache, *on), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run(resume_cmd(reference, cache, *on), cwd=ROOT, env=child_env(), check=True, capture_output=True)
     assert len(list((cache / "latents").iterdir())) == 1
-    cmd = _cmd(stopped, cache, *on)
-    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    cmd = resume_cmd(stopped, cache, *on)
+    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
     assert_same_run(reference, stopped)

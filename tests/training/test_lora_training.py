@@ -13,23 +13,11 @@ from ldm.formats.lora_files import read_lora_file
 from ldm.formats.detect import detect_source
 from ldm.formats.load import load_bundle
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
-from tests.training.conftest import assert_same_run, logged_losses
-from tests.training.test_resume import ROOT, _cmd, _env
+from tests.helpers import ROOT
+from tests.helpers.training import CKPT, assert_same_run, child_env, logged_losses, resume_cmd
+from tests.helpers.training import base  # noqa: F401 - the trained tiny base fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-        "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A trained base (a fresh U-Net's zero-initialised output convs would pass no gradient to any adapter)."""
-    from tests.training.conftest import TINY_MODEL, compose_train
-
-    tmp = tmp_path_factory.mktemp("base")
-    result = train(compose_train(tmp, TINY_MODEL + CKPT + ["optim.lr=3e-2", "trainer.max_steps=4"]))
-    return f"model.pretrained={result['last_checkpoint']}"
 
 
 def test_only_the_adapter_trains_and_is_saved(tiny_cfg, base):
@@ -130,12 +118,13 @@ def test_start_from_a_lora_file_and_bad_configs(tiny_cfg, tmp_path):
 def test_lora_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base):
     lora = [base, "adapter=lora", "adapter.preset=attention_ff", "optim.lr=1e-2"]
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref, tmp_path / "cache", *lora), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run(resume_cmd(ref, tmp_path / "cache", *lora), cwd=ROOT, env=child_env(), check=True,
+                   capture_output=True)
     assert [s for s, _ in logged_losses(ref)][-1] == 9
     run = tmp_path / "stopped"
-    cmd = _cmd(run, tmp_path / "cache", *lora, "+callbacks.checkpoint.every_n_train_steps=1")
-    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    cmd = resume_cmd(run, tmp_path / "cache", *lora, "+callbacks.checkpoint.every_n_train_steps=1")
+    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
     assert_same_run(ref, run)
 
 

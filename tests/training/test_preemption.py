@@ -14,8 +14,9 @@ import torch
 
 from ldm.training.callbacks.preemption import PreemptionCallback, SignalExit, signal_numbers
 from ldm.training.run.config_checks import ConfigError
-from tests.training.conftest import assert_same_run, logged_losses
-from tests.training.test_resume import ROOT, _cmd, _env, reference  # noqa: F401 - reference is a fixture
+from tests.helpers import ROOT
+from tests.helpers.training import assert_same_run, logged_losses
+from tests.helpers.training import child_env as _env, reference, resume_cmd as _cmd  # noqa: F401 - a fixture
 
 FEW = "+callbacks.checkpoint.every_n_train_steps=1000"  # no checkpoint due before the signal (but at epoch ends)
 

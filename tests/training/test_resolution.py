@@ -7,7 +7,7 @@ from PIL import Image
 
 from ldm.pipelines.cli import sample
 from ldm.training.run.train import train
-from tests.training.conftest import TINY_MODEL, compose_train
+from tests.helpers.training import TINY_MODEL, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",

@@ -1,53 +1,24 @@
 """Exact resume: a run killed with SIGKILL at an arbitrary step (or stopped cleanly mid-epoch) and resumed from
 its last checkpoint logs the same loss at every step and ends with the same weights as an uninterrupted run."""
 
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.training.conftest import TINY_MODEL, assert_same_run, logged_losses
-
-ROOT = Path(__file__).resolve().parents[2]
-MAX_STEPS = 10
-
-
-def _cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    overrides = [o for o in TINY_MODEL if not o.startswith("trainer.max_steps")]
-    return [sys.executable, "train.py", *overrides, f"paths.run_dir={run_dir}", f"paths.cache_dir={cache}",
-            f"trainer.max_steps={MAX_STEPS}", "data.train.size=24", "data.val.resolution=16",  # 6 batches/epoch
-            "trainer.val_check_interval=null", "trainer.limit_val_batches=0", "module.ema_decay=0.9",
-            "trainer.deterministic=true",
-            "+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-            "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
-            "+callbacks.checkpoint.save_top_k=-1", "+logger.csv.flush_logs_every_n_steps=1",
-            "hydra.run.dir=" + str(run_dir / "hydra"), *extra]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    run = tmp_path_factory.mktemp("reference")
-    subprocess.run(_cmd(run, run.parent / "cache", "+callbacks.checkpoint.every_n_train_steps=2"), cwd=ROOT,
-                   env=_env(), check=True, capture_output=True)
-    assert [s for s, _ in logged_losses(run)][-1] == MAX_STEPS - 1
-    return run
+from tests.helpers import ROOT
+from tests.helpers.training import assert_same_run, child_env, logged_losses, reference, resume_cmd  # noqa: F401
 
 
 def test_sigkill_at_a_random_step_then_resume(reference, tmp_path):
     kill_after = random.Random().randint(3, 7)
     run = tmp_path / "killed"
-    cmd = _cmd(run, reference.parent / "cache", "+callbacks.checkpoint.every_n_train_steps=2")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = resume_cmd(run, reference.parent / "cache", "+callbacks.checkpoint.every_n_train_steps=2")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.csv").exists() and any(s >= kill_after for s, _ in logged_losses(run)):
@@ -57,15 +28,15 @@ def test_sigkill_at_a_random_step_then_resume(reference, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run must be killed mid-training"
     assert (run / "checkpoints" / "last.ckpt").exists()
-    subprocess.run(cmd + ["ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run(cmd + ["ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
     assert_same_run(reference, run)
 
 
 def test_clean_stop_mid_epoch_then_resume(reference, tmp_path):
     run = tmp_path / "stopped"
-    cmd = _cmd(run, reference.parent / "cache", "+callbacks.checkpoint.every_n_train_steps=1")
-    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    cmd = resume_cmd(run, reference.parent / "cache", "+callbacks.checkpoint.every_n_train_steps=1")
+    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
     assert_same_run(reference, run)
 
 
@@ -98,7 +69,7 @@ def test_sigkill_during_a_real_save_keeps_previous_checkpoint(tmp_path):
     AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(10)}, path)
     code = (f"import torch; from ldm.training.run.resume import AtomicCheckpointIO\\n"
             f"AtomicCheckpointIO().save_checkpoint({{'step': 2, 'w': torch.zeros(400_000_000 // 4)}}, r'{path}')")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env())
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=child_env())
     tmp = path.with_name(f".{path.name}.tmp")
     deadline = time.time() + 60
     while time.time() < deadline and not (tmp.exists() and tmp.stat().st_size > 1_000_000):

@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 
 from ldm.training.run.train import train
-from tests.training.conftest import TINY_MODEL, assert_same_run, compose_train, logged_losses
+from tests.helpers.training import TINY_MODEL, assert_same_run, compose_train, logged_losses
 
 MAX_STEPS = 12
 

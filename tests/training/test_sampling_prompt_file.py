@@ -12,8 +12,8 @@ from ldm.pipelines import text_to_image
 from ldm.pipelines.sampling_options import SamplingOptions
 from ldm.training.run.config_checks import ConfigError
 from ldm.training.run.train import build_diffusion_module, train
-from tests.test_sample_cli import randomize
-from tests.training.conftest import TINY_MODEL, compose_train
+from tests.helpers.models import randomize
+from tests.helpers.training import TINY_MODEL, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

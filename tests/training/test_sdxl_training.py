@@ -5,14 +5,10 @@ import pytest
 import torch
 
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
-from tests.training.conftest import compose_train
+from tests.helpers.training import SDXL_TINY, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SDXL_TINY = ["model=sdxl_tiny", "data.batch_size=4", "data.train.resolution=16", "data.train.size=32",
-             "data.val.size=8", "data.val.resolution=16", "trainer.max_steps=3", "trainer.val_check_interval=3",
-             "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-             "trainer.log_every_n_steps=1", "lr_scheduler.warmup_steps=1", "callbacks=none"]
 
 
 def test_sdxl_tiny_trains_a_few_steps_and_its_checkpoint_samples(tmp_path):
@@ -117,7 +113,7 @@ def test_sdxl_finetune_needs_its_weights(tmp_path):
 def test_sdxl_trains_on_buckets_with_their_micro_conditioning(tmp_path, monkeypatch):
     """Mixed aspect ratios, bucketed (from the latent cache): every training batch reaches the U-Net with the
     original_size / crop_top_left / target_size the buckets recorded."""
-    from tests.training.test_buckets_training import BUCKETS
+    from tests.helpers.training import BUCKETS
 
     from PIL import Image
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.training.conftest import TINY_MODEL
+from tests.helpers.training import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,9 +12,9 @@ import torch
 
 from ldm.formats.embeddings import read_embedding
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
-from tests.training.conftest import assert_same_run, logged_losses
-from tests.training.test_lora_training import CKPT, base  # noqa: F401 - the trained tiny base fixture
-from tests.training.test_resume import ROOT, _cmd, _env
+from tests.helpers import ROOT
+from tests.helpers.training import CKPT, assert_same_run, child_env, logged_losses, resume_cmd
+from tests.helpers.training import base  # noqa: F401 - the trained tiny base fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,10 +167,11 @@ def test_bad_options_name_the_key(tiny_cfg):
 def test_textual_inversion_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base):  # noqa: F811
     args = [base, *TI, "adapter.num_vectors=2", "optim.lr=1e-2"]
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref, tmp_path / "cache", *args), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run(resume_cmd(ref, tmp_path / "cache", *args), cwd=ROOT, env=child_env(), check=True,
+                   capture_output=True)
     assert [s for s, _ in logged_losses(ref)][-1] == 9
     run = tmp_path / "stopped"
-    cmd = _cmd(run, tmp_path / "cache", *args, "+callbacks.checkpoint.every_n_train_steps=1")
-    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    cmd = resume_cmd(run, tmp_path / "cache", *args, "+callbacks.checkpoint.every_n_train_steps=1")
+    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
     assert_same_run(ref, run)

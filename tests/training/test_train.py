@@ -147,7 +147,7 @@ def test_latent_cache(tiny_cfg, tmp_path):
     text = CLIPTextEncoder.from_tiny(folder=tmp_path / "clip")
     build_latent_cache(ShapesDataset(size=24, resolution=16), tmp_path / "cache", AutoencoderKL.from_preset("tiny"),
                        text, shard_size=10, batch_size=8, progress=False)
-    from tests.training.conftest import TINY_MODEL, compose_train
+    from tests.helpers.training import TINY_MODEL, compose_train
 
     overrides = [o for o in TINY_MODEL if not o.startswith("data.train.resolution")]  # latents have no resolution
     result = train(compose_train(tmp_path, overrides + ["data=latent_cache", f"data.train.path={tmp_path / 'cache'}",

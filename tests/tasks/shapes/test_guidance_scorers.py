@@ -12,7 +12,7 @@ from ldm.models.autoencoder import IdentityAutoencoder
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.pipelines import text_to_image
 from ldm.tasks.shapes.guidance_scorers import ColorScorer
-from tests.test_pipelines import bundle, clip_folder  # noqa: F401 - the tiny bundle and CLIP fixtures
+from tests.helpers.models import bundle, clip_folder  # noqa: F401 - the tiny bundle and CLIP fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

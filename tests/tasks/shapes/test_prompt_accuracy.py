@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from ldm.tasks.shapes.dataset import ShapesDataset
 from ldm.tasks.shapes.prompt_accuracy import PromptAccuracyCallback
 from ldm.training.run.train import build_diffusion_module
-from tests.training.conftest import TINY_MODEL, compose_train
+from tests.helpers.training import TINY_MODEL, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,0 +1,42 @@
+"""Stand-ins and tiny images for the data tests."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class CountingEncoder:
+    """A stand-in first stage: mean = 2x2 average pool of the image, logvar = -30 (so a draw is the mean)."""
+
+    def __init__(self):
+        self.calls, self.images = 0, 0
+
+    def __call__(self, images, captions, generator=None):
+        self.calls += 1
+        self.images += len(images)
+        mean = F.avg_pool2d(images, 2)
+        return {"mean": mean, "logvar": torch.full_like(mean, -30.0)}
+
+
+def make_image(size=(24, 20), color=(200, 30, 40), mode="RGB") -> Image.Image:
+    """A small solid image with a black top-left block so crops and flips are visible."""
+    image = Image.new("RGB", size, color)
+    image.paste((0, 0, 0), (0, 0, size[0] // 3, size[1] // 3))
+    return image if mode == "RGB" else image.convert(mode)
+
+
+def save_image(path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image(**kwargs).save(path)
+    return path
+
+
+def image_bytes(fmt="PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    make_image(**kwargs).save(buffer, format=fmt)
+    return buffer.getvalue()
