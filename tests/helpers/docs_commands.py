@@ -154,7 +154,7 @@ def parse(parser, args: list[str]):
 # train.py keys that name files or folders a run reads (a class folder is filled when it is not there)
 TRAIN_INPUTS = ["data.train.root", "data.train.instance_root", "data.train.class_root", "data.train.mask_root",
                 "data.train.path", "data.train.urls", "model.pretrained", "model.autoencoder.weights",
-                "adapter.init_from", "ckpt_path"]
+                "adapter.init_from", "ckpt_path", "callbacks.sampling.prompt_file"]
 MADE_IF_MISSING = {"data.train.class_root"}
 # appended to a train.py command that runs for real, after the tiny model (TINY_MODEL): 2 steps, no DataLoader
 # worker processes (forked from the test process, whose threads can deadlock them; the docs' runs are processes
@@ -367,11 +367,12 @@ class Checks:
 
 
 def checked_before_build(cfg: DictConfig) -> None:
-    """What train(cfg) checks before it builds anything (ldm/training/train.py): the auto defaults and the caption
+    """What train(cfg) checks before it builds anything (ldm/training/run/train.py): the auto defaults and the caption
     vocabulary resolved from the data, the values, the pretrained model a full-size preset needs."""
     from ldm.training.run.auto_defaults import resolve_auto
     from ldm.training.run.caption_vocab import resolve_caption_vocab
-    from ldm.training.run.train import check_pretrained, validate
+    from ldm.training.run.stages import check_pretrained
+    from ldm.training.run.train import validate
 
     if cfg.stage == "diffusion":
         resolve_auto(cfg)
