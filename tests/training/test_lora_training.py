@@ -141,3 +141,19 @@ def test_lora_trains_from_the_latent_cache(tiny_cfg, base, tmp_path):
     for prefix in ("loras.unet_", "loras.te_"):
         keys = [k for k in before if k.startswith(prefix) and k.endswith("up.weight")]
         assert keys and any(not torch.equal(before[k], after["lora." + k]) for k in keys), prefix
+
+
+def test_a_module_fitted_without_a_run_folder_writes_no_files(tiny_cfg, base, tmp_path, monkeypatch):
+    """The run's own files (lora.safetensors) go into the run folder train(cfg) gives the module; a Trainer made
+    without one (a notebook, a test) leaves the working folder alone."""
+    import lightning as L
+
+    from ldm.training.run.stages import build as build_node
+
+    cfg = tiny_cfg(base, "adapter=lora", "trainer.max_steps=1")
+    module, data = build_diffusion_module(cfg), build_node(cfg.data, "data")
+    monkeypatch.chdir(tmp_path)
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, accelerator="cpu").fit(module, datamodule=data)
+    assert module.global_step == 1 and module.written_files == {}
+    assert not list(tmp_path.rglob("*.safetensors"))

@@ -96,6 +96,7 @@ class LatentDiffusion(L.LightningModule):
         self.update_guard, self.checkpoint_gate = GuardedUpdate(self.guard), CheckpointGate(self.guard)
         self._last_batch: dict[str, Any] | None = None
         self.written_files: dict[str, str] = {}  # what the trained part wrote when training ended
+        self.run_dir: Path | None = None  # set by train(cfg); a module fitted without a run folder writes no files
 
     @property
     def nonfinite_total(self) -> int:
@@ -264,7 +265,8 @@ class LatentDiffusion(L.LightningModule):
         self.part.check_loaded(checkpoint, list(self.state_dict()))
 
     def on_train_end(self) -> None:
-        """The trained part's files for users (an adapter file, embeddings), written once (rank 0)."""
-        if self.trainer.is_global_zero:
-            end = RunEnd(Path(self.trainer.default_root_dir), self.global_step, self.model_config)
+        """The trained part's files for users (an adapter file, embeddings), written once (rank 0) into the run
+        folder; never into the working folder of a Trainer made without one."""
+        if self.run_dir is not None and self.trainer.is_global_zero:
+            end = RunEnd(Path(self.run_dir), self.global_step, self.model_config)
             self.written_files = self.part.write_files(end)

@@ -104,6 +104,7 @@ def train(cfg: DictConfig, within: Path | None = None) -> dict[str, Any]:
         raise ConfigError(str(e)) from e
     L.seed_everything(cfg.seed, workers=True)
     module = stage.build_module(cfg)
+    module.run_dir = run_dir  # where the run's own files go (an adapter file, embeddings)
     stage.before_data(cfg, module)
     datamodule = build(cfg.data, "data")
     bad_samples_dir = run_dir / "bad_samples"  # each unreadable sample named once per run, counted
