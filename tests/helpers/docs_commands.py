@@ -202,7 +202,7 @@ class Checks:
 
         for key in TRAIN_INPUTS:
             value = config_value(cfg, key)
-            if value is None or str(value).startswith("builtin:") or (key == "ckpt_path" and value == "last"):
+            if value is None or str(value).startswith("builtin:") or value in ("auto", "last"):
                 continue
             if key in ("model.pretrained", "data.train.path") and hub_id(value):
                 continue
