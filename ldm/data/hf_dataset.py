@@ -102,6 +102,13 @@ class HFDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
+    @property
+    def captions(self) -> list[str]:
+        """Every row's caption as read (the caption column alone: no image is decoded), e.g. for a vocabulary."""
+        if self.caption_column is None:
+            return [""] * len(self.table)
+        return [self._caption({self.caption_column: value}) for value in self.table[self.caption_column]]
+
     def __getitem__(self, index: int) -> dict:
         """Row `index`, or the next decodable row if that image is bad."""
         return self._bad.first_readable(index, len(self.table), lambda i: f"{self.split}[{i}]",

@@ -12,9 +12,10 @@ from ldm.training.callbacks.result import ResultCallback
 
 log = logging.getLogger("ldm.training")
 
-FIX = ("train a VAE on these images first: python train.py experiment=own_data data.train.root=<your folder> "
-       "(stage 1 fits one, stage 2 trains the diffusion model on its latents), or set model.autoencoder.weights / "
-       "model.pretrained to a VAE that fits this data")
+FIX = ("train a VAE on these images first: leave model.autoencoder.weights at auto (data=folder / hf / webdataset "
+       "then train one when this check fails) or run python train.py experiment=own_data data.train.root=<your "
+       "folder> (stage 1 fits one, stage 2 trains the diffusion model on its latents), or set "
+       "model.autoencoder.weights / model.pretrained to a VAE that fits this data")
 
 
 def sample_images(dataset, n: int, seed: int) -> torch.Tensor | None:

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lightning as L
 from hydra.utils import instantiate
@@ -46,9 +48,24 @@ def check_pretrained(model: DictConfig) -> None:
         raise ConfigError(f"model.pretrained={path}: no such file or folder (and not a hub id 'org/name')")
 
 
+def autos_without_data(cfg: DictConfig) -> None:
+    """``model.*`` = auto that train() has not chosen from the data: as without data/fit/auto.yaml, the pretrained
+    run's or the preset's own (its first stage, its text encoder's words, frozen)."""
+    from ldm.training.run.auto_defaults import AUTO
+    from ldm.training.run.caption_vocab import own_text_encoder
+    from ldm.training.run.first_stage import weights_without_data
+
+    if OmegaConf.select(cfg, "model.autoencoder.weights", default=None) == AUTO:
+        OmegaConf.update(cfg, "model.autoencoder.weights", weights_without_data(cfg))
+    if AUTO in (OmegaConf.select(cfg, "model.text_encoder.words", default=None),
+                OmegaConf.select(cfg, "model.text_encoder.frozen", default=None)):
+        own_text_encoder(cfg)
+
+
 def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
     from ldm.training.build.factories import build_bundle
 
+    autos_without_data(cfg)  # model.* = auto that train() did not choose from the data (a module built directly)
     m = cfg.model
     check_pretrained(m)  # before any network (or a hub download of its tokenizers) is built
     schedule = build(cfg.schedule, "schedule")
@@ -96,20 +113,53 @@ def _named(step: Callable[[], Any]) -> Any:
         raise ConfigError(str(e)) from e
 
 
+def _reading_data(step: Callable[[], Any]) -> Any:
+    """A step that reads the training data: what fails while the data is read names data.train (a bad config value
+    the step finds is a ConfigError naming its own key)."""
+    try:
+        return step()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the data could not be read: name the key
+        raise ConfigError(f"data.train: {type(e).__name__}: {e}") from e
+
+
+@contextmanager
+def _quiet_data() -> Iterator[None]:
+    """The data's warnings (captions missing, rows not UTF-8, ...) held back while it is read to choose the auto
+    values, so that each is said once, by the run."""
+    logger = logging.getLogger("ldm.data")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def say_choices(lines: list[str]) -> None:
+    """What the auto values became and why, as one block at the start of the run."""
+    if lines:
+        print("chosen for your data (auto values; any value you set is kept):\n" + "\n".join(f"  {x}" for x in lines))
+
+
 class DiffusionStage:
     name = "diffusion"
 
     def resolve_config(self, cfg: DictConfig) -> None:
-        """data.batch_size / trainer.max_steps / sampling cadence = auto -> numbers; model.text_encoder.words =
-        captions -> the captions' words."""
+        """The auto values, chosen from the data and said in one block: model.autoencoder.weights (the shipped VAE,
+        or a first stage trained first when it fails the VAE check), model.text_encoder.words / frozen, then
+        data.batch_size / trainer.max_steps / sampling cadence; model.text_encoder.words = captions -> the
+        captions' words."""
         from ldm.training.run.auto_defaults import resolve_auto
-        from ldm.training.run.caption_vocab import resolve_caption_vocab
+        from ldm.training.run.caption_vocab import choose_text_encoder, resolve_caption_vocab
+        from ldm.training.run.first_stage import choose_first_stage
 
-        try:
-            resolve_auto(cfg)
-        except Exception as e:  # noqa: BLE001 - the data could not be read to count it: name the key
-            raise ConfigError(f"data.train: {type(e).__name__}: {e}") from e
-        _named(lambda: resolve_caption_vocab(cfg))
+        with _quiet_data():  # the run reads the data again when it starts and says what is wrong with it then
+            lines = [_reading_data(lambda: choose_first_stage(cfg)), _reading_data(lambda: choose_text_encoder(cfg))]
+            _reading_data(lambda: resolve_auto(cfg, say=lines.append))
+            _named(lambda: resolve_caption_vocab(cfg))
+        say_choices([line for line in lines if line])
 
     def build_module(self, cfg: DictConfig) -> L.LightningModule:
         return build_diffusion_module(cfg)
