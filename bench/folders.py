@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.nn import functional as F
+
+from ldm.tasks.class_folder import fit_shift_augmented, write_class_folder
 
 SUPERSAMPLE = 4
 ICONS = ("cross", "plus", "ring", "square", "triangle", "arrow", "star", "zigzag", "house", "heart")
@@ -161,18 +162,8 @@ def prompts(kind: str, per_class: int) -> tuple[list[str], list[str]]:
 
 def write_folder(kind: str, root: Path, n: int, resolution: int = 32, seed: int = 0) -> Path:
     """``n`` images (balanced classes, shuffled) + metadata.jsonl captions naming the class."""
-    names, templates, render = KINDS[kind]
-    root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    labels = [names[i % len(names)] for i in range(n)]
-    rng.shuffle(labels)
-    rows = []
-    for i, cls in enumerate(labels):
-        name = f"{i:05d}.png"
-        render(cls, rng, resolution).save(root / name)
-        rows.append({"file_name": name, "text": rng.choice(templates).format(c=cls)})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return root
+    names, templates, render_image = KINDS[kind]
+    return write_class_folder(root, n, names, templates, render_image, resolution, seed)
 
 
 def render(kind: str, n: int, resolution: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,21 +215,4 @@ class Judge(nn.Module):
 def fit_judge(kind: str, images: torch.Tensor, labels: torch.Tensor, epochs: int = 8, batch_size: int = 64,
               lr: float = 3e-3, seed: int = 0) -> Judge:
     """Adam on cross-entropy with a random shift of up to 2 px per batch (samples are not centred exactly)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Judge(classes(kind))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * -(-len(images) // batch_size))
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for s in range(0, len(images), batch_size):
-            idx = order[s:s + batch_size]
-            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            loss = F.cross_entropy(model(torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    return fit_shift_augmented(lambda: Judge(classes(kind)), images, labels, epochs, batch_size, lr, seed)

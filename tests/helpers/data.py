@@ -40,3 +40,17 @@ def image_bytes(fmt="PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     make_image(**kwargs).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def write_green_shards(folder: Path, shards: int = 2, per_shard: int = 3, stem: str = "train") -> str:
+    """Webdataset tars ``{stem}-000.tar``... of ``per_shard`` 20 px green PNGs captioned "green i"; returns their
+    brace URL ``{stem}-{000..NNN}.tar``."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"{stem}-{s:03d}.tar")) as sink:
+            for i in range(per_shard):
+                sink.write({"__key__": f"{s}_{i}", "png": image_bytes(size=(20, 20), color=(0, 40 * i, 0)),
+                            "txt": f"green {i}"})
+    return str(folder / f"{stem}-{{000..{shards - 1:03d}}}.tar")

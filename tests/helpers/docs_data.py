@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from tests.helpers.data import write_green_shards
+
 # text in a command -> the DocsData method that makes what it stands for
 ABSOLUTE = {
     "/path/to/images": "images", "/tmp/glyphs": "images", "/path/to/latents": "latents",
@@ -103,21 +105,7 @@ class DocsData:
         return self._once("prompts.txt", lambda p: p.write_text("a red circle\na blue square\n"))
 
     def shards(self) -> str:
-        def make(folder):
-            import io
-
-            import webdataset as wds
-
-            folder.mkdir()
-            for s in range(2):
-                with wds.TarWriter(str(folder / f"train-{s:03d}.tar")) as sink:
-                    for i in range(3):
-                        buf = io.BytesIO()
-                        Image.new("RGB", (20, 20), (0, 40 * i, 0)).save(buf, format="PNG")
-                        sink.write({"__key__": f"{s}_{i}", "png": buf.getvalue(), "txt": f"green {i}"})
-            return folder
-
-        return str(self._once("shards", make) / "train-{000..001}.tar")
+        return str(self._once("shards", write_green_shards))
 
     def hf_dataset(self) -> Path:
         """The images as a Hugging Face dataset saved to disk (what data=hf reads without the hub)."""

@@ -101,12 +101,16 @@ class HostSyncs:
             self.syncs.append(Sync(op, self.step, active_sync_point(), lightning_logging, in_optimizer, where))
 
 
-class _Ops(TorchDispatchMode):
-    """aten level: scalar reads, and which results stay on the host."""
+class _Recording:
+    """A torch mode that reports to one HostSyncs."""
 
     def __init__(self, rec: HostSyncs):
         super().__init__()
         self.rec = rec
+
+
+class _Ops(_Recording, TorchDispatchMode):
+    """aten level: scalar reads, and which results stay on the host."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -123,12 +127,8 @@ class _Ops(TorchDispatchMode):
         return out
 
 
-class _Calls(TorchFunctionMode):
+class _Calls(_Recording, TorchFunctionMode):
     """Python level: host copies that do not reach aten on the CPU, factories, moves to the device."""
-
-    def __init__(self, rec: HostSyncs):
-        super().__init__()
-        self.rec = rec
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

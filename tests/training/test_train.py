@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
+from tests.helpers.data import write_green_shards
 
 
 def _images(folder, n=8, size=20):
@@ -56,17 +57,7 @@ def test_hf_dataset_saved_to_disk(tiny_cfg, tmp_path):
 
 
 def test_webdataset_shards(tiny_cfg, tmp_path):
-    import io
-
-    import webdataset as wds
-
-    for s in range(2):
-        with wds.TarWriter(str(tmp_path / f"shard-{s:03d}.tar")) as sink:
-            for i in range(6):
-                buf = io.BytesIO()
-                Image.new("RGB", (20, 20), (0, 40 * i, 0)).save(buf, format="PNG")
-                sink.write({"__key__": f"{s}_{i}", "png": buf.getvalue(), "txt": f"green {i}"})
-    urls = str(tmp_path / "shard-{000..001}.tar")
+    urls = write_green_shards(tmp_path, shards=2, per_shard=6, stem="shard")
     result = train(tiny_cfg("data=webdataset", f"data.train.urls='{urls}'", "data.train.resolution=16",
                             "data.num_workers=0", "data.train.shuffle_buffer=4", "trainer.limit_val_batches=0"))
     assert result["global_step"] == 3

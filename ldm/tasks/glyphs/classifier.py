@@ -10,8 +10,8 @@ import random
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from ldm.tasks.class_folder import fit_shift_augmented
 from ldm.tasks.glyphs.dataset import CLASSES, render_glyph
 
 
@@ -63,28 +63,8 @@ def render_set(n: int, resolution: int = 32, seed: int = 0) -> tuple[torch.Tenso
 
 def fit_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 6, batch_size: int = 64,
                    lr: float = 3e-3, seed: int = 0) -> GlyphClassifier:
-    """Adam on cross-entropy, with a random shift of up to 2 px per batch (samples are not centred exactly)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GlyphClassifier()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * -(-len(images) // batch_size))
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for s in range(0, len(images), batch_size):
-            idx = order[s:s + batch_size]
-            x = images[idx]
-            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-            loss = F.cross_entropy(model(x), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    return model
+    """A GlyphClassifier fit on real glyphs (class_folder.fit_shift_augmented: Adam, 2 px random shifts)."""
+    return fit_shift_augmented(GlyphClassifier, images, labels, epochs, batch_size, lr, seed)
 
 
 def accuracy(model: GlyphClassifier, images: torch.Tensor, labels: list[str]) -> float:

@@ -11,13 +11,14 @@ always give the same files.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from ldm.tasks.class_folder import write_class_folder
 
 # Ten letters whose glyphs differ at 32 px (no O/Q, I/L or C/G pairs).
 CLASSES = ("A", "E", "F", "H", "K", "M", "R", "S", "W", "X")
@@ -68,21 +69,7 @@ def render_glyph(cls: str, rng: random.Random, resolution: int = 32) -> Image.Im
 
 def write_glyph_folder(root: str | Path, n: int = 2000, resolution: int = 32, seed: int = 0) -> Path:
     """Write ``n`` glyph PNGs (classes balanced, order shuffled) and their ``metadata.jsonl`` into ``root``."""
-    if n < len(CLASSES):
-        raise ValueError(f"n={n}: need at least one image per class ({len(CLASSES)})")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    labels = [CLASSES[i % len(CLASSES)] for i in range(n)]
-    rng.shuffle(labels)
-    rows = []
-    for i, cls in enumerate(labels):
-        name = f"{i:05d}.png"
-        render_glyph(cls, rng, resolution).save(root / name)
-        rows.append({"file_name": name, "text": rng.choice(TEMPLATES).format(c=cls), "label": cls})
-    with open(root / "metadata.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return root
+    return write_class_folder(root, n, CLASSES, TEMPLATES, render_glyph, resolution, seed)
 
 
 def main(argv: list[str] | None = None) -> None:
