@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ldm.formats.lora_files import LoRAFileError, bundle_roots, ldm_metadata, parse_lora_spec, read_lora_file, \
-    save_lora_file
+from ldm.formats.lora_files import (LoRAFile, LoRAFileError, bundle_roots, ldm_metadata, parse_lora_spec,
+                                    read_lora_file, save_lora_file)
 from ldm.formats.lora_kohya import kohya_names
 from ldm.models import lora_svd
 from ldm.models.lora import PRESETS, LoRANetwork, text_encoder_targets, unet_targets
@@ -55,10 +55,13 @@ class Layer:
     def line(self) -> str:
         """kohya resize_lora.py's verbose line: name | sum(S) retained, fro retained, max(S) ratio."""
         s = self.spectrum
-        ratio = float(s[0] / s[self.rank - 1]) if len(s) and float(s[self.rank - 1]) > 0 else float("inf")
         rank = f"rank {self.old_rank} -> {self.rank}" if self.old_rank is not None else f"rank {self.rank}"
+        if self.norm_sq == 0:
+            return f"{self.name:75} | {rank}, zero delta"
+        smallest = float(s[self.rank - 1])
+        ratio = f"{float(s[0]) / smallest:0.1f}" if smallest > 0 else "inf"
         return (f"{self.name:75} | {rank}, sum(S) retained: {lora_svd.kept_sum(s, self.rank):.1%}, fro retained: "
-                f"{self.kept:.1%}, max(S) ratio: {ratio:0.1f}, relative error: {self.error:.2e}")
+                f"{self.kept:.1%}, max(S) ratio: {ratio}, relative error: {self.error:.2e}")
 
 
 @dataclass
@@ -121,7 +124,7 @@ def check_out(out, inputs: list[str], force: bool) -> Path:
     return path
 
 
-def read_files(specs: list[str], roots: dict[str, nn.Module], log=print) -> list[tuple[str, float, Weights]]:
+def read_files(specs: list[str], roots: dict[str, nn.Module], log=print) -> list[tuple[LoRAFile, float]]:
     """Every FILE[:WEIGHT] read against the model (all checked before any work); keys that address nothing are
     reported: they are not in the written file."""
     out = []
@@ -134,7 +137,7 @@ def read_files(specs: list[str], roots: dict[str, nn.Module], log=print) -> list
         if lora.unmapped:
             shown = ", ".join(lora.unmapped[:10]) + (" ..." if len(lora.unmapped) > 10 else "")
             log(f"{lora.path}: {len(lora.unmapped)} keys address nothing in the model and are left out: {shown}")
-        out.append((lora.path, weight, lora.weights))
+        out.append((lora, weight))
     return out
 
 
@@ -158,19 +161,29 @@ def check_ranks(rank: int | None, conv_rank: int | None) -> None:
 
 # ------------------------------------------------------------------------------------------------ output
 
-def write(weights: Weights, roots: dict[str, nn.Module], bundle, out: Path, about: dict, title: str) -> Path:
+# What kohya_metadata writes afresh for the new file; a resized file keeps the source's other ss_* keys (its
+# training details, tag frequencies: resize_lora.py copies the metadata and updates dim, alpha and the comment).
+REWRITTEN = ("ss_network_", "ss_base_model_version", "ss_v2", "ss_resolution", "ss_training_comment")
+
+
+def write(weights: Weights, roots: dict[str, nn.Module], bundle, out: Path, about: dict, title: str,
+          carried: dict[str, str] | None = None) -> Path:
     """The kohya-layout file with kohya's ss_* / modelspec.* keys (lora_kohya.kohya_metadata) and our ldm_lora
-    key saying how it was made; ss_network_dim / alpha are "Dynamic" when the ranks differ (as resize_lora.py)."""
+    key saying how it was made; ss_network_dim / alpha are "Dynamic" when the ranks differ (as resize_lora.py).
+    `carried`: a source file's metadata whose ss_* training keys are kept."""
     from ldm.formats.exporter import resolution_of
     from ldm.formats.shared_names import shared_config
 
     network = LoRANetwork.from_weights(roots, weights)
     linear = {(m.rank, float(m.alpha)) for m in network.loras.values()
               if not (m.kind == "conv" and m.down.kernel_size != (1, 1))}
-    training = {"ss_training_comment": about["tool"] + " with python -m ldm.lora"}
+    carried = {k: v for k, v in (carried or {}).items() if k.startswith("ss_") and not k.startswith(REWRITTEN)}
+    comment = about['tool'] + " with python -m ldm.lora" + (f": {about['comment']}" if about.get("comment") else "")
+    training = {"ss_training_comment": comment}
     if len(linear) > 1:
         training.update(ss_network_dim="Dynamic", ss_network_alpha="Dynamic")
-    return save_lora_file(network, roots, out, metadata=ldm_metadata(shared_config(about)), title=title,
+    metadata = {**carried, **ldm_metadata(shared_config({k: v for k, v in about.items() if k != "comment"}))}
+    return save_lora_file(network, roots, out, metadata=metadata, title=title,
                           prediction_type=bundle.schedule.prediction_type, resolution=resolution_of(bundle),
                           training=training)
 
@@ -198,8 +211,8 @@ def merge(specs: list[str], model: str, out, *, rank: int | None = None, conv_ra
     roots = bundle_roots(bundle)
     files = read_files(specs, roots, log)
     layers: dict[tuple[str, str], list[tuple[Tensor, Tensor, float]]] = {}
-    for _, weight, lora in files:
-        for target, w in lora.items():
+    for lora, weight in files:
+        for target, w in lora.weights.items():
             layers.setdefault(target, []).append((w["up"], w["down"], weight * scale_of(w)))
     label = names(roots, layers)
     weights, report = {}, Report(path)
@@ -214,7 +227,7 @@ def merge(specs: list[str], model: str, out, *, rank: int | None = None, conv_ra
         err, norm = lora_svd.squared_error(lora_svd.product(up, down), new_up, new_down)
         report.layers.append(Layer(label[target], new_rank, spectrum, err, norm, old_rank=down.shape[0]))
         weights[target] = {"down": new_down.float(), "up": new_up.float(), "alpha": torch.tensor(float(new_rank))}
-    about = {"tool": "merge", "sources": [f"{p}:{w:g}" for p, w, _ in files],
+    about = {"tool": "merge", "sources": [f"{f.path}:{w:g}" for f, w in files],
              "rank": "concat" if concat else rank, "conv_rank": conv_rank, "clamp_quantile": clamp_quantile}
     report.path = write(weights, roots, bundle, path, about, title=path.stem)
     report.print(log)
@@ -241,19 +254,23 @@ def resize(spec: str, model: str, out, *, rank: int, conv_rank: int | None = Non
     path = check_out(out, [parse_lora_spec(spec)[0], model], force)
     bundle = load_model(model, "--model")
     roots = bundle_roots(bundle)
-    [(source, weight, lora)] = read_files([spec], roots, log)
-    label = names(roots, lora)
+    [(lora, weight)] = read_files([spec], roots, log)
+    label = names(roots, lora.weights)
     weights, report = {}, Report(path)
-    for target, w in lora.items():
+    for target, w in lora.weights.items():
         scale = scale_of(w) * weight
         max_rank = (conv_rank or rank) if is_spatial(roots, target) else rank
         new_up, new_down, spectrum, new_rank = lora_svd.lowrank(w["up"], w["down"], max_rank, dynamic, value)
         err, norm = lora_svd.squared_error(lora_svd.product(w["up"], w["down"]), new_up, new_down)
         report.layers.append(Layer(label[target], new_rank, spectrum, err, norm, old_rank=w["down"].shape[0]))
         weights[target] = {"down": new_down.float(), "up": new_up.float(), "alpha": torch.tensor(scale * new_rank)}
-    about = {"tool": "resize", "source": f"{source}:{weight:g}", "rank": rank, "conv_rank": conv_rank,
-             "dynamic": dynamic, "value": value}
-    report.path = write(weights, roots, bundle, path, about, title=path.stem)
+    old = sorted({w["down"].shape[0] for w in lora.weights.values()})
+    rule = f"{dynamic} {value:g}, at most rank {rank}" if dynamic else f"rank {rank}"
+    about = {"tool": "resize", "source": f"{lora.path}:{weight:g}", "rank": rank, "conv_rank": conv_rank,
+             "dynamic": dynamic, "value": value,
+             "comment": "; ".join(filter(None, [f"resized from rank {'/'.join(map(str, old))} to {rule}",
+                                                lora.metadata.get("ss_training_comment")]))}
+    report.path = write(weights, roots, bundle, path, about, title=path.stem, carried=lora.metadata)
     report.print(log)
     return report
 

@@ -43,7 +43,8 @@ def files(clip_folder, tmp_path_factory):  # noqa: F811
     bundle = tiny_bundle(clip_folder)
     model = save_ldm_bundle(bundle, root / "model")
     roots = bundle_roots(bundle)
-    a = save_lora_file(lora_for(bundle, 1, alpha=1.0), roots, root / "a.safetensors")
+    a = save_lora_file(lora_for(bundle, 1, alpha=1.0), roots, root / "a.safetensors",
+                       training={"ss_steps": "300", "ss_training_comment": "trained on cats"})
     b = save_lora_file(lora_for(bundle, 2, rank=3, preset="attention"), roots, root / "b.safetensors")
     wide = save_lora_file(lora_for(bundle, 3, rank=4), roots, root / "wide.safetensors")
     tuned = copy.deepcopy(bundle)
@@ -123,6 +124,11 @@ def test_resize_to_the_full_rank_reproduces_the_deltas(files, tmp_path):
         with safe_open(str(path), "pt") as f:
             alphas.append({k: float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")})
     assert alphas[0] == alphas[1] and set(alphas[0].values()) == {1.0, 2.0}
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_steps"] == "300" and meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "1.0"
+    assert meta["ss_training_comment"] == ("resize with python -m ldm.lora: resized from rank 2 to rank 2; "
+                                           "trained on cats")  # kohya keeps the source's training metadata
 
 
 def test_resize_error_falls_with_the_rank_and_the_printed_energy_is_right(files, tmp_path, capsys):
@@ -180,7 +186,7 @@ def test_extract_reproduces_a_known_lora(files, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def perturbed(files, clip_folder):  # noqa: F811
+def perturbed(files):
     """A 'full fine-tune': every weight of the model moved by full-rank noise."""
     bundle = fresh(files)
     g = torch.Generator().manual_seed(9)
