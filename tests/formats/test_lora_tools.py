@@ -37,15 +37,15 @@ def lora_for(bundle, seed, rank=2, preset="full", alpha=None, std=0.3):
 
 @pytest.fixture(scope="module")
 def files(clip_folder, tmp_path_factory):  # noqa: F811
-    """A tiny model as an ldm bundle folder, two adapters for it (LoCon rank 2 alpha 1, attention rank 3), a
-    rank-4 adapter, and a fine-tune: the model with a known rank-2 LoRA merged in."""
+    """A tiny model as an ldm bundle folder, two adapters for it (a kohya file: LoCon rank 2 alpha 1; a diffusers
+    folder: attention rank 3), a rank-4 adapter, and a fine-tune: the model with a known rank-2 LoRA merged in."""
     root = tmp_path_factory.mktemp("lora-tools")
     bundle = tiny_bundle(clip_folder)
     model = save_ldm_bundle(bundle, root / "model")
     roots = bundle_roots(bundle)
     a = save_lora_file(lora_for(bundle, 1, alpha=1.0), roots, root / "a.safetensors",
                        training={"ss_steps": "300", "ss_training_comment": "trained on cats"})
-    b = save_lora_file(lora_for(bundle, 2, rank=3, preset="attention"), roots, root / "b.safetensors")
+    b = save_lora_file(lora_for(bundle, 2, rank=3, preset="attention"), roots, root / "b", "peft").parent
     wide = save_lora_file(lora_for(bundle, 3, rank=4), roots, root / "wide.safetensors")
     tuned = copy.deepcopy(bundle)
     lora_for(bundle, 4).merge_into(bundle_roots(tuned), 1.0)
@@ -95,7 +95,8 @@ def test_merged_adapter_equals_applying_both(files, tmp_path, how, capsys):
         meta, keys = f.metadata(), list(f.keys())
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)  # kohya's layout, diffusers-named U-Net
     assert meta["ss_network_module"] == "networks.lora" and json.loads(meta["ldm_lora"])["tool"] == "merge"
-    assert json.loads(meta["ldm_lora"])["sources"] == ["a.safetensors:0.7", "b.safetensors:-0.5"]  # no home path
+    sources = ["a.safetensors:0.7", "pytorch_lora_weights.safetensors:-0.5"]  # file names, not the user's folders
+    assert json.loads(meta["ldm_lora"])["sources"] == sources
 
 
 def test_merge_at_a_lower_rank_reports_its_error(files, tmp_path):
