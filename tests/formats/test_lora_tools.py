@@ -270,3 +270,27 @@ def test_bad_inputs_are_clear_errors(files, clip_folder, tmp_path, capsys):  # n
     assert main(["resize", files["a"], "--model", model, "--rank", "1", "--out", out]) == 1
     assert "pass --force" in capsys.readouterr().err
     assert main(["resize", files["a"], "--model", model, "--rank", "1", "--out", out, "--force"]) == 0
+
+
+def test_files_naming_the_unet_in_sd_or_diffusers_words_merge_together(files, tmp_path):
+    """The same adapter written with SD's module names (lora_unet_input_blocks_...) and with diffusers' (what we and
+    kohya write) is one adapter on the model: merged at 0.5 + 0.5 it equals the adapter itself."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm.formats.lora_kohya import UNET_PREFIX, name_table
+
+    table = name_table(bundle_roots(fresh(files)))
+    state = load_file(files["a"])
+    renamed = {}
+    for key, value in state.items():
+        name, _, suffix = key.partition(".")
+        root, path = table[name]
+        renamed[(UNET_PREFIX + path.replace(".", "_") if root == "unet" else name) + "." + suffix] = value
+    assert renamed.keys() != state.keys()
+    sd_named = tmp_path / "sd_named.safetensors"
+    save_file(renamed, str(sd_named))
+    out = tmp_path / "halves.safetensors"
+    report = lora_tools.merge([f"{files['a']}:0.5", f"{sd_named}:0.5"], files["model"], out, concat=True,
+                              log=lambda _: None)
+    assert len(report.layers) == len(deltas(files["a"], files)) and {x.rank for x in report.layers} == {4}  # one
+    assert max_weight_difference(applied(files, [str(out)]), applied(files, [files["a"]])) < 1e-5
