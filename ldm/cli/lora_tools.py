@@ -91,7 +91,7 @@ class Report:
                 + f" | fro retained overall: {self.kept:.2%}, average per layer: {mean:.2%} (std {std:0.3f})"
                 + f" | relative error overall: {self.error:.2e}")
 
-    def print(self, log=print) -> None:
+    def show(self, log=print) -> None:
         for x in self.layers:
             log(x.line())
         for note in self.notes:
@@ -230,7 +230,7 @@ def merge(specs: list[str], model: str, out, *, rank: int | None = None, conv_ra
     about = {"tool": "merge", "sources": [f"{f.path}:{w:g}" for f, w in files],
              "rank": "concat" if concat else rank, "conv_rank": conv_rank, "clamp_quantile": clamp_quantile}
     report.path = write(weights, roots, bundle, path, about, title=path.stem)
-    report.print(log)
+    report.show(log)
     return report
 
 
@@ -258,12 +258,13 @@ def resize(spec: str, model: str, out, *, rank: int, conv_rank: int | None = Non
     label = names(roots, lora.weights)
     weights, report = {}, Report(path)
     for target, w in lora.weights.items():
-        scale = scale_of(w) * weight
+        up = w["up"] * weight  # FILE:WEIGHT scales the adapter; its alpha / r stays
         max_rank = (conv_rank or rank) if is_spatial(roots, target) else rank
-        new_up, new_down, spectrum, new_rank = lora_svd.lowrank(w["up"], w["down"], max_rank, dynamic, value)
-        err, norm = lora_svd.squared_error(lora_svd.product(w["up"], w["down"]), new_up, new_down)
+        new_up, new_down, spectrum, new_rank = lora_svd.lowrank(up, w["down"], max_rank, dynamic, value)
+        err, norm = lora_svd.squared_error(lora_svd.product(up, w["down"]), new_up, new_down)
         report.layers.append(Layer(label[target], new_rank, spectrum, err, norm, old_rank=w["down"].shape[0]))
-        weights[target] = {"down": new_down.float(), "up": new_up.float(), "alpha": torch.tensor(scale * new_rank)}
+        weights[target] = {"down": new_down.float(), "up": new_up.float(),
+                           "alpha": torch.tensor(scale_of(w) * new_rank)}
     old = sorted({w["down"].shape[0] for w in lora.weights.values()})
     rule = f"{dynamic} {value:g}, at most rank {rank}" if dynamic else f"rank {rank}"
     about = {"tool": "resize", "source": f"{lora.path}:{weight:g}", "rank": rank, "conv_rank": conv_rank,
@@ -271,7 +272,7 @@ def resize(spec: str, model: str, out, *, rank: int, conv_rank: int | None = Non
              "comment": "; ".join(filter(None, [f"resized from rank {'/'.join(map(str, old))} to {rule}",
                                                 lora.metadata.get("ss_training_comment")]))}
     report.path = write(weights, roots, bundle, path, about, title=path.stem, carried=lora.metadata)
-    report.print(log)
+    report.show(log)
     return report
 
 
@@ -376,5 +377,5 @@ def extract(base: str, tuned: str, out, *, rank: int, conv_rank: int | None = No
              "conv_rank": conv_rank, "text_encoder": text_encoder, "clamp_quantile": clamp_quantile,
              "min_diff": min_diff}
     report.path = write(weights, roots, base_bundle, path, about, title=path.stem)
-    report.print(log)
+    report.show(log)
     return report

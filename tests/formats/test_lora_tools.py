@@ -132,6 +132,15 @@ def test_resize_to_the_full_rank_reproduces_the_deltas(files, tmp_path):
                                            "trained on cats")  # kohya keeps the source's training metadata
 
 
+def test_resize_with_a_weight_scales_the_adapter(files, tmp_path):
+    out = tmp_path / "half.safetensors"
+    lora_tools.resize(f"{files['a']}:-0.5", files["model"], out, rank=2, log=lambda _: None)
+    before, after = deltas(files["a"], files), deltas(out, files)
+    assert max(float((-0.5 * before[k] - after[k]).abs().max()) for k in before) < 1e-5
+    with safe_open(str(out), "pt") as f:
+        assert all(float(f.get_tensor(k)) > 0 for k in f.keys() if k.endswith(".alpha"))  # the sign is in up
+
+
 def test_resize_error_falls_with_the_rank_and_the_printed_energy_is_right(files, tmp_path, capsys):
     original = deltas(files["wide"], files)
     errors = []
