@@ -313,6 +313,14 @@ def outside_share(base: dict[str, nn.Module], tuned: dict[str, nn.Module], root:
     return 0.0 if total == 0 else outside / total
 
 
+def text_encoders_differ(base: dict[str, nn.Module], tuned: dict[str, nn.Module]) -> bool:
+    a, b = base.get("text_encoder"), tuned.get("text_encoder")
+    if a is None or b is None:
+        return False
+    x, y = a.state_dict(), b.state_dict()
+    return x.keys() != y.keys() or any(x[k].shape != y[k].shape or not torch.equal(x[k], y[k]) for k in x)
+
+
 def extract(base: str, tuned: str, out, *, rank: int, conv_rank: int | None = None, preset: str | None = None,
             text_encoder: bool = False, clamp_quantile: float | None = None, min_diff: float = 0.0,
             device: str = "cpu", force: bool = False, log=print) -> Report:
@@ -355,9 +363,11 @@ def extract(base: str, tuned: str, out, *, rank: int, conv_rank: int | None = No
             report.layers.append(Layer(label[target], new_rank, spectrum.cpu(), err, norm))
             weights[target] = {"down": down.float().cpu(), "up": up.float().cpu(),
                                "alpha": torch.tensor(float(new_rank))}
+    te_hint = not text_encoder and text_encoders_differ(roots, tuned_roots)
     if not weights:
         raise LoRAToolError(f"--base and --tuned do not differ in the {len(targets)} layers of --preset {preset}"
-                            + (f" by more than --min-diff {min_diff:g}" if min_diff else "") + ": nothing to extract")
+                            + (f" by more than --min-diff {min_diff:g}" if min_diff else "") + ": nothing to extract"
+                            + ("; their text encoders differ: add --text-encoder" if te_hint else ""))
     if skipped:
         report.notes.append(f"{skipped} of {len(targets)} layers differ by at most {min_diff:g}: left out")
     for root in root_names:
@@ -365,14 +375,8 @@ def extract(base: str, tuned: str, out, *, rank: int, conv_rank: int | None = No
         share = outside_share(roots, tuned_roots, root, adapted)
         report.notes.append(f"{root}: {share:.2%} of the weight difference (squared Frobenius) lies in tensors a "
                             f"LoRA of preset {preset} does not hold (biases, norms, other layers)")
-    if not text_encoder and roots["text_encoder"] is not None and tuned_roots["text_encoder"] is not None:
-        try:
-            te_differs = any(not torch.equal(x, y) for x, y in zip(roots["text_encoder"].state_dict().values(),
-                                                                   tuned_roots["text_encoder"].state_dict().values()))
-        except RuntimeError:  # shapes differ: a different text encoder
-            te_differs = True
-        if te_differs:
-            report.notes.append("the text encoders differ: add --text-encoder to extract it too")
+    if te_hint:
+        report.notes.append("the text encoders differ: add --text-encoder to extract it too")
     about = {"tool": "extract", "base": str(base), "tuned": str(tuned), "preset": preset, "rank": rank,
              "conv_rank": conv_rank, "text_encoder": text_encoder, "clamp_quantile": clamp_quantile,
              "min_diff": min_diff}

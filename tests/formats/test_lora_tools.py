@@ -303,3 +303,26 @@ def test_files_naming_the_unet_in_sd_or_diffusers_words_merge_together(files, tm
                               log=lambda _: None)
     assert len(report.layers) == len(deltas(files["a"], files)) and {x.rank for x in report.layers} == {4}  # one
     assert max_weight_difference(applied(files, [str(out)]), applied(files, [files["a"]])) < 1e-5
+
+
+def test_extract_from_sdxl_covers_both_text_encoders(tmp_path):
+    """An SDXL-shaped model: the extracted file names kohya's lora_te1_ / lora_te2_ layers and the SDXL base, and
+    reproduces a full-rank text-encoder difference at full rank."""
+    from ldm.models.tiny_clip import write_tiny_sdxl_clips
+    from tests.helpers.models import tiny_sdxl_bundle
+
+    bundle = tiny_sdxl_bundle(write_tiny_sdxl_clips(tmp_path / "clips"))
+    base = save_ldm_bundle(bundle, tmp_path / "base")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in bundle.text_encoder.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    tuned = save_ldm_bundle(bundle, tmp_path / "tuned")
+    out = tmp_path / "te.safetensors"
+    with pytest.raises(lora_tools.LoRAToolError, match="do not differ.*text encoders differ: add --text-encoder"):
+        lora_tools.extract(str(base), str(tuned), out, rank=4, log=lambda _: None)
+    report = lora_tools.extract(str(base), str(tuned), out, rank=512, text_encoder=True, log=lambda _: None)
+    assert report.error < 1e-6
+    with safe_open(str(out), "pt") as f:
+        prefixes = {k.split("_")[1] for k in f.keys()}
+        assert prefixes == {"te1", "te2"} and f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
