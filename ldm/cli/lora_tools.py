@@ -337,6 +337,10 @@ def extract(base: str, tuned: str, out, *, rank: int, conv_rank: int | None = No
                             f"(got --preset {preset})")
     if min_diff < 0:
         raise LoRAToolError(f"--min-diff must be >= 0, got {min_diff}")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # a bad name, or CUDA that this machine lacks
+        raise LoRAToolError(f"--device {device}: not usable here ({err})") from err
     path = check_out(out, [base, tuned], force)
     base_bundle, tuned_bundle = load_model(base, "--base"), load_model(tuned, "--tuned")
     roots, tuned_roots = bundle_roots(base_bundle), bundle_roots(tuned_bundle)

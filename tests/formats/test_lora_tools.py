@@ -260,6 +260,8 @@ def test_bad_inputs_are_clear_errors(files, clip_folder, tmp_path, capsys):  # n
         (["extract", "--base", model, "--tuned", model, "--rank", "2", "--out", out], "do not differ"),
         (["extract", "--base", model, "--tuned", files["tuned"], "--rank", "2", "--conv-rank", "2",
           "--preset", "attention", "--out", out], "only --preset full"),
+        (["extract", "--base", model, "--tuned", files["tuned"], "--rank", "2", "--device", "gpu7", "--out", out],
+         "--device gpu7: not usable"),
     ]
     other = save_ldm_bundle(tiny_bundle(clip_folder, model_channels=32), tmp_path / "other")
     cases.append((["extract", "--base", model, "--tuned", str(other), "--rank", "2", "--out", out],
