@@ -74,14 +74,14 @@ def all_commands() -> list[Command]:
     return [c for doc in DOCS for c in commands_in(doc)]
 
 
-MODULES = {"ldm.export": "export", "ldm.cli.export": "export", "ldm.evaluate": "evaluate",
+MODULES = {"ldm.export": "export", "ldm.cli.export": "export", "ldm.evaluate": "evaluate", "ldm.lora": "lora",
            "ldm.cli.latent_cache": "latent_cache", "ldm.tasks.glyphs": "glyphs", "venv": "venv", "pytest": "pytest",
            "pip": "pip"}
 
 
 def program(argv: tuple[str, ...]) -> str:
-    """What a command runs: train, sample, export, evaluate, latent_cache, glyphs, bench:NAME, pip, venv, activate,
-    pytest; unknown:... for anything else."""
+    """What a command runs: train, sample, export, evaluate, lora, latent_cache, glyphs, bench:NAME, pip, venv,
+    activate, pytest; unknown:... for anything else."""
     head = argv[0]
     if head in (".", "source"):
         return "activate"
@@ -285,6 +285,32 @@ class Checks:
 
         self.export_args(command)
         assert main(self.docs.substitute(arguments(command.argv))) == 0
+
+    # ---- python -m ldm.lora
+
+    def lora_args(self, command: Command) -> list[str]:
+        from ldm.cli.lora import build_parser
+        from ldm.formats.lora_files import parse_lora_spec
+
+        args = self.docs.substitute(arguments(command.argv))
+        parsed = parse(build_parser(), args)
+        for spec in getattr(parsed, "loras", None) or [getattr(parsed, "lora", None)]:
+            if spec is not None:
+                self.input(parse_lora_spec(spec)[0], parsed.command)
+        for option in ("model", "base", "tuned"):
+            value = getattr(parsed, option, None)
+            if value is not None and not hub_id(value):
+                self.input(value, f"--{option}")
+        assert not Path(parsed.out).exists(), f"--out {parsed.out} is already there"
+        return args
+
+    def check_lora(self, command: Command, _: str) -> None:
+        self.lora_args(command)
+
+    def run_lora(self, command: Command, _: str) -> None:
+        from ldm.cli.lora import main
+
+        assert main(self.lora_args(command)) == 0
 
     # ---- python -m ldm.evaluate
 
