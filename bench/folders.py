@@ -24,7 +24,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from ldm.tasks.class_folder import fit_shift_augmented, write_class_folder
+from ldm.data.class_folder import write_class_folder
+from ldm.evaluation.judge import fit_shift_augmented
 
 SUPERSAMPLE = 4
 ICONS = ("cross", "plus", "ring", "square", "triangle", "arrow", "star", "zigzag", "house", "heart")

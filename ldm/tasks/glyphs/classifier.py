@@ -11,7 +11,7 @@ import random
 import torch
 from torch import nn
 
-from ldm.tasks.class_folder import fit_shift_augmented
+from ldm.evaluation.judge import fit_shift_augmented
 from ldm.tasks.glyphs.dataset import CLASSES, render_glyph
 
 
@@ -63,7 +63,7 @@ def render_set(n: int, resolution: int = 32, seed: int = 0) -> tuple[torch.Tenso
 
 def fit_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 6, batch_size: int = 64,
                    lr: float = 3e-3, seed: int = 0) -> GlyphClassifier:
-    """A GlyphClassifier fit on real glyphs (class_folder.fit_shift_augmented: Adam, 2 px random shifts)."""
+    """A GlyphClassifier fit on real glyphs (ldm.evaluation.judge.fit_shift_augmented: Adam, 2 px random shifts)."""
     return fit_shift_augmented(GlyphClassifier, images, labels, epochs, batch_size, lr, seed)
 
 

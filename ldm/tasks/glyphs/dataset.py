@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ldm.tasks.class_folder import write_class_folder
+from ldm.data.class_folder import write_class_folder
 
 # Ten letters whose glyphs differ at 32 px (no O/Q, I/L or C/G pairs).
 CLASSES = ("A", "E", "F", "H", "K", "M", "R", "S", "W", "X")
