@@ -244,9 +244,7 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
 
 
 def _comfy_words(comfy: ComfyCheck) -> str:
-    if comfy.loadable:
-        return f"{comfy.verdict()}"
-    return f"--allow-unloadable: {comfy.verdict()}"
+    return comfy.verdict() if comfy.loadable else f"--allow-unloadable: {comfy.verdict()}"
 
 
 def _no_frozen_note(fmt: str, out: Path, comfy: ComfyCheck | None = None) -> str:

@@ -7,6 +7,8 @@ models are never built."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +16,12 @@ from transformers import CLIPTextConfig
 
 from ldm.cli.export import main as export_main
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.formats.comfyui_check import CLIP_G, CLIP_H, CLIP_L, comfyui_check, input_block_depths
+from ldm.formats.comfyui_check import (CLIP_G, CLIP_H, CLIP_L, ComfyCheck, comfyui_check, comfyui_check_bundle,
+                                        input_block_depths)
 from ldm.formats.common import ExportError
-from ldm.formats.exporter import export
-from ldm.models.autoencoder import AutoencoderConfig
-from ldm.models.unet import UNET_PRESETS, UNetConfig
+from ldm.formats.exporter import _how_to_load, export
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.unet import UNET_PRESETS, UNet, UNetConfig
 from tests.helpers.models import bundle, clip_folder  # noqa: F401 - fixtures
 
 SD_SCHEDULE = NoiseSchedule.make("scaled_linear")  # SD's: 0.00085 -> 0.012, 1000 steps, epsilon
@@ -117,3 +120,17 @@ def test_single_file_export_refuses_what_comfyui_cannot_load(bundle, tmp_path, c
     assert export_main([str(source), "--format", "single-file", "--out", str(tmp_path / "c.safetensors"),
                         "--allow-unloadable"]) == 0
     assert "ComfyUI cannot load it" in capsys.readouterr().out
+
+
+def test_an_sd15_shaped_bundle_on_the_meta_device_is_loadable():
+    """The bundle path (configs and weights read off the networks) on SD1.5's real sizes, never allocated."""
+    with torch.device("meta"):
+        unet, vae_net = UNet.from_preset("sd15"), AutoencoderKL.from_preset("sd")
+    te = SimpleNamespace(model=SimpleNamespace(config=clip(CLIP_L)), penultimate=False)
+    sd = SimpleNamespace(unet=unet, autoencoder=vae_net, text_encoder=te, schedule=SD_SCHEDULE)
+    assert comfyui_check_bundle(sd).loadable
+    assert comfyui_check_bundle(sd, frozen=False).loadable  # ComfyUI's UNETLoader: the U-Net rules only
+    note = _how_to_load("single-file", Path("m.safetensors"), comfy=comfyui_check_bundle(sd))
+    assert note.startswith("ComfyUI detects it as SD1.5: put m.safetensors in models/checkpoints")
+    refused = _how_to_load("single-file", Path("m.safetensors"), comfy=ComfyCheck(None, ["no match"]))
+    assert "cannot load" in refused and "models/checkpoints" not in refused

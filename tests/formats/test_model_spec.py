@@ -18,7 +18,7 @@ from ldm.models.unet import UNet
 from tests.helpers.models import randomize
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
-DTYPE_ORDER = ["BF16", "F16", "F32", "I64"]  # safetensors' Dtype enum order (BF16 < F16 < F32 < ... < I64)
+DTYPE_ORDER = ["F16", "BF16", "F32", "I64"]  # safetensors' Dtype enum order (F16 < BF16 < F32 < ... < I64)
 
 
 def reference_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
@@ -49,7 +49,7 @@ def test_the_hashes_follow_sd_scripts_algorithm_past_the_first_mebibyte():
     g = torch.Generator().manual_seed(0)
     tensors = {"lora_unet_x.lora_down.weight": torch.randn(300_000, generator=g),  # 1.2 MB: the legacy window
                "lora_unet_x.lora_up.weight": torch.randn(7, 3, generator=g), "lora_unet_x.alpha": torch.tensor(4.0),
-               "half": torch.randn(5, generator=g).half()}
+               "half": torch.randn(5, generator=g).half(), "brain": torch.randn(3, generator=g).bfloat16()}
     meta = {"ss_network_dim": "4", "ss_network_args": json.dumps({"conv_dim": "2"}), "ss_note": "größe",
             "modelspec.title": "left out of the hash", "sshs_model_hash": "left out too"}
     ours = sshs_hashes(tensors, meta)
