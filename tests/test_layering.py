@@ -12,7 +12,8 @@ LDM = Path(__file__).resolve().parents[1] / "ldm"
 # DESIGN.md's layers, lowest first: a unit may import its own layer and the layers before it.
 LAYERS = ["diffusion", "models", "formats", "data", "pipelines", "evaluation", "training", "tasks", "cli"]
 # Top-level modules that are not packages, and the layer they belong to.
-MODULE_LAYERS = {"evaluate": "cli", "export": "cli", "lora": "cli"}
+MODULE_LAYERS = {"evaluate": "cli", "export": "cli", "lora": "cli",
+                 "file_modes": "diffusion"}  # a leaf helper (no ldm imports): every layer may use it
 # What a layer must not import even though it is lower (DESIGN.md: the data library builds no networks and reads
 # no weights; the cache CLI lives in ldm/cli/) ...
 FORBIDDEN = {"data": {"models", "formats"}}

@@ -1,14 +1,16 @@
 """Export a trained model for other tools, and our own compact bundle (``ldm-export`` is the same command).
 
     python -m ldm.cli.export <checkpoint or model> --format {diffusers,single-file,ldm} --out <path>
-        [--raw] [--dtype fp32|fp16|bf16] [--no-frozen] [--force] [--resolution N] [--text-encoder FOLDER]
+        [--raw] [--dtype fp32|fp16|bf16] [--no-frozen] [--force] [--allow-unloadable] [--resolution N]
+        [--text-encoder FOLDER]
         [--merge-lora FILE[:SCALE]] [--verify [--verify-prompt TEXT] [--verify-device DEVICE]]
 
 - ``diffusers``: a ``StableDiffusionPipeline`` folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
   ``tokenizer/``, ``scheduler/`` with the training schedule), safetensors weights;
 - ``single-file``: an original-layout SD ``.safetensors`` plus its ``v1/v2-inference.yaml``-style config next to it
   (SDXL: SGM layout ``conditioner.embedders.*`` and an ``sd_xl_base.yaml``-style config) for ComfyUI, A1111,
-  diffusers' ``from_single_file``;
+  diffusers' ``from_single_file``; refused for a model ComfyUI cannot load as what it is
+  (``ldm.formats.comfyui_check``) unless ``--allow-unloadable``;
 - ``ldm``: a folder ``load_ldm_bundle`` (and ``ldm.formats.load.load_bundle`` / ``sample.py``) rebuilds exactly.
 
 The input is a training checkpoint (EMA U-Net unless ``--raw``) or anything ``ldm.formats.load.load_bundle`` reads.
@@ -45,6 +47,9 @@ def build_parser(prog: str = "python -m ldm.cli.export") -> argparse.ArgumentPar
     p.add_argument("--no-frozen", dest="frozen", action="store_false",
                    help="leave out the frozen VAE and text encoder (write the U-Net only)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--allow-unloadable", action="store_true",
+                   help="single-file: write it even when ComfyUI cannot load it as the model it is (a non-SD size, "
+                        "another head count, schedule or latent scale); without it such a model is refused")
     p.add_argument("--resolution", type=int, default=None,
                    help="training image size for the configs (default: what the source records, else 512)")
     p.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m ldm.cli.export") 
             source = load_source(args.source, use_ema=not args.raw, text_encoder=args.text_encoder)
         result = export(source, args.fmt, args.out, raw=args.raw, dtype=args.dtype, frozen=args.frozen,
                         force=args.force, resolution=args.resolution, text_encoder=args.text_encoder, log=print,
-                        merge_lora=args.merge_lora)
+                        merge_lora=args.merge_lora, allow_unloadable=args.allow_unloadable)
         if args.verify:
             return verify(result, source, args.merge_lora, settings)
     except (ExportError, OSError, ValueError) as err:

@@ -204,13 +204,13 @@ class _EncodeFunction:
 
 def _write_shard(path: Path, rows: dict[str, list[torch.Tensor]], captions: list[str], indices: list[int],
                  k: int) -> int:
-    from safetensors.torch import save_file
+    from ldm.file_modes import write_safetensors
 
     tensors = {name: torch.cat(parts) for name, parts in rows.items()}
     tensors["index"] = torch.as_tensor(indices, dtype=torch.int64)
     metadata = {"format": FORMAT, "shard": str(k), "captions": json.dumps(captions)}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(tensors, tmp, metadata=metadata)
     with open(tmp, "rb+") as f:  # the rename below must not expose a shard whose bytes are still in flight
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -18,12 +18,12 @@ from ldm.formats.single_file import UNET_PREFIX, split_sd_checkpoint
 
 def save_autoencoder(autoencoder: nn.Module, path: str | Path) -> Path:
     """Write an autoencoder as safetensors with its constructor config in the metadata (atomic rename)."""
-    from safetensors.torch import save_file
+    from ldm.file_modes import write_safetensors
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
-    save_file(state, str(tmp), metadata={HEADER_KEY: json.dumps(autoencoder.config)})
+    write_safetensors(state, tmp, metadata={HEADER_KEY: json.dumps(autoencoder.config)})
     tmp.replace(path)
     return path
 

@@ -8,13 +8,13 @@ and cast on the way out (``dtype``), so exporting fp16 leaves the caller's fp32 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.file_modes import write_safetensors
 
 # Our schedule kinds -> diffusers' beta_schedule names, and -> the original ldm code's (``make_beta_schedule``).
 # The original "linear" is linear in sqrt(beta): our scaled_linear (SD); our linear (DDPM) is its "sqrt_linear".
@@ -41,17 +41,9 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dic
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt", **(metadata or {})})
-    os.chmod(path, 0o666 & ~_umask())  # safetensors creates 0600 files; others (a ComfyUI server) must read them
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    # safetensors creates 0600 files; others (a ComfyUI server) must read them: the umask decides (ldm/file_modes.py)
+    write_safetensors(state, path, metadata={"format": "pt", **(metadata or {})})
 
 
 def write_json(path: Path, obj: Any) -> None:

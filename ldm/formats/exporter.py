@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from ldm.models.bundle import ModelBundle
 from ldm.formats.common import ExportError, check_schedule
+from ldm.formats.comfyui_check import ComfyCheck, comfyui_check_bundle
 from ldm.formats.dtypes import DTYPES as ALL_DTYPES
 from ldm.formats.diffusers_folder import check_diffusers, write_diffusers
 from ldm.formats.ldm_bundle import write_ldm_bundle
@@ -169,13 +170,16 @@ def _check_format(bundle: ModelBundle, fmt: str) -> None:
 
 def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", frozen: bool = True,
            force: bool = False, resolution: int | None = None, text_encoder: Any = None,
-           log: Callable[[str], None] | None = None, merge_lora: Sequence[str] = ()) -> ExportResult:
+           log: Callable[[str], None] | None = None, merge_lora: Sequence[str] = (),
+           allow_unloadable: bool = False) -> ExportResult:
     """Export ``source`` (a path any loader reads, or a ModelBundle) as ``fmt`` to ``out``.
 
     raw: the raw U-Net instead of the EMA weights. dtype: fp32 | fp16 | bf16 for the written floating tensors.
     frozen: False leaves out the VAE and the text encoder. resolution: the training image size (default: what
     the source records, else 512). text_encoder: for SD single-file sources, a folder with tokenizer/ +
     text_encoder/ (passed to ``load_bundle``). merge_lora: ``FILE[:SCALE]`` LoRA files baked into the weights.
+    allow_unloadable: write a single file that ComfyUI cannot load as the model it is (``comfyui_check``: a
+    non-SD size, another head count, schedule or latent scale); without it such a single file is refused.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -203,6 +207,11 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
         except LoRAFileError as err:
             raise ExportError(f"--merge-lora: {err}") from err
     _check_format(bundle, fmt)
+    comfy = comfyui_check_bundle(bundle, frozen) if fmt == "single-file" else None
+    if comfy is not None and not comfy.loadable and not allow_unloadable:
+        raise ExportError(f"{comfy.verdict()}. A single file is for ComfyUI / A1111: export this model with "
+                          "--format diffusers (or ldm), or pass --allow-unloadable to write the single file anyway "
+                          "(ldm and diffusers' from_single_file with the yaml next to it read it)")
     notes = []
     res = resolution or resolution_of(bundle)
     if res is None:
@@ -226,31 +235,40 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
         stage.commit()
 
     sdxl = hasattr(bundle.text_encoder, "model_2")
-    notes.append(_no_frozen_note(fmt, out) if not frozen else _how_to_load(fmt, out, sdxl))
+    notes.append(_no_frozen_note(fmt, out, comfy) if not frozen else _how_to_load(fmt, out, sdxl, comfy))
+    notes += comfy.notes if comfy is not None else []
     result = ExportResult(fmt, finals, written, dtype, _unet_weights(bundle, not raw), frozen, res, notes, bundle)
     if log is not None:
         log(result.summary())
     return result
 
 
-def _no_frozen_note(fmt: str, out: Path) -> str:
+def _comfy_words(comfy: ComfyCheck) -> str:
+    return comfy.verdict() if comfy.loadable else f"--allow-unloadable: {comfy.verdict()}"
+
+
+def _no_frozen_note(fmt: str, out: Path, comfy: ComfyCheck | None = None) -> str:
     if fmt == "diffusers":
         return ("--no-frozen: the VAE, text encoder and tokenizer are left out (unet/, scheduler/ and "
                 "model_index.json only); pass them in: StableDiffusionPipeline.from_pretrained(out, vae=..., "
                 "text_encoder=..., tokenizer=...)")
     if fmt == "single-file":
         return ("--no-frozen: only the U-Net (model.diffusion_model.*) is in the file; load it as a U-Net / "
-                "diffusion model and take the VAE and text encoder from the base model")
+                "diffusion model and take the VAE and text encoder from the base model"
+                + (f" ({_comfy_words(comfy)})" if comfy is not None else ""))
     return ("--no-frozen: only the U-Net weights are in the bundle; load it with "
             "ldm.formats.ldm_bundle.load_ldm_bundle_into(folder, unet, autoencoder=None, text_encoder=None)")
 
 
-def _how_to_load(fmt: str, out: Path, sdxl: bool = False) -> str:
+def _how_to_load(fmt: str, out: Path, sdxl: bool = False, comfy: ComfyCheck | None = None) -> str:
     pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     if fmt == "diffusers":
         return f"load with diffusers: {pipeline}.from_pretrained({str(out)!r})"
     if fmt == "single-file":
         yaml_name = out.with_suffix(".yaml").name
-        return (f"ComfyUI / A1111: put {out.name} and {yaml_name} side by side in the checkpoints folder; diffusers: "
-                f"{pipeline}.from_single_file({str(out)!r}, original_config=..., config=...)")
+        diffusers = f"diffusers: {pipeline}.from_single_file({str(out)!r}, original_config=..., config=...)"
+        if comfy is not None and not comfy.loadable:
+            return f"{_comfy_words(comfy)}; read it with ldm or {diffusers} (the yaml {yaml_name} describes it)"
+        return (f"{comfy.verdict() if comfy else 'ComfyUI'}: put {out.name} in models/checkpoints (it reads no "
+                f"yaml); A1111: put {out.name} and {yaml_name} side by side in the checkpoints folder; {diffusers}")
     return f"sample with: python sample.py ckpt={out}"

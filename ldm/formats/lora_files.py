@@ -92,7 +92,7 @@ def save_lora_file(network: LoRANetwork, roots: dict[str, nn.Module], path: str 
                    metadata: dict[str, str] | None = None, **kohya_meta) -> Path:
     """Write `network` as `layout` (kohya: one .safetensors; peft: `path` is a folder that gets
     pytorch_lora_weights.safetensors). Written to a temporary name and renamed."""
-    from safetensors.torch import save_file
+    from ldm.file_modes import write_safetensors
 
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA layout must be one of {LAYOUTS}, got {layout!r}")
@@ -105,9 +105,11 @@ def save_lora_file(network: LoRANetwork, roots: dict[str, nn.Module], path: str 
         path = path / lora_peft.WEIGHT_NAME
         state, meta = lora_peft.to_peft(network, roots)
     meta.update(metadata or {})
+    if layout == "kohya":  # sd-scripts' sshs_* hashes of the tensors and the final ss_* keys
+        meta.update(lora_kohya.sshs_hashes(state, meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    write_safetensors(state, tmp, metadata={k: str(v) for k, v in meta.items()})  # 0644 under umask 022
     tmp.replace(path)
     return path
 

@@ -11,20 +11,22 @@ kohya's U-Net uses diffusers' module names (`down_blocks_0_attentions_0_...`), s
 also accept the original SD names (`lora_unet_input_blocks_1_1_...`), as ComfyUI's `comfy/lora.py`
 `model_lora_keys_unet` maps both: every `diffusion_model.<key>.weight` and every diffusers key of
 `utils.unet_to_diffusers`, with "." -> "_".
-Metadata: kohya's `ss_*` training keys (train_network.py) and the `modelspec.*` keys of Stability's model spec
-(sd-scripts `library/sai_model_spec.py`). Metadata is data: it is read as strings and never executed.
+Metadata: kohya's `ss_*` training keys (train_network.py), the `modelspec.*` keys of Stability's model spec and the
+`sshs_*` hashes, as sd-scripts writes them (ldm/formats/model_spec.py). Metadata is data: it is read as strings and
+never executed.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ldm.formats.lora_layers import fit_weights, text_hub_path, unet_diffusers_paths
+from ldm.formats.model_spec import (  # noqa: F401 - infer_base_model_version, model_spec_architecture: re-exported
+    infer_base_model_version, model_spec, model_spec_architecture, sshs_hashes)
 from ldm.models.lora import LoRANetwork, is_adaptable
 
 UNET_PREFIX = "lora_unet_"
@@ -87,43 +89,6 @@ def to_kohya(network: LoRANetwork, roots: dict[str, nn.Module]) -> dict[str, Ten
     return state
 
 
-# sd-scripts' base-model names: library/sdxl_model_util.py MODEL_VERSION_SDXL_BASE_V1_0, library/model_util.py
-# get_model_version_str_for_sd1_sd2 ("sd_v1" / "sd_v2", + "_v" for v-prediction); library/sai_model_spec.py
-# determine_architecture (ARCH_*) and determine_implementation (an SDXL LoRA: IMPL_STABILITY_AI).
-SDXL_BASE_VERSION = "sdxl_base_v1-0"
-ARCH_SD_V1, ARCH_SD_V2_512 = "stable-diffusion-v1", "stable-diffusion-v2-512"
-ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
-ARCH_SD_XL_V1_BASE = "stable-diffusion-xl-v1-base"
-IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
-IMPL_DIFFUSERS = "https://github.com/huggingface/diffusers"
-
-
-def infer_base_model_version(roots: dict[str, nn.Module], prediction_type: str = "epsilon") -> str:
-    """kohya's ``ss_base_model_version`` of the model the LoRA adapts: SDXL (dual text encoder, or a U-Net with
-    SDXL's vector input), SD2 (OpenCLIP's gelu text encoder; without one, a 1024-wide U-Net context), else SD1."""
-    te, unet = roots.get("text_encoder"), roots.get("unet")
-    unet_config = getattr(unet, "config", None) or {}
-    if hasattr(te, "model_2") or unet_config.get("adm_in_channels"):
-        return SDXL_BASE_VERSION
-    text = getattr(te, "model", te)
-    if text is not None and hasattr(text, "config"):
-        v2 = getattr(text.config, "hidden_act", None) == "gelu"
-    else:
-        v2 = unet_config.get("context_dim") == 1024
-    return ("sd_v2" if v2 else "sd_v1") + ("_v" if prediction_type == "v_prediction" else "")
-
-
-def model_spec_architecture(version: str) -> str:
-    """``modelspec.architecture`` of a LoRA for the base model ``version`` (sai_model_spec.determine_architecture)."""
-    if version.startswith("sdxl"):
-        arch = ARCH_SD_XL_V1_BASE
-    elif version.startswith("sd_v2"):
-        arch = ARCH_SD_V2_768_V if version.endswith("_v") else ARCH_SD_V2_512
-    else:
-        arch = ARCH_SD_V1
-    return f"{arch}/lora"
-
-
 def kohya_metadata(network: LoRANetwork, roots: dict[str, nn.Module], *, base_model_version: str | None = None,
                    prediction_type: str = "epsilon", resolution: int | None = None, title: str = "ldm LoRA",
                    training: dict[str, Any] | None = None) -> dict[str, str]:
@@ -140,17 +105,12 @@ def kohya_metadata(network: LoRANetwork, roots: dict[str, nn.Module], *, base_mo
         "ss_network_alpha": str(float(linear[0].alpha) if linear else float(conv[0].alpha)),
         "ss_base_model_version": version,
         "ss_v2": str(version.startswith("sd_v2")),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": model_spec_architecture(version),
-        "modelspec.implementation": IMPL_STABILITY_AI if version.startswith("sdxl") else IMPL_DIFFUSERS,
-        "modelspec.title": title,
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+        **model_spec(version, "lora", title=title, prediction_type=prediction_type, resolution=resolution),
     }
     if conv:
         meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": str(float(conv[0].alpha))})
     if resolution:
         meta["ss_resolution"] = f"({resolution}, {resolution})"
-        meta["modelspec.resolution"] = f"{resolution}x{resolution}"
     for k, v in (training or {}).items():
         meta[k if k.startswith("ss_") else f"ss_{k}"] = v if isinstance(v, str) else json.dumps(v)
     return meta

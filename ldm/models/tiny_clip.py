@@ -189,7 +189,7 @@ def write_tiny_sdxl_clips(folder, words=DEFAULT_WORDS, hidden_size: int = 32, hi
 
 def _write_model(out: Path, cls, config, seed: int) -> None:
     """A seeded random ``cls(config)`` as ``config.json`` + ``model.safetensors`` (hub key names)."""
-    from safetensors.torch import save_file
+    from ldm.file_modes import write_safetensors
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -202,4 +202,4 @@ def _write_model(out: Path, cls, config, seed: int) -> None:
         if not key.endswith("position_ids"):
             hub_key = key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
             state[hub_key] = value.detach().contiguous().clone()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})

@@ -70,7 +70,7 @@ def diffusers_dir(ckpt, out):
 
 @pytest.fixture(scope="module")
 def single_file(ckpt, out):
-    export(ckpt, "single-file", out / "model.safetensors")
+    export(ckpt, "single-file", out / "model.safetensors", allow_unloadable=True)  # a tiny model: not ComfyUI's
     return out / "model.safetensors"
 
 
@@ -303,7 +303,7 @@ def test_sd2_style_model(ours, tmp_path):
                                diffusers_image(pipe, latents, 4, 3.0), atol=1e-4, rtol=0)
 
     sf = tmp_path / "sd2.safetensors"
-    export(bundle, "single-file", sf)
+    export(bundle, "single-file", sf, allow_unloadable=True)
     params = yaml.safe_load(sf.with_suffix(".yaml").read_text())["model"]["params"]
     assert params["parameterization"] == "v"
     assert params["unet_config"]["params"]["use_linear_in_transformer"] is True
@@ -420,7 +420,7 @@ def test_fp16_and_bf16(ckpt, ours, out):
     export(ckpt, "diffusers", out / "fp16", dtype="fp16")
     for sub in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
         assert safetensors_dtypes(out / "fp16" / f"{sub}.safetensors") == {"F16"}, sub
-    export(ckpt, "single-file", out / "fp16.safetensors", dtype="fp16")
+    export(ckpt, "single-file", out / "fp16.safetensors", dtype="fp16", allow_unloadable=True)
     assert safetensors_dtypes(out / "fp16.safetensors") == {"F16"}
     unet = diffusers.UNet2DConditionModel.from_pretrained(out / "fp16", subfolder="unet", torch_dtype=torch.float16)
     assert unet.dtype == torch.float16
@@ -445,7 +445,7 @@ def test_no_frozen(ckpt, ours, out):
         text_encoder=ours.text_encoder.model, tokenizer=ours.text_encoder.tokenizer, safety_checker=None)
     assert pipe.unet.config.block_out_channels == unet.config.block_out_channels
 
-    export(ckpt, "single-file", out / "unet-only.safetensors", frozen=False)
+    export(ckpt, "single-file", out / "unet-only.safetensors", frozen=False, allow_unloadable=True)
     with safe_open(str(out / "unet-only.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("model.diffusion_model.") for k in keys)
@@ -484,9 +484,10 @@ def test_overwrite_needs_force(ckpt, tmp_path, capsys):
 
     file = tmp_path / "m.safetensors"
     file.write_bytes(b"old")
-    assert export_main([str(ckpt), "--format", "single-file", "--out", str(file)]) != 0
+    assert export_main([str(ckpt), "--format", "single-file", "--out", str(file), "--allow-unloadable"]) != 0
     assert file.read_bytes() == b"old" and not file.with_suffix(".yaml").exists()
-    assert export_main([str(ckpt), "--format", "single-file", "--out", str(file), "--force"]) == 0
+    assert export_main([str(ckpt), "--format", "single-file", "--out", str(file), "--force",
+                        "--allow-unloadable"]) == 0
     assert file.with_suffix(".yaml").is_file() and file.stat().st_size > 1000
 
     foreign = tmp_path / "photos"  # --force never deletes a folder that is not an export
@@ -639,7 +640,7 @@ def test_sd15_single_file_fine_tunes(tmp_path):
         "trainer.max_steps=1", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "lr_scheduler.warmup_steps=1", "module.ema_decay=null",
         "optim._target_=torch.optim.SGD", "~optim.betas", "optim.weight_decay=0", "callbacks=none",
-        "+callbacks.check._target_=tests.test_export.CheckLoaded", f"+callbacks.check.path={path}"])
+        "+callbacks.check._target_=tests.formats.test_export.CheckLoaded", f"+callbacks.check.path={path}"])
     result = train(cfg)
     assert result["global_step"] == 1
     assert path.with_suffix(".checked").is_file()
@@ -665,4 +666,4 @@ def test_single_file_refuses_a_vae_whose_groupnorm_is_not_32(tmp_path):
     export(bundle, "diffusers", tmp_path / "pipe", resolution=RES)  # the format that can describe it
     assert json.loads((tmp_path / "pipe" / "vae" / "config.json").read_text())["norm_num_groups"] == 8
     export(dataclasses.replace(bundle, autoencoder=AutoencoderKL.from_preset("tiny")), "single-file",
-           tmp_path / "ok.safetensors", resolution=RES)
+           tmp_path / "ok.safetensors", resolution=RES, allow_unloadable=True)

@@ -44,7 +44,7 @@ def bundle(clips):
 @pytest.fixture(scope="module")
 def single_file(bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("sf") / "xl.safetensors"
-    result = export(bundle, "single-file", out, resolution=SIZE)
+    result = export(bundle, "single-file", out, resolution=SIZE, allow_unloadable=True)  # tiny: not ComfyUI's SDXL
     assert result.paths == [out, out.with_suffix(".yaml")]
     return out
 
@@ -174,11 +174,11 @@ def test_schedules_the_yaml_cannot_say_are_refused_before_writing(clips, tmp_pat
                             (NoiseSchedule.make("scaled_linear", prediction_type="sample"), "prediction_type")]:
         out = tmp_path / f"{schedule.kind}-{schedule.prediction_type}.safetensors"
         with pytest.raises(ExportError, match=match):
-            export(tiny_sdxl(clips, schedule), "single-file", out, resolution=SIZE)
+            export(tiny_sdxl(clips, schedule), "single-file", out, resolution=SIZE, allow_unloadable=True)
         assert not any(tmp_path.iterdir())
     v = NoiseSchedule.make("scaled_linear", prediction_type="v_prediction", rescale_zero_terminal_snr=True)
     out = tmp_path / "v.safetensors"
-    export(tiny_sdxl(clips, v), "single-file", out, resolution=SIZE, dtype="fp16")
+    export(tiny_sdxl(clips, v), "single-file", out, resolution=SIZE, dtype="fp16", allow_unloadable=True)
     text = out.with_suffix(".yaml").read_text()
     assert "zero terminal SNR" in text.split("model:")[0]  # said in the comment
     denoiser = yaml.safe_load(text)["model"]["params"]["denoiser_config"]["params"]
@@ -230,7 +230,8 @@ def test_cli_exports_an_sdxl_folder_as_a_single_file(bundle, tmp_path, capsys):
 
     write_diffusers(bundle, tmp_path / "folder", resolution=SIZE)
     out = tmp_path / "cli" / "xl.safetensors"
-    assert main([str(tmp_path / "folder"), "--format", "single-file", "--out", str(out), "--dtype", "bf16"]) == 0
+    assert main([str(tmp_path / "folder"), "--format", "single-file", "--out", str(out), "--dtype", "bf16",
+                 "--allow-unloadable"]) == 0
     assert f"exported single-file (bf16) -> {out}" in capsys.readouterr().out
     with safe_open(str(out), framework="pt") as f:
         assert f.get_tensor("conditioner.embedders.1.model.text_projection").dtype == torch.bfloat16

@@ -283,8 +283,11 @@ class Checks:
     def run_export(self, command: Command, _: str) -> None:
         from ldm.cli.export import main
 
-        self.export_args(command)
-        assert main(self.docs.substitute(arguments(command.argv))) == 0
+        args = self.export_args(command)
+        # the stand-in <checkpoint> is a tiny model that ComfyUI cannot load: a single file of it is refused unless
+        # asked for (ldm.formats.comfyui_check); the docs' command is for SD-sized models, which pass as written
+        unloadable = ["--allow-unloadable"] if args.fmt == "single-file" and not args.allow_unloadable else []
+        assert main(self.docs.substitute(arguments(command.argv)) + unloadable) == 0
 
     # ---- python -m ldm.lora
 

@@ -107,7 +107,7 @@ def test_no_shared_output_holds_home_or_an_absolute_path(tmp_path, monkeypatch):
     exports = home / "exports"
     for fmt, out in (("ldm", exports / "bundle"), ("single-file", exports / "model.safetensors"),
                      ("diffusers", exports / "diffusers")):
-        assert export_main([lora["last_checkpoint"], "--format", fmt, "--out", str(out)]) == 0
+        assert export_main([lora["last_checkpoint"], "--format", fmt, "--out", str(out), "--allow-unloadable"]) == 0
     images = sample(sample_config(exports / "bundle", home / "samples", f"lora=[{lora_run / 'lora.safetensors'}:0.5]"))
     assert images
     result = evaluate(compose_evaluate([f"ckpt={lora['last_checkpoint']}", "n=2", "sampler.steps=2", "batch_size=2",

@@ -87,6 +87,12 @@ def test_a_run_writes_the_files_and_sample_py_loads_them(tiny_cfg, base, tmp_pat
     diffusers_file = read_embedding(run / "learned_embeds.safetensors")
     a1111 = read_embedding(run / "new-colour.safetensors")
     assert (diffusers_file.token, diffusers_file.layout, a1111.layout) == (TOKEN, "diffusers", "emb_params")
+    from safetensors import safe_open
+
+    with safe_open(str(run / "new-colour.safetensors"), "pt") as f:  # sd-scripts' keys (train_textual_inversion.py)
+        meta = f.metadata()
+    assert (meta["modelspec.architecture"], meta["modelspec.sai_model_spec"], meta["modelspec.prediction_type"]) == (
+        "stable-diffusion-v1/textual-inversion", "1.0.1", "epsilon")
     torch.testing.assert_close(diffusers_file.vectors, ckpt["state_dict"]["ema.model.vectors"])  # the EMA vectors
     torch.testing.assert_close(a1111.vectors, diffusers_file.vectors)
     assert not torch.equal(ckpt["state_dict"]["ema.model.vectors"], ckpt["state_dict"]["textual_inversion.vectors"])

@@ -101,9 +101,14 @@ class TextualInversionRows:
         """<run>/learned_embeds.safetensors (diffusers) and <run>/<token>.safetensors (A1111 / ComfyUI), with the EMA
         vectors when the run kept them."""
         from ldm.formats.embeddings import DIFFUSERS_FILE, save_embedding
+        from ldm.formats.model_spec import infer_base_model_version, model_spec
 
         token, vectors = self.embedding.token, self._weights(use_ema=True).vectors.detach()
-        meta = {"ldm_steps": str(end.global_step), "ldm_init_token": self.config.init_token}
+        prediction = self.networks.schedule.prediction_type
+        version = infer_base_model_version(self.networks.roots(), prediction)
+        meta = {"ldm_steps": str(end.global_step), "ldm_init_token": self.config.init_token,  # + sd-scripts' keys:
+                **model_spec(version, "textual-inversion", title=token, prediction_type=prediction,
+                             resolution=end.model_config.get("resolution"))}
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in token.strip("<>")) or "embedding"
         paths = {"diffusers": str(save_embedding(end.run_dir / DIFFUSERS_FILE, token, vectors, "diffusers", meta)),
                  "a1111": str(save_embedding(end.run_dir / f"{stem}.safetensors", token, vectors, "a1111", meta))}
