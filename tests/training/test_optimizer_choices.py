@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from ldm.training.module.diffusion_module import LatentDiffusion
 from ldm.training.module.optimizer_mode import TRAIN_WEIGHTS
 from ldm.training.module.trained.denoiser import WholeDenoiser
 from ldm.training.run.config_checks import ConfigError, check_values
@@ -161,13 +162,19 @@ def _checkpoints(run_dir):
 def test_schedule_free_run_validates_saves_and_averages_x(tiny_cfg, tmp_path, monkeypatch):
     """A fit with validation every 2 steps trains the same steps as one without validation; its checkpoints hold x
     in the state dict and y beside it; the EMA averages x; the run's files are written from x."""
-    written = []
+    written, validated_on = [], {}
 
     def record_files(self, end):
         written.append({k: v.detach().clone() for k, v in self.networks.unet.state_dict().items()})
         return {}
 
+    def record_validation(self, batch, batch_idx):
+        validated_on[self.global_step] = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        return validation_loss(self, batch, batch_idx)
+
+    validation_loss = LatentDiffusion.validation_loss
     monkeypatch.setattr(WholeDenoiser, "write_files", record_files)
+    monkeypatch.setattr(LatentDiffusion, "validation_loss", record_validation)
     common = ["optim=adamw_schedulefree", "optim.lr=1e-2", "trainer.max_steps=4", "module.ema_decay=0.9",
               "lr_scheduler.warmup_steps=0", *CKPT, "+callbacks.checkpoint.every_n_train_steps=1",
               "+callbacks.checkpoint.save_top_k=-1"]
@@ -203,6 +210,11 @@ def test_schedule_free_run_validates_saves_and_averages_x(tiny_cfg, tmp_path, mo
             e = "ema.model." + k[len("unet."):]
             torch.testing.assert_close(after[e], before[e] + weight * (after[k] - before[e]), atol=1e-6, rtol=1e-5,
                                        msg=e)
+    # validation: on x
+    assert sorted(validated_on) == [2, 4]
+    for step in (2, 4):
+        for k, v in validated_on[step].items():
+            assert torch.equal(v, ckpts[step]["state_dict"]["unet." + k]), k
     # the run's files: from x (the last checkpoint's state dict), not y
     last = torch.load(validated["last_checkpoint"], weights_only=True)["state_dict"]
     assert len(written) == 2
