@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from ldm.training.module.optimizer_mode import TRAIN_WEIGHTS
 from ldm.training.module.trained.denoiser import WholeDenoiser
 from ldm.training.run.config_checks import ConfigError, check_values
 from ldm.training.run.train import build_diffusion_module, train
-from tests.helpers.training import CKPT, logged_losses, tiny_cfg  # noqa: F401 (fixture)
+from tests.helpers.training import CKPT, base, logged_losses, tiny_cfg  # noqa: F401 (fixtures)
 from tests.reliability.test_resume_and_data import kill_resume_compare
 
 # optim option -> (its library's module, the pip package named in the error, an lr for 150 steps on the toy problem)
@@ -220,6 +221,25 @@ def test_schedule_free_run_validates_saves_and_averages_x(tiny_cfg, tmp_path, mo
     assert len(written) == 2
     for k, v in written[0].items():
         assert torch.equal(v, last["unet." + k]), k
+
+
+def test_schedule_free_lora_file_holds_x(tiny_cfg, base):  # noqa: F811 (fixture)
+    """adapter=lora: the checkpoint keeps x and y of the adapter's weights, lora.safetensors holds x."""
+    from ldm.formats.lora_files import read_lora_file
+
+    cfg = tiny_cfg(base, "adapter=lora", "optim=adamw_schedulefree", "optim.lr=1e-2", "module.ema_decay=null",
+                   "lr_scheduler.warmup_steps=0", *CKPT)
+    result = train(cfg)
+    ckpt = torch.load(result["last_checkpoint"], weights_only=True)
+    x, y = ckpt["state_dict"], ckpt["ldm"][TRAIN_WEIGHTS]
+    assert y and set(y) == {k for k in x if k.startswith("lora.") and k.endswith(".weight")}  # not the alphas
+    assert max((x[k] - y[k]).abs().max() for k in y) > 1e-4
+    module = build_diffusion_module(cfg)
+    lora = read_lora_file(Path(result["run_dir"]) / "lora.safetensors", module.adapter_roots())
+    net = lora.network(module.adapter_roots())
+    for key, m in net.loras.items():
+        torch.testing.assert_close(m.up.weight, x[f"lora.loras.{key}.up.weight"], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(m.down.weight, x[f"lora.loras.{key}.down.weight"], atol=1e-6, rtol=1e-6)
 
 
 def test_schedule_free_stopped_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path):
