@@ -137,13 +137,17 @@ def test_schedule_free_sampling_sees_x_and_training_continues_on_the_same_y(tiny
     y = {k: v.detach().clone() for k, v in module.unet.named_parameters()}
     beta1 = opt.param_groups[0]["betas"][0]
     with module.sampling_bundle(use_ema=False) as bundle:
-        seen = dict(bundle.unet.named_parameters())
+        seen = {k: v.detach().clone() for k, v in bundle.unet.named_parameters()}
         for name, p in module.unet.named_parameters():
             x = _x_from(y[name], opt.state[p]["z"], beta1)
             torch.testing.assert_close(seen[name], x, atol=1e-6, rtol=1e-5, msg=name)
         assert max((seen[k] - y[k]).abs().max() for k in y) > 1e-3  # x is not y
     for name, p in module.unet.named_parameters():
         assert torch.equal(p, y[name]), name  # exactly y again, not x -> y in floating point
+    copied = dict(module.bundle(use_ema=False).unet.named_parameters())  # a copy that keeps x
+    for name, p in module.unet.named_parameters():
+        torch.testing.assert_close(copied[name], seen[name], atol=0, rtol=0, msg=name)
+        assert torch.equal(p, y[name]), name
 
     # the same steps with a sampling pass after each: the same weights, bit for bit
     a, opt_a = _schedule_free_module(tiny_cfg, "module.ema_decay=null")

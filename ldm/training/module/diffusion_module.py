@@ -123,9 +123,9 @@ class LatentDiffusion(L.LightningModule):
 
     def bundle(self, use_ema: bool = True) -> ModelBundle:
         """The model as sampling sees it (EMA weights by default), as copies where training would change them
-        (made from the optimizer's inference weights)."""
+        (the optimizer's inference weights: copied where the part would share them)."""
         with self.optimizer_mode.inference_weights():
-            return self.part.bundle(self.global_step, use_ema)
+            return self.optimizer_mode.own_copies(self.part.bundle(self.global_step, use_ema))
 
     def train(self, mode: bool = True):
         super().train(mode)

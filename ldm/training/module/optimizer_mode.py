@@ -19,11 +19,15 @@ gets ``NO_MODES``: nothing is switched or copied."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from contextlib import contextmanager
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from ldm.models.bundle import ModelBundle
 
 TRAIN_WEIGHTS = "train_weights"  # checkpoint["ldm"][TRAIN_WEIGHTS]: {state-dict key: y}
 
@@ -84,6 +88,14 @@ class OptimizerModes:
         finally:
             self.to_training()
 
+    def own_copies(self, bundle: ModelBundle) -> ModelBundle:
+        """Inside ``inference_weights()``: ``bundle`` with a copy of each network that holds trained parameters
+        (which go back to y when the block ends), so that it keeps x."""
+        trained = {id(p) for p in self.params}
+        copies = {name: copy.deepcopy(getattr(bundle, name)) for name in ("unet", "text_encoder")
+                  if any(id(p) in trained for p in getattr(bundle, name).parameters())}
+        return dataclasses.replace(bundle, **copies) if copies else bundle
+
     @torch.no_grad()
     def save(self, checkpoint: dict[str, Any], names: dict[int, str]) -> None:
         """x into ``checkpoint["state_dict"]`` (what inference reads), y beside it under ``ldm.train_weights``
@@ -115,6 +127,9 @@ class NoModes:
     @contextmanager
     def inference_weights(self) -> Iterator[None]:
         yield
+
+    def own_copies(self, bundle: ModelBundle) -> ModelBundle:
+        return bundle
 
     def save(self, checkpoint: dict[str, Any], names: dict[int, str]) -> None:
         pass
