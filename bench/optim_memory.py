@@ -1,8 +1,11 @@
-"""Optimizer memory: AdamW vs 8-bit AdamW (bitsandbytes) vs Adafactor on the same U-Net.
+"""Optimizer memory: AdamW vs 8-bit AdamW (bitsandbytes) vs Adafactor vs Prodigy, schedule-free AdamW, Lion and CAME
+on the same U-Net.
 
-For each optimizer (the optim=adamw / adamw8bit / adafactor factories, in that order, each on a fresh copy of the
-same weights): the bytes of its state tensors after the first step (opt.state: AdamW's two fp32 moments, the
-8-bit moments + their block absmax, Adafactor's row/column factors), the peak memory of the first step over what
+For each optimizer (the optim=adamw / adamw8bit / adafactor / prodigy / adamw_schedulefree / lion / came factories,
+in that order, each on a fresh copy of the same weights): the bytes of its state tensors after the first step
+(opt.state: AdamW's two fp32 moments, the 8-bit moments + their block absmax, Adafactor's row/column factors,
+Prodigy's two moments + its s sum + the initial weights, schedule-free's z + second moment, Lion's one moment,
+CAME's moment + factored second moment and confidence), the peak memory of the first step over what
 was allocated before it (the state is allocated there; CUDA: max_memory_allocated, CPU: process RSS peak delta,
 approximate), the peak of a later step, and the median step time. Ratios are against AdamW.
 
@@ -29,7 +32,7 @@ from bench.train_step import make_batch  # noqa: E402
 
 CPU_DEFAULTS = dict(preset="small", resolution=32, batch=2, steps=3)
 CUDA_DEFAULTS = dict(preset="sd15", resolution=512, batch=4, steps=5)
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "adamw_schedulefree", "lion", "came")
 
 
 def parse_args(argv=None):
@@ -42,15 +45,26 @@ def parse_args(argv=None):
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """The optimizers of configs/optim/*.yaml with their config defaults (lr from the command line)."""
-    from ldm.training.build.optimizers import adamw8bit
+    """The optimizers of configs/optim/*.yaml with their config defaults (lr from the command line; Prodigy's is
+    1.0, the multiplier of its own estimate); a schedule-free one in train mode, as training steps it."""
+    from ldm.training.build import optimizers
 
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
     if name == "adamw8bit":
-        return adamw8bit(params, lr=lr, weight_decay=0.01)
+        return optimizers.adamw8bit(params, lr=lr, weight_decay=0.01)
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=lr)
+    if name == "prodigy":
+        return optimizers.prodigy(params, lr=1.0, weight_decay=0.01, use_bias_correction=True, safeguard_warmup=True)
+    if name == "adamw_schedulefree":
+        opt = optimizers.adamw_schedulefree(params, lr=lr, weight_decay=0.01)
+        opt.train()
+        return opt
+    if name == "lion":
+        return optimizers.lion(params, lr=lr, weight_decay=0.1)
+    if name == "came":
+        return optimizers.came(params, lr=lr, weight_decay=0.01)
     raise SystemExit(f"--optimizers takes {', '.join(OPTIMIZERS)}, got {name!r}")
 
 

@@ -146,10 +146,14 @@ def test_optim_memory(capsys):
     pytest.importorskip("bitsandbytes")
     rows = bench_module("optim_memory").main(["--device", "cpu", "--preset", "tiny", "--resolution", "16",
                                               "--batch", "1", "--steps", "1"])
-    assert [r["optimizer"] for r in rows] == ["adamw", "adamw8bit", "adafactor"]
+    assert [r["optimizer"] for r in rows] == ["adamw", "adamw8bit", "adafactor", "prodigy", "adamw_schedulefree",
+                                             "lion", "came"]
     by = {r["optimizer"]: r for r in rows}
     assert by["adamw"]["state B/param"] == 8.0  # two fp32 moments per parameter
     assert by["adamw8bit"]["state / adamw"] < 0.5 and by["adafactor"]["state / adamw"] < 0.5
+    # one fp32 moment (Lion); z + the second moment (schedule-free); + s and the initial weights (Prodigy)
+    assert by["lion"]["state B/param"] == 4.0 and by["adamw_schedulefree"]["state B/param"] == 8.0
+    assert by["prodigy"]["state B/param"] == 16.0 and by["came"]["state / adamw"] < 1.0
     assert "state / adamw" in capsys.readouterr().out
 
 

@@ -10,14 +10,15 @@ conditioning dropout.
 
 What trains is a :class:`~ldm.training.module.trained.TrainedPart` (the whole U-Net, the U-Net and text encoder, an
 adapter network, textual-inversion rows): the module holds one and never asks which. Beside the loop, with names
-of their own: the step's skip-or-apply decision (``GuardedUpdate``), what a checkpoint holds (``CheckpointGate``)
-and the compiled U-Net forward (``UNetCompile``)."""
+of their own: the step's skip-or-apply decision (``GuardedUpdate``), what a checkpoint holds (``CheckpointGate``),
+the compiled U-Net forward (``UNetCompile``) and the optimizer's training / inference weights (``OptimizerModes``:
+schedule-free AdamW's y and x, switched around validation, sampling, the EMA update, checkpoints and files)."""
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -32,8 +33,10 @@ from ldm.diffusion.timestep_sampling import TimestepSampling
 from ldm.models.bundle import ModelBundle
 from ldm.training.module.checkpoint_gate import CheckpointGate
 from ldm.training.module.divergence import DivergenceGuard
+from ldm.training.module.ema import EMA
 from ldm.training.module.guarded_update import GuardedUpdate
 from ldm.training.module.micro_conditioning import is_dual_text, training_conditioning
+from ldm.training.module.optimizer_mode import NO_MODES, optimizer_modes, restore_train_weights
 from ldm.training.module.trained import Networks, RunEnd, freeze, trained_part
 from ldm.training.module.unet_compile import UNetCompile
 
@@ -87,6 +90,9 @@ class LatentDiffusion(L.LightningModule):
         for name, module in self.part.modules().items():  # their names are the checkpoint's key prefixes
             self.add_module(name, module)
         self.strict_loading = self.part.strict_loading
+        # the EMA averages the weights inference uses (schedule-free: x), switched to only where there is one
+        self.keeps_average = any(isinstance(m, EMA) for m in self.part.modules().values())
+        self.optimizer_mode = NO_MODES  # the optimizer's (configure_optimizers)
         # after the EMA copy: module copies drop the compiled forward (nn.Module.__getstate__), so they run eager
         self.unet_compile = UNetCompile(self.unet, compile_backend) if compile else None
         self.model_config: dict[str, Any] = {}  # the Hydra model node, saved with every checkpoint
@@ -108,13 +114,18 @@ class LatentDiffusion(L.LightningModule):
     def trained_parameters(self) -> list[nn.Parameter]:
         return self.part.parameters()
 
-    def sampling_bundle(self, use_ema: bool = True) -> AbstractContextManager[ModelBundle]:
-        """The model as sampling sees it, for the length of the block (the (EMA) weights applied in place)."""
-        return self.part.sampling_bundle(self.global_step, use_ema)
+    @contextmanager
+    def sampling_bundle(self, use_ema: bool = True) -> Iterator[ModelBundle]:
+        """The model as sampling sees it, for the length of the block (the (EMA) weights applied in place; the
+        optimizer's inference weights)."""
+        with self.optimizer_mode.inference_weights(), self.part.sampling_bundle(self.global_step, use_ema) as bundle:
+            yield bundle
 
     def bundle(self, use_ema: bool = True) -> ModelBundle:
-        """The model as sampling sees it (EMA weights by default), as copies where training would change them."""
-        return self.part.bundle(self.global_step, use_ema)
+        """The model as sampling sees it (EMA weights by default), as copies where training would change them
+        (the optimizer's inference weights: copied where the part would share them)."""
+        with self.optimizer_mode.inference_weights():
+            return self.optimizer_mode.own_copies(self.part.bundle(self.global_step, use_ema))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -208,10 +219,13 @@ class LatentDiffusion(L.LightningModule):
         update weighted by the verdict, before any callback (checkpointing) sees the batch end; a skipped step
         leaves the EMA alone."""
         super().optimizer_step(*args, **kwargs)
-        self.part.update_ema(self.update_guard.after_step())
+        applied = self.update_guard.after_step()
+        with self.optimizer_mode.inference_weights() if self.keeps_average else nullcontext():
+            self.part.update_ema(applied)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.part.param_groups())
+        self.optimizer_mode = optimizer_modes(optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
@@ -237,6 +251,15 @@ class LatentDiffusion(L.LightningModule):
             losses.append(diffusion_loss(self.unet(x_t, t, context), target, self.schedule, t))
         return torch.stack(losses).mean()
 
+    def on_train_start(self) -> None:
+        self.optimizer_mode.start_training()
+
+    def on_validation_start(self) -> None:
+        self.optimizer_mode.to_inference()
+
+    def on_validation_end(self) -> None:
+        self.optimizer_mode.to_training()
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss = self.validation_loss(batch, batch_idx)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
@@ -247,6 +270,7 @@ class LatentDiffusion(L.LightningModule):
         named = [(names.get(id(p), "?"), p) for p in self.part.parameters()]
         self.checkpoint_gate.fill(checkpoint, model_config=self.model_config, part=self.part, named=named,
                                   global_step=self.global_step, last_loss=self._last_batch_loss())
+        self.optimizer_mode.save(checkpoint, names)  # inference weights in state_dict, training weights beside
 
     def _last_batch_loss(self) -> Callable[[], Tensor] | None:
         """The loss of the last training batch with the current weights, its random draws from a forked generator
@@ -261,6 +285,7 @@ class LatentDiffusion(L.LightningModule):
         return loss
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_train_weights(checkpoint)  # resuming: the optimizer's training weights, not the saved inference ones
         self.guard.load_state_dict(checkpoint.get("ldm", {}).get("guard", {}))
         self.part.check_loaded(checkpoint, list(self.state_dict()))
 
@@ -269,4 +294,5 @@ class LatentDiffusion(L.LightningModule):
         folder; never into the working folder of a Trainer made without one."""
         if self.run_dir is not None and self.trainer.is_global_zero:
             end = RunEnd(Path(self.run_dir), self.global_step, self.model_config)
-            self.written_files = self.part.write_files(end)
+            with self.optimizer_mode.inference_weights():
+                self.written_files = self.part.write_files(end)

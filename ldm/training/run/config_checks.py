@@ -222,8 +222,9 @@ def check_values(cfg: DictConfig) -> None:
     check_resolution(cfg)
     check_diffusion_options(cfg)
     check_prompt_file(cfg)
+    from ldm.training.build.optimizers import check_lr_schedule
     from ldm.training.build.precision import check_precision
 
-    problem = check_precision(cfg)
-    if problem:
-        raise ConfigError(problem)
+    for problem in (check_precision(cfg), check_lr_schedule(cfg)):
+        if problem:
+            raise ConfigError(problem)
