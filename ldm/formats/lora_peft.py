@@ -5,8 +5,11 @@ Layout (diffusers `loaders/lora_pipeline.py` + PEFT `tuners/lora`):
     unet.<diffusers module path>.lora_A.weight            (r, in)  or (r, in, k, k)
     unet.<diffusers module path>.lora_B.weight            (out, r) or (out, r, 1, 1)
     text_encoder.<transformers CLIPTextModel path>.lora_A.weight ...
-    unet.<diffusers module path>.lora_magnitude_vector   (out,) or (1, out, 1, 1)   DoRA's magnitude (PEFT
-                                                          use_dora=True: tuners/lora/dora.py `self.weight`)
+    unet.<diffusers module path>.lora_magnitude_vector.weight   (out,) or (1, out, 1, 1)   DoRA's magnitude
+        (PEFT use_dora=True: tuners/lora/dora.py `self.weight`). Written with `.weight`, the key diffusers' own
+        kohya-DoRA converter makes (loaders/lora_conversion_utils.py, `dora_scale` -> `lora_magnitude_vector.weight`):
+        transformers 5 loads a text encoder's magnitude only under that name; PEFT's checkpoints (no `.weight`)
+        are read too.
 alpha is not a tensor: diffusers (>= 0.35) stores the PEFT LoraConfig of each component in the safetensors metadata
 key `lora_adapter_metadata`, a JSON object with prefixed keys ("unet.r", "unet.lora_alpha", "unet.rank_pattern",
 "unet.alpha_pattern", "unet.target_modules", ...). Without it, alpha = r (PEFT's and diffusers' default).
@@ -28,7 +31,7 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers LORA_WEIGHT_NAME_S
 METADATA_KEY = "lora_adapter_metadata"  # diffusers LORA_ADAPTER_METADATA_KEY
 COMPONENT = {"unet": "unet", "text_encoder": "text_encoder"}
 SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")  # diffusers / PEFT's state dict
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector")  # diffusers' / PEFT's DoRA
 
 
 def _peft_paths(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -54,7 +57,7 @@ def to_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> tuple[dict[str
         state[f"{name}.lora_A.weight"] = w["down"].detach().float().cpu().contiguous()
         state[f"{name}.lora_B.weight"] = w["up"].detach().float().cpu().contiguous()
         if "magnitude" in w:
-            state[f"{name}.lora_magnitude_vector"] = peft_magnitude(w["magnitude"], w["down"].ndim)
+            state[f"{name}.lora_magnitude_vector.weight"] = peft_magnitude(w["magnitude"], w["down"].ndim)
         # module names for PEFT's config: the text encoder's without `text_model.` (transformers >= 5.6 dropped that
         # level; PEFT matches a target by suffix, so this names the layer in both layouts)
         config_name = names[(root, path)].removeprefix(HUB_TEXT_PREFIX)
