@@ -230,8 +230,11 @@ def _module_classes() -> dict[str, type]:
 def module_from_parts(base: nn.Module, parts: dict, name: str = "layer") -> nn.Module:
     """The adapter module of the kind `parts` hold, filled with them; every shape is checked against `base`."""
     kinds = _module_classes()
-    kind = adapter_kind(parts)
-    return kinds["dora" if kind.endswith("dora") else kind].from_parts(base, parts, name)
+    if parts.get("magnitude") is None:
+        return kinds[adapter_kind(parts)].from_parts(base, parts, name)
+    kinds["dora"].check_magnitude(parts["magnitude"], base, name)  # DoRA: a magnitude on top of another kind
+    inner = module_from_parts(base, {k: v for k, v in parts.items() if k != "magnitude"}, name)
+    return kinds["dora"](inner, parts["magnitude"])
 
 
 def new_module(base: nn.Module, config: LoRAConfig, rank: int, alpha: float | None) -> nn.Module:

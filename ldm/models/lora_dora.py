@@ -56,6 +56,11 @@ class DoRAModule(nn.Module):
     def algo(self) -> str:
         return "dora" if self.adapter.algo == "lora" else f"{self.adapter.algo}+dora"
 
+    @staticmethod
+    def check_magnitude(magnitude: Tensor, base: nn.Module, name: str = "layer") -> None:
+        """A file's magnitude fits the layer on one of the two axes (before anything is built from it)."""
+        magnitude_axis(tuple(magnitude.shape), weight_shape(base), name)
+
     @classmethod
     def fresh(cls, base: nn.Module, adapter: nn.Module) -> "DoRAModule":
         """m = ||W|| per output channel (dW = 0 at the start), so W' = W."""
@@ -81,13 +86,3 @@ class DoRAModule(nn.Module):
 
     def parts(self) -> dict[str, Tensor]:
         return {**self.adapter.parts(), "magnitude": self.magnitude.detach()}
-
-    @classmethod
-    def from_parts(cls, base: nn.Module, parts: dict, name: str = "layer") -> "DoRAModule":
-        from ldm.models.lora import module_from_parts
-
-        magnitude = parts["magnitude"]
-        magnitude_axis(tuple(magnitude.shape), weight_shape(base), name)  # before the adapter is built
-        inner = module_from_parts(base, {k: v for k, v in parts.items() if k != "magnitude"}, name)
-        return cls(inner, magnitude)
-
