@@ -68,6 +68,24 @@ def detect_layout(keys) -> str:
                         f"`unet.*.lora_A.weight`); first keys: {shown}")
 
 
+def file_kinds(path: str | Path) -> set[str]:
+    """The adapter kinds a LoRA file holds, from its key names only (the header; no tensor is read): "loha",
+    "lokr", "dora" (a magnitude: `dora_scale` / `lora_magnitude_vector`), else "lora"."""
+    from safetensors import safe_open
+
+    p = resolve(path)
+    try:
+        with safe_open(str(p), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - the Rust reader's errors, named with the file
+        raise LoRAFileError(f"{p}: corrupt or truncated safetensors file ({e})") from e
+    suffixes = {"hada_w1_a": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "dora_scale": "dora",
+                "lora_magnitude_vector": "dora"}
+    found = {kind for key in keys for part, kind in suffixes.items() if key.endswith("." + part)
+             or key.endswith(f".{part}.weight")}
+    return found or {"lora"}
+
+
 def read_lora_file(path: str | Path, roots: dict[str, nn.Module]) -> LoRAFile:
     """Read and map a LoRA file onto `roots` ({"unet": ..., "text_encoder": ...}). Unmapped keys are returned, not
     dropped: callers report them."""

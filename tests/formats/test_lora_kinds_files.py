@@ -243,3 +243,20 @@ def test_tucker_and_unknown_tensors_are_reported_not_applied(bundle, tmp_path):
     assert len(f.weights) == len(net.loras) - 2
     assert f"{name}.hada_t1" in f.unmapped and f"{name}.hada_w1_a" in f.unmapped
     assert other.replace(".hada_w2_b", ".hada_w1_a") in f.unmapped
+
+
+def test_export_verify_does_not_ask_diffusers_for_what_it_cannot_load(bundle, tmp_path):
+    """`ldm.export --merge-lora FILE --verify`: diffusers' load_lora_weights is compared only for LoRA files and
+    DoRA files at scale 1 (it has no LoHa / LoKr, and scales a DoRA's dW inside the norm)."""
+    from ldm.evaluation.export_check import not_for_diffusers
+    from ldm.formats.lora_files import file_kinds
+
+    files = {kind: save_lora_file(trained(bundle, kind, preset="attention"), roots(bundle),
+                                  tmp_path / f"{kind}.safetensors") for kind in ("lora", *KINDS)}
+    peft = save_lora_file(trained(bundle, "dora", preset="attention"), roots(bundle), tmp_path / "peft", "peft")
+    assert {k: file_kinds(p) for k, p in files.items()} == {k: {k} for k in files}
+    assert file_kinds(peft) == {"dora"}
+    assert not_for_diffusers([str(files["lora"]), f"{files['dora']}:1", f"{peft}"]) is None
+    assert "loha" in not_for_diffusers([str(files["lora"]), str(files["loha"])])
+    assert "lokr" in not_for_diffusers([str(files["lokr"])])
+    assert "scale 0.5" in not_for_diffusers([f"{files['dora']}:0.5"])
