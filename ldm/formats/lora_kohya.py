@@ -10,7 +10,9 @@ Layout (kohya-ss/sd-scripts `networks/lora.py`, `LoRANetwork` / `LoRAModule`):
 The LyCORIS kinds use the same module names with their own tensors (LyCORIS ``modules/loha.py`` / ``lokr.py``
 ``weight_list``, what ComfyUI ``comfy/weight_adapter/loha.py`` / ``lokr.py`` load):
     <name>.hada_w1_a (out, r)  .hada_w1_b (r, in*k*k)  .hada_w2_a  .hada_w2_b  .alpha           LoHa
+    <name>.hada_t1 / .hada_t2 (r, r, k, k) with hada_w*_a (r, out), hada_w*_b (r, in)        LoHa, CP/Tucker conv
     <name>.lokr_w1 (a, c) | .lokr_w1_a + .lokr_w1_b;  .lokr_w2 (b, d[, k, k]) | .lokr_w2_a + .lokr_w2_b;  .alpha  LoKr
+    <name>.lokr_t2 (r, r, k, k) with lokr_w2_a (r, b), lokr_w2_b (r, d)                     LoKr, CP/Tucker conv
     <name>.lora_down.weight  .lora_up.weight  .alpha  .dora_scale (out, 1[, 1, 1])              DoRA (LyCORIS
                              dora_wd; ComfyUI reads `.dora_scale` beside any kind: comfy/lora.py load_lora)
 kohya's U-Net uses diffusers' module names (`down_blocks_0_attentions_0_...`), so that is what we write. On reading we
@@ -38,8 +40,9 @@ TE_PREFIX = "lora_te_"  # kohya LORA_PREFIX_TEXT_ENCODER (SD1/2 have one text en
 TE1_PREFIX, TE2_PREFIX = "lora_te1_", "lora_te2_"  # SDXL's two encoders
 # file suffix -> the part's name in LoRANetwork.weights() (LyCORIS's own names are kept as they are)
 PART_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "magnitude",
-                 **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
-                                          "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}}
+                 **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                          "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                          "lokr_t2")}}
 SUFFIXES = tuple(PART_SUFFIXES)
 FILE_SUFFIX = {part: suffix for suffix, part in PART_SUFFIXES.items()}
 
@@ -194,13 +197,14 @@ def complete(parts: dict) -> bool:
     w1 = "lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= set(parts)
     w2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= set(parts)
     found = [k for k in kinds if k <= set(parts)] + ([{"lokr"}] if w1 and w2 else [])
-    return len(found) == 1
+    tucker_halves = ("hada_t1" in parts) == ("hada_t2" in parts)  # a CP/Tucker LoHa has both cores
+    return len(found) == 1 and tucker_halves
 
 
 def from_kohya(state: dict[str, Tensor], roots: dict[str, nn.Module]):
     """-> (weights for LoRANetwork.from_weights, keys that could not be mapped). A key is unmapped when its module
-    is not a layer of ours, when it is none of the tensors LoRA / LoHa / LoKr / DoRA files hold (lora_mid and
-    the CP/Tucker hada_t* / lokr_t2, GLoRA, OFT, ...), or when its module's adapter is incomplete."""
+    is not a layer of ours, when it is none of the tensors LoRA / LoHa / LoKr / DoRA files hold (LoCon's CP/Tucker
+    lora_mid, GLoRA, OFT, ...), or when its module's adapter is incomplete."""
     table = name_table(roots)
     grouped: dict[str, dict[str, Tensor]] = {}
     origin: dict[str, list[str]] = {}

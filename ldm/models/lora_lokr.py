@@ -12,7 +12,9 @@ Shapes follow LyCORIS's rule (``functional/general.py`` ``factorization`` and ``
 (a, b) = factorization(out, factor), (c, d) = factorization(in, factor) (a <= b, c <= d; factor=-1 takes the
 two closest divisors); W1 is decomposed only with decompose_both and r < max(a, c) / 2; W2 is kept whole when
 r >= max(b, d) / 2. Initialisation as LyCORIS: W1 (or its halves) and W2a kaiming-uniform, W2 (or W2b) zeros.
-CP/Tucker-decomposed convs (``lokr_t2``) are not built or read.
+A file's W2 may be CP/Tucker-decomposed on a kxk conv (LyCORIS ``use_tucker``): ``lokr_t2`` (r, r, kh, kw) with
+``lokr_w2_a`` (r, b) and ``lokr_w2_b`` (r, d), W2 = einsum("i j k l, j r, i p -> p r k l", t2, w2_b, w2_a) (ComfyUI
+``comfy/weight_adapter/lokr.py``); those are read and applied, training builds the plain form only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from ldm.models.lora_ops import apply_weight, check_base, check_shape, columns, dropped, is_spatial, weight_shape
 
-PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -51,8 +53,9 @@ class LoKrModule(nn.Module):
     algo = "lokr"
 
     def __init__(self, base: nn.Module, a: int, c: int, b: int, d: int, w1_rank: int | None, w2_rank: int | None,
-                 alpha: float | None = None, dropout: float = 0.0):
-        """The factor shapes given: W1 (a, c) (decomposed at w1_rank), W2 (b, d, ...) (decomposed at w2_rank)."""
+                 alpha: float | None = None, dropout: float = 0.0, tucker: bool = False):
+        """The factor shapes given: W1 (a, c) (decomposed at w1_rank), W2 (b, d, ...) (decomposed at w2_rank; with
+        `tucker`, through a (r, r, kh, kw) core)."""
         super().__init__()
         check_base(base, "LoKr")
         self.shape, self.dropout = weight_shape(base), float(dropout)
@@ -67,6 +70,12 @@ class LoKrModule(nn.Module):
             self.lokr_w1_b = nn.Parameter(torch.empty(w1_rank, c))
         if w2_rank is None:
             self.lokr_w2 = nn.Parameter(torch.empty(b, d, *kernel))
+        elif tucker:
+            if len(kernel) != 2 or tuple(kernel) == (1, 1):
+                raise ValueError("a CP/Tucker LoKr (lokr_t2) adapts a kxk conv only")
+            self.lokr_w2_a = nn.Parameter(torch.empty(w2_rank, b))
+            self.lokr_w2_b = nn.Parameter(torch.empty(w2_rank, d))
+            self.lokr_t2 = nn.Parameter(torch.empty(w2_rank, w2_rank, *kernel))
         else:
             self.lokr_w2_a = nn.Parameter(torch.empty(b, w2_rank))
             self.lokr_w2_b = nn.Parameter(torch.empty(w2_rank, d * math.prod(kernel)))
@@ -74,7 +83,7 @@ class LoKrModule(nn.Module):
         self.rank = int(decomposed) if decomposed is not None else 1
         # both factors whole: scale 1 (LyCORIS sets alpha = r; ComfyUI ignores alpha)
         self.register_buffer("alpha", torch.tensor(float(alpha if alpha and decomposed is not None else self.rank)))
-        for key in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a"):
+        for key in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_t2"):
             if hasattr(self, key):
                 nn.init.kaiming_uniform_(getattr(self, key), a=math.sqrt(5))
         nn.init.zeros_(self.lokr_w2 if w2_rank is None else self.lokr_w2_b)
@@ -100,13 +109,15 @@ class LoKrModule(nn.Module):
         """W2 in LyCORIS's 2-D view (b, d * kh * kw)."""
         if hasattr(self, "lokr_w2"):
             return self.lokr_w2.flatten(1)
+        if hasattr(self, "lokr_t2"):
+            return torch.einsum("i j k l, j r, i p -> p r k l", self.lokr_t2, self.lokr_w2_b, self.lokr_w2_a).flatten(1)
         return self.lokr_w2_a @ self.lokr_w2_b
 
     def weight_delta(self, base_weight: Tensor | None = None) -> Tensor:
         """s * W1 ⊗ W2 in the layer's weight shape. The 2-D Kronecker product of W1 (a, c) and W2's (b, d*k*k) view
         puts element (i b + p, j d k k + q k k + t) = W1[i, j] W2[p, q, t], which is the 4-D kernel
         kron(W1[..., None, None], W2) flattened: one product serves Linear and Conv2d."""
-        return (torch.kron(self._w1(), self._w2()) * self.scale).reshape(self.shape)
+        return (torch.kron(self._w1().contiguous(), self._w2().contiguous()) * self.scale).reshape(self.shape)
 
     def delta(self, x: Tensor, base: nn.Module) -> Tensor:
         w = self.weight_delta()
@@ -141,12 +152,20 @@ class LoKrModule(nn.Module):
                 w2 = w2.flatten(1)
             check_shape("lokr_w2", w2, (b, d, *shape[2:]) if w2.ndim == len(shape) else (b, d * kernel), name)
             parts, w2_rank = {**parts, "lokr_w2": w2.reshape(b, d, *shape[2:])}, None
+        elif "lokr_t2" in parts:
+            w2_rank = parts["lokr_t2"].shape[0]
+            if len(shape) != 4 or tuple(shape[2:]) == (1, 1):
+                raise ValueError(f"{name}: a CP/Tucker LoKr (lokr_t2) on a layer that is not a kxk conv")
+            check_shape("lokr_t2", parts["lokr_t2"], (w2_rank, w2_rank, *shape[2:]), name)
+            check_shape("lokr_w2_a", parts["lokr_w2_a"], (w2_rank, b), name)
+            check_shape("lokr_w2_b", parts["lokr_w2_b"], (w2_rank, d), name)
         else:
             w2_rank = parts["lokr_w2_a"].shape[1]
             check_shape("lokr_w2_a", parts["lokr_w2_a"], (b, w2_rank), name)
             check_shape("lokr_w2_b", parts["lokr_w2_b"].flatten(1), (w2_rank, d * kernel), name)
         alpha = parts.get("alpha")
-        module = cls(base, a, c, b, d, w1_rank, w2_rank, None if alpha is None else float(alpha))
+        module = cls(base, a, c, b, d, w1_rank, w2_rank, None if alpha is None else float(alpha),
+                     tucker="lokr_t2" in parts and "lokr_w2" not in parts)
         with torch.no_grad():
             for key, tensor in module.parts().items():
                 if key != "alpha":

@@ -102,7 +102,8 @@ def test_our_files_load_in_lycoris_with_our_outputs(bundle, pipe, tmp_path, kind
 
 
 @pytest.mark.parametrize("algo,args", [("loha", {}), ("lokr", {"factor": 4}), ("lokr", {"decompose_both": True}),
-                                       ("locon", {"dora_wd": True})])
+                                       ("locon", {"dora_wd": True}), ("loha", {"use_tucker": True}),
+                                       ("lokr", {"use_tucker": True, "factor": 4})])
 def test_lycoris_files_load_in_ldm_with_its_outputs(bundle, pipe, tmp_path, algo, args, kohya_targets):
     """A file LyCORIS's kohya network writes (its save_weights), for the layers both adapt, applied by ldm."""
     from lycoris.kohya import create_network
@@ -123,6 +124,8 @@ def test_lycoris_files_load_in_ldm_with_its_outputs(bundle, pipe, tmp_path, algo
         theirs, their_ctx = unet(x, t, encoder_hidden_states=c).sample, text(ids).last_hidden_state
     path = tmp_path / "lycoris.safetensors"
     network.save_weights(str(path), torch.float32, {})
+    if args.get("use_tucker"):  # its 3x3 convs CP/Tucker-decomposed
+        assert any(k.endswith((".hada_t1", ".lokr_t2")) for k in load_file(str(path)))
     f = read_lora_file(path, roots(bundle))
     assert f.layout == "kohya" and f.unmapped == []
     assert f.kinds == [{"loha": "loha", "lokr": "lokr", "locon": "dora"}[algo]]
@@ -230,18 +233,18 @@ def test_every_key_we_write_is_one_comfyui_consumes(bundle, pipe, tmp_path, kind
     assert all((x + ".dora_scale" in keys) == (kind == "dora") for x in adapter)
 
 
-def test_tucker_and_unknown_tensors_are_reported_not_applied(bundle, tmp_path):
+def test_unknown_and_incomplete_tensors_are_reported_not_applied(bundle, tmp_path):
     net = trained(bundle, "loha", preset="attention")
     path = save_lora_file(net, roots(bundle), tmp_path / "loha.safetensors")
     state = load_file(str(path))
     name = next(k for k in state if k.endswith(".hada_w1_a")).rsplit(".", 1)[0]
-    state[f"{name}.hada_t1"] = torch.zeros(2, 2, 1, 1)  # CP/Tucker LoHa: not read
+    state[f"{name}.lora_mid.weight"] = torch.zeros(2, 2, 1, 1)  # LoCon's CP/Tucker core: not read
     other = next(k for k in state if k.endswith(".hada_w2_b") and not k.startswith(name))
     del state[other]  # an incomplete LoHa
     save_file(state, str(tmp_path / "odd.safetensors"))
     f = read_lora_file(tmp_path / "odd.safetensors", roots(bundle))
     assert len(f.weights) == len(net.loras) - 2
-    assert f"{name}.hada_t1" in f.unmapped and f"{name}.hada_w1_a" in f.unmapped
+    assert f"{name}.lora_mid.weight" in f.unmapped and f"{name}.hada_w1_a" in f.unmapped
     assert other.replace(".hada_w2_b", ".hada_w1_a") in f.unmapped
 
 

@@ -213,3 +213,23 @@ def test_fresh_adapters_start_at_the_base_and_bad_parts_fail():
         LoRAConfig(type="oft")
     with pytest.raises(ValueError, match="adapter.factor"):
         LoRAConfig(type="lokr", factor=0)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_cp_tucker_files_equal_lycoris(kind):
+    """A LyCORIS use_tucker=True LoHa / LoKr on a 3x3 conv (hada_t1 / hada_t2, lokr_t2), read from its state dict."""
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    layer = layers()["conv3"]
+    if kind == "loha":
+        lyco = LohaModule("x", layer, 1.0, lora_dim=3, alpha=2.0, use_tucker=True)
+    else:
+        lyco = LokrModule("x", layer, 1.0, lora_dim=2, alpha=2.0, use_tucker=True, factor=4)
+    randomized(lyco)
+    parts = {k: v for k, v in lyco.state_dict().items() if k != "scalar"}
+    assert any(k in parts for k in ("hada_t1", "lokr_t2"))
+    ours = module_from_parts(layer, parts)
+    assert {k: tuple(v.shape) for k, v in ours.parts().items()} == {k: tuple(v.shape) for k, v in parts.items()}
+    x = input_for(layer)
+    torch.testing.assert_close(ours_out(ours, layer, x), lycoris_out(lyco, layer, x), **TOL)
