@@ -1,13 +1,15 @@
-"""LoRA vs full fine-tuning of the same U-Net: training-step time and memory.
+"""LoRA (and LoHa, LoKr, DoRA) vs full fine-tuning of the same U-Net: training-step time and memory.
 
 One step = forward on a fixed noised latent batch + eps MSE + backward + AdamW step, as in train_step.py. "full"
 optimises every U-Net weight; "lora" freezes the base and optimises the adapters (ldm.models.lora, --lora-preset,
---rank) added by forward hooks. Both alternate in rounds within one process. Columns: trainable parameters,
+--rank) added by forward hooks; "loha", "lokr", "dora" do the same with those adapter types (`--impls
+full,lora,loha,lokr,dora` for all; LoKr's --factor). Both alternate in rounds within one process. Columns: trainable parameters,
 gradient + AdamW state they need (4 bytes x 3 per fp32 parameter), the step's peak memory over what was allocated
 before it (CUDA: max_memory_allocated; CPU: RSS peak delta, approximate). Weights are the same for both.
 
     python bench/lora_step.py                                     # CPU: small preset, 32 px, batch 8
     python bench/lora_step.py --preset sd15 --resolution 512 --batch 4      # on a GPU
+    python bench/lora_step.py --impls full,lora,loha,lokr,dora                # every adapter type
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def parse_args(argv=None):
     p = common.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--lora-preset", default="attention", help="attention | attention_ff | full")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--factor", type=int, default=-1, help="LoKr's Kronecker factor size (-1: LyCORIS's default)")
     p.add_argument("--context-len", type=int, default=77)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused")
@@ -57,7 +60,7 @@ class Trainable(torch.nn.Module):
 
 
 def main(argv=None) -> list[dict]:
-    from ldm.models.lora import LoRAConfig, LoRANetwork
+    from ldm.models.lora import TYPES, LoRAConfig, LoRANetwork
 
     args = parse_args(argv)
     device = common.pick_device(args.device)
@@ -65,8 +68,8 @@ def main(argv=None) -> list[dict]:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     impls = [i for i in args.impls.split(",") if i]
-    if set(impls) - {"full", "lora"}:
-        raise SystemExit(f"--impls takes full,lora, got {args.impls}")
+    if set(impls) - {"full", *TYPES}:
+        raise SystemExit(f"--impls takes full,{','.join(TYPES)}, got {args.impls}")
     torch.manual_seed(args.seed)
     models = {}
     for name in impls:
@@ -74,9 +77,10 @@ def main(argv=None) -> list[dict]:
         unet.gradient_checkpointing = args.gradient_checkpointing
         unet.train()
         network = None
-        if name == "lora":
+        if name != "full":
             unet.requires_grad_(False)
-            network = LoRANetwork.build({"unet": unet}, LoRAConfig(preset=args.lora_preset, rank=args.rank))
+            config = LoRAConfig(type=name, preset=args.lora_preset, rank=args.rank, factor=args.factor)
+            network = LoRANetwork.build({"unet": unet}, config)
             network.to(device).attach({"unet": unet})
         models[name] = Trainable(unet, network)
     batch = make_batch(models[impls[0]].unet.config, args, device)
@@ -103,7 +107,7 @@ def main(argv=None) -> list[dict]:
             steps[name]()
         trainable = sum(p.numel() for p in models[name].parameters())
         row = {"bench": "lora_step", "label": args.label, "impl": name, "preset": args.preset,
-               "lora": f"{args.lora_preset} r{args.rank}" if name == "lora" else "-", "res": args.resolution,
+               "lora": f"{args.lora_preset} r{args.rank}" if name != "full" else "-", "res": args.resolution,
                "batch": args.batch, "precision": args.precision,
                "ms/step": 1e3 * timing[name]["median"], "ms/step min": 1e3 * timing[name]["min"],
                "CPU ms/step": 1e3 * cpu[name][0] / max(cpu[name][1], 1),
@@ -111,6 +115,10 @@ def main(argv=None) -> list[dict]:
                "grad+AdamW": common.fmt_bytes(trainable * 4 * 3), "step peak": common.fmt_bytes(mem["bytes"]),
                "mem kind": mem["kind"]}
         rows.append(row)
+    full = next((r for r in rows if r["impl"] == "full"), None)
+    for row in rows if full else []:  # every row against full fine-tuning
+        row["time/full"] = row["ms/step"] / full["ms/step"]
+        row["CPU/full"] = row["CPU ms/step"] / full["CPU ms/step"]
     if len(rows) == 2:
         for row in rows:
             row["lora/full time"] = rows[1]["ms/step"] / rows[0]["ms/step"]
@@ -119,8 +127,7 @@ def main(argv=None) -> list[dict]:
     print(f"lora vs full: preset={args.preset} res={args.resolution}px batch={args.batch} precision={args.precision} "
           f"rounds={args.rounds}x{args.steps}; process CPU time of all steps {cpu_s:.1f} s")
     common.print_table(rows, ["impl", "lora", "ms/step", "ms/step min", "CPU ms/step", "img/s", "trainable",
-                              "grad+AdamW",
-                              "step peak"])
+                              "grad+AdamW", "step peak", *(["CPU/full"] if full else [])])
     if len(rows) == 2:
         print(f"step time lora/full: {rows[0]['lora/full time']:.3f}x wall, {rows[0]['lora/full CPU']:.3f}x CPU time")
     common.append_jsonl(args.json, rows)

@@ -22,7 +22,7 @@ from ldm.formats.lora_files import (LoRAFile, LoRAFileError, bundle_roots, ldm_m
                                     read_lora_file, save_lora_file)
 from ldm.formats.lora_kohya import kohya_names
 from ldm.models import lora_svd
-from ldm.models.lora import PRESETS, LoRANetwork, text_encoder_targets, unet_targets
+from ldm.models.lora import PRESETS, LoRANetwork, adapter_kind, module_from_parts, text_encoder_targets, unet_targets
 
 Weights = dict[tuple[str, str], dict[str, Tensor]]  # (root, module path) -> down / up / alpha (LoRANetwork's)
 
@@ -147,6 +147,13 @@ def scale_of(w: dict[str, Tensor]) -> float:
     return 1.0 if alpha is None else float(alpha) / w["down"].shape[0]
 
 
+def full_delta(roots: dict[str, nn.Module], target: tuple[str, str], parts: dict[str, Tensor]) -> Tensor:
+    """A LoHa / LoKr / DoRA layer's update of its base weight (scale included), in double: W' - W."""
+    base = roots[target[0]].get_submodule(target[1])
+    with torch.no_grad():
+        return module_from_parts(base, parts).weight_delta(base.weight.detach()).to(lora_svd.WORK_DTYPE)
+
+
 def is_spatial(roots: dict[str, nn.Module], target: tuple[str, str]) -> bool:
     module = roots[target[0]].get_submodule(target[1])
     return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
@@ -211,18 +218,35 @@ def merge(specs: list[str], model: str, out, *, rank: int | None = None, conv_ra
     roots = bundle_roots(bundle)
     files = read_files(specs, roots, log)
     layers: dict[tuple[str, str], list[tuple[Tensor, Tensor, float]]] = {}
+    dense: dict[tuple[str, str], Tensor] = {}  # LoHa / LoKr / DoRA layers: their weighted full deltas, summed
     for lora, weight in files:
         for target, w in lora.weights.items():
-            layers.setdefault(target, []).append((w["up"], w["down"], weight * scale_of(w)))
-    label = names(roots, layers)
+            if adapter_kind(w) == "lora":
+                layers.setdefault(target, []).append((w["up"], w["down"], weight * scale_of(w)))
+            elif concat:
+                raise LoRAToolError(f"{lora.path} holds {adapter_kind(w)} layers: --concat stacks LoRA factors; "
+                                    "give --rank R to fold it into a LoRA by SVD of its delta")
+            else:
+                dense[target] = dense.get(target, 0) + weight * full_delta(roots, target, w)
+    label = names(roots, [*layers, *dense])
     weights, report = {}, Report(path)
-    for target, parts in layers.items():
-        up, down = lora_svd.concat(parts)
+    for target in dict.fromkeys([*layers, *dense]):
+        max_rank = (conv_rank or rank) if is_spatial(roots, target) else rank
+        if target in dense:  # any non-LoRA layer: the SVD of the whole summed delta
+            delta = dense[target]
+            if target in layers:
+                delta = delta + lora_svd.product(*lora_svd.concat(layers[target])).reshape(delta.shape)
+            new_up, new_down, spectrum, new_rank = lora_svd.from_delta(delta, max_rank, clamp_quantile)
+            err, norm = lora_svd.squared_error(delta, new_up, new_down)
+            report.layers.append(Layer(label[target], new_rank, spectrum, err, norm))
+            weights[target] = {"down": new_down.float(), "up": new_up.float(),
+                               "alpha": torch.tensor(float(new_rank))}
+            continue
+        up, down = lora_svd.concat(layers[target])
         if concat:
             new_up, new_down, new_rank = up, down, down.shape[0]
             spectrum = lora_svd.svd_of_product(up, down)[1]
         else:
-            max_rank = (conv_rank or rank) if is_spatial(roots, target) else rank
             new_up, new_down, spectrum, new_rank = lora_svd.lowrank(up, down, max_rank, quantile=clamp_quantile)
         err, norm = lora_svd.squared_error(lora_svd.product(up, down), new_up, new_down)
         report.layers.append(Layer(label[target], new_rank, spectrum, err, norm, old_rank=down.shape[0]))
@@ -255,6 +279,10 @@ def resize(spec: str, model: str, out, *, rank: int, conv_rank: int | None = Non
     bundle = load_model(model, "--model")
     roots = bundle_roots(bundle)
     [(lora, weight)] = read_files([spec], roots, log)
+    kinds = sorted({adapter_kind(w) for w in lora.weights.values()} - {"lora"})
+    if kinds:
+        raise LoRAToolError(f"{lora.path} holds {', '.join(kinds)} layers: resize re-factors LoRA factors; "
+                            "`merge FILE --rank R` folds any adapter into a LoRA by SVD of its delta")
     label = names(roots, lora.weights)
     weights, report = {}, Report(path)
     for target, w in lora.weights.items():

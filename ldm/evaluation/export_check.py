@@ -322,9 +322,26 @@ def consumers_for(result: ExportResult, merge_lora: Sequence[str], have_base: bo
     elif result.format == "single-file":
         found.append(Consumer("diffusers from_single_file", from_single_file, ("diffusers", "transformers")))
     if merge_lora:
+        skip = None if have_base else "the unmerged model was not given (verify_export(base=...))"
         found.append(Consumer("diffusers load_lora_weights", load_lora_weights, ("diffusers", "transformers", "peft"),
-                              None if have_base else "the unmerged model was not given (verify_export(base=...))"))
+                              skip or not_for_diffusers(merge_lora)))
     return found
+
+
+def not_for_diffusers(merge_lora: Sequence[str]) -> str | None:
+    """Why diffusers' load_lora_weights cannot stand for ldm's merge of these files: it loads LoRA and DoRA, not
+    LyCORIS's LoHa / LoKr, and scales a DoRA's dW inside the norm (PEFT's adapter weight) where ldm and ComfyUI
+    scale the change W' - W, so a DoRA compares only at scale 1."""
+    from ldm.formats.lora_files import file_kinds, parse_lora_spec
+
+    for spec in merge_lora:
+        file, scale = parse_lora_spec(spec)
+        kinds = file_kinds(file)
+        if kinds - {"lora", "dora"}:
+            return f"{file} holds {'/'.join(sorted(kinds - {'lora', 'dora'}))} (diffusers loads LoRA and DoRA only)"
+        if "dora" in kinds and scale != 1.0:
+            return f"{file} is a DoRA at scale {scale:g} (diffusers scales DoRA differently; compared at scale 1)"
+    return None
 
 
 def missing_packages(names: Sequence[str]) -> list[str]:

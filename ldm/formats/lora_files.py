@@ -1,7 +1,8 @@
 """LoRA files of any layout we know: detect it, read it, write it, and apply files to a model.
 
-Layouts: `kohya` (ldm/formats/lora_kohya.py; also what we write as our own file, with `ldm_lora` metadata) and
-`peft` (ldm/formats/lora_peft.py, diffusers' `pytorch_lora_weights.safetensors`). Only safetensors are read:
+Layouts: `kohya` (ldm/formats/lora_kohya.py; also what we write as our own file, with `ldm_lora` metadata; LoRA,
+LoHa, LoKr and DoRA in LyCORIS's names) and `peft` (ldm/formats/lora_peft.py, diffusers'
+`pytorch_lora_weights.safetensors`; LoRA and DoRA). Only safetensors are read:
 a pickled LoRA (.pt/.ckpt/.bin) could run code when unpickled, so it is refused with the way to convert it.
 Reading never imports or calls anything a file names; metadata is kept as strings.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from ldm.formats import lora_kohya, lora_peft
-from ldm.models.lora import LoRANetwork
+from ldm.models.lora import LoRANetwork, adapter_kind
 
 LAYOUTS = ("kohya", "peft")
 
@@ -28,9 +29,16 @@ class LoRAFileError(ValueError):
 class LoRAFile:
     path: str
     layout: str
-    weights: dict[tuple[str, str], dict[str, Tensor]]  # (root, our module path) -> down / up / alpha
+    # (root, our module path) -> the adapter's parts: down / up / alpha for a LoRA, hada_* / lokr_* for LoHa / LoKr,
+    # + magnitude for DoRA (ldm.models.lora.adapter_kind tells them apart)
+    weights: dict[tuple[str, str], dict[str, Tensor]]
     unmapped: list[str] = field(default_factory=list)  # keys of the file that address nothing of ours
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> list[str]:
+        """The adapter kinds the file holds ("lora", "loha", "lokr", "dora", ...)."""
+        return sorted({adapter_kind(w) for w in self.weights.values()})
 
     def network(self, roots: dict[str, nn.Module], multiplier: float = 1.0) -> LoRANetwork:
         return LoRANetwork.from_weights(roots, self.weights, multiplier)
@@ -58,6 +66,24 @@ def detect_layout(keys) -> str:
     shown = ", ".join(keys[:5])
     raise LoRAFileError(f"not a LoRA layout we know (kohya `lora_unet_*.lora_down.weight` or diffusers/PEFT "
                         f"`unet.*.lora_A.weight`); first keys: {shown}")
+
+
+def file_kinds(path: str | Path) -> set[str]:
+    """The adapter kinds a LoRA file holds, from its key names only (the header; no tensor is read): "loha",
+    "lokr", "dora" (a magnitude: `dora_scale` / `lora_magnitude_vector`), else "lora"."""
+    from safetensors import safe_open
+
+    p = resolve(path)
+    try:
+        with safe_open(str(p), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - the Rust reader's errors, named with the file
+        raise LoRAFileError(f"{p}: corrupt or truncated safetensors file ({e})") from e
+    suffixes = {"hada_w1_a": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "dora_scale": "dora",
+                "lora_magnitude_vector": "dora"}
+    found = {kind for key in keys for part, kind in suffixes.items() if key.endswith("." + part)
+             or key.endswith(f".{part}.weight")}
+    return found or {"lora"}
 
 
 def read_lora_file(path: str | Path, roots: dict[str, nn.Module]) -> LoRAFile:
@@ -127,7 +153,8 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 
 
 def apply_lora_files(roots: dict[str, nn.Module], specs, report=print) -> list[LoRAFile]:
-    """Merge each `FILE[:SCALE]` into the networks' weights (W += scale * alpha/r * B A), in order. Every file is
+    """Merge each `FILE[:SCALE]` into the networks' weights (W += scale * weight_delta(W): alpha/r * B A for a LoRA),
+    in order. Every file is
     read and checked before any weight changes; unmapped keys are reported through `report`."""
     files = []
     for spec in specs:
@@ -135,7 +162,8 @@ def apply_lora_files(roots: dict[str, nn.Module], specs, report=print) -> list[L
         files.append((read_lora_file(path, roots), scale))
     for lora, scale in files:
         lora.network(roots).merge_into(roots, scale)
-        msg = f"LoRA {lora.path} ({lora.layout}, {len(lora.weights)} layers, scale {scale:g})"
+        kinds = "" if lora.kinds == ["lora"] else f" {'/'.join(lora.kinds)}"
+        msg = f"LoRA {lora.path} ({lora.layout}{kinds}, {len(lora.weights)} layers, scale {scale:g})"
         if lora.unmapped:
             shown = ", ".join(lora.unmapped[:10]) + (" ..." if len(lora.unmapped) > 10 else "")
             msg += f": {len(lora.unmapped)} keys not applied (they address nothing in this model): {shown}"

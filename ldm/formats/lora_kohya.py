@@ -7,6 +7,14 @@ Layout (kohya-ss/sd-scripts `networks/lora.py`, `LoRANetwork` / `LoRAModule`):
     lora_te_<transformers CLIPTextModel path, "." -> "_">...          the text encoder
     lora_te1_<...> / lora_te2_<...>                                   SDXL's ViT-L / bigG (sd-scripts
                                                                       sdxl_train_network.py: LORA_PREFIX_TEXT_ENCODER1/2)
+The LyCORIS kinds use the same module names with their own tensors (LyCORIS ``modules/loha.py`` / ``lokr.py``
+``weight_list``, what ComfyUI ``comfy/weight_adapter/loha.py`` / ``lokr.py`` load):
+    <name>.hada_w1_a (out, r)  .hada_w1_b (r, in*k*k)  .hada_w2_a  .hada_w2_b  .alpha           LoHa
+    <name>.hada_t1 / .hada_t2 (r, r, k, k) with hada_w*_a (r, out), hada_w*_b (r, in)        LoHa, CP/Tucker conv
+    <name>.lokr_w1 (a, c) | .lokr_w1_a + .lokr_w1_b;  .lokr_w2 (b, d[, k, k]) | .lokr_w2_a + .lokr_w2_b;  .alpha  LoKr
+    <name>.lokr_t2 (r, r, k, k) with lokr_w2_a (r, b), lokr_w2_b (r, d)                     LoKr, CP/Tucker conv
+    <name>.lora_down.weight  .lora_up.weight  .alpha  .dora_scale (out, 1[, 1, 1])              DoRA (LyCORIS
+                             dora_wd; ComfyUI reads `.dora_scale` beside any kind: comfy/lora.py load_lora)
 kohya's U-Net uses diffusers' module names (`down_blocks_0_attentions_0_...`), so that is what we write. On reading we
 also accept the original SD names (`lora_unet_input_blocks_1_1_...`), as ComfyUI's `comfy/lora.py`
 `model_lora_keys_unet` maps both: every `diffusion_model.<key>.weight` and every diffusers key of
@@ -32,7 +40,13 @@ from ldm.models.lora import LoRANetwork, is_adaptable
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"  # kohya LORA_PREFIX_TEXT_ENCODER (SD1/2 have one text encoder)
 TE1_PREFIX, TE2_PREFIX = "lora_te1_", "lora_te2_"  # SDXL's two encoders
-SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+# file suffix -> the part's name in LoRANetwork.weights() (LyCORIS's own names are kept as they are)
+PART_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "magnitude",
+                 **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                          "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                          "lokr_t2")}}
+SUFFIXES = tuple(PART_SUFFIXES)
+FILE_SUFFIX = {part: suffix for suffix, part in PART_SUFFIXES.items()}
 
 
 def kohya_names(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -83,9 +97,9 @@ def to_kohya(network: LoRANetwork, roots: dict[str, nn.Module]) -> dict[str, Ten
     state = {}
     for target, w in weights.items():
         name = names[target]
-        state[f"{name}.lora_down.weight"] = w["down"].detach().float().cpu().contiguous()
-        state[f"{name}.lora_up.weight"] = w["up"].detach().float().cpu().contiguous()
-        state[f"{name}.alpha"] = torch.tensor(float(w["alpha"]))
+        for part, tensor in w.items():
+            value = torch.tensor(float(tensor)) if part == "alpha" else tensor.detach().float().cpu().contiguous()
+            state[f"{name}{FILE_SUFFIX[part]}"] = value
     return state
 
 
@@ -96,7 +110,7 @@ def kohya_metadata(network: LoRANetwork, roots: dict[str, nn.Module], *, base_mo
     `stable-diffusion-xl-v1-base/lora`), all strings. The base model version is read from ``roots`` (and
     ``prediction_type``) unless given. `training` adds further ss_* values (lr, steps, seed, ...)."""
     mods = list(network.loras.values())
-    linear = [m for m in mods if not (m.kind == "conv" and m.down.kernel_size != (1, 1))]
+    linear = [m for m in mods if not m.spatial]
     conv = [m for m in mods if m not in linear]
     version = base_model_version or infer_base_model_version(roots, prediction_type)
     meta = {
@@ -113,7 +127,21 @@ def kohya_metadata(network: LoRANetwork, roots: dict[str, nn.Module], *, base_mo
         meta["ss_resolution"] = f"({resolution}, {resolution})"
     for k, v in (training or {}).items():
         meta[k if k.startswith("ss_") else f"ss_{k}"] = v if isinstance(v, str) else json.dumps(v)
+    meta.update(lycoris_metadata(mods, meta.get("ss_network_args")))
     return meta
+
+
+def lycoris_metadata(modules: list, network_args: str | None) -> dict[str, str]:
+    """LoHa / LoKr / DoRA files name LyCORIS's network (``ss_network_module = lycoris.kohya``) and its ``algo``
+    (+ ``dora_wd``) in ss_network_args, as the LyCORIS kohya plug-in writes them; plain LoRA files keep kohya's."""
+    algos = {m.algo for m in modules}
+    if algos == {"lora"}:
+        return {}
+    (algo,) = algos if len(algos) == 1 else (sorted(algos)[0],)
+    args = {**json.loads(network_args or "{}"), "algo": algo.removesuffix("+dora").replace("dora", "lora")}
+    if algo.endswith("dora"):
+        args["dora_wd"] = "True"
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
 
 
 # ------------------------------------------------------------------------------------------------------- read
@@ -122,26 +150,40 @@ def is_kohya(keys) -> bool:
     return any(k.startswith((UNET_PREFIX, TE_PREFIX, TE1_PREFIX, TE2_PREFIX)) and k.endswith(SUFFIXES) for k in keys)
 
 
+def complete(parts: dict) -> bool:
+    """A module's parts make one whole adapter: LoRA down + up, LoHa's four hada_w*, LoKr's two factors (each whole
+    or as _a + _b halves); a magnitude (DoRA) goes with any of them."""
+    kinds = [{"down", "up"}, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}]
+    w1 = "lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= set(parts)
+    w2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= set(parts)
+    found = [k for k in kinds if k <= set(parts)] + ([{"lokr"}] if w1 and w2 else [])
+    tucker_halves = ("hada_t1" in parts) == ("hada_t2" in parts)  # a CP/Tucker LoHa has both cores
+    return len(found) == 1 and tucker_halves
+
+
 def from_kohya(state: dict[str, Tensor], roots: dict[str, nn.Module]):
     """-> (weights for LoRANetwork.from_weights, keys that could not be mapped). A key is unmapped when its module
-    is not a layer of ours, when it is not a lora_down/lora_up/alpha key (LoHa, LoKr, DoRA, lora_mid, ...), or
-    when its down or up half is missing."""
+    is not a layer of ours, when it is none of the tensors LoRA / LoHa / LoKr / DoRA files hold (LoCon's CP/Tucker
+    lora_mid, GLoRA, OFT, ...), or when its module's adapter is incomplete."""
     table = name_table(roots)
     grouped: dict[str, dict[str, Tensor]] = {}
+    origin: dict[str, list[str]] = {}
     unmapped = []
     for key, value in state.items():
-        for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
+        for suffix, part in PART_SUFFIXES.items():
             if key.endswith(suffix):
                 grouped.setdefault(key[: -len(suffix)], {})[part] = value
+                origin.setdefault(key[: -len(suffix)], []).append(key)
                 break
         else:
             unmapped.append(key)
+    unsupported = {k.split(".", 1)[0] for k in unmapped}  # a module with a tensor we do not read: not applied
     weights = {}
     for name, parts in grouped.items():
         target = table.get(name)
-        if target is None or "down" not in parts or "up" not in parts:
-            unmapped += [name + s for s, p in zip(SUFFIXES, ("down", "up", "alpha")) if p in parts]
+        if target is None or name in unsupported or not complete(parts):
+            unmapped += origin[name]
             continue
         base = roots[target[0]].get_submodule(target[1])
-        weights[target] = fit_weights(parts, base)
+        weights[target] = fit_weights(parts, base) if "down" in parts else dict(parts)
     return weights, sorted(unmapped)

@@ -34,4 +34,19 @@ def fit_weights(parts: dict[str, Tensor], base: nn.Module) -> dict[str, Tensor]:
     elif isinstance(base, nn.Conv2d) and up.ndim == 2:
         up = up[:, :, None, None]
     alpha = parts.get("alpha")
-    return {"down": down, "up": up, "alpha": None if alpha is None else float(alpha)}
+    fitted = {"down": down, "up": up, "alpha": None if alpha is None else float(alpha)}
+    if parts.get("magnitude") is not None:
+        fitted["magnitude"] = fit_magnitude(parts["magnitude"], base)
+    return fitted
+
+
+def fit_magnitude(magnitude: Tensor, base: nn.Module) -> Tensor:
+    """A DoRA magnitude in the broadcast shape of the layer's weight: (out, 1) <-> (out, 1, 1, 1) between Linear and
+    1x1 conv, and PEFT's (out,) / (1, out, 1, 1) vector -> (out, 1[, 1, 1]) (the per-output-channel axis)."""
+    ndim = 2 if isinstance(base, nn.Linear) else 4
+    m = magnitude.float()
+    if m.ndim == ndim:
+        return m
+    if m.ndim in (2, 4) and m.shape[2:] in ((), (1, 1)):  # kohya's (out, 1) / (1, in) on the other layer form
+        return m.reshape(*m.shape[:2], *[1] * (ndim - 2))
+    return m.reshape(-1, *[1] * (ndim - 1))  # PEFT: one value per output channel

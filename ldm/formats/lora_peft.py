@@ -5,6 +5,11 @@ Layout (diffusers `loaders/lora_pipeline.py` + PEFT `tuners/lora`):
     unet.<diffusers module path>.lora_A.weight            (r, in)  or (r, in, k, k)
     unet.<diffusers module path>.lora_B.weight            (out, r) or (out, r, 1, 1)
     text_encoder.<transformers CLIPTextModel path>.lora_A.weight ...
+    unet.<diffusers module path>.lora_magnitude_vector.weight   (out,) or (1, out, 1, 1)   DoRA's magnitude
+        (PEFT use_dora=True: tuners/lora/dora.py `self.weight`). Written with `.weight`, the key diffusers' own
+        kohya-DoRA converter makes (loaders/lora_conversion_utils.py, `dora_scale` -> `lora_magnitude_vector.weight`):
+        transformers 5 loads a text encoder's magnitude only under that name; PEFT's checkpoints (no `.weight`)
+        are read too.
 alpha is not a tensor: diffusers (>= 0.35) stores the PEFT LoraConfig of each component in the safetensors metadata
 key `lora_adapter_metadata`, a JSON object with prefixed keys ("unet.r", "unet.lora_alpha", "unet.rank_pattern",
 "unet.alpha_pattern", "unet.target_modules", ...). Without it, alpha = r (PEFT's and diffusers' default).
@@ -20,12 +25,13 @@ from torch import Tensor, nn
 from ldm.formats.diffusers_keys import unet_diffusers_to_ldm
 from ldm.formats.safe_load import CheckpointError, json_object
 from ldm.formats.lora_layers import HUB_TEXT_PREFIX, fit_weights, text_hub_path, unet_diffusers_paths
-from ldm.models.lora import LoRANetwork, is_adaptable
+from ldm.models.lora import LoRANetwork, adapter_kind, is_adaptable
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers LORA_WEIGHT_NAME_SAFE
 METADATA_KEY = "lora_adapter_metadata"  # diffusers LORA_ADAPTER_METADATA_KEY
 COMPONENT = {"unet": "unet", "text_encoder": "text_encoder"}
 SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector")  # diffusers' / PEFT's DoRA
 
 
 def _peft_paths(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -42,10 +48,16 @@ def to_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> tuple[dict[str
     weights = network.weights()
     names = _peft_paths(roots, list(weights))
     state, configs = {}, {}
+    kinds = {adapter_kind(w) for w in weights.values()}
+    if not kinds <= {"lora", "dora"}:
+        raise ValueError(f"the diffusers/PEFT LoRA layout holds LoRA and DoRA adapters, not {sorted(kinds)}: write "
+                         "LoHa / LoKr in the kohya (LyCORIS) layout")
     for (root, path), w in weights.items():
         name = f"{COMPONENT[root]}.{names[(root, path)]}"
         state[f"{name}.lora_A.weight"] = w["down"].detach().float().cpu().contiguous()
         state[f"{name}.lora_B.weight"] = w["up"].detach().float().cpu().contiguous()
+        if "magnitude" in w:
+            state[f"{name}.lora_magnitude_vector.weight"] = peft_magnitude(w["magnitude"], w["down"].ndim)
         # module names for PEFT's config: the text encoder's without `text_model.` (transformers >= 5.6 dropped that
         # level; PEFT matches a target by suffix, so this names the layer in both layouts)
         config_name = names[(root, path)].removeprefix(HUB_TEXT_PREFIX)
@@ -63,10 +75,20 @@ def to_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> tuple[dict[str
             f"{prefix}.rank_pattern": {n: r for n, r, _ in entries if r != r0},
             f"{prefix}.alpha_pattern": {n: a for n, _, a in entries if a != a0},
             f"{prefix}.lora_dropout": 0.0,
-            f"{prefix}.use_dora": False,
+            f"{prefix}.use_dora": kinds == {"dora"},
             f"{prefix}.lora_bias": False,
         })
     return state, {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
+
+
+def peft_magnitude(magnitude: Tensor, ndim: int) -> Tensor:
+    """Our (out, 1[, 1, 1]) magnitude as PEFT keeps it: (out,) for a Linear, (1, out, 1, 1) for a conv
+    (``_DoraConvNdLayer.get_weight_norm``: the norm over (1, 2, 3) with keepdim, transposed)."""
+    if magnitude.shape[0] == 1 and magnitude.numel() > 1:
+        raise ValueError("the diffusers/PEFT layout holds DoRA magnitudes per output channel only (this one is per "
+                         "input channel: write it in the kohya layout)")
+    m = magnitude.detach().float().cpu().reshape(-1)
+    return m.contiguous() if ndim == 2 else m.reshape(1, -1, 1, 1).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------------- read
@@ -114,6 +136,10 @@ def from_peft(state: dict[str, Tensor], roots: dict[str, nn.Module], metadata: d
     for key, value in state.items():
         part = "down" if key.endswith(".lora_A.weight") else "up" if key.endswith(".lora_B.weight") else None
         name = key[: -len(".lora_A.weight")] if part else key
+        for suffix in MAGNITUDE_SUFFIXES:
+            if key.endswith(suffix):  # DoRA: one value per output channel, as (out, 1) (lora_layers.fit_magnitude)
+                part, name, value = "magnitude", key[: -len(suffix)], value.reshape(-1, 1)
+                break
         if name.endswith(".alpha") and not part:  # kohya-style alphas some converters leave in
             grouped.setdefault(("?", name[: -len(".alpha")]), {})["alpha"] = value
             continue
@@ -157,7 +183,7 @@ def from_peft(state: dict[str, Tensor], roots: dict[str, nn.Module], metadata: d
         if alpha is not None and not isinstance(alpha, (int, float, torch.Tensor)):
             raise ValueError(f"{METADATA_KEY}: the alpha of {name} is {alpha!r}, not a number")
         base = roots[target[0]].get_submodule(target[1])
-        weights[target] = fit_weights({"down": parts["down"], "up": parts["up"],
-                                "alpha": torch.tensor(float(alpha if alpha is not None else rank))}, base)
+        weights[target] = fit_weights({"down": parts["down"], "up": parts["up"], "magnitude": parts.get("magnitude"),
+                                       "alpha": torch.tensor(float(alpha if alpha is not None else rank))}, base)
     unmapped += [f"{a}.alpha" for a in alphas if a not in used_alphas]
     return weights, sorted(unmapped)

@@ -123,6 +123,14 @@ def test_lora_step(capsys):
     assert all(positive(r["ms/step"]) and positive(r["lora/full time"]) for r in rows)
 
 
+def test_lora_step_every_adapter_type(capsys):
+    rows = bench_module("lora_step").main(QUICK + ["--preset", "tiny", "--resolution", "32", "--batch", "2",
+                                                   "--impls", "full,loha,lokr,dora"])
+    assert [r["impl"] for r in rows] == ["full", "loha", "lokr", "dora"]
+    assert all(0 < r["trainable"] < rows[0]["trainable"] / 10 for r in rows[1:])  # only the adapters train
+    assert all(positive(r["CPU/full"]) for r in rows) and "CPU/full" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_shapes_lora(capsys, tmp_path):
     """bench/shapes_lora.py end to end on a tiny base: before/after per colour, cyan included."""

@@ -99,6 +99,31 @@ def test_merged_adapter_equals_applying_both(files, tmp_path, how, capsys):
     assert json.loads(meta["ldm_lora"])["sources"] == sources
 
 
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_merge_folds_other_adapter_kinds_into_a_lora(files, tmp_path, kind):
+    """A LoHa / LoKr / DoRA file merged at full rank (the layer's smaller side) equals applying it; --concat and
+    resize, which work on LoRA factors, say how to convert it instead."""
+    bundle = fresh(files)
+    roots = bundle_roots(bundle)
+    torch.manual_seed(5)
+    net = LoRANetwork.build(roots, LoRAConfig(type=kind, preset="attention", rank=2, text_encoder=True))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    other = save_lora_file(net, roots, tmp_path / f"{kind}.safetensors")
+    full = max(min(m.shape[0], m.shape[1]) for r in roots.values() for m in
+               (p for n, p in r.named_parameters() if n.endswith("weight") and p.ndim == 2))
+    out = tmp_path / "as_lora.safetensors"
+    specs = [f"{other}:0.8", files["a"]]
+    assert main(["merge", *specs, "--model", files["model"], "--rank", str(full), "--out", str(out)]) == 0
+    assert max_weight_difference(applied(files, specs), applied(files, [str(out)])) < 1e-5
+    assert read_lora_file(out, bundle_roots(fresh(files))).kinds == ["lora"]
+    with pytest.raises(lora_tools.LoRAToolError, match="--rank R to fold it"):
+        lora_tools.merge([str(other), files["a"]], files["model"], tmp_path / "c.safetensors", concat=True)
+    with pytest.raises(lora_tools.LoRAToolError, match="merge FILE --rank R"):
+        lora_tools.resize(str(other), files["model"], tmp_path / "r.safetensors", rank=2)
+
+
 def test_merge_at_a_lower_rank_reports_its_error(files, tmp_path):
     errors, layers = [], deltas(files["a"], files).keys() | deltas(files["b"], files).keys()
     for rank in (1, 2, 3, 5):

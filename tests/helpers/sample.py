@@ -38,6 +38,17 @@ def config(model, out_dir, *overrides):
                                             "sampler.steps=3", *overrides])
 
 
+def ckpt_config(ckpt, out_dir, *overrides):
+    """configs/sample.yaml + overrides for a model that names its own text encoder (one of our training
+    checkpoints), composed as `python sample.py ckpt=... ...` would."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("sample", overrides=[f"ckpt={ckpt}", f"out_dir={out_dir}", "sampler.steps=2", *overrides])
+
+
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
     """A 16x16 RGB image and a mask (white square = repaint) as PNG files, plus a mask of the wrong size."""

@@ -13,6 +13,7 @@ import torch
 from ldm.formats.embeddings import read_embedding
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
 from tests.helpers import ROOT
+from tests.helpers.sample import ckpt_config as sample_config
 from tests.helpers.training import CKPT, assert_same_run, child_env, logged_losses, resume_cmd
 from tests.helpers.training import base  # noqa: F401 - the trained tiny base fixture
 
@@ -21,19 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TOKEN = "<new-colour>"
 TI = ["adapter=textual_inversion", f"adapter.placeholder_token='{TOKEN}'", "adapter.init_token=blue",
       "+data.train.colors=[cyan]", f"+data.train.template='a {TOKEN} {{shape}} on a {{background}} background'"]
-
-
-def sample_config(ckpt, out_dir, *overrides):
-    """configs/sample.yaml + overrides, composed as `python sample.py ...` would."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ldm.pipelines.cli import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("sample", overrides=[f"ckpt={ckpt}", f"out_dir={out_dir}", "sampler.steps=2", *overrides])
 
 
 def batch(n=4, seed=0):

@@ -1,6 +1,8 @@
-"""adapter=lora (LoRA / LoCon): the U-Net (and text encoder) stay frozen; the adapter network's forward hooks add
-its low-rank updates to their layers. Only the adapter (and its EMA) is optimised and checkpointed; the run ends
-with ``<run>/lora.safetensors`` (kohya layout: ComfyUI / A1111 / sample.py lora=...)."""
+"""adapter=lora / loha / lokr / dora (LoRA / LoCon, LyCORIS's LoHa and LoKr, DoRA: ``adapter.type``): the U-Net (and
+text encoder) stay frozen; the adapter network's forward hooks add its updates to their layers. The network holds
+whichever kind the config names and this part never asks which. Only the adapter (and its EMA) is optimised and
+checkpointed; the run ends with ``<run>/lora.safetensors`` (kohya / LyCORIS layout: ComfyUI / A1111 / sample.py
+lora=...)."""
 
 from __future__ import annotations
 
@@ -118,5 +120,5 @@ class LoRAAdapter:
                               metadata=ldm_metadata(self.config), resolution=end.model_config.get("resolution"),
                               prediction_type=self.networks.schedule.prediction_type,
                               training={"ss_steps": str(end.global_step)})
-        print(f"LoRA: {path}")
+        print(f"LoRA ({self.config.type}): {path}")
         return {"lora": str(path)}
