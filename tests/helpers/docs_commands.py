@@ -375,8 +375,9 @@ class Checks:
 
         args = parse_bench(bench_module(name), self.docs.substitute(arguments(command.argv)))
         for option in ("base", "run"):
-            if getattr(args, option, None) is not None:
-                self.input(getattr(args, option), f"--{option}")
+            value = getattr(args, option, None)
+            if isinstance(value, (str, Path)):  # a path it reads (plain_folder's --run is a switch)
+                self.input(value, f"--{option}")
 
     def check_pip(self, command: Command, _: str) -> None:
         check_install(arguments(command.argv))
