@@ -96,6 +96,13 @@ class HFDataset(Dataset):
         self.bucket_assignment = assign_source_buckets(buckets, sizes, self.transform.resolution,
                                                        f"HFDataset({self.path}, split={split})")
 
+    def image_size(self, i: int) -> tuple[int, int] | None:
+        """(width, height) of row i's image from its encoded header (nothing decoded); None when it cannot be read."""
+        try:
+            return _image_size(self.table[int(i)][self.image_column], self.image_roots)
+        except (OSError, ValueError):
+            return None
+
     @property
     def bad_files(self) -> set[str]:
         """Rows (as "split[index]" or their file path) that failed to decode in this process."""

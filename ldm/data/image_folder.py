@@ -129,6 +129,13 @@ class ImageFolderDataset(Dataset):
         path = self.root / key
         return upright_size(str(path)) if is_inside(path, self.root) else None
 
+    def image_size(self, i: int) -> tuple[int, int] | None:
+        """(width, height) of sample i from its file's header (nothing decoded); None when it cannot be read."""
+        try:
+            return self._size(self.files[i])
+        except (OSError, ValueError):
+            return None
+
     def caption(self, i: int) -> str:
         """The processed caption of sample i in the current epoch."""
         if self.caption_options.is_identity:

@@ -147,7 +147,8 @@ def test_a_pretrained_base_or_another_encoder_keeps_its_own(tmp_path, glyphs, ex
 
 
 def test_a_stream_without_a_caption_list_keeps_the_default_words_and_trains(tmp_path):
-    cfg = compose_train(tmp_path, ["data=webdataset", f"data.train.urls={tmp_path / 'x.tar'}"])
+    cfg = compose_train(tmp_path, ["data=webdataset", f"data.train.urls={tmp_path / 'x.tar'}",
+                                   "data.train.resolution=32"])
     line = choose_text_encoder(cfg)
     assert "words" not in cfg.model.text_encoder and cfg.model.text_encoder.frozen is False
     assert "the default vocabulary (WebDatasetSource lists no captions up front" in line

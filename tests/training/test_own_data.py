@@ -118,12 +118,14 @@ def test_auto_defaults_follow_the_data_size(tiny_cfg, glyphs):
     assert (batch_size(1960, 8, cuda=False), max_steps(1960, 64), sampling_every(1000)) == (64, 1000, 250)
     assert batch_size(200, 8, cuda=False) == 20 and max_steps(200_000, 64) == 20_000  # a tenth; the cap
     assert batch_size(10_000, 64, cuda=False) == 4 and max_steps(None, 8) == 1200  # SD-size latents; a stream
-    cfg = tiny_cfg("experiment=own_data", f"data.train.root={glyphs}", "data.batch_size=auto",
+    cfg = tiny_cfg("experiment=own_data", f"data.train.root={glyphs}", "data.train.resolution=16",
+                   "data.batch_size=auto",
                    "trainer.max_steps=auto", "callbacks=default", "callbacks.sampling.every_n_steps=auto", tiny=False)
     chosen = resolve_auto(cfg)
     # 30 glyphs, 2% held out -> 29 training items: batch max(4, 29 // 10) = 4; 30 epochs < 1,000 steps -> 1,000
     assert chosen == {"data.batch_size": 4, "trainer.max_steps": 1000, "callbacks.sampling.every_n_steps": 250}
     assert cfg.data.batch_size == 4 and cfg.trainer.max_steps == 1000
-    fixed = tiny_cfg("experiment=own_data", f"data.train.root={glyphs}", "data.batch_size=16",
+    fixed = tiny_cfg("experiment=own_data", f"data.train.root={glyphs}", "data.train.resolution=16",
+                     "data.batch_size=16",
                      "trainer.max_steps=77", "callbacks=default", "callbacks.sampling.every_n_steps=10", tiny=False)
     assert resolve_auto(fixed) == {} and fixed.data.batch_size == 16 and fixed.trainer.max_steps == 77
