@@ -150,3 +150,23 @@ COPIED = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
 def unet_encoder_state(unet: UNet) -> dict[str, torch.Tensor]:
     """The U-Net's weights a ControlNet starts from (time embedding, vector embedding, input and middle blocks)."""
     return {k: v for k, v in unet.state_dict().items() if k.startswith(COPIED)}
+
+
+@dataclass
+class ControlNetTraining:
+    """adapter=controlnet (configs/adapter/controlnet.yaml): train a ControlNet on a frozen base. It starts as a copy
+    of the base U-Net's encoder (``init_from``: a ControlNet folder / file to continue instead); ``lr``: its
+    learning rate (None: optim.lr)."""
+
+    conditioning_channels: int = 3
+    hint_channels: tuple[int, ...] = (16, 32, 96, 256)
+    init_from: str | None = None
+    lr: float | None = None
+
+    def __post_init__(self):
+        self.hint_channels = tuple(int(c) for c in self.hint_channels)
+        if not self.hint_channels or min(self.hint_channels) < 1 or self.conditioning_channels < 1:
+            raise ValueError(f"adapter: conditioning_channels and hint_channels must be positive, got "
+                             f"{self.conditioning_channels}, {list(self.hint_channels)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"adapter.lr must be > 0 (or null: optim.lr), got {self.lr}")

@@ -10,12 +10,13 @@ from torch import Tensor, nn
 
 from ldm.models.bundle import ModelBundle
 from ldm.training.module.ema import EMA
-from ldm.training.module.trained.base import Networks, RunEnd, freeze
+from ldm.training.module.trained.base import Networks, RunEnd, freeze, plain_denoiser
 
 
 class WholeDenoiser:
     text_encoder_learns = False
     strict_loading = True
+    denoiser = staticmethod(plain_denoiser)  # adds nothing to the U-Net's inputs
 
     def __init__(self, networks: Networks, ema_decay: float | None):
         self.networks = networks

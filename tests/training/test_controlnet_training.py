@@ -1,0 +1,113 @@
+"""adapter=controlnet: on a frozen base only the ControlNet (and its EMA) trains and is checkpointed, its loss on the
+pairs falls, the run writes a diffusers folder that ControlNetModel.from_pretrained loads unchanged (and our
+control_model.* file), and a stopped run resumes exactly. Data: data=controlnet over a folder of pairs."""
+
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from ldm.data.collate import collate_image_caption
+from ldm.formats.controlnet_file import read_controlnet
+from ldm.training.run.train import build_diffusion_module, train
+from tests.helpers import ROOT
+from tests.helpers.control_pairs import write_control_pairs
+from tests.helpers.training import CKPT, TINY_MODEL, assert_same_run, child_env, logged_losses
+from tests.helpers.training import base  # noqa: F401 - the trained tiny base fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_control_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def controlnet_args(pairs):
+    images, controls = pairs
+    return ["adapter=controlnet", "adapter.hint_channels=[8,16]", "data=controlnet", f"data.train.root={images}",
+            f"data.train.conditioning_root={controls}", "data.num_workers=0", "data.batch_size=4",
+            "data.train.resolution=16"]
+
+
+def fixed_loss(module, dataset):
+    """The deterministic validation loss over every pair (fixed timesteps and noise)."""
+    module.eval()
+    batch = collate_image_caption([dataset[i] for i in range(len(dataset))])
+    return float(module.validation_loss(batch, 0))
+
+
+def test_controlnet_trains_on_a_frozen_base_and_writes_files(tiny_cfg, base, pairs):
+    from diffusers import ControlNetModel
+
+    cfg = tiny_cfg(base, *controlnet_args(pairs), "trainer.max_steps=40", "optim.lr=2e-3", "module.ema_decay=0.9",
+                   *CKPT)
+    L.seed_everything(cfg.seed)
+    module = build_diffusion_module(cfg)
+    opt = module.configure_optimizers()["optimizer"]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in module.controlnet.parameters()}
+    assert not any(p.requires_grad for p in module.unet.parameters())
+    from ldm.data.control_pairs import ControlPairsDataset
+
+    dataset = ControlPairsDataset(root=str(pairs[0]), conditioning_root=str(pairs[1]), resolution=16)
+    item = dataset[0]
+    assert item["conditioning_image"].shape == (3, 16, 16) and item["conditioning_image"].min() >= 0
+    before = fixed_loss(module, dataset)  # a fresh ControlNet adds zeros: the base's loss
+
+    result = train(cfg)
+    ckpt = torch.load(result["last_checkpoint"], weights_only=True)
+    assert ckpt["state_dict"] and all(k.startswith(("controlnet.", "ema.")) for k in ckpt["state_dict"])
+    assert ckpt["ldm"]["adapter"]["hint_channels"] == [8, 16]
+    raw = {k[len("controlnet."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("controlnet.")}
+    module.controlnet.load_state_dict(raw)
+    after = fixed_loss(module, dataset)
+    print(f"fixed-batch loss {before:.4f} -> {after:.4f}")
+    assert after < 0.9 * before, (before, after)
+
+    # the files: the EMA ControlNet, in diffusers' folder (loaded unchanged by diffusers) and control_model.*
+    ema = {k[len("ema.model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.model.")}
+    folder = read_controlnet(result["files"]["controlnet"])
+    single = read_controlnet(result["files"]["controlnet_single_file"])
+    for net in (folder, single):
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in ema.items())
+    theirs = ControlNetModel.from_pretrained(result["files"]["controlnet"])
+    assert sum(p.numel() for p in theirs.parameters()) == sum(v.numel() for v in ema.values())
+
+
+def test_controlnet_needs_pairs(tiny_cfg, base, pairs, tmp_path):
+    from ldm.data.control_pairs import ControlPairsDataset
+
+    with pytest.raises(ValueError, match="center_crop=true and random_flip=false"):
+        ControlPairsDataset(root=str(pairs[0]), conditioning_root=str(pairs[1]), random_flip=True)
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no conditioning image for 16"):
+        ControlPairsDataset(root=str(pairs[0]), conditioning_root=str(empty))
+    module = build_diffusion_module(tiny_cfg(base, "adapter=controlnet", "adapter.hint_channels=[8,16]"))
+    batch = {"caption": ["x"], "image": torch.zeros(1, 3, 16, 16)}
+    with pytest.raises(ValueError, match="data=controlnet"):
+        module.validation_loss(batch, 0)
+
+
+@pytest.mark.slow
+def test_controlnet_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base, pairs):
+    def cmd(run, *extra):
+        overrides = [o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "data.batch_size",
+                                                                  "data.train.resolution"))]
+        return [sys.executable, "train.py", *overrides, base, *controlnet_args(pairs), f"paths.run_dir={run}",
+                f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=10", "trainer.val_check_interval=null",
+                "trainer.limit_val_batches=0", "module.ema_decay=0.9", "trainer.deterministic=true",
+                "optim.lr=2e-3", *CKPT, "+callbacks.checkpoint.save_top_k=-1",
+                "+logger.csv.flush_logs_every_n_steps=1", "hydra.run.dir=" + str(run / "hydra"), *extra]
+
+    ref = tmp_path / "ref"
+    subprocess.run(cmd(ref), cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    assert [s for s, _ in logged_losses(ref)][-1] == 9
+    run = tmp_path / "stopped"
+    every = "+callbacks.checkpoint.every_n_train_steps=1"
+    subprocess.run([*cmd(run, every), "trainer.max_steps=6"], cwd=ROOT, env=child_env(), check=True,
+                   capture_output=True)
+    subprocess.run([*cmd(run, every), "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    assert_same_run(ref, run)
