@@ -208,6 +208,7 @@ def check_options(cfg: DictConfig) -> None:
     te = cfg.text_encoder
     if te is not None and not Path(te).is_dir() and not looks_like_hub_id(te):
         raise FileNotFoundError(f"text_encoder: folder not found: {te}")
+    read_control_specs(cfg)  # counts, files and ranges of the ControlNet options
 
 
 def set_max_chunks(bundle, max_chunks: int) -> None:

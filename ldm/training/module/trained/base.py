@@ -115,9 +115,11 @@ class TrainedPart(Protocol):
         ...
 
 
-def plain_denoiser(forward: Callable, batch: dict[str, Any]) -> Callable:
-    """The denoiser of every part that adds nothing to the U-Net's inputs."""
-    return forward
+class UNetAsIs:
+    """The ``denoiser`` of every part that adds nothing to the U-Net's inputs (all but a ControlNet)."""
+
+    def denoiser(self, forward: Callable, batch: dict[str, Any]) -> Callable:
+        return forward
 
 
 def state_with_prefixes(checkpoint: dict[str, Any], prefixes: tuple[str, ...]) -> None:

@@ -6,6 +6,7 @@ checkpointed; the run ends with ``<run>/controlnet/`` (diffusers ControlNetModel
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Callable, Iterator
@@ -29,6 +30,11 @@ class ControlNetPart:
         self.networks, self.config = networks, config
         networks.unet.requires_grad_(False)  # frozen, left in train mode like LoRA's base (checkpointing needs it)
         self.net = self._initial(networks.unet, config)
+        factor = networks.autoencoder.downsample_factor
+        if self.net.hint_factor != factor:  # the hint encoder must bring the image to the latent grid
+            raise ValueError(f"adapter.hint_channels {list(self.net.config['hint_channels'])} downsample by "
+                             f"{self.net.hint_factor} but the VAE by {factor}: give {int(math.log2(factor)) + 1} "
+                             "widths (SD: [16, 32, 96, 256])")
         self.ema = EMA(self.net, ema_decay) if ema_decay else None
 
     @staticmethod

@@ -10,13 +10,12 @@ from torch import Tensor, nn
 
 from ldm.models.bundle import ModelBundle
 from ldm.training.module.ema import EMA
-from ldm.training.module.trained.base import Networks, RunEnd, freeze, plain_denoiser
+from ldm.training.module.trained.base import Networks, RunEnd, freeze, UNetAsIs
 
 
-class WholeDenoiser:
+class WholeDenoiser(UNetAsIs):
     text_encoder_learns = False
     strict_loading = True
-    denoiser = staticmethod(plain_denoiser)  # adds nothing to the U-Net's inputs
 
     def __init__(self, networks: Networks, ema_decay: float | None):
         self.networks = networks

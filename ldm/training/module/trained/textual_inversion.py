@@ -14,17 +14,16 @@ from torch import Tensor, nn
 from ldm.models.bundle import ModelBundle
 from ldm.models.textual_inversion import PlaceholderEmbedding, TextualInversionConfig
 from ldm.training.module.ema import EMA
-from ldm.training.module.trained.base import (Networks, RunEnd, check_has_keys, freeze, plain_denoiser,
+from ldm.training.module.trained.base import (Networks, RunEnd, check_has_keys, freeze, UNetAsIs,
                                               state_with_prefixes)
 
 PREFIXES = ("textual_inversion.", "ema.")  # what a textual-inversion checkpoint holds
 
 
-class TextualInversionRows:
+class TextualInversionRows(UNetAsIs):
     # gradients flow through the frozen encoder to the vectors: contexts are computed, never cached
     text_encoder_learns = True
     strict_loading = False  # the checkpoint holds only the vectors; the base comes from model.pretrained
-    denoiser = staticmethod(plain_denoiser)  # adds nothing to the U-Net's inputs
 
     def __init__(self, networks: Networks, config: TextualInversionConfig, ema_decay: float | None):
         """Freeze the U-Net, add the placeholder tokens and splice the trained vectors into the encoder's lookup.
