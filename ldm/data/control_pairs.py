@@ -5,7 +5,7 @@ images with captions beside a folder of conditioning images under the same relat
 Each item is the inner dataset's ``{"image" (3, R, R) in [-1, 1], "caption", "index", ...}`` plus
 ``"conditioning_image"`` (C, R, R) in [0, 1] (diffusers: Resize, CenterCrop, ToTensor, not normalised), through the
 same resize and centre crop as its image; flips and random crops are refused (the pair would no longer line up).
-The pairs are encoded on the fly (no latent cache: ``data.latent_cache=null``).
+The latent cache holds the control images beside the latents (uint8 pixels: exact), keyed by both files.
 """
 
 from __future__ import annotations
@@ -80,6 +80,27 @@ class ControlPairsDataset(Dataset):
     @property
     def captions(self) -> list[str]:
         return list(self.inner.captions)
+
+    def cache_spec(self):
+        """The inner dataset's cache spec, with the conditioning images in its settings and item identities, and a
+        source whose items carry them (the cache stores them beside the latents)."""
+        import copy
+        import dataclasses
+        import json
+
+        from ldm.data.auto_cache import place_digest
+
+        spec = self.inner.cache_spec()
+        folder = isinstance(self.inner, ImageFolderDataset)
+        settings = {**spec.settings, "kind": "ControlPairs", "conditioning_mode": self.mode,
+                    "conditioning": place_digest(self.conditioning_root) if folder else self.column}
+        items = spec.items
+        if folder:  # a changed control image is a changed item
+            stats = [self._by_stem[Path(k).with_suffix("").as_posix()].stat() for k in self.inner.files]
+            items = [json.dumps([item, s.st_size, s.st_mtime_ns]) for item, s in zip(items, stats)]
+        source = copy.copy(self)
+        source.inner = spec.source
+        return dataclasses.replace(spec, settings=settings, items=items, source=source)
 
     def _conditioning_pil(self, i: int):
         if isinstance(self.inner, ImageFolderDataset):

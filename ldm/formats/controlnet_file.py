@@ -153,6 +153,9 @@ def read_controlnet_single_file(path, base_unet_config: dict | None = None):
             raise CheckpointError(f"{path}: the file stores no ControlNet config; give the base model it controls")
         unet_fields = [k for k in CONTROLNET_SCHEMA if k not in ("conditioning_channels", "hint_channels")]
         config = {**{k: v for k, v in base_unet_config.items() if k in unet_fields}, **_hint_config(shapes, str(path))}
+        conv_in = shapes.get("input_blocks.0.0.weight")
+        if conv_in is not None and len(conv_in) == 4:  # the latents it reads (4 also beside a 9-channel inpainting U-Net)
+            config["in_channels"] = conv_in[1]
     net = _build(config, source=str(path), key=HEADER_KEY)
     state = {k[len(PREFIX):]: v for k, v in load_state_dict(path).items() if k.startswith(PREFIX)}
     load_into(net, state, source=str(path))

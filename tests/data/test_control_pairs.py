@@ -40,3 +40,24 @@ def test_folder_and_hf_dataset_give_the_same_pairs(tmp_path):
     assert grey[0]["conditioning_image"].shape == (1, 16, 16)
     with pytest.raises(ValueError, match="not a column"):
         ControlPairsDataset(path=str(tmp_path / "hf"), conditioning_image_column="edges")
+
+
+def test_the_latent_cache_keeps_the_control_images(tmp_path):
+    from ldm.data.auto_cache import cache_spec, sync_cache
+
+    images, controls = write_control_pairs(tmp_path, n=5, size=20)
+    pairs = ControlPairsDataset(root=str(images), conditioning_root=str(controls), resolution=16)
+
+    def encode(x, captions, generator=None):  # a stand-in VAE: the mean is the image's corner
+        return {"mean": x[:, :, :4, :4], "logvar": torch.zeros_like(x[:, :, :4, :4])}
+
+    spec = cache_spec(pairs)
+    assert spec.settings["kind"] == "ControlPairs"
+    view = sync_cache(tmp_path / "cache", spec, encode, store="posterior", seed=0, progress=False)
+    assert view.encoded == 5
+    for i in range(5):
+        torch.testing.assert_close(view[i]["conditioning_image"], pairs[i]["conditioning_image"], atol=1e-6, rtol=0)
+    # a changed control image is a new item: encoded again
+    Image.new("RGB", (20, 20), (255, 255, 255)).save(controls / "002.png")
+    view = sync_cache(tmp_path / "cache", cache_spec(pairs), encode, store="posterior", seed=0, progress=False)
+    assert view.encoded == 1 and view[2]["conditioning_image"].min() == 1.0

@@ -76,6 +76,18 @@ def test_controlnet_trains_on_a_frozen_base_and_writes_files(tiny_cfg, base, pai
     assert sum(p.numel() for p in theirs.parameters()) == sum(v.numel() for v in ema.values())
 
 
+def test_controlnet_trains_from_the_latent_cache(tiny_cfg, base, pairs, tmp_path):
+    from safetensors import safe_open
+
+    cache = tmp_path / "latents"
+    result = train(tiny_cfg(base, *controlnet_args(pairs), f"++data.latent_cache={cache}", "trainer.max_steps=3"))
+    assert result["global_step"] == 3
+    shards = list(cache.rglob("*.safetensors"))
+    assert shards
+    with safe_open(str(shards[0]), framework="pt") as f:
+        assert "conditioning_image" in f.keys() and f.get_slice("conditioning_image").get_dtype() == "U8"
+
+
 def test_controlnet_needs_pairs(tiny_cfg, base, pairs, tmp_path):
     from ldm.data.control_pairs import ControlPairsDataset
 
