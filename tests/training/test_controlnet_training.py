@@ -4,6 +4,7 @@ control_model.* file), and a stopped run resumes exactly. Data: data=controlnet 
 
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from ldm.data.collate import collate_image_caption
 from ldm.formats.controlnet_file import read_controlnet
+from ldm.pipelines.sampling_options import SamplingOptions
 from ldm.training.run.train import build_diffusion_module, train
 from tests.helpers import ROOT
 from tests.helpers.control_pairs import write_control_pairs
@@ -23,6 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     return write_control_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+# the sampling callback at the end: 3 items drawn from the data, each as control | sample | real
+SAMPLING = ["+callbacks.sampling._target_=ldm.training.callbacks.sampling.SamplingCallback",
+            "+callbacks.sampling.n_prompts=3", "+callbacks.sampling.every_n_steps=0", "+callbacks.sampling.sampler=ddim"]
 
 
 def controlnet_args(pairs):
@@ -43,7 +50,7 @@ def test_controlnet_trains_on_a_frozen_base_and_writes_files(tiny_cfg, base, pai
     from diffusers import ControlNetModel
 
     cfg = tiny_cfg(base, *controlnet_args(pairs), "trainer.max_steps=40", "optim.lr=2e-3", "module.ema_decay=0.9",
-                   *CKPT)
+                   *CKPT, *SAMPLING)
     L.seed_everything(cfg.seed)
     module = build_diffusion_module(cfg)
     opt = module.configure_optimizers()["optimizer"]
@@ -74,6 +81,25 @@ def test_controlnet_trains_on_a_frozen_base_and_writes_files(tiny_cfg, base, pai
         assert all(torch.equal(net.state_dict()[k], v) for k, v in ema.items())
     theirs = ControlNetModel.from_pretrained(result["files"]["controlnet"])
     assert sum(p.numel() for p in theirs.parameters()) == sum(v.numel() for v in ema.values())
+
+    # the sampling callback's grid: control | sample | real per item, the sample made with the (EMA) ControlNet
+    from ldm.training.callbacks.sampling import generate
+
+    grid = sorted((Path(result["run_dir"]) / "samples").glob("step_*.png"))
+    assert grid
+    hint = torch.stack([dataset[i]["conditioning_image"] for i in range(2)])
+    args = dict(prompts=["a red square", "a blue square"], sampler=SamplingOptions(name="ddim", steps=3),
+                guidance_scale=2.0, seed=0, resolution=16)
+    module.ema.model.load_state_dict(ema)
+    with_control = generate(module, **args, control_images=hint)
+    from ldm.pipelines import text_to_image
+    from ldm.pipelines.controlnet import Control
+
+    with module.sampling_bundle() as bundle:
+        direct = text_to_image(bundle, args["prompts"], sampler=args["sampler"], guidance_scale=2.0, seed=0,
+                               height=16, width=16, control=[Control(module.ema.model, hint)])
+    torch.testing.assert_close(with_control, direct)
+    assert (with_control - generate(module, **args)).abs().max() > 1e-3
 
 
 def test_controlnet_trains_from_the_latent_cache(tiny_cfg, base, pairs, tmp_path):

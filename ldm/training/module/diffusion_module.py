@@ -112,6 +112,10 @@ class LatentDiffusion(L.LightningModule):
         """The model as sampling sees it, for the length of the block (the (EMA) weights applied in place)."""
         return self.part.sampling_bundle(self.global_step, use_ema)
 
+    def sampling_controls(self, images: Tensor, use_ema: bool = True) -> list:
+        """What the trained part samples with these control images (a ControlNet's ``Control``; else nothing)."""
+        return self.part.controls(images, use_ema)
+
     def bundle(self, use_ema: bool = True) -> ModelBundle:
         """The model as sampling sees it (EMA weights by default), as copies where training would change them."""
         return self.part.bundle(self.global_step, use_ema)

@@ -83,6 +83,11 @@ class TrainedPart(Protocol):
         or with what the part adds from the batch (a ControlNet's residuals from its conditioning images)."""
         ...
 
+    def controls(self, images: Tensor, use_ema: bool) -> list:
+        """What sampling applies with control images (B, C, H, W) in [0, 1]: a ControlNet's
+        ``ldm.pipelines.controlnet.Control``, or nothing."""
+        ...
+
     def set_train_mode(self) -> None:
         """After ``module.train()``: put the frozen networks back in eval mode and set what learns."""
         ...
@@ -116,10 +121,13 @@ class TrainedPart(Protocol):
 
 
 class UNetAsIs:
-    """The ``denoiser`` of every part that adds nothing to the U-Net's inputs (all but a ControlNet)."""
+    """``denoiser`` and ``controls`` of every part that adds nothing to the U-Net's inputs (all but a ControlNet)."""
 
     def denoiser(self, forward: Callable, batch: dict[str, Any]) -> Callable:
         return forward
+
+    def controls(self, images: Tensor, use_ema: bool) -> list:
+        return []
 
 
 def state_with_prefixes(checkpoint: dict[str, Any], prefixes: tuple[str, ...]) -> None:

@@ -69,6 +69,13 @@ class ControlNetPart:
 
         return model
 
+    def controls(self, images: Tensor, use_ema: bool) -> list:
+        """The (EMA) ControlNet with these control images, for sampling (the callbacks' control | sample | real)."""
+        from ldm.pipelines.controlnet import Control
+
+        net = self.weights(use_ema)
+        return [Control(net, images.to(next(net.parameters()).device))]
+
     def set_train_mode(self) -> None:
         freeze(self.networks.text_encoder)
 
