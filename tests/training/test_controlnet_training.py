@@ -66,7 +66,15 @@ def test_controlnet_trains_on_a_frozen_base_and_writes_files(tiny_cfg, base, pai
     result = train(cfg)
     ckpt = torch.load(result["last_checkpoint"], weights_only=True)
     assert ckpt["state_dict"] and all(k.startswith(("controlnet.", "ema.")) for k in ckpt["state_dict"])
-    assert ckpt["ldm"]["adapter"]["hint_channels"] == [8, 16]
+    assert ckpt["ldm"]["controlnet"]["hint_channels"] == [8, 16]
+    # the checkpoint loads as its base model (sample.py ckpt=<run ckpt> controlnet=<run>/controlnet)
+    from ldm.formats.load import load_bundle
+
+    L.seed_everything(cfg.seed)
+    fresh = build_diffusion_module(cfg)
+    loaded = load_bundle(result["last_checkpoint"])
+    assert loaded.meta["controlnet"]["hint_channels"] == [8, 16]
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in fresh.unet.state_dict().items())
     raw = {k[len("controlnet."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("controlnet.")}
     module.controlnet.load_state_dict(raw)
     after = fixed_loss(module, dataset)

@@ -85,7 +85,7 @@ class ControlNetPart:
 
     def checkpoint_entries(self, checkpoint: dict[str, Any]) -> None:
         state_with_prefixes(checkpoint, PREFIXES)  # the ControlNet (and its EMA), not the frozen base
-        checkpoint["ldm"]["adapter"] = {**asdict(self.config), "hint_channels": list(self.config.hint_channels)}
+        checkpoint["ldm"]["controlnet"] = {**asdict(self.config), "hint_channels": list(self.config.hint_channels)}
 
     def check_loaded(self, checkpoint: dict[str, Any], expected: list[str]) -> None:
         check_has_keys(checkpoint, expected, PREFIXES)
