@@ -122,6 +122,25 @@ def test_controlnet_trains_from_the_latent_cache(tiny_cfg, base, pairs, tmp_path
         assert "conditioning_image" in f.keys() and f.get_slice("conditioning_image").get_dtype() == "U8"
 
 
+def test_an_sdxl_controlnet_run_writes_a_folder_diffusers_loads(tmp_path, pairs):
+    """SDXL shapes (vector conditioning through label_emb / add_embedding, dual text encoder contexts)."""
+    from diffusers import ControlNetModel
+
+    from tests.helpers.training import compose_train
+
+    images, controls = pairs
+    cfg = compose_train(tmp_path, ["model=sdxl_tiny", *controlnet_args(pairs), "trainer.max_steps=2",
+                                   "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+                                   "trainer.enable_model_summary=false", "lr_scheduler.warmup_steps=1",
+                                   "callbacks=none", "++data.latent_cache=null"])
+    result = train(cfg)
+    assert result["global_step"] == 2
+    theirs = ControlNetModel.from_pretrained(result["files"]["controlnet"])
+    assert theirs.config.addition_embed_type == "text_time"
+    ours = read_controlnet(result["files"]["controlnet"])
+    assert ours.config["adm_in_channels"] == 1552
+
+
 def test_controlnet_needs_pairs(tiny_cfg, base, pairs, tmp_path):
     from ldm.data.control_pairs import ControlPairsDataset
 
