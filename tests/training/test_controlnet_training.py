@@ -122,6 +122,14 @@ def test_controlnet_trains_from_the_latent_cache(tiny_cfg, base, pairs, tmp_path
         assert "conditioning_image" in f.keys() and f.get_slice("conditioning_image").get_dtype() == "U8"
 
 
+def test_the_shapes_silhouette_task_trains_from_its_cache(tiny_cfg, base, tmp_path):
+    """data=shapes_silhouette: the shapes with their silhouettes as control images, through the latent cache."""
+    result = train(tiny_cfg(base, "adapter=controlnet", "adapter.hint_channels=[8,16]", "data=shapes_silhouette",
+                            "data.train.size=8", "data.val.size=4", "data.val.resolution=16",
+                            f"++data.latent_cache={tmp_path / 'latents'}", "trainer.max_steps=2"))
+    assert result["global_step"] == 2 and (Path(result["run_dir"]) / "controlnet" / "config.json").is_file()
+
+
 def test_an_sdxl_controlnet_run_writes_a_folder_diffusers_loads(tmp_path, pairs):
     """SDXL shapes (vector conditioning through label_emb / add_embedding, dual text encoder contexts)."""
     from diffusers import ControlNetModel
