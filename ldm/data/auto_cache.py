@@ -110,7 +110,10 @@ class _Planned(Dataset):
         index, flip = self.rows[i]
         item = self.source[index]
         image = item["image"].flip(-1) if flip else item["image"]  # crop, then flip, as ImageTransform does
-        return {"image": image, "caption": item.get("caption", "")}
+        out = {"image": image, "caption": item.get("caption", "")}
+        if "conditioning_image" in item:  # a ControlNet pair's control image, kept beside the latent
+            out["conditioning_image"] = item["conditioning_image"].flip(-1) if flip else item["conditioning_image"]
+        return out
 
 
 class _Doubled(IterableDataset):

@@ -119,6 +119,8 @@ class CachedLatentsDataset(Dataset):
                 "caption": shard.captions[row] if row < len(shard.captions) else ""}
         if self.has_context:
             item["context"] = shard.row("context", row).to(self.dtype)  # (L, D)
+        if "conditioning_image" in shard.arrays:  # a ControlNet pair's control image, stored as uint8 pixels
+            item["conditioning_image"] = (shard.row("conditioning_image", row).float() / 255).to(self.dtype)
         return item
 
     def __getstate__(self):  # DataLoader workers re-open the shards themselves
@@ -132,7 +134,7 @@ class CachedLatentsDataset(Dataset):
 
 
 _NUMPY = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, torch.bfloat16),
-          "I64": (np.int64, None)}
+          "I64": (np.int64, None), "U8": (np.uint8, None)}
 _MASK64 = (1 << 64) - 1
 
 

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 
-TENSOR_FIELDS = ("image", "latents", "context")  # pixels, or cached VAE latents and text contexts
+TENSOR_FIELDS = ("image", "latents", "context", "conditioning_image")  # pixels, or cached VAE latents and text
+# contexts; a ControlNet pair's control image
 # SDXL's micro-conditioning, each (B, 2) long: (height, width), (top, left), (height, width); with buckets
 RECORD_FIELDS = ("original_size", "crop_top_left", "target_size")
 

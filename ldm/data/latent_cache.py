@@ -143,11 +143,26 @@ def _module_device(module, fallback: torch.device) -> torch.device:
         return fallback
 
 
+# per-sample images a cache keeps as they are, beside the latents (uint8: pixel / 255 values round-trip exactly):
+# a ControlNet pair's control image
+PIXEL_ROWS = ("conditioning_image",)
+
+
 def _collate(samples: list[dict]) -> dict:
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [str(s.get("caption", "")) for s in samples],
     }
+    for name in PIXEL_ROWS:
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    return batch
+
+
+def pixel_rows(batch: dict) -> dict[str, torch.Tensor]:
+    """The batch's PIXEL_ROWS ([0, 1] images) as the uint8 rows a shard stores."""
+    return {name: (batch[name].float() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+            for name in PIXEL_ROWS if name in batch}
 
 
 class _Encoder:
@@ -450,7 +465,8 @@ def _encode_ranges(source, out: Path, manifest: dict, encoder: _Encoder, loader_
             loader = DataLoader(Subset(source, range(start, stop)), shuffle=False, **loader_kwargs)
             position = start
             for batch in loader:
-                for name, value in encoder(batch["image"], batch["caption"], generator).items():
+                encoded = {**encoder(batch["image"], batch["caption"], generator), **pixel_rows(batch)}
+                for name, value in encoded.items():
                     rows.setdefault(name, []).append(value)
                 captions += batch["caption"]
                 count = len(batch["caption"])

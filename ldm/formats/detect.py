@@ -47,7 +47,8 @@ def detect_source(source) -> str:
     names = _safetensors_keys(path) if suffix == ".safetensors" else _pickle_strings(path)
     trained = any(n.startswith(TRAINING_UNET_PREFIX) for n in names) or (  # a LoRA run: the adapter only
         "adapter" in names and any(n.startswith(TRAINING_ADAPTER_PREFIX) for n in names)) or (
-        "textual_inversion" in names and "textual_inversion.vectors" in names)  # a textual-inversion run
+        "textual_inversion" in names and "textual_inversion.vectors" in names) or (  # a textual-inversion run
+        "controlnet" in names and "controlnet.input_hint_block.0.weight" in names)  # a ControlNet run
     if trained and suffix != ".safetensors" and (
             {"ldm", "ldm_config", "hyper_parameters", "state_dict"} & names):
         return "training_checkpoint"

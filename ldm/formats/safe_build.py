@@ -28,6 +28,7 @@ from ldm.models.autoencoder import AutoencoderConfig, IdentityConfig
 from ldm.models.config_fields import field_bounds, field_types
 from ldm.models.text_encoder import CLIPFolder, TextEncoderOptions, TinyCLIPConfig
 from ldm.models.text_encoder_sdxl import DualTextOptions, TinyDualCLIPConfig
+from ldm.models.controlnet import ControlNetConfig
 from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
 from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder
@@ -172,6 +173,7 @@ def _param(hint: Any, bounds: Any, config_cls: type, name: str) -> Param:
 
 
 UNET_SCHEMA = schema_of(UNetConfig)
+CONTROLNET_SCHEMA = schema_of(ControlNetConfig)
 AUTOENCODER_SCHEMA = schema_of(AutoencoderConfig)
 IDENTITY_SCHEMA = schema_of(IdentityConfig)
 SCHEDULE_SCHEMA = {
@@ -239,6 +241,12 @@ def _unet_preset(name: str, **kw) -> nn.Module:
     from ldm.models.unet import UNet
 
     return UNet.from_preset(name, **kw)
+
+
+def _controlnet(**kw) -> nn.Module:
+    from ldm.models.controlnet import ControlNet
+
+    return ControlNet(**kw)
 
 
 def _autoencoder(**kw) -> nn.Module:
@@ -364,6 +372,7 @@ class Builder:
 
 UNET_PRESET_SCHEMA = {"name": Param(STR), **UNET_SCHEMA}
 UNET_TARGET = "ldm.models.unet.UNet"
+CONTROLNET_TARGET = "ldm.models.controlnet.ControlNet"
 AUTOENCODER_TARGET, IDENTITY_TARGET = "ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.IdentityAutoencoder"
 SCHEDULE_TARGET = "ldm.diffusion.schedules.NoiseSchedule.make"
 FACTORY_AUTOENCODER_TARGET = "ldm.training.build.factories.autoencoder"
@@ -372,6 +381,7 @@ _FACTORY_AUTOENCODER = Builder(_factory_autoencoder, FACTORY_AUTOENCODER_SCHEMA,
 BUILDERS: dict[str, Builder] = {
     UNET_TARGET: Builder(_unet, UNET_SCHEMA, "unet"),
     "ldm.models.unet.UNet.from_preset": Builder(_unet_preset, UNET_PRESET_SCHEMA, "unet"),
+    CONTROLNET_TARGET: Builder(_controlnet, CONTROLNET_SCHEMA, "controlnet"),
     AUTOENCODER_TARGET: Builder(_autoencoder, AUTOENCODER_SCHEMA, "autoencoder"),
     IDENTITY_TARGET: Builder(_identity, IDENTITY_SCHEMA, "autoencoder"),
     FACTORY_AUTOENCODER_TARGET: _FACTORY_AUTOENCODER,
@@ -414,8 +424,8 @@ def build_node(node: Any, role: str, *, source: str, key: str, meta: bool = Fals
 
 
 def build_network(role: str, config: dict, *, source: str, key: str, meta: bool = False) -> nn.Module:
-    """A U-Net or AutoencoderKL from its constructor arguments as stored in a file (``UNet(**config)``)."""
-    builder = BUILDERS[{"unet": UNET_TARGET, "autoencoder": AUTOENCODER_TARGET}[role]]
+    """A U-Net, ControlNet or AutoencoderKL from its constructor arguments as stored in a file (``UNet(**config)``)."""
+    builder = BUILDERS[{"unet": UNET_TARGET, "controlnet": CONTROLNET_TARGET, "autoencoder": AUTOENCODER_TARGET}[role]]
     kwargs = check_kwargs(config, builder.schema, source=source, key=key)
     return build_checked(builder, kwargs, source=source, key=key, meta=meta)
 
@@ -423,7 +433,7 @@ def build_network(role: str, config: dict, *, source: str, key: str, meta: bool 
 def build_checked(builder: Builder, kwargs: dict, *, source: str, key: str, meta: bool = False):
     extra = {"source": source} if builder.needs_source else {}
     try:
-        if builder.role in ("unet", "autoencoder"):
+        if builder.role in ("unet", "controlnet", "autoencoder"):
             count = _on_meta(lambda: builder.build(**kwargs, **extra))
             if count > MAX_PARAMETERS:
                 raise CheckpointError(f"{source}: {key} describes a {builder.role} of {count:.3g} parameters "

@@ -112,6 +112,8 @@ def _load_training_checkpoint(path: Path, use_ema: bool) -> ModelBundle:
     text_encoder = build_node(m.get("text_encoder"), "text_encoder", source=src, key="ldm.model.model.text_encoder")
     if ckpt["ldm"].get("adapter"):
         return _load_adapter_checkpoint(path, ckpt, use_ema, model_cfg, (unet, autoencoder, text_encoder, schedule))
+    if ckpt["ldm"].get("controlnet"):
+        return _load_controlnet_run_base(path, ckpt, model_cfg, (unet, autoencoder, text_encoder, schedule))
     if ckpt["ldm"].get("textual_inversion"):
         return _load_textual_inversion_checkpoint(path, ckpt, use_ema, model_cfg,
                                                   (unet, autoencoder, text_encoder, schedule))
@@ -191,6 +193,18 @@ def _load_adapter_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, mo
     meta = {"global_step": ckpt.get("global_step"), "ema": ema, "model_config": model_cfg,
             "resolution": model_cfg.get("resolution"), "adapter": config_dict}
     return ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path), meta=meta).eval()
+
+
+def _load_controlnet_run_base(path: Path, ckpt: dict[str, Any], model_cfg: dict, networks: tuple) -> ModelBundle:
+    """A ControlNet run's checkpoint holds only the ControlNet: the model is its base, from model.pretrained (the
+    ControlNet itself is sampled from the files the run wrote: sample.py controlnet=<run>/controlnet)."""
+    stored = ckpt["ldm"]["controlnet"]
+    check_plain(stored, source=str(path), key="ldm.controlnet")
+    _load_base(path, model_cfg, networks, "ControlNet run's")
+    unet, autoencoder, text_encoder, schedule = networks
+    return ModelBundle(unet, autoencoder, text_encoder, schedule, source=str(path),
+                       meta={"global_step": ckpt.get("global_step"), "model_config": model_cfg,
+                             "resolution": model_cfg.get("resolution"), "controlnet": dict(stored)}).eval()
 
 
 def _load_textual_inversion_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool, model_cfg: dict,

@@ -307,11 +307,13 @@ class UNet(nn.Module):
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
-    def forward(self, x, t, context, y=None):
+    def forward(self, x, t, context, y=None, control=None):
         """x: (B, in_channels, H, W) noisy latent; t: scalar or (B,) timesteps (int or float);
         context: (B, L, context_dim), or SGM's conditioner dict {"crossattn": context, "vector": y}
         (sgm/modules/diffusionmodules/wrappers.py, OpenAIWrapper); y: (B, adm_in_channels) for a U-Net with
-        adm_in_channels (SDXL), else None. Returns (B, out_channels, H, W)."""
+        adm_in_channels (SDXL), else None. control: a ControlNet's residuals ``(down, mid)`` (one per input block,
+        added to its skip connection; one added to the middle block's output: cldm ControlledUnetModel, diffusers'
+        down_block_additional_residuals / mid_block_additional_residual), or None. Returns (B, out_channels, H, W)."""
         if isinstance(context, dict):
             context, y = context.get("crossattn"), context.get("vector", y)
         B, _, H, W = x.shape
@@ -338,6 +340,12 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if control is not None:
+            down, mid = control
+            if len(down) != len(skips):
+                raise ValueError(f"control has {len(down)} residuals for the U-Net's {len(skips)} input blocks")
+            skips = [s + r for s, r in zip(skips, down)]
+            h = h + mid
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H', W')
             h = self._run(block, h, emb, context)

@@ -67,6 +67,11 @@ class SampleConfig:
     embeddings: list[str] = field(default_factory=list)  # textual-inversion files, each FILE or FILE:TOKEN; the
     # prompt uses the token (the key of a diffusers learned_embeds file, else the file stem):
     # embeddings=[run/learned_embeds.safetensors]
+    controlnet: Any = None  # ControlNet(s): a diffusers ControlNetModel folder or a control_model.* file, or a list
+    control_image: Any = None  # one control image (PNG) per ControlNet; resized to the output's size
+    control_scale: Any = None  # residual scale, one for all or one per ControlNet (default 1.0)
+    control_start: Any = None  # fraction of the steps where each ControlNet starts (default 0) ...
+    control_end: Any = None  # ... and ends (default 1): diffusers' control_guidance_start / _end
 
 
 class SampleConfigError(ValueError):
@@ -153,6 +158,16 @@ def read_images(cfg: DictConfig):
     return init, mask
 
 
+def read_control_specs(cfg: DictConfig):
+    from ldm.pipelines.control_options import ControlOptionError, control_specs
+
+    try:
+        return control_specs(cfg.controlnet, cfg.control_image, cfg.control_scale, cfg.control_start,
+                             cfg.control_end)
+    except ControlOptionError as err:
+        raise SampleConfigError(str(err)) from None
+
+
 def check_options(cfg: DictConfig) -> None:
     """Numbers, names and paths that can be judged without the model."""
     if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
@@ -193,6 +208,7 @@ def check_options(cfg: DictConfig) -> None:
     te = cfg.text_encoder
     if te is not None and not Path(te).is_dir() and not looks_like_hub_id(te):
         raise FileNotFoundError(f"text_encoder: folder not found: {te}")
+    read_control_specs(cfg)  # counts, files and ranges of the ControlNet options
 
 
 def set_max_chunks(bundle, max_chunks: int) -> None:
@@ -245,8 +261,10 @@ def sample(cfg: Any) -> list[Path]:
     if init is not None and sized:
         raise SampleConfigError(f"prompt_file: {sized[0].where}: --w/--h cannot be used with init_image (the "
                                 "images take its size)")
+    specs = read_control_specs(cfg)
     out_dir, earlier = prepare_out_dir(cfg)
     bundle = _load_model(cfg)
+    controls = _load_controls(specs, bundle)
     runs = [(p, prompt_config(cfg, p)) for p in prompts]  # each prompt with its line's settings in cfg
     sizes = {}
     for p, run in runs:
@@ -255,7 +273,17 @@ def sample(cfg: Any) -> list[Path]:
             sizes[key] = _check_run(run, bundle, init, mask, len(prompts), p.where if p.has_settings() else "")
     for p in earlier:  # overwrite=true, and the model is ready: the earlier run's images go, all of them
         p.unlink(missing_ok=True)
-    return _write_images(cfg, bundle, runs, sizes, init, mask, out_dir)
+    return _write_images(cfg, bundle, runs, sizes, init, mask, out_dir, controls)
+
+
+def _load_controls(specs, bundle):
+    from ldm.formats.safe_load import CheckpointError
+    from ldm.pipelines.control_options import ControlOptionError, load_controls
+
+    try:
+        return load_controls(specs, bundle, lambda path: _open_image(path, "control_image"))
+    except (ControlOptionError, CheckpointError) as err:
+        raise SampleConfigError(f"controlnet: {err}") from err
 
 
 def _load_model(cfg: DictConfig):
@@ -332,7 +360,8 @@ def _check_run(cfg: DictConfig, bundle, init, mask, n_prompts: int, where: str) 
     return height, width
 
 
-def _write_images(cfg: DictConfig, bundle, runs: list, sizes: dict, init, mask, out_dir: Path) -> list[Path]:
+def _write_images(cfg: DictConfig, bundle, runs: list, sizes: dict, init, mask, out_dir: Path,
+                  controls: list = ()) -> list[Path]:
     """``n_images`` of each prompt, in batches of up to ``batch_size`` images of prompts with equal settings:
     batch j is seeded with seed + (index of its first image), a prompt's own --d + (its index among the prompt's
     images); each PNG records what made it. Then grid.png of them all."""
@@ -347,7 +376,7 @@ def _write_images(cfg: DictConfig, bundle, runs: list, sizes: dict, init, mask, 
         batch = [p.prompt for p, _, _ in jobs[start:stop]]
         seed = first.seed + k if first.seed is not None else cfg.seed + start
         height, width = sizes[key]
-        out = _generate(run, bundle, batch, seed, init, mask, height, width)
+        out = _generate(run, bundle, batch, seed, init, mask, height, width, controls)
         base = _base_params(run, bundle, height, width, init is not None, mask is not None)
         for j, (prompt, pil) in enumerate(zip(batch, to_pil(out))):
             params = {"prompt": prompt, **base, "seed": seed, "batch_size": len(batch), "batch_pos": j}
@@ -384,6 +413,13 @@ def _base_params(cfg: DictConfig, bundle, height: int, width: int, img2img: bool
         params["lora"] = [name(spec) for spec in cfg.lora]  # FILE[:SCALE]: the scale stays with the file name
     if cfg.embeddings:
         params["embeddings"] = [name(spec) for spec in cfg.embeddings]
+    if cfg.controlnet:
+        from ldm.pipelines.control_options import control_specs
+
+        specs = control_specs(cfg.controlnet, cfg.control_image, cfg.control_scale, cfg.control_start,
+                              cfg.control_end)
+        params["controlnet"] = [f"{name(c.path)}:{c.scale}:{c.start}-{c.end}" for c in specs]
+        params["control_image"] = [name(c.image) for c in specs]
     if img2img:
         params.update(init_image=name(cfg.init_image), strength=_strength(cfg, inpainting))
     if inpainting:
@@ -397,11 +433,13 @@ def _strength(cfg: DictConfig, inpainting: bool) -> float:
     return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
 
 
-def _generate(cfg: DictConfig, bundle, prompts: list[str], seed: int, init, mask, height: int, width: int):
+def _generate(cfg: DictConfig, bundle, prompts: list[str], seed: int, init, mask, height: int, width: int,
+              controls: list = ()):
     from ldm.pipelines import image_to_image, inpaint, text_to_image
+    from ldm.pipelines.control_options import controls_at
 
     common = dict(negative_prompt=cfg.negative_prompt or None, sampler=SamplingOptions.of(cfg.sampler),
-                  guidance_scale=cfg.guidance_scale, seed=seed)
+                  guidance_scale=cfg.guidance_scale, seed=seed, control=controls_at(controls, height, width))
     if mask is not None:
         return inpaint(bundle, pil_to_tensor(init), mask_batch(mask), prompts, strength=_strength(cfg, True),
                        feather=cfg.feather, **common)

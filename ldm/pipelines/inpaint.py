@@ -31,6 +31,7 @@ from ldm.pipelines.common import (
     sampling_options,
     unet_kind,
 )
+from ldm.pipelines.controlnet import Control, controlled
 from ldm.pipelines.images import check_same_size, composite_weight, expand_batch, image_batch, latent_mask, mask_batch
 from ldm.pipelines.sampling_options import SamplingOptions
 
@@ -53,9 +54,9 @@ class InpaintingUNet:
         self.unet = unet
         self.extra = torch.cat([mask.to(masked_latent.dtype), masked_latent], dim=1)  # (B, 1 + C, h, w)
 
-    def __call__(self, x: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor | None, **unet_kwargs) -> Tensor:
         extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)  # CFG doubles the batch
-        return self.unet(torch.cat([x, extra.to(x.dtype)], dim=1), t, context)
+        return self.unet(torch.cat([x, extra.to(x.dtype)], dim=1), t, context, **unet_kwargs)  # control=...
 
 
 def inpaint(
@@ -79,13 +80,16 @@ def inpaint(
     sample_posterior: bool = False,
     classifier_guidance: ClassifierGuidance | None = None,
     callback: Callable | None = None,
+    control: Sequence[Control] | None = None,
 ) -> Tensor:
     """Image + mask (white = repaint) + prompts -> images (B, 3, H, W) in [-1, 1].
 
     ``mask``: PIL mask(s) or a tensor in [0, 1] of the image's size (thresholded at 0.5). ``strength`` < 1 starts
     the masked region from the noised original instead of pure noise. ``feather`` softens the composite edge
     over about that many pixels inside the mask; outside the mask the output always equals the input.
-    ``sampler`` and its keyword settings as in :func:`~ldm.pipelines.text_to_image.text_to_image`.
+    ``sampler`` and its keyword settings as in :func:`~ldm.pipelines.text_to_image.text_to_image`; ``control``:
+    ControlNets seeing the latents (an inpainting U-Net's extra channels are not theirs: diffusers'
+    StableDiffusionControlNetInpaintPipeline).
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -125,6 +129,8 @@ def inpaint(
                 model = InpaintingUNet(bundle.unet, small, masked)
             else:  # the sampler keeps the known region on the forward process
                 hook = KeepKnownRegion(z0, noise, latent_mask(m, bundle.downsample_factor).to(z0.dtype))
+            model = controlled(model, control, timesteps, height=height, width=width, batch=batch,
+                               latent_factor=bundle.downsample_factor)
             z = run_sampler(bundle, x, timesteps, cond, options=options, guidance_scale=guidance_scale,
                             generator=g, classifier_guidance=classifier_guidance, callback=callback,
                             step_hook=hook, model=model)

@@ -25,6 +25,7 @@ from ldm.pipelines.common import (
     run_sampler,
     sampling_options,
 )
+from ldm.pipelines.controlnet import Control, controlled
 from ldm.pipelines.images import expand_batch, image_batch
 from ldm.pipelines.sampling_options import SamplingOptions
 
@@ -47,6 +48,7 @@ def text_to_image(
     spacing: str | None = None,
     classifier_guidance: ClassifierGuidance | None = None,
     callback: Callable | None = None,
+    control: Sequence[Control] | None = None,
 ) -> Tensor:
     """Prompts -> images (B, 3, H, W) in [-1, 1], B = len(prompts) * num_images_per_prompt.
 
@@ -56,7 +58,9 @@ def text_to_image(
     euler / euler_ancestral / dpmpp_2m. height/width default to the model's training resolution (else 512).
     The initial noise is ``torch.randn`` of the latent shape on a CPU generator seeded with ``seed``, the first
     draw in float32: diffusers' StableDiffusionPipeline with ``generator=torch.Generator().manual_seed(seed)``
-    starts from the same latents. ``callback(i, t, x, x0)`` sees each step's latents.
+    starts from the same latents. ``callback(i, t, x, x0)`` sees each step's latents. ``control``: ControlNets
+    with their control images ([0, 1], the output's size) and ranges (``ldm.pipelines.controlnet.Control``):
+    diffusers' StableDiffusionControlNetPipeline with the same settings gives the same latents.
     """
     prompts = as_prompt_list(prompts)
     require_plain_unet(bundle, "text_to_image")
@@ -69,8 +73,10 @@ def text_to_image(
         cond = encode_prompts(bundle, prompts, negative_prompt, num_images_per_prompt, guidance_scale,
                               size=(height, width))  # step 1
         x = initial_noise(bundle, len(prompts) * num_images_per_prompt, height, width, g)  # step 2: x_T ~ N(0, I)
+        model = controlled(bundle.unet, control, timesteps, height=height, width=width, batch=x.shape[0],
+                           latent_factor=bundle.downsample_factor)
         z = run_sampler(bundle, x, timesteps, cond, options=options, guidance_scale=guidance_scale,  # step 3
-                        generator=g, classifier_guidance=classifier_guidance, callback=callback)
+                        generator=g, classifier_guidance=classifier_guidance, callback=callback, model=model)
         return decode(bundle, z)  # step 5
 
 
@@ -93,6 +99,7 @@ def image_to_image(
     sample_posterior: bool = False,
     classifier_guidance: ClassifierGuidance | None = None,
     callback: Callable | None = None,
+    control: Sequence[Control] | None = None,
 ) -> Tensor:
     """Image (+ prompts) -> images (B, 3, H, W) in [-1, 1] of the image's size.
 
@@ -109,7 +116,7 @@ def image_to_image(
     options = sampling_options(sampler, steps=steps, eta=eta, karras=karras, spacing=spacing)
     common = dict(negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt, sampler=options,
                   guidance_scale=guidance_scale, seed=seed, generator=generator,
-                  classifier_guidance=classifier_guidance, callback=callback)
+                  classifier_guidance=classifier_guidance, callback=callback, control=control)
     if strength == 1.0:  # all the noise: nothing of the image survives, exactly text-to-image
         expand_batch(image, len(prompts) * num_images_per_prompt, "image")
         return text_to_image(bundle, prompts, height=height, width=width, **common)
@@ -130,6 +137,8 @@ def image_to_image(
                               size=(height, width))  # step 2
         t0 = timesteps[:1].long().expand(batch)
         x = q_sample(bundle.schedule, z0, t0, noise)  # step 3: x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+        model = controlled(bundle.unet, control, timesteps, height=height, width=width, batch=batch,
+                           latent_factor=bundle.downsample_factor)  # the range: over the steps that run
         z = run_sampler(bundle, x, timesteps, cond, options=options, guidance_scale=guidance_scale,  # step 4
-                        generator=g, classifier_guidance=classifier_guidance, callback=callback)
+                        generator=g, classifier_guidance=classifier_guidance, callback=callback, model=model)
         return decode(bundle, z)  # step 6

@@ -9,10 +9,11 @@ from ldm.formats import safe_build
 from ldm.formats.safe_build import BUILDERS, CheckpointError, Param, build_network, schema_of
 from ldm.models.autoencoder import AutoencoderConfig, IdentityConfig
 from ldm.models.config_fields import bounded, field_bounds
+from ldm.models.controlnet import ControlNetConfig
 from ldm.models.unet import UNetConfig
 
 CONFIGS = {safe_build.UNET_TARGET: UNetConfig, safe_build.AUTOENCODER_TARGET: AutoencoderConfig,
-           safe_build.IDENTITY_TARGET: IdentityConfig}
+           safe_build.IDENTITY_TARGET: IdentityConfig, safe_build.CONTROLNET_TARGET: ControlNetConfig}
 
 
 @pytest.mark.parametrize("target", sorted(CONFIGS))

@@ -152,7 +152,8 @@ def parse(parser, args: list[str]):
 
 
 # train.py keys that name files or folders a run reads (a class folder is filled when it is not there)
-TRAIN_INPUTS = ["data.train.root", "data.train.instance_root", "data.train.class_root", "data.train.mask_root",
+TRAIN_INPUTS = ["data.train.root", "data.train.conditioning_root", "data.train.instance_root", "data.train.class_root",
+                "data.train.mask_root",
                 "data.train.path", "data.train.urls", "model.pretrained", "model.autoencoder.weights",
                 "adapter.init_from", "ckpt_path", "callbacks.sampling.prompt_file"]
 MADE_IF_MISSING = {"data.train.class_root"}
@@ -223,7 +224,8 @@ class Checks:
         own_model = any(a.startswith("model=") for a in command.argv)  # model=sdxl_tiny: small already
         tiny = [o for o in TINY_MODEL if not (own_model and o.startswith("model."))]
         buckets = TINY_BUCKETS if "data.train.buckets.enabled=true" in command.argv else []
-        cfg = self.train_configs(command, tiny + TINY_TRAIN + buckets)[0]
+        controlnet = ["adapter.hint_channels=[8,16]"] if "adapter=controlnet" in command.argv else []  # VAE factor 2
+        cfg = self.train_configs(command, tiny + TINY_TRAIN + buckets + controlnet)[0]
         self.train_inputs(cfg)
         assert train(cfg)["global_step"] == 2
 
@@ -245,6 +247,9 @@ class Checks:
             self.input(parse_lora_spec(spec)[0], "lora")
         for spec in cfg.embeddings:
             self.input(parse_embedding_spec(spec)[0], "embeddings")
+        for key in ("controlnet", "control_image"):
+            for value in [cfg[key]] if isinstance(cfg[key], str) else (cfg[key] or []):
+                self.input(value, key)
         return cfg
 
     def check_sample(self, command: Command, _: str) -> None:

@@ -19,6 +19,7 @@ from tests.helpers.data import write_green_shards
 # text in a command -> the DocsData method that makes what it stands for
 ABSOLUTE = {
     "/path/to/images": "images", "/tmp/glyphs": "images", "/path/to/latents": "latents",
+    "/path/to/control-images": "masks",
     "/path/to/diffusers-folder": "diffusers_folder", "/path/to/stable-diffusion-xl-base-1.0": "sdxl_folder",
     "<model>": "checkpoint", "<checkpoint>": "checkpoint", "<run>": "run",
     "shards/train-{000..099}.tar": "shards", "user/dataset": "hf_dataset",
@@ -27,12 +28,23 @@ RUN_FOLDER = re.compile(r"outputs/\w+/<time>")  # any run folder train.py prints
 # a name read from the command's working folder -> the DocsData method that makes it
 RELATIVE = {
     "v1-5-pruned-emaonly.safetensors": "sd_file", "sd_xl_base_1.0.safetensors": "sdxl_file",
-    "photo.png": "photo", "mask.png": "mask", "prompts.txt": "prompts",
+    "photo.png": "photo", "mask.png": "mask", "edges.png": "mask", "prompts.txt": "prompts",
     "style.safetensors": "lora_file", "someone_elses_lora.safetensors": "lora_file",
     "diffusers_lora_folder": "lora_folder", "someones_style.safetensors": "a1111_embedding",
     "my-bundle": "bundle", "dog": "images", "dogs": "class_images", "dog_masks": "masks",
 }
 TINY_CLIP_DIM = 32  # the tiny local CLIP's width (TINY_MODEL's context)
+
+
+def write_controlnets(run: Path) -> None:
+    """The files an adapter=controlnet run writes (for the tiny run's U-Net and factor-2 VAE)."""
+    from ldm.formats.controlnet_file import write_controlnet_folder, write_controlnet_single_file
+    from ldm.formats.load import load_bundle
+    from ldm.models.controlnet import ControlNet
+
+    net = ControlNet.from_unet(load_bundle(run / "checkpoints" / "last.ckpt").unet, hint_channels=(8, 16))
+    write_controlnet_folder(net, run / "controlnet")
+    write_controlnet_single_file(net, run / "controlnet.safetensors")
 
 
 def write_images(folder: Path, n: int = 8) -> Path:
@@ -139,6 +151,7 @@ class DocsData:
 
             run = Path(train(compose_train(root, TINY_MODEL + CKPT + ["trainer.max_steps=2"]))["run_dir"])
             save_embedding(run / "learned_embeds.safetensors", "<cat-toy>", torch.randn(4, TINY_CLIP_DIM) * 0.01)
+            write_controlnets(run)
             return run
 
         return self._once("tiny-run", make)

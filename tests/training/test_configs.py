@@ -17,6 +17,7 @@ NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_multi
                   ("model", "sd21"), ("model", "sdxl")}
 REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["data.train.path=REPLACE"],
             ("data", "webdataset"): ["data.train.urls=REPLACE"],
+            ("data", "controlnet"): ["data.train.root=REPLACE", "data.train.conditioning_root=REPLACE"],
             ("data", "latent_cache"): ["data.train.path=REPLACE"], ("model", "sd15"): ["model.pretrained=x"],
             ("model", "sd21"): ["model.pretrained=x"], ("model", "sdxl"): ["model.pretrained=x"],
             ("experiment", "sdxl_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],

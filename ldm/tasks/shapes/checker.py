@@ -82,18 +82,33 @@ class ShapesChecker:
             shape_hits += got_shape == want_shape != UNKNOWN
         return {"color": color_hits, "shape": shape_hits}
 
-    def classify(self, image) -> tuple[str, str]:
-        """Return (colour, shape); ("unknown", "unknown") when no clear shape is found."""
-        pixels = image_to_array(image)
+    def _foreground(self, pixels: np.ndarray):
+        """(foreground mask, distance to the background, its 99th percentile), or None when no clear shape."""
         height, width, _ = pixels.shape
         background = np.median(_border(pixels), axis=0)
         distance = np.linalg.norm(pixels - background, axis=2)
         peak = np.percentile(distance, 99)
         if peak < self.min_contrast:
-            return UNKNOWN, UNKNOWN
+            return None
         foreground = distance > peak / 2
         if foreground.sum() < max(4, self.min_area * height * width):
+            return None
+        return foreground, distance, peak
+
+    def foreground(self, image) -> np.ndarray:
+        """The shape's pixels (H, W) bool: those far from the border's median colour; all False when there is no
+        clear shape."""
+        pixels = image_to_array(image)
+        found = self._foreground(pixels)
+        return found[0] if found is not None else np.zeros(pixels.shape[:2], dtype=bool)
+
+    def classify(self, image) -> tuple[str, str]:
+        """Return (colour, shape); ("unknown", "unknown") when no clear shape is found."""
+        pixels = image_to_array(image)
+        found = self._foreground(pixels)
+        if found is None:
             return UNKNOWN, UNKNOWN
+        foreground, distance, peak = found
         core = distance >= 0.75 * peak
         if core.sum() < 4:
             core = foreground

@@ -39,6 +39,14 @@ class ShapeSpec:
 
 def render_shape(spec: ShapeSpec, resolution: int) -> np.ndarray:
     """Draw `spec` as a uint8 array (resolution, resolution, 3); no anti-aliasing."""
+    image = np.empty((resolution, resolution, 3), dtype=np.uint8)
+    image[:] = rgb(spec.background)
+    image[shape_mask(spec, resolution)] = rgb(spec.color)
+    return image
+
+
+def shape_mask(spec: ShapeSpec, resolution: int) -> np.ndarray:
+    """The pixels (resolution, resolution) bool that `render_shape` colours."""
     ys, xs = np.mgrid[0:resolution, 0:resolution] + 0.5
     dx, dy, half = xs - spec.center_x, ys - spec.center_y, spec.side / 2
     if spec.shape == "square":
@@ -50,10 +58,7 @@ def render_shape(spec: ShapeSpec, resolution: int) -> np.ndarray:
         mask = (depth >= 0) & (depth <= 1) & (np.abs(dx) <= depth * half)
     else:
         raise ValueError(f"unknown shape {spec.shape!r}; known shapes: {list(SHAPES)}")
-    image = np.empty((resolution, resolution, 3), dtype=np.uint8)
-    image[:] = rgb(spec.background)
-    image[mask] = rgb(spec.color)
-    return image
+    return mask
 
 
 class ShapesDataset(Dataset):

@@ -43,19 +43,21 @@ def log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
 
 def generate(pl_module, prompts: list[str], *, sampler: SamplingOptions, guidance_scale: float, seed: int,
              use_ema: bool = True, resolution: int | tuple[int, int] | None = None,
-             negative_prompt: str | None = None) -> torch.Tensor:
+             negative_prompt: str | None = None, control_images: torch.Tensor | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for the prompts, through the same pipeline as sample.py, with every
     setting of the ``sampler`` node (steps, eta, karras, spacing, ...). ``resolution``: a side, or (height,
-    width)."""
+    width). ``control_images`` (B, C, H, W) in [0, 1]: what the trained part samples with them (a ControlNet's
+    control; nothing for other parts)."""
     from ldm.pipelines import text_to_image
 
     height, width = resolution if isinstance(resolution, (tuple, list)) else (resolution, resolution)
+    control = pl_module.sampling_controls(control_images, use_ema) if control_images is not None else None
     with pl_module.sampling_bundle(use_ema=use_ema) as bundle:  # with an adapter: the (EMA) adapter applied
         was_training = bundle.unet.training
         bundle.unet.eval()
         try:
             return text_to_image(bundle, prompts, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
-                                 height=height, width=width, negative_prompt=negative_prompt)
+                                 height=height, width=width, negative_prompt=negative_prompt, control=control)
         finally:
             bundle.unet.train(was_training)
 
@@ -136,6 +138,7 @@ class SamplingCallback(ResultCallback):
         # beside the samples, when the prompts came from the data: a (B, 3, H, W) tensor, or a list of (3, h, w)
         # images of their own sizes (aspect-ratio buckets)
         self.real_images: torch.Tensor | list[torch.Tensor] | None = None
+        self.control_images: torch.Tensor | None = None  # (B, C, H, W) in [0, 1]: the items' ControlNet controls
         self.last_path: Path | None = None
         self._last_step = -1
         self._file_runs: list[tuple[dict[str, Any], str]] | None = None  # prompt_file: (generate options, label)
@@ -144,7 +147,7 @@ class SamplingCallback(ResultCallback):
         if self.file_prompts is not None:
             self._file_runs = self.prompt_file_runs(trainer, pl_module)
         if self.prompts is None:
-            self.prompts, self.real_images = data_prompts(trainer, self.n_prompts, self.seed)
+            self.prompts, self.real_images, self.control_images = data_prompts(trainer, self.n_prompts, self.seed)
             log.info("sampling callback: %d captions drawn from the %s data", len(self.prompts),
                      "validation" if validation_items(trainer) is not None else "training")
 
@@ -213,13 +216,20 @@ class SamplingCallback(ResultCallback):
         if sizes is not None:
             images = generate_at_sizes(pl_module, self.prompts, sizes, **options)
         else:
-            images = generate(pl_module, self.prompts, resolution=self.sample_resolution(trainer), **options)
+            images = generate(pl_module, self.prompts, resolution=self.sample_resolution(trainer),
+                              control_images=self.control_images, **options)
         pils, labels = [to_pil(im[None])[0] for im in images], list(self.prompts)
         real = self.real_images
         if real is not None and [tuple(r.shape[-2:]) for r in real] == [tuple(im.shape[-2:]) for im in images]:
-            # (real, sample) pairs side by side: the caption under the sample, "real" under the image
-            pils = [im for pair in zip([to_pil(r[None])[0] for r in real], pils) for im in pair]
-            labels = [t for caption in self.prompts for t in ("real", caption)]
+            # (real, sample) pairs side by side: the caption under the sample, "real" under the image; with
+            # ControlNet controls: control | sample | real
+            controls = ([to_pil(c.expand(3, -1, -1)[None] * 2 - 1)[0] for c in self.control_images]
+                        if self.control_images is not None and sizes is None else None)
+            cells = zip(controls, pils, [to_pil(r[None])[0] for r in real]) if controls else \
+                zip([to_pil(r[None])[0] for r in real], pils)
+            pils = [im for cell in cells for im in cell]
+            names = ("control", "{}", "real") if controls else ("real", "{}")
+            labels = [t.format(caption) for caption in self.prompts for t in names]
         return pils, labels, images
 
     @rank_zero_only
@@ -231,7 +241,8 @@ class SamplingCallback(ResultCallback):
         pils, labels, images = self.sample_images(trainer, pl_module)
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        ncol = 2 * max(1, round(len(self.prompts) ** 0.5)) if len(pils) > len(images) else None  # real beside
+        per_prompt = len(pils) // len(images)  # 1, 2 (real beside) or 3 (control | sample | real)
+        ncol = per_prompt * max(1, round(len(self.prompts) ** 0.5)) if per_prompt > 1 else None
         labelled_grid(pils, labels=labels, ncol=ncol, scale=self.grid_scale(images)).save(out)
         log_image(trainer, "samples", out, step)
         self.last_path = out
@@ -250,9 +261,10 @@ def validation_items(trainer: L.Trainer):
     return getattr(dm, "val_dataset", None)
 
 
-def data_prompts(trainer: L.Trainer, n: int, seed: int) -> tuple[list[str], torch.Tensor | None]:
-    """Captions of ``n`` items drawn with ``seed`` from the validation data (else the training data) and their
-    images (None when the items are cached latents without images)."""
+def data_prompts(trainer: L.Trainer, n: int, seed: int):
+    """Captions of ``n`` items drawn with ``seed`` from the validation data (else the training data), their
+    images (None when the items are cached latents without images) and their ControlNet control images (None
+    when the items have none)."""
     from ldm.evaluation.eval_set import sample_items
 
     dataset = validation_items(trainer)
@@ -270,4 +282,6 @@ def data_prompts(trainer: L.Trainer, n: int, seed: int) -> tuple[list[str], torc
     if all(isinstance(im, torch.Tensor) for im in images):
         same = len({tuple(im.shape) for im in images}) == 1
         real = torch.stack(images).float() if same else [im.float() for im in images]  # buckets: their own sizes
-    return [str(it["caption"]) for it in items], real
+    controls = [it.get("conditioning_image") for it in items]
+    control = torch.stack(controls).float() if all(isinstance(c, torch.Tensor) for c in controls) else None
+    return [str(it["caption"]) for it in items], real, control

@@ -121,6 +121,10 @@ class LatentDiffusion(L.LightningModule):
         with self.optimizer_mode.inference_weights(), self.part.sampling_bundle(self.global_step, use_ema) as bundle:
             yield bundle
 
+    def sampling_controls(self, images: Tensor, use_ema: bool = True) -> list:
+        """What the trained part samples with these control images (a ControlNet's ``Control``; else nothing)."""
+        return self.part.controls(images, use_ema)
+
     def bundle(self, use_ema: bool = True) -> ModelBundle:
         """The model as sampling sees it (EMA weights by default), as copies where training would change them
         (the optimizer's inference weights: copied where the part would share them)."""
@@ -152,10 +156,10 @@ class LatentDiffusion(L.LightningModule):
         with torch.set_grad_enabled(self.part.text_encoder_learns and torch.is_grad_enabled()):
             return self.text_encoder(list(captions))
 
-    def forward(self, x_t: Tensor, t: Tensor, context) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, context, **unet_kwargs) -> Tensor:
         if self.unet_compile is not None:  # the same (compiled in place) U-Net, timing its first forward
-            return self.unet_compile(x_t, t, context)
-        return self.unet(x_t, t, context)
+            return self.unet_compile(x_t, t, context, **unet_kwargs)
+        return self.unet(x_t, t, context, **unet_kwargs)
 
     def step_loss(self, batch: dict[str, Any]) -> Tensor:
         """Algorithm 1's loss on a batch (caption dropout, random timesteps and noise)."""
@@ -168,7 +172,8 @@ class LatentDiffusion(L.LightningModule):
         context = self._unet_conditioning(context, batch, dropped, latents)
         x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise, timesteps=self.timestep_sampling,
                                       noise_options=self.noise_options)
-        return self.batch_loss(self(x_t, t, context), target, t, batch)
+        denoiser = self.part.denoiser(self, batch)  # the U-Net (+ what the trained part adds from the batch)
+        return self.batch_loss(denoiser(x_t, t, context), target, t, batch)
 
     def batch_loss(self, output: Tensor, target: Tensor, t: Tensor, batch: dict[str, Any]) -> Tensor:
         """The loss of a batch's prediction (loss type, min-SNR / debiased weighting): masked where the batch has
@@ -242,13 +247,13 @@ class LatentDiffusion(L.LightningModule):
                                           torch.zeros(len(batch["caption"]), dtype=torch.bool), latents)
         g = torch.Generator(device="cpu").manual_seed(10_000 + batch_idx)
         T = self.schedule.num_train_timesteps
-        losses = []
+        losses, denoiser = [], self.part.denoiser(self.unet, batch)
         for frac in VAL_TIMESTEP_FRACTIONS:
             t = torch.full((latents.shape[0],), int(frac * (T - 1)), device=latents.device, dtype=torch.long)
             noise = torch.randn(latents.shape, generator=g).to(latents)
             x_t = q_sample(self.schedule, latents, t, noise)
             target = training_target(self.schedule, latents, noise, t)
-            losses.append(diffusion_loss(self.unet(x_t, t, context), target, self.schedule, t))
+            losses.append(diffusion_loss(denoiser(x_t, t, context), target, self.schedule, t))
         return torch.stack(losses).mean()
 
     def on_train_start(self) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ldm.models.controlnet import ControlNetTraining
 from ldm.models.lora import LoRAConfig
 from ldm.models.textual_inversion import TextualInversionConfig
+from ldm.training.module.trained.controlnet import ControlNetPart
 from ldm.training.module.trained.base import Networks, RunEnd, TrainedPart, freeze
 from ldm.training.module.trained.denoiser import WholeDenoiser
 from ldm.training.module.trained.denoiser_and_text_encoder import DenoiserAndTextEncoder
@@ -11,7 +13,7 @@ from ldm.training.module.trained.lora import LoRAAdapter
 from ldm.training.module.trained.textual_inversion import TextualInversionRows
 
 # adapter config type (configs/adapter/) -> the part that trains it on a frozen base
-ADAPTERS = {LoRAConfig: LoRAAdapter, TextualInversionConfig: TextualInversionRows}
+ADAPTERS = {LoRAConfig: LoRAAdapter, TextualInversionConfig: TextualInversionRows, ControlNetTraining: ControlNetPart}
 
 __all__ = ["ADAPTERS", "Networks", "RunEnd", "TrainedPart", "freeze", "trained_part"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from torch import Tensor, nn
 
@@ -78,6 +78,16 @@ class TrainedPart(Protocol):
         """The optimizer's parameter groups (each named; an ``lr`` where the part's config overrides optim.lr)."""
         ...
 
+    def denoiser(self, forward: Callable, batch: dict[str, Any]) -> Callable:
+        """The denoiser a batch trains (and validates) through: ``forward(x_t, t, context, **unet_kwargs)`` itself,
+        or with what the part adds from the batch (a ControlNet's residuals from its conditioning images)."""
+        ...
+
+    def controls(self, images: Tensor, use_ema: bool) -> list:
+        """What sampling applies with control images (B, C, H, W) in [0, 1]: a ControlNet's
+        ``ldm.pipelines.controlnet.Control``, or nothing."""
+        ...
+
     def set_train_mode(self) -> None:
         """After ``module.train()``: put the frozen networks back in eval mode and set what learns."""
         ...
@@ -108,6 +118,16 @@ class TrainedPart(Protocol):
     def write_files(self, end: RunEnd) -> dict[str, str]:
         """The files the run leaves for users (adapter / embedding files) when training ends: {kind: path}."""
         ...
+
+
+class UNetAsIs:
+    """``denoiser`` and ``controls`` of every part that adds nothing to the U-Net's inputs (all but a ControlNet)."""
+
+    def denoiser(self, forward: Callable, batch: dict[str, Any]) -> Callable:
+        return forward
+
+    def controls(self, images: Tensor, use_ema: bool) -> list:
+        return []
 
 
 def state_with_prefixes(checkpoint: dict[str, Any], prefixes: tuple[str, ...]) -> None:

@@ -10,10 +10,10 @@ from torch import Tensor, nn
 
 from ldm.models.bundle import ModelBundle
 from ldm.training.module.ema import EMA
-from ldm.training.module.trained.base import Networks, RunEnd, freeze
+from ldm.training.module.trained.base import Networks, RunEnd, freeze, UNetAsIs
 
 
-class WholeDenoiser:
+class WholeDenoiser(UNetAsIs):
     text_encoder_learns = False
     strict_loading = True
 

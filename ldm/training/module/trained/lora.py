@@ -16,12 +16,13 @@ from torch import Tensor, nn
 from ldm.models.bundle import ModelBundle
 from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.training.module.ema import EMA
-from ldm.training.module.trained.base import Networks, RunEnd, check_has_keys, freeze, state_with_prefixes
+from ldm.training.module.trained.base import (Networks, RunEnd, check_has_keys, freeze, UNetAsIs,
+                                              state_with_prefixes)
 
 PREFIXES = ("lora.", "ema.")  # what an adapter run's checkpoint holds
 
 
-class LoRAAdapter:
+class LoRAAdapter(UNetAsIs):
     strict_loading = False  # the checkpoint holds only the adapter; the base comes from model.pretrained again
 
     def __init__(self, networks: Networks, config: LoRAConfig, ema_decay: float | None):

@@ -14,12 +14,13 @@ from torch import Tensor, nn
 from ldm.models.bundle import ModelBundle
 from ldm.models.textual_inversion import PlaceholderEmbedding, TextualInversionConfig
 from ldm.training.module.ema import EMA
-from ldm.training.module.trained.base import Networks, RunEnd, check_has_keys, freeze, state_with_prefixes
+from ldm.training.module.trained.base import (Networks, RunEnd, check_has_keys, freeze, UNetAsIs,
+                                              state_with_prefixes)
 
 PREFIXES = ("textual_inversion.", "ema.")  # what a textual-inversion checkpoint holds
 
 
-class TextualInversionRows:
+class TextualInversionRows(UNetAsIs):
     # gradients flow through the frozen encoder to the vectors: contexts are computed, never cached
     text_encoder_learns = True
     strict_loading = False  # the checkpoint holds only the vectors; the base comes from model.pretrained

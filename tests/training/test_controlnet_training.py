@@ -1,0 +1,188 @@
+"""adapter=controlnet: on a frozen base only the ControlNet (and its EMA) trains and is checkpointed, its loss on the
+pairs falls, the run writes a diffusers folder that ControlNetModel.from_pretrained loads unchanged (and our
+control_model.* file), and a stopped run resumes exactly. Data: data=controlnet over a folder of pairs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from ldm.data.collate import collate_image_caption
+from ldm.formats.controlnet_file import read_controlnet
+from ldm.pipelines.sampling_options import SamplingOptions
+from ldm.training.run.train import build_diffusion_module, train
+from tests.helpers import ROOT
+from tests.helpers.control_pairs import write_control_pairs
+from tests.helpers.training import CKPT, TINY_MODEL, assert_same_run, child_env, logged_losses
+from tests.helpers.training import base  # noqa: F401 - the trained tiny base fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_control_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+# the sampling callback at the end: 3 items drawn from the data, each as control | sample | real
+SAMPLING = ["+callbacks.sampling._target_=ldm.training.callbacks.sampling.SamplingCallback",
+            "+callbacks.sampling.n_prompts=3", "+callbacks.sampling.every_n_steps=0", "+callbacks.sampling.sampler=ddim"]
+
+
+def controlnet_args(pairs):
+    images, controls = pairs
+    return ["adapter=controlnet", "adapter.hint_channels=[8,16]", "data=controlnet", f"data.train.root={images}",
+            f"data.train.conditioning_root={controls}", "data.num_workers=0", "data.batch_size=4",
+            "data.train.resolution=16"]
+
+
+def fixed_loss(module, dataset):
+    """The deterministic validation loss over every pair (fixed timesteps and noise)."""
+    module.eval()
+    batch = collate_image_caption([dataset[i] for i in range(len(dataset))])
+    return float(module.validation_loss(batch, 0))
+
+
+def test_controlnet_trains_on_a_frozen_base_and_writes_files(tiny_cfg, base, pairs):
+    from diffusers import ControlNetModel
+
+    cfg = tiny_cfg(base, *controlnet_args(pairs), "trainer.max_steps=40", "optim.lr=2e-3", "module.ema_decay=0.9",
+                   *CKPT, *SAMPLING)
+    L.seed_everything(cfg.seed)
+    module = build_diffusion_module(cfg)
+    opt = module.configure_optimizers()["optimizer"]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in module.controlnet.parameters()}
+    assert not any(p.requires_grad for p in module.unet.parameters())
+    from ldm.data.control_pairs import ControlPairsDataset
+
+    dataset = ControlPairsDataset(root=str(pairs[0]), conditioning_root=str(pairs[1]), resolution=16)
+    item = dataset[0]
+    assert item["conditioning_image"].shape == (3, 16, 16) and item["conditioning_image"].min() >= 0
+    before = fixed_loss(module, dataset)  # a fresh ControlNet adds zeros: the base's loss
+
+    result = train(cfg)
+    ckpt = torch.load(result["last_checkpoint"], weights_only=True)
+    assert ckpt["state_dict"] and all(k.startswith(("controlnet.", "ema.")) for k in ckpt["state_dict"])
+    assert ckpt["ldm"]["controlnet"]["hint_channels"] == [8, 16]
+    # the checkpoint loads as its base model (sample.py ckpt=<run ckpt> controlnet=<run>/controlnet)
+    from ldm.formats.load import load_bundle
+
+    L.seed_everything(cfg.seed)
+    fresh = build_diffusion_module(cfg)
+    loaded = load_bundle(result["last_checkpoint"])
+    assert loaded.meta["controlnet"]["hint_channels"] == [8, 16]
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in fresh.unet.state_dict().items())
+    raw = {k[len("controlnet."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("controlnet.")}
+    module.controlnet.load_state_dict(raw)
+    after = fixed_loss(module, dataset)
+    print(f"fixed-batch loss {before:.4f} -> {after:.4f}")
+    assert after < 0.9 * before, (before, after)
+
+    # the files: the EMA ControlNet, in diffusers' folder (loaded unchanged by diffusers) and control_model.*
+    ema = {k[len("ema.model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.model.")}
+    folder = read_controlnet(result["files"]["controlnet"])
+    single = read_controlnet(result["files"]["controlnet_single_file"])
+    for net in (folder, single):
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in ema.items())
+    theirs = ControlNetModel.from_pretrained(result["files"]["controlnet"])
+    assert sum(p.numel() for p in theirs.parameters()) == sum(v.numel() for v in ema.values())
+
+    # the sampling callback's grid: control | sample | real per item, the sample made with the (EMA) ControlNet
+    from ldm.training.callbacks.sampling import generate
+
+    grid = sorted((Path(result["run_dir"]) / "samples").glob("step_*.png"))
+    assert grid
+    hint = torch.stack([dataset[i]["conditioning_image"] for i in range(2)])
+    args = dict(prompts=["a red square", "a blue square"], sampler=SamplingOptions(name="ddim", steps=3),
+                guidance_scale=2.0, seed=0, resolution=16)
+    module.ema.model.load_state_dict(ema)
+    with_control = generate(module, **args, control_images=hint)
+    from ldm.pipelines import text_to_image
+    from ldm.pipelines.controlnet import Control
+
+    with module.sampling_bundle() as bundle:
+        direct = text_to_image(bundle, args["prompts"], sampler=args["sampler"], guidance_scale=2.0, seed=0,
+                               height=16, width=16, control=[Control(module.ema.model, hint)])
+    torch.testing.assert_close(with_control, direct)
+    assert (with_control - generate(module, **args)).abs().max() > 1e-3
+
+
+def test_controlnet_trains_from_the_latent_cache(tiny_cfg, base, pairs, tmp_path):
+    from safetensors import safe_open
+
+    cache = tmp_path / "latents"
+    result = train(tiny_cfg(base, *controlnet_args(pairs), f"++data.latent_cache={cache}", "trainer.max_steps=3"))
+    assert result["global_step"] == 3
+    shards = list(cache.rglob("*.safetensors"))
+    assert shards
+    with safe_open(str(shards[0]), framework="pt") as f:
+        assert "conditioning_image" in f.keys() and f.get_slice("conditioning_image").get_dtype() == "U8"
+
+
+def test_the_shapes_silhouette_task_trains_from_its_cache(tiny_cfg, base, tmp_path):
+    """data=shapes_silhouette: the shapes with their silhouettes as control images, through the latent cache."""
+    result = train(tiny_cfg(base, "adapter=controlnet", "adapter.hint_channels=[8,16]", "data=shapes_silhouette",
+                            "data.train.size=8", "data.val.size=4", "data.val.resolution=16",
+                            f"++data.latent_cache={tmp_path / 'latents'}", "trainer.max_steps=2"))
+    assert result["global_step"] == 2 and (Path(result["run_dir"]) / "controlnet" / "config.json").is_file()
+
+
+def test_an_sdxl_controlnet_run_writes_a_folder_diffusers_loads(tmp_path, pairs):
+    """SDXL shapes (vector conditioning through label_emb / add_embedding, dual text encoder contexts)."""
+    from diffusers import ControlNetModel
+
+    from tests.helpers.training import compose_train
+
+    images, controls = pairs
+    cfg = compose_train(tmp_path, ["model=sdxl_tiny", *controlnet_args(pairs), "trainer.max_steps=2",
+                                   "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+                                   "trainer.enable_model_summary=false", "lr_scheduler.warmup_steps=1",
+                                   "callbacks=none", "++data.latent_cache=null"])
+    result = train(cfg)
+    assert result["global_step"] == 2
+    theirs = ControlNetModel.from_pretrained(result["files"]["controlnet"])
+    assert theirs.config.addition_embed_type == "text_time"
+    ours = read_controlnet(result["files"]["controlnet"])
+    assert ours.config["adm_in_channels"] == 1552
+
+
+def test_controlnet_needs_pairs(tiny_cfg, base, pairs, tmp_path):
+    from ldm.data.control_pairs import ControlPairsDataset
+
+    with pytest.raises(ValueError, match="center_crop=true and random_flip=false"):
+        ControlPairsDataset(root=str(pairs[0]), conditioning_root=str(pairs[1]), random_flip=True)
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no conditioning image for 16"):
+        ControlPairsDataset(root=str(pairs[0]), conditioning_root=str(empty))
+    with pytest.raises(Exception, match=r"adapter.hint_channels \[16, 32, 96, 256\] downsample by 8 but the VAE by 2"):
+        build_diffusion_module(tiny_cfg(base, "adapter=controlnet"))
+    module = build_diffusion_module(tiny_cfg(base, "adapter=controlnet", "adapter.hint_channels=[8,16]"))
+    batch = {"caption": ["x"], "image": torch.zeros(1, 3, 16, 16)}
+    with pytest.raises(ValueError, match="data=controlnet"):
+        module.validation_loss(batch, 0)
+
+
+@pytest.mark.slow
+def test_controlnet_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base, pairs):
+    def cmd(run, *extra):
+        overrides = [o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "data.batch_size",
+                                                                  "data.train.resolution"))]
+        return [sys.executable, "train.py", *overrides, base, *controlnet_args(pairs), f"paths.run_dir={run}",
+                f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=10", "trainer.val_check_interval=null",
+                "trainer.limit_val_batches=0", "module.ema_decay=0.9", "trainer.deterministic=true",
+                "optim.lr=2e-3", *CKPT, "+callbacks.checkpoint.save_top_k=-1",
+                "+logger.csv.flush_logs_every_n_steps=1", "hydra.run.dir=" + str(run / "hydra"), *extra]
+
+    ref = tmp_path / "ref"
+    subprocess.run(cmd(ref), cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    assert [s for s, _ in logged_losses(ref)][-1] == 9
+    run = tmp_path / "stopped"
+    every = "+callbacks.checkpoint.every_n_train_steps=1"
+    subprocess.run([*cmd(run, every), "trainer.max_steps=6"], cwd=ROOT, env=child_env(), check=True,
+                   capture_output=True)
+    subprocess.run([*cmd(run, every), "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    assert_same_run(ref, run)
