@@ -80,23 +80,27 @@ def _heads(unet: dict, channels: int, num_heads: int, num_head_channels: int) ->
     return channels // num_head_channels if num_head_channels > 0 else num_heads
 
 
+def detect(unet: dict) -> tuple[str | None, dict, list[int]]:
+    """model_detection.detect_unet_config: what the shapes show, and the first of ComfyUI's model classes they
+    match (model_config_from_unet_config; None: none does)."""
+    shown = dict(context_dim=unet["context_dim"], model_channels=unet["model_channels"],
+                 use_linear_in_transformer=bool(unet.get("use_linear_projection")),
+                 adm_in_channels=unet.get("adm_in_channels"))
+    depths = input_block_depths(unet)
+    if unet.get("in_channels") != 8:  # Stable_Zero123 is matched first for in_channels 8
+        for name, model in COMFY_MODELS.items():
+            if all(shown[k] == v for k, v in model["match"].items()) and depths in model.get("depths", (depths,)):
+                return name, shown, depths
+    return None, shown, depths
+
+
 def comfyui_check(unet: dict, *, vae: dict | None = None, text: list[tuple[Any, bool]] | None = None,
                   schedule=None, weight: Callable[[str], Any] | None = None) -> ComfyCheck:
     """What ComfyUI makes of an SD single file of these parts: ``unet`` / ``vae`` configs (dicts as
     ``UNet.config`` / ``AutoencoderKL.config``), ``text``: (transformers text config, penultimate) per encoder,
     ``schedule``: a NoiseSchedule, ``weight(key)``: a U-Net tensor by its original name (or None). A U-Net-only
     file (ComfyUI's UNETLoader) passes no vae / text. Nothing is built: configs only."""
-    # model_detection.detect_unet_config: what the shapes show
-    shown = dict(context_dim=unet["context_dim"], model_channels=unet["model_channels"],
-                 use_linear_in_transformer=bool(unet.get("use_linear_projection")),
-                 adm_in_channels=unet.get("adm_in_channels"))
-    depths = input_block_depths(unet)
-    arch = None
-    if unet.get("in_channels") != 8:  # Stable_Zero123 is matched first for in_channels 8
-        for name, model in COMFY_MODELS.items():  # model_config_from_unet_config: the first class that matches
-            if all(shown[k] == v for k, v in model["match"].items()) and depths in model.get("depths", (depths,)):
-                arch = name
-                break
+    arch, shown, depths = detect(unet)
     if arch is None:
         said = ", ".join(f"{k}={v}" for k, v in shown.items())
         return ComfyCheck(None, [f"its U-Net ({said}, transformer depths {depths}) matches none of ComfyUI's "

@@ -405,7 +405,7 @@ def checked_before_build(cfg: DictConfig) -> None:
     """What train(cfg) checks before it builds anything (ldm/training/run/train.py): the auto defaults and the caption
     vocabulary resolved from the data, the values, the pretrained model a full-size preset needs."""
     from ldm.training.run.auto_defaults import resolve_auto
-    from ldm.training.run.auto_resolution import choose_resolution
+    from ldm.training.run.auto_defaults import choose_resolution
     from ldm.training.run.caption_vocab import resolve_caption_vocab
     from ldm.training.run.stages import check_pretrained
     from ldm.training.run.train import validate

@@ -5,8 +5,8 @@ given is kept. The plain command on a folder of 64-128 px photos no longer train
 import pytest
 from PIL import Image
 
-from ldm.training.run import auto_resolution
-from ldm.training.run.auto_resolution import choose_resolution, image_sides
+from ldm.training.run import auto_defaults
+from ldm.training.run.auto_defaults import choose_resolution, image_sides
 from tests.helpers.training import compose_train
 
 
@@ -46,7 +46,7 @@ def test_image_sides_are_read_from_the_headers(tmp_path, mixed):
 ])
 def test_from_scratch_the_side_follows_the_images_and_the_machine(tmp_path, mixed, sides, cuda, expected):
     cfg = cfg_for(tmp_path, mixed)
-    assert auto_resolution.downsampling(cfg) == 8
+    assert auto_defaults.downsampling(cfg) == 8
     line = choose_resolution(cfg, sides=lambda c: sides, cuda=lambda c: cuda)
     assert cfg.data.train.resolution == expected
     assert line.startswith(f"resolution: {expected} px") and "data.train.resolution=N" in line
@@ -55,7 +55,7 @@ def test_from_scratch_the_side_follows_the_images_and_the_machine(tmp_path, mixe
 def test_a_pretrained_model_or_a_given_side_is_kept(tmp_path, mixed):
     cfg = cfg_for(tmp_path, mixed, "+model.pretrained=some.ckpt")
     assert "pretrained" in choose_resolution(cfg, sides=lambda c: pytest.fail("not read"))
-    assert cfg.data.train.resolution == auto_resolution.PRETRAINED_SIDE
+    assert cfg.data.train.resolution == auto_defaults.PRETRAINED_SIDE
     given = cfg_for(tmp_path, mixed, "data.train.resolution=48")
     assert choose_resolution(given, sides=lambda c: pytest.fail("not read")) is None
     assert given.data.train.resolution == 48

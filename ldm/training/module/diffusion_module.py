@@ -33,7 +33,7 @@ from ldm.diffusion.timestep_sampling import TimestepSampling
 from ldm.models.bundle import ModelBundle
 from ldm.training.module.checkpoint_gate import CheckpointGate
 from ldm.training.module.divergence import DivergenceGuard
-from ldm.training.module.ema import EMA
+from ldm.training.module.ema import holds_average
 from ldm.training.module.guarded_update import GuardedUpdate
 from ldm.training.module.micro_conditioning import is_dual_text, training_conditioning
 from ldm.training.module.optimizer_mode import NO_MODES, optimizer_modes, restore_train_weights
@@ -76,10 +76,9 @@ class LatentDiffusion(L.LightningModule):
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.unet, self.autoencoder, self.text_encoder = unet, freeze(autoencoder), text_encoder
-        self.schedule = schedule
+        self.schedule, self.sample_posterior = schedule, sample_posterior
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.p_uncond, self.min_snr_gamma, self.offset_noise = p_uncond, min_snr_gamma, offset_noise
-        self.sample_posterior = sample_posterior
         self.prior_loss_weight = float(prior_loss_weight)  # DreamBooth batches (data=dreambooth): class rows' weight
         # loss type / debiased weighting, timestep sampling, pyramid noise / input perturbation (None: the defaults)
         self.loss_options, self.timestep_sampling, self.noise_options = loss, timesteps, noise
@@ -91,7 +90,7 @@ class LatentDiffusion(L.LightningModule):
             self.add_module(name, module)
         self.strict_loading = self.part.strict_loading
         # the EMA averages the weights inference uses (schedule-free: x), switched to only where there is one
-        self.keeps_average = any(isinstance(m, EMA) for m in self.part.modules().values())
+        self.keeps_average = holds_average(self.part.modules().values())
         self.optimizer_mode = NO_MODES  # the optimizer's (configure_optimizers)
         # after the EMA copy: module copies drop the compiled forward (nn.Module.__getstate__), so they run eager
         self.unet_compile = UNetCompile(self.unet, compile_backend) if compile else None
@@ -116,8 +115,7 @@ class LatentDiffusion(L.LightningModule):
 
     @contextmanager
     def sampling_bundle(self, use_ema: bool = True) -> Iterator[ModelBundle]:
-        """The model as sampling sees it, for the length of the block (the (EMA) weights applied in place; the
-        optimizer's inference weights)."""
+        """The model as sampling sees it for the length of the block ((EMA) weights in place; inference weights)."""
         with self.optimizer_mode.inference_weights(), self.part.sampling_bundle(self.global_step, use_ema) as bundle:
             yield bundle
 
@@ -198,8 +196,7 @@ class LatentDiffusion(L.LightningModule):
                                      zero_dropped=self.text_encoder.zero_uncond)
 
     def _dropped_context(self, batch: dict[str, Any], captions: list[str]) -> Tensor:
-        """Cached text contexts: the empty-prompt context where the caption was dropped (decided on the host from
-        the captions; a select, not a masked write, which would read the mask back)."""
+        """Cached contexts, the empty prompt's where the caption was dropped (a host-decided select, no read-back)."""
         context = batch["context"]
         dropped = [c == "" for c in captions]
         if not any(dropped):

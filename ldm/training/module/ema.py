@@ -53,6 +53,11 @@ class EMA(nn.Module):
         self.num_updates += 1 if applied is None else applied.long()
 
 
+def holds_average(modules) -> bool:
+    """Whether any of a trained part's modules is an EMA (the weights it averages are then the inference ones)."""
+    return any(isinstance(m, EMA) for m in modules)
+
+
 def _lerp_(averages: list[Tensor], values: list[Tensor], weight: Tensor) -> None:
     """averages += weight * (values - averages) with a tensor weight (torch's _foreach_lerp_ takes a Python number
     only), a chunk of the tensors at a time so that the temporary differences stay small."""

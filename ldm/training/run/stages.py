@@ -152,7 +152,7 @@ class DiffusionStage:
         data.batch_size / trainer.max_steps / sampling cadence; model.text_encoder.words = captions -> the
         captions' words."""
         from ldm.training.run.auto_defaults import resolve_auto
-        from ldm.training.run.auto_resolution import choose_resolution
+        from ldm.training.run.auto_defaults import choose_resolution
         from ldm.training.run.caption_vocab import choose_text_encoder, resolve_caption_vocab
         from ldm.training.run.first_stage import choose_first_stage
 
@@ -201,7 +201,7 @@ class AutoencoderStage:
 
     def resolve_config(self, cfg: DictConfig) -> None:
         """Only the resolution can be auto here (data=folder / hf / webdataset under a first-stage experiment)."""
-        from ldm.training.run.auto_resolution import choose_resolution
+        from ldm.training.run.auto_defaults import choose_resolution
 
         with _quiet_data():
             say_choices([line for line in [_reading_data(lambda: choose_resolution(cfg))] if line])
