@@ -179,6 +179,13 @@ SCHEDULE_SCHEMA = {
     "beta_end": Param(OPT_FLOAT, 0.0, 1.0), "rescale_zero_terminal_snr": Param(BOOL),
     "prediction_type": Param(STR, choices=("epsilon", "v_prediction", "sample")),
 }
+# ldm.diffusion.flow.FlowMatching (schedule=flow): flow matching's shift and loss weighting
+FLOW_SCHEDULE_SCHEMA = {
+    "num_train_timesteps": Param(INT, 2, 100_000), "shift": Param(FLOAT, 1e-3, 1e3),
+    "dynamic_shift": Param(BOOL), "base_shift": Param(FLOAT, -100.0, 100.0), "max_shift": Param(FLOAT, -100.0, 100.0),
+    "base_seq_len": Param(INT, 1, 10**8), "max_seq_len": Param(INT, 2, 10**8), "patch_size": Param(INT, 1, 64),
+    "weighting": Param(STR, choices=("none", "sigma_sqrt", "cosmap")), "prediction_type": Param(STR, choices=("flow",)),
+}
 # The text encoders' factories (a stored model.text_encoder node): their sources and options, from their configs
 TEXT_OPTIONS_SCHEMA = schema_of(TextEncoderOptions)
 TINY_TEXT_SCHEMA = {**schema_of(TinyCLIPConfig), "subfolder_layout": Param(BOOL), **TEXT_OPTIONS_SCHEMA}
@@ -354,6 +361,12 @@ def _schedule(**kw):
     return NoiseSchedule.make(**kw)
 
 
+def _flow_schedule(**kw):
+    from ldm.diffusion.flow import FlowMatching
+
+    return FlowMatching(**kw)
+
+
 @dataclass(frozen=True)
 class Builder:
     build: Callable[..., Any]
@@ -366,6 +379,7 @@ UNET_PRESET_SCHEMA = {"name": Param(STR), **UNET_SCHEMA}
 UNET_TARGET = "ldm.models.unet.UNet"
 AUTOENCODER_TARGET, IDENTITY_TARGET = "ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.IdentityAutoencoder"
 SCHEDULE_TARGET = "ldm.diffusion.schedules.NoiseSchedule.make"
+FLOW_SCHEDULE_TARGET = "ldm.diffusion.flow.FlowMatching"
 FACTORY_AUTOENCODER_TARGET = "ldm.training.build.factories.autoencoder"
 _FACTORY_AUTOENCODER = Builder(_factory_autoencoder, FACTORY_AUTOENCODER_SCHEMA, "autoencoder", needs_source=True)
 # Every _target_ a stored config may name (the Hydra paths our configs and exports write) -> our constructor.
@@ -386,6 +400,7 @@ BUILDERS: dict[str, Builder] = {
     "ldm.models.text_encoder_sdxl.DualCLIPTextEncoder.from_tiny": Builder(
         _tiny_dual_text_encoder, TINY_DUAL_TEXT_SCHEMA, "text_encoder"),
     SCHEDULE_TARGET: Builder(_schedule, SCHEDULE_SCHEMA, "schedule"),
+    FLOW_SCHEDULE_TARGET: Builder(_flow_schedule, FLOW_SCHEDULE_SCHEMA, "schedule"),
 }
 
 
