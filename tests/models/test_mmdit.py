@@ -134,3 +134,31 @@ def test_presets_have_diffusers_parameter_counts(name):
 def _meta_config(name: str) -> dict:
     with torch.device("meta"):
         return MMDiT(**MMDIT_PRESETS[name]).config
+
+
+@pytest.mark.parametrize("cfg", [TINY, SD35_LIKE], ids=["sd3", "sd35_dual_qknorm"])
+def test_single_file_layout_is_what_diffusers_single_file_converter_reads(cfg):
+    """Our single file (ComfyUI's model.diffusion_model.* keys) through diffusers' own converter
+    (convert_sd3_transformer_checkpoint_to_diffusers) loads into SD3Transformer2DModel with equal outputs; the
+    config read back from the tensors is ours."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from ldm.formats.sd3_single_file import mmdit_config_from_tensors, mmdit_from_single_file, mmdit_to_single_file
+
+    ours = MMDiT(**cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    single = mmdit_to_single_file(ours.state_dict())
+    assert all(k.startswith("model.diffusion_model.") for k in single)
+    assert "model.diffusion_model.joint_blocks.2.context_block.attn.qkv.weight" in single
+    converted = convert_sd3_transformer_checkpoint_to_diffusers({k: v.clone() for k, v in single.items()})
+    ref = SD3Transformer2DModel(**mmdit_diffusers_config(ours.config)).eval()
+    ref.load_state_dict(converted, strict=True)
+    x, t, ctx, y = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, {"crossattn": ctx, "vector": y}), ref(x, ctx, y, t, return_dict=False)[0],
+                                   atol=1e-5, rtol=0)
+    back = mmdit_from_single_file({**single, "text_encoders.clip_l.x": torch.zeros(1)})
+    assert back.keys() == ours.state_dict().keys()
+    assert MMDiT(**mmdit_config_from_tensors(back, attention_head_dim=8, sample_size=8)).config == ours.config
