@@ -256,6 +256,7 @@ class MMDiT(nn.Module):
         self.config = record(config)
         self.patch_size, self.out_channels, self.in_channels = config.patch_size, config.out_channels, config.in_channels
         self.pos_embed_max_size = config.pos_embed_max_size
+        self.downsample_factor = config.patch_size  # latent sides must be multiples of it (as the U-Net's factor)
         self.gradient_checkpointing = config.gradient_checkpointing
         dim, heads = config.dim, config.num_attention_heads
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, dim)
@@ -272,6 +273,13 @@ class MMDiT(nn.Module):
             for i in range(config.num_layers))
         self.final_layer = FinalLayer(dim, config.patch_size, config.out_channels)
         self._zero_init()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MMDiT":
+        """MMDiT.from_preset("sd35_medium", gradient_checkpointing=True): MMDIT_PRESETS[name] updated by overrides."""
+        if name not in MMDIT_PRESETS:
+            raise ValueError(f"unknown MMDiT preset {name!r}; available: {', '.join(sorted(MMDIT_PRESETS))}")
+        return cls(**{**MMDIT_PRESETS[name], **overrides})
 
     def _zero_init(self) -> None:
         """adaLN-Zero (DiT sec. 3.2): every modulation and the output projection start at zero, so each block
