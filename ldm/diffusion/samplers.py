@@ -305,10 +305,10 @@ def flow_euler(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, 
         raise ValueError("the flow_euler sampler needs a flow-matching model (schedule=flow); this model predicts "
                          f"{getattr(schedule, 'prediction_type', '?')!r}: use ddim, euler, ...")
     T = schedule.num_train_timesteps
-    sigmas = torch.cat([timesteps.to(torch.float64) / T, torch.zeros(1, dtype=torch.float64)])
-    sigmas32 = sigmas.to(torch.float32)  # diffusers steps with float32 sigmas
+    # diffusers keeps float32 sigmas and gives the network float32 sigma * T: the same numbers here
+    sigmas32 = torch.cat([timesteps.to(torch.float64) / T, torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
     for i in range(len(timesteps)):
-        t_in = torch.full((x.shape[0],), float(timesteps[i]), device=x.device, dtype=torch.float32)
+        t_in = (sigmas32[i] * T).expand(x.shape[0]).to(x.device)
         v = classifier_free_guidance(model, x, t_in, cond, guidance_scale)
         sigma, sigma_next = sigmas32[i].item(), sigmas32[i + 1].item()
         x0 = x - sigma * v  # x0-hat = x_sigma - sigma v
@@ -317,7 +317,7 @@ def flow_euler(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, 
         if step_hook is not None:
             x = step_hook(i, x, 1 - sigma_next, sigma_next)
         if callback is not None:
-            callback(i, float(timesteps[i]), x, x0)
+            callback(i, float(t_in[0]), x, x0)
     return x
 
 
