@@ -28,6 +28,8 @@ from ldm.models.autoencoder import AutoencoderConfig, IdentityConfig
 from ldm.models.config_fields import field_bounds, field_types
 from ldm.models.text_encoder import CLIPFolder, TextEncoderOptions, TinyCLIPConfig
 from ldm.models.text_encoder_sdxl import DualTextOptions, TinyDualCLIPConfig
+from ldm.models.mmdit import MMDiTConfig
+from ldm.models.text_encoder_sd3 import SD3TextOptions, TinySD3TextConfig
 from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
 from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder
@@ -179,6 +181,9 @@ SCHEDULE_SCHEMA = {
     "beta_end": Param(OPT_FLOAT, 0.0, 1.0), "rescale_zero_terminal_snr": Param(BOOL),
     "prediction_type": Param(STR, choices=("epsilon", "v_prediction", "sample")),
 }
+# SD3's MMDiT and its tiny text encoder (model=mmdit_tiny)
+MMDIT_SCHEMA = schema_of(MMDiTConfig)
+TINY_SD3_TEXT_SCHEMA = {**schema_of(TinySD3TextConfig), **schema_of(SD3TextOptions)}
 # ldm.diffusion.flow.FlowMatching (schedule=flow): flow matching's shift and loss weighting
 FLOW_SCHEDULE_SCHEMA = {
     "num_train_timesteps": Param(INT, 2, 100_000), "shift": Param(FLOAT, 1e-3, 1e3),
@@ -361,6 +366,29 @@ def _schedule(**kw):
     return NoiseSchedule.make(**kw)
 
 
+def _mmdit(**kw) -> nn.Module:
+    from ldm.models.mmdit import MMDiT
+
+    return MMDiT(**kw)
+
+
+def _mmdit_preset(name: str, **kw) -> nn.Module:
+    from ldm.models.mmdit import MMDiT
+
+    return MMDiT.from_preset(name, **kw)
+
+
+def _tiny_sd3_text_encoder(folder: str | None = None, **kw) -> nn.Module:
+    """The local tiny SD3 CLIP pair; a stored ``folder`` only if it already holds one (as the other tiny encoders)."""
+    from ldm.models.text_encoder_sd3 import SD3TextEncoder
+
+    if folder is not None and not (Path(folder) / "text_encoder_2" / "model.safetensors").is_file():
+        folder = None
+    for sub in ("text_encoder", "text_encoder_2") if folder is not None else ():
+        check_text_encoder_folder(Path(folder) / sub, projection=True)
+    return SD3TextEncoder.from_tiny(folder=folder, **kw)
+
+
 def _flow_schedule(**kw):
     from ldm.diffusion.flow import FlowMatching
 
@@ -400,6 +428,10 @@ BUILDERS: dict[str, Builder] = {
     "ldm.models.text_encoder_sdxl.DualCLIPTextEncoder.from_tiny": Builder(
         _tiny_dual_text_encoder, TINY_DUAL_TEXT_SCHEMA, "text_encoder"),
     SCHEDULE_TARGET: Builder(_schedule, SCHEDULE_SCHEMA, "schedule"),
+    "ldm.models.mmdit.MMDiT": Builder(_mmdit, MMDIT_SCHEMA, "unet"),
+    "ldm.models.mmdit.MMDiT.from_preset": Builder(_mmdit_preset, {"name": Param(STR), **MMDIT_SCHEMA}, "unet"),
+    "ldm.models.text_encoder_sd3.SD3TextEncoder.from_tiny": Builder(_tiny_sd3_text_encoder, TINY_SD3_TEXT_SCHEMA,
+                                                                     "text_encoder"),
     FLOW_SCHEDULE_TARGET: Builder(_flow_schedule, FLOW_SCHEDULE_SCHEMA, "schedule"),
 }
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ldm.models import tiny_clip
 from ldm.models.config_fields import bounded, config_of, split_config
+from ldm.models.text_encoder import tiny_clip_folder
 
 
 @dataclass
@@ -87,8 +88,8 @@ class SD3TextEncoder(nn.Module):
     def from_tiny(cls, *args: Any, **arguments: Any) -> "SD3TextEncoder":
         """A local random pair of tiny projected CLIPs (no T5: its tokens are zeros, as diffusers without one)."""
         config, options = split_config(TinySD3TextConfig, args, arguments)
-
-        return cls.from_pretrained(write_tiny_sd3_clips(config), use_t5=False, **options)
+        with tiny_clip_folder(config.folder, "tiny_sd3_clip_") as folder:
+            return cls.from_pretrained(write_tiny_sd3_clips(config, folder), use_t5=False, **options)
 
     @property
     def config(self) -> dict:
@@ -143,14 +144,13 @@ class TinySD3TextConfig:
     projection_dim: int = bounded(16, 1, 1024)
 
 
-def write_tiny_sd3_clips(config: TinySD3TextConfig):
-    """A diffusers-SD3-like folder of two tiny projected CLIPs (written once per folder)."""
-    import tempfile
+def write_tiny_sd3_clips(config: TinySD3TextConfig, folder=None):
+    """A diffusers-SD3-like folder of two tiny projected CLIPs (written once per folder; default config.folder)."""
     from pathlib import Path
 
     from transformers import CLIPTextModelWithProjection
 
-    folder = Path(config.folder) if config.folder else Path(tempfile.mkdtemp(prefix="tiny_sd3_clip_"))
+    folder = Path(folder if folder is not None else config.folder)
     if (folder / "text_encoder_2" / "model.safetensors").is_file():
         return folder
     for i, (sub, width) in enumerate((("", config.hidden_size), ("_2", config.hidden_size_2))):
