@@ -1,5 +1,6 @@
 """The SD3 / SD3.5 transformer in diffusers' layout (``SD3Transformer2DModel``), read and written: key and config
-maps between our MMDiT (the original SD3 checkpoint names, ``ldm.models.mmdit``) and diffusers'.
+maps between our MMDiT (the original SD3 checkpoint names, ``ldm.models.mmdit``) and diffusers', and the
+``transformer/`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) through the bounded loaders.
 
 The names follow diffusers' own single-file converter (``convert_sd3_transformer_checkpoint_to_diffusers``):
 fused ``attn.qkv`` <-> ``to_q`` / ``to_k`` / ``to_v`` (``add_{q,k,v}_proj`` for the text stream), and the
@@ -10,10 +11,18 @@ exact inverse of the other.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from pathlib import Path
 
-from ldm.formats.safe_load import CheckpointError
+import torch
+from torch import Tensor, nn
+
+from ldm.formats.common import cast_state, save_safetensors, write_json
+from ldm.formats.safe_build import build_node, check_plain
+from ldm.formats.safe_load import CheckpointError, load_into, read_json_file
+from ldm.formats.weight_folder import read_weights
+
+MMDIT_TARGET = "ldm.models.mmdit.MMDiT"
+_METADATA = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 # Plain renames, ours -> diffusers (whole prefixes; the parameter suffix .weight / .bias is kept)
 _TOP = {
@@ -151,3 +160,31 @@ def mmdit_config_from_diffusers(cfg: dict) -> dict:
                               f"{cfg['caption_projection_dim']} differs from the width {width} (heads x head dim): "
                               "the joint attention needs them equal")
     return out
+
+
+# ---------------------------------------------------------------------------------------------- the folder
+
+
+def write_sd3_transformer(mmdit: nn.Module, folder, dtype: torch.dtype | None = None) -> Path:
+    """``folder/config.json`` + ``diffusion_pytorch_model.safetensors`` that ``SD3Transformer2DModel.from_pretrained``
+    loads unchanged (a diffusers SD3 folder's ``transformer/``)."""
+    folder = Path(folder)
+    write_json(folder / "config.json", {"_class_name": "SD3Transformer2DModel", **mmdit_diffusers_config(mmdit.config)})
+    save_safetensors(cast_state(mmdit_to_diffusers(mmdit.state_dict(), mmdit.config), dtype),
+                     folder / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+def read_sd3_transformer(folder, variant: str | None = None) -> nn.Module:
+    """Our MMDiT from a diffusers ``transformer/`` folder: its config checked (plain values within MMDiTConfig's
+    bounds) and the network built on the meta device, then filled from the weights only if every tensor fits."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    config = read_json_file(path)
+    check_plain({k: v for k, v in config.items() if k not in _METADATA}, source=str(path), key="config")
+    node = {"_target_": MMDIT_TARGET, **mmdit_config_from_diffusers(config)}
+    node["dual_attention_layers"] = list(node["dual_attention_layers"])
+    mmdit = build_node(node, "unet", source=str(path), key="transformer", meta=True)
+    state = mmdit_from_diffusers(read_weights(folder, "diffusion_pytorch_model", variant), mmdit.config)
+    load_into(mmdit, state, source=str(folder))
+    return mmdit

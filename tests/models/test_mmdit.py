@@ -162,3 +162,30 @@ def test_single_file_layout_is_what_diffusers_single_file_converter_reads(cfg):
     back = mmdit_from_single_file({**single, "text_encoders.clip_l.x": torch.zeros(1)})
     assert back.keys() == ours.state_dict().keys()
     assert MMDiT(**mmdit_config_from_tensors(back, attention_head_dim=8, sample_size=8)).config == ours.config
+
+
+def test_transformer_folder_is_read_and_written_as_diffusers_does(tmp_path):
+    """Our transformer/ folder loads with SD3Transformer2DModel.from_pretrained unchanged (equal outputs), and a
+    folder diffusers saved reads back into our MMDiT; a config out of bounds is refused before anything is built."""
+    import json
+
+    from ldm.formats.sd3_diffusers_keys import read_sd3_transformer, write_sd3_transformer
+
+    ours = MMDiT(**SD35_LIKE).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    write_sd3_transformer(ours, tmp_path / "ours")
+    loaded = SD3Transformer2DModel.from_pretrained(tmp_path / "ours").eval()
+    x, t, ctx, y = _inputs()
+    with torch.no_grad():
+        expected = ours(x, t, {"crossattn": ctx, "vector": y})
+        torch.testing.assert_close(loaded(x, ctx, y, t, return_dict=False)[0], expected, atol=1e-5, rtol=0)
+    loaded.save_pretrained(tmp_path / "theirs")
+    back = read_sd3_transformer(tmp_path / "theirs").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t, {"crossattn": ctx, "vector": y}), expected, atol=1e-5, rtol=0)
+    cfg = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    (tmp_path / "theirs" / "config.json").write_text(json.dumps({**cfg, "num_layers": 10**6}))
+    with pytest.raises(CheckpointError, match="num_layers"):
+        read_sd3_transformer(tmp_path / "theirs")
