@@ -291,6 +291,22 @@ class MMDiT(nn.Module):
         for p in (*self.final_layer.adaLN_modulation[1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
+    def lora_targets(self, preset: str) -> dict[str, nn.Module]:
+        """The layers an adapter preset adapts (``ldm.models.lora.unet_targets``): attention: every stream's
+        ``attn.qkv`` / ``attn.proj`` (and MMDiT-X's ``attn2``); attention_ff: + the MLPs; full: + the adaLN
+        modulations, the embedders and the final layer."""
+        out: dict[str, nn.Module] = {}
+        for name, module in self.named_modules():
+            if type(module) is not nn.Linear:
+                continue
+            in_attention = ".attn." in f".{name}" or ".attn2." in f".{name}"
+            in_mlp = name.endswith((".mlp.fc1", ".mlp.fc2"))  # the blocks' MLPs, not the embedders'
+            if in_attention or (in_mlp and preset in ("attention_ff", "full")) or preset == "full":
+                out[name] = module
+        if preset == "full":
+            out["x_embedder.proj"] = self.x_embedder.proj
+        return out
+
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The centre h x w patches of the pos_embed_max_size^2 grid, (1, h w, D)."""
         m = self.pos_embed_max_size

@@ -189,3 +189,42 @@ def test_transformer_folder_is_read_and_written_as_diffusers_does(tmp_path):
     (tmp_path / "theirs" / "config.json").write_text(json.dumps({**cfg, "num_layers": 10**6}))
     with pytest.raises(CheckpointError, match="num_layers"):
         read_sd3_transformer(tmp_path / "theirs")
+
+
+@pytest.mark.parametrize("preset,expected", [("attention", 15), ("attention_ff", 25)])
+def test_lora_on_the_mmdit_round_trips_through_its_kohya_file(tmp_path, preset, expected):
+    """adapter=lora finds the MMDiT's layers (its own lora_targets), and its kohya-layout file (the original MMDiT
+    names: lora_unet_joint_blocks_N_..., as sd-scripts' SD3 LoRAs) merged into a copy gives the adapted outputs."""
+    import copy
+
+    from ldm.formats.lora_files import apply_lora_files, save_lora_file
+    from ldm.models.lora import LoRAConfig, LoRANetwork
+
+    base = MMDiT(**SD35_LIKE).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.3)
+    merged = copy.deepcopy(base)
+    roots = {"unet": base}
+    network = LoRANetwork.build(roots, LoRAConfig(preset=preset, rank=2))
+    # attention: blocks 0, 1 (dual): x qkv, proj, attn2.qkv, attn2.proj + context qkv, proj; block 2: x qkv, proj +
+    # context qkv (pre-only: no proj) = 15; attention_ff: + the x MLPs (3 x 2) and the context MLPs (2 x 2) = 25
+    assert len(network.weights()) == expected
+    with torch.no_grad():
+        for p in network.parameters():
+            p.normal_(0, 0.2)
+    network.attach(roots)
+    x, t, ctx, y = _inputs()
+    with torch.no_grad():
+        adapted = base(x, t, {"crossattn": ctx, "vector": y})
+    network.detach()
+    path = save_lora_file(network, roots, tmp_path / "mmdit_lora.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in set(f.keys())
+    apply_lora_files({"unet": merged}, [str(path)], report=lambda m: None)
+    with torch.no_grad():
+        got = merged(x, t, {"crossattn": ctx, "vector": y})
+        assert (got - base(x, t, {"crossattn": ctx, "vector": y})).abs().max() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(got, adapted, atol=1e-4, rtol=1e-5)

@@ -31,6 +31,16 @@ def test_mmdit_tiny_trains_with_flow_matching_and_samples(tmp_path):
     images = text_to_image(bundle, ["a red circle"], sampler="flow_euler", steps=2, guidance_scale=3.0, height=16,
                            width=16, seed=0)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    # adapter=lora on it: a kohya-layout file of the MMDiT's attention layers that merges back into the base
+    from ldm.formats.lora_files import apply_lora_files, bundle_roots
+
+    lora_run = tmp_path / "lora"
+    lora = train(compose_train(lora_run, MMDIT_TINY + ["adapter=lora", f"model.pretrained={result['last_checkpoint']}",
+                                                       "optim.lr=1e-2"]))
+    assert lora["global_step"] == 3
+    files = apply_lora_files(bundle_roots(bundle), [str(lora_run / "run" / "lora.safetensors")], report=lambda m: None)
+    # block 0: x qkv, proj, attn2.qkv, attn2.proj + context qkv, proj; block 1: 2 + 2; block 2: 2 + context qkv
+    assert len(files[0].weights) == 13 and not files[0].unmapped
     module = build_diffusion_module(compose_train(tmp_path, MMDIT_TINY))
     assert isinstance(module.unet, MMDiT)
     # two optimisation steps through the module's own loss: adaLN-Zero starts with only the output layer receiving
