@@ -2,7 +2,7 @@
 
 Rectified flow (Liu et al. 2022; Lipman et al. 2023), as Stable Diffusion 3 trains it (Esser et al. 2024, sec. 2-3):
 
-    x_t = (1 - t) x_0 + t eps,   t in [0, 1]  (t = sigma: 0 is the clean latent, 1 pure noise)   SD3 eq. (1), (11)
+    x_t = (1 - t) x_0 + t eps,   t in [0, 1]  (t = sigma: 0 is the clean latent, 1 pure noise)   SD3 sec. 3.1, RF
     v   = dx_t / dt = eps - x_0                (the network's target, the conditional velocity u_t(x_t | eps))
 
 so from a velocity prediction: x0-hat = x_t - t v, eps-hat = x_t + (1 - t) v.
@@ -137,7 +137,7 @@ class FlowMatching:
 
 
 def flow_forward(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
-    """x_t = (1 - sigma) x_0 + sigma eps (SD3 eq. (11) with a_t = 1 - t, b_t = t); sigma scalar or (B,)."""
+    """x_t = (1 - sigma) x_0 + sigma eps (SD3 sec. 3.1, rectified flow: a_t = 1 - t, b_t = t); sigma scalar or (B,)."""
     s = _bcast(torch.as_tensor(sigma), x0)
     return (1 - s) * x0 + s * noise
 
