@@ -41,6 +41,24 @@ def test_mmdit_tiny_trains_with_flow_matching_and_samples(tmp_path):
     files = apply_lora_files(bundle_roots(bundle), [str(lora_run / "run" / "lora.safetensors")], report=lambda m: None)
     # block 0: x qkv, proj, attn2.qkv, attn2.proj + context qkv, proj; block 1: 2 + 2; block 2: 2 + context qkv
     assert len(files[0].weights) == 13 and not files[0].unmapped
+    # sample.py: the checkpoint with the LoRA, flow_euler; the default ddim is refused naming the sampler to use
+    from hydra import compose, initialize_config_dir
+
+    from ldm.pipelines.cli import SampleConfigError, register_configs, sample
+    from tests.helpers import CONFIGS
+
+    register_configs()
+
+    def sample_cfg(*overrides):
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            return compose("sample", overrides=[f"ckpt={result['last_checkpoint']}", f"out_dir={tmp_path / 'png'}",
+                                                "prompt=a red circle", "n_images=1", *overrides])
+
+    written = sample(sample_cfg("sampler=flow_euler", "sampler.steps=2",
+                                f"lora=[{lora_run / 'run' / 'lora.safetensors'}]"))
+    assert [p.name for p in written] == ["00000.png", "grid.png"]
+    with pytest.raises(SampleConfigError, match="flow_euler"):
+        sample(sample_cfg("sampler.steps=2", "overwrite=true"))
     module = build_diffusion_module(compose_train(tmp_path, MMDIT_TINY))
     assert isinstance(module.unet, MMDiT)
     # two optimisation steps through the module's own loss: adaLN-Zero starts with only the output layer receiving
