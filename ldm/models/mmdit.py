@@ -18,7 +18,6 @@ diffusers' ``SD3Transformer2DModel`` layout is a key map away (``ldm.formats.sd3
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
