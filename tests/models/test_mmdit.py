@@ -223,6 +223,7 @@ def test_lora_on_the_mmdit_round_trips_through_its_kohya_file(tmp_path, preset, 
 
     with safe_open(str(path), "pt") as f:
         assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in set(f.keys())
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-3/lora"
     apply_lora_files({"unet": merged}, [str(path)], report=lambda m: None)
     with torch.no_grad():
         got = merged(x, t, {"crossattn": ctx, "vector": y})
