@@ -5,18 +5,18 @@ weighting, offset / pyramid noise, input perturbation and non-uniform timestep s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ldm.diffusion.masked_loss import apply_masked_loss
-from ldm.diffusion.noise import NoiseOptions, perturbed_noise, pyramid_noise, sample_noise
-from ldm.diffusion.process import q_sample, training_target
+from ldm.diffusion.noise import sample_noise
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.diffusion.timestep_sampling import TimestepSampling, sample_timesteps
+from ldm.diffusion.timestep_sampling import sample_timesteps
 
 __all__ = ["LossOptions", "diffusion_loss", "min_snr_weight", "debiased_weight", "huber_c", "elementwise_loss",
-           "noised_batch", "sample_noise", "sample_timesteps"]
+           "huber_c_at", "weighted_loss", "sample_noise", "sample_timesteps"]
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -78,16 +78,25 @@ def huber_c(options: LossOptions, schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """The pseudo-Huber threshold per sample (kohya train_util ``get_huber_threshold_if_needed``):
     constant: c; exponential: c^(t / T) (exp(-alpha t), alpha = -ln(c) / T: 1 at t = 0, c at t = T);
     snr: c_t = (1 - c) / (1 + sigma_t)^2 + c, sigma_t = sqrt((1 - abar_t) / abar_t)."""
+    def noise_to_signal():
+        abar = schedule.abar(t)
+        return ((1 - abar) / abar).sqrt()
+
+    return huber_c_at(options, t.double() / schedule.num_train_timesteps, noise_to_signal)
+
+
+def huber_c_at(options: LossOptions, fraction: Tensor, noise_to_signal: Callable[[], Tensor]) -> Tensor:
+    """``huber_c`` of any objective: ``fraction`` = t / T per sample, ``noise_to_signal()`` the sigma_t of the
+    snr schedule (the noise's scale over the signal's: sqrt((1 - abar_t) / abar_t), or sigma / (1 - sigma) for
+    flow matching)."""
     c = options.huber_c
     if options.huber_schedule == "constant":
-        return torch.full(t.shape, c, dtype=torch.float32, device=t.device)
+        return torch.full(fraction.shape, c, dtype=torch.float32, device=fraction.device)
     if options.huber_schedule == "exponential":
-        out = c ** (t.double() / schedule.num_train_timesteps)
+        out = c ** fraction
     else:
-        abar = schedule.abar(t)
-        sigma = ((1 - abar) / abar).sqrt()
-        out = (1 - c) / (1 + sigma) ** 2 + c
-    return out.to(device=t.device, dtype=torch.float32)
+        out = (1 - c) / (1 + noise_to_signal()) ** 2 + c
+    return out.to(device=fraction.device, dtype=torch.float32)
 
 
 def elementwise_loss(model_output: Tensor, target: Tensor, loss_type: str, c: Tensor | None = None) -> Tensor:
@@ -116,25 +125,20 @@ def diffusion_loss(model_output: Tensor, target: Tensor, schedule: NoiseSchedule
     masked_loss), min-SNR and debiased weighted, averaged over the batch (float32)."""
     options = options or L2
     c = huber_c(options, schedule, t) if options.type in ("huber", "smooth_l1") else None
-    per_element = elementwise_loss(model_output, target, options.type, c)
+    weights = []
+    if min_snr_gamma is not None:
+        weights.append(min_snr_weight(schedule, t, min_snr_gamma))
+    if options.debiased_estimation:
+        weights.append(debiased_weight(schedule, t))
+    return weighted_loss(elementwise_loss(model_output, target, options.type, c), mask, weights)
+
+
+def weighted_loss(per_element: Tensor, mask: Tensor | None, weights: list[Tensor]) -> Tensor:
+    """Per-element losses -> the batch's loss: masked (see masked_loss), the mean per sample times each of the
+    per-sample ``weights``, averaged over the batch."""
     if mask is not None:
         per_element = apply_masked_loss(per_element, mask)
     per_sample = per_element.flatten(1).mean(1)
-    if min_snr_gamma is not None:
-        per_sample = per_sample * min_snr_weight(schedule, t, min_snr_gamma)
-    if options.debiased_estimation:
-        per_sample = per_sample * debiased_weight(schedule, t)
+    for w in weights:
+        per_sample = per_sample * w
     return per_sample.mean()
-
-
-def noised_batch(schedule: NoiseSchedule, x0: Tensor, offset_noise: float = 0.0,
-                 generator: torch.Generator | None = None, timesteps: TimestepSampling | None = None,
-                 noise_options: NoiseOptions | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Algorithm 1, lines 2-5: returns (x_t, t, target) for a clean batch x0. With input perturbation x_t is
-    built from the perturbed noise, the target from eps."""
-    noise_options = noise_options or NoiseOptions()
-    t = sample_timesteps(x0.shape[0], schedule, x0.device, generator, timesteps)
-    noise = sample_noise(x0, offset_noise, generator)
-    noise = pyramid_noise(noise, noise_options.pyramid_iterations, noise_options.pyramid_discount, generator)
-    x_t = q_sample(schedule, x0, t, perturbed_noise(noise, noise_options.ip_noise_gamma, generator))
-    return x_t, t, training_target(schedule, x0, noise, t)

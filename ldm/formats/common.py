@@ -61,6 +61,9 @@ def schedule_kwargs(schedule: NoiseSchedule) -> dict:
 
 
 def check_schedule(schedule: NoiseSchedule) -> None:
+    if not isinstance(schedule, NoiseSchedule):  # flow matching: no U-Net layout of SD 1.x / 2.x / XL stores one
+        raise ExportError(f"the model was trained with {type(schedule).__name__} (schedule=flow): the SD 1.x / 2.x / "
+                          "XL layouts store only noise schedules; write it with --format ldm")
     if schedule.kind not in DIFFUSERS_BETA_SCHEDULES:
         raise ExportError(f"the noise schedule is {schedule.kind!r}: only the named schedules "
                           f"{sorted(DIFFUSERS_BETA_SCHEDULES)} (NoiseSchedule.make) can be written into a config")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ldm.models.bundle import ModelBundle
+from ldm.diffusion.flow import FlowMatching
 from ldm.formats.common import ExportError, check_schedule
 from ldm.formats.comfyui_check import ComfyCheck, comfyui_check_bundle
 from ldm.formats.dtypes import DTYPES as ALL_DTYPES
@@ -164,7 +165,7 @@ def _check_format(bundle: ModelBundle, fmt: str) -> None:
         check_diffusers(bundle)
     elif fmt == "single-file":
         check_single_file(bundle)
-    else:
+    elif not isinstance(bundle.schedule, FlowMatching):  # the ldm bundle stores a flow schedule as it is
         check_schedule(bundle.schedule)
 
 

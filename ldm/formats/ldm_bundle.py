@@ -17,6 +17,7 @@ The ``_target_`` nodes read like Hydra configs, but loading never imports what a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from torch import nn
 from ldm.models.bundle import ModelBundle
 from ldm.formats.safe_load import CheckpointError, copy_checked, load_state_dict, mismatch_report, read_json_file
 from ldm.formats.safe_paths import inside
+from ldm.diffusion.flow import FlowMatching
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.formats.safe_build import (
     AUTOENCODER_TARGET,
     IDENTITY_TARGET,
     PRETRAINED_DUAL_TEXT_SCHEMA,
     PRETRAINED_TEXT_SCHEMA,
+    FLOW_SCHEDULE_TARGET,
     SCHEDULE_TARGET,
     UNET_TARGET,
     build_node,
@@ -107,7 +110,7 @@ def bundle_config(bundle: ModelBundle, *, frozen: bool = True, dtype: torch.dtyp
         "dtype": dtype_name(dtype or next(bundle.unet.parameters()).dtype),
         "components": components,
         "model": model,
-        "schedule": {"_target_": SCHEDULE_TARGET, **schedule_kwargs(bundle.schedule)},
+        "schedule": _schedule_node(bundle.schedule),
         "resolution": resolution,
         "source": {k: v for k, v in source.items() if v is not None},
     }
@@ -183,7 +186,16 @@ def read_bundle_config(folder) -> dict[str, Any]:
     return config
 
 
+def _schedule_node(schedule) -> dict:
+    """The stored schedule: NoiseSchedule.make's arguments, or a flow-matching schedule's fields under its
+    ``_target_`` (one of safe_build's names)."""
+    if isinstance(schedule, FlowMatching):
+        return {"_target_": FLOW_SCHEDULE_TARGET, **dataclasses.asdict(schedule)}
+    return {"_target_": SCHEDULE_TARGET, **schedule_kwargs(schedule)}
+
+
 def _schedule(config: dict, path: Path) -> NoiseSchedule:
+    """The stored schedule (bundles written before flow matching hold no ``_target_``: NoiseSchedule.make)."""
     node = {"_target_": SCHEDULE_TARGET, **(config.get("schedule") or {})}
     return build_node(node, "schedule", source=str(path), key="schedule")
 

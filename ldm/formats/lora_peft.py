@@ -34,6 +34,16 @@ SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 MAGNITUDE_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector")  # diffusers' / PEFT's DoRA
 
 
+def _no_mmdit(roots: dict[str, nn.Module]) -> None:
+    """diffusers' SD3 LoRAs adapt to_q / to_k / to_v separately where the MMDiT has one fused qkv layer: that
+    layout is not mapped here yet (a fused rank-r LoRA splits exactly, the reverse needs rank 3r)."""
+    from ldm.models.mmdit import MMDiT
+
+    if isinstance(roots.get("unet"), MMDiT):
+        raise ValueError("an MMDiT (SD3) LoRA in the diffusers / PEFT layout is not supported yet: use the kohya "
+                         "layout (the original MMDiT names, as sd-scripts' SD3 LoRAs)")
+
+
 def _peft_paths(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     unet_paths = [p for r, p in targets if r == "unet"]
     diff = unet_diffusers_paths(roots["unet"], unet_paths) if unet_paths else {}
@@ -45,6 +55,7 @@ def _peft_paths(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> 
 def to_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """-> (state dict, safetensors metadata). Ranks / alphas that differ from the component's most common one go in
     PEFT's rank_pattern / alpha_pattern, keyed by the full module path (an exact match in PEFT)."""
+    _no_mmdit(roots)
     weights = network.weights()
     names = _peft_paths(roots, list(weights))
     state, configs = {}, {}
@@ -125,6 +136,7 @@ def _component_config(metadata: dict[str, str] | None, prefix: str) -> dict:
 def from_peft(state: dict[str, Tensor], roots: dict[str, nn.Module], metadata: dict[str, str] | None = None):
     """-> (weights for LoRANetwork.from_weights, keys that could not be mapped). Bare diffusers U-Net names
     (no `unet.` prefix, as `unet.save_attn_procs` / peft's `get_peft_model_state_dict` write) are accepted too."""
+    _no_mmdit(roots)
     unet = roots["unet"]
     te = roots.get("text_encoder")
     te_paths = {}

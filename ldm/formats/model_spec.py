@@ -29,6 +29,8 @@ SDXL_BASE_VERSION = "sdxl_base_v1-0"
 ARCH_SD_V1, ARCH_SD_V2_512 = "stable-diffusion-v1", "stable-diffusion-v2-512"
 ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
 ARCH_SD_XL_V1_BASE = "stable-diffusion-xl-v1-base"
+ARCH_SD3 = "stable-diffusion-3"  # sai_model_spec.ARCH_SD3_M without its variant suffix ("-m", ...)
+SD3_VERSION = "sd3"
 ADAPTERS = ("lora", "textual-inversion")  # sai_model_spec.ADAPTER_LORA / ADAPTER_TEXTUAL_INVERSION
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
@@ -41,6 +43,8 @@ def infer_base_model_version(roots: dict[str, nn.Module], prediction_type: str =
     SDXL's vector input), SD2 (OpenCLIP's gelu text encoder; without one, a 1024-wide U-Net context), else SD1."""
     te, unet = roots.get("text_encoder"), roots.get("unet")
     unet_config = getattr(unet, "config", None) or {}
+    if "joint_attention_dim" in unet_config:  # an MMDiT (SD3)
+        return SD3_VERSION
     if hasattr(te, "model_2") or unet_config.get("adm_in_channels"):
         return SDXL_BASE_VERSION
     text = getattr(te, "model", te)
@@ -55,7 +59,9 @@ def model_spec_architecture(version: str, adapter: str = "lora") -> str:
     """``modelspec.architecture`` of an adapter for the base model ``version`` (determine_architecture)."""
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
-    if version.startswith("sdxl"):
+    if version == SD3_VERSION:
+        arch = ARCH_SD3
+    elif version.startswith("sdxl"):
         arch = ARCH_SD_XL_V1_BASE
     elif version.startswith("sd_v2"):
         arch = ARCH_SD_V2_768_V if version.endswith("_v") else ARCH_SD_V2_512

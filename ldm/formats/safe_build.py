@@ -29,6 +29,8 @@ from ldm.models.config_fields import field_bounds, field_types
 from ldm.models.text_encoder import CLIPFolder, TextEncoderOptions, TinyCLIPConfig
 from ldm.models.text_encoder_sdxl import DualTextOptions, TinyDualCLIPConfig
 from ldm.models.controlnet import ControlNetConfig
+from ldm.models.mmdit import MMDiTConfig
+from ldm.models.text_encoder_sd3 import SD3TextOptions, TinySD3TextConfig
 from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
 from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder
@@ -180,6 +182,16 @@ SCHEDULE_SCHEMA = {
     "kind": Param(STR), "num_train_timesteps": Param(INT, 2, 100_000), "beta_start": Param(OPT_FLOAT, 0.0, 1.0),
     "beta_end": Param(OPT_FLOAT, 0.0, 1.0), "rescale_zero_terminal_snr": Param(BOOL),
     "prediction_type": Param(STR, choices=("epsilon", "v_prediction", "sample")),
+}
+# SD3's MMDiT and its tiny text encoder (model=mmdit_tiny)
+MMDIT_SCHEMA = schema_of(MMDiTConfig)
+TINY_SD3_TEXT_SCHEMA = {**schema_of(TinySD3TextConfig), **schema_of(SD3TextOptions)}
+# ldm.diffusion.flow.FlowMatching (schedule=flow): flow matching's shift and loss weighting
+FLOW_SCHEDULE_SCHEMA = {
+    "num_train_timesteps": Param(INT, 2, 100_000), "shift": Param(FLOAT, 1e-3, 1e3),
+    "dynamic_shift": Param(BOOL), "base_shift": Param(FLOAT, -100.0, 100.0), "max_shift": Param(FLOAT, -100.0, 100.0),
+    "base_seq_len": Param(INT, 1, 10**8), "max_seq_len": Param(INT, 2, 10**8), "patch_size": Param(INT, 1, 64),
+    "weighting": Param(STR, choices=("none", "sigma_sqrt", "cosmap")), "prediction_type": Param(STR, choices=("flow",)),
 }
 # The text encoders' factories (a stored model.text_encoder node): their sources and options, from their configs
 TEXT_OPTIONS_SCHEMA = schema_of(TextEncoderOptions)
@@ -362,6 +374,35 @@ def _schedule(**kw):
     return NoiseSchedule.make(**kw)
 
 
+def _mmdit(**kw) -> nn.Module:
+    from ldm.models.mmdit import MMDiT
+
+    return MMDiT(**kw)
+
+
+def _mmdit_preset(name: str, **kw) -> nn.Module:
+    from ldm.models.mmdit import MMDiT
+
+    return MMDiT.from_preset(name, **kw)
+
+
+def _tiny_sd3_text_encoder(folder: str | None = None, **kw) -> nn.Module:
+    """The local tiny SD3 CLIP pair; a stored ``folder`` only if it already holds one (as the other tiny encoders)."""
+    from ldm.models.text_encoder_sd3 import SD3TextEncoder
+
+    if folder is not None and not (Path(folder) / "text_encoder_2" / "model.safetensors").is_file():
+        folder = None
+    for sub in ("text_encoder", "text_encoder_2") if folder is not None else ():
+        check_text_encoder_folder(Path(folder) / sub, projection=True)
+    return SD3TextEncoder.from_tiny(folder=folder, **kw)
+
+
+def _flow_schedule(**kw):
+    from ldm.diffusion.flow import FlowMatching
+
+    return FlowMatching(**kw)
+
+
 @dataclass(frozen=True)
 class Builder:
     build: Callable[..., Any]
@@ -375,6 +416,7 @@ UNET_TARGET = "ldm.models.unet.UNet"
 CONTROLNET_TARGET = "ldm.models.controlnet.ControlNet"
 AUTOENCODER_TARGET, IDENTITY_TARGET = "ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.IdentityAutoencoder"
 SCHEDULE_TARGET = "ldm.diffusion.schedules.NoiseSchedule.make"
+FLOW_SCHEDULE_TARGET = "ldm.diffusion.flow.FlowMatching"
 FACTORY_AUTOENCODER_TARGET = "ldm.training.build.factories.autoencoder"
 _FACTORY_AUTOENCODER = Builder(_factory_autoencoder, FACTORY_AUTOENCODER_SCHEMA, "autoencoder", needs_source=True)
 # Every _target_ a stored config may name (the Hydra paths our configs and exports write) -> our constructor.
@@ -396,6 +438,11 @@ BUILDERS: dict[str, Builder] = {
     "ldm.models.text_encoder_sdxl.DualCLIPTextEncoder.from_tiny": Builder(
         _tiny_dual_text_encoder, TINY_DUAL_TEXT_SCHEMA, "text_encoder"),
     SCHEDULE_TARGET: Builder(_schedule, SCHEDULE_SCHEMA, "schedule"),
+    "ldm.models.mmdit.MMDiT": Builder(_mmdit, MMDIT_SCHEMA, "unet"),
+    "ldm.models.mmdit.MMDiT.from_preset": Builder(_mmdit_preset, {"name": Param(STR), **MMDIT_SCHEMA}, "unet"),
+    "ldm.models.text_encoder_sd3.SD3TextEncoder.from_tiny": Builder(_tiny_sd3_text_encoder, TINY_SD3_TEXT_SCHEMA,
+                                                                     "text_encoder"),
+    FLOW_SCHEDULE_TARGET: Builder(_flow_schedule, FLOW_SCHEDULE_SCHEMA, "schedule"),
 }
 
 

@@ -97,6 +97,8 @@ def unet_targets(unet: nn.Module, preset: str) -> dict[str, nn.Module]:
 
     if preset not in PRESETS:
         raise ValueError(f"adapter.preset must be one of {PRESETS}, got {preset!r}")
+    if hasattr(unet, "lora_targets"):  # a denoiser that names its own (the MMDiT)
+        return unet.lora_targets(preset)
     containers: tuple[type, ...] = (Attention,)
     if preset in ("attention_ff", "full"):
         containers = (SpatialTransformer,)

@@ -17,17 +17,19 @@ from typing import Any
 
 from torch import Tensor
 
+from ldm.diffusion.flow import FlowMatching
 from ldm.diffusion.samplers import SAMPLERS, TIMESTEP_SPACINGS, make_timesteps
 from ldm.diffusion.schedules import NoiseSchedule
 
 ETA_SAMPLERS = ("ddim",)
 KARRAS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
 FINAL_ALPHA_SAMPLERS = ("ddim",)
+FLOW_SAMPLERS = ("flow_euler",)  # the samplers of flow-matching (velocity) models
 
 
 @dataclass
 class SamplingOptions:
-    name: str = "ddim"  # ddpm | ddim | euler | euler_ancestral | dpmpp_2m
+    name: str = "ddim"  # ddpm | ddim | euler | euler_ancestral | dpmpp_2m | flow_euler (flow-matching models)
     steps: int = 50
     eta: float = 0.0  # ddim only: 0 deterministic, 1 = DDPM's variance
     karras: bool = False  # euler, euler_ancestral, dpmpp_2m: Karras et al. noise levels
@@ -87,7 +89,15 @@ class SamplingOptions:
         return self
 
     def timesteps(self, schedule: NoiseSchedule) -> Tensor:
-        """The descending inference timesteps of this run (``ldm.diffusion.samplers.make_timesteps``)."""
+        """The descending inference timesteps of this run (``ldm.diffusion.samplers.make_timesteps``; for a
+        flow-matching model its shifted sigmas times T, ``FlowMatching.inference_timesteps``)."""
+        is_flow = isinstance(schedule, FlowMatching)
+        if is_flow != (self.name in FLOW_SAMPLERS):
+            need = f"one of {FLOW_SAMPLERS}" if is_flow else f"not {self.name!r} (it samples flow-matching models)"
+            raise ValueError(f"sampler.name: this model was trained with "
+                             f"{'flow matching' if is_flow else 'a noise schedule'}: use {need}")
+        if is_flow:
+            return schedule.inference_timesteps(int(self.steps))
         return make_timesteps(schedule, int(self.steps), self.spacing, int(self.steps_offset))
 
     def sampler_kwargs(self) -> dict:

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ldm.diffusion.losses import diffusion_loss, min_snr_weight, noised_batch, sample_noise, sample_timesteps
+from ldm.diffusion.losses import diffusion_loss, min_snr_weight, sample_noise, sample_timesteps
+from ldm.diffusion.objectives import noised_batch
 from ldm.diffusion.schedules import NoiseSchedule
 
 

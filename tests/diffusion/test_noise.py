@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ldm.diffusion.losses import noised_batch
+from ldm.diffusion.objectives import noised_batch
 from ldm.diffusion.noise import NoiseOptions, perturbed_noise, pyramid_noise, sample_noise
 from ldm.diffusion.process import q_sample, signal_noise
 from ldm.diffusion.schedules import NoiseSchedule

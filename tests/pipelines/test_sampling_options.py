@@ -7,9 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldm.diffusion.flow import FlowMatching
 from ldm.diffusion.samplers import make_timesteps
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.pipelines.sampling_options import SamplingOptions
+from ldm.pipelines.sampling_options import FLOW_SAMPLERS, SamplingOptions
 
 SAMPLER_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "sampler").glob("*.yaml"))
 
@@ -19,7 +20,15 @@ def test_every_sampler_config_is_a_valid_node(path):
     node = OmegaConf.load(path)
     options = SamplingOptions.of(node)
     assert options.name == node.name and options.steps == node.steps
-    assert options.timesteps(NoiseSchedule.make("scaled_linear")).shape == (options.steps,)
+    schedule = FlowMatching() if options.name in FLOW_SAMPLERS else NoiseSchedule.make("scaled_linear")
+    assert options.timesteps(schedule).shape == (options.steps,)
+
+
+def test_flow_and_noise_schedule_samplers_do_not_mix():
+    with pytest.raises(ValueError, match="flow_euler"):
+        SamplingOptions(name="ddim").timesteps(FlowMatching())
+    with pytest.raises(ValueError, match="flow-matching models"):
+        SamplingOptions(name="flow_euler").timesteps(NoiseSchedule.make("scaled_linear"))
 
 
 def test_ddim_diffusers_is_sds_ddim():

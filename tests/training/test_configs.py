@@ -14,7 +14,8 @@ from tests.helpers.training import compose_train
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIGS).iterdir() if p.is_dir()}
 OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "sampler") for o in opts]
 NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_multinode"), ("trainer", "fsdp"), ("model", "sd15"),
-                  ("model", "sd21"), ("model", "sdxl")}
+                  ("model", "sd21"), ("model", "sdxl"), ("model", "sd3_medium"), ("model", "sd35_medium"),
+                  ("model", "sd35_large")}
 REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["data.train.path=REPLACE"],
             ("data", "webdataset"): ["data.train.urls=REPLACE"],
             ("data", "controlnet"): ["data.train.root=REPLACE", "data.train.conditioning_root=REPLACE"],
@@ -22,6 +23,9 @@ REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["d
             ("model", "sd21"): ["model.pretrained=x"], ("model", "sdxl"): ["model.pretrained=x"],
             ("experiment", "sdxl_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],
             ("experiment", "sd15_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],
+            ("experiment", "sd3_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],
+            ("model", "sd3_medium"): ["model.pretrained=x"], ("model", "sd35_medium"): ["model.pretrained=x"],
+            ("model", "sd35_large"): ["model.pretrained=x"],
             ("experiment", "own_data"): ["data.train.root=REPLACE"],
             ("data", "dreambooth"): ["data.train.instance_root=REPLACE", "data.train.instance_prompt=x"],
             ("experiment", "dreambooth_shapes"): ["data.train.instance_root=REPLACE"]}

@@ -27,7 +27,7 @@ def _fit(cfg, bad_steps, max_steps):
 def test_isolated_nan_steps_are_skipped(tiny_cfg):
     module, trainer, data = _fit(tiny_cfg("trainer.limit_val_batches=0"), bad_steps={1, 3}, max_steps=4)
     trainer.fit(module, datamodule=data)
-    assert module.nonfinite_total == 2
+    assert module.guard.nonfinite_total == 2
     assert all(torch.isfinite(p).all() for p in module.unet.parameters())
     assert trainer.global_step == 4  # skipped batches do not step the optimizer
 

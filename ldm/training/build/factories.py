@@ -57,9 +57,17 @@ def check_compatible(unet: nn.Module, ae: nn.Module, text_encoder: nn.Module) ->
         raise ValueError(f"model.unet.out_channels={cfg['out_channels']} must equal the autoencoder's "
                          f"latent_channels={latent}")
     ctx = int(text_encoder.context_dim)
-    if cfg["context_dim"] != ctx:
-        raise ValueError(f"model.unet.context_dim={cfg['context_dim']} does not match the text encoder's hidden size "
-                         f"{ctx} (model.text_encoder): set model.unet.context_dim={ctx}")
+    key = "context_dim" if "context_dim" in cfg else "joint_attention_dim"  # U-Net / MMDiT
+    if cfg[key] != ctx:
+        raise ValueError(f"model.unet.{key}={cfg[key]} does not match the text encoder's hidden size "
+                         f"{ctx} (model.text_encoder): set model.unet.{key}={ctx}")
+    if "pooled_projection_dim" in cfg:  # MMDiT: the pooled text is its own input, no size embeddings
+        pooled = getattr(text_encoder, "pooled_dim", None)
+        if cfg["pooled_projection_dim"] != pooled:
+            raise ValueError(f"model.unet.pooled_projection_dim={cfg['pooled_projection_dim']} does not match the "
+                             f"text encoder's pooled size {pooled} (model.text_encoder: SD3's CLIP-L + CLIP-G, "
+                             f"SD3TextEncoder): set model.unet.pooled_projection_dim={pooled}")
+        return
     check_vector_conditioning(cfg, text_encoder)
 
 

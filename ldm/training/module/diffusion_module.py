@@ -5,7 +5,11 @@ conditioning dropout.
         x_0 ~ q(x_0)                      (an image's latent: the frozen VAE's, or the latent cache's)
         c = "" with probability p_uncond  (conditioning dropout, so the model also learns the unconditional output)
         t ~ Uniform({1, ..., T}),  eps ~ N(0, I)
-        take a gradient step on  || target(x_0, eps, t) - model(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, c) ||^2
+        take a gradient step on  || target(x_0, eps, t) - model(x_t(x_0, eps, t), t, c) ||^2
+
+with x_t, the target and the loss from the objective (``ldm.diffusion.objectives``): x_t = sqrt(abar_t) x_0 +
+sqrt(1 - abar_t) eps with an eps / v target, or flow matching's x_t = (1 - sigma_t) x_0 + sigma_t eps with the
+velocity eps - x_0.
     until converged
 
 What trains is a :class:`~ldm.training.module.trained.TrainedPart` (the whole U-Net, the U-Net and text encoder, an
@@ -24,10 +28,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion.losses import LossOptions, diffusion_loss, noised_batch
+from ldm.diffusion.losses import LossOptions
 from ldm.diffusion.noise import NoiseOptions
+from ldm.diffusion.objectives import noised_batch, objective_for
 from ldm.diffusion.prior_preservation import prior_preservation_loss
-from ldm.diffusion.process import q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.timestep_sampling import TimestepSampling
 from ldm.models.bundle import ModelBundle
@@ -77,6 +81,9 @@ class LatentDiffusion(L.LightningModule):
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.unet, self.autoencoder, self.text_encoder = unet, freeze(autoencoder), text_encoder
         self.schedule, self.sample_posterior = schedule, sample_posterior
+        # eps / v on a noise schedule, or flow matching's velocity (schedule=flow): the loop below never asks which
+        self.objective = objective_for(schedule)
+        self.objective.check(min_snr_gamma, loss)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.p_uncond, self.min_snr_gamma, self.offset_noise = p_uncond, min_snr_gamma, offset_noise
         self.prior_loss_weight = float(prior_loss_weight)  # DreamBooth batches (data=dreambooth): class rows' weight
@@ -103,15 +110,8 @@ class LatentDiffusion(L.LightningModule):
         self.written_files: dict[str, str] = {}  # what the trained part wrote when training ended
         self.run_dir: Path | None = None  # set by train(cfg); a module fitted without a run folder writes no files
 
-    @property
-    def nonfinite_total(self) -> int:
-        return self.guard.nonfinite_total
-
     def adapter_roots(self) -> dict[str, nn.Module]:
         return self.networks.roots()
-
-    def trained_parameters(self) -> list[nn.Parameter]:
-        return self.part.parameters()
 
     @contextmanager
     def sampling_bundle(self, use_ema: bool = True) -> Iterator[ModelBundle]:
@@ -168,10 +168,10 @@ class LatentDiffusion(L.LightningModule):
         else:
             context = self._dropped_context(batch, captions)
         context = self._unet_conditioning(context, batch, dropped, latents)
-        x_t, t, target = noised_batch(self.schedule, latents, self.offset_noise, timesteps=self.timestep_sampling,
+        x_t, t, target = noised_batch(self.objective, latents, self.offset_noise, timesteps=self.timestep_sampling,
                                       noise_options=self.noise_options)
         denoiser = self.part.denoiser(self, batch)  # the U-Net (+ what the trained part adds from the batch)
-        return self.batch_loss(denoiser(x_t, t, context), target, t, batch)
+        return self.batch_loss(denoiser(x_t, self.objective.model_timestep(t, x_t), context), target, t, batch)
 
     def batch_loss(self, output: Tensor, target: Tensor, t: Tensor, batch: dict[str, Any]) -> Tensor:
         """The loss of a batch's prediction (loss type, min-SNR / debiased weighting): masked where the batch has
@@ -180,8 +180,8 @@ class LatentDiffusion(L.LightningModule):
         mask = batch.get("mask")
 
         def loss_of(rows):
-            return diffusion_loss(output[rows], target[rows], self.schedule, t[rows], self.min_snr_gamma,
-                                  self.loss_options, mask=None if mask is None else mask[rows])
+            return self.objective.loss(output[rows], target[rows], t[rows], self.min_snr_gamma,
+                                       self.loss_options, mask=None if mask is None else mask[rows])
 
         return prior_preservation_loss(loss_of, batch.get("is_prior"), self.prior_loss_weight)
 
@@ -248,9 +248,9 @@ class LatentDiffusion(L.LightningModule):
         for frac in VAL_TIMESTEP_FRACTIONS:
             t = torch.full((latents.shape[0],), int(frac * (T - 1)), device=latents.device, dtype=torch.long)
             noise = torch.randn(latents.shape, generator=g).to(latents)
-            x_t = q_sample(self.schedule, latents, t, noise)
-            target = training_target(self.schedule, latents, noise, t)
-            losses.append(diffusion_loss(denoiser(x_t, t, context), target, self.schedule, t))
+            x_t = self.objective.noisy(latents, t, noise)
+            output = denoiser(x_t, self.objective.model_timestep(t, x_t), context)
+            losses.append(self.objective.loss(output, self.objective.target(latents, noise, t), t))
         return torch.stack(losses).mean()
 
     def on_train_start(self) -> None:

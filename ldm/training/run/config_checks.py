@@ -192,6 +192,7 @@ def check_diffusion_options(cfg: DictConfig) -> None:
     if loss.debiased_estimation and _number(cfg, "schedule.prediction_type") == "sample":
         raise ConfigError("module.loss.debiased_estimation=true needs schedule.prediction_type epsilon or "
                           "v_prediction, not sample")
+    check_flow_options(cfg, loss)
     offset = _number(cfg, "module.offset_noise") or 0.0
     if offset > 0 and noise.pyramid_iterations > 0:
         raise ConfigError(f"module.offset_noise={offset} and module.noise.pyramid_iterations="
@@ -213,6 +214,26 @@ def check_prompt_file(cfg: DictConfig) -> None:
             read_prompt_file(path)
         except PromptFileError as e:
             raise ConfigError(f"callbacks.sampling.prompt_file: {e}") from None
+
+
+def check_flow_options(cfg: DictConfig, loss) -> None:
+    """schedule=flow (flow matching): a velocity model samples with a flow sampler, and the SNR weightings of
+    eps / v prediction do not apply (the objective says which setting to change)."""
+    from ldm.diffusion.flow import FlowMatching
+    from ldm.diffusion.objectives import FlowObjective
+    from ldm.pipelines.sampling_options import FLOW_SAMPLERS
+
+    is_flow = OmegaConf.select(cfg, "schedule._target_") == f"{FlowMatching.__module__}.{FlowMatching.__name__}"
+    sampler = OmegaConf.select(cfg, "sampler.name")
+    if sampler is not None and is_flow != (sampler in FLOW_SAMPLERS):
+        raise ConfigError(f"sampler.name={sampler}: schedule={'flow' if is_flow else 'a noise schedule'} needs "
+                          f"{'sampler=flow_euler' if is_flow else 'a sampler other than ' + sampler} (the training "
+                          f"callbacks sample with it)")
+    if is_flow:
+        try:
+            FlowObjective.check(_number(cfg, "module.min_snr_gamma"), loss)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 def check_values(cfg: DictConfig) -> None:
