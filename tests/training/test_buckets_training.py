@@ -66,7 +66,7 @@ def test_callback_samples_each_caption_at_its_bucket_size(tiny_cfg, mixed, tmp_p
 
     dm = ImageCaptionDataModule(ImageFolderDataset(mixed, resolution=16, buckets={"enabled": True, "step": 8}),
                                 val_fraction=0.4, seed=0)
-    prompts, real = data_prompts(SimpleNamespace(datamodule=dm), 6, seed=0)
+    prompts, real, _ = data_prompts(SimpleNamespace(datamodule=dm), 6, seed=0)
     assert isinstance(real, list) and len({tuple(r.shape) for r in real}) > 1  # several bucket sizes
     cb = SamplingCallback(n_prompts=6)
     cb.prompts, cb.real_images = prompts, real

@@ -28,7 +28,7 @@ def glyphs(tmp_path_factory):
 def test_sampling_prompts_are_drawn_from_the_validation_captions(glyphs):
     dm = ImageCaptionDataModule(ImageFolderDataset(glyphs, resolution=16), val_fraction=0.3, seed=0)
     trainer = SimpleNamespace(datamodule=dm)
-    prompts, real = data_prompts(trainer, 4, seed=0)
+    prompts, real, _ = data_prompts(trainer, 4, seed=0)
     val = {dm.val_dataset[i]["caption"]: dm.val_dataset[i]["image"] for i in range(len(dm.val_dataset))}
     assert len(prompts) == 4 and set(prompts) <= set(val)
     train_only = {dm.train_dataset[i]["caption"] for i in range(len(dm.train_dataset))} - set(val)
