@@ -4,6 +4,7 @@ writes hold plain data (no Python object reprs)."""
 
 import json
 import logging
+import warnings
 
 import lightning as L
 import pytest
@@ -101,7 +102,9 @@ def test_a_training_run_logs_no_lightning_tips(tmp_path, capfd):
     for name in LIGHTNING_RANK_ZERO_LOGGERS:
         logging.getLogger(name).addHandler(recorder)
     try:
-        train(compose_train(tmp_path, TINY_MODEL + ["trainer.enable_progress_bar=true"]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # train() puts its own filter in front of this one
+            train(compose_train(tmp_path, TINY_MODEL + ["trainer.enable_progress_bar=true"]))
     finally:
         for name in LIGHTNING_RANK_ZERO_LOGGERS:
             logging.getLogger(name).removeHandler(recorder)
@@ -109,6 +112,7 @@ def test_a_training_run_logs_no_lightning_tips(tmp_path, capfd):
     for text in [out, err, *recorder.messages]:
         for word in ("Tip", "litmodels", "litlogger", "LitLogger", "lightning.ai"):
             assert word not in text
+    assert not [w for w in caught if "in eval mode at the start of training" in str(w.message)]  # frozen parts
     assert any(m.startswith("GPU available:") for m in recorder.messages)  # Lightning's real messages remain
     assert "Training (epoch 0): 100%" in out and "3/3" in out  # the step bar, on stdout
 
