@@ -1,4 +1,4 @@
-"""The first epoch end to end with a cold latent cache: ldm's ``train.py`` against diffusers' ``train_text_to_image.py``.
+"""The first epoch end to end, latent cache cold: ldm's ``train.py`` against diffusers' ``train_text_to_image.py``.
 
     python bench/first_epoch.py --diffusers-script train_text_to_image.py [--size sd15] [--pairs 3]
 
@@ -36,9 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # python bench/first_epoch.py: import ldm and bench from this checkout
     sys.path.insert(0, str(ROOT))
 
-SIZES = {  # ldm presets of the three networks; the diffusers folder is written from them
-    "sd15": dict(unet="sd15", vae="sd", text="sd15"),
-    "tiny": dict(unet="tiny", vae="tiny", text="tiny"),
+SIZES = {  # ldm presets of the three networks (+ U-Net overrides); the diffusers folder is written from them
+    "sd15": dict(unet="sd15", vae="sd", text="sd15", unet_overrides={}),
+    # what the cache build costs at full size (SD's VAE, a CLIP ViT-L/14-sized text encoder), a small U-Net (4.9M
+    # parameters) that a shared 2-core machine trains several times over (SD-1.5's needs ~15 GB and ~30 s a step)
+    "encoders": dict(unet="small", vae="sd", text="sd15", unet_overrides={"context_dim": 768}),
+    "tiny": dict(unet="tiny", vae="tiny", text="tiny", unet_overrides={}),
 }
 LR, WEIGHT_DECAY = 1e-5, 1e-2
 
@@ -48,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--diffusers-script", default=None, help="diffusers' examples/text_to_image/train_text_to_image.py")
     p.add_argument("--diffusers-path", default=None, help="a folder put first on the diffusers command's PYTHONPATH "
                    "(e.g. where a torchvision for its transforms is installed)")
+    p.add_argument("--baseline-root", default=None, help="another ldm checkout (e.g. one before this change) whose "
+                   "train.py is timed too, cold, in the same alternation")
     p.add_argument("--size", choices=sorted(SIZES), default="sd15")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--source-size", type=int, default=512, help="side of the JPEGs in the folder (px)")
@@ -84,7 +89,7 @@ def write_model(folder: Path, size: str, seed: int = 0) -> Path:
         return folder
     torch.manual_seed(seed)
     preset = SIZES[size]
-    unet = randomize_(UNet.from_preset(preset["unet"]), seed)
+    unet = randomize_(UNet.from_preset(preset["unet"], **preset["unet_overrides"]), seed)
     vae = AutoencoderKL.from_preset(preset["vae"])
     bundle = ModelBundle(unet, vae, make_text_encoder(preset["text"], torch.device("cpu")),
                          NoiseSchedule.make(kind="scaled_linear"))
@@ -118,9 +123,10 @@ def write_images(folder: Path, n: int, side: int, seed: int = 0) -> Path:
 # the two commands
 
 
-def ldm_command(model: Path, images: Path, run: Path, cache: Path, args) -> list[str]:
+def ldm_command(model: Path, images: Path, run: Path, cache: Path, args, root: Path = ROOT) -> list[str]:
     preset = SIZES[args.size]
-    return [sys.executable, str(ROOT / "train.py"), "model=sd15", f"model.unet.name={preset['unet']}",
+    return [sys.executable, str(root / "train.py"), "model=sd15", f"model.unet.name={preset['unet']}",
+            *[f"+model.unet.{k}={v}" for k, v in preset["unet_overrides"].items()],
             f"model.autoencoder.preset={preset['vae']}", f"model.pretrained={model}",
             f"model.text_encoder.path_or_hub_id={model}", "model.text_encoder.subfolder_layout=true",
             "data=folder", f"data.train.root={images}", f"data.train.resolution={args.resolution}",
@@ -145,10 +151,12 @@ def diffusers_command(script: Path, model: Path, images: Path, run: Path, args) 
             "--seed=0", f"--output_dir={run}", "--checkpointing_steps=1000000000", "--report_to=tensorboard"]
 
 
-def run_timed(command: list[str], log: Path, threads: int, path: str | None = None) -> float:
-    """Wall seconds of one command (its output to ``log``); a failure stops the bench naming the log."""
-    paths = [path or "", str(ROOT), os.environ.get("PYTHONPATH", "")]
+def run_timed(command: list[str], log: Path, threads: int, path: str | None = None, root: Path = ROOT) -> float:
+    """Wall seconds of one command (its output to ``log``); a failure stops the bench naming the log. Each run
+    starts cold: Hugging Face datasets' cache (diffusers' image folder) in the run's own folder too."""
+    paths = [path or "", str(root), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(log.with_suffix(".hf_datasets")),
            "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
@@ -174,7 +182,8 @@ def main(argv=None) -> dict:
         print(f"{args.size} model, {args.images} images ({args.source_size} px JPEG) at {args.resolution} px, batch "
               f"{args.batch}, {args.steps} steps, {args.threads} thread(s), {args.workers} loader worker(s)",
               flush=True)
-        times: dict[str, list[float]] = {"ldm_cold": [], "ldm_warm": [], "diffusers": []}
+        baseline = Path(args.baseline_root).resolve() if args.baseline_root else None
+        times: dict[str, list[float]] = {"ldm_cold": [], "ldm_warm": [], "baseline_cold": [], "diffusers": []}
         for pair in range(args.pairs):
             run = work / f"pair{pair}"
             shutil.rmtree(run, ignore_errors=True)
@@ -187,6 +196,11 @@ def main(argv=None) -> dict:
                 times["ldm_warm"].append(run_timed(ldm_command(model, images, run / "ldm_warm", cache, args),
                                                    run / "ldm_warm.log", args.threads))
                 line += f", ldm (warm cache) {times['ldm_warm'][-1]:.1f} s"
+            if baseline is not None:
+                times["baseline_cold"].append(run_timed(
+                    ldm_command(model, images, run / "baseline", run / "baseline_cache", args, baseline),
+                    run / "baseline.log", args.threads, root=baseline))
+                line += f", baseline ldm (cold cache) {times['baseline_cold'][-1]:.1f} s"
             if script is not None:
                 times["diffusers"].append(run_timed(diffusers_command(script, model, images, run / "diffusers",
                                                                       args), run / "diffusers.log", args.threads,
@@ -201,11 +215,18 @@ def main(argv=None) -> dict:
                    ldm_cold_s=statistics.median(times["ldm_cold"]))
         if times["ldm_warm"]:
             row["ldm_warm_s"] = statistics.median(times["ldm_warm"])
+        if times["baseline_cold"]:
+            row["baseline_cold_s"] = statistics.median(times["baseline_cold"])
         if times["diffusers"]:
             cold = [d / c for d, c in zip(times["diffusers"], times["ldm_cold"])]
             row.update(diffusers_s=statistics.median(times["diffusers"]), cold_ratio=statistics.median(cold),
                        cold_ratios=[round(r, 3) for r in cold])
             print(f"median ratio diffusers/ldm (cold cache) over {args.pairs} pair(s): {row['cold_ratio']:.2f}x")
+            if times["baseline_cold"]:
+                before = [d / b for d, b in zip(times["diffusers"], times["baseline_cold"])]
+                row.update(baseline_ratio=statistics.median(before), baseline_ratios=[round(r, 3) for r in before])
+                print(f"median ratio diffusers/baseline ldm (cold cache) over {args.pairs} pair(s): "
+                      f"{row['baseline_ratio']:.2f}x")
             if times["ldm_warm"]:
                 warm = [d / w for d, w in zip(times["diffusers"], times["ldm_warm"])]
                 row.update(warm_ratio=statistics.median(warm), warm_ratios=[round(r, 3) for r in warm])
