@@ -1,22 +1,25 @@
 """The first epoch end to end, latent cache cold: ldm's ``train.py`` against diffusers' ``train_text_to_image.py``.
 
-    python bench/first_epoch.py --diffusers-script train_text_to_image.py [--size sd15] [--pairs 3]
+    python bench/first_epoch.py --diffusers-script train_text_to_image.py [--size encoders] [--pairs 3]
 
-1. writes a diffusers folder with random weights (``--size sd15``: SD-1.5's U-Net, VAE and a CLIP ViT-L/14-sized
-   text encoder with a small local tokenizer; ``tiny``: the test presets) and a folder of ``--images`` JPEGs
-   (``--source-size`` px, smooth random content, one caption each in metadata.jsonl);
+1. writes a diffusers folder with random weights (``--size encoders``, the default: SD-1.5's VAE and a CLIP
+   ViT-L/14-sized text encoder with a small local tokenizer, the networks the cache build runs, and the small U-Net;
+   ``sd15``: SD-1.5's U-Net too, ~15 GB and ~30 s a step in fp32 on a CPU; ``tiny``: the test presets) and a
+   folder of ``--images`` JPEGs (``--source-size`` px, smooth random content, one caption each in metadata.jsonl);
 2. alternates, ``--pairs`` times, the two commands on that folder with the same settings (steps, batch, resolution,
    AdamW at the same learning rate and weight decay, gradient clipping 1.0, no EMA, no warm-up, fp32, the final
    weights saved): ``python train.py model=sd15 model.pretrained=<folder> data=folder ...`` with a fresh cache
-   folder each time (the cache is built in the run), and ``accelerate``-free ``python train_text_to_image.py
-   --pretrained_model_name_or_path <folder> --train_data_dir <images> ...``;
+   folder each time (the cache is built in the run), and ``python train_text_to_image.py
+   --pretrained_model_name_or_path <folder> --train_data_dir <images> ...`` (one process, no ``accelerate launch``;
+   its datasets cache fresh each run too);
 3. prints each command's wall time and the median ldm/diffusers speed ratio over the pairs (diffusers' seconds over
    ldm's: above 1, ldm is faster).
 
 ``--steps`` defaults to one epoch (images / batch). ``--warm`` also times ldm once per pair with the cache of its
 previous run (nothing to encode). Without ``--diffusers-script`` only ldm runs (the tests run it so). The script is
-diffusers' own (examples/text_to_image/train_text_to_image.py of the installed version); it needs ``datasets`` and
-``accelerate``.
+diffusers' own (examples/text_to_image/train_text_to_image.py of the installed version); it needs ``datasets``,
+``accelerate`` and ``torchvision`` (``--diffusers-path``: a folder put first on its PYTHONPATH only).
+``--baseline-root <checkout>`` times that checkout's ``train.py`` (cold) in the same pairs, e.g. ldm before a change.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def parse_args(argv=None):
                    "(e.g. where a torchvision for its transforms is installed)")
     p.add_argument("--baseline-root", default=None, help="another ldm checkout (e.g. one before this change) whose "
                    "train.py is timed too, cold, in the same alternation")
-    p.add_argument("--size", choices=sorted(SIZES), default="sd15")
+    p.add_argument("--size", choices=sorted(SIZES), default="encoders")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--source-size", type=int, default=512, help="side of the JPEGs in the folder (px)")
     p.add_argument("--resolution", type=int, default=64)
