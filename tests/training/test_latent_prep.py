@@ -141,4 +141,5 @@ def test_encode_micro_batches_on_the_cpu_and_encodes_each_caption_once(tmp_path,
     torch.testing.assert_close(rows["mean"], whole.mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rows["logvar"], whole.logvar, atol=1e-5, rtol=1e-5)
     assert torch.equal(rows["context"], contexts)
-    assert torch.equal(rows["context"][0], rows["context"][6]) and not torch.equal(rows["context"][0], rows["context"][2])
+    assert torch.equal(rows["context"][0], rows["context"][6])
+    assert not torch.equal(rows["context"][0], rows["context"][2])

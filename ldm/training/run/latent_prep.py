@@ -135,8 +135,9 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
     """Sync (rank 0; other ranks wait for it) the cache of `datamodule.train_dataset` and train from it.
 
     The images are decoded by the datamodule's DataLoader workers (``data.num_workers``) while the frozen networks
-    encode (`make_encode`). Returns the view, or None when the data cannot be cached (a random crop: trained on the fly). The original
-    dataset stays available as ``datamodule.source_dataset`` (callbacks read its resolution and captions)."""
+    encode (`make_encode`). Returns the view, or None when the data cannot be cached (a random crop: trained on the
+    fly). The original dataset stays available as ``datamodule.source_dataset`` (callbacks read its resolution and
+    captions)."""
     datamodule.setup("fit")
     source = datamodule.train_dataset
     spec = spec_of(source)
