@@ -46,7 +46,7 @@ def test_images_have_a_caption_each(tmp_path):
     assert len({r["text"] for r in rows}) == 7 and all((folder / r["file_name"]).is_file() for r in rows)
 
 
-@pytest.mark.slow  # ~30 s quiet, ~90 s on a busy 2-core machine: two train.py runs
+@pytest.mark.slow  # 16 s quiet, 86 s on a busy 2-core machine: two train.py runs
 def test_runs_ldm_cold_then_warm_without_the_diffusers_script(tmp_path, capsys):
     row = bench_module("first_epoch").main(["--size", "tiny", "--images", "4", "--batch", "2", "--steps", "1",
                                             "--resolution", "16", "--source-size", "24", "--pairs", "1", "--warm",
