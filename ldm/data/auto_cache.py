@@ -147,12 +147,13 @@ def _complete(part: Path) -> bool:
 
 def sync_cache(folder: str | Path, spec: CacheSpec, encode: Encode, *, store: str = "posterior",
                text: str = "caption", scaling_factor: float = 1.0, shift_factor: float = 0.0, seed: int = 0,
-               sample: bool = True, batch_size: int = 32, progress: bool = True,
+               sample: bool = True, batch_size: int = 32, num_workers: int = 0, progress: bool = True,
                description: dict | None = None, read_only: bool = False) -> "CachedView | None":
     """Bring the cache in ``folder`` up to date with `spec` (encoding only missing items) and return its view.
 
     Args are those of `build_latent_cache` (store: "posterior" or "mode"; text: "context" or "caption"), plus
     `sample`/`seed` for the view (posterior draws and flip choices per (seed, epoch, index)).
+    num_workers: DataLoader workers that decode (and resize) the next images while `encode` runs on these ones.
     Returns a `CachedView`; ``view.encoded`` is the number of images encoded by this call (0: all reused).
     read_only: encode and delete nothing (other DDP ranks); None when the cache is not complete yet.
     """
@@ -166,7 +167,8 @@ def sync_cache(folder: str | Path, spec: CacheSpec, encode: Encode, *, store: st
     if not read_only:
         (folder / "key.json").write_text(json.dumps(spec.settings, indent=1, default=str), encoding="utf-8")
     variants = (False, True) if spec.flip else (False,)
-    build = dict(store=store, text=text, batch_size=batch_size, seed=seed, progress=progress, encode=encode,
+    build = dict(store=store, text=text, batch_size=batch_size, num_workers=num_workers, seed=seed,
+                 progress=progress, encode=encode,
                  scaling_factor=scaling_factor, shift_factor=shift_factor, description=description or {})
     if spec.items is None:
         return _sync_stream(folder, spec, variants, build, seed, sample, read_only)

@@ -183,3 +183,26 @@ def test_a_webdataset_stream_is_cached_whole_and_rebuilt_when_a_shard_changes(tm
     a = cache_spec(ds).settings
     write_shard(shard, 6, (0, 0, 255))
     assert cache_spec(WebDatasetSource(str(shard), resolution=8)).settings != a, "the cache folder key changes"
+
+
+def test_loader_workers_build_the_same_cache_as_the_main_process(tmp_path, images):
+    """Issue 28: DataLoader workers decode the next images while the encoder runs; the cache is the same bytes."""
+    from safetensors.torch import load_file
+
+    root = tmp_path / "images"
+    write_folder(root, images, 10)
+    ds = ImageFolderDataset(root, resolution=8, random_flip=True)
+    shards = {}
+    for workers in (0, 2):
+        enc = CountingEncoder()
+        view = sync_cache(tmp_path / f"cache{workers}", cache_spec(ds), enc, batch_size=3, num_workers=workers,
+                          progress=False, sample=False)
+        assert enc.images == 20 and view.encoded == 20  # every image, both flips, once
+        files = sorted((tmp_path / f"cache{workers}").rglob("shard-*.safetensors"))
+        shards[workers] = [load_file(f) for f in files]
+        rows = json.loads((files[0].parent / "rows.json").read_text())
+        assert [r[1] for r in rows[:4]] == [False, True, False, True]
+    assert len(shards[0]) == len(shards[2]) == 1
+    assert shards[0][0].keys() == shards[2][0].keys()
+    for name in shards[0][0]:
+        assert torch.equal(shards[0][0][name], shards[2][0][name]), name

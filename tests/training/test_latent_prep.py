@@ -108,3 +108,38 @@ def test_clean_stop_mid_epoch_then_resume_from_the_cache_is_exact(tmp_path):
     subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
     subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
     assert_same_run(reference, stopped)
+
+
+def test_encode_micro_batches_on_the_cpu_and_encodes_each_caption_once(tmp_path, monkeypatch):
+    """Issue 28: the cache build runs the VAE on CPU-sized micro-batches (same rows to fp32 rounding) and the text
+    encoder once per distinct caption (the same contexts bit for bit as one call on the whole batch)."""
+    from ldm.models.text_encoder import CLIPTextEncoder
+    from ldm.training.run import latent_prep
+
+    assert latent_prep.micro_batch(torch.device("cpu"), 64 * 64, 64) == 8  # SD at 64 px: 8 images a call
+    assert latent_prep.micro_batch(torch.device("cpu"), 512 * 512, 64) == 1
+    assert latent_prep.micro_batch(torch.device("cpu"), 16 * 16, 5) == 5
+    assert latent_prep.micro_batch(torch.device("cuda"), 512 * 512, 64) == 64  # a GPU: the whole batch
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_preset("tiny").eval()
+    text = CLIPTextEncoder.from_tiny("tiny", folder=tmp_path / "clip").eval().requires_grad_(False)
+    calls = {"vae": [], "text": []}
+    vae_encode, text_forward = vae.encode, text.forward
+    monkeypatch.setattr(vae, "encode", lambda x: calls["vae"].append(len(x)) or vae_encode(x))
+    monkeypatch.setattr(text, "forward", lambda p: calls["text"].append(list(p)) or text_forward(p))
+    monkeypatch.setattr(latent_prep, "CPU_ENCODE_PIXELS", 3 * 16 * 16)  # 3 images of 16 px a call
+    monkeypatch.setattr(latent_prep, "CPU_TEXT_BATCH", 2)
+    images = torch.rand(7, 3, 16, 16) * 2 - 1
+    captions = ["a cat", "a cat", "a dog", "a cow", "a dog", "a bird", "a cat"]
+    rows = latent_prep.make_encode(vae, text, "posterior")(images, captions)
+    assert calls["vae"] == [3, 3, 1]
+    assert calls["text"] == [["a cat", "a dog"], ["a cow", "a bird"]]  # each distinct caption once, 2 a call
+    with torch.no_grad():
+        whole = vae_encode(images)
+        contexts = text_forward(captions)
+    torch.testing.assert_close(rows["mean"], whole.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows["logvar"], whole.logvar, atol=1e-5, rtol=1e-5)
+    assert torch.equal(rows["context"], contexts)
+    assert torch.equal(rows["context"][0], rows["context"][6])
+    assert not torch.equal(rows["context"][0], rows["context"][2])

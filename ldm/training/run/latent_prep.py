@@ -76,8 +76,35 @@ def text_encoder_is_frozen(text_encoder: torch.nn.Module) -> bool:
     return not any(p.requires_grad for p in text_encoder.parameters())
 
 
+# How many images the frozen networks see at once while the cache is built (issue 28, bench/README.md "The first
+# epoch"). On the CPU the VAE's convolutions are fastest on a few images at a time: at 64 px (SD-1.5's VAE, fp32,
+# one thread) 1-8 images took ~85 ms each, 32-64 images ~160-300 ms each, their activations no longer fitting the
+# CPU's caches; so a micro-batch there holds at most CPU_ENCODE_PIXELS pixels. On a GPU the whole loader batch.
+CPU_ENCODE_PIXELS = 8 * 64 * 64
+CPU_TEXT_BATCH = 8  # CLIP ViT-L/14 size on the CPU: 8 prompts ~125 ms each, 1 ~190 ms, 32 ~140 ms
+
+
+def micro_batch(device: torch.device, pixels: int, batch: int) -> int:
+    """Images per call of the first stage while caching: the whole batch on a GPU, few on the CPU."""
+    if device.type != "cpu":
+        return max(1, batch)
+    return max(1, min(batch, CPU_ENCODE_PIXELS // max(1, pixels)))
+
+
+def encode_captions(text_encoder: torch.nn.Module, captions: list[str], device: torch.device) -> torch.Tensor:
+    """(B, L, D) contexts of ``captions``, each distinct caption encoded once (a random flip caches every image
+    twice with one caption; DreamBooth's rows share theirs). CLIP's rows do not depend on their batch-mates, so
+    this is the batch's contexts as one call gives them (tests/training/test_latent_prep.py checks it bit for bit)."""
+    unique = list(dict.fromkeys(captions))
+    step = CPU_TEXT_BATCH if device.type == "cpu" else max(1, len(unique))
+    contexts = torch.cat([text_encoder(unique[s:s + step]) for s in range(0, len(unique), step)])
+    row = {caption: i for i, caption in enumerate(unique)}
+    return contexts[[row[c] for c in captions]]
+
+
 def make_encode(autoencoder: torch.nn.Module, text_encoder: torch.nn.Module | None, store: str) -> Callable:
-    """The encode function the data library calls: a batch of images + captions -> the rows of the cache."""
+    """The encode function the data library calls: a batch of images + captions -> the rows of the cache
+    (the first stage in `micro_batch` slices, each distinct caption through the text encoder once)."""
     try:
         param = next(autoencoder.parameters())
         device, dtype = param.device, param.dtype
@@ -87,13 +114,17 @@ def make_encode(autoencoder: torch.nn.Module, text_encoder: torch.nn.Module | No
     @torch.no_grad()
     def encode(images: torch.Tensor, captions: list[str], generator=None) -> dict:
         x = images.to(device, dtype)
-        if store == "posterior":
-            posterior = autoencoder.encode(x)  # the VAE's diagonal Gaussian, unscaled (seed eq. for z ~ q(z|x))
-            rows = {"mean": posterior.mean, "logvar": posterior.logvar}
-        else:
-            rows = {"latents": autoencoder.encode_latents(x, sample=False)}
+        step = micro_batch(device, x.shape[-1] * x.shape[-2], len(x))
+        parts = []
+        for s in range(0, len(x), step):
+            if store == "posterior":
+                posterior = autoencoder.encode(x[s:s + step])  # the VAE's diagonal Gaussian, unscaled (z ~ q(z|x))
+                parts.append({"mean": posterior.mean, "logvar": posterior.logvar})
+            else:
+                parts.append({"latents": autoencoder.encode_latents(x[s:s + step], sample=False)})
+        rows = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         if text_encoder is not None:
-            rows["context"] = text_encoder(list(captions))  # (B, L, D)
+            rows["context"] = encode_captions(text_encoder, list(captions), device)
         return rows
 
     return encode
@@ -103,8 +134,10 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
                         batch_size: int = 64, progress: bool = True) -> CachedView | None:
     """Sync (rank 0; other ranks wait for it) the cache of `datamodule.train_dataset` and train from it.
 
-    Returns the view, or None when the data cannot be cached (a random crop: trained on the fly). The original
-    dataset stays available as ``datamodule.source_dataset`` (callbacks read its resolution and captions)."""
+    The images are decoded by the datamodule's DataLoader workers (``data.num_workers``) while the frozen networks
+    encode (`make_encode`). Returns the view, or None when the data cannot be cached (a random crop: trained on the
+    fly). The original dataset stays available as ``datamodule.source_dataset`` (callbacks read its resolution and
+    captions)."""
     datamodule.setup("fit")
     source = datamodule.train_dataset
     spec = spec_of(source)
@@ -127,7 +160,8 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
     options = dict(store=store, text="context" if text_encoder is not None else "caption",
                    scaling_factor=float(module.autoencoder.scaling_factor),
                    shift_factor=float(module.autoencoder.shift_factor), seed=seed, batch_size=batch_size,
-                   progress=progress, description={"dataset": shared_config(spec.settings)})  # no folder of the user's
+                   num_workers=datamodule.num_workers, progress=progress,
+                   description={"dataset": shared_config(spec.settings)})  # no folder of the user's
     encode = make_encode(module.autoencoder, text_encoder, store)
     if rank == 0:
         start = time.perf_counter()
