@@ -186,7 +186,8 @@ def sync_cache(folder: str | Path, spec: CacheSpec, encode: Encode, *, store: st
     build = dict(store=store, text=text, batch_size=batch_size, seed=seed, progress=progress,
                  scaling_factor=scaling_factor, shift_factor=shift_factor, description=description or {})
     if spec.items is None:
-        return _sync_stream(folder, spec, variants, dict(build, encode=encode), seed, sample, read_only)
+        return _sync_stream(folder, spec, variants, dict(build, encode=encode), seed, sample, read_only,
+                            wait_seconds, stale_seconds, poll_seconds)
 
     index_of = {identity: i for i, identity in enumerate(spec.items)}
     wanted = {(identity, flip) for identity in spec.items for flip in variants}
@@ -273,22 +274,14 @@ def _build_parts(folder: Path, parts: dict[int, Path], spec: CacheSpec, index_of
     while todo := [n for n, part in parts.items() if not _complete(part)]:
         mine = None
         for number in todo:
-            claim_path = parts[number] / CLAIM
-            if (mine := try_claim(claim_path)) is None and is_stale(claim_path, stale_seconds):
-                with folder_lock(folder, wait_seconds, stale_seconds):
-                    if break_if_stale(claim_path, stale_seconds):
-                        mine = try_claim(claim_path)
-            if mine is not None:
+            if (mine := _claim(folder, parts[number] / CLAIM, wait_seconds, stale_seconds)) is not None:
                 break
         if mine is None:  # every unfinished part is being built by a live process
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"latent cache {folder}: parts {todo} were not finished by the processes "
-                                   f"building them within {wait_seconds:.0f} s")
-            time.sleep(poll_seconds)
+            _wait(folder, deadline, wait_seconds, poll_seconds, f"parts {todo}")
             continue
         try:
             part = parts[number]
-            if not _complete(part):  # finished by another process between our look and our claim
+            if not _complete(part):  # unless another process finished it between our look and our claim
                 plan = [(index_of[identity], bool(flip)) for identity, flip in _read_rows(part)]
                 if _has_shards(part):
                     print(f"finishing the interrupted latent cache part {part}")
@@ -325,24 +318,51 @@ def _by_bucket(rows: list[tuple[int, bool]], spec: CacheSpec) -> list[list[tuple
     return [groups[b] for b in sorted(groups)]
 
 
-def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, seed: int,
-                 sample: bool, read_only: bool = False) -> "CachedView | None":
-    """An iterable dataset: one part holding all of it (its key is in the folder name), built if not complete."""
+def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, seed: int, sample: bool,
+                 read_only: bool, wait_seconds: float, stale_seconds: float, poll_seconds: float
+                 ) -> "CachedView | None":
+    """An iterable dataset: one part holding all of it (its key is in the folder name), built if not complete, by
+    one process (the one that claims it; the others wait for it): a stream is not split between processes."""
     part = folder / "part-00000"
-    encoded = 0
-    if not _complete(part) or _read_rows(part) is None:
+    encoded, deadline = 0, time.monotonic() + wait_seconds
+    while not _complete(part) or _read_rows(part) is None:
         if read_only:
             return None
-        print(f"latent cache {folder}: encoding the stream once with the frozen VAE")
-        manifest = build_latent_cache(_Doubled(spec.source, len(variants) == 2), part, None, None, **build)
-        n = manifest["num_samples"]
-        rows = [[f"#{r // len(variants)}", bool(r % len(variants))] for r in range(n)]
-        (part / ROWS).write_text(json.dumps(rows), encoding="utf-8")
-        encoded = n
+        mine = _claim(folder, folder / f"stream.{CLAIM}", wait_seconds, stale_seconds)
+        if mine is None:
+            _wait(folder, deadline, wait_seconds, poll_seconds, "the stream's part")
+            continue
+        try:
+            if not _complete(part) or _read_rows(part) is None:
+                print(f"latent cache {folder}: encoding the stream once with the frozen VAE")
+                manifest = build_latent_cache(_Doubled(spec.source, len(variants) == 2), part, None, None, **build)
+                n = manifest["num_samples"]
+                rows = [[f"#{r // len(variants)}", bool(r % len(variants))] for r in range(n)]
+                _write_atomic(part / ROWS, json.dumps(rows))
+                encoded = n
+        finally:
+            mine.release()
     rows = _read_rows(part)
     table = [[(0, i + v) for v in range(len(variants))] for i in range(0, len(rows), len(variants))]
     return CachedView({0: part}, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution,
                       captions=spec.captions)
+
+
+def _claim(folder: Path, path: Path, wait_seconds: float, stale_seconds: float):
+    """The claim at `path` for this process (taking over a stale one), or None while a live process holds it."""
+    mine = try_claim(path)
+    if mine is None and is_stale(path, stale_seconds):
+        with folder_lock(folder, wait_seconds, stale_seconds):  # one process breaks it and takes it
+            if break_if_stale(path, stale_seconds):
+                mine = try_claim(path)
+    return mine
+
+
+def _wait(folder: Path, deadline: float, wait_seconds: float, poll_seconds: float, what) -> None:
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"latent cache {folder}: {what} not finished by the processes building them within "
+                           f"{wait_seconds:.0f} s")
+    time.sleep(poll_seconds)
 
 
 class CachedView(Dataset):
