@@ -13,9 +13,10 @@ from tests.helpers.training import compose_train
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIGS).iterdir() if p.is_dir()}
 OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "sampler") for o in opts]
-NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_multinode"), ("trainer", "fsdp"), ("model", "sd15"),
+NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "fsdp"), ("model", "sd15"),
                   ("model", "sd21"), ("model", "sdxl")}
-REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["data.train.path=REPLACE"],
+CPU = ["trainer.accelerator=cpu", "trainer.precision=32", "trainer.devices=1"]
+REQUIRED = {("trainer", "ddp_multinode"): CPU, ("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["data.train.path=REPLACE"],
             ("data", "webdataset"): ["data.train.urls=REPLACE"],
             ("data", "latent_cache"): ["data.train.path=REPLACE"], ("model", "sd15"): ["model.pretrained=x"],
             ("model", "sd21"): ["model.pretrained=x"], ("model", "sdxl"): ["model.pretrained=x"],
@@ -81,6 +82,19 @@ def test_fsdp_strategy_builds_and_wraps_unet_blocks(tmp_path):
     assert unet_block_wrap_policy() == {ResBlock, BasicTransformerBlock}
     cfg = compose_train(tmp_path, ["trainer=fsdp"])
     assert isinstance(instantiate(cfg.trainer.strategy), FSDPStrategy)
+
+
+def test_ddp_multinode_builds_with_its_process_group_timeout(tmp_path):
+    """The strategy the 2-node runs of tests/training/test_multinode.py use, with the timeout a survivor waits for a
+    dead node's collective (Lightning's DDPStrategy passes it to init_process_group)."""
+    import datetime
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = compose_train(tmp_path, ["trainer=ddp_multinode", *CPU, "trainer.strategy.timeout.seconds=42"])
+    trainer = instantiate(cfg.trainer)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_nodes == 2
+    assert trainer.strategy._timeout == datetime.timedelta(seconds=42)
 
 
 def test_top_level_schema_rejects_unknown_keys(tmp_path):
