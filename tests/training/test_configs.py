@@ -100,3 +100,18 @@ def test_ddp_multinode_builds_with_its_process_group_timeout(tmp_path):
 def test_top_level_schema_rejects_unknown_keys(tmp_path):
     with pytest.raises(Exception, match="not_a_key"):
         compose_train(tmp_path, ["not_a_key=1"])
+
+
+def test_ckpt_path_auto_starts_fresh_then_resumes_the_run_folder(tmp_path):
+    """ckpt_path=auto: one command for a first start and every restart (torchrun --max-restarts, a requeue)."""
+    import torch
+
+    from ldm.training.run.train import prepare_run_folder
+
+    cfg = compose_train(tmp_path, ["ckpt_path=auto"])
+    run_dir, ckpt = prepare_run_folder(cfg)
+    assert ckpt is None and cfg.ckpt_path is None, "no last.ckpt yet: a fresh start"
+    (run_dir / "checkpoints").mkdir()
+    torch.save({"global_step": 3}, run_dir / "checkpoints" / "last.ckpt")
+    cfg = compose_train(tmp_path, ["ckpt_path=auto"])
+    assert prepare_run_folder(cfg) == (run_dir, str(run_dir / "checkpoints" / "last.ckpt"))
