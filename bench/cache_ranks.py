@@ -111,9 +111,9 @@ def main(argv=None) -> list[dict]:
     for row in rows:
         row["speed-up"] = base / row["wall s"]
     same = all(caches[r] == caches[counts[0]] for r in counts)
-    print(common.print_table(rows, ["ranks", "vae", "px", "images", "wall s", "img/s", "speed-up",
+    common.print_table(rows, ["ranks", "vae", "px", "images", "wall s", "img/s", "speed-up",
                                     "encoded per process", "cache bytes/img", "encode s/img/process"],
-                             title=f"latent cache build, 1 vs {counts[1:]} processes ({args.threads} thread(s) each)"))
+                       title=f"latent cache build, 1 vs {counts[1:]} processes ({args.threads} thread(s) each)")
     print(f"caches identical byte for byte across process counts: {same}")
     if not same:
         raise SystemExit("the caches differ: a build with several processes must give the one-process bytes")
