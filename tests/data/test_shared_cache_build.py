@@ -132,3 +132,34 @@ def test_a_held_lock_times_out_with_the_fix(tmp_path):
     with pytest.raises(TimeoutError, match="delete it if no run uses this folder"):
         with cache_claims.folder_lock(tmp_path, timeout=0.2):
             pass
+
+
+def test_a_stream_is_encoded_by_the_process_that_claims_it(tmp_path, images):
+    """A webdataset stream is one part, built by one process: a live holder's claim makes the others wait (here:
+    time out, naming what they waited for); a dead holder's claim is taken over."""
+    import io
+    import tarfile
+
+    from ldm.data.webdataset import WebDatasetSource
+
+    shard = tmp_path / "shard-0.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            for suffix, data in (("png", images.bytes(size=(8, 8), color=(9 * i, 0, 0))), ("txt", f"s{i}".encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    spec = cache_spec(WebDatasetSource(str(shard), resolution=8, shuffle_buffer=0))
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    claim = folder / "stream.claim"
+    claim.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": "x"}))
+    enc = CountingEncoder()
+    with pytest.raises(TimeoutError, match="the stream's part not finished"):
+        sync_cache(folder, spec, enc, progress=False, wait_seconds=0.3, poll_seconds=0.05)
+    assert enc.calls == 0, "a live holder builds it: this process waits"
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "token": "x"}))
+    view = sync_cache(folder, spec, enc, progress=False, poll_seconds=0.05)
+    assert enc.images == 3 == view.encoded and len(view) == 3 and not claim.exists()
