@@ -234,6 +234,8 @@ def _scan(folder: Path, index_of: dict, complete_only: bool = False):
 def _plan(folder: Path, spec: CacheSpec, index_of: dict, wanted: set, variants: tuple, part_size: int):
     """Under the planning lock: drop parts that are unreadable or hold rows no longer wanted, and lay out the
     missing rows as new, unbuilt parts (rows.json only). Returns ({number: part}, {row: (number, index)})."""
+    for leftover in folder.glob(".new-*"):  # a planner killed between mkdir and rename (we hold the lock now)
+        shutil.rmtree(leftover, ignore_errors=True)
     for part in sorted(folder.glob("part-*")):
         rows = _read_rows(part)
         if rows is None or _number(part) < 0:
