@@ -64,6 +64,19 @@ def finish(procs, timeout=300) -> None:
             raise
 
 
+def lose_node(agent: subprocess.Popen) -> None:
+    """Node 1 is lost: its torchrun agent and its ranks, which torchrun starts in sessions of their own (killing
+    the agent's process group alone leaves the rank training on, an orphan)."""
+    ranks = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    os.killpg(agent.pid, signal.SIGKILL)
+    for pid in ranks:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    agent.wait()
+
+
 def record(out: Path) -> list[str]:
     return ["+callbacks.seen._target_=tests.helpers.training.RecordSeen", f"+callbacks.seen.out={out}"]
 
@@ -132,7 +145,7 @@ def test_a_killed_node_stops_the_other_and_a_restart_resumes_exactly(tmp_path):
     while not any(s >= every + 1 for s, _ in logged_losses(run)) if (run / "metrics.csv").exists() else True:
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run must be training"
         time.sleep(0.05)
-    os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 is lost: its agent and its rank
+    lose_node(procs[1])
     try:
         code = procs[0].wait(timeout=120)
     except subprocess.TimeoutExpired:
