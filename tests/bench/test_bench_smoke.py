@@ -161,7 +161,6 @@ def test_buckets(capsys, tmp_path):
     assert "ratio buckets/square" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # starts 3 processes (1, then 2), each importing torch
 def test_cache_ranks(capsys):
     rows = bench_module("cache_ranks").main(["--images", "8", "--resolution", "16", "--vae", "tiny",
                                              "--part-size", "2", "--batch", "2"])
