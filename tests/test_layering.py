@@ -18,7 +18,8 @@ MODULE_LAYERS = {"evaluate": "cli", "export": "cli", "lora": "cli",
 # no weights; the cache CLI lives in ldm/cli/) ...
 FORBIDDEN = {"data": {"models", "formats"}}
 # ... except the checker of plain stored values: a latent-cache manifest is a file too.
-ALLOWED = {"data": {"ldm.formats.safe_build", "ldm.formats.safe_load", "ldm.formats.dtypes", "ldm.formats.safe_paths"}}
+ALLOWED = {"data": {"ldm.formats.safe_build", "ldm.formats.safe_load", "ldm.formats.dtypes", "ldm.formats.safe_paths",
+                    "ldm.formats.safetensors_bytes"}}
 # The library: what the tasks build on and must never depend on them (a task's checker or scorer reaches it as an
 # object: the dataset's checker(), a Hydra _target_ into ldm.tasks; DESIGN.md "a self-contained task folder").
 LIBRARY = LAYERS[: LAYERS.index("tasks")]

@@ -23,7 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from ldm.data.cache_claims import STALE_SECONDS, break_if_stale, folder_lock, is_stale, try_claim
 from ldm.data.cached_latents import CachedLatentsDataset, _mix
 from ldm.data.captions import SharedEpoch
 from ldm.data.latent_cache import LatentCacheError, build_latent_cache, read_manifest
@@ -145,85 +149,163 @@ def _complete(part: Path) -> bool:
         return False
 
 
+PART_SIZE = 4096  # rows per new part: the unit several processes share (one claim, one build_latent_cache)
+WAIT_SECONDS = 4 * 3600.0  # how long a process waits for parts other processes are building
+CLAIM = "claim"
+
+
 def sync_cache(folder: str | Path, spec: CacheSpec, encode: Encode, *, store: str = "posterior",
                text: str = "caption", scaling_factor: float = 1.0, shift_factor: float = 0.0, seed: int = 0,
                sample: bool = True, batch_size: int = 32, num_workers: int = 0, progress: bool = True,
-               description: dict | None = None, read_only: bool = False) -> "CachedView | None":
+               description: dict | None = None, read_only: bool = False, part_size: int = PART_SIZE,
+               wait_seconds: float = WAIT_SECONDS, stale_seconds: float = STALE_SECONDS,
+               poll_seconds: float = 1.0) -> "CachedView | None":
     """Bring the cache in ``folder`` up to date with `spec` (encoding only missing items) and return its view.
 
     Args are those of `build_latent_cache` (store: "posterior" or "mode"; text: "context" or "caption"), plus
     `sample`/`seed` for the view (posterior draws and flip choices per (seed, epoch, index)).
     num_workers: DataLoader workers that decode (and resize) the next images while `encode` runs on these ones.
     Returns a `CachedView`; ``view.encoded`` is the number of images encoded by this call (0: all reused).
-    read_only: encode and delete nothing (other DDP ranks); None when the cache is not complete yet.
+    read_only: encode and delete nothing; None when the cache is not complete yet.
+
+    Several processes may call this on one folder at once (every DDP rank, or independent runs): under the folder's
+    planning lock the first one to come plans the missing rows as parts of at most `part_size` rows (per bucket);
+    then each process claims whole parts (`ldm.data.cache_claims`) and encodes them, so every part is encoded by one
+    process, and the parts are the same, byte for byte, whichever processes built them. A process that finds no
+    part left to claim waits (at most `wait_seconds`) for the parts others build; a part whose builder was killed
+    (its claim stale) is taken over and finished from its last whole shard.
     """
     if spec.random_crop:
         raise ValueError("a random crop cannot be cached (each epoch sees another crop): use center_crop=true, or "
                          "train on the fly (data.latent_cache=null)")
+    if int(part_size) <= 0:
+        raise ValueError(f"part_size must be positive, got {part_size}")
     folder = Path(folder).expanduser()
     if read_only and not folder.is_dir():
         return None
     folder.mkdir(parents=True, exist_ok=True)
     if not read_only:
-        (folder / "key.json").write_text(json.dumps(spec.settings, indent=1, default=str), encoding="utf-8")
+        _write_atomic(folder / "key.json", json.dumps(spec.settings, indent=1, default=str))
     variants = (False, True) if spec.flip else (False,)
     build = dict(store=store, text=text, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                 progress=progress, encode=encode,
+                 progress=progress,
                  scaling_factor=scaling_factor, shift_factor=shift_factor, description=description or {})
     if spec.items is None:
-        return _sync_stream(folder, spec, variants, build, seed, sample, read_only)
+        return _sync_stream(folder, spec, variants, dict(build, encode=encode), seed, sample, read_only,
+                            wait_seconds, stale_seconds, poll_seconds)
 
-    wanted = {(identity, flip) for identity in spec.items for flip in variants}
     index_of = {identity: i for i, identity in enumerate(spec.items)}
-    found: dict[tuple[str, bool], tuple[int, int]] = {}  # (identity, flip) -> (part number, row)
+    wanted = {(identity, flip) for identity in spec.items for flip in variants}
+    if read_only:
+        parts, found = _scan(folder, index_of, complete_only=True)
+        if not wanted <= found.keys():
+            return None
+    else:
+        with folder_lock(folder, wait_seconds, stale_seconds):
+            parts, found = _plan(folder, spec, index_of, wanted, variants, int(part_size))
+    used = {found[key][0] for key in wanted}
+    encoded = 0 if read_only else _build_parts(folder, {n: parts[n] for n in sorted(used)}, spec, index_of, encode,
+                                               build, wait_seconds, stale_seconds, poll_seconds)
+    table = [[found[(identity, flip)] for flip in variants] for identity in spec.items]
+    return CachedView({n: parts[n] for n in sorted(used)}, table, seed=seed, sample=sample, encoded=encoded,
+                      resolution=spec.resolution, captions=spec.captions, buckets=spec.buckets, records=spec.records)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _number(part: Path) -> int:
+    tail = part.name.split("-", 1)[1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def _scan(folder: Path, index_of: dict, complete_only: bool = False):
+    """The parts in `folder` and where each (identity, flip) row lies in them: ({number: part}, {row: (n, i)})."""
     parts: dict[int, Path] = {}
-    encoded = 0
+    found: dict[tuple[str, bool], tuple[int, int]] = {}
     for part in sorted(folder.glob("part-*")):
-        rows = _read_rows(part)
-        number = int(part.name.split("-")[1]) if part.name.split("-")[1].isdigit() else -1
-        if read_only and (rows is None or number < 0 or not _complete(part)):
+        rows, number = _read_rows(part), _number(part)
+        if rows is None or number < 0 or (complete_only and not _complete(part)):
             continue
-        if rows is None or number < 0:
-            logger.warning("latent cache %s: %s has no readable %s; deleting it", folder, part.name, ROWS)
-            shutil.rmtree(part)
-            continue
-        if not _complete(part):  # a build that was killed: finish it if all its items still exist, as they were
-            if all(r[0] in index_of for r in rows):
-                plan = [(index_of[r[0]], bool(r[1])) for r in rows]
-                print(f"finishing the interrupted latent cache part {part}")
-                build_latent_cache(_Planned(spec.source, plan), part, None, None, **build)
-                encoded += len(plan)
-            else:
-                shutil.rmtree(part)
-                continue
         parts[number] = part
         for row, (identity, flip) in enumerate(rows):
             found.setdefault((identity, bool(flip)), (number, row))
+    return parts, found
+
+
+def _plan(folder: Path, spec: CacheSpec, index_of: dict, wanted: set, variants: tuple, part_size: int):
+    """Under the planning lock: drop parts that are unreadable or hold rows no longer wanted, and lay out the
+    missing rows as new, unbuilt parts (rows.json only). Returns ({number: part}, {row: (number, index)})."""
+    for leftover in folder.glob(".new-*"):  # a planner killed between mkdir and rename (we hold the lock now)
+        shutil.rmtree(leftover, ignore_errors=True)
+    for part in sorted(folder.glob("part-*")):
+        rows = _read_rows(part)
+        if rows is None or _number(part) < 0:
+            logger.warning("latent cache %s: %s has no readable %s; deleting it", folder, part.name, ROWS)
+            shutil.rmtree(part, ignore_errors=True)
+        elif not _complete(part) and not all(r[0] in index_of for r in rows):  # an unfinished part of gone files
+            shutil.rmtree(part, ignore_errors=True)
+    parts, found = _scan(folder, index_of)
     missing = [(index_of[identity], flip) for identity, flip in
                sorted(wanted - found.keys(), key=lambda key: (index_of[key[0]], key[1]))]
-    if missing and read_only:
-        return None
+    groups = [group[i:i + part_size] for group in _by_bucket(missing, spec) for i in range(0, len(group), part_size)]
     if missing:
         print(f"latent cache {folder}: encoding {len(missing)} image(s) once with the frozen VAE"
               + (f" ({len(wanted) - len(missing)} cached row(s) reused)" if len(wanted) > len(missing) else "")
+              + (f" in {len(groups)} part(s)" if len(groups) > 1 else "")
               + (f" in {len(_by_bucket(missing, spec))} bucket(s)" if spec.buckets is not None else ""))
-    for group in _by_bucket(missing, spec):  # one part per latent shape
+    for group in groups:  # one part per latent shape and per part_size rows
         number = max(parts, default=-1) + 1
-        part = folder / f"part-{number:05d}"
-        part.mkdir()
         rows = [[spec.items[i], flip] for i, flip in group]
-        (part / ROWS).write_text(json.dumps(rows), encoding="utf-8")  # first: a killed build can be finished
-        build_latent_cache(_Planned(spec.source, group), part, None, None, **build)
-        encoded += len(group)
+        tmp = folder / f".new-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        (tmp / ROWS).write_text(json.dumps(rows), encoding="utf-8")
+        part = folder / f"part-{number:05d}"
+        os.rename(tmp, part)  # the part appears with its rows: a killed build can be finished by anyone
         parts[number] = part
         for row, (identity, flip) in enumerate(rows):
             found[(identity, bool(flip))] = (number, row)
     used = {found[key][0] for key in wanted}
-    for number in [] if read_only else sorted(set(parts) - used):  # every row of it belongs to files that changed or went away
-        shutil.rmtree(parts.pop(number))
-    table = [[found[(identity, flip)] for flip in variants] for identity in spec.items]
-    return CachedView(parts, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution,
-                      captions=spec.captions, buckets=spec.buckets, records=spec.records)
+    for number in sorted(set(parts) - used):  # every row of it belongs to files that changed or went away
+        shutil.rmtree(parts.pop(number), ignore_errors=True)
+    return parts, found
+
+
+def _build_parts(folder: Path, parts: dict[int, Path], spec: CacheSpec, index_of: dict, encode: Encode, build: dict,
+                 wait_seconds: float, stale_seconds: float, poll_seconds: float) -> int:
+    """Claim and build the unfinished parts; wait for the ones others build. Returns the images encoded here."""
+    encoded, deadline = 0, time.monotonic() + wait_seconds
+    while todo := [n for n, part in parts.items() if not _complete(part)]:
+        mine = None
+        for number in todo:
+            if (mine := _claim(folder, parts[number] / CLAIM, wait_seconds, stale_seconds)) is not None:
+                break
+        if mine is None:  # every unfinished part is being built by a live process
+            _wait(folder, deadline, wait_seconds, poll_seconds, f"parts {todo}")
+            continue
+        try:
+            part = parts[number]
+            if not _complete(part):  # unless another process finished it between our look and our claim
+                plan = [(index_of[identity], bool(flip)) for identity, flip in _read_rows(part)]
+                if _has_shards(part):
+                    print(f"finishing the interrupted latent cache part {part}")
+
+                def beating(images, captions, generator=None, _encode=encode, _claim=mine):
+                    _claim.beat()  # the heartbeat: others see this part is still being built
+                    return _encode(images, captions, generator)
+
+                build_latent_cache(_Planned(spec.source, plan), part, None, None, encode=beating, **build)
+                encoded += len(plan)
+        finally:
+            mine.release()
+    return encoded
+
+
+def _has_shards(part: Path) -> bool:
+    return any(part.glob("shard-*.safetensors"))
 
 
 def contexts_cacheable(spec: CacheSpec) -> bool:
@@ -243,24 +325,51 @@ def _by_bucket(rows: list[tuple[int, bool]], spec: CacheSpec) -> list[list[tuple
     return [groups[b] for b in sorted(groups)]
 
 
-def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, seed: int,
-                 sample: bool, read_only: bool = False) -> "CachedView | None":
-    """An iterable dataset: one part holding all of it (its key is in the folder name), built if not complete."""
+def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, seed: int, sample: bool,
+                 read_only: bool, wait_seconds: float, stale_seconds: float, poll_seconds: float
+                 ) -> "CachedView | None":
+    """An iterable dataset: one part holding all of it (its key is in the folder name), built if not complete, by
+    one process (the one that claims it; the others wait for it): a stream is not split between processes."""
     part = folder / "part-00000"
-    encoded = 0
-    if not _complete(part) or _read_rows(part) is None:
+    encoded, deadline = 0, time.monotonic() + wait_seconds
+    while not _complete(part) or _read_rows(part) is None:
         if read_only:
             return None
-        print(f"latent cache {folder}: encoding the stream once with the frozen VAE")
-        manifest = build_latent_cache(_Doubled(spec.source, len(variants) == 2), part, None, None, **build)
-        n = manifest["num_samples"]
-        rows = [[f"#{r // len(variants)}", bool(r % len(variants))] for r in range(n)]
-        (part / ROWS).write_text(json.dumps(rows), encoding="utf-8")
-        encoded = n
+        mine = _claim(folder, folder / f"stream.{CLAIM}", wait_seconds, stale_seconds)
+        if mine is None:
+            _wait(folder, deadline, wait_seconds, poll_seconds, "the stream's part")
+            continue
+        try:
+            if not _complete(part) or _read_rows(part) is None:
+                print(f"latent cache {folder}: encoding the stream once with the frozen VAE")
+                manifest = build_latent_cache(_Doubled(spec.source, len(variants) == 2), part, None, None, **build)
+                n = manifest["num_samples"]
+                rows = [[f"#{r // len(variants)}", bool(r % len(variants))] for r in range(n)]
+                _write_atomic(part / ROWS, json.dumps(rows))
+                encoded = n
+        finally:
+            mine.release()
     rows = _read_rows(part)
     table = [[(0, i + v) for v in range(len(variants))] for i in range(0, len(rows), len(variants))]
     return CachedView({0: part}, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution,
                       captions=spec.captions)
+
+
+def _claim(folder: Path, path: Path, wait_seconds: float, stale_seconds: float):
+    """The claim at `path` for this process (taking over a stale one), or None while a live process holds it."""
+    mine = try_claim(path)
+    if mine is None and is_stale(path, stale_seconds):
+        with folder_lock(folder, wait_seconds, stale_seconds):  # one process breaks it and takes it
+            if break_if_stale(path, stale_seconds):
+                mine = try_claim(path)
+    return mine
+
+
+def _wait(folder: Path, deadline: float, wait_seconds: float, poll_seconds: float, what) -> None:
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"latent cache {folder}: {what} not finished by the processes building them within "
+                           f"{wait_seconds:.0f} s")
+    time.sleep(poll_seconds)
 
 
 class CachedView(Dataset):

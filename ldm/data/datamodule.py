@@ -41,6 +41,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         latent_cache: a folder: train(cfg) encodes the training set once with the frozen VAE (and text encoder)
             into it and trains from the cache, encoding only new or changed images on later runs (datasets with
             ``cache_spec()``; see ldm.training.run.latent_prep and ldm.data.auto_cache). None: on the fly.
+        latent_cache_part_size: rows per part of that cache, the unit the ranks (and concurrent runs) share out
+            when they build it (ldm.data.auto_cache.PART_SIZE by default).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         shuffle: bool = True,
         drop_last: bool = True,
         latent_cache: str | None = None,
+        latent_cache_part_size: int | None = None,
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
@@ -77,6 +80,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.latent_cache = latent_cache
+        if latent_cache_part_size is not None and int(latent_cache_part_size) <= 0:
+            raise ValueError(f"ImageCaptionDataModule: latent_cache_part_size must be a positive integer, got "
+                             f"{latent_cache_part_size!r}")
+        self.latent_cache_part_size = latent_cache_part_size
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self._stream_positions: list | None = None  # per rank, from a checkpoint (see load_state_dict)

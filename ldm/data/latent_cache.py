@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from ldm.formats.safetensors_bytes import safetensors_bytes
 from ldm.formats.dtypes import DTYPES as ALL_DTYPES
 from ldm.formats.safe_build import INT, Param, check_kwargs, check_plain
 from ldm.formats.safe_load import CheckpointError
@@ -219,14 +220,13 @@ class _EncodeFunction:
 
 def _write_shard(path: Path, rows: dict[str, list[torch.Tensor]], captions: list[str], indices: list[int],
                  k: int) -> int:
-    from ldm.file_modes import write_safetensors
-
     tensors = {name: torch.cat(parts) for name, parts in rows.items()}
     tensors["index"] = torch.as_tensor(indices, dtype=torch.int64)
     metadata = {"format": FORMAT, "shard": str(k), "captions": json.dumps(captions)}
     tmp = path.with_name(path.name + ".tmp")
-    write_safetensors(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb+") as f:  # the rename below must not expose a shard whose bytes are still in flight
+    with open(tmp, "wb") as f:  # the same rows give the same bytes, whichever process writes them
+        f.write(safetensors_bytes(tensors, metadata))
+        f.flush()  # the rename below must not expose a shard whose bytes are still in flight
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path.stat().st_size

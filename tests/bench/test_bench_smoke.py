@@ -171,3 +171,13 @@ def test_buckets(capsys, tmp_path):
     assert [r["path"] for r in rows] == ["square", "buckets"]
     assert rows[0]["px/img"] == 64 * 64 and rows[1]["px/img"] < 64 * 64 and rows[1]["px ratio"] > 0
     assert "ratio buckets/square" in capsys.readouterr().out
+
+
+def test_cache_ranks(capsys):
+    rows = bench_module("cache_ranks").main(["--images", "8", "--resolution", "16", "--vae", "tiny",
+                                             "--part-size", "2", "--batch", "2"])
+    out = capsys.readouterr().out
+    assert "caches identical byte for byte across process counts: True" in out
+    assert "ratio cache build time 1 / 2 process(es):" in out
+    assert [r["ranks"] for r in rows] == [1, 2] and sum(rows[1]["encoded per process"]) == 8
+    assert all(positive(r["wall s"]) for r in rows)

@@ -13,10 +13,12 @@ from tests.helpers.training import compose_train
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIGS).iterdir() if p.is_dir()}
 OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "sampler") for o in opts]
-NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_multinode"), ("trainer", "fsdp"), ("model", "sd15"),
+NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "fsdp"), ("model", "sd15"),
                   ("model", "sd21"), ("model", "sdxl"), ("model", "sd3_medium"), ("model", "sd35_medium"),
                   ("model", "sd35_large")}
-REQUIRED = {("data", "folder"): ["data.train.root=REPLACE"], ("data", "hf"): ["data.train.path=REPLACE"],
+CPU = ["trainer.accelerator=cpu", "trainer.precision=32", "trainer.devices=1"]
+REQUIRED = {("trainer", "ddp_multinode"): CPU, ("data", "folder"): ["data.train.root=REPLACE"],
+            ("data", "hf"): ["data.train.path=REPLACE"],
             ("data", "webdataset"): ["data.train.urls=REPLACE"],
             ("data", "controlnet"): ["data.train.root=REPLACE", "data.train.conditioning_root=REPLACE"],
             ("data", "latent_cache"): ["data.train.path=REPLACE"], ("model", "sd15"): ["model.pretrained=x"],
@@ -88,6 +90,34 @@ def test_fsdp_strategy_builds_and_wraps_unet_blocks(tmp_path):
     assert isinstance(instantiate(cfg.trainer.strategy), FSDPStrategy)
 
 
+def test_ddp_multinode_builds_with_its_process_group_timeout(tmp_path):
+    """The strategy the 2-node runs of tests/training/test_multinode.py use, with the timeout a survivor waits for a
+    dead node's collective (Lightning's DDPStrategy passes it to init_process_group)."""
+    import datetime
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = compose_train(tmp_path, ["trainer=ddp_multinode", *CPU, "trainer.strategy.timeout.seconds=42"])
+    trainer = instantiate(cfg.trainer)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_nodes == 2
+    assert trainer.strategy._timeout == datetime.timedelta(seconds=42)
+
+
 def test_top_level_schema_rejects_unknown_keys(tmp_path):
     with pytest.raises(Exception, match="not_a_key"):
         compose_train(tmp_path, ["not_a_key=1"])
+
+
+def test_ckpt_path_auto_starts_fresh_then_resumes_the_run_folder(tmp_path):
+    """ckpt_path=auto: one command for a first start and every restart (torchrun --max-restarts, a requeue)."""
+    import torch
+
+    from ldm.training.run.train import prepare_run_folder
+
+    cfg = compose_train(tmp_path, ["ckpt_path=auto"])
+    run_dir, ckpt = prepare_run_folder(cfg)
+    assert ckpt is None and cfg.ckpt_path is None, "no last.ckpt yet: a fresh start"
+    (run_dir / "checkpoints").mkdir()
+    torch.save({"global_step": 3}, run_dir / "checkpoints" / "last.ckpt")
+    cfg = compose_train(tmp_path, ["ckpt_path=auto"])
+    assert prepare_run_folder(cfg) == (run_dir, str(run_dir / "checkpoints" / "last.ckpt"))

@@ -21,7 +21,8 @@ class TrainConfig:
     task_name: str = "train"
     stage: str = "diffusion"  # "diffusion" (U-Net on frozen VAE + text encoder) or "autoencoder" (first stage)
     seed: int = 0
-    ckpt_path: Optional[str] = None  # a checkpoint path, or "last" (<run>/checkpoints/last.ckpt)
+    ckpt_path: Optional[str] = None  # a checkpoint path, "last" (<run>/checkpoints/last.ckpt), or "auto" (last if
+    # paths.run_dir has a last.ckpt, else a fresh start: one command for torchrun --max-restarts / requeues)
     optimized_metric: Optional[str] = "val/loss"  # returned to sweepers (hparams_search)
     model: Any = MISSING
     data: Any = MISSING

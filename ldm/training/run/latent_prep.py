@@ -30,13 +30,12 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.auto_cache import CacheSpec, CachedView, cache_spec, contexts_cacheable, sync_cache
+from ldm.data.auto_cache import PART_SIZE, CacheSpec, CachedView, cache_spec, contexts_cacheable, sync_cache
 from ldm.data.protocols import PairedRows
 from ldm.formats.shared_names import shared_config
 
 log = logging.getLogger("ldm.training")
 
-WAIT_SECONDS = 4 * 3600  # how long other ranks wait for rank 0's build
 
 
 def weights_fingerprint(module: torch.nn.Module, *extra: object) -> str:
@@ -131,8 +130,9 @@ def make_encode(autoencoder: torch.nn.Module, text_encoder: torch.nn.Module | No
 
 
 def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, seed: int = 0,
-                        batch_size: int = 64, progress: bool = True) -> CachedView | None:
-    """Sync (rank 0; other ranks wait for it) the cache of `datamodule.train_dataset` and train from it.
+                        batch_size: int = 64, progress: bool = True, part_size: int = PART_SIZE) -> CachedView | None:
+    """Sync the cache of `datamodule.train_dataset` and train from it. Every rank takes part: each claims whole
+    parts (of `part_size` rows) and encodes them, then waits for the parts the others build.
 
     The images are decoded by the datamodule's DataLoader workers (``data.num_workers``) while the frozen networks
     encode (`make_encode`). Returns the view, or None when the data cannot be cached (a random crop: trained on the
@@ -163,30 +163,17 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
                    num_workers=datamodule.num_workers, progress=progress,
                    description={"dataset": shared_config(spec.settings)})  # no folder of the user's
     encode = make_encode(module.autoencoder, text_encoder, store)
-    if rank == 0:
-        start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):  # the run's random streams must not depend on the cache state
-            view = sync_cache(folder, spec, encode, **options)
-        if view.encoded:
-            log.info("latent cache %s: %d image(s) encoded in %.1f s", folder, view.encoded,
-                     time.perf_counter() - start)
-        else:
-            print(f"training from the latent cache {folder} (nothing new to encode)")
-    else:
-        view = _wait_for(folder, spec, options)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # the run's random streams must not depend on the cache state
+        # every rank: each claims whole parts and encodes them, then waits for the parts the others build
+        view = sync_cache(folder, spec, encode, part_size=part_size, **options)
+    if view.encoded:
+        log.info("latent cache %s: %d image(s) encoded by rank %d in %.1f s", folder, view.encoded, rank,
+                 time.perf_counter() - start)
+    elif rank == 0:
+        print(f"training from the latent cache {folder} (nothing new to encode)")
     datamodule.source_dataset = source
     # a dataset that pairs its rows (DreamBooth: instance + class) reads them from the view; others are the view
     datamodule.train_dataset = source.with_cache(view) if isinstance(source, PairedRows) else view
     return view
 
-
-def _wait_for(folder: Path, spec: CacheSpec, options: dict) -> CachedView:
-    """Other ranks: read the cache once rank 0 has it complete (never encode, never delete)."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while True:
-        view = sync_cache(folder, spec, None, read_only=True, **options)
-        if view is not None:
-            return view
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank 0 did not finish the latent cache {folder} within {WAIT_SECONDS} s")
-        time.sleep(2.0)

@@ -175,16 +175,18 @@ class DiffusionStage:
         _named(lambda: ensure_class_images(cfg, module, rank=rank_zero_only.rank, progress=_progress(cfg)))
 
     def before_fit(self, cfg: DictConfig, module: L.LightningModule, datamodule: Any) -> None:
-        """The latent cache encoded (once, by rank 0); the training resolution and buckets recorded, so every
+        """The latent cache encoded (every rank encoding its share); the training resolution and buckets recorded, so every
         checkpoint and export carries them whatever the data source."""
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+        from ldm.data.auto_cache import PART_SIZE
         from ldm.training.run.latent_prep import encode_training_set
         from ldm.training.run.resolution import training_buckets, training_resolution
 
         if getattr(datamodule, "latent_cache", None):
+            part_size = getattr(datamodule, "latent_cache_part_size", None) or PART_SIZE
             _named(lambda: encode_training_set(module, datamodule, datamodule.latent_cache, rank=rank_zero_only.rank,
-                                               seed=cfg.seed, progress=_progress(cfg)))
+                                               seed=cfg.seed, progress=_progress(cfg), part_size=part_size))
         module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
                                              or module.model_config.get("resolution"))
         buckets = training_buckets(datamodule)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.bad_samples import bad_sample_names
@@ -42,9 +43,9 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "adapter") and not OmegaConf.select(cfg, "model.pretrained"):
         log.warning("adapter=lora with model.pretrained=null: the adapters train on a randomly initialised base "
                     "(set model.pretrained=<checkpoint, SD file or diffusers folder>)")
-    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).exists():
+    if cfg.ckpt_path not in (None, "last", "auto") and not Path(cfg.ckpt_path).exists():
         raise ConfigError(f"ckpt_path: checkpoint not found: {cfg.ckpt_path}")
-    if cfg.ckpt_path not in (None, "last"):
+    if cfg.ckpt_path not in (None, "last", "auto"):
         check_checkpoint_file(cfg.ckpt_path)
     try:
         signal_numbers(_signals(cfg))
@@ -113,7 +114,8 @@ def train(cfg: DictConfig, within: Path | None = None) -> dict[str, Any]:
     stage.before_fit(cfg, module, datamodule)
     callbacks = build_callbacks(cfg, datamodule, bad_samples_dir)
     trainer = build_trainer(cfg, run_dir, callbacks)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+    if trainer.is_global_zero:  # one writer on a file system all nodes share
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -143,6 +145,8 @@ def validate_stage(cfg: DictConfig) -> None:
 def prepare_run_folder(cfg: DictConfig) -> tuple[Path, str | None]:
     """The run folder (an earlier run's, for ckpt_path=last) and the checkpoint to resume from, if any."""
     run_dir = Path(cfg.paths.run_dir).resolve()
+    if cfg.ckpt_path == "auto":  # one command for the first start and every restart (torchrun --max-restarts)
+        OmegaConf.update(cfg, "ckpt_path", "last" if (run_dir / "checkpoints" / "last.ckpt").exists() else None)
     if cfg.ckpt_path == "last":  # continue in the same run folder
         run_dir = find_last_run(cfg, run_dir)
         refuse_links_out(run_dir)  # before anything is written there (a run folder may come from elsewhere)
@@ -156,7 +160,7 @@ def prepare_run_folder(cfg: DictConfig) -> tuple[Path, str | None]:
     ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if cfg.ckpt_path == "last" else cfg.ckpt_path
     if cfg.ckpt_path == "last":
         check_checkpoint_file(ckpt_path)
-    if ckpt_path:
+    if ckpt_path and rank_zero_only.rank == 0:  # the other ranks (other nodes) must not rename it as well
         keep_metrics_history(run_dir)
     return run_dir, ckpt_path
 

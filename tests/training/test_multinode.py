@@ -1,0 +1,161 @@
+"""Multi-node DDP shown on one machine: 2 "nodes" x 1 CPU rank (gloo) on localhost, started through torchrun
+(`--nnodes 2 --node-rank`) and through the SLURM variables Lightning reads, training the tiny model with
+`trainer=ddp_multinode`. Every rank ends with the same weights, each epoch is split disjointly, only global rank 0
+writes run files; a node killed mid-run makes the other stop (no hang) and a restart resumes exactly."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.training import TINY_MODEL, assert_same_run, logged_losses
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+N = 16  # images: 8 per rank and epoch, 2 steps of 4
+
+pytestmark = pytest.mark.slow  # each run starts 2 processes of train.py (~30-60 s on 2 shared cores)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(run: Path, cache: Path, *extra: str, steps: int = 4) -> list[str]:
+    tiny = [o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "trainer.val_check_interval",
+                                                       "trainer.limit_val_batches", "++data.latent_cache"))]
+    return [*tiny, "trainer=ddp_multinode", "trainer.accelerator=cpu", "trainer.precision=32", "trainer.devices=1",
+            "trainer.num_nodes=2", "trainer.strategy.timeout.seconds=60", f"trainer.max_steps={steps}",
+            "trainer.val_check_interval=null", "trainer.limit_val_batches=0", f"data.train.size={N}",
+            "data.val.resolution=16", f"data.latent_cache={cache / 'latents'}", "data.latent_cache_part_size=4",
+            f"paths.run_dir={run}", f"paths.cache_dir={cache}", "trainer.deterministic=true",
+            "+logger.csv.flush_logs_every_n_steps=1", *extra]
+
+
+def env(**more) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONHASHSEED": "0", **more}
+
+
+def torchrun_node(rank: int, port: int, args: list[str], out: Path, *launcher: str) -> subprocess.Popen:
+    cmd = [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank), "--master-addr",
+           "127.0.0.1", "--master-port", str(port), *launcher, "train.py", *args,
+           f"hydra.run.dir={out.parent / f'hydra-node{rank}'}"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(procs, timeout=300) -> None:
+    for proc in procs:
+        try:
+            assert proc.wait(timeout=timeout) == 0, Path(proc.args[-1].split("=", 1)[1]).parent
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise
+
+
+def lose_node(agent: subprocess.Popen) -> None:
+    """Node 1 is lost: its torchrun agent and its ranks, which torchrun starts in sessions of their own (killing
+    the agent's process group alone leaves the rank training on, an orphan)."""
+    ranks = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    os.killpg(agent.pid, signal.SIGKILL)
+    for pid in ranks:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    agent.wait()
+
+
+def record(out: Path) -> list[str]:
+    return ["+callbacks.seen._target_=tests.helpers.training.RecordSeen", f"+callbacks.seen.out={out}"]
+
+
+def check_ranks(out: Path, steps: int) -> None:
+    """Identical weights on both ranks; every epoch split disjointly between them."""
+    seen = [json.loads((out / f"seen{r}.json").read_text()) for r in (0, 1)]
+    per_epoch = N // 2
+    assert len(seen[0]) == len(seen[1]) == steps * 4
+    for e in range(steps * 4 // per_epoch):
+        epoch = seen[0][e * per_epoch:(e + 1) * per_epoch] + seen[1][e * per_epoch:(e + 1) * per_epoch]
+        assert sorted(epoch) == list(range(N)), f"epoch {e}: each sample on exactly one rank"
+    a, b = (torch.load(out / f"unet{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the ranks' weights differ"
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_two_nodes_through_torchrun(tmp_path):
+    cache, port = tmp_path / "cache", free_port()
+    runs = [tmp_path / "run-node0", tmp_path / "run-node1"]  # each node told its own run folder: node 1 writes none
+    procs = [torchrun_node(r, port, overrides(runs[r], cache, *record(tmp_path)), tmp_path / f"node{r}.txt")
+             for r in (0, 1)]
+    finish(procs)
+    check_ranks(tmp_path, steps=4)
+    assert "metrics.csv" in files(runs[0]) and "config.yaml" in files(runs[0])
+    assert files(runs[1]) == [], "only global rank 0 writes run files"
+    latents = [p for p in (cache / "latents").iterdir() if p.is_dir()]
+    assert len(latents) == 1 and len(list(latents[0].glob("part-*/manifest.json"))) == N // 4, \
+        "the cache is built once, in parts of 4 shared out between the nodes"
+
+
+def test_two_nodes_through_slurm_variables(tmp_path):
+    """What `srun --nodes 2 --ntasks-per-node 1 python train.py ...` sets; Lightning's SLURMEnvironment reads it."""
+    cache, port = tmp_path / "cache", free_port()
+    procs = []
+    for r in (0, 1):
+        slurm = dict(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(r),
+                     SLURM_LOCALID="0", SLURM_NODEID=str(r), SLURM_JOB_NAME="ldm-train", SLURM_JOB_ID="4242",
+                     SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, "train.py", *overrides(tmp_path / f"run-node{r}", cache, *record(tmp_path)),
+               f"hydra.run.dir={tmp_path / f'hydra-node{r}'}"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(**slurm), stdout=open(tmp_path / f"node{r}.txt", "w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    finish(procs)
+    check_ranks(tmp_path, steps=4)
+    assert files(tmp_path / "run-node1") == [], "only global rank 0 writes run files"
+
+
+def test_a_killed_node_stops_the_other_and_a_restart_resumes_exactly(tmp_path):
+    cache, steps, every = tmp_path / "cache", 24, 5  # enough steps left after the kill point
+    ckpt = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
+            "+callbacks.checkpoint.save_top_k=-1", f"+callbacks.checkpoint.every_n_train_steps={every}"]
+    reference = tmp_path / "reference"
+    port = free_port()
+    finish([torchrun_node(r, port, overrides(reference, cache, *ckpt, steps=steps), tmp_path / f"ref{r}.txt")
+            for r in (0, 1)])
+
+    run, port = tmp_path / "killed", free_port()  # one run folder, as on a shared file system
+    args = overrides(run, cache, *ckpt, "ckpt_path=auto", steps=steps)
+    procs = [torchrun_node(r, port, args, tmp_path / f"killed{r}.txt") for r in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not any(s >= every + 1 for s, _ in logged_losses(run)) if (run / "metrics.csv").exists() else True:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run must be training"
+        time.sleep(0.05)
+    lose_node(procs[1])
+    try:
+        code = procs[0].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        pytest.fail("node 0 hung after node 1 died")
+    assert code != 0
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < saved < steps
+
+    port = free_port()  # the same command on both nodes again: ckpt_path=auto resumes the last checkpoint
+    finish([torchrun_node(r, port, args, tmp_path / f"resumed{r}.txt") for r in (0, 1)])
+    assert f"resuming {run / 'checkpoints' / 'last.ckpt'}" in (tmp_path / "resumed0.txt").read_text()
+    assert_same_run(reference, run)
