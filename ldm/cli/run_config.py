@@ -34,6 +34,7 @@ MAX_INTERPOLATED = 1000  # strings with interpolations followed (a run's data no
 DATA_MODULE = "ldm.data.datamodule.ImageCaptionDataModule"
 WEBDATASET = "ldm.data.webdataset.WebDatasetSource"
 HF_DATASET = "ldm.data.hf_dataset.HFDataset"
+CONTROL_PAIRS = "ldm.data.control_pairs.ControlPairsDataset"  # a folder pair, or an HF dataset at `path`
 SET_DATA = "set data=<a configs/data/ option> (with data.<key>=... as needed) instead"
 
 # The keys of our data classes that name files or folders. Every class configs/data/*.yaml may build is listed (a
@@ -46,6 +47,8 @@ PATH_KEYS: dict[str, tuple[str, ...]] = {
     HF_DATASET: ("path",),
     "ldm.data.cached_latents.CachedLatentsDataset": ("path",),
     WEBDATASET: ("urls",),
+    CONTROL_PAIRS: ("root", "conditioning_root", "path"),
+    "ldm.tasks.shapes.silhouette.SilhouetteShapesDataset": (),
 }
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, pipe:, s3:, hf:, file:, ...
 
@@ -231,7 +234,7 @@ def _checked(target: str, node: dict, name: str, saved: Path, key: str) -> str |
     if target == WEBDATASET:
         return [str(local_path(url, saved, key, file=True)) for url in shard_list(value, saved, key)]
     path = local_path(value, saved, key)
-    if target == HF_DATASET:
+    if target == HF_DATASET or (target == CONTROL_PAIRS and name == "path"):
         from ldm.data.hf_dataset import is_saved_dataset
 
         # datasets.load_dataset on a folder reads what its README's configs name (URLs too): only a folder that

@@ -242,7 +242,7 @@ def test_no_host_sync_in_the_training_step(tiny_cfg, tmp_path, name):
     logger = L.pytorch.loggers.CSVLogger(tmp_path / "logs", name="", version="") if name == "full" else False
     module, trainer, rec = fit_recorded(tiny_cfg(*CONFIGS[name]), tmp_path, prior_and_context=name == "full",
                                         logger=logger, progress_bar=name == "lora")
-    assert trainer.global_step == 5 and module.nonfinite_total == 1  # step 2 was skipped, learned at step 2
+    assert trainer.global_step == 5 and module.guard.nonfinite_total == 1  # step 2 was skipped, learned at step 2
     assert int(module.part.ema.num_updates) == 4
     # logging steps: (step + 1) % 3 == 0, and the run's last step
     assert_syncs_only_at_report_steps(rec, {2, 4})
@@ -260,7 +260,7 @@ def test_no_host_sync_in_an_sdxl_training_step(tmp_path):
     cfg = compose_train(tmp_path, SDXL_TINY + ["++data.latent_cache=null", "module.ema_decay=0.9",
                                                 "module.p_uncond=0.5"])
     module, trainer, rec = fit_recorded(cfg, tmp_path, max_steps=4, log_every=2, nan_step=None)
-    assert trainer.global_step == 4 and module.nonfinite_total == 0
+    assert trainer.global_step == 4 and module.guard.nonfinite_total == 0
     assert_syncs_only_at_report_steps(rec, {1, 3})
 
 
@@ -268,7 +268,7 @@ def test_an_optimizer_that_cannot_skip_on_the_device_reads_the_verdict_every_ste
     """Adafactor has no fused kernel taking found_inf: the verdict is read on the host every step (HOST_SKIP), and
     the skipped step still leaves the weights alone."""
     module, trainer, rec = fit_recorded(tiny_cfg("optim=adafactor", "module.ema_decay=0.9"), tmp_path)
-    assert module.nonfinite_total == 1 and all(torch.isfinite(p).all() for p in module.unet.parameters())
+    assert module.guard.nonfinite_total == 1 and all(torch.isfinite(p).all() for p in module.unet.parameters())
     # torch's Adafactor reads two norms of every parameter per step itself (torch/optim/_adafactor.py: .item())
     assert any(s.in_optimizer for s in rec.syncs)
     assert_syncs_only_at_report_steps(rec, {2, 4}, per_step=(HOST_SKIP,), optimizer_reads=True)
