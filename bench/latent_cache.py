@@ -92,7 +92,7 @@ def main(argv=None) -> list[dict]:
     from ldm.data.collate import collate_image_caption
     from ldm.data.latent_cache import build_latent_cache
     from ldm.tasks.shapes.dataset import ShapesDataset
-    from ldm.diffusion.losses import noised_batch
+    from ldm.diffusion.objectives import noised_batch
     from ldm.diffusion.schedules import NoiseSchedule
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.models.unet import UNet
