@@ -94,6 +94,8 @@ def save_lora_file(network: LoRANetwork, roots: dict[str, nn.Module], path: str 
     pytorch_lora_weights.safetensors). Written to a temporary name and renamed."""
     from safetensors.torch import save_file
 
+    from ldm.models.quantized_base import base_precision_metadata
+
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA layout must be one of {LAYOUTS}, got {layout!r}")
     path = Path(path)
@@ -104,6 +106,8 @@ def save_lora_file(network: LoRANetwork, roots: dict[str, nn.Module], path: str 
         path.mkdir(parents=True, exist_ok=True)
         path = path / lora_peft.WEIGHT_NAME
         state, meta = lora_peft.to_peft(network, roots)
+    meta.update(base_precision_metadata(roots) if layout == "kohya" else
+                {"ldm_base_precision": base_precision_metadata(roots)["ldm_base_precision"]})  # the base it saw
     meta.update(metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
