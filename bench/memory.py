@@ -1,0 +1,415 @@
+"""Memory of one training step at full SD-1.5 / SDXL size: what each way of training costs, and what fits where.
+
+Rows (U-Net only: the text encoder and VAE are frozen and their outputs cached, the latent-cache default):
+full fp32 + AdamW, + EMA, 8-bit AdamW, Adafactor, + gradient checkpointing, LoRA, LoRA on an int8 / NF4 / fp8
+base (model.quantize_base). Each row runs in a fresh subprocess: random weights of the preset's size (built on the
+meta device, then materialised layer by layer, so a quantized base is never whole in fp32), two training steps
+(the first allocates the optimizer state; the second runs forward and backward with it present).
+
+Three measures, all "over the process baseline" (RSS after imports, before any weight exists):
+- rss: peak resident set size (``VmHWM``, reset after building) minus the baseline: what the OS saw.
+- tracked: ``torch.distributed._tools.mem_tracker.MemTracker`` over the same steps: the peak of live tensor bytes,
+  split into weights / grads / optimizer state / activations (and EMA, which it counts as weights of another
+  module); allocator slack and Python objects are not in it.
+- estimated: the same code under ``FakeTensorMode`` (no memory allocated) with the same tracker; for the rows too big
+  for this machine (SDXL full fine-tuning needs ~41 GB). Validated on the SD-1.5 rows measured both ways: the
+  script prints estimated / rss and estimated / tracked per row, and labels each estimated row with the worst
+  difference. bitsandbytes runs no fake tensors: 8-bit AdamW's state is added to an estimate as its exact size
+  (2 x (1 byte + 4 bytes per 256-value block) a parameter, fp32 below 4,096 values, as ``min_8bit_size``), checked
+  against the measured SD-1.5 state.
+
+Activations: the bytes saved for backward (tracked after the forward minus before) at several resolutions, fitted as
+a * (latent pixels) + c (the CPU and GPU attention kernels, flash / memory-efficient, keep no L x L matrix: every
+saved tensor is linear in the pixels), extrapolated to 512 and 1024 px, and checked against the fake-mode measure at
+those sizes. "Fits in": weights + EMA + grads + optimizer state + activations at the preset's native resolution,
+batch 1, fp32 (an upper bound: grads and activations never all coexist), against 12 / 16 / 24 / 80 GB.
+
+    python bench/memory.py                       # sd15 + sdxl at 64 px, batch 1 (CPU: ~20 min, up to ~18 GB)
+    python bench/memory.py --presets tiny --rows full_adamw,lora --resolution 32 --fit-resolutions 16,32,48
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # python bench/NAME.py: import from the repo root, not from bench/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from bench import common  # noqa: E402
+
+ROWS = ("full_adamw", "full_adamw_ema", "full_adamw8bit", "full_adafactor", "full_adamw_gc", "lora", "lora_int8",
+        "lora_nf4", "lora_fp8")
+LABELS = {"full_adamw": "full fp32 + AdamW", "full_adamw_ema": "full + AdamW + EMA",
+          "full_adamw8bit": "full + 8-bit AdamW", "full_adafactor": "full + Adafactor",
+          "full_adamw_gc": "full + AdamW + grad ckpt", "lora": "LoRA (fp32 base)", "lora_int8": "LoRA, int8 base",
+          "lora_nf4": "LoRA, NF4 base", "lora_fp8": "LoRA, fp8 base"}
+NATIVE = {"sd15": 512, "sd21": 768, "sdxl": 1024}
+BUDGETS_GB = (12, 16, 24, 80)
+GIB = 2 ** 30
+MARK = "MEMROW "
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="sd15,sdxl", help="U-Net presets (configs/model/sd15.yaml, sdxl.yaml)")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(ROWS))
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels of the measured step")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--fit-resolutions", default="64,128,192", help="resolutions of the activation fit")
+    p.add_argument("--native", default=None, help="resolution of the 'fits in' column (default: the preset's)")
+    p.add_argument("--max-real-gb", type=float, default=18.0,
+                   help="rows whose estimate exceeds this are estimated only (not run for real)")
+    p.add_argument("--estimate-only", action="store_true", help="no real runs")
+    p.add_argument("--lora-preset", default="attention_ff")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
+    p.add_argument("--label", default="memory")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # ROW: run one row and print it
+    p.add_argument("--fake", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-step", action="store_true", help=argparse.SUPPRESS)  # forward + backward only
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------- one row
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def build_unet(preset: str, quantize: str | None, checkpointing: bool, fake: bool):
+    """The preset's U-Net with random weights, materialised one leaf module at a time (and quantized right away)."""
+    from ldm.models.unet import UNet
+
+    if fake:  # under FakeTensorMode every tensor is fake already
+        unet = UNet.from_preset(preset, gradient_checkpointing=checkpointing)
+        return unet
+    with torch.device("meta"):
+        unet = UNet.from_preset(preset, gradient_checkpointing=checkpointing)
+    if quantize:
+        from ldm.models.quantized_base import quantized_class
+        cls = quantized_class(quantize)
+    for parent in list(unet.modules()):
+        for name, child in list(parent.named_children()):
+            if any(True for _ in child.children()) or not any(True for _ in child.parameters(recurse=False)):
+                continue
+            child.to_empty(device="cpu", recurse=False)
+            common.randomize_(child)
+            if quantize and type(child) is torch.nn.Linear:
+                setattr(parent, name, cls.from_linear(child))
+    return unet
+
+
+def adamw8bit_state_bytes(params) -> int:
+    """bitsandbytes AdamW8bit's state: two uint8 moments + one fp32 absmax per 256 values each, fp32 moments for
+    tensors under min_8bit_size = 4096 (+ a step counter)."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += 2 * (n + 4 * -(-n // 256)) if n >= 4096 else 2 * 4 * n
+    return total
+
+
+def adafactor_state_bytes(params) -> int:
+    """torch.optim.Adafactor's state: fp32 row and column second-moment factors over the last two dims of a
+    tensor with >= 2 dims (shape[:-1] and shape[:-2] + shape[-1:]), the full second moment of a vector, a step."""
+    total = 0
+    for p in params:
+        shape = tuple(p.shape)
+        if len(shape) >= 2:
+            rows = torch.Size(shape[:-1]).numel()
+            cols = torch.Size(shape[:-2] + shape[-1:]).numel()
+            total += 4 * (rows + cols)
+        else:
+            total += 4 * p.numel()
+        total += 4  # the step count
+    return total
+
+
+STATE_FORMULAS = {"adamw8bit": adamw8bit_state_bytes, "adafactor": adafactor_state_bytes}
+
+
+def make_optimizer(row: str, params, fake: bool):
+    if row.endswith("adamw8bit"):
+        if fake:
+            return None  # added as its exact size (bitsandbytes runs no fake tensors)
+        from ldm.training.build.optimizers import adamw8bit
+        return adamw8bit(params, lr=1e-5)
+    if row.endswith("adafactor"):
+        if fake:
+            return None  # its step reads a value back (data-dependent under fake tensors): added as its size
+        return torch.optim.Adafactor(params, lr=1e-2)
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, foreach=True)
+
+
+def tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if torch.is_tensor(t) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def memory_tracker():
+    """torch's MemTracker, which puts a gradient hook on every parameter of a module it sees run: a frozen module
+    (the base under LoRA) gets none (torch 2.13 raises on a parameter that needs no gradient)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class FrozenAwareMemTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            trains = any(p.requires_grad for p in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks and trains)
+
+    return FrozenAwareMemTracker()
+
+
+def run_row(args) -> dict:
+
+    row, fake = args.child, args.fake
+    torch.set_num_threads(args.threads)
+    import ldm.models.lora  # noqa: F401 - the libraries' own memory is part of the baseline, not of the step
+    import ldm.models.unet  # noqa: F401
+    import ldm.training.module.ema  # noqa: F401
+    if "8bit" in row or row.startswith("lora_"):
+        import bitsandbytes  # noqa: F401
+    gc.collect()
+    common._malloc_trim()
+    base_rss = common._rss()
+    mode = contextlib.nullcontext()
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        mode = FakeTensorMode()
+    with mode:
+        quantize = row.split("_", 1)[1] if row.startswith("lora_") else None
+        unet = build_unet(args.preset, quantize, row.endswith("_gc"), fake)
+        unet.train()
+        trained, ema, network = unet, None, None
+        if row.startswith("lora"):
+            from ldm.models.lora import LoRAConfig, LoRANetwork
+            unet.requires_grad_(False)
+            network = LoRANetwork.build({"unet": unet}, LoRAConfig(preset=args.lora_preset, rank=args.rank))
+            network.attach({"unet": unet})
+            trained = network
+        params = [p for p in trained.parameters() if p.requires_grad]
+        opt = make_optimizer(row, params, fake)
+        if row.endswith("_ema"):
+            from ldm.training.module.ema import EMA
+            if fake:  # a deepcopy of fake tensors makes another fake mode: the averaged copy is built alike
+                ema = EMA(torch.nn.Linear(1, 1), 0.999)
+                ema.model = build_unet(args.preset, None, False, fake).requires_grad_(False).eval()
+            else:
+                ema = EMA(unet, 0.999)
+        cfg = unet.config
+        h = args.resolution // 8
+        x = torch.randn(args.batch, cfg["in_channels"], h, h)
+        t = torch.randint(0, 1000, (args.batch,))
+        ctx = torch.randn(args.batch, 77, cfg["context_dim"])
+        y = torch.randn(args.batch, cfg["adm_in_channels"]) if cfg.get("adm_in_channels") else None
+        target = torch.randn(args.batch, cfg["out_channels"], h, h)
+        gc.collect()
+        common._malloc_trim()
+        built_rss = common._rss() - base_rss
+        _reset_peak_rss()
+        tracker = memory_tracker()
+        tracker.track_external(*[m for m in (unet, network, ema) if m is not None], *([opt] if opt else []))
+        saved, times = [], []
+        with tracker:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                before = tracker.get_tracker_snapshot("current")
+                out = unet(x, t, ctx, y)
+                after = tracker.get_tracker_snapshot("current")
+                saved.append(_total(after) - _total(before))
+                F.mse_loss(out, target).backward()
+                del out
+                grads = tensor_bytes(p.grad for p in params)
+                if opt is not None and not args.no_step:
+                    opt.step()
+                if ema is not None:
+                    ema.update(unet)
+                if not args.no_step:
+                    for p in params:
+                        p.grad = None
+                times.append(time.perf_counter() - t0)
+                tracker.reset_mod_stats()  # per-module stats of one iteration (the global peak is kept)
+        peak = tracker.get_tracker_snapshot("peak")
+    rss_peak = _status_bytes("VmHWM") - base_rss
+    state = tensor_bytes(v for s in opt.state.values() for v in s.values()) if opt is not None else 0
+    formula = STATE_FORMULAS.get(row.rsplit("_", 1)[-1])
+    formula_state = formula(params) if formula else None
+    if formula and fake:
+        state = formula_state
+    split = _split(peak)
+    weights = tensor_bytes(list(unet.parameters()) + list(unet.buffers()))
+    if row.startswith("lora_"):
+        from ldm.models.quantized_base import stored_bytes
+        weights = stored_bytes(unet)
+    result = {
+        "row": row, "preset": args.preset, "res": args.resolution, "batch": args.batch, "fake": fake,
+        "params": sum(p.numel() for p in unet.parameters()) + (sum(p.numel() for p in network.parameters())
+                                                               if network is not None else 0),
+        "trainable": sum(p.numel() for p in params),
+        "weights": weights + (tensor_bytes(network.parameters()) if network is not None else 0),
+        "ema": tensor_bytes(ema.parameters()) if ema is not None else 0,
+        "grads": grads, "opt_state": state, "act_saved": saved[-1],
+        "tracked_peak": _total(peak) + (state if (formula and fake) else 0),
+        "state_formula": formula_state,
+        "tracked_split": split, "rss_peak": None if fake else rss_peak, "built_rss": None if fake else built_rss,
+        "s/step": None if fake else min(times),
+    }
+    return result
+
+
+def _total(snapshot) -> int:
+    return sum(v.get("Total", 0) for v in snapshot.values())
+
+
+def _split(snapshot) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for per_device in snapshot.values():
+        for k, v in per_device.items():
+            name = str(k).rsplit(".", 1)[-1].lower()
+            out[name] = out.get(name, 0) + int(v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+
+def child(row: str, preset: str, res: int, args, fake: bool, no_step: bool = False) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", row, "--presets", preset,
+           "--resolution", str(res), "--batch", str(args.batch), "--lora-preset", args.lora_preset,
+           "--rank", str(args.rank), "--threads", str(args.threads)] + (["--fake"] if fake else []) + \
+        (["--no-step"] if no_step else [])
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(common.ROOT) + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"memory row {row} ({preset}, {res}px, fake={fake}) failed (rc {proc.returncode}):\n"
+                           + proc.stderr[-3000:])
+    return json.loads(lines[-1][len(MARK):])
+
+
+def fit_activations(points: list[tuple[int, int]]) -> tuple[float, float]:
+    """Least squares of act = a * (res/8)^2 + c over (res, bytes) points."""
+    xs = [(r / 8) ** 2 for r, _ in points]
+    ys = [b for _, b in points]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    return a, my - a * mx
+
+
+def gib(n) -> str:
+    return "-" if n is None else f"{n / GIB:.2f}"
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.child:
+        args.preset = args.presets
+        print(MARK + json.dumps(run_row(args)), flush=True)
+        return []
+    presets = [p for p in args.presets.split(",") if p]
+    rows_wanted = [r for r in args.rows.split(",") if r]
+    bad = [r for r in rows_wanted if r not in ROWS]
+    if bad:
+        raise SystemExit(f"--rows: unknown {bad}; choose from {', '.join(ROWS)}")
+    fit_res = [int(r) for r in args.fit_resolutions.split(",") if r]
+    print(common.env_line(torch.device("cpu")))
+    print(f"memory of one training step: batch {args.batch}, {args.resolution} px, fp32, CPU, {args.threads} "
+          f"thread(s); LoRA {args.lora_preset} rank {args.rank}; U-Net only (text encoder / VAE outputs cached)")
+    results, validation = [], []
+    for preset in presets:
+        native = int(args.native or NATIVE.get(preset, 4 * args.resolution))
+        # activations: saved-for-backward bytes at several resolutions (fake mode: no memory), fitted
+        fit_points = [(r, child("full_adamw", preset, r, args, fake=True, no_step=True)["act_saved"])
+                      for r in fit_res]
+        a, c = fit_activations(fit_points)
+        check = {r: child("full_adamw", preset, r, args, fake=True, no_step=True)["act_saved"]
+                 for r in sorted({native, 512})}
+        gc_fit = [(r, child("full_adamw_gc", preset, r, args, fake=True, no_step=True)["act_saved"])
+                  for r in fit_res]
+        a_gc, c_gc = fit_activations(gc_fit)
+        print(f"\n[{preset}] activations saved for backward (batch {args.batch}, fp32), fake-mode measured at "
+              + ", ".join(f"{r} px: {b / 2**20:.1f} MiB" for r, b in fit_points))
+        print(f"  fit: act(res) = {a / 2**10:.2f} KiB x (res/8)^2 + {c / 2**20:.1f} MiB per image "
+              f"(latent pixels; flash / memory-efficient attention: no L x L matrix kept)")
+        for r, measured in check.items():
+            pred = a * (r / 8) ** 2 + c
+            print(f"  extrapolated to {r} px: {pred / GIB:.2f} GiB per image; fake-mode measured there: "
+                  f"{measured / GIB:.2f} GiB ({pred / measured - 1:+.1%})")
+        print(f"  gradient checkpointing: act(res) = {a_gc / 2**10:.2f} KiB x (res/8)^2 + {c_gc / 2**20:.1f} MiB "
+              f"({a_gc / a:.1%} of the slope without)")
+        for row in rows_wanted:
+            est = child(row, preset, args.resolution, args, fake=True) if not row.startswith("lora_") else None
+            real = None
+            guess = est["tracked_peak"] if est else 0
+            if not args.estimate_only and guess <= args.max_real_gb * GIB:
+                real = child(row, preset, args.resolution, args, fake=False)
+            r = dict(real or est)
+            r["label"] = args.label
+            r["bench"] = "memory"
+            r["how"] = "measured" if real else "estimated"
+            r["estimated_peak"] = est["tracked_peak"] if est else None
+            slope = a_gc if row.endswith("_gc") else a
+            act_native = r["act_saved"] / max(1e-9, (slope * (args.resolution / 8) ** 2 + (c_gc if row.endswith(
+                "_gc") else c))) * (slope * (native / 8) ** 2 + (c_gc if row.endswith("_gc") else c))
+            fixed = r["weights"] + r["ema"] + r["grads"] + r["opt_state"]
+            r["native"] = native
+            r["act_native"] = act_native
+            r["peak_native"] = fixed + act_native
+            r["fits"] = [g for g in BUDGETS_GB if r["peak_native"] <= g * GIB * 0.95]  # 5%: CUDA context, slack
+            if real and est:
+                validation.append((preset, row, est["tracked_peak"], real["rss_peak"], real["tracked_peak"]))
+            results.append(r)
+            print(f"  {row}: {r['how']} rss {gib(r.get('rss_peak'))} GiB, tracked {gib(r['tracked_peak'])} GiB, "
+                  f"estimated {gib(r['estimated_peak'])} GiB", flush=True)
+    worst = None
+    if validation:
+        print("\nestimator validation (FakeTensorMode + MemTracker vs the real run):")
+        for preset, row, est, rss, tracked in validation:
+            print(f"  {preset} {row}: estimated {gib(est)} GiB, rss {gib(rss)} GiB ({est / rss - 1:+.1%}), "
+                  f"tracked {gib(tracked)} GiB ({est / tracked - 1:+.1%})")
+        worst = max(abs(est / rss - 1) for _, _, est, rss, _ in validation)
+    for r in results:
+        r["how_text"] = r["how"] if r["how"] == "measured" or worst is None else \
+            f"estimated (validated to {worst:.0%})"
+    table = [{"preset": r["preset"], "row": LABELS[r["row"]], "how": r["how_text"],
+              "trainable": f"{r['trainable'] / 1e6:.1f}M", "weights": gib(r["weights"] + r["ema"]),
+              "grads": gib(r["grads"]), "opt state": gib(r["opt_state"]), "act": gib(r["act_saved"]),
+              "peak rss": gib(r.get("rss_peak")), "peak tracked": gib(r["tracked_peak"]),
+              f"peak @native": gib(r["peak_native"]),
+              "fits in": ", ".join(f"{g}" for g in r["fits"]) or "> 80"} for r in results]
+    print()
+    common.print_table(table, list(table[0]) if table else [],
+                       title=f"GiB; batch {args.batch}, {args.resolution} px, fp32 on the CPU; @native: "
+                             f"{', '.join(f'{p} {NATIVE.get(p)} px' for p in presets)}, batch 1, upper bound")
+    common.append_jsonl(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
