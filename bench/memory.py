@@ -49,6 +49,7 @@ from bench import common  # noqa: E402
 
 ROWS = ("full_adamw", "full_adamw_ema", "full_adamw8bit", "full_adafactor", "full_adamw_gc", "lora", "lora_int8",
         "lora_nf4", "lora_fp8")
+DEFAULT_ROWS = ROWS[:-1]  # fp8 on request (--rows): a CPU run per row costs minutes
 LABELS = {"full_adamw": "full fp32 + AdamW", "full_adamw_ema": "full + AdamW + EMA",
           "full_adamw8bit": "full + 8-bit AdamW", "full_adafactor": "full + Adafactor",
           "full_adamw_gc": "full + AdamW + grad ckpt", "lora": "LoRA (fp32 base)", "lora_int8": "LoRA, int8 base",
@@ -62,7 +63,7 @@ MARK = "MEMROW "
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="sd15,sdxl", help="U-Net presets (configs/model/sd15.yaml, sdxl.yaml)")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(ROWS))
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma list of " + ", ".join(ROWS))
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels of the measured step")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--fit-resolutions", default="64,128,192", help="resolutions of the activation fit")
@@ -73,11 +74,18 @@ def parse_args(argv=None):
     p.add_argument("--lora-preset", default="attention_ff")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: peaks from torch.cuda.max_memory_allocated, "
+                                                   "no tracker, no estimates (set --fit-resolutions '' and measure "
+                                                   "at the native resolution)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
     p.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
     p.add_argument("--label", default="memory")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # ROW: run one row and print it
     p.add_argument("--fake", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-step", action="store_true", help=argparse.SUPPRESS)  # forward + backward only
+    p.add_argument("--act-sweep", default=None, help=argparse.SUPPRESS)  # RES,...: saved activations at each
+    p.add_argument("--estimate-rows", default="full_adamw,full_adamw_gc,lora",
+                   help="rows also estimated where they are measured (the estimator's validation)")
     return p.parse_args(argv)
 
 
@@ -97,7 +105,7 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def build_unet(preset: str, quantize: str | None, checkpointing: bool, fake: bool):
+def build_unet(preset: str, quantize: str | None, checkpointing: bool, fake: bool, device: str = "cpu"):
     """The preset's U-Net with random weights, materialised one leaf module at a time (and quantized right away)."""
     from ldm.models.unet import UNet
 
@@ -113,7 +121,7 @@ def build_unet(preset: str, quantize: str | None, checkpointing: bool, fake: boo
         for name, child in list(parent.named_children()):
             if any(True for _ in child.children()) or not any(True for _ in child.parameters(recurse=False)):
                 continue
-            child.to_empty(device="cpu", recurse=False)
+            child.to_empty(device=device, recurse=False)
             common.randomize_(child)
             if quantize and type(child) is torch.nn.Linear:
                 setattr(parent, name, cls.from_linear(child))
@@ -122,12 +130,13 @@ def build_unet(preset: str, quantize: str | None, checkpointing: bool, fake: boo
 
 def adamw8bit_state_bytes(params) -> int:
     """bitsandbytes AdamW8bit's state: two uint8 moments + one fp32 absmax per 256 values each, fp32 moments for
-    tensors under min_8bit_size = 4096 (+ a step counter)."""
-    total = 0
+    tensors under min_8bit_size = 4096, and the two dynamic-quantization code books (shared)."""
+    total, quantized = 0, False
     for p in params:
         n = p.numel()
+        quantized |= n >= 4096
         total += 2 * (n + 4 * -(-n // 256)) if n >= 4096 else 2 * 4 * n
-    return total
+    return total + (2 * 256 * 4 if quantized else 0)  # + the two shared 256-entry fp32 code books
 
 
 def adafactor_state_bytes(params) -> int:
@@ -171,6 +180,27 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
+class CudaAllocated:
+    """On CUDA: the caching allocator's own counts stand in for the tracker (current = memory_allocated, peak =
+    max_memory_allocated since the row began); no per-category split."""
+
+    def track_external(self, *_):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+
+    def reset_mod_stats(self):
+        pass
+
+    def get_tracker_snapshot(self, kind: str):
+        n = torch.cuda.max_memory_allocated() if kind == "peak" else torch.cuda.memory_allocated()
+        return {torch.device("cuda"): {"Total": n}}
+
+
 def memory_tracker():
     """torch's MemTracker, which puts a gradient hook on every parameter of a module it sees run: a frozen module
     (the base under LoRA) gets none (torch 2.13 raises on a parameter that needs no gradient)."""
@@ -202,7 +232,11 @@ def run_row(args) -> dict:
         mode = FakeTensorMode()
     with mode:
         quantize = row.split("_", 1)[1] if row.startswith("lora_") else None
-        unet = build_unet(args.preset, quantize, row.endswith("_gc"), fake)
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base_cuda = torch.cuda.memory_allocated()
+        unet = build_unet(args.preset, quantize, row.endswith("_gc"), fake, args.device)
         unet.train()
         trained, ema, network = unet, None, None
         if row.startswith("lora"):
@@ -222,26 +256,28 @@ def run_row(args) -> dict:
                 ema = EMA(unet, 0.999)
         cfg = unet.config
         h = args.resolution // 8
-        x = torch.randn(args.batch, cfg["in_channels"], h, h)
-        t = torch.randint(0, 1000, (args.batch,))
-        ctx = torch.randn(args.batch, 77, cfg["context_dim"])
-        y = torch.randn(args.batch, cfg["adm_in_channels"]) if cfg.get("adm_in_channels") else None
-        target = torch.randn(args.batch, cfg["out_channels"], h, h)
+        dev = torch.device(args.device) if not fake else None
+        x = torch.randn(args.batch, cfg["in_channels"], h, h, device=dev)
+        t = torch.randint(0, 1000, (args.batch,), device=dev)
+        ctx = torch.randn(args.batch, 77, cfg["context_dim"], device=dev)
+        y = torch.randn(args.batch, cfg["adm_in_channels"], device=dev) if cfg.get("adm_in_channels") else None
+        target = torch.randn(args.batch, cfg["out_channels"], h, h, device=dev)
         gc.collect()
         common._malloc_trim()
         built_rss = common._rss() - base_rss
         _reset_peak_rss()
-        tracker = memory_tracker()
+        tracker = CudaAllocated() if cuda else memory_tracker()
         tracker.track_external(*[m for m in (unet, network, ema) if m is not None], *([opt] if opt else []))
         saved, times = [], []
         with tracker:
             for _ in range(2):
                 t0 = time.perf_counter()
                 before = tracker.get_tracker_snapshot("current")
-                out = unet(x, t, ctx, y)
+                with common.autocast(torch.device(args.device), args.precision):
+                    out = unet(x, t, ctx, y)
                 after = tracker.get_tracker_snapshot("current")
                 saved.append(_total(after) - _total(before))
-                F.mse_loss(out, target).backward()
+                F.mse_loss(out.float(), target).backward()
                 del out
                 grads = tensor_bytes(p.grad for p in params)
                 if opt is not None and not args.no_step:
@@ -251,10 +287,12 @@ def run_row(args) -> dict:
                 if not args.no_step:
                     for p in params:
                         p.grad = None
+                if cuda:
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
                 tracker.reset_mod_stats()  # per-module stats of one iteration (the global peak is kept)
         peak = tracker.get_tracker_snapshot("peak")
-    rss_peak = _status_bytes("VmHWM") - base_rss
+    rss_peak = _status_bytes("VmHWM") - base_rss if not cuda else torch.cuda.max_memory_allocated() - base_cuda
     state = tensor_bytes(v for s in opt.state.values() for v in s.values()) if opt is not None else 0
     formula = STATE_FORMULAS.get(row.rsplit("_", 1)[-1])
     formula_state = formula(params) if formula else None
@@ -281,6 +319,36 @@ def run_row(args) -> dict:
     return result
 
 
+def activation_sweep(args) -> dict:
+    """Fake mode: bytes saved for backward by one forward at each resolution, without and with gradient
+    checkpointing (one model, one tracker)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    out = {"plain": {}, "gc": {}}
+    with FakeTensorMode():
+        unet = build_unet(args.preset, None, False, fake=True).train()
+        cfg = unet.config
+        tracker = memory_tracker()
+        tracker.track_external(unet)
+        with tracker:
+            for kind in ("plain", "gc"):
+                unet.gradient_checkpointing = kind == "gc"
+                for res in [int(r) for r in args.act_sweep.split(",")]:
+                    h = res // 8
+                    x = torch.randn(args.batch, cfg["in_channels"], h, h)
+                    ctx = torch.randn(args.batch, 77, cfg["context_dim"])
+                    y = torch.randn(args.batch, cfg["adm_in_channels"]) if cfg.get("adm_in_channels") else None
+                    before = _total(tracker.get_tracker_snapshot("current"))
+                    o = unet(x, torch.randint(0, 1000, (args.batch,)), ctx, y)
+                    out[kind][res] = _total(tracker.get_tracker_snapshot("current")) - before
+                    o.float().mean().backward()
+                    del o
+                    for p in unet.parameters():
+                        p.grad = None
+                    tracker.reset_mod_stats()
+    return out
+
+
 def _total(snapshot) -> int:
     return sum(v.get("Total", 0) for v in snapshot.values())
 
@@ -296,11 +364,12 @@ def _split(snapshot) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------------------------- the driver
 
-def child(row: str, preset: str, res: int, args, fake: bool, no_step: bool = False) -> dict:
+def child(row: str, preset: str, res: int, args, fake: bool, no_step: bool = False, sweep: str | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", row, "--presets", preset,
            "--resolution", str(res), "--batch", str(args.batch), "--lora-preset", args.lora_preset,
-           "--rank", str(args.rank), "--threads", str(args.threads)] + (["--fake"] if fake else []) + \
-        (["--no-step"] if no_step else [])
+           "--rank", str(args.rank), "--threads", str(args.threads), "--device", args.device,
+           "--precision", args.precision] + (["--fake"] if fake else []) + \
+        (["--no-step"] if no_step else []) + (["--act-sweep", sweep] if sweep else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(common.ROOT) + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -309,6 +378,20 @@ def child(row: str, preset: str, res: int, args, fake: bool, no_step: bool = Fal
         raise RuntimeError(f"memory row {row} ({preset}, {res}px, fake={fake}) failed (rc {proc.returncode}):\n"
                            + proc.stderr[-3000:])
     return json.loads(lines[-1][len(MARK):])
+
+
+def analytic_peak(row: str, preset: str, args) -> float:
+    """A first guess of a row's fixed memory (weights, EMA, grads, optimizer state; bytes) from the parameter count
+    alone, to decide whether it can run here: fp32 weights 4 B, grads 4 B, AdamW 8 B, EMA 4 B a parameter."""
+    from ldm.models.unet import UNet
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in UNet.from_preset(preset).parameters())
+    if row.startswith("lora"):
+        return 4.0 * n + 0.5 * GIB
+    per = {"full_adamw": 16, "full_adamw_ema": 20, "full_adamw8bit": 10.1, "full_adafactor": 8.1,
+           "full_adamw_gc": 16}[row]
+    return per * n + 1.0 * GIB  # + activations and temporaries at a small resolution
 
 
 def fit_activations(points: list[tuple[int, int]]) -> tuple[float, float]:
@@ -330,7 +413,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.child:
         args.preset = args.presets
-        print(MARK + json.dumps(run_row(args)), flush=True)
+        print(MARK + json.dumps(activation_sweep(args) if args.child == "act" else run_row(args)), flush=True)
         return []
     presets = [p for p in args.presets.split(",") if p]
     rows_wanted = [r for r in args.rows.split(",") if r]
@@ -338,53 +421,69 @@ def main(argv=None) -> list[dict]:
     if bad:
         raise SystemExit(f"--rows: unknown {bad}; choose from {', '.join(ROWS)}")
     fit_res = [int(r) for r in args.fit_resolutions.split(",") if r]
-    print(common.env_line(torch.device("cpu")))
-    print(f"memory of one training step: batch {args.batch}, {args.resolution} px, fp32, CPU, {args.threads} "
+    print(common.env_line(torch.device(args.device)))
+    print(f"memory of one training step: batch {args.batch}, {args.resolution} px, {args.precision}, {args.device}, "
+          f"{args.threads} "
           f"thread(s); LoRA {args.lora_preset} rank {args.rank}; U-Net only (text encoder / VAE outputs cached)")
     results, validation = [], []
     for preset in presets:
         native = int(args.native or NATIVE.get(preset, 4 * args.resolution))
-        # activations: saved-for-backward bytes at several resolutions (fake mode: no memory), fitted
-        fit_points = [(r, child("full_adamw", preset, r, args, fake=True, no_step=True)["act_saved"])
-                      for r in fit_res]
-        a, c = fit_activations(fit_points)
-        check = {r: child("full_adamw", preset, r, args, fake=True, no_step=True)["act_saved"]
-                 for r in sorted({native, 512})}
-        gc_fit = [(r, child("full_adamw_gc", preset, r, args, fake=True, no_step=True)["act_saved"])
-                  for r in fit_res]
-        a_gc, c_gc = fit_activations(gc_fit)
-        print(f"\n[{preset}] activations saved for backward (batch {args.batch}, fp32), fake-mode measured at "
-              + ", ".join(f"{r} px: {b / 2**20:.1f} MiB" for r, b in fit_points))
-        print(f"  fit: act(res) = {a / 2**10:.2f} KiB x (res/8)^2 + {c / 2**20:.1f} MiB per image "
-              f"(latent pixels; flash / memory-efficient attention: no L x L matrix kept)")
-        for r, measured in check.items():
-            pred = a * (r / 8) ** 2 + c
-            print(f"  extrapolated to {r} px: {pred / GIB:.2f} GiB per image; fake-mode measured there: "
-                  f"{measured / GIB:.2f} GiB ({pred / measured - 1:+.1%})")
-        print(f"  gradient checkpointing: act(res) = {a_gc / 2**10:.2f} KiB x (res/8)^2 + {c_gc / 2**20:.1f} MiB "
-              f"({a_gc / a:.1%} of the slope without)")
+        a = c = a_gc = c_gc = None
+        if fit_res:
+            # activations: saved-for-backward bytes at several resolutions (fake mode: no memory), fitted
+            checks = sorted({native, 512})
+            sweep = child("act", preset, args.resolution, args, fake=True,
+                          sweep=",".join(str(r) for r in fit_res + checks))
+            fit_points = [(r, sweep["plain"][str(r)]) for r in fit_res]
+            a, c = fit_activations(fit_points)
+            check = {r: sweep["plain"][str(r)] for r in checks}
+            a_gc, c_gc = fit_activations([(r, sweep["gc"][str(r)]) for r in fit_res])
+            print(f"\n[{preset}] activations saved for backward (batch {args.batch}, fp32), fake-mode measured at "
+                  + ", ".join(f"{r} px: {b / 2**20:.1f} MiB" for r, b in fit_points))
+            print(f"  fit: act(res) = {a / 2**10:.2f} KiB x (res/8)^2 + {c / 2**20:.1f} MiB per image "
+                  f"(latent pixels; flash / memory-efficient attention: no L x L matrix kept)")
+            for r, measured in check.items():
+                pred = a * (r / 8) ** 2 + c
+                print(f"  extrapolated to {r} px: {pred / GIB:.2f} GiB per image; fake-mode measured there: "
+                      f"{measured / GIB:.2f} GiB ({pred / measured - 1:+.1%})")
+            print(f"  gradient checkpointing: act(res) = {a_gc / 2**10:.2f} KiB x (res/8)^2 + {c_gc / 2**20:.1f} MiB "
+                  f"({a_gc / a:.1%} of the slope without)")
         for row in rows_wanted:
-            est = child(row, preset, args.resolution, args, fake=True) if not row.startswith("lora_") else None
+            cuda = args.device.startswith("cuda")
+            guess = analytic_peak(row, preset, args)
+            fits_here = cuda or (not args.estimate_only and guess <= args.max_real_gb * GIB)
+            wanted = not fits_here or row in args.estimate_rows.split(",")
+            est = child(row, preset, args.resolution, args, fake=True) \
+                if wanted and not cuda and not row.startswith("lora_") else None
             real = None
-            guess = est["tracked_peak"] if est else 0
-            if not args.estimate_only and guess <= args.max_real_gb * GIB:
-                real = child(row, preset, args.resolution, args, fake=False)
+            if fits_here:
+                try:
+                    real = child(row, preset, args.resolution, args, fake=False)
+                except RuntimeError as e:  # killed for memory, say: the row is reported as estimated
+                    print(f"  {row}: the real run failed, estimate only: {str(e)[-300:]}")
+                    if est is None:
+                        continue
             r = dict(real or est)
             r["label"] = args.label
             r["bench"] = "memory"
             r["how"] = "measured" if real else "estimated"
             r["estimated_peak"] = est["tracked_peak"] if est else None
-            slope = a_gc if row.endswith("_gc") else a
-            act_native = r["act_saved"] / max(1e-9, (slope * (args.resolution / 8) ** 2 + (c_gc if row.endswith(
-                "_gc") else c))) * (slope * (native / 8) ** 2 + (c_gc if row.endswith("_gc") else c))
             fixed = r["weights"] + r["ema"] + r["grads"] + r["opt_state"]
+            if a is not None:  # the measured activations scaled by the fit to the native resolution
+                slope, const = (a_gc, c_gc) if row.endswith("_gc") else (a, c)
+                act_native = r["act_saved"] / max(1e-9, slope * (args.resolution / 8) ** 2 + const) * (
+                    slope * (native / 8) ** 2 + const)
+                r["peak_native"] = fixed + act_native
+            else:  # measured there (--resolution = the native one, e.g. on a GPU)
+                act_native = r["act_saved"] if args.resolution == native else None
+                r["peak_native"] = r["tracked_peak"] if args.resolution == native else None
             r["native"] = native
             r["act_native"] = act_native
-            r["peak_native"] = fixed + act_native
-            r["fits"] = [g for g in BUDGETS_GB if r["peak_native"] <= g * GIB * 0.95]  # 5%: CUDA context, slack
+            r["fits"] = [g for g in BUDGETS_GB if r["peak_native"] is not None and r["peak_native"] <= g * GIB * 0.95]  # 5%: CUDA context, slack
             if real and est:
                 validation.append((preset, row, est["tracked_peak"], real["rss_peak"], real["tracked_peak"]))
             results.append(r)
+            common.append_jsonl(args.json, [r])  # row by row: a long run keeps what it measured
             print(f"  {row}: {r['how']} rss {gib(r.get('rss_peak'))} GiB, tracked {gib(r['tracked_peak'])} GiB, "
                   f"estimated {gib(r['estimated_peak'])} GiB", flush=True)
     worst = None
@@ -405,9 +504,8 @@ def main(argv=None) -> list[dict]:
               "fits in": ", ".join(f"{g}" for g in r["fits"]) or "> 80"} for r in results]
     print()
     common.print_table(table, list(table[0]) if table else [],
-                       title=f"GiB; batch {args.batch}, {args.resolution} px, fp32 on the CPU; @native: "
+                       title=f"GiB; batch {args.batch}, {args.resolution} px, {args.precision} on {args.device}; @native: "
                              f"{', '.join(f'{p} {NATIVE.get(p)} px' for p in presets)}, batch 1, upper bound")
-    common.append_jsonl(args.json, results)
     return results
 
 

@@ -49,7 +49,8 @@ def _int8_class():
         def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
             q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False,
                     threshold=0.0, device="meta")
-            q.weight = bnb.nn.Int8Params(linear.weight.data.float().contiguous(), requires_grad=False,
+            # from a host copy: Int8Params quantize when moved off the CPU (or to it) unquantized
+            q.weight = bnb.nn.Int8Params(linear.weight.data.float().cpu().contiguous(), requires_grad=False,
                                          has_fp16_weights=False)
             if linear.bias is not None:
                 q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
@@ -77,8 +78,8 @@ def _nf4_class():
         def from_linear(cls, linear: nn.Linear) -> "NF4Linear":
             q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=True, device="meta")
-            q.weight = bnb.nn.Params4bit(linear.weight.data.contiguous(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
+            q.weight = bnb.nn.Params4bit(linear.weight.data.cpu().contiguous(), requires_grad=False,
+                                         quant_type="nf4", compress_statistics=True)
             if linear.bias is not None:
                 q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
             return q.to(linear.weight.device)  # Params4bit quantize when moved to a device
