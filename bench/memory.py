@@ -386,9 +386,12 @@ def analytic_peak(row: str, preset: str, args) -> float:
     from ldm.models.unet import UNet
 
     with torch.device("meta"):
-        n = sum(p.numel() for p in UNet.from_preset(preset).parameters())
+        unet = UNet.from_preset(preset)
+    n = sum(p.numel() for p in unet.parameters())
     if row.startswith("lora"):
-        return 4.0 * n + 0.5 * GIB
+        linear = sum(m.weight.numel() for m in unet.modules() if type(m) is torch.nn.Linear)
+        per = {"lora": 4.0, "lora_int8": 1.0, "lora_fp8": 1.0, "lora_nf4": 0.53}[row]
+        return 4.0 * (n - linear) + per * linear + 0.5 * GIB
     per = {"full_adamw": 16, "full_adamw_ema": 20, "full_adamw8bit": 10.1, "full_adafactor": 8.1,
            "full_adamw_gc": 16}[row]
     return per * n + 1.0 * GIB  # + activations and temporaries at a small resolution
