@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma list of " + ", ".join(ROWS))
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels of the measured step")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--fit-resolutions", default="64,128,192", help="resolutions of the activation fit")
+    p.add_argument("--fit-resolutions", default="64,128", help="resolutions of the activation fit")
+    p.add_argument("--check-resolutions", default="", help="resolutions where the fit is checked (fake mode)")
     p.add_argument("--native", default=None, help="resolution of the 'fits in' column (default: the preset's)")
     p.add_argument("--max-real-gb", type=float, default=18.0,
                    help="rows whose estimate exceeds this are estimated only (not run for real)")
@@ -313,6 +314,8 @@ def run_row(args) -> dict:
         "grads": grads, "opt_state": state, "act_saved": saved[-1],
         "tracked_peak": _total(peak) + (state if (formula and fake) else 0),
         "state_formula": formula_state,
+        "state_formula_adamw8bit": adamw8bit_state_bytes(params),
+        "state_formula_adafactor": adafactor_state_bytes(params),
         "tracked_split": split, "rss_peak": None if fake else rss_peak, "built_rss": None if fake else built_rss,
         "s/step": None if fake else min(times),
     }
@@ -380,6 +383,27 @@ def child(row: str, preset: str, res: int, args, fake: bool, no_step: bool = Fal
     return json.loads(lines[-1][len(MARK):])
 
 
+DERIVED = ("full_adamw_ema", "full_adamw8bit", "full_adafactor")
+
+
+def derived(row: str, estimates: dict[str, dict]) -> dict:
+    """An estimate made from the full AdamW one (one fake run less a row): the optimizer state replaced by the
+    other optimizer's exact size, or an EMA copy of the weights added. The step's peak is where weights, grads and
+    state all live (the optimizer step), so it moves by the same difference."""
+    full = dict(estimates["full_adamw"])
+    full["row"] = row
+    params = full["params"]
+    if row == "full_adamw_ema":
+        full["ema"] = full["weights"]
+        full["tracked_peak"] += full["weights"]
+    else:
+        state = full["state_formula_" + row.rsplit("_", 1)[-1]]
+        full["tracked_peak"] += state - full["opt_state"]
+        full["opt_state"] = state
+    full["derived_from"] = f"full_adamw ({params / 1e6:.0f}M parameters)"
+    return full
+
+
 def analytic_peak(row: str, preset: str, args) -> float:
     """A first guess of a row's fixed memory (weights, EMA, grads, optimizer state; bytes) from the parameter count
     alone, to decide whether it can run here: fp32 weights 4 B, grads 4 B, AdamW 8 B, EMA 4 B a parameter."""
@@ -432,9 +456,10 @@ def main(argv=None) -> list[dict]:
     for preset in presets:
         native = int(args.native or NATIVE.get(preset, 4 * args.resolution))
         a = c = a_gc = c_gc = None
+        estimates: dict[str, dict] = {}
         if fit_res:
             # activations: saved-for-backward bytes at several resolutions (fake mode: no memory), fitted
-            checks = sorted({native, 512})
+            checks = [int(r) for r in args.check_resolutions.split(",") if r]
             sweep = child("act", preset, args.resolution, args, fake=True,
                           sweep=",".join(str(r) for r in fit_res + checks))
             fit_points = [(r, sweep["plain"][str(r)]) for r in fit_res]
@@ -456,8 +481,11 @@ def main(argv=None) -> list[dict]:
             guess = analytic_peak(row, preset, args)
             fits_here = cuda or (not args.estimate_only and guess <= args.max_real_gb * GIB)
             wanted = not fits_here or row in args.estimate_rows.split(",")
-            est = child(row, preset, args.resolution, args, fake=True) \
-                if wanted and not cuda and not row.startswith("lora_") else None
+            est = None
+            if wanted and not cuda and not row.startswith("lora_"):
+                est = derived(row, estimates) if row in DERIVED and "full_adamw" in estimates else \
+                    child(row, preset, args.resolution, args, fake=True)
+                estimates[row] = est
             real = None
             if fits_here:
                 try:
