@@ -22,7 +22,8 @@ Activations: the bytes saved for backward (tracked after the forward minus befor
 a * (latent pixels) + c (the CPU and GPU attention kernels, flash / memory-efficient, keep no L x L matrix: every
 saved tensor is linear in the pixels), extrapolated to 512 and 1024 px, and checked against the fake-mode measure at
 those sizes. "Fits in": weights + EMA + grads + optimizer state + activations at the preset's native resolution,
-batch 1, fp32 (an upper bound: grads and activations never all coexist), against 12 / 16 / 24 / 80 GB.
+batch 1, fp32: the measured peak plus the activations the native resolution adds (an upper bound: the peak is at the
+optimizer step, where the activations are gone), against 95% of 12 / 16 / 24 / 80 GiB.
 
     python bench/memory.py                       # sd15 + sdxl at 64 px, batch 1 (CPU: ~20 min, up to ~18 GB)
     python bench/memory.py --presets tiny --rows full_adamw,lora --resolution 32 --fit-resolutions 16,32,48
@@ -387,19 +388,19 @@ DERIVED = ("full_adamw_ema", "full_adamw8bit", "full_adafactor")
 
 
 def derived(row: str, estimates: dict[str, dict]) -> dict:
-    """An estimate made from the full AdamW one (one fake run less a row): the optimizer state replaced by the
-    other optimizer's exact size, or an EMA copy of the weights added. The step's peak is where weights, grads and
-    state all live (the optimizer step), so it moves by the same difference."""
+    """An estimate made from the full AdamW one (one fake run less a row): an EMA copy of the weights added to its
+    peak, or the optimizer state replaced by the other optimizer's exact size."""
     full = dict(estimates["full_adamw"])
     full["row"] = row
     params = full["params"]
     if row == "full_adamw_ema":
         full["ema"] = full["weights"]
         full["tracked_peak"] += full["weights"]
-    else:
+    else:  # a per-tensor step (bitsandbytes' fused kernel, Adafactor's loop) has no weights-sized temporaries as
+        # AdamW's foreach step does: the peak is weights + grads + state (+ the activations, an upper bound)
         state = full["state_formula_" + row.rsplit("_", 1)[-1]]
-        full["tracked_peak"] += state - full["opt_state"]
         full["opt_state"] = state
+        full["tracked_peak"] = full["weights"] + full["grads"] + state + full["act_saved"]
     full["derived_from"] = f"full_adamw ({params / 1e6:.0f}M parameters)"
     return full
 
@@ -499,12 +500,11 @@ def main(argv=None) -> list[dict]:
             r["bench"] = "memory"
             r["how"] = "measured" if real else "estimated"
             r["estimated_peak"] = est["tracked_peak"] if est else None
-            fixed = r["weights"] + r["ema"] + r["grads"] + r["opt_state"]
             if a is not None:  # the measured activations scaled by the fit to the native resolution
                 slope, const = (a_gc, c_gc) if row.endswith("_gc") else (a, c)
                 act_native = r["act_saved"] / max(1e-9, slope * (args.resolution / 8) ** 2 + const) * (
                     slope * (native / 8) ** 2 + const)
-                r["peak_native"] = fixed + act_native
+                r["peak_native"] = r["tracked_peak"] + act_native - r["act_saved"]  # the step's peak, more activations
             else:  # measured there (--resolution = the native one, e.g. on a GPU)
                 act_native = r["act_saved"] if args.resolution == native else None
                 r["peak_native"] = r["tracked_peak"] if args.resolution == native else None
@@ -531,7 +531,7 @@ def main(argv=None) -> list[dict]:
               "trainable": f"{r['trainable'] / 1e6:.1f}M", "weights": gib(r["weights"] + r["ema"]),
               "grads": gib(r["grads"]), "opt state": gib(r["opt_state"]), "act": gib(r["act_saved"]),
               "peak rss": gib(r.get("rss_peak")), "peak tracked": gib(r["tracked_peak"]),
-              f"peak @native": gib(r["peak_native"]),
+              "peak @native": gib(r["peak_native"]),
               "fits in": ", ".join(f"{g}" for g in r["fits"]) or "> 80"} for r in results]
     print()
     common.print_table(table, list(table[0]) if table else [],
