@@ -532,7 +532,8 @@ def main(argv=None) -> list[dict]:
               "grads": gib(r["grads"]), "opt state": gib(r["opt_state"]), "act": gib(r["act_saved"]),
               "peak rss": gib(r.get("rss_peak")), "peak tracked": gib(r["tracked_peak"]),
               "peak @native": gib(r["peak_native"]),
-              "fits in": ", ".join(f"{g}" for g in r["fits"]) or "> 80"} for r in results]
+              "fits in": "-" if r["peak_native"] is None else (", ".join(f"{g}" for g in r["fits"]) or "> 80")}
+             for r in results]
     print()
     common.print_table(table, list(table[0]) if table else [],
                        title=f"GiB; batch {args.batch}, {args.resolution} px, {args.precision} on {args.device}; @native: "
