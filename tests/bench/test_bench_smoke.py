@@ -214,5 +214,5 @@ def test_memory(capsys, tmp_path):
     assert nf4["trainable"] < full["trainable"] / 5 and nf4["weights"] < full["weights"]  # tiny: mostly convs
     assert "estimator validation" in out and "fit: act(res) =" in out
     gc_line = out.split("gradient checkpointing: act(res) = ")[1]
-    assert float(gc_line.split("(")[1].split("%")[0]) < 50  # checkpointing keeps < half the activations
+    assert float(gc_line.split("MiB (")[1].split("%")[0]) < 50  # checkpointing keeps < half the activations
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
