@@ -424,6 +424,11 @@ def summary_rows(records: list[dict]) -> list[dict]:
         elif bench == "data":
             rates = ", ".join(f"{k[6:]}: {v:.0f}" for k, v in r.items() if k.startswith("img/s"))
             row.update(config=r["source"], impl="ldm.data", throughput=f"img/s {rates}")
+        elif bench == "memory":
+            row.update(config=f"{r['preset']} {r['res']}px b{r['batch']} {r['row']}", impl="ldm",
+                       mem=fmt_bytes(r["tracked_peak"]),
+                       note=f"{r['how']}: weights {fmt_bytes(r['weights'] + r['ema'])}, grads {fmt_bytes(r['grads'])}, "
+                            f"optimizer {fmt_bytes(r['opt_state'])}, activations {fmt_bytes(r['act_saved'])}")
         else:
             row.update(config="-", impl="-", note=r.get("note", "skipped"))
         rows.append(row)

@@ -120,6 +120,8 @@ def save_lora_file(network: LoRANetwork, roots: dict[str, nn.Module], path: str 
     pytorch_lora_weights.safetensors). Written to a temporary name and renamed."""
     from ldm.file_modes import write_safetensors
 
+    from ldm.models.quantized_base import base_precision_metadata
+
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA layout must be one of {LAYOUTS}, got {layout!r}")
     path = Path(path)
@@ -130,6 +132,8 @@ def save_lora_file(network: LoRANetwork, roots: dict[str, nn.Module], path: str 
         path.mkdir(parents=True, exist_ok=True)
         path = path / lora_peft.WEIGHT_NAME
         state, meta = lora_peft.to_peft(network, roots)
+    meta.update(base_precision_metadata(roots) if layout == "kohya" else
+                {"ldm_base_precision": base_precision_metadata(roots)["ldm_base_precision"]})  # the base it saw
     meta.update(metadata or {})
     if layout == "kohya":  # sd-scripts' sshs_* hashes of the tensors and the final ss_* keys
         meta.update(lora_kohya.sshs_hashes(state, meta))

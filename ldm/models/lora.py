@@ -80,7 +80,8 @@ class LoRAConfig:
 # ----------------------------------------------------------------------------------------------------- targets
 
 def is_adaptable(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1)
+    quantized = isinstance(module, nn.Linear) and hasattr(type(module), "base_precision")  # ldm.models.quantized_base
+    return type(module) is nn.Linear or quantized or (type(module) is nn.Conv2d and module.groups == 1)
 
 
 def unet_targets(unet: nn.Module, preset: str) -> dict[str, nn.Module]:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.bench import bench_module, tiny_base
 
@@ -90,19 +91,37 @@ def test_summary_table(tmp_path, capsys):
     assert "tiny 32px b2 fp32 eager" in out and "skipped: needs 240s" in out
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_script_parses_and_everything_it_calls_exists():
+    import re
+
+    script = (BENCH / "gpu.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], capture_output=True).returncode == 0
+    called = re.findall(r"^\s*run\s+\S+\s+\d+\s+(\S+\.py)", script, flags=re.M)
+    assert {"memory.py", "train_step.py", "sample.py", "latent_cache.py"} <= set(called)
+    for name in called:
+        assert (BENCH / name).is_file(), name
+    for path in set(re.findall(r"(?<![\w/])((?:tests|bench)/[\w/]+\.py)", script)):
+        guarded = f"[ -f {path} ]" in script  # an optional script of another branch (a hook)
+        assert (ROOT / path).is_file() or guarded, path
+    assert "tests/training/test_host_syncs.py" in script and "tests/training/test_unet_compile.py" in script
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
 def test_gpu_script_on_cpu(tmp_path):
     """bench/gpu.sh's plumbing with CPU-sized models (the GPU run itself needs a GPU)."""
     env = dict(os.environ, BENCH_DEVICE="cpu", BENCH_PRESET="tiny", BENCH_RES_LO="32", BENCH_RES_HI="64",
                BENCH_BATCH_LO="4", BENCH_BATCH_HI="2", BENCH_VAE="small", BENCH_TEXT="tiny", BENCH_CACHE_RES="32",
-               BENCH_CACHE_BATCH="4", BENCH_QUICK="1", BENCH_SKIP_COMPILE="1", PYTHON=sys.executable)
+               BENCH_CACHE_BATCH="4", BENCH_QUICK="1", BENCH_SKIP_COMPILE="1", PYTHON=sys.executable,
+               BENCH_SKIP_TESTS="1", BENCH_SKIP_FIRST_EPOCH="1", BENCH_MEM_PRESETS="tiny:32",
+               BENCH_MEM_ROWS="full_adamw,lora_nf4")
     proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
     summary = (tmp_path / "summary.md").read_text()
     for label in ("train-lo-eager", "train-hi-eager", "train-hi-chlast", "sample-eager", "latent-cache",
-                  "train-lo-chlast"):
+                  "train-lo-chlast", "memory-tiny-32"):
         assert label in summary
     assert "failed" not in summary
 
@@ -181,3 +200,41 @@ def test_cache_ranks(capsys):
     assert "ratio cache build time 1 / 2 process(es):" in out
     assert [r["ranks"] for r in rows] == [1, 2] and sum(rows[1]["encoded per process"]) == 8
     assert all(positive(r["wall s"]) for r in rows)
+
+
+def test_memory_state_formulas_equal_the_optimizers():
+    """The optimizer-state sizes the estimator adds for what fake tensors cannot run equal the real states."""
+    bnb = pytest.importorskip("bitsandbytes")
+    memory = bench_module("memory")
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3), torch.nn.Flatten(), torch.nn.Linear(64 * 6 * 6, 96))
+    params = list(model.parameters())
+    for opt, formula in ((bnb.optim.AdamW8bit(params, min_8bit_size=4096), memory.adamw8bit_state_bytes),
+                         (torch.optim.Adafactor(params), memory.adafactor_state_bytes)):
+        model(torch.randn(2, 8, 8, 8)).sum().backward()
+        opt.step()
+        state = memory.tensor_bytes(v for s in opt.state.values() for v in s.values())
+        assert formula(params) == pytest.approx(state, abs=16 * len(params))  # step counters aside
+    a, c = memory.fit_activations([(16, 4 * 10 + 7), (32, 16 * 10 + 7), (48, 36 * 10 + 7)])
+    assert (a, c) == pytest.approx((10, 7))
+
+
+@pytest.mark.slow  # six subprocesses (~90 s on the loaded 2-core machine)
+def test_memory(capsys, tmp_path):
+    """bench/memory.py on the tiny preset: rows in subprocesses, the estimator validated against a real run, the
+    activation fit, and gradient checkpointing cutting the saved activations (measured, not claimed)."""
+    pytest.importorskip("bitsandbytes")
+    rows = bench_module("memory").main(["--presets", "tiny", "--rows", "full_adamw,lora_nf4", "--estimate-rows",
+                                        "full_adamw", "--resolution", "32", "--fit-resolutions", "16,32,48",
+                                        "--native", "64", "--json", str(tmp_path / "m.jsonl")])
+    out = capsys.readouterr().out
+    by = {r["row"]: r for r in rows}
+    full, nf4 = by["full_adamw"], by["lora_nf4"]
+    assert full["how"] == "measured" and full["rss_peak"] > 0 and full["estimated_peak"] > 0
+    assert full["grads"] == full["weights"]
+    assert full["opt_state"] == pytest.approx(2 * full["grads"], rel=1e-3)  # AdamW: two fp32 moments (+ steps)
+    assert full["estimated_peak"] == pytest.approx(full["tracked_peak"], rel=0.05)  # fake mode = real tensors
+    assert nf4["trainable"] < full["trainable"] / 5 and nf4["weights"] < full["weights"]  # tiny: mostly convs
+    assert "estimator validation" in out and "fit: act(res) =" in out
+    gc_line = out.split("gradient checkpointing: act(res) = ")[1]
+    assert float(gc_line.split("MiB (")[1].split("%")[0]) < 50  # checkpointing keeps < half the activations
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2

@@ -62,6 +62,23 @@ def autos_without_data(cfg: DictConfig) -> None:
         own_text_encoder(cfg)
 
 
+def quantize_frozen_base(bundle, precision: str | None, adapter) -> None:
+    """model.quantize_base=int8|nf4|fp8: the frozen U-Net's and text encoder's Linear layers stored quantized
+    (ldm.models.quantized_base); only an adapter run has a frozen base to quantize."""
+    if not precision:
+        return
+    from ldm.models.quantized_base import PRECISIONS, quantize_base_
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.quantize_base must be null or one of {PRECISIONS}, got {precision!r}")
+    if adapter is None:
+        raise ConfigError(f"model.quantize_base={precision} stores a frozen base: it needs an adapter "
+                          "(adapter=lora); a full fine-tune trains the base's weights")
+    for network in (bundle.unet, bundle.text_encoder):
+        if network is not None:
+            quantize_base_(network, precision)
+
+
 def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
     from ldm.training.build.factories import build_bundle
 
@@ -79,6 +96,7 @@ def build_diffusion_module(cfg: DictConfig) -> L.LightningModule:
     # objects are passed to the partial, not to instantiate (Hydra would turn the dataclass schedule into a config)
     make_module = build(cfg.module, "module", _partial_=True)
     adapter = build(cfg.adapter, "adapter") if OmegaConf.select(cfg, "adapter") else None
+    quantize_frozen_base(bundle, m.get("quantize_base"), adapter)
     try:
         module = make_module(
             unet=bundle.unet, autoencoder=bundle.autoencoder, text_encoder=bundle.text_encoder, schedule=schedule,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ldm.models.bundle import ModelBundle
 from ldm.models.lora import LoRAConfig, LoRANetwork
+from ldm.models.quantized_base import dequantize_  # merging into a quantized base: into its fp32 copy
 from ldm.training.module.ema import EMA
 from ldm.training.module.trained.base import (Networks, RunEnd, check_has_keys, freeze, UNetAsIs,
                                               state_with_prefixes)
@@ -106,7 +107,7 @@ class LoRAAdapter(UNetAsIs):
         """Copies of the U-Net and text encoder with the (EMA) adapter merged in."""
         self.network.detach()  # copy the bases without the hooks
         try:
-            roots = {name: copy.deepcopy(m) for name, m in self.networks.roots().items()}
+            roots = {name: dequantize_(copy.deepcopy(m)) for name, m in self.networks.roots().items()}
         finally:
             self.network.attach(self.networks.roots())
         self._weights(use_ema).merge_into(roots, 1.0)
