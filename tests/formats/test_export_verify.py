@@ -23,7 +23,7 @@ from ldm.models.bundle import ModelBundle
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_clip
 from ldm.models.unet import UNet
-from tests.formats.test_single_file import randomize
+from tests.helpers.models import randomize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -268,7 +268,7 @@ def test_sdxl_export_verifies(tmp_path, fmt):
     pytest.importorskip("diffusers")
     from ldm.models.text_encoder_sdxl import DualCLIPTextEncoder
     from ldm.models.tiny_clip import write_tiny_sdxl_clips
-    from tests.formats.test_sdxl_single_file import TINY_XL
+    from tests.helpers.models import TINY_XL
 
     torch.manual_seed(0)
     vae = AutoencoderKL.from_preset("sdxl", base_channels=32, channel_mult=(1, 2), num_res_blocks=1)

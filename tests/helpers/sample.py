@@ -1,6 +1,10 @@
 """sample.py's tests: a tiny random SD single file to sample from, and configs/sample.yaml composed as the command
 line would compose it."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +19,7 @@ from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_clip
 from ldm.models.unet import UNet
 from ldm.pipelines.cli import register_configs
-from tests.helpers import CONFIGS
+from tests.helpers import CONFIGS, ROOT
 from tests.helpers.models import randomize
 
 
@@ -66,3 +70,17 @@ def pictures(tmp_path_factory):
 
 def no_loader(*args, **kwargs):
     raise AssertionError("the model was loaded before the bad input was caught")
+
+
+@pytest.fixture(scope="module")
+def export_folder(model, tmp_path_factory):
+    """Our diffusers export of the tiny model, written by the real command line."""
+    ckpt, clip = model
+    out = tmp_path_factory.mktemp("export") / "diffusers"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "ldm.cli.export", str(ckpt), "--format", "diffusers", "--out", str(out),
+                          "--text-encoder", str(clip)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    return out

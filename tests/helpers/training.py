@@ -135,6 +135,21 @@ def assert_same_run(reference: Path, resumed: Path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
 
 
+def stopped_and_resumed(tmp_path: Path, *args: str) -> tuple[Path, Path]:
+    """An uninterrupted 10-step run of ``args`` and one stopped after step 4 and resumed with ckpt_path=last
+    (train.py in subprocesses), checked to be the same run; returns (reference, resumed) run folders."""
+    ref = tmp_path / "ref"
+    subprocess.run(resume_cmd(ref, tmp_path / "cache", *args), cwd=ROOT, env=child_env(), check=True,
+                   capture_output=True)
+    assert [s for s, _ in logged_losses(ref)][-1] == 9
+    run = tmp_path / "stopped"
+    cmd = resume_cmd(run, tmp_path / "cache", *args, "+callbacks.checkpoint.every_n_train_steps=1")
+    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    assert_same_run(ref, run)
+    return ref, run
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted resumable run (train.py in a subprocess) that interrupted runs are compared with."""

@@ -13,7 +13,7 @@ from ldm.pipelines import image_to_image, inpaint, text_to_image
 from ldm.pipelines.controlnet import Control
 from ldm.pipelines.sampling_options import SamplingOptions
 from tests.helpers.sample import model  # noqa: F401 - the tiny random SD single file + tiny CLIP folder
-from tests.pipelines.test_diffusers_sampling_parity import export_folder  # noqa: F401 - our diffusers export
+from tests.helpers.sample import export_folder  # noqa: F401 - our diffusers export
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -5,9 +5,6 @@ DDIMScheduler with SD's config (leading, steps_offset 1, set_alpha_to_one false)
 The initial noise is not passed in: both draw it from ``torch.Generator().manual_seed(seed)`` (one float32
 ``randn`` of the whole batch's latent shape), so the same seed gives the same latents."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from PIL import Image
 
 from ldm.pipelines.cli import register_configs, sample
 from ldm.pipelines.sampling_options import SamplingOptions
-from tests.helpers.sample import model  # noqa: F401 - the tiny random SD single file + tiny CLIP folder
+from tests.helpers.sample import export_folder, model  # noqa: F401 - the tiny random SD single file + tiny CLIP folder, its diffusers export
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -27,20 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT, NEGATIVE, SEED, STEPS, GUIDANCE, N = "a red circle", "blue", 3, 10, 5.0, 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def export_folder(model, tmp_path_factory):
-    """Our diffusers export of the tiny model, written by the real command line."""
-    ckpt, clip = model
-    out = tmp_path_factory.mktemp("export") / "diffusers"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "ldm.cli.export", str(ckpt), "--format", "diffusers", "--out", str(out),
-                          "--text-encoder", str(clip)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr
-    return out
 
 
 @pytest.fixture(scope="module")

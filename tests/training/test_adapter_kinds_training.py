@@ -2,7 +2,6 @@
 LyCORIS file holding the EMA adapter, sample.py lora=FILE applies it to the base exactly as the run's checkpoint
 does, training can start from such a file, and a stopped run resumes exactly (the slow test)."""
 
-import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -15,9 +14,8 @@ from ldm.formats.lora_files import read_lora_file, save_lora_file
 from ldm.formats.load import load_bundle
 from ldm.pipelines.cli import sample
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
-from tests.helpers import ROOT
 from tests.helpers.sample import ckpt_config
-from tests.helpers.training import CKPT, assert_same_run, child_env, logged_losses, resume_cmd
+from tests.helpers.training import CKPT, stopped_and_resumed
 from tests.helpers.training import base  # noqa: F401 - the trained tiny base fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,15 +90,7 @@ def test_start_from_a_file_of_the_same_type(tiny_cfg, tmp_path, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path, base, kind):  # noqa: F811
     args = [base, f"adapter={kind}", "adapter.preset=attention_ff", "optim.lr=1e-2"]
-    ref = tmp_path / "ref"
-    subprocess.run(resume_cmd(ref, tmp_path / "cache", *args), cwd=ROOT, env=child_env(), check=True,
-                   capture_output=True)
-    assert [s for s, _ in logged_losses(ref)][-1] == 9
-    run = tmp_path / "stopped"
-    cmd = resume_cmd(run, tmp_path / "cache", *args, "+callbacks.checkpoint.every_n_train_steps=1")
-    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
-    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
-    assert_same_run(ref, run)
+    ref, run = stopped_and_resumed(tmp_path, *args)
     a = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for k in a:  # the raw adapter too (assert_same_run compares the EMA)

@@ -2,7 +2,6 @@
 file that reads back to what it trained, a stopped run resumes exactly, sampling callbacks see the adapter, and
 training can start from a LoRA file."""
 
-import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -13,8 +12,7 @@ from ldm.formats.lora_files import read_lora_file
 from ldm.formats.detect import detect_source
 from ldm.formats.load import load_bundle
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
-from tests.helpers import ROOT
-from tests.helpers.training import CKPT, assert_same_run, child_env, logged_losses, resume_cmd
+from tests.helpers.training import CKPT, stopped_and_resumed
 from tests.helpers.training import base  # noqa: F401 - the trained tiny base fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,15 +115,7 @@ def test_start_from_a_lora_file_and_bad_configs(tiny_cfg, tmp_path):
 @pytest.mark.slow
 def test_lora_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base):
     lora = [base, "adapter=lora", "adapter.preset=attention_ff", "optim.lr=1e-2"]
-    ref = tmp_path / "ref"
-    subprocess.run(resume_cmd(ref, tmp_path / "cache", *lora), cwd=ROOT, env=child_env(), check=True,
-                   capture_output=True)
-    assert [s for s, _ in logged_losses(ref)][-1] == 9
-    run = tmp_path / "stopped"
-    cmd = resume_cmd(run, tmp_path / "cache", *lora, "+callbacks.checkpoint.every_n_train_steps=1")
-    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
-    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
-    assert_same_run(ref, run)
+    ref, run = stopped_and_resumed(tmp_path, *lora)
 
 
 def test_lora_trains_from_the_latent_cache(tiny_cfg, base, tmp_path):

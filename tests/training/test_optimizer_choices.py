@@ -19,7 +19,7 @@ from ldm.training.module.trained.denoiser import WholeDenoiser
 from ldm.training.run.config_checks import ConfigError, check_values
 from ldm.training.run.train import build_diffusion_module, train
 from tests.helpers.training import CKPT, base, logged_losses, tiny_cfg  # noqa: F401 (fixtures)
-from tests.reliability.test_resume_and_data import kill_resume_compare
+from tests.helpers.kill_resume import kill_resume_compare
 
 # optim option -> (its library's module, the pip package named in the error, an lr for 150 steps on the toy problem)
 OPTIMS = {"prodigy": ("prodigyopt", "prodigyopt", None), "adamw_schedulefree": ("schedulefree", "schedulefree", 3e-2),

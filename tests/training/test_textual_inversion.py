@@ -3,7 +3,6 @@ U-Net weight bit-identical after steps), only they are checkpointed, the run wri
 sample.py embeddings=[FILE] loads them and gives the encoder the run trained, the sampling callback samples with
 the learned tokens, and bad options name their key."""
 
-import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -12,9 +11,8 @@ import torch
 
 from ldm.formats.embeddings import read_embedding
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
-from tests.helpers import ROOT
 from tests.helpers.sample import ckpt_config as sample_config
-from tests.helpers.training import CKPT, assert_same_run, child_env, logged_losses, resume_cmd
+from tests.helpers.training import CKPT, stopped_and_resumed
 from tests.helpers.training import base  # noqa: F401 - the trained tiny base fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,12 +158,4 @@ def test_bad_options_name_the_key(tiny_cfg):
 @pytest.mark.slow
 def test_textual_inversion_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base):  # noqa: F811
     args = [base, *TI, "adapter.num_vectors=2", "optim.lr=1e-2"]
-    ref = tmp_path / "ref"
-    subprocess.run(resume_cmd(ref, tmp_path / "cache", *args), cwd=ROOT, env=child_env(), check=True,
-                   capture_output=True)
-    assert [s for s, _ in logged_losses(ref)][-1] == 9
-    run = tmp_path / "stopped"
-    cmd = resume_cmd(run, tmp_path / "cache", *args, "+callbacks.checkpoint.every_n_train_steps=1")
-    subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
-    subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
-    assert_same_run(ref, run)
+    ref, run = stopped_and_resumed(tmp_path, *args)
