@@ -3,13 +3,15 @@
 One step = forward on a fixed noised latent batch + eps MSE + backward + AdamW step, as in train_step.py. "full"
 optimises every U-Net weight; "lora" freezes the base and optimises the adapters (ldm.models.lora, --lora-preset,
 --rank) added by forward hooks; "loha", "lokr", "dora" do the same with those adapter types (`--impls
-full,lora,loha,lokr,dora` for all; LoKr's --factor). Both alternate in rounds within one process. Columns: trainable parameters,
-gradient + AdamW state they need (4 bytes x 3 per fp32 parameter), the step's peak memory over what was allocated
-before it (CUDA: max_memory_allocated; CPU: RSS peak delta, approximate). Weights are the same for both.
+full,lora,loha,lokr,dora` for all; LoKr's --factor); "lora_int8", "lora_nf4", "lora_fp8" put the LoRA on a base
+whose Linear layers are stored quantized (model.quantize_base, ldm.models.quantized_base). All alternate in rounds
+within one process. Columns: trainable parameters, gradient + AdamW state they need (4 bytes x 3 per fp32 parameter),
+the bytes the U-Net's weights are stored in, the step's peak memory over what was allocated before it (CUDA:
+max_memory_allocated; CPU: RSS peak delta, approximate). Weights are the same for all.
 
     python bench/lora_step.py                                     # CPU: small preset, 32 px, batch 8
     python bench/lora_step.py --preset sd15 --resolution 512 --batch 4      # on a GPU
-    python bench/lora_step.py --impls full,lora,loha,lokr,dora                # every adapter type
+    python bench/lora_step.py --impls full,lora,loha,lokr,dora,lora_int8,lora_nf4   # every adapter type and base
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Trainable(torch.nn.Module):
 
 def main(argv=None) -> list[dict]:
     from ldm.models.lora import TYPES, LoRAConfig, LoRANetwork
+    from ldm.models.quantized_base import PRECISIONS, quantize_base_, stored_bytes
 
     args = parse_args(argv)
     device = common.pick_device(args.device)
@@ -68,8 +71,9 @@ def main(argv=None) -> list[dict]:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     impls = [i for i in args.impls.split(",") if i]
-    if set(impls) - {"full", *TYPES}:
-        raise SystemExit(f"--impls takes full,{','.join(TYPES)}, got {args.impls}")
+    quantized = {f"lora_{p}": p for p in PRECISIONS}
+    if set(impls) - {"full", *TYPES, *quantized}:
+        raise SystemExit(f"--impls takes full,{','.join([*TYPES, *quantized])}, got {args.impls}")
     torch.manual_seed(args.seed)
     models = {}
     for name in impls:
@@ -79,7 +83,10 @@ def main(argv=None) -> list[dict]:
         network = None
         if name != "full":
             unet.requires_grad_(False)
-            config = LoRAConfig(type=name, preset=args.lora_preset, rank=args.rank, factor=args.factor)
+            if name in quantized:  # the frozen base's Linear layers stored quantized, a LoRA on top
+                quantize_base_(unet, quantized[name])
+            config = LoRAConfig(type="lora" if name in quantized else name, preset=args.lora_preset,
+                                rank=args.rank, factor=args.factor)
             network = LoRANetwork.build({"unet": unet}, config)
             network.to(device).attach({"unet": unet})
         models[name] = Trainable(unet, network)
@@ -113,7 +120,9 @@ def main(argv=None) -> list[dict]:
                "CPU ms/step": 1e3 * cpu[name][0] / max(cpu[name][1], 1),
                "img/s": args.batch / timing[name]["median"], "trainable": trainable,
                "grad+AdamW": common.fmt_bytes(trainable * 4 * 3), "step peak": common.fmt_bytes(mem["bytes"]),
+               "base bytes": stored_bytes(models[name].unet),
                "mem kind": mem["kind"]}
+        row["base weights"] = common.fmt_bytes(row["base bytes"])
         rows.append(row)
     full = next((r for r in rows if r["impl"] == "full"), None)
     for row in rows if full else []:  # every row against full fine-tuning
@@ -127,7 +136,7 @@ def main(argv=None) -> list[dict]:
     print(f"lora vs full: preset={args.preset} res={args.resolution}px batch={args.batch} precision={args.precision} "
           f"rounds={args.rounds}x{args.steps}; process CPU time of all steps {cpu_s:.1f} s")
     common.print_table(rows, ["impl", "lora", "ms/step", "ms/step min", "CPU ms/step", "img/s", "trainable",
-                              "grad+AdamW", "step peak", *(["CPU/full"] if full else [])])
+                              "grad+AdamW", "base weights", "step peak", *(["CPU/full"] if full else [])])
     if len(rows) == 2:
         print(f"step time lora/full: {rows[0]['lora/full time']:.3f}x wall, {rows[0]['lora/full CPU']:.3f}x CPU time")
     common.append_jsonl(args.json, rows)

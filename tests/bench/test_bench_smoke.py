@@ -144,10 +144,12 @@ def test_lora_step(capsys):
 
 def test_lora_step_every_adapter_type(capsys):
     rows = bench_module("lora_step").main(QUICK + ["--preset", "tiny", "--resolution", "32", "--batch", "2",
-                                                   "--impls", "full,loha,lokr,dora"])
-    assert [r["impl"] for r in rows] == ["full", "loha", "lokr", "dora"]
+                                                   "--impls", "full,loha,lokr,dora,lora_int8,lora_nf4"])
+    assert [r["impl"] for r in rows] == ["full", "loha", "lokr", "dora", "lora_int8", "lora_nf4"]
     assert all(0 < r["trainable"] < rows[0]["trainable"] / 10 for r in rows[1:])  # only the adapters train
     assert all(positive(r["CPU/full"]) for r in rows) and "CPU/full" in capsys.readouterr().out
+    stored = {r["impl"]: r["base bytes"] for r in rows}  # the quantized bases hold fewer bytes (tiny: few Linears)
+    assert stored["lora_nf4"] < stored["lora_int8"] < stored["full"] == stored["loha"]
 
 
 @pytest.mark.slow
