@@ -153,6 +153,23 @@ def test_lora_step_every_adapter_type(capsys):
 
 
 @pytest.mark.slow
+def test_controlnet_shapes(capsys, tmp_path):
+    """bench/controlnet_shapes.py end to end on a tiny base: IoU and prompt accuracy with and without, a grid."""
+    from tests.helpers.training import TINY_MODEL
+
+    base = tiny_base(tmp_path)
+    tiny = [o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "callbacks=", "data.batch_size"))]
+    result = bench_module("controlnet_shapes").main(
+        ["--base", base, "--out", str(tmp_path / "cn"), "--steps", "2", "--n", "4", "--resolution", "16", "--",
+         *tiny, "adapter.hint_channels=[16,32]", "data.train.size=16", "data.val.size=4", "data.batch_size=4",
+         "callbacks=none"])
+    out = capsys.readouterr().out
+    assert "| with the ControlNet |" in out and "| without the ControlNet |" in out
+    assert all(0 <= result[w]["iou"] <= 1 and result[w]["n"] == 4 for w in ("with", "without"))
+    assert (tmp_path / "cn" / "grid.png").is_file() and (tmp_path / "cn" / "result.json").is_file()
+
+
+@pytest.mark.slow
 def test_shapes_lora(capsys, tmp_path):
     """bench/shapes_lora.py end to end on a tiny base: before/after per colour, cyan included."""
     from tests.helpers.training import TINY_MODEL
