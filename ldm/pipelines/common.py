@@ -97,13 +97,18 @@ def eval_mode(bundle: ModelBundle) -> Iterator[None]:
             m.train(mode)
 
 
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def model_dtype(bundle: ModelBundle) -> torch.dtype:
-    return next(bundle.unet.parameters()).dtype
+    return _dtype_of(bundle.unet, torch.float32)
 
 
 def _dtype_of(module, default: torch.dtype) -> torch.dtype:
-    p = next(module.parameters(), None)  # IdentityAutoencoder has no parameters
-    return default if p is None else p.dtype
+    """The dtype a network computes in: that of its first parameter stored in one (a base stored quantized,
+    model.quantize_base, holds int8 / uint8 / float8 weights that are dequantized in forward); ``default`` when none
+    is (IdentityAutoencoder has no parameters)."""
+    return next((p.dtype for p in module.parameters() if p.dtype in COMPUTE_DTYPES), default)
 
 
 @torch.no_grad()

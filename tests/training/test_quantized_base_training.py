@@ -69,3 +69,22 @@ def test_lora_on_a_quantized_base_stopped_and_resumed_equals_uninterrupted(tiny_
     assert ref.keys() == res.keys() and any(k.startswith("lora.") for k in ref)
     for k in ref:
         torch.testing.assert_close(ref[k], res[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4", "fp8"])
+def test_a_run_on_a_quantized_base_samples(tiny_cfg, base, precision):  # noqa: F811
+    """The in-training sample grid runs on the quantized base with the adapter applied (the sampler's dtype is the
+    one the U-Net computes in, not its first stored weight's: int8 / uint8 / float8 here) and draws what the
+    dequantized copy with the adapter merged draws."""
+    from ldm.pipelines import text_to_image
+
+    L.seed_everything(0)
+    module = build_diffusion_module(tiny_cfg(base, "adapter=lora", f"model.quantize_base={precision}"))
+    assert next(module.unet.parameters()).dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    with torch.no_grad():
+        for p in module.lora.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        with module.sampling_bundle() as bundle:
+            live = text_to_image(bundle, ["a red circle"], steps=3, height=16, width=16, seed=1)
+        merged = text_to_image(module.bundle(), ["a red circle"], steps=3, height=16, width=16, seed=1)
+    assert torch.isfinite(live).all() and (live - merged).abs().max() < 1e-3
