@@ -44,6 +44,15 @@ def test_lora_on_an_nf4_base_trains_and_records_the_base(tiny_cfg, base, tmp_pat
     again = build_diffusion_module(cfg)
     state = again.unet.state_dict()
     assert all(torch.equal(state[k], v) for k, v in before.items())
+    # the run's checkpoint samples on the base it trained on: its Linear layers dequantized from NF4, not the fp32
+    # base (time_embed.0 has no adapter: exactly the dequantized NF4 weight)
+    from ldm.formats.load import load_bundle
+    from ldm.models.quantized_base import dequantize_
+
+    loaded = load_bundle(result["last_checkpoint"]).unet.state_dict()
+    trained_on = dequantize_(again.unet).state_dict()
+    assert torch.equal(loaded["time_embed.0.weight"], trained_on["time_embed.0.weight"])
+    assert not torch.equal(loaded["time_embed.0.weight"], plain.unet.state_dict()["time_embed.0.weight"])
 
 
 def test_quantized_base_needs_an_adapter_and_a_known_precision(tiny_cfg, base):
