@@ -69,17 +69,23 @@ else
     CACHE_TIMING="--rounds 3 --steps 4 --warmup 2 --samples 512"
 fi
 
-# run LABEL LIMIT_S SCRIPT ARGS...: run one benchmark if LIMIT_S fits in the budget left; its rows go to RESULTS
-run() {
-    local label=$1 limit=$2 script=$3
-    shift 3
+# starts LABEL LIMIT_S WHAT: say the run starts if LIMIT_S fits in the budget left, else record it as skipped (1)
+starts() {
+    local label=$1 limit=$2 what=$3
     local left=$((BUDGET - ($(date +%s) - START)))
     if [ "$left" -lt "$limit" ]; then
         echo "SKIP $label: needs up to ${limit}s, ${left}s of the budget left" | tee -a "$LOG"
         echo "{\"bench\": \"skipped\", \"label\": \"$label\", \"note\": \"skipped: needs ${limit}s, ${left}s left\"}" >>"$RESULTS"
-        return
+        return 1
     fi
-    echo "=== $label: $script $* (limit ${limit}s, ${left}s left)" | tee -a "$LOG"
+    echo "=== $label: $what (limit ${limit}s, ${left}s left)" | tee -a "$LOG"
+}
+
+# run LABEL LIMIT_S SCRIPT ARGS...: run one benchmark if LIMIT_S fits in the budget left; its rows go to RESULTS
+run() {
+    local label=$1 limit=$2 script=$3
+    shift 3
+    starts "$label" "$limit" "$script $*" || return 0
     local t0=$(date +%s) one=$OUT_DIR/$label.log
     timeout -k 10 "$limit" $PY "bench/$script" --label "$label" --json "$RESULTS" "$@" >"$one" 2>&1
     local rc=$?
@@ -97,13 +103,7 @@ run() {
 run_cmd() {
     local label=$1 limit=$2
     shift 2
-    local left=$((BUDGET - ($(date +%s) - START)))
-    if [ "$left" -lt "$limit" ]; then
-        echo "SKIP $label: needs up to ${limit}s, ${left}s of the budget left" | tee -a "$LOG"
-        echo "{\"bench\": \"skipped\", \"label\": \"$label\", \"note\": \"skipped: needs ${limit}s, ${left}s left\"}" >>"$RESULTS"
-        return
-    fi
-    echo "=== $label: $* (limit ${limit}s, ${left}s left)" | tee -a "$LOG"
+    starts "$label" "$limit" "$*" || return 0
     local t0=$(date +%s) one=$OUT_DIR/$label.log
     timeout -k 10 "$limit" "$@" >"$one" 2>&1
     local rc=$?

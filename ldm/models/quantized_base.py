@@ -36,10 +36,23 @@ def _bnb():
     return bnb
 
 
+class DequantizedForward:
+    """The forward of every quantized Linear here: its weight dequantized for the product (`frozen_linear`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return frozen_linear(x, self)
+
+
+def _copy_bias(q: nn.Linear, linear: nn.Linear) -> None:
+    """The quantized layer keeps the original's bias as it is, frozen."""
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+
+
 def _int8_class():
     bnb = _bnb()
 
-    class Int8Linear(bnb.nn.Linear8bitLt):
+    class Int8Linear(DequantizedForward, bnb.nn.Linear8bitLt):
         """A frozen Linear stored as LLM.int8()'s row-wise int8 + absmax (bitsandbytes' Int8Params), computed by
         dequantizing (no int8 matmul: the CPU has none, and it is not faster than bf16 on a GPU)."""
 
@@ -52,12 +65,8 @@ def _int8_class():
             # from a host copy: Int8Params quantize when moved off the CPU (or to it) unquantized
             q.weight = bnb.nn.Int8Params(linear.weight.data.float().cpu().contiguous(), requires_grad=False,
                                          has_fp16_weights=False)
-            if linear.bias is not None:
-                q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+            _copy_bias(q, linear)
             return q.to(linear.weight.device)  # Int8Params quantize when moved to a device
-
-        def forward(self, x: Tensor) -> Tensor:
-            return frozen_linear(x, self)
 
         def dequantized_weight(self) -> Tensor:
             scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB  # a deepcopy keeps state's
@@ -69,7 +78,7 @@ def _int8_class():
 def _nf4_class():
     bnb = _bnb()
 
-    class NF4Linear(bnb.nn.Linear4bit):
+    class NF4Linear(DequantizedForward, bnb.nn.Linear4bit):
         """A frozen Linear stored as NF4 blocks of 64 with double-quantized absmax (QLoRA's storage)."""
 
         base_precision = "nf4"
@@ -80,12 +89,8 @@ def _nf4_class():
                     compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=True, device="meta")
             q.weight = bnb.nn.Params4bit(linear.weight.data.cpu().contiguous(), requires_grad=False,
                                          quant_type="nf4", compress_statistics=True)
-            if linear.bias is not None:
-                q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+            _copy_bias(q, linear)
             return q.to(linear.weight.device)  # Params4bit quantize when moved to a device
-
-        def forward(self, x: Tensor) -> Tensor:
-            return frozen_linear(x, self)
 
         def dequantized_weight(self) -> Tensor:
             return bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state).float()
@@ -93,7 +98,7 @@ def _nf4_class():
     return NF4Linear
 
 
-class FP8Linear(nn.Linear):
+class FP8Linear(DequantizedForward, nn.Linear):
     """A frozen Linear stored as float8_e4m3fn rows times an fp32 scale per output row; upcast in forward."""
 
     base_precision = "fp8"
@@ -107,15 +112,12 @@ class FP8Linear(nn.Linear):
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX  # per output row: absmax -> the e4m3 maximum
         q.weight = nn.Parameter((w / scale[:, None]).to(torch.float8_e4m3fn), requires_grad=False)
         q.register_buffer("weight_scale", scale)
-        if linear.bias is not None:
-            q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        _copy_bias(q, linear)
         return q
 
     def dequantized_weight(self) -> Tensor:
         return self.weight.float() * self.weight_scale[:, None]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return frozen_linear(x, self)
 
 
 class _DequantizedLinear(torch.autograd.Function):
