@@ -1,5 +1,6 @@
 """What an image source does with aspect-ratio buckets (`ldm.data.buckets`): assign every image its bucket from
-its size, and crop a loaded image to the bucket of the index that was asked for."""
+its size, and cut a loaded image (and its companion, a ControlNet control image, alike) to the bucket of the index
+that was asked for, or to the square without buckets."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 from PIL import Image
 
 from ldm.data.buckets import BucketAssignment, BucketSettings, assign_buckets, center_crop_record, cover_size
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTransform, at_size, pil_to_tensor, to_rgb
 
 logger = logging.getLogger("ldm.data")
 
@@ -33,14 +34,26 @@ def assign_source_buckets(buckets, sizes: list[tuple[int, int] | None], resoluti
     return assignment
 
 
-def bucket_sample(transform: ImageTransform, assignment: BucketAssignment, image: Image.Image, slot: int,
-                  loaded: int) -> dict:
-    """``image`` (of index ``loaded``) cropped to the bucket of index ``slot`` (another index when ``slot`` was
-    unreadable): {"image", "original_size", "crop_top_left", "target_size"}."""
-    bucket = assignment.target(slot)
-    resized = assignment.resized[slot] if slot == loaded else cover_size(*image.size, bucket)
-    tensor, record = transform.to_bucket(image, bucket, resized)
-    return {"image": tensor, **record}
+def cut_sample(transform: ImageTransform, assignment: BucketAssignment | None, image: Image.Image, slot: int,
+               loaded: int, companion: Image.Image | None = None) -> dict:
+    """``image`` (of index ``loaded``) cut for index ``slot`` (another index when ``slot`` was unreadable):
+    {"image"}, with buckets cropped to the bucket of ``slot`` with its record ("original_size", "crop_top_left",
+    "target_size"), else the transform's square. ``companion`` (an image that belongs to this one: a ControlNet
+    pair's control image) is brought to the image's size and cut with the same `Cut` (the same resize, crop and
+    flip), under "companion" (3, h, w) in [-1, 1]."""
+    image = to_rgb(image)
+    if assignment is None:
+        cut = transform.draw(image.size)
+    else:
+        bucket = assignment.target(slot)
+        resized = assignment.resized[slot] if slot == loaded else cover_size(*image.size, bucket)
+        cut = transform.draw(image.size, bucket, resized)
+    sample = {"image": pil_to_tensor(cut(image))}
+    if assignment is not None:
+        sample.update(cut.record(image.size))
+    if companion is not None:
+        sample["companion"] = pil_to_tensor(cut(at_size(to_rgb(companion), image.size)))
+    return sample
 
 
 def cache_records(assignment: BucketAssignment, flip: bool) -> list[list[dict]]:

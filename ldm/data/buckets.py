@@ -98,7 +98,7 @@ def cover_size(width: int, height: int, bucket: Size) -> Size:
 
 
 def center_crop_record(width: int, height: int, resized: Size, bucket: Size, flipped: bool = False) -> dict:
-    """The micro-conditioning record of a centre crop (what ``ImageTransform.to_bucket`` returns for it)."""
+    """The micro-conditioning record of a centre crop (what ``Cut.record`` of ``ldm.data.transforms`` gives for it)."""
     left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
     if flipped:
         left = resized[0] - bucket[0] - left

@@ -2,10 +2,14 @@
 convention: the ``image``, ``conditioning_image`` and ``text`` columns of a Hugging Face dataset, or a folder of
 images with captions beside a folder of conditioning images under the same relative names).
 
-Each item is the inner dataset's ``{"image" (3, R, R) in [-1, 1], "caption", "index", ...}`` plus
-``"conditioning_image"`` (C, R, R) in [0, 1] (diffusers: Resize, CenterCrop, ToTensor, not normalised), through the
-same resize and centre crop as its image; flips and random crops are refused (the pair would no longer line up).
-The latent cache holds the control images beside the latents (uint8 pixels: exact), keyed by both files.
+Each item is the inner dataset's ``{"image" (3, h, w) in [-1, 1], "caption", "index", ...}`` plus
+``"conditioning_image"`` (C, h, w) in [0, 1] (diffusers: ToTensor, not normalised). The conditioning image is first
+brought to its image's size (resized when it has another resolution; another aspect ratio is an unreadable pair,
+skipped like a bad image), then cut with the very same resize, crop and flip as its image (one `Cut` drawn per
+item: ``ldm.data.transforms``), so the two line up pixel for pixel under a square crop or an aspect-ratio bucket
+(``data.train.buckets``, kohya's ControlNet dataset), centred or random (``center_crop``), flipped or not
+(``random_flip``). The latent cache holds the control images beside the latents (uint8 pixels: exact) at the item's
+bucket size, keyed by both files; with random flips both variants of the pair, mirrored together.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from ldm.data.bad_samples import decode_image
@@ -30,18 +33,13 @@ class ControlPairsDataset(Dataset):
 
     def __init__(self, root: str | None = None, conditioning_root: str | None = None, path: str | None = None,
                  conditioning_image_column: str = "conditioning_image", conditioning_channels: int = 3,
-                 resolution: int = 256, center_crop: bool = True, random_flip: bool = False, **inner: Any):
-        if random_flip or not center_crop:
-            raise ValueError(f"{KEY}: ControlNet pairs need center_crop=true and random_flip=false (the image and "
-                             "its conditioning image must be cut alike)")
-        if inner.get("buckets") and dict(inner["buckets"]).get("enabled"):
-            raise ValueError(f"{KEY}.buckets: aspect-ratio buckets are not supported for ControlNet pairs yet")
+                 resolution: int = 256, **inner: Any):
         if conditioning_channels not in (1, 3):
             raise ValueError(f"{KEY}.conditioning_channels must be 1 or 3, got {conditioning_channels}")
         self.mode = "L" if conditioning_channels == 1 else "RGB"
         if (root is None) == (path is None):
             raise ValueError(f"{KEY}: give root=<image folder> (with conditioning_root) or path=<HF dataset>")
-        common = dict(resolution=resolution, center_crop=True, random_flip=False, **inner)
+        common = dict(resolution=resolution, **inner)  # center_crop, random_flip, buckets, ...: cut alike
         if root is not None:
             if conditioning_root is None:
                 raise ValueError(f"{KEY}.conditioning_root: the folder of conditioning images (named like the images "
@@ -65,7 +63,7 @@ class ControlPairsDataset(Dataset):
                 raise ValueError(f"{KEY}.conditioning_image_column: {conditioning_image_column!r} is not a column of "
                                  f"{path} ({', '.join(self.inner.table.column_names)})")
         self.column = conditioning_image_column
-        self.transform = self.inner.transform  # the same deterministic resize + centre crop
+        self.inner.companion = self._conditioning_pil  # each image's control image, cut with the image's own cut
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -80,6 +78,11 @@ class ControlPairsDataset(Dataset):
     @property
     def captions(self) -> list[str]:
         return list(self.inner.captions)
+
+    @property
+    def bucket_assignment(self):
+        """The images' aspect-ratio buckets (the batches' sampler groups the pairs by them); None without."""
+        return self.inner.bucket_assignment
 
     def cache_spec(self):
         """The inner dataset's cache spec, with the conditioning images in its settings and item identities, and a
@@ -103,19 +106,18 @@ class ControlPairsDataset(Dataset):
         return dataclasses.replace(spec, settings=settings, items=items, source=source)
 
     def _conditioning_pil(self, i: int):
+        """Item i's control image, in the mode of ``conditioning_channels``."""
         if isinstance(self.inner, ImageFolderDataset):
             key = Path(self.inner.files[i]).with_suffix("").as_posix()
             path = inside(self.conditioning_root, self._by_stem[key].relative_to(self.conditioning_root).as_posix(),
                           source=f"{KEY}.conditioning_root", key="conditioning image")
-            return decode_image(str(path))
+            return decode_image(str(path)).convert(self.mode)
         from ldm.data.hf_dataset import _to_pil
 
-        return _to_pil(self.inner.table[i][self.column], self.inner.image_roots)
+        return _to_pil(self.inner.table[i][self.column], self.inner.image_roots).convert(self.mode)
 
     def __getitem__(self, index: int) -> dict:
         item = self.inner[index]
-        pil = self._conditioning_pil(int(item["index"])).convert(self.mode)  # the row the inner dataset returned
-        tensor = self.transform(pil.convert("RGB"))  # (3, R, R) in [-1, 1], cut like the image
-        tensor = (tensor + 1) / 2
+        tensor = (item.pop("companion") + 1) / 2  # (3, h, w) in [0, 1], cut like the image
         item["conditioning_image"] = tensor[:1] if self.mode == "L" else tensor
         return item

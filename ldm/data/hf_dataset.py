@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.bad_samples import BadSampleTracker, decode_image, upright, upright_size
 from ldm.formats.safe_paths import is_inside
-from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
+from ldm.data.bucketed import assign_source_buckets, buckets_enabled, cache_records, cut_sample
 from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
 
@@ -44,7 +44,11 @@ class HFDataset(Dataset):
         captions: caption options (`ldm.data.captions.CaptionProcessor` fields, config `data.train.captions`),
             applied per (seed, epoch, index); None: captions as read. (`extension` is for image folders.)
         buckets: aspect-ratio buckets, as for `ImageFolderDataset` (each row's image header is read once).
+
+    ``companion``: as for `ImageFolderDataset` (row i's companion image, cut like its image: a ControlNet pair).
     """
+
+    companion = None
 
     def __init__(
         self,
@@ -127,10 +131,8 @@ class HFDataset(Dataset):
         """Row i, at the size of row ``slot``'s bucket with buckets (i replaces an unreadable ``slot``)."""
         row = self.table[i]
         image = _to_pil(row[self.image_column], self.image_roots)
-        if self.bucket_assignment is None:
-            sample = {"image": self.transform(image)}
-        else:
-            sample = bucket_sample(self.transform, self.bucket_assignment, image, i if slot is None else slot, i)
+        companion = None if self.companion is None else self.companion(i)
+        sample = cut_sample(self.transform, self.bucket_assignment, image, i if slot is None else slot, i, companion)
         caption = self._caption(row)
         if not self.caption_options.is_identity:
             caption = self.caption_options(caption, i, self._epoch.get())

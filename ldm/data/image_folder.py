@@ -27,7 +27,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from ldm.data.bad_samples import BadSampleTracker, decode_image, upright_size
-from ldm.data.bucketed import assign_source_buckets, bucket_sample, buckets_enabled, cache_records
+from ldm.data.bucketed import assign_source_buckets, buckets_enabled, cache_records, cut_sample
 from ldm.data.captions import CaptionProcessor, SharedEpoch, caption_cache_fields
 from ldm.data.transforms import ImageTransform
 from ldm.formats.safe_load import CheckpointError, json_value
@@ -53,7 +53,13 @@ class ImageFolderDataset(Dataset):
         buckets: aspect-ratio buckets (`ldm.data.buckets.BucketSettings`: enabled, step, min_side, max_side,
             no_upscale); enabled, each image is resized to cover its bucket (max area resolution^2) and cropped
             to it, and its sample records original_size, crop_top_left and target_size.
+
+    ``companion``: None, or a callable giving image i's companion image (PIL), cut with the image's own resize, crop
+    and flip and returned as "companion" (a ControlNet pair's control image: ``ldm.data.control_pairs`` sets it); an
+    unreadable companion makes the sample unreadable (skipped like a bad image).
     """
+
+    companion = None
 
     def __init__(
         self,
@@ -113,10 +119,8 @@ class ImageFolderDataset(Dataset):
         """Image i, at the size of index ``slot``'s bucket with buckets (i replaces an unreadable ``slot``)."""
         key = self.files[i]
         image = decode_image(str(self.image_path(key)))
-        if self.bucket_assignment is None:
-            sample = {"image": self.transform(image)}
-        else:
-            sample = bucket_sample(self.transform, self.bucket_assignment, image, i if slot is None else slot, i)
+        companion = None if self.companion is None else self.companion(i)
+        sample = cut_sample(self.transform, self.bucket_assignment, image, i if slot is None else slot, i, companion)
         return {**sample, "caption": self.caption(i), "key": key, "index": i}
 
     def image_path(self, key: str) -> Path:

@@ -6,6 +6,7 @@ Only PIL, numpy and torch are used (torchvision is not a dependency).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,6 +55,50 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array.to(torch.uint8).permute(1, 2, 0).numpy(), mode="RGB")
 
 
+@dataclass(frozen=True)
+class Cut:
+    """One draw of an `ImageTransform`: resize to ``resized`` (width, height), crop ``box`` (left, top, right,
+    bottom), flip horizontally or not. Applied alike to an image and a companion image of the same size (a ControlNet
+    pair's control image), it cuts both the same way, so they line up pixel for pixel."""
+
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool = False
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if tuple(self.resized) != image.size:
+            image = image.resize(tuple(self.resized), resample=Image.Resampling.BICUBIC)
+        if tuple(self.box) != (0, 0, *self.resized):
+            image = image.crop(tuple(self.box))
+        if self.flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def record(self, original: tuple[int, int]) -> dict:
+        """SDXL's micro-conditioning of the cut of an upright image of ``original`` (width, height), each
+        (height, width) / (top, left) as diffusers' SDXL trainer writes it: ``original_size``, ``crop_top_left``
+        the crop's offset in the resized image (after a flip: measured from the mirrored left edge, as kohya's
+        train_util does), ``target_size`` the crop's size."""
+        left, top, right, bottom = self.box
+        if self.flip:
+            left = self.resized[0] - right
+        return {"original_size": (original[1], original[0]), "crop_top_left": (top, left),
+                "target_size": (bottom - top, right - left)}
+
+
+def at_size(companion: Image.Image, size: tuple[int, int], what: str = "the conditioning image") -> Image.Image:
+    """``companion`` (an image that belongs to another, e.g. a ControlNet control image) at that image's ``size``
+    (width, height), resized (bicubic) when it has another resolution, so that one `Cut` cuts both alike. One of
+    another aspect ratio (beyond 1 %) cannot line up: a ValueError (kohya's ControlNet dataset asserts equal sizes)."""
+    if companion.size == tuple(size):
+        return companion
+    (cw, ch), (w, h) = companion.size, size
+    if abs((cw / ch) / (w / h) - 1) > 0.01:
+        raise ValueError(f"{what} is {cw}x{ch}, its image {w}x{h}: another aspect ratio cannot be cut alike "
+                         "(give it the image's aspect ratio)")
+    return companion.resize((w, h), resample=Image.Resampling.BICUBIC)
+
+
 class ImageTransform:
     """Resize the shorter side to `resolution`, crop a square, maybe flip, scale to [-1, 1].
 
@@ -83,43 +128,31 @@ class ImageTransform:
         self._rng_worker: int | None = None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = self.resize(to_rgb(image))
-        image = self.crop(image)
-        if self.random_flip and self._random().random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return pil_to_tensor(image)
-
-    def to_bucket(self, image: Image.Image, bucket: tuple[int, int], resized: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-        """An aspect-ratio bucket's crop (``ldm.data.buckets``): resize to ``resized`` (width, height; it covers
-        ``bucket``), crop ``bucket`` (width, height) at the centre or at random, maybe flip, scale to [-1, 1].
-
-        Returns the tensor (3, h, w) and SDXL's micro-conditioning record, each (height, width) / (top, left) as
-        diffusers' SDXL trainer writes it: ``original_size`` the upright image's size, ``crop_top_left`` the crop's
-        offset in the resized image (after a flip: measured from the mirrored left edge, as kohya's
-        train_util does), ``target_size`` the bucket's size."""
         image = to_rgb(image)
-        original = (image.size[1], image.size[0])
-        if tuple(resized) != image.size:
-            image = image.resize(tuple(resized), resample=Image.Resampling.BICUBIC)
-        (bw, bh), (rw, rh) = bucket, image.size
-        if self.center_crop:
-            left, top = (rw - bw) // 2, (rh - bh) // 2
-        else:
-            rng = self._random()
-            left, top = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
-        if (left, top, bw, bh) != (0, 0, rw, rh):
-            image = image.crop((left, top, left + bw, top + bh))
-        if self.random_flip and self._random().random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = rw - bw - left
-        record = {"original_size": original, "crop_top_left": (top, left), "target_size": (bh, bw)}
-        return pil_to_tensor(image), record
+        return pil_to_tensor(self.draw(image.size)(image))
+
+    def draw(self, size: tuple[int, int], bucket: tuple[int, int] | None = None,
+             resized: tuple[int, int] | None = None) -> Cut:
+        """The cut of an image of ``size`` (width, height): without ``bucket``, resize the shorter side to
+        `resolution` and crop a square; with an aspect-ratio bucket's (width, height) (``ldm.data.buckets``), resize
+        to ``resized`` (it covers the bucket) and crop the bucket. The crop at the centre or at random, then a flip
+        or not (in that order from the random stream)."""
+        if bucket is None:
+            bucket, resized = (self.resolution, self.resolution), self.cover(size)
+        (bw, bh), (rw, rh) = bucket, resized
+        left, top = self._offset(rw - bw, rh - bh)
+        flip = self.random_flip and self._random().random() < 0.5
+        return Cut((int(rw), int(rh)), (left, top, left + bw, top + bh), flip)
+
+    def cover(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The size (width, height) whose shorter side is `resolution`, the aspect ratio kept."""
+        width, height = size
+        scale = self.resolution / min(width, height)
+        return max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale))
 
     def resize(self, image: Image.Image) -> Image.Image:
         """Resize so the shorter side equals `resolution` (bicubic, antialiased by PIL)."""
-        width, height = image.size
-        scale = self.resolution / min(width, height)
-        size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+        size = self.cover(image.size)
         if size == image.size:
             return image
         return image.resize(size, resample=Image.Resampling.BICUBIC)
@@ -128,14 +161,17 @@ class ImageTransform:
         """Centre or random square crop of side `resolution`."""
         width, height = image.size
         r = self.resolution
-        if self.center_crop:
-            left, top = (width - r) // 2, (height - r) // 2
-        else:
-            rng = self._random()
-            left, top = rng.randint(0, width - r), rng.randint(0, height - r)
+        left, top = self._offset(width - r, height - r)
         if (left, top, width, height) == (0, 0, r, r):
             return image
         return image.crop((left, top, left + r, top + r))
+
+    def _offset(self, spare_width: int, spare_height: int) -> tuple[int, int]:
+        """The crop's (left, top) in an image ``spare_*`` pixels larger than the crop: centred or at random."""
+        if self.center_crop:
+            return spare_width // 2, spare_height // 2
+        rng = self._random()
+        return rng.randint(0, spare_width), rng.randint(0, spare_height)
 
     def _random(self):
         if self.seed is None:

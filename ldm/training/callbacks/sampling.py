@@ -76,10 +76,23 @@ def generate_each(pl_module, prompts: list[str], options: list[dict[str, Any]]) 
     return out
 
 
-def generate_at_sizes(pl_module, prompts: list[str], sizes: list[tuple[int, int]], **options) -> list[torch.Tensor]:
+def generate_at_sizes(pl_module, prompts: list[str], sizes: list[tuple[int, int]],
+                      control_images: list[torch.Tensor] | None = None, **options) -> list[torch.Tensor]:
     """One image (3, H, W) per prompt at its own (height, width): one `generate` call per size (seeded alike), in
-    the prompts' order; how samples of bucketed data are drawn at each caption's bucket size."""
-    return generate_each(pl_module, prompts, [dict(options, resolution=size) for size in sizes])
+    the prompts' order; how samples of bucketed data are drawn at each caption's bucket size. ``control_images``:
+    one (C, H, W) per prompt at its size (a ControlNet's controls of bucketed pairs)."""
+    if control_images is None:
+        return generate_each(pl_module, prompts, [dict(options, resolution=size) for size in sizes])
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for size, chosen in groups.items():
+        images = generate(pl_module, [prompts[i] for i in chosen], resolution=size,
+                          control_images=torch.stack([control_images[i] for i in chosen]), **options)
+        for i, image in zip(chosen, images):
+            out[i] = image
+    return out
 
 
 def training_source(trainer: L.Trainer):
@@ -138,7 +151,8 @@ class SamplingCallback(ResultCallback):
         # beside the samples, when the prompts came from the data: a (B, 3, H, W) tensor, or a list of (3, h, w)
         # images of their own sizes (aspect-ratio buckets)
         self.real_images: torch.Tensor | list[torch.Tensor] | None = None
-        self.control_images: torch.Tensor | None = None  # (B, C, H, W) in [0, 1]: the items' ControlNet controls
+        # (B, C, H, W) in [0, 1]: the items' ControlNet controls (a list of (C, H, W) at their bucket sizes)
+        self.control_images: torch.Tensor | list[torch.Tensor] | None = None
         self.last_path: Path | None = None
         self._last_step = -1
         self._file_runs: list[tuple[dict[str, Any], str]] | None = None  # prompt_file: (generate options, label)
@@ -214,7 +228,8 @@ class SamplingCallback(ResultCallback):
         options = dict(sampler=self.sampler, guidance_scale=self.guidance_scale, seed=self.seed, use_ema=self.use_ema)
         sizes = self.sample_sizes(trainer)
         if sizes is not None:
-            images = generate_at_sizes(pl_module, self.prompts, sizes, **options)
+            controls = None if self.control_images is None else list(self.control_images)
+            images = generate_at_sizes(pl_module, self.prompts, sizes, control_images=controls, **options)
         else:
             images = generate(pl_module, self.prompts, resolution=self.sample_resolution(trainer),
                               control_images=self.control_images, **options)
@@ -224,7 +239,7 @@ class SamplingCallback(ResultCallback):
             # (real, sample) pairs side by side: the caption under the sample, "real" under the image; with
             # ControlNet controls: control | sample | real
             controls = ([to_pil(c.expand(3, -1, -1)[None] * 2 - 1)[0] for c in self.control_images]
-                        if self.control_images is not None and sizes is None else None)
+                        if self.control_images is not None else None)
             cells = zip(controls, pils, [to_pil(r[None])[0] for r in real]) if controls else \
                 zip([to_pil(r[None])[0] for r in real], pils)
             pils = [im for cell in cells for im in cell]
@@ -283,5 +298,8 @@ def data_prompts(trainer: L.Trainer, n: int, seed: int):
         same = len({tuple(im.shape) for im in images}) == 1
         real = torch.stack(images).float() if same else [im.float() for im in images]  # buckets: their own sizes
     controls = [it.get("conditioning_image") for it in items]
-    control = torch.stack(controls).float() if all(isinstance(c, torch.Tensor) for c in controls) else None
+    control = None
+    if all(isinstance(c, torch.Tensor) for c in controls):
+        same = len({tuple(c.shape) for c in controls}) == 1
+        control = torch.stack(controls).float() if same else [c.float() for c in controls]  # buckets: their sizes
     return [str(it["caption"]) for it in items], real, control
