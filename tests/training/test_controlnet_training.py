@@ -222,3 +222,54 @@ def test_controlnet_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base,
                    capture_output=True)
     subprocess.run([*cmd(run, every), "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
     assert_same_run(ref, run)
+
+
+class RecordControlNet(L.Callback):
+    """Writes each rank's trained indices, final ControlNet and EMA weights, and the files it wrote (spawned
+    processes pickle it: module level). on_fit_end runs after the module's on_train_end, which writes the files."""
+
+    def __init__(self, out: str):
+        self.out, self.seen = out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen += batch["index"].tolist()
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save({"seen": self.seen, "controlnet": pl_module.controlnet.state_dict(),
+                    "ema": pl_module.ema.model.state_dict(), "written": dict(pl_module.written_files)},
+                   Path(self.out, f"rank{trainer.global_rank}.pt"))
+
+
+@pytest.mark.slow  # two spawned processes: 42 s on the shared 2-core machine
+def test_two_process_ddp_trains_one_controlnet_and_rank_0_writes_it(tiny_cfg, base, pairs, tmp_path):
+    """adapter=controlnet under 2-process DDP (gloo): the ranks split the epoch, end with identical ControlNets (and
+    EMAs) that did train, and only rank 0 writes the run's files, which load (ours and diffusers')."""
+    from diffusers import ControlNetModel
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg(base, *controlnet_args(pairs), "module.ema_decay=0.9", "optim.lr=2e-3",
+                   "trainer.limit_val_batches=0")
+    L.seed_everything(0)
+    module = build_diffusion_module(cfg)
+    module.run_dir = tmp_path / "run"  # train(cfg) sets it; the files go there
+    initial = {k: v.clone() for k, v in module.controlnet.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[RecordControlNet(str(tmp_path))],
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(16))  # 16 pairs: disjoint, the whole epoch
+    for name in ("controlnet", "ema"):
+        a, b = ranks[0][name], ranks[1][name]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trained = ranks[0]["controlnet"]
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial if trained[k].is_floating_point())
+    # rank 0 wrote the files, rank 1 nothing
+    assert set(ranks[0]["written"]) == {"controlnet", "controlnet_single_file"} and ranks[1]["written"] == {}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["controlnet", "controlnet.safetensors"]
+    for path in ranks[0]["written"].values():  # the EMA weights, as every run writes them
+        net = read_controlnet(path)
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in ranks[0]["ema"].items())
+    theirs = ControlNetModel.from_pretrained(ranks[0]["written"]["controlnet"])
+    assert sum(p.numel() for p in theirs.parameters()) == sum(v.numel() for v in ranks[0]["ema"].values())
