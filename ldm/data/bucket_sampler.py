@@ -49,6 +49,13 @@ class BucketBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @property
+    def sampler(self) -> "BucketBatchSampler":
+        """Itself: Lightning sets each epoch start on ``loader.sampler`` and ``loader.batch_sampler.sampler``, never
+        on a batch sampler (``lightning.fabric.utilities.data._set_sampler_epoch``), so without this every epoch of
+        an uninterrupted run would repeat epoch 0's batches while a resumed run takes its epoch's: not the same run."""
+        return self
+
     def skip(self, num_batches: int) -> None:
         """The next iteration starts after this rank's first ``num_batches`` batches of the epoch."""
         self._skip = int(num_batches)

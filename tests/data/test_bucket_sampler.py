@@ -147,3 +147,20 @@ def test_webdataset_refuses_buckets():
 
     with pytest.raises(ValueError, match="data.train.buckets.*not supported for webdataset"):
         WebDatasetSource(["x.tar"], buckets={"enabled": True})
+
+
+def test_lightning_sets_each_epoch_on_the_bucket_batches():
+    """Lightning calls set_epoch on ``loader.sampler`` and ``loader.batch_sampler.sampler`` at every epoch start (not
+    on a batch sampler): the bucket batches must reach it, or an uninterrupted run repeats epoch 0's order every
+    epoch while a resumed one (whose loader is given its epoch) does not."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    batches = BucketBatchSampler([0, 1, 0, 1, 2, 2, 0, 1], batch_size=2, seed=3)
+    loader = DataLoader(list(range(8)), batch_sampler=batches)
+    orders = []
+    for epoch in range(3):
+        _set_sampler_epoch(loader, epoch)
+        assert batches.epoch == epoch
+        orders.append([b.tolist() for b in loader])
+    assert orders[0] != orders[1] or orders[1] != orders[2]

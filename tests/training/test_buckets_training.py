@@ -86,7 +86,7 @@ def test_resume_mid_epoch_with_buckets_is_exact(tiny_cfg, mixed, tmp_path):
     reference = tiny_cfg(*common, f"paths.run_dir={tmp_path / 'reference'}")
     train(reference)
     stopped = [*common, f"paths.run_dir={tmp_path / 'resumed'}"]
-    train(tiny_cfg(*stopped, "trainer.max_steps=3"))  # stops mid-epoch 0
+    train(tiny_cfg(*stopped, "trainer.max_steps=6"))  # stops mid-epoch 1: its batches are epoch 1's order, not 0's
     train(tiny_cfg(*stopped, "ckpt_path=last"))
     assert_same_run(tmp_path / "reference", tmp_path / "resumed")
 

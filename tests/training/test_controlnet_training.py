@@ -203,11 +203,18 @@ def test_controlnet_needs_pairs(tiny_cfg, base, pairs, tmp_path):
 
 
 @pytest.mark.slow
-def test_controlnet_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base, pairs):
+@pytest.mark.parametrize("data, stop", [("pairs", 6), ("mixed_pairs", 7)], ids=["square", "buckets"])
+def test_controlnet_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base, request, data, stop):
+    """16 square pairs in batches of 4 (stopped mid-epoch 1), or the mixed pairs with buckets and flips from the
+    latent cache: 3 batches of one bucket per epoch (stopped mid-epoch 2)."""
+    extra_data = BUCKETED if data == "mixed_pairs" else []
+    pairs = request.getfixturevalue(data)
+
     def cmd(run, *extra):
         overrides = [o for o in TINY_MODEL if not o.startswith(("trainer.max_steps", "data.batch_size",
                                                                   "data.train.resolution"))]
-        return [sys.executable, "train.py", *overrides, base, *controlnet_args(pairs), f"paths.run_dir={run}",
+        return [sys.executable, "train.py", *overrides, base, *controlnet_args(pairs), *extra_data,
+                f"paths.run_dir={run}",
                 f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=10", "trainer.val_check_interval=null",
                 "trainer.limit_val_batches=0", "module.ema_decay=0.9", "trainer.deterministic=true",
                 "optim.lr=2e-3", *CKPT, "+callbacks.checkpoint.save_top_k=-1",
@@ -218,7 +225,7 @@ def test_controlnet_run_stopped_and_resumed_equals_uninterrupted(tmp_path, base,
     assert [s for s, _ in logged_losses(ref)][-1] == 9
     run = tmp_path / "stopped"
     every = "+callbacks.checkpoint.every_n_train_steps=1"
-    subprocess.run([*cmd(run, every), "trainer.max_steps=6"], cwd=ROOT, env=child_env(), check=True,
+    subprocess.run([*cmd(run, every), f"trainer.max_steps={stop}"], cwd=ROOT, env=child_env(), check=True,
                    capture_output=True)
     subprocess.run([*cmd(run, every), "ckpt_path=last"], cwd=ROOT, env=child_env(), check=True, capture_output=True)
     assert_same_run(ref, run)
