@@ -214,3 +214,28 @@ def test_the_latent_cache_keeps_bucketed_pairs_cut_alike(tmp_path):
             assert tuple(cached["crop_top_left"]) == (top, left)
             assert tuple(cached["target_size"]) == tuple(item["target_size"])
     assert seen == {False, True}
+
+
+def test_a_hf_dataset_of_pairs_is_bucketed_and_cut_like_the_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from tests.helpers.control_pairs import write_mixed_pairs
+
+    images, controls = write_mixed_pairs(tmp_path)
+    pngs = sorted(images.glob("*.png"))
+    features = datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
+                                  "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [Image.open(p) for p in pngs],
+                                "conditioning_image": [Image.open(controls / p.name) for p in pngs],
+                                "text": [p.with_suffix(".txt").read_text() for p in pngs]},
+                               features=features).save_to_disk(str(tmp_path / "hf"))
+    options = dict(resolution=16, buckets=BUCKETS, center_crop=False, random_flip=True, seed=0)
+    folder = ControlPairsDataset(root=str(images), conditioning_root=str(controls), **options)
+    hf = ControlPairsDataset(path=str(tmp_path / "hf"), **options)
+    assert hf.bucket_assignment.buckets == folder.bucket_assignment.buckets
+    assert hf.bucket_assignment.bucket_of == folder.bucket_assignment.bucket_of
+    for i in range(len(folder)):  # the same seeded draws: the same cuts
+        a, b = folder[i], hf[i]
+        assert_lined_up(b)
+        for key in ("image", "conditioning_image"):
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+        assert tuple(a["crop_top_left"]) == tuple(b["crop_top_left"])
