@@ -65,3 +65,23 @@ def test_mismatched_text_widths_are_config_errors(tmp_path):
         build_diffusion_module(compose_train(tmp_path, FLUX_TINY + ["model.unet.joint_attention_dim=128"]))
     with pytest.raises(ConfigError, match="pooled_projection_dim"):
         build_diffusion_module(compose_train(tmp_path, FLUX_TINY + ["model.unet.pooled_projection_dim=24"]))
+
+
+@pytest.mark.parametrize("model", ["flux_dev", "flux_schnell"])
+def test_flux_presets_need_their_weights_and_build_the_presets_denoiser(tmp_path, model):
+    """model=flux_dev / flux_schnell: the placeholder fails first, naming the key (before the text encoders would be
+    fetched from the hub); the config's Flux, built on the meta device, has the preset's parameter count
+    (tests/models/test_flux.py checks those against diffusers' published configs)."""
+    from hydra.utils import instantiate
+
+    from ldm.models.flux import FLUX_PRESETS, parameter_count
+
+    cfg = compose_train(tmp_path, [f"model={model}", "schedule=flow_flux", "sampler=flow_euler"])
+    with pytest.raises(ConfigError, match="model.pretrained is not set"):
+        build_diffusion_module(cfg)
+    cfg = compose_train(tmp_path, [f"model={model}", "model.pretrained=x"])
+    with torch.device("meta"):
+        unet = instantiate(cfg.model.unet)
+    assert unet.gradient_checkpointing and unet.guidance_embeds == (model == "flux_dev")
+    assert sum(p.numel() for p in unet.parameters()) == parameter_count(FLUX_PRESETS[model])
+    assert cfg.model.text_encoder.t5_length == (512 if model == "flux_dev" else 256)
