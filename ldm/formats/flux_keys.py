@@ -62,6 +62,13 @@ def _bfl_table(config: dict) -> dict[str, str]:
     return out
 
 
+def flux_bfl_module_paths(paths: list[str], config: dict) -> dict[str, str]:
+    """Our Linear module paths -> BFL's (``double_blocks.0.x_block.attn.qkv`` -> ``double_blocks.0.img_attn.qkv``):
+    the names kohya's Flux LoRAs use (``lora_unet_double_blocks_0_img_attn_qkv``)."""
+    table = _bfl_table(config)
+    return {p: table[f"{p}.weight"][: -len(".weight")] for p in paths}
+
+
 def flux_to_bfl(state_dict: dict[str, Tensor], config: dict, prefix: str = "") -> dict[str, Tensor]:
     """Our Flux state dict -> BFL's keys (``prefix="model.diffusion_model."``: ComfyUI's checkpoint layout)."""
     table = _bfl_table(config)

@@ -230,3 +230,44 @@ def test_presets_have_diffusers_parameter_counts(name):
     assert parameter_count(FLUX_PRESETS[name]) == EXPECTED_PARAMETERS[name]
     assert flux_diffusers_config(preset.config) == {**PUBLISHED[name], "out_channels": None}
     assert flux_config_from_diffusers(PUBLISHED[name]) == FLUX_PRESETS[name]
+
+
+@pytest.mark.parametrize("preset,expected", [("attention", 12), ("attention_ff", 20)])
+def test_lora_on_flux_round_trips_through_its_kohya_file(tmp_path, preset, expected):
+    """adapter=lora finds Flux's layers (its lora_targets), writes kohya's Flux layout (BFL's module names:
+    lora_unet_double_blocks_0_img_attn_qkv, lora_unet_single_blocks_0_linear1, as sd-scripts' Flux LoRAs) with
+    Flux's model spec, and the file merged into a copy gives the adapted outputs."""
+    import copy
+
+    from safetensors import safe_open
+
+    from ldm.formats.lora_files import apply_lora_files, save_lora_file
+    from ldm.models.lora import LoRAConfig, LoRANetwork
+
+    base = _random(Flux(**DEV_LIKE))
+    merged = copy.deepcopy(base)
+    roots = {"unet": base}
+    network = LoRANetwork.build(roots, LoRAConfig(preset=preset, rank=2))
+    # attention: 2 double blocks x 2 streams x (qkv, proj) + 2 single blocks x (linear1, linear2) = 12;
+    # attention_ff: + 2 x 2 x (fc1, fc2) = 20
+    assert len(network.weights()) == expected
+    with torch.no_grad():
+        for p in network.parameters():
+            p.normal_(0, 0.2)
+    network.attach(roots)
+    x, t, ctx, y = _inputs()
+    with torch.no_grad():
+        adapted = base(x, t, _context(ctx, y))
+    network.detach()
+    path = save_lora_file(network, roots, tmp_path / "flux_lora.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_unet_double_blocks_1_txt_attn_proj.alpha",
+            "lora_unet_single_blocks_1_linear1.lora_up.weight"} <= keys
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    apply_lora_files({"unet": merged}, [str(path)], report=lambda m: None)
+    with torch.no_grad():
+        got = merged(x, t, _context(ctx, y))
+        assert (got - base(x, t, _context(ctx, y))).abs().max() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(got, adapted, atol=1e-4, rtol=1e-5)

@@ -33,6 +33,26 @@ def test_flux_tiny_trains_with_flow_matching_and_samples(tmp_path):
                            width=16, seed=0)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     assert calls == [2, 2]  # no guidance embedding: classifier-free guidance, both branches in one batch
+    # adapter=lora on it: kohya's Flux layout, merged by sample.py lora= (flow_euler)
+    from hydra import compose, initialize_config_dir
+
+    from ldm.formats.lora_files import apply_lora_files, bundle_roots
+    from ldm.pipelines.cli import register_configs, sample
+    from tests.helpers import CONFIGS
+
+    lora_run = tmp_path / "lora"
+    lora = train(compose_train(lora_run, FLUX_TINY + ["adapter=lora", f"model.pretrained={result['last_checkpoint']}",
+                                                      "optim.lr=1e-2"]))
+    assert lora["global_step"] == 3
+    lora_file = lora_run / "run" / "lora.safetensors"
+    files = apply_lora_files(bundle_roots(bundle), [str(lora_file)], report=lambda m: None)
+    assert len(files[0].weights) == 12 and not files[0].unmapped  # 2 x 2 x (qkv, proj) + 2 x (linear1, linear2)
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={result['last_checkpoint']}", f"out_dir={tmp_path / 'png'}",
+                                           "prompt=a red circle", "n_images=1", "sampler=flow_euler",
+                                           "sampler.steps=2", f"lora=[{lora_file}]"])
+    assert [p.name for p in sample(cfg)] == ["00000.png", "grid.png"]
 
 
 def test_a_guidance_embedding_flux_gets_the_scale_as_its_input(tmp_path):
