@@ -271,3 +271,16 @@ def test_lora_on_flux_round_trips_through_its_kohya_file(tmp_path, preset, expec
         got = merged(x, t, _context(ctx, y))
         assert (got - base(x, t, _context(ctx, y))).abs().max() > 1e-3  # the LoRA does something
     torch.testing.assert_close(got, adapted, atol=1e-4, rtol=1e-5)
+
+
+def test_a_single_file_describing_too_many_blocks_is_refused_before_anything_is_built(tmp_path):
+    """The config read from a file's tensor names is bounded like a stored config: 300 single blocks named by a
+    few bytes each are refused (FluxConfig allows 256) before a network is built."""
+    from safetensors.torch import save_file
+
+    ours = Flux(**TINY)
+    state = flux_to_bfl(ours.state_dict(), ours.config)
+    state |= {f"single_blocks.{i}.linear2.bias": torch.zeros(1) for i in range(2, 300)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "huge.safetensors"))
+    with pytest.raises(CheckpointError, match="num_single_layers"):
+        read_flux_single_file(tmp_path / "huge.safetensors", attention_head_dim=16, axes_dims_rope=(4, 6, 6))
