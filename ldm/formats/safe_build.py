@@ -194,6 +194,7 @@ FLOW_SCHEDULE_SCHEMA = {
     "dynamic_shift": Param(BOOL), "base_shift": Param(FLOAT, -100.0, 100.0), "max_shift": Param(FLOAT, -100.0, 100.0),
     "base_seq_len": Param(INT, 1, 10**8), "max_seq_len": Param(INT, 2, 10**8), "patch_size": Param(INT, 1, 64),
     "weighting": Param(STR, choices=("none", "sigma_sqrt", "cosmap")), "prediction_type": Param(STR, choices=("flow",)),
+    "spacing": Param(STR, choices=("table", "flux")),
 }
 # The text encoders' factories (a stored model.text_encoder node): their sources and options, from their configs
 TEXT_OPTIONS_SCHEMA = schema_of(TextEncoderOptions)
