@@ -155,7 +155,8 @@ def _diffusers_tables(config: dict) -> tuple[dict[str, str], dict[str, list[tupl
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     mlp = 4 * dim
     renames = (_linear("img_in", "x_embedder") | _linear("txt_in", "context_embedder")
-               | _linear("final_layer.linear", "proj_out") | _linear("final_layer.adaLN_modulation.1", "norm_out.linear"))
+               | _linear("final_layer.linear", "proj_out")
+               | _linear("final_layer.adaLN_modulation.1", "norm_out.linear"))
     embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
     if config.get("guidance_embeds"):
         embedders.append(("guidance_in", "guidance_embedder"))
@@ -169,7 +170,8 @@ def _diffusers_tables(config: dict) -> tuple[dict[str, str], dict[str, list[tupl
                     | _linear(f"{o}.context_block.adaLN_modulation.1", f"{d}.norm1_context.linear")
                     | _linear(f"{o}.x_block.attn.proj", f"{d}.attn.to_out.0")
                     | _linear(f"{o}.context_block.attn.proj", f"{d}.attn.to_add_out")
-                    | _linear(f"{o}.x_block.mlp.fc1", f"{d}.ff.net.0.proj") | _linear(f"{o}.x_block.mlp.fc2", f"{d}.ff.net.2")
+                    | _linear(f"{o}.x_block.mlp.fc1", f"{d}.ff.net.0.proj")
+                    | _linear(f"{o}.x_block.mlp.fc2", f"{d}.ff.net.2")
                     | _linear(f"{o}.context_block.mlp.fc1", f"{d}.ff_context.net.0.proj")
                     | _linear(f"{o}.context_block.mlp.fc2", f"{d}.ff_context.net.2"))
         renames |= {f"{o}.x_block.attn.ln_q.weight": f"{d}.attn.norm_q.weight",
@@ -248,7 +250,8 @@ def flux_config_from_diffusers(cfg: dict) -> dict:
         raise CheckpointError(f"diffusers Flux transformer config: in_channels {in_ch} / out_channels {out_ch} are "
                               "not 4 x the latent channels")
     return dict(in_channels=in_ch // 4, out_channels=out_ch // 4, patch_size=2, num_layers=cfg.get("num_layers", 19),
-                num_single_layers=cfg.get("num_single_layers", 38), attention_head_dim=cfg.get("attention_head_dim", 128),
+                num_single_layers=cfg.get("num_single_layers", 38),
+                attention_head_dim=cfg.get("attention_head_dim", 128),
                 num_attention_heads=cfg.get("num_attention_heads", 24),
                 joint_attention_dim=cfg.get("joint_attention_dim", 4096),
                 pooled_projection_dim=cfg.get("pooled_projection_dim", 768),

@@ -140,7 +140,8 @@ class Flux(nn.Module):
         super().__init__()
         config = config_of(FluxConfig, args, arguments)
         self.config = record(config)
-        self.patch_size, self.in_channels, self.out_channels = config.patch_size, config.in_channels, config.out_channels
+        self.patch_size, self.in_channels = config.patch_size, config.in_channels
+        self.out_channels = config.out_channels
         self.downsample_factor = config.patch_size  # latent sides must be multiples of it (as the U-Net's factor)
         self.gradient_checkpointing = config.gradient_checkpointing
         self.guidance_embeds, self.train_guidance = config.guidance_embeds, config.train_guidance
