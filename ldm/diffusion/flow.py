@@ -33,6 +33,7 @@ from torch import Tensor
 from ldm.diffusion.process import _bcast
 
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+FLOW_SPACINGS = ("table", "flux")  # inference sigmas: the scheduler's table (SD3), FluxPipeline's linspace(1, 1/n, n)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class FlowMatching:
     max_seq_len: int = 4096
     patch_size: int = 2
     weighting: str = "none"
+    spacing: str = "table"
     prediction_type: str = "flow"  # what the network outputs: the velocity (named for config checks and metadata)
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class FlowMatching:
             raise ValueError(f"schedule.patch_size must be >= 1, got {self.patch_size}")
         if self.weighting not in FLOW_WEIGHTINGS:
             raise ValueError(f"schedule.weighting must be one of {FLOW_WEIGHTINGS}, got {self.weighting!r}")
+        if self.spacing not in FLOW_SPACINGS:
+            raise ValueError(f"schedule.spacing must be one of {FLOW_SPACINGS}, got {self.spacing!r}")
         if self.prediction_type != "flow":
             raise ValueError(f"a flow-matching schedule predicts the velocity: prediction_type must be 'flow', got "
                              f"{self.prediction_type!r} (use schedule=scaled_linear or scaled_linear_v for eps / v)")
@@ -120,10 +124,14 @@ class FlowMatching:
         """Descending sigmas of ``num_steps`` Euler steps (float64, without the final 0), as diffusers'
         FlowMatchEulerDiscreteScheduler.set_timesteps builds them: n points evenly spaced in timestep between
         the training table's ends (sigma_max = 1 and sigma_min = its smallest entry: shift(1 / T) with a fixed
-        shift, 1 / T with the dynamic one, whose table is unshifted), then shifted."""
+        shift, 1 / T with the dynamic one, whose table is unshifted), then shifted; spacing "flux": the sigmas
+        FluxPipeline gives it, 1, 1 - 1/n, ..., 1/n, then shifted."""
         if not 1 <= num_steps <= self.num_train_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
         T = self.num_train_timesteps
+        if self.spacing == "flux":  # FluxPipeline: np.linspace(1, 1 / n, n), float32 in its scheduler, then shifted
+            sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).float().double()
+            return self.shifted(sigmas, image_seq_len)
         edge = torch.tensor([1.0, 1.0 / T], dtype=torch.float64)
         table_max, table_min = (edge if self.dynamic_shift else self.shifted(edge)).tolist()
         # diffusers keeps its table in float32: its ends are float32 numbers

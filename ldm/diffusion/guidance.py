@@ -76,6 +76,19 @@ def classifier_free_guidance(model: DiffusionModel, x: Tensor, t: Tensor, cond: 
     return out_uncond + scale * (out_cond - out_uncond)
 
 
+def embedded_guidance(model: DiffusionModel, cond: Conditioning | None,
+                      scale: float) -> tuple[Conditioning | None, float]:
+    """A guidance-distilled model (FLUX.1-dev: ``model.guidance_embeds``) takes the guidance scale as an input,
+    ``context["guidance"]`` (B,), and is sampled with the conditional prediction alone (no CFG: diffusers'
+    FluxPipeline with true_cfg_scale 1). Returns (the conditioning to use, the CFG scale to apply); other models
+    are returned unchanged."""
+    if not getattr(model, "guidance_embeds", False) or cond is None or not isinstance(cond.context, dict):
+        return cond, scale
+    reference = next(iter(cond.context.values()))
+    guidance = torch.full((reference.shape[0],), float(scale), device=reference.device)
+    return Conditioning({**cond.context, "guidance": guidance}, None), 1.0
+
+
 Scorer = Callable[[Tensor, Tensor], Tensor]
 """A differentiable scorer: (x0_hat (B, C, H, W), t (B,)) -> log-preference per sample (B,)."""
 

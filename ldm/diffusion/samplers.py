@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ldm.diffusion.guidance import ClassifierGuidance, Conditioning, DiffusionModel, classifier_free_guidance
+from ldm.diffusion.guidance import (ClassifierGuidance, Conditioning, DiffusionModel, classifier_free_guidance,
+                                   embedded_guidance)
 from ldm.diffusion.process import x0_eps_from_output
 from ldm.diffusion.schedules import NoiseSchedule
 
@@ -295,8 +296,10 @@ def flow_euler(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, 
 
     ``schedule`` is a :class:`~ldm.diffusion.flow.FlowMatching`; ``timesteps`` are the network's timesteps
     sigma * T, descending (``FlowMatching.inference_timesteps``); ``x`` is x_sigma = (1 - sigma) x0 + sigma eps
-    at the first of them (pure noise at sigma = 1). CFG applies to the velocity (it is linear in it). The state
-    given to ``step_hook`` is x = a x0 + s eps with a = 1 - sigma_next, s = sigma_next.
+    at the first of them (pure noise at sigma = 1). CFG applies to the velocity (it is linear in it); a
+    guidance-distilled model (FLUX.1-dev) gets ``guidance_scale`` as its guidance input instead
+    (:func:`~ldm.diffusion.guidance.embedded_guidance`). The state given to ``step_hook`` is x = a x0 + s eps with
+    a = 1 - sigma_next, s = sigma_next.
     """
     if classifier is not None:
         raise ValueError("classifier guidance is defined here for eps / v models on a noise schedule, not for the "
@@ -304,6 +307,7 @@ def flow_euler(model, x, schedule, timesteps, *, cond=None, guidance_scale=1.0, 
     if getattr(schedule, "prediction_type", None) != "flow":
         raise ValueError("the flow_euler sampler needs a flow-matching model (schedule=flow); this model predicts "
                          f"{getattr(schedule, 'prediction_type', '?')!r}: use ddim, euler, ...")
+    cond, guidance_scale = embedded_guidance(model, cond, guidance_scale)
     T = schedule.num_train_timesteps
     # diffusers keeps float32 sigmas and gives the network float32 sigma * T: the same numbers here
     sigmas32 = torch.cat([timesteps.to(torch.float64) / T, torch.zeros(1, dtype=torch.float64)]).to(torch.float32)

@@ -14,10 +14,15 @@ def unet_diffusers_paths(unet: nn.Module, paths: list[str]) -> dict[str, str]:
     """Our U-Net module paths -> diffusers module paths, with the project's one key map (diffusers_keys). An MMDiT's
     paths stay as they are: kohya's SD3 LoRAs (sd-scripts networks/lora_sd3.py) name the original MMDiT modules
     (``lora_unet_joint_blocks_0_x_block_attn_qkv``), which are ours."""
+    from ldm.models.flux import Flux
     from ldm.models.mmdit import MMDiT
 
     if isinstance(unet, MMDiT):
         return {p: p for p in paths}
+    if isinstance(unet, Flux):  # kohya's Flux LoRAs (sd-scripts networks/lora_flux.py) name BFL's modules
+        from ldm.formats.flux_keys import flux_bfl_module_paths
+
+        return flux_bfl_module_paths(paths, unet.config)
     renamed = unet_ldm_to_diffusers({f"{p}.weight": p for p in paths}, unet.config)
     return {ours: key[: -len(".weight")] for key, ours in renamed.items()}
 

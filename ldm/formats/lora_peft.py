@@ -37,11 +37,15 @@ MAGNITUDE_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector")
 def _no_mmdit(roots: dict[str, nn.Module]) -> None:
     """diffusers' SD3 LoRAs adapt to_q / to_k / to_v separately where the MMDiT has one fused qkv layer: that
     layout is not mapped here yet (a fused rank-r LoRA splits exactly, the reverse needs rank 3r)."""
+    from ldm.models.flux import Flux
     from ldm.models.mmdit import MMDiT
 
     if isinstance(roots.get("unet"), MMDiT):
         raise ValueError("an MMDiT (SD3) LoRA in the diffusers / PEFT layout is not supported yet: use the kohya "
                          "layout (the original MMDiT names, as sd-scripts' SD3 LoRAs)")
+    if isinstance(roots.get("unet"), Flux):  # the same fused qkv (and a single block's fused linear1)
+        raise ValueError("a Flux LoRA in the diffusers / PEFT layout is not supported yet: use the kohya layout "
+                         "(BFL's module names, as sd-scripts' Flux LoRAs)")
 
 
 def _peft_paths(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:

@@ -31,6 +31,9 @@ ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
 ARCH_SD_XL_V1_BASE = "stable-diffusion-xl-v1-base"
 ARCH_SD3 = "stable-diffusion-3"  # sai_model_spec.ARCH_SD3_M without its variant suffix ("-m", ...)
 SD3_VERSION = "sd3"
+FLUX_VERSION = "flux1"  # sd-scripts' flux_utils.MODEL_VERSION_FLUX_V1
+ARCH_FLUX_1 = "flux-1"  # sai_model_spec.ARCH_FLUX_1_UNKNOWN (the dev / schnell variant is not inferred)
+IMPL_FLUX = "https://github.com/black-forest-labs/flux"  # sai_model_spec.IMPL_FLUX
 ADAPTERS = ("lora", "textual-inversion")  # sai_model_spec.ADAPTER_LORA / ADAPTER_TEXTUAL_INVERSION
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
@@ -43,6 +46,8 @@ def infer_base_model_version(roots: dict[str, nn.Module], prediction_type: str =
     SDXL's vector input), SD2 (OpenCLIP's gelu text encoder; without one, a 1024-wide U-Net context), else SD1."""
     te, unet = roots.get("text_encoder"), roots.get("unet")
     unet_config = getattr(unet, "config", None) or {}
+    if "num_single_layers" in unet_config:  # a Flux
+        return FLUX_VERSION
     if "joint_attention_dim" in unet_config:  # an MMDiT (SD3)
         return SD3_VERSION
     if hasattr(te, "model_2") or unet_config.get("adm_in_channels"):
@@ -61,6 +66,8 @@ def model_spec_architecture(version: str, adapter: str = "lora") -> str:
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
     if version == SD3_VERSION:
         arch = ARCH_SD3
+    elif version == FLUX_VERSION:
+        arch = ARCH_FLUX_1
     elif version.startswith("sdxl"):
         arch = ARCH_SD_XL_V1_BASE
     elif version.startswith("sd_v2"):
@@ -73,6 +80,8 @@ def model_spec_architecture(version: str, adapter: str = "lora") -> str:
 def model_spec_implementation(version: str, adapter: str = "lora") -> str:
     """``modelspec.implementation`` (determine_implementation): an SDXL LoRA or a textual inversion -> Stability's
     generative-models URL; an SD1/SD2 LoRA -> "diffusers"."""
+    if version == FLUX_VERSION:
+        return IMPL_FLUX
     if adapter == "textual-inversion" or version.startswith("sdxl"):
         return IMPL_STABILITY_AI
     return IMPL_DIFFUSERS

@@ -29,6 +29,7 @@ from ldm.models.config_fields import field_bounds, field_types
 from ldm.models.text_encoder import CLIPFolder, TextEncoderOptions, TinyCLIPConfig
 from ldm.models.text_encoder_sdxl import DualTextOptions, TinyDualCLIPConfig
 from ldm.models.controlnet import ControlNetConfig
+from ldm.models.flux import FluxConfig
 from ldm.models.mmdit import MMDiTConfig
 from ldm.models.text_encoder_sd3 import SD3TextOptions, TinySD3TextConfig
 from ldm.models.unet import UNetConfig
@@ -185,6 +186,7 @@ SCHEDULE_SCHEMA = {
 }
 # SD3's MMDiT and its tiny text encoder (model=mmdit_tiny)
 MMDIT_SCHEMA = schema_of(MMDiTConfig)
+FLUX_SCHEMA = schema_of(FluxConfig)  # Flux.1 (model=flux_tiny, the flux_dev / flux_schnell presets)
 TINY_SD3_TEXT_SCHEMA = {**schema_of(TinySD3TextConfig), **schema_of(SD3TextOptions)}
 # ldm.diffusion.flow.FlowMatching (schedule=flow): flow matching's shift and loss weighting
 FLOW_SCHEDULE_SCHEMA = {
@@ -192,6 +194,7 @@ FLOW_SCHEDULE_SCHEMA = {
     "dynamic_shift": Param(BOOL), "base_shift": Param(FLOAT, -100.0, 100.0), "max_shift": Param(FLOAT, -100.0, 100.0),
     "base_seq_len": Param(INT, 1, 10**8), "max_seq_len": Param(INT, 2, 10**8), "patch_size": Param(INT, 1, 64),
     "weighting": Param(STR, choices=("none", "sigma_sqrt", "cosmap")), "prediction_type": Param(STR, choices=("flow",)),
+    "spacing": Param(STR, choices=("table", "flux")),
 }
 # The text encoders' factories (a stored model.text_encoder node): their sources and options, from their configs
 TEXT_OPTIONS_SCHEMA = schema_of(TextEncoderOptions)
@@ -386,6 +389,18 @@ def _mmdit_preset(name: str, **kw) -> nn.Module:
     return MMDiT.from_preset(name, **kw)
 
 
+def _flux(**kw) -> nn.Module:
+    from ldm.models.flux import Flux
+
+    return Flux(**kw)
+
+
+def _flux_preset(name: str, **kw) -> nn.Module:
+    from ldm.models.flux import Flux
+
+    return Flux.from_preset(name, **kw)
+
+
 def _tiny_sd3_text_encoder(folder: str | None = None, **kw) -> nn.Module:
     """The local tiny SD3 CLIP pair; a stored ``folder`` only if it already holds one (as the other tiny encoders)."""
     from ldm.models.text_encoder_sd3 import SD3TextEncoder
@@ -440,6 +455,8 @@ BUILDERS: dict[str, Builder] = {
     SCHEDULE_TARGET: Builder(_schedule, SCHEDULE_SCHEMA, "schedule"),
     "ldm.models.mmdit.MMDiT": Builder(_mmdit, MMDIT_SCHEMA, "unet"),
     "ldm.models.mmdit.MMDiT.from_preset": Builder(_mmdit_preset, {"name": Param(STR), **MMDIT_SCHEMA}, "unet"),
+    "ldm.models.flux.Flux": Builder(_flux, FLUX_SCHEMA, "unet"),
+    "ldm.models.flux.Flux.from_preset": Builder(_flux_preset, {"name": Param(STR), **FLUX_SCHEMA}, "unet"),
     "ldm.models.text_encoder_sd3.SD3TextEncoder.from_tiny": Builder(_tiny_sd3_text_encoder, TINY_SD3_TEXT_SCHEMA,
                                                                      "text_encoder"),
     FLOW_SCHEDULE_TARGET: Builder(_flow_schedule, FLOW_SCHEDULE_SCHEMA, "schedule"),

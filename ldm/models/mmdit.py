@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ldm.models.config_fields import bounded, config_of, record
 from ldm.models.layers import timestep_embedding
+from ldm.models.rope import Rope, apply_rope
 
 FREQUENCY_DIM = 256  # the sinusoidal timestep embedding's width (DiT's frequency_embedding_size)
 
@@ -140,11 +141,16 @@ class StreamAttention(nn.Module):
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, N, D) -> q, k, v each (B, heads, N, head_dim), q and k normalised when qk_norm."""
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = split_heads(self.qkv(x), self.heads)
         if hasattr(self, "ln_q"):
             q, k = self.ln_q(q), self.ln_k(k)
         return q, k, v
+
+
+def split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A fused projection (B, N, 3 D), laid out [q; k; v] with heads then head dims, -> q, k, v (B, heads, N, d)."""
+    B, N, D3 = qkv.shape
+    return qkv.reshape(B, N, 3, heads, D3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -200,7 +206,9 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(dim, heads, qk_norm, pre_only=context_pre_only)
         self.x_block = StreamBlock(dim, heads, qk_norm, dual_attention=dual_attention)
 
-    def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
+    def forward(self, context: Tensor, x: Tensor, c: Tensor, rope: Rope | None = None) -> tuple[Tensor | None, Tensor]:
+        """rope: rotary positions of the [image; text] tokens (Flux.1's double-stream block), applied to the
+        normalised q and k; None for SD3 (its positions are added to the image tokens)."""
         n_img = x.shape[1]
         x_block, ctx_block = self.x_block, self.context_block
         x_mods = x_block.modulations(c)
@@ -209,7 +217,10 @@ class JointBlock(nn.Module):
         c_mods = ctx_block.modulations(c)
         cq, ck, cv = ctx_block.attn.qkv_heads(modulate(ctx_block.norm(context), c_mods[0], c_mods[1]))
         # one attention over both streams, image tokens first (diffusers' JointAttnProcessor2_0 order)
-        joint = attention(torch.cat([xq, cq], 2), torch.cat([xk, ck], 2), torch.cat([xv, cv], 2))
+        q, k = torch.cat([xq, cq], 2), torch.cat([xk, ck], 2)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        joint = attention(q, k, torch.cat([xv, cv], 2))
         x_attn, c_attn = joint[:, :n_img], joint[:, n_img:]
 
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = x_mods[:6]

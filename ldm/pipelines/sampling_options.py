@@ -88,16 +88,21 @@ class SamplingOptions:
                              f"{self.spacing!r}; set steps_offset=0")
         return self
 
-    def timesteps(self, schedule: NoiseSchedule) -> Tensor:
+    def timesteps(self, schedule: NoiseSchedule, latent_size: tuple[int, int] | None = None) -> Tensor:
         """The descending inference timesteps of this run (``ldm.diffusion.samplers.make_timesteps``; for a
-        flow-matching model its shifted sigmas times T, ``FlowMatching.inference_timesteps``)."""
+        flow-matching model its shifted sigmas times T, ``FlowMatching.inference_timesteps``, shifted by the
+        latent's token count with ``schedule.dynamic_shift``: the sampling pipelines pass ``latent_size``, the
+        config checks that only count steps do not)."""
         is_flow = isinstance(schedule, FlowMatching)
         if is_flow != (self.name in FLOW_SAMPLERS):
             need = f"one of {FLOW_SAMPLERS}" if is_flow else f"not {self.name!r} (it samples flow-matching models)"
             raise ValueError(f"sampler.name: this model was trained with "
                              f"{'flow matching' if is_flow else 'a noise schedule'}: use {need}")
         if is_flow:
-            return schedule.inference_timesteps(int(self.steps))
+            seq = None
+            if schedule.dynamic_shift:
+                seq = schedule.seq_len(latent_size) if latent_size else schedule.base_seq_len
+            return schedule.inference_timesteps(int(self.steps), seq)
         return make_timesteps(schedule, int(self.steps), self.spacing, int(self.steps_offset))
 
     def sampler_kwargs(self) -> dict:

@@ -67,7 +67,8 @@ def text_to_image(
     height, width = height or default_size(bundle), width or default_size(bundle)
     check_size(bundle, height, width)
     options = sampling_options(sampler, steps=steps, eta=eta, karras=karras, spacing=spacing)  # fails before
-    timesteps = options.timesteps(bundle.schedule)  # any model runs
+    f = bundle.downsample_factor
+    timesteps = options.timesteps(bundle.schedule, (height // f, width // f))  # any model runs
     g = make_generator(seed, generator)
     with eval_mode(bundle):
         cond = encode_prompts(bundle, prompts, negative_prompt, num_images_per_prompt, guidance_scale,

@@ -15,7 +15,7 @@ GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIGS
 OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "sampler") for o in opts]
 NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "fsdp"), ("model", "sd15"),
                   ("model", "sd21"), ("model", "sdxl"), ("model", "sd3_medium"), ("model", "sd35_medium"),
-                  ("model", "sd35_large")}
+                  ("model", "sd35_large"), ("model", "flux_dev"), ("model", "flux_schnell")}
 CPU = ["trainer.accelerator=cpu", "trainer.precision=32", "trainer.devices=1"]
 REQUIRED = {("trainer", "ddp_multinode"): CPU, ("data", "folder"): ["data.train.root=REPLACE"],
             ("data", "hf"): ["data.train.path=REPLACE"],
@@ -27,7 +27,8 @@ REQUIRED = {("trainer", "ddp_multinode"): CPU, ("data", "folder"): ["data.train.
             ("experiment", "sd15_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],
             ("experiment", "sd3_finetune"): ["model.pretrained=x", "data.train.root=REPLACE"],
             ("model", "sd3_medium"): ["model.pretrained=x"], ("model", "sd35_medium"): ["model.pretrained=x"],
-            ("model", "sd35_large"): ["model.pretrained=x"],
+            ("model", "sd35_large"): ["model.pretrained=x"], ("model", "flux_dev"): ["model.pretrained=x"],
+            ("model", "flux_schnell"): ["model.pretrained=x"],
             ("experiment", "own_data"): ["data.train.root=REPLACE"],
             ("data", "dreambooth"): ["data.train.instance_root=REPLACE", "data.train.instance_prompt=x"],
             ("experiment", "dreambooth_shapes"): ["data.train.instance_root=REPLACE"]}
