@@ -2,6 +2,8 @@
 schedule=flow through the same training module as the U-Net and samples with flow_euler; the SD3 presets stop with
 a clear error when their weights are not given."""
 
+import json
+
 import pytest
 import torch
 
@@ -63,9 +65,12 @@ def test_mmdit_tiny_trains_with_flow_matching_and_samples(tmp_path):
     written = sample(sample_cfg("sampler=flow_euler", "sampler.steps=2",
                                 f"lora=[{lora_run / 'run' / 'lora.safetensors'}]"))
     assert [p.name for p in written] == ["00000.png", "grid.png"]
-    written = sample(sample_cfg("sampler=flow_euler", "sampler.steps=2", "overwrite=true",
+    written = sample(sample_cfg("sampler=flow_euler", "sampler.steps=2", "overwrite=true", "t5=false",
                                 f"lora=[{lora_run / 'run' / 'lora_diffusers'}:0.5]"))
     assert [p.name for p in written] == ["00000.png", "grid.png"]
+    from PIL import Image
+
+    assert json.loads(Image.open(written[0]).text["ldm_parameters"])["t5"] is False  # recorded with the image
     with pytest.raises(SampleConfigError, match="flow_euler"):
         sample(sample_cfg("sampler.steps=2", "overwrite=true"))
     module = build_diffusion_module(compose_train(tmp_path, MMDIT_TINY))
