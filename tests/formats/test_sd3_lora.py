@@ -28,13 +28,17 @@ def roots(bundle):
 
 
 def trained(bundle, seed=3, **cfg) -> LoRANetwork:
-    """A network as after training: up weights non-zero, so the adapter changes the outputs."""
+    """A network as after training: every parameter random (a fresh LoRA's zero B would add nothing; DoRA's
+    magnitude moved off the base's norms)."""
     torch.manual_seed(seed)
     net = LoRANetwork.build(roots(bundle), LoRAConfig(**cfg))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in net.loras.values():
-            m.up.weight.copy_(torch.randn(m.up.weight.shape, generator=g) * 0.3)
+        for name, p in net.named_parameters():
+            if name.endswith("magnitude"):
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return net.eval()
 
 
@@ -100,6 +104,20 @@ def test_our_lora_loads_in_stable_diffusion3_pipeline_with_our_outputs(tmp_path)
     assert_same(theirs(pipe), base)  # the same model before the LoRA
     pipe.load_lora_weights(str(folder))
     assert_same(theirs(pipe), adapted)
+
+
+def test_our_dora_loads_in_stable_diffusion3_pipeline_with_our_outputs(tmp_path):
+    """DoRA's norm is per output row, so the fused qkv's magnitude splits exactly into to_q / to_k / to_v's."""
+    pipe, bundle = tiny_sd3(tmp_path / "clips")
+    net = trained(bundle, type="dora", preset="attention", rank=2, alpha=3.0, text_encoder=True)
+    adapted = ours(bundle, net)
+    assert (adapted[0] - ours(bundle)[0]).abs().max() > 1e-2
+    folder = save_lora_file(net, roots(bundle), tmp_path / "dora", "peft").parent
+    pipe.load_lora_weights(str(folder))
+    assert_same(theirs(pipe), adapted)
+    back = read_lora_file(folder, roots(bundle))
+    assert back.kinds == ["dora"] and set(back.weights) == set(net.weights())
+    assert_same(ours(bundle, back.network(roots(bundle))), adapted)
 
 
 def test_sampling_with_our_lora_equals_the_pipeline_with_it(tmp_path):
