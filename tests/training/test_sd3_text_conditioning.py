@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ldm.training.module.diffusion_module import encoder_dropout_probabilities
+from ldm.training.module.text_context import probabilities_of
 from ldm.training.run.latent_prep import encode_captions
 from ldm.training.run.train import build_diffusion_module, train
 from tests.training.test_mmdit_training import MMDIT_TINY
@@ -27,7 +27,7 @@ def test_each_encoder_drops_with_its_own_probability_independently(module):
     n = 20_000
     context = {"crossattn": torch.ones(n, 77 + 8, 96), "vector": torch.ones(n, 32)}
     torch.manual_seed(0)
-    out = module.drop_encoders(context, n)
+    out = module.encoder_dropout(context, n)
     # which encoders a row dropped: their features are zeros (CLIP-L: columns 0-31, CLIP-G: 32-79, T5: tokens 77+)
     dropped = torch.stack([out["crossattn"][:, 0, 0] == 0, out["crossattn"][:, 0, 32] == 0,
                            out["crossattn"][:, 77, 0] == 0], dim=1).float()
@@ -42,10 +42,10 @@ def test_each_encoder_drops_with_its_own_probability_independently(module):
 
 def test_without_encoder_dropout_nothing_is_drawn(tmp_path):
     plain = build_diffusion_module(compose_train(tmp_path, MMDIT_TINY))
-    assert plain.encoder_dropout is None
+    assert plain.encoder_dropout.probabilities is None
     context = {"crossattn": torch.ones(2, 85, 96), "vector": torch.ones(2, 32)}
     state = torch.get_rng_state()
-    assert plain.drop_encoders(context, 2) is context
+    assert plain.encoder_dropout(context, 2) is context
     assert torch.equal(torch.get_rng_state(), state)  # the run's random stream is as before the option existed
 
 
@@ -53,13 +53,13 @@ def test_bad_encoder_dropout_names_the_fix(module):
     from ldm.models.text_encoder import CLIPTextEncoder
 
     te = module.text_encoder
-    assert encoder_dropout_probabilities(te, {"t5": 0.0}) is None  # all zero: off
+    assert probabilities_of(te, {"t5": 0.0}) is None  # all zero: off
     with pytest.raises(ValueError, match=r"unknown encoder\(s\) \['clip_h'\]"):
-        encoder_dropout_probabilities(te, {"clip_h": 0.1})
+        probabilities_of(te, {"clip_h": 0.1})
     with pytest.raises(ValueError, match=r"encoder_dropout.t5 must be in \[0, 1\]"):
-        encoder_dropout_probabilities(te, {"t5": 1.5})
+        probabilities_of(te, {"t5": 1.5})
     with pytest.raises(ValueError, match="p_uncond"):
-        encoder_dropout_probabilities(CLIPTextEncoder.from_tiny(), {"clip_l": 0.1})
+        probabilities_of(CLIPTextEncoder.from_tiny(), {"clip_l": 0.1})
 
 
 def test_cached_contexts_give_the_encoded_loss(module):

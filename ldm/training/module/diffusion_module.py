@@ -36,40 +36,19 @@ from ldm.diffusion.prior_preservation import prior_preservation_loss
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.timestep_sampling import TimestepSampling
 from ldm.models.bundle import ModelBundle
-from ldm.models.protocols import SeveralEncoders
 from ldm.training.module.checkpoint_gate import CheckpointGate
 from ldm.training.module.divergence import DivergenceGuard
 from ldm.training.module.ema import holds_average
 from ldm.training.module.guarded_update import GuardedUpdate
 from ldm.training.module.micro_conditioning import is_dual_text, training_conditioning
 from ldm.training.module.optimizer_mode import NO_MODES, optimizer_modes, restore_train_weights
+from ldm.training.module.text_context import EncoderDropout, cached_context
 from ldm.training.module.trained import Networks, RunEnd, freeze, trained_part
 from ldm.training.module.unet_compile import UNetCompile
 
 VAL_TIMESTEP_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
-__all__ = ["LatentDiffusion", "encoder_dropout_probabilities", "freeze"]
-
-
-def encoder_dropout_probabilities(text_encoder: nn.Module, probabilities: dict[str, float] | None) -> Tensor | None:
-    """``module.encoder_dropout`` ({clip_l: p, clip_g: p, t5: p}; a missing name: 0) -> one probability per encoder
-    of the text encoder, in its order; None when unset or all 0 (the behaviour before the option existed)."""
-    if not probabilities:
-        return None
-    if not isinstance(text_encoder, SeveralEncoders):
-        raise ValueError(f"module.encoder_dropout drops encoders of a text encoder made of several (SD3's clip_l, "
-                         f"clip_g, t5); {type(text_encoder).__name__} is one: use module.p_uncond")
-    names = tuple(text_encoder.encoder_names)
-    unknown = sorted(set(probabilities) - set(names))
-    if unknown:
-        raise ValueError(f"module.encoder_dropout: unknown encoder(s) {unknown}; this text encoder has {list(names)}")
-    values = []
-    for name in names:
-        p = float(probabilities.get(name) or 0.0)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"module.encoder_dropout.{name} must be in [0, 1], got {probabilities.get(name)!r}")
-        values.append(p)
-    return torch.tensor(values) if any(values) else None
+__all__ = ["LatentDiffusion", "freeze"]
 
 
 class LatentDiffusion(L.LightningModule):
@@ -103,7 +82,7 @@ class LatentDiffusion(L.LightningModule):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
-        self.encoder_dropout = encoder_dropout_probabilities(text_encoder, encoder_dropout)
+        self.encoder_dropout = EncoderDropout(text_encoder, encoder_dropout)  # SD3: each encoder on its own
         self.unet, self.autoencoder, self.text_encoder = unet, freeze(autoencoder), text_encoder
         self.schedule, self.sample_posterior = schedule, sample_posterior
         # eps / v on a noise schedule, or flow matching's velocity (schedule=flow): the loop below never asks which
@@ -175,16 +154,6 @@ class LatentDiffusion(L.LightningModule):
         drop = torch.rand(len(captions)) < self.p_uncond
         return ["" if d else c for c, d in zip(captions, drop.tolist())], drop
 
-    def drop_encoders(self, context, batch_size: int):
-        """SD3's per-encoder dropout (Esser et al. 2024: each of the three text encoders dropped independently, at
-        46.3%; ``module.encoder_dropout``): each encoder's features zeroed in each row with its own probability,
-        drawn independently of each other and of the caption dropout (on the host, as drop_captions). Nothing is
-        drawn when no probability is set: the random streams of other runs are unchanged."""
-        if self.encoder_dropout is None:
-            return context
-        dropped = torch.rand(batch_size, len(self.encoder_dropout)) < self.encoder_dropout
-        return self.text_encoder.drop_encoders(context, dropped)
-
     def encode_text(self, captions: list[str]) -> Tensor:
         with torch.set_grad_enabled(self.part.text_encoder_learns and torch.is_grad_enabled()):
             return self.text_encoder(list(captions))
@@ -201,8 +170,8 @@ class LatentDiffusion(L.LightningModule):
         if "context" not in batch or self.part.text_encoder_learns:  # a learning encoder cannot use cached contexts
             context = self.encode_text(captions)
         else:
-            context = self.text_encoder.from_cache_rows(self._dropped_context(batch, captions))
-        context = self.drop_encoders(context, len(captions))
+            context = cached_context(self.text_encoder, batch, captions)  # the dropped captions' the empty prompt's
+        context = self.encoder_dropout(context, len(captions))
         context = self._unet_conditioning(context, batch, dropped, latents)
         x_t, t, target = noised_batch(self.objective, latents, self.offset_noise, timesteps=self.timestep_sampling,
                                       noise_options=self.noise_options)
@@ -230,16 +199,6 @@ class LatentDiffusion(L.LightningModule):
         image_size = (latents.shape[-2] * f, latents.shape[-1] * f)
         return training_conditioning(context, batch, dropped, image_size,
                                      zero_dropped=self.text_encoder.zero_uncond)
-
-    def _dropped_context(self, batch: dict[str, Any], captions: list[str]) -> Tensor:
-        """Cached contexts, the empty prompt's where the caption was dropped (a host-decided select, no read-back)."""
-        context = batch["context"]
-        dropped = [c == "" for c in captions]
-        if not any(dropped):
-            return context
-        rows = torch.tensor(dropped).to(context.device).reshape(-1, *([1] * (context.ndim - 1)))
-        empty = self.text_encoder.cache_rows(self.text_encoder.empty_context(1))
-        return torch.where(rows, empty.to(context), context)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # always backpropagated, even when NaN: with DDP every rank must join the gradient all-reduce; whether the
