@@ -184,9 +184,15 @@ def _component_config(metadata: dict[str, str] | None, prefix: str) -> dict:
     return {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
 
 
+PEFT_MODEL_PREFIX = "base_model.model."  # a PeftModel's own state dict (ComfyUI reads it for SD3 too)
+
+
 def _split_key(key: str, bare: str) -> tuple[str, str]:
     """A file key's module name -> (component, path inside it); a name without a component prefix is the
-    denoiser's (``unet.save_attn_procs`` / peft's ``get_peft_model_state_dict`` write bare names)."""
+    denoiser's (``unet.save_attn_procs`` / peft's ``get_peft_model_state_dict`` write bare names, a PeftModel
+    ``base_model.model.<name>``)."""
+    if key.startswith(PEFT_MODEL_PREFIX):
+        return bare, key.removeprefix(PEFT_MODEL_PREFIX)
     head, _, rest = key.partition(".")
     return (head, rest) if head in COMPONENTS and rest else (bare, key)
 

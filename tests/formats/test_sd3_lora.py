@@ -181,6 +181,18 @@ def test_a_diffusers_saved_sd3_lora_reads_with_equal_outputs(tmp_path):
     # block 0's x qkv: q (r 4, alpha 8), k (r 2, alpha 8), v (r 4, alpha 8) -> one rank-10 LoRA on the fused layer
     assert f.weights[("unet", "joint_blocks.0.x_block.attn.qkv")]["down"].shape[0] == 10
     assert_same(ours(bundle, f.network(roots(bundle))), expected)
+    # the transformer's part as a PeftModel names it (base_model.model.<diffusers path>, which ComfyUI reads too)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "theirs" / "pytorch_lora_weights.safetensors"), "pt") as file:
+        peft_model = {"base_model.model." + k.removeprefix("transformer."): file.get_tensor(k) for k in file.keys()
+                      if k.startswith("transformer.")}
+        metadata = file.metadata()  # the alphas (lora_adapter_metadata)
+    save_file(peft_model, str(tmp_path / "peft_model.safetensors"), metadata=metadata)
+    g = read_lora_file(tmp_path / "peft_model.safetensors", roots(bundle))
+    assert not g.unmapped and set(g.weights) == {k for k in f.weights if k[0] == "unet"}
+    assert all(torch.equal(g.weights[k]["up"], f.weights[k]["up"]) for k in g.weights)
 
 
 def test_written_files_read_back_exactly(tmp_path):
