@@ -14,7 +14,7 @@ import torch
 
 from ldm.formats.lora_files import LoRAFileError, apply_lora_files, read_lora_file, save_lora_file
 from ldm.models.lora import LoRAConfig, LoRANetwork
-from tests.helpers.sd3 import T5_LENGTH, tiny_sd3
+from tests.helpers.sd3_pair import T5_LENGTH, tiny_sd3
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -82,7 +82,7 @@ def assert_same(a, b, atol=1e-5):
 def test_our_lora_loads_in_stable_diffusion3_pipeline_with_our_outputs(tmp_path):
     """preset=full: every Linear of the MMDiT (the adaLN layers whose halves diffusers swaps, the embedders) and
     the patch conv, + both CLIPs; ranks and alphas differ between layers (PEFT's rank_pattern / alpha_pattern)."""
-    pipe, bundle = tiny_sd3(tmp_path / "clips")
+    pipe, bundle = tiny_sd3(tmp_path)
     net = trained(bundle, preset="full", rank=3, alpha=2.0, text_encoder=True)
     with torch.no_grad():  # one layer with its own alpha: PEFT's alpha_pattern
         net.loras["unet_joint_blocks_1_context_block_adaLN_modulation_1"].alpha.fill_(5.0)
@@ -108,7 +108,7 @@ def test_our_lora_loads_in_stable_diffusion3_pipeline_with_our_outputs(tmp_path)
 
 def test_our_dora_loads_in_stable_diffusion3_pipeline_with_our_outputs(tmp_path):
     """DoRA's norm is per output row, so the fused qkv's magnitude splits exactly into to_q / to_k / to_v's."""
-    pipe, bundle = tiny_sd3(tmp_path / "clips")
+    pipe, bundle = tiny_sd3(tmp_path)
     net = trained(bundle, type="dora", preset="attention", rank=2, alpha=3.0, text_encoder=True)
     adapted = ours(bundle, net)
     assert (adapted[0] - ours(bundle)[0]).abs().max() > 1e-2
@@ -123,7 +123,7 @@ def test_our_dora_loads_in_stable_diffusion3_pipeline_with_our_outputs(tmp_path)
 def test_sampling_with_our_lora_equals_the_pipeline_with_it(tmp_path):
     from ldm.pipelines import text_to_image
 
-    pipe, bundle = tiny_sd3(tmp_path / "clips")
+    pipe, bundle = tiny_sd3(tmp_path)
     net = trained(bundle, preset="attention_ff", rank=2, alpha=4.0, text_encoder=True)
     pipe.load_lora_weights(str(save_lora_file(net, roots(bundle), tmp_path / "lora", "peft").parent))
     expected = pipe(PROMPTS, height=16, width=16, num_inference_steps=3, guidance_scale=4.5,
@@ -156,7 +156,7 @@ def test_a_diffusers_saved_sd3_lora_reads_with_equal_outputs(tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
-    pipe, bundle = tiny_sd3(tmp_path / "clips")
+    pipe, bundle = tiny_sd3(tmp_path)
     base = ours(bundle)
     torch.manual_seed(11)
     pipe.transformer.add_adapter(LoraConfig(
@@ -196,7 +196,7 @@ def test_a_diffusers_saved_sd3_lora_reads_with_equal_outputs(tmp_path):
 
 
 def test_written_files_read_back_exactly(tmp_path):
-    _, bundle = tiny_sd3(tmp_path / "clips")
+    _, bundle = tiny_sd3(tmp_path)
     net = trained(bundle, preset="full", rank=2, alpha=3.0, text_encoder=True)
     for layout in ("peft", "kohya"):
         path = save_lora_file(net, roots(bundle), tmp_path / f"{layout}.safetensors", layout)
@@ -214,7 +214,7 @@ def test_kohya_sd3_names_are_sd_scripts(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    _, bundle = tiny_sd3(tmp_path / "clips", use_t5=True)
+    _, bundle = tiny_sd3(tmp_path, use_t5=True)
     net = trained(bundle, preset="attention", rank=2, text_encoder=True)
     path = save_lora_file(net, roots(bundle), tmp_path / "kohya.safetensors")
     with safe_open(str(path), "pt") as f:
@@ -245,7 +245,7 @@ def test_kohya_sd3_names_are_sd_scripts(tmp_path):
 def test_bad_sd3_peft_files_fail_naming_the_layer(tmp_path):
     from safetensors.torch import save_file
 
-    _, bundle = tiny_sd3(tmp_path / "clips")
+    _, bundle = tiny_sd3(tmp_path)
     bad = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32),
            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(31, 2)}  # not the q block (32)
     save_file(bad, str(tmp_path / "bad.safetensors"))

@@ -6,7 +6,7 @@ rows round trip exactly."""
 import pytest
 import torch
 
-from tests.helpers.sd3 import T5_LENGTH, tiny_sd3
+from tests.helpers.sd3_pair import T5_LENGTH, tiny_sd3
 
 pytest.importorskip("diffusers")
 
@@ -28,7 +28,7 @@ def assert_equal_context(got, expected, atol=1e-6):
 
 @pytest.mark.parametrize("use_t5", [True, False], ids=["t5", "no_t5"])
 def test_contexts_equal_stable_diffusion3_encode_prompt(tmp_path, use_t5):
-    pipe, bundle = tiny_sd3(tmp_path / "clips", use_t5=use_t5)
+    pipe, bundle = tiny_sd3(tmp_path, use_t5=use_t5)
     with torch.no_grad():
         ours = bundle.text_encoder(PROMPTS)
     assert ours["crossattn"].shape == (3, 77 + T5_LENGTH, 96) and ours["vector"].shape == (3, 32)
@@ -37,8 +37,8 @@ def test_contexts_equal_stable_diffusion3_encode_prompt(tmp_path, use_t5):
 
 
 def test_t5_dropped_at_sampling_is_diffusers_without_text_encoder_3(tmp_path):
-    _, with_t5 = tiny_sd3(tmp_path / "clips", use_t5=True)
-    pipe_without, _ = tiny_sd3(tmp_path / "clips", use_t5=False)  # the same CLIPs
+    _, with_t5 = tiny_sd3(tmp_path, use_t5=True)
+    pipe_without, _ = tiny_sd3(tmp_path, use_t5=False)  # the same CLIPs
     from ldm.pipelines.cli import SampleConfigError, skip_t5
 
     te = with_t5.text_encoder
@@ -59,7 +59,7 @@ def test_each_encoder_is_dropped_on_its_own(tmp_path):
     """Row r drops the encoders of mask row r; a dropped encoder's features are zeros (CLIP-L: its 32 columns of
     the 77 CLIP tokens and its 16 pooled values; CLIP-G: the next 48 / 16; T5: the tokens after 77), the rest is
     untouched."""
-    _, bundle = tiny_sd3(tmp_path / "clips", use_t5=True)
+    _, bundle = tiny_sd3(tmp_path, use_t5=True)
     te = bundle.text_encoder
     assert te.encoder_names == ("clip_l", "clip_g", "t5")
     masks = torch.tensor([[True, False, False], [False, True, True], [False, False, False], [True, True, True]])
@@ -88,7 +88,7 @@ def test_each_encoder_is_dropped_on_its_own(tmp_path):
 
 
 def test_cache_rows_round_trip_exactly(tmp_path):
-    _, bundle = tiny_sd3(tmp_path / "clips", use_t5=True)
+    _, bundle = tiny_sd3(tmp_path, use_t5=True)
     te = bundle.text_encoder
     assert te.context_cacheable
     context = te(PROMPTS)
