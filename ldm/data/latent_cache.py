@@ -202,7 +202,10 @@ class _Encoder:
                     z = posterior.mean
                 out["latents"] = (z.float() - self.shift) * self.scale  # encode_latents' scaling
             if self.text == "context":
-                out["context"] = self.text_encoder(list(captions))  # (B, L, D)
+                # (B, L, D) from any callable; a context with a pooled vector (SD3's dict) as the encoder's L + 1
+                # rows (ldm.models.context_rows)
+                context = self.text_encoder(list(captions))
+                out["context"] = context if torch.is_tensor(context) else self.text_encoder.cache_rows(context)
         return {k: v.detach().to("cpu", self.dtype).contiguous() for k, v in out.items()}
 
 

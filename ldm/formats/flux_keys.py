@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ldm.formats.common import cast_state, save_safetensors, write_json
 from ldm.formats.safe_build import build_node, check_plain
 from ldm.formats.safe_load import CheckpointError, load_into, load_state_dict, read_json_file
-from ldm.formats.sd3_diffusers_keys import _swap_halves
+from ldm.formats.sd3_diffusers_keys import swap_halves
 from ldm.formats.weight_folder import read_weights
 
 FLUX_TARGET = "ldm.models.flux.Flux"
@@ -200,7 +200,7 @@ def flux_to_diffusers(state_dict: dict[str, Tensor], config: dict) -> dict[str, 
             parts = value.split([rows for _, rows in splits[key]], dim=0)
             out |= {name: part.clone() for (name, _), part in zip(splits[key], parts)}
         elif key in renames:
-            out[renames[key]] = _swap_halves(value) if key in swapped else value
+            out[renames[key]] = swap_halves(value) if key in swapped else value
         else:
             raise CheckpointError(f"Flux parameter {key!r} has no diffusers name (config {config})")
     return out
@@ -219,7 +219,7 @@ def flux_from_diffusers(state_dict: dict[str, Tensor], config: dict) -> dict[str
 
     out = {ours: torch.cat([take(name) for name, _ in parts], dim=0) for ours, parts in splits.items()}
     for ours, theirs in renames.items():
-        out[ours] = _swap_halves(take(theirs)) if ours in swapped else take(theirs)
+        out[ours] = swap_halves(take(theirs)) if ours in swapped else take(theirs)
     unknown = sorted(set(state_dict) - used)
     if unknown:
         raise CheckpointError(f"diffusers Flux transformer: unexpected keys {unknown[:5]}"

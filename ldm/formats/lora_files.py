@@ -1,8 +1,8 @@
 """LoRA files of any layout we know: detect it, read it, write it, and apply files to a model.
 
 Layouts: `kohya` (ldm/formats/lora_kohya.py; also what we write as our own file, with `ldm_lora` metadata; LoRA,
-LoHa, LoKr and DoRA in LyCORIS's names) and `peft` (ldm/formats/lora_peft.py, diffusers'
-`pytorch_lora_weights.safetensors`; LoRA and DoRA). Only safetensors are read:
+LoHa, LoKr and DoRA in LyCORIS's names; an MMDiT's as sd-scripts' SD3 LoRAs) and `peft` (ldm/formats/lora_peft.py,
+diffusers' `pytorch_lora_weights.safetensors`; LoRA and DoRA; an MMDiT's as StableDiffusion3Pipeline loads them). Only safetensors are read:
 a pickled LoRA (.pt/.ckpt/.bin) could run code when unpickled, so it is refused with the way to convert it.
 Reading never imports or calls anything a file names; metadata is kept as strings.
 """
@@ -142,6 +142,16 @@ def save_lora_file(network: LoRANetwork, roots: dict[str, nn.Module], path: str 
     write_safetensors(state, tmp, metadata={k: str(v) for k, v in meta.items()})  # 0644 under umask 022
     tmp.replace(path)
     return path
+
+
+def diffusers_needs_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> bool:
+    """Whether diffusers needs the PEFT layout beside our kohya file: StableDiffusion3Pipeline's loader
+    (SD3LoraLoaderMixin.lora_state_dict) converts no kohya names, where SD 1.x / 2.x / XL's do. True for an MMDiT
+    LoRA / DoRA the layout can hold (LoHa / LoKr and T5 adapters have no diffusers form)."""
+    weights = network.weights()
+    return (lora_peft.denoiser_component(roots["unet"]) == "transformer"
+            and {adapter_kind(w) for w in weights.values()} <= {"lora", "dora"}
+            and not any(root == "text_encoder" and path.startswith("t5.") for root, path in weights))
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:

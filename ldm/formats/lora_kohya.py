@@ -7,6 +7,8 @@ Layout (kohya-ss/sd-scripts `networks/lora.py`, `LoRANetwork` / `LoRAModule`):
     lora_te_<transformers CLIPTextModel path, "." -> "_">...          the text encoder
     lora_te1_<...> / lora_te2_<...>                                   SDXL's ViT-L / bigG (sd-scripts
                                                                       sdxl_train_network.py: LORA_PREFIX_TEXT_ENCODER1/2)
+    lora_unet_joint_blocks_0_x_block_attn_qkv...                      an MMDiT (SD3): the original module names,
+    lora_te1_ / lora_te2_ / lora_te3_<T5EncoderModel path>            CLIP-L, CLIP-G, T5 (networks/lora_sd3.py)
 The LyCORIS kinds use the same module names with their own tensors (LyCORIS ``modules/loha.py`` / ``lokr.py``
 ``weight_list``, what ComfyUI ``comfy/weight_adapter/loha.py`` / ``lokr.py`` load):
     <name>.hada_w1_a (out, r)  .hada_w1_b (r, in*k*k)  .hada_w2_a  .hada_w2_b  .alpha           LoHa
@@ -39,7 +41,8 @@ from ldm.models.lora import LoRANetwork, is_adaptable
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"  # kohya LORA_PREFIX_TEXT_ENCODER (SD1/2 have one text encoder)
-TE1_PREFIX, TE2_PREFIX = "lora_te1_", "lora_te2_"  # SDXL's two encoders
+TE1_PREFIX, TE2_PREFIX = "lora_te1_", "lora_te2_"  # SDXL's two encoders (and SD3's CLIP-L / CLIP-G)
+TE3_PREFIX = "lora_te3_"  # SD3's T5 (sd-scripts networks/lora_sd3.py LORA_PREFIX_TEXT_ENCODER_T5)
 # file suffix -> the part's name in LoRANetwork.weights() (LyCORIS's own names are kept as they are)
 PART_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "magnitude",
                  **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
@@ -63,8 +66,10 @@ def kohya_names(roots: dict[str, nn.Module], targets: list[tuple[str, str]]) -> 
 
 
 def text_name(text_encoder: nn.Module, path: str) -> str:
-    """kohya's name of a text-encoder layer: lora_te_ (one encoder), lora_te1_ / lora_te2_ (SDXL's
+    """kohya's name of a text-encoder layer: lora_te_ (one encoder), lora_te1_ / lora_te2_ (SDXL's and SD3's
     ``model`` = ViT-L / ``model_2`` = bigG), then the hub CLIPTextModel path with "." -> "_"."""
+    if path.startswith("t5."):  # SD3's T5: its T5EncoderModel path (sd-scripts lora_sd3.py)
+        return TE3_PREFIX + path.removeprefix("t5.").replace(".", "_")
     if not hasattr(text_encoder, "model_2"):
         return TE_PREFIX + text_hub_path(path).replace(".", "_")
     if path.startswith("model_2."):
@@ -147,7 +152,7 @@ def lycoris_metadata(modules: list, network_args: str | None) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------- read
 
 def is_kohya(keys) -> bool:
-    return any(k.startswith((UNET_PREFIX, TE_PREFIX, TE1_PREFIX, TE2_PREFIX)) and k.endswith(SUFFIXES) for k in keys)
+    return any(k.startswith((UNET_PREFIX, TE_PREFIX, TE1_PREFIX, TE2_PREFIX, TE3_PREFIX)) and k.endswith(SUFFIXES) for k in keys)
 
 
 def complete(parts: dict) -> bool:

@@ -79,7 +79,7 @@ def _tables(config: dict) -> tuple[dict[str, str], dict[str, tuple[str, ...]], s
     return renames, splits, swapped
 
 
-def _swap_halves(t: Tensor) -> Tensor:
+def swap_halves(t: Tensor) -> Tensor:
     """(shift, scale) <-> (scale, shift) along the output axis (its own inverse)."""
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
@@ -98,7 +98,7 @@ def mmdit_to_diffusers(state_dict: dict[str, Tensor], config: dict) -> dict[str,
             for name, part in zip(splits[prefix], value.chunk(3, dim=0)):
                 out[f"{name}.{suffix}"] = part.clone()
         elif prefix in renames:
-            out[f"{renames[prefix]}.{suffix}"] = _swap_halves(value) if prefix in swapped else value
+            out[f"{renames[prefix]}.{suffix}"] = swap_halves(value) if prefix in swapped else value
         else:
             raise CheckpointError(f"MMDiT parameter {key!r} has no diffusers name (config {config})")
     return out
@@ -125,11 +125,22 @@ def mmdit_from_diffusers(state_dict: dict[str, Tensor], config: dict) -> dict[st
         is_rms = ours.rpartition(".")[2] in ("ln_q", "ln_k")  # RMSNorm: a weight, no bias
         for suffix in ("weight",) if is_rms else ("weight", "bias"):
             value = take(f"{theirs}.{suffix}")
-            out[f"{ours}.{suffix}"] = _swap_halves(value) if ours in swapped else value
+            out[f"{ours}.{suffix}"] = swap_halves(value) if ours in swapped else value
     unknown = sorted(set(state_dict) - used)
     if unknown:
         raise CheckpointError(f"diffusers SD3 transformer: unexpected keys {unknown[:5]}"
                               f"{' ...' if len(unknown) > 5 else ''} for the config {config}")
+    return out
+
+
+def mmdit_module_names(config: dict) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Our MMDiT module path -> (its diffusers module path(s), output halves swapped): one name for a renamed layer,
+    three (q, k, v) for a fused ``attn.qkv`` whose output rows diffusers splits into ``to_q`` / ``to_k`` / ``to_v``
+    (``add_{q,k,v}_proj``). What a LoRA file in diffusers' layout names (ldm.formats.lora_peft); the same tables as
+    the state-dict maps above."""
+    renames, splits, swapped = _tables(config)
+    out = {ours: ((theirs,), ours in swapped) for ours, theirs in renames.items()}
+    out.update({ours: (tuple(names), False) for ours, names in splits.items()})
     return out
 
 

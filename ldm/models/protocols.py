@@ -44,8 +44,22 @@ class TextEncoder(Protocol):
     zero_uncond: bool  # the unconditional context is zeros (SDXL's force_zeros_for_empty_prompt), not ""'s
     pooled_dim: int | None  # size of the pooled text embedding a U-Net's adm vector takes (SDXL), else None
     context_dim: int
-    context_cacheable: bool  # one (L, D) context per caption, which the latent cache can store (not SDXL's pair)
+    context_cacheable: bool  # the latent cache stores its contexts (cache_rows); SDXL's pair is encoded live
 
     def __call__(self, captions: list[str]) -> Any: ...
 
     def empty_context(self, batch_size: int = 1, chunks: int = 1) -> Any: ...
+
+    def cache_rows(self, context: Any) -> Tensor: ...  # the context as the (B, L, D) tensor the latent cache stores
+
+    def from_cache_rows(self, rows: Tensor) -> Any: ...  # and back (ldm.models.context_rows)
+
+
+@runtime_checkable
+class SeveralEncoders(Protocol):
+    """A text encoder made of several (SD3's CLIP-L, CLIP-G, T5), each of which training may drop on its own
+    (``module.encoder_dropout``)."""
+
+    encoder_names: tuple[str, ...]
+
+    def drop_encoders(self, context: Any, dropped: Tensor) -> Any: ...  # (B, len(encoder_names)) bool -> zeroed

@@ -257,6 +257,15 @@ class CLIPTextEncoder(nn.Module):
         self._empty.clear()
         self._contexts.clear()
 
+    @staticmethod
+    def cache_rows(context: torch.Tensor) -> torch.Tensor:
+        """The context as the latent cache stores it: already one (B, L, D) tensor."""
+        return context
+
+    @staticmethod
+    def from_cache_rows(rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
     @property
     def context_dim(self) -> int:
         return self.model.config.hidden_size

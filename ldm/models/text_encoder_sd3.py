@@ -7,6 +7,13 @@
     vector    = [L.text_embeds, G.text_embeds]                    (B, P_L + P_G): the MMDiT's pooled input
 
 The unconditional branch is the empty prompt's encoding (SD3 has no zeroed uncond).
+
+Training may drop each encoder independently (SD3, Esser et al. 2024: each of the three encoders dropped
+with probability 46.3%, so that any subset works at inference, T5 included): a dropped encoder's features are zeros,
+as SGM's conditioner zeroes an embedder (``ucg_rate``) and as diffusers feeds the MMDiT without a T5
+(``drop_encoders``; ``module.encoder_dropout`` sets the probabilities). The context is cacheable: the latent cache
+stores it as one (B, 77 + t5_length + 1, joint_dim) tensor, the pooled vector as the last row
+(ldm.models.context_rows).
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ from torch import nn
 
 from ldm.models import tiny_clip
 from ldm.models.config_fields import bounded, config_of, split_config
+from ldm.models.context_rows import pack_rows, unpack_rows
 from ldm.models.text_encoder import tiny_clip_folder
+
+ENCODERS = ("clip_l", "clip_g", "t5")  # the names module.encoder_dropout uses
 
 
 @dataclass
@@ -37,8 +47,8 @@ class SD3TextOptions:
 class SD3TextEncoder(nn.Module):
     """Prompts -> ``{"crossattn": (B, max_length + t5_length, joint_dim), "vector": (B, P_L + P_G)}``."""
 
-    context_cacheable = False  # encoded live (a dict context)
     zero_uncond = False
+    encoder_names = ENCODERS
 
     def __init__(self, model_1, tokenizer_1, model_2, tokenizer_2, t5=None, t5_tokenizer=None, *args: Any,
                  **arguments: Any):
@@ -99,6 +109,41 @@ class SD3TextEncoder(nn.Module):
     @property
     def context_dim(self) -> int:
         return self.joint_dim
+
+    @property
+    def context_cacheable(self) -> bool:
+        """The latent cache can store the context when the pooled vector fits a row (SD3: 2048 <= 4096)."""
+        return self.pooled_dim <= self.joint_dim
+
+    def cache_rows(self, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The context as the latent cache stores it: (B, L + 1, joint_dim), the pooled vector last."""
+        return pack_rows(context["crossattn"], context["vector"])
+
+    def from_cache_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens, pooled = unpack_rows(rows, self.pooled_dim)
+        return {"crossattn": tokens, "vector": pooled}
+
+    def drop_t5(self) -> None:
+        """Sample without the T5 (sample.py t5=false): its tokens are zeros, as diffusers' pipeline with
+        text_encoder_3=None; the memory it held is freed."""
+        self.t5 = self.t5_tokenizer = None
+
+    def drop_encoders(self, context: dict[str, torch.Tensor], dropped: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``dropped`` (B, 3) bool, columns ENCODERS -> the context with each dropped encoder's features zeroed:
+        CLIP-L's / CLIP-G's columns of the first max_length tokens and their halves of the pooled vector, T5's
+        tokens. The others are unchanged (no in-place write: gradients flow as before)."""
+        crossattn, vector = context["crossattn"], context["vector"]
+        if dropped.shape != (crossattn.shape[0], len(ENCODERS)):
+            raise ValueError(f"drop_encoders: a ({crossattn.shape[0]}, {len(ENCODERS)}) mask is needed, got "
+                             f"{tuple(dropped.shape)}")
+        keep = (~dropped).to(device=crossattn.device, dtype=crossattn.dtype)
+        kl, kg, kt = (keep[:, i, None, None] for i in range(3))
+        d_l, d_g = self.model.config.hidden_size, self.model_2.config.hidden_size
+        p_l = self.model.config.projection_dim
+        clip, t5 = crossattn[:, :self.max_length], crossattn[:, self.max_length:]
+        clip = torch.cat([clip[..., :d_l] * kl, clip[..., d_l:d_l + d_g] * kg, clip[..., d_l + d_g:]], dim=-1)
+        vector = torch.cat([vector[:, :p_l] * kl[:, 0], vector[:, p_l:] * kg[:, 0]], dim=-1)
+        return {**context, "crossattn": torch.cat([clip, t5 * kt], dim=1), "vector": vector}
 
     @property
     def pooled_dim(self) -> int:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ldm.models import tiny_clip
 from ldm.models.config_fields import bounded, config_of, split_config
+from ldm.models.context_rows import pack_rows, unpack_rows
 from ldm.models.text_encoder import chunk_token_ids, padding_chunks, tiny_clip_folder, to_hub_keys
 
 SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
@@ -198,6 +199,14 @@ class DualCLIPTextEncoder(nn.Module):
         if self.max_chunks == 1:
             return self.encode_ids(*self.tokenize(prompts))
         return self.encode_chunks(*self.chunk_ids(prompts))
+
+    def cache_rows(self, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pair as one (B, L + 1, D) tensor, the pooled vector last (ldm.models.context_rows)."""
+        return pack_rows(context["crossattn"], context["pooled"])
+
+    def from_cache_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens, pooled = unpack_rows(rows, self.pooled_dim)
+        return {"crossattn": tokens, "pooled": pooled}
 
     def _empty_prompt(self) -> dict[str, torch.Tensor]:
         """The empty prompt's one-chunk encoding, cached per device / dtype."""

@@ -61,6 +61,7 @@ class SampleConfig:
     text_encoder: Optional[str] = None  # tokenizer/ + text_encoder/ folder (SD single files carry no tokenizer)
     max_chunks: Optional[int] = None  # long prompts: up to 75 x N tokens (A1111 chunks); null: the model's (1 = 75)
     prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
+    t5: bool = True  # SD3: false samples without the T5 encoder (its tokens zeros, as diffusers' text_encoder_3=None)
     check_memory: bool = True  # estimate the activation memory first; refuse (saying what to lower) if it won't fit
     lora: list[str] = field(default_factory=list)  # LoRA files merged in (kohya / diffusers), each FILE or FILE:SCALE:
     # lora=[a.safetensors,b.safetensors:0.5]
@@ -220,6 +221,17 @@ def set_max_chunks(bundle, max_chunks: int) -> None:
     te._clear_cache()
 
 
+def skip_t5(bundle) -> None:
+    """sample.py t5=false: SD3's context without the T5 (zeros in its place, as diffusers' pipeline without
+    text_encoder_3); its memory is freed."""
+    from ldm.models.text_encoder_sd3 import SD3TextEncoder
+
+    if not isinstance(bundle.text_encoder, SD3TextEncoder):
+        raise SampleConfigError(f"t5=false: this model's text encoder ({type(bundle.text_encoder).__name__}) has no "
+                                "T5; the option is for SD3 models")
+    bundle.text_encoder.drop_t5()
+
+
 OUTPUT_NAME = re.compile(r"(\d{5}|grid)\.png")  # what sample() writes: 00000.png, ... and grid.png
 
 
@@ -292,6 +304,8 @@ def _load_model(cfg: DictConfig):
                          text_encoder=cfg.text_encoder, prediction_type=cfg.prediction_type)
     if cfg.max_chunks is not None:
         set_max_chunks(bundle, cfg.max_chunks)
+    if not cfg.t5:
+        skip_t5(bundle)
     if cfg.lora:
         from ldm.formats.lora_files import LoRAFileError, apply_lora_files, bundle_roots
 
@@ -409,6 +423,8 @@ def _base_params(cfg: DictConfig, bundle, height: int, width: int, img2img: bool
         "prediction_type": bundle.schedule.prediction_type, **sampling,
         "use_ema": cfg.use_ema, "dtype": str(next(bundle.unet.parameters()).dtype).removeprefix("torch."),
     }
+    if not cfg.t5:
+        params["t5"] = False
     if cfg.lora:
         params["lora"] = [name(spec) for spec in cfg.lora]  # FILE[:SCALE]: the scale stays with the file name
     if cfg.embeddings:

@@ -229,13 +229,3 @@ def test_lora_on_the_mmdit_round_trips_through_its_kohya_file(tmp_path, preset, 
         got = merged(x, t, {"crossattn": ctx, "vector": y})
         assert (got - base(x, t, {"crossattn": ctx, "vector": y})).abs().max() > 1e-3  # the LoRA does something
     torch.testing.assert_close(got, adapted, atol=1e-4, rtol=1e-5)
-
-
-def test_peft_layout_of_an_mmdit_lora_is_refused_by_name(tmp_path):
-    from ldm.formats.lora_files import save_lora_file
-    from ldm.models.lora import LoRAConfig, LoRANetwork
-
-    roots = {"unet": MMDiT(**TINY)}
-    network = LoRANetwork.build(roots, LoRAConfig(rank=2))
-    with pytest.raises(ValueError, match="kohya layout"):
-        save_lora_file(network, roots, tmp_path / "peft", layout="peft")

@@ -2,6 +2,8 @@
 schedule=flow through the same training module as the U-Net and samples with flow_euler; the SD3 presets stop with
 a clear error when their weights are not given."""
 
+import json
+
 import pytest
 import torch
 
@@ -41,6 +43,12 @@ def test_mmdit_tiny_trains_with_flow_matching_and_samples(tmp_path):
     files = apply_lora_files(bundle_roots(bundle), [str(lora_run / "run" / "lora.safetensors")], report=lambda m: None)
     # block 0: x qkv, proj, attn2.qkv, attn2.proj + context qkv, proj; block 1: 2 + 2; block 2: 2 + context qkv
     assert len(files[0].weights) == 13 and not files[0].unmapped
+    # and in diffusers' layout (StableDiffusion3Pipeline.load_lora_weights reads no kohya names): the same adapter
+    from ldm.formats.lora_files import read_lora_file
+
+    peft_file = read_lora_file(lora_run / "run" / "lora_diffusers", bundle_roots(bundle))
+    assert peft_file.layout == "peft" and set(peft_file.weights) == set(files[0].weights)
+    assert all(torch.allclose(peft_file.weights[k]["up"], w["up"]) for k, w in files[0].weights.items())
     # sample.py: the checkpoint with the LoRA, flow_euler; the default ddim is refused naming the sampler to use
     from hydra import compose, initialize_config_dir
 
@@ -57,6 +65,12 @@ def test_mmdit_tiny_trains_with_flow_matching_and_samples(tmp_path):
     written = sample(sample_cfg("sampler=flow_euler", "sampler.steps=2",
                                 f"lora=[{lora_run / 'run' / 'lora.safetensors'}]"))
     assert [p.name for p in written] == ["00000.png", "grid.png"]
+    written = sample(sample_cfg("sampler=flow_euler", "sampler.steps=2", "overwrite=true", "t5=false",
+                                f"lora=[{lora_run / 'run' / 'lora_diffusers'}:0.5]"))
+    assert [p.name for p in written] == ["00000.png", "grid.png"]
+    from PIL import Image
+
+    assert json.loads(Image.open(written[0]).text["ldm_parameters"])["t5"] is False  # recorded with the image
     with pytest.raises(SampleConfigError, match="flow_euler"):
         sample(sample_cfg("sampler.steps=2", "overwrite=true"))
     module = build_diffusion_module(compose_train(tmp_path, MMDIT_TINY))

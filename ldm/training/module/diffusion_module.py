@@ -4,6 +4,7 @@ conditioning dropout.
     repeat
         x_0 ~ q(x_0)                      (an image's latent: the frozen VAE's, or the latent cache's)
         c = "" with probability p_uncond  (conditioning dropout, so the model also learns the unconditional output)
+        (SD3: each text encoder's features zeroed with its own probability, module.encoder_dropout)
         t ~ Uniform({1, ..., T}),  eps ~ N(0, I)
         take a gradient step on  || target(x_0, eps, t) - model(x_t(x_0, eps, t), t, c) ||^2
 
@@ -41,6 +42,7 @@ from ldm.training.module.ema import holds_average
 from ldm.training.module.guarded_update import GuardedUpdate
 from ldm.training.module.micro_conditioning import is_dual_text, training_conditioning
 from ldm.training.module.optimizer_mode import NO_MODES, optimizer_modes, restore_train_weights
+from ldm.training.module.text_context import EncoderDropout, cached_context
 from ldm.training.module.trained import Networks, RunEnd, freeze, trained_part
 from ldm.training.module.unet_compile import UNetCompile
 
@@ -75,10 +77,12 @@ class LatentDiffusion(L.LightningModule):
         compile: bool = False,
         compile_backend: str = "inductor",
         text_encoder_lr: float | None = None,
+        encoder_dropout: dict[str, float] | None = None,
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        self.encoder_dropout = EncoderDropout(text_encoder, encoder_dropout)  # SD3: each encoder on its own
         self.unet, self.autoencoder, self.text_encoder = unet, freeze(autoencoder), text_encoder
         self.schedule, self.sample_posterior = schedule, sample_posterior
         # eps / v on a noise schedule, or flow matching's velocity (schedule=flow): the loop below never asks which
@@ -166,7 +170,8 @@ class LatentDiffusion(L.LightningModule):
         if "context" not in batch or self.part.text_encoder_learns:  # a learning encoder cannot use cached contexts
             context = self.encode_text(captions)
         else:
-            context = self._dropped_context(batch, captions)
+            context = cached_context(self.text_encoder, batch, captions)  # the dropped captions' the empty prompt's
+        context = self.encoder_dropout(context, len(captions))
         context = self._unet_conditioning(context, batch, dropped, latents)
         x_t, t, target = noised_batch(self.objective, latents, self.offset_noise, timesteps=self.timestep_sampling,
                                       noise_options=self.noise_options)
@@ -194,15 +199,6 @@ class LatentDiffusion(L.LightningModule):
         image_size = (latents.shape[-2] * f, latents.shape[-1] * f)
         return training_conditioning(context, batch, dropped, image_size,
                                      zero_dropped=self.text_encoder.zero_uncond)
-
-    def _dropped_context(self, batch: dict[str, Any], captions: list[str]) -> Tensor:
-        """Cached contexts, the empty prompt's where the caption was dropped (a host-decided select, no read-back)."""
-        context = batch["context"]
-        dropped = [c == "" for c in captions]
-        if not any(dropped):
-            return context
-        rows = torch.tensor(dropped).to(context.device).reshape(-1, *([1] * (context.ndim - 1)))
-        return torch.where(rows, self.text_encoder.empty_context(1).to(context), context)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # always backpropagated, even when NaN: with DDP every rank must join the gradient all-reduce; whether the

@@ -96,7 +96,8 @@ def encode_captions(text_encoder: torch.nn.Module, captions: list[str], device: 
     this is the batch's contexts as one call gives them (tests/training/test_latent_prep.py checks it bit for bit)."""
     unique = list(dict.fromkeys(captions))
     step = CPU_TEXT_BATCH if device.type == "cpu" else max(1, len(unique))
-    contexts = torch.cat([text_encoder(unique[s:s + step]) for s in range(0, len(unique), step)])
+    contexts = torch.cat([text_encoder.cache_rows(text_encoder(unique[s:s + step]))  # SD3's: + the pooled row
+                          for s in range(0, len(unique), step)])
     row = {caption: i for i, caption in enumerate(unique)}
     return contexts[[row[c] for c in captions]]
 
@@ -153,7 +154,8 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
     if text_encoder is not None and not (contexts_cacheable(spec) and text_encoder.max_chunks == 1
                                          and text_encoder.context_cacheable):
         # random caption options change the caption each epoch; long prompts give contexts of different lengths;
-        # SDXL's {crossattn, pooled} pair is no one (L, D) context: the cache holds captions, encoded every step
+        # SDXL's {crossattn, pooled} pair is encoded live (SD3's is cached as rows, the pooled vector last): the
+        # cache holds captions, encoded every step
         # (the encoder's cache_size memoises them per string)
         text_encoder = None
     folder = cache_folder(root, spec, module.autoencoder, store, text_encoder)

@@ -2,7 +2,8 @@
 text encoder) stay frozen; the adapter network's forward hooks add its updates to their layers. The network holds
 whichever kind the config names and this part never asks which. Only the adapter (and its EMA) is optimised and
 checkpointed; the run ends with ``<run>/lora.safetensors`` (kohya / LyCORIS layout: ComfyUI / A1111 / sample.py
-lora=...)."""
+lora=...), and for an MMDiT also ``<run>/lora_diffusers/`` (diffusers' layout: StableDiffusion3Pipeline's
+load_lora_weights reads no kohya names)."""
 
 from __future__ import annotations
 
@@ -115,12 +116,20 @@ class LoRAAdapter(UNetAsIs):
         return self.networks.bundle(global_step, unet=roots["unet"], text_encoder=roots["text_encoder"])
 
     def write_files(self, end: RunEnd) -> dict[str, str]:
-        """<run>/lora.safetensors with the EMA weights when the run kept them."""
-        from ldm.formats.lora_files import ldm_metadata, save_lora_file
+        """<run>/lora.safetensors with the EMA weights when the run kept them (+ <run>/lora_diffusers/ where diffusers
+        reads only its own layout: an MMDiT's)."""
+        from ldm.formats.lora_files import diffusers_needs_peft, ldm_metadata, save_lora_file
 
-        path = save_lora_file(self._weights(use_ema=True), self.networks.roots(), end.run_dir / "lora.safetensors",
+        weights, roots = self._weights(use_ema=True), self.networks.roots()
+        path = save_lora_file(weights, roots, end.run_dir / "lora.safetensors",
                               metadata=ldm_metadata(self.config), resolution=end.model_config.get("resolution"),
                               prediction_type=self.networks.schedule.prediction_type,
                               training={"ss_steps": str(end.global_step)})
         print(f"LoRA ({self.config.type}): {path}")
-        return {"lora": str(path)}
+        files = {"lora": str(path)}
+        if diffusers_needs_peft(weights, roots):
+            folder = save_lora_file(weights, roots, end.run_dir / "lora_diffusers", "peft",
+                                    metadata=ldm_metadata(self.config)).parent
+            print(f"LoRA ({self.config.type}, diffusers layout): {folder}")
+            files["lora_diffusers"] = str(folder)
+        return files
