@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.training import TINY_MODEL, assert_same_run, logged_losses
+from tests.helpers.training import TINY_MODEL, assert_same_run, final_weights, logged_losses
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -128,23 +128,36 @@ def test_two_nodes_through_slurm_variables(tmp_path):
     assert files(tmp_path / "run-node1") == [], "only global rank 0 writes run files"
 
 
-def test_a_killed_node_stops_the_other_and_a_restart_resumes_exactly(tmp_path):
-    cache, steps, every = tmp_path / "cache", 24, 5  # enough steps left after the kill point
-    ckpt = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-            "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
-            "+callbacks.checkpoint.save_top_k=-1", f"+callbacks.checkpoint.every_n_train_steps={every}"]
-    reference = tmp_path / "reference"
-    port = free_port()
-    finish([torchrun_node(r, port, overrides(reference, cache, *ckpt, steps=steps), tmp_path / f"ref{r}.txt")
-            for r in (0, 1)])
+STEPS, EVERY = 24, 5  # the killed runs: a checkpoint every 5 steps, enough steps left after the kill point
+CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
+        "+callbacks.checkpoint.save_top_k=-1", f"+callbacks.checkpoint.every_n_train_steps={EVERY}"]
 
-    run, port = tmp_path / "killed", free_port()  # one run folder, as on a shared file system
-    args = overrides(run, cache, *ckpt, "ckpt_path=auto", steps=steps)
-    procs = [torchrun_node(r, port, args, tmp_path / f"killed{r}.txt") for r in (0, 1)]
-    deadline = time.monotonic() + 300
-    while not any(s >= every + 1 for s, _ in logged_losses(run)) if (run / "metrics.csv").exists() else True:
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, latent cache folder) of the 2-node run the killed runs must equal."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    port, run, cache = free_port(), tmp / "reference", tmp / "cache"
+    finish([torchrun_node(r, port, overrides(run, cache, *CKPT, steps=STEPS), tmp / f"ref{r}.txt") for r in (0, 1)])
+    return run, cache
+
+
+def wait_past_checkpoint(run: Path, procs, timeout: float = 300) -> None:
+    """Until step EVERY + 1 is logged: the first checkpoint is written and training went on past it."""
+    deadline = time.monotonic() + timeout
+    while not any(s >= EVERY + 1 for s, _ in logged_losses(run)) if (run / "metrics.csv").exists() else True:
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run must be training"
         time.sleep(0.05)
+
+
+def test_a_killed_node_stops_the_other_and_a_restart_resumes_exactly(tmp_path, uninterrupted):
+    reference, cache = uninterrupted
+    steps = STEPS
+    run, port = tmp_path / "killed", free_port()  # one run folder, as on a shared file system
+    args = overrides(run, cache, *CKPT, "ckpt_path=auto", steps=steps)
+    procs = [torchrun_node(r, port, args, tmp_path / f"killed{r}.txt") for r in (0, 1)]
+    wait_past_checkpoint(run, procs)
     lose_node(procs[1])
     try:
         code = procs[0].wait(timeout=120)
@@ -159,3 +172,44 @@ def test_a_killed_node_stops_the_other_and_a_restart_resumes_exactly(tmp_path):
     finish([torchrun_node(r, port, args, tmp_path / f"resumed{r}.txt") for r in (0, 1)])
     assert f"resuming {run / 'checkpoints' / 'last.ckpt'}" in (tmp_path / "resumed0.txt").read_text()
     assert_same_run(reference, run)
+
+
+def elastic_node(name: str, port: int, args: list[str], out: Path) -> subprocess.Popen:
+    """A torchrun agent that restarts its node's rank once (`--max-restarts 1`); the agents meet at a c10d
+    rendezvous (the first to start hosts its store), which hands out the node ranks."""
+    cmd = [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+           f"127.0.0.1:{port}", "--rdzv-id", "ldm-test", "--max-restarts", "1", "train.py", *args,
+           f"hydra.run.dir={out.parent / f'hydra-{name}'}"]
+    # a fresh store for every round: torch's default (the agents' rendezvous store, shared with the ranks) keeps
+    # the last round's gloo addresses, and a restarted group then hangs in init_process_group (pytorch#135712)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), stdout=open(out, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def rank_of(agent: subprocess.Popen) -> int:
+    """The pid of the agent's rank (train.py): the process `kill -9` hits when a worker dies."""
+    for pid in subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split():
+        if "train.py" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            return int(pid)
+    raise AssertionError(f"agent {agent.pid} has no train.py rank")
+
+
+def test_torchrun_max_restarts_restarts_the_group_after_a_kill_and_resumes_exactly(tmp_path, uninterrupted):
+    """kill -9 of one node's rank mid-run: the other rank's next collective fails at once (gloo sees the socket
+    close) and it exits; both agents restart their rank (--max-restarts 1) and meet again at the rendezvous; the
+    new group's `ckpt_path=auto` finds last.ckpt and resumes from it, ending with the uninterrupted run's weights."""
+    reference, cache = uninterrupted
+    run, port = tmp_path / "killed", free_port()
+    args = overrides(run, cache, *CKPT, "ckpt_path=auto", steps=STEPS)
+    agents = [elastic_node(name, port, args, tmp_path / f"{name}.txt") for name in ("a", "b")]
+    wait_past_checkpoint(run, agents)
+    os.kill(rank_of(agents[1]), signal.SIGKILL)
+    finish(agents, timeout=300)  # both agents end with 0: the restarted group finished the run
+
+    logs = [(tmp_path / f"{name}.txt").read_text() for name in ("a", "b")]
+    assert sum(f"resuming {run / 'checkpoints' / 'last.ckpt'}" in log for log in logs) == 2, \
+        "both restarted ranks resumed the last checkpoint"
+    assert any("Restarting" in log or "restart" in log.lower() for log in logs)
+    assert_same_run(reference, run)
+    a, b = final_weights(reference), final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights are not the uninterrupted run's"
