@@ -2,9 +2,9 @@
 
     python -m tests.helpers.cache_builder IMAGES CACHE [--part-size N] [--sleep S] [--go FILE] [--webdataset]
 
-syncs CACHE with the image folder IMAGES (resolution 8; --webdataset: IMAGES is the brace URL of webdataset shards) through `CountingEncoder` (a 2x2 average pool: fast and
-deterministic), sleeping S seconds per encoder call (so processes overlap), after waiting for FILE to exist (so they
-start together); prints {"encoded": images this process encoded, "calls": encoder calls} as JSON."""
+syncs CACHE with the image folder IMAGES (resolution 8; --webdataset: IMAGES is the brace URL of webdataset
+shards) through `CountingEncoder` (a 2x2 average pool: fast and deterministic), sleeping S seconds per encoder
+call (so processes overlap), after waiting for FILE to exist (so they start together); prints {"encoded": images this process encoded, "calls": encoder calls} as JSON."""
 
 from __future__ import annotations
 

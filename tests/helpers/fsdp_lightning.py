@@ -1,4 +1,5 @@
-"""Lightning's FSDP2 path (`ModelParallelStrategy`) on CPU ranks with gloo, for tests/training/test_fsdp_lightning_cpu.py:
+"""Lightning's FSDP2 path (`ModelParallelStrategy`) on CPU ranks with gloo, for
+tests/training/test_fsdp_lightning_cpu.py:
 
     python -m tests.helpers.fsdp_lightning OUT --steps N [--resume CKPT]
 

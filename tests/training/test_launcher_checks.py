@@ -1,10 +1,10 @@
 """torchrun --max-restarts on torchrun's shared rendezvous store is refused before anything is built: a restarted
-group would hang in init_process_group (ldm/training/run/launcher_checks.py; the restart itself, with the store
+group would hang in init_process_group (ldm/training/run/config_checks.py; the restart itself, with the store
 sharing turned off, is the slow test in tests/training/test_multinode.py)."""
 
 import pytest
 
-from ldm.training.run.launcher_checks import check_elastic_restarts
+from ldm.training.run.config_checks import check_elastic_restarts
 from ldm.training.run.train import ConfigError, validate
 from tests.helpers.training import TINY_MODEL, compose_train
 

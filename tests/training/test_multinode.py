@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,20 +56,32 @@ def torchrun_node(rank: int, port: int, args: list[str], out: Path, *launcher: s
 
 
 def finish(procs, timeout=300) -> None:
-    for proc in procs:
-        try:
+    with killed_on_failure(procs):
+        for proc in procs:
             assert proc.wait(timeout=timeout) == 0, Path(proc.args[-1].split("=", 1)[1]).parent
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                os.killpg(p.pid, signal.SIGKILL)
-            raise
+
+
+@contextmanager
+def killed_on_failure(agents):
+    """A failed or timed-out check kills every node still running (agents and their ranks): nothing outlives the
+    test, and a hang can only cost the test's timeouts."""
+    try:
+        yield
+    except BaseException:
+        for agent in agents:
+            if agent.poll() is None:
+                lose_node(agent)
+        raise
 
 
 def lose_node(agent: subprocess.Popen) -> None:
     """Node 1 is lost: its torchrun agent and its ranks, which torchrun starts in sessions of their own (killing
     the agent's process group alone leaves the rank training on, an orphan)."""
     ranks = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-    os.killpg(agent.pid, signal.SIGKILL)
+    try:
+        os.killpg(agent.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     for pid in ranks:
         try:
             os.kill(int(pid), signal.SIGKILL)
@@ -157,12 +170,13 @@ def test_a_killed_node_stops_the_other_and_a_restart_resumes_exactly(tmp_path, u
     run, port = tmp_path / "killed", free_port()  # one run folder, as on a shared file system
     args = overrides(run, cache, *CKPT, "ckpt_path=auto", steps=steps)
     procs = [torchrun_node(r, port, args, tmp_path / f"killed{r}.txt") for r in (0, 1)]
-    wait_past_checkpoint(run, procs)
+    with killed_on_failure(procs):
+        wait_past_checkpoint(run, procs)
     lose_node(procs[1])
     try:
         code = procs[0].wait(timeout=120)
     except subprocess.TimeoutExpired:
-        os.killpg(procs[0].pid, signal.SIGKILL)
+        lose_node(procs[0])
         pytest.fail("node 0 hung after node 1 died")
     assert code != 0
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
@@ -202,8 +216,9 @@ def test_torchrun_max_restarts_restarts_the_group_after_a_kill_and_resumes_exact
     run, port = tmp_path / "killed", free_port()
     args = overrides(run, cache, *CKPT, "ckpt_path=auto", steps=STEPS)
     agents = [elastic_node(name, port, args, tmp_path / f"{name}.txt") for name in ("a", "b")]
-    wait_past_checkpoint(run, agents)
-    os.kill(rank_of(agents[1]), signal.SIGKILL)
+    with killed_on_failure(agents):
+        wait_past_checkpoint(run, agents)
+        os.kill(rank_of(agents[1]), signal.SIGKILL)
     finish(agents, timeout=300)  # both agents end with 0: the restarted group finished the run
 
     logs = [(tmp_path / f"{name}.txt").read_text() for name in ("a", "b")]

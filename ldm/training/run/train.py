@@ -21,9 +21,8 @@ from ldm.training.callbacks.preemption import resume_command, stop_summary
 from ldm.training.callbacks.progress import default_progress_bar
 from ldm.training.callbacks.result import ResultCallback
 from ldm.training.run.config import STAGES
-from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, check_values
+from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, check_elastic_restarts, check_values
 from ldm.training.run.first_stage import ensure_first_stage
-from ldm.training.run.launcher_checks import check_elastic_restarts
 from ldm.training.build.loggers import quiet_lightning_tips
 from ldm.training.build.precision import precision_overrides
 from ldm.training.run.resume import AtomicCheckpointIO, RNGStateCallback
