@@ -21,7 +21,7 @@ def test_launches_that_restart_safely_pass(environ):
 
 
 def test_restarts_on_the_shared_store_are_refused_naming_the_fix():
-    with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+    with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --rdzv-backend c10d"):
         check_elastic_restarts(SHARED)
 
 

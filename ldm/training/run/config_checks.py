@@ -252,22 +252,25 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(problem)
 
 
-# torchrun (torch >= 2.5) shares its c10d rendezvous store with the ranks by default: every round of the rendezvous
-# hands the ranks the same store, which still holds the previous round's process-group keys (gloo's rank addresses,
-# NCCL's unique id). A group restarted by ``--max-restarts`` then reads its dead predecessors' addresses and hangs in
-# ``init_process_group`` (seen here: 2 gloo ranks still waiting 3 minutes after a 60 s timeout; pytorch/pytorch#135712
-# reports the NCCL side). ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment gives every round a fresh
-# store on rank 0, and the restart works (tests/training/test_multinode.py).
+# torchrun (torch >= 2.5) shares its rendezvous store with the ranks by default, and the static rendezvous
+# (--master-addr / --node-rank) always does: every round hands the ranks the same store, which still holds the previous
+# round's process-group keys (gloo's rank addresses, NCCL's unique id). A group restarted by ``--max-restarts`` reads
+# its dead predecessors' addresses: seen here with gloo, the c10d rendezvous hung in ``init_process_group`` (2 ranks
+# still waiting 3 minutes past a 60 s timeout), the static one failed ("connection refused", both agents out of
+# restarts); pytorch/pytorch#135712 reports the NCCL side. With the c10d rendezvous and
+# ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment every round gets a fresh store on rank 0, and the
+# restart resumes exactly (tests/training/test_multinode.py).
 def check_elastic_restarts(environ: Mapping[str, str] = os.environ) -> None:
-    """Refuse a torchrun launch that may restart its ranks (--max-restarts > 0) on the shared rendezvous store."""
+    """Refuse a torchrun launch that may restart its ranks (--max-restarts > 0) on a shared rendezvous store."""
     try:
         restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     except ValueError:
         return  # not torchrun's value: nothing of ours to check
     if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         raise ConfigError(
-            f"torchrun --max-restarts {restarts}: the restarted ranks would hang in init_process_group, because "
-            "torchrun shares its rendezvous store with them and that store keeps the killed group's addresses "
-            "(pytorch/pytorch#135712); start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment "
-            "(e.g. `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts 3 ... train.py ckpt_path=auto`), "
-            "or without --max-restarts")
+            f"torchrun --max-restarts {restarts}: restarted ranks would read the killed group's addresses from the "
+            "rendezvous store torchrun shares with them, and hang or fail in init_process_group "
+            "(pytorch/pytorch#135712). Restart with the c10d rendezvous and a fresh store per round: "
+            "`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
+            f"--max-restarts {restarts} ... train.py ckpt_path=auto` (the static rendezvous, --master-addr / "
+            "--node-rank, always shares its store), or run without --max-restarts")
