@@ -124,6 +124,27 @@ def test_two_nodes_through_torchrun(tmp_path):
         "the cache is built once, in parts of 4 shared out between the nodes"
 
 
+def test_two_nodes_cache_every_webdataset_shard(tmp_path):
+    """data=webdataset with the latent cache on 2 torchrun nodes: the cache holds every shard, one part each, built
+    by whichever rank claimed it (before: the stream was one part, and the rank that built it read only its own
+    split of the shards, urls[rank::2]: half the data). Which rank encodes which shard is a race here; that the
+    ranks split the work is tests/data/test_shared_cache_build.py's."""
+    from tests.helpers.data import write_green_shards
+
+    shards, per_shard = 4, 4
+    urls = write_green_shards(tmp_path / "shards", shards=shards, per_shard=per_shard)
+    cache, port = tmp_path / "cache", free_port()
+    args = [o for o in overrides(tmp_path / "run", cache, steps=2)
+            if not o.startswith(("data.train.size=", "data.val.resolution="))]
+    args += ["data=webdataset", f"data.train.urls='{urls}'", "data.num_workers=0", "data.train.shuffle_buffer=0"]
+    finish([torchrun_node(r, port, args, tmp_path / f"node{r}.txt") for r in (0, 1)])
+    parts = sorted(p for p in (cache / "latents").glob("*/part-*") if p.is_dir())
+    assert [len(json.loads((p / "rows.json").read_text())) for p in parts] == [per_shard] * shards
+    assert all(json.loads((p / "manifest.json").read_text())["complete"] for p in parts)
+    logs = "".join((tmp_path / f"node{r}.txt").read_text() for r in (0, 1))
+    assert logs.count(f"of {shards} once with the frozen VAE") == shards, "every shard encoded once"
+
+
 def test_two_nodes_through_slurm_variables(tmp_path):
     """What `srun --nodes 2 --ntasks-per-node 1 python train.py ...` sets; Lightning's SLURMEnvironment reads it."""
     cache, port = tmp_path / "cache", free_port()
