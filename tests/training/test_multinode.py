@@ -243,9 +243,9 @@ def test_torchrun_max_restarts_restarts_the_group_after_a_kill_and_resumes_exact
     finish(agents, timeout=300)  # both agents end with 0: the restarted group finished the run
 
     logs = [(tmp_path / f"{name}.txt").read_text() for name in ("a", "b")]
+    assert "failed (exitcode: -9)" in logs[1], "node b's agent saw its rank killed"
     assert sum(f"resuming {run / 'checkpoints' / 'last.ckpt'}" in log for log in logs) == 2, \
-        "both restarted ranks resumed the last checkpoint"
-    assert any("Restarting" in log or "restart" in log.lower() for log in logs)
+        "both restarted ranks resumed the last checkpoint (the first start had none to resume)"
     assert_same_run(reference, run)
     a, b = final_weights(reference), final_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights are not the uninterrupted run's"
