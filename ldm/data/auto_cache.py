@@ -355,7 +355,8 @@ def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, se
                 break
         if mine is None:  # every unfinished part is being built by a live process
             _wait(folder, deadline, wait_seconds, poll_seconds,
-                  f"the parts of shards {todo}" if spec.shards is not None else "the stream's part")
+                  f"the parts of shard(s) {', '.join(str(k + 1) for k in todo)} of {len(parts)}"
+                  if spec.shards is not None else "the stream's part")
             continue
         try:
             if not _stream_part_done(parts[k]):

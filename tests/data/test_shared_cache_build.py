@@ -190,7 +190,7 @@ def test_a_stream_part_is_encoded_by_the_process_that_claims_it(tmp_path, images
     claim = folder / "part-00000.claim"
     claim.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": "x"}))
     enc = CountingEncoder()
-    with pytest.raises(TimeoutError, match=r"the parts of shards \[0\] not finished"):
+    with pytest.raises(TimeoutError, match=r"the parts of shard\(s\) 1 of 1 not finished"):
         sync_cache(folder, spec, enc, progress=False, wait_seconds=0.3, poll_seconds=0.05)
     assert enc.calls == 0, "a live holder builds it: this process waits"
 
