@@ -2,7 +2,9 @@
 # trainer=fsdp on the lent GPU: what CPU ranks cannot run, because Lightning 2.6's FSDPStrategy refuses a CPU
 # accelerator ("requires a GPU accelerator"). The sharding itself (torch FSDP2 on the U-Net's blocks, full and
 # sharded state dicts, exact resume, a sharded checkpoint joined into one file) is tested on 2 CPU ranks by
-# tests/training/test_fsdp_cpu.py; this script runs the Lightning path end to end on one GPU (1 rank: FSDP's code
+# tests/training/test_fsdp_cpu.py (a LoRA on the sharded U-Net: test_fsdp_lora_cpu.py; Lightning's FSDP2
+# ModelParallelStrategy, which runs on CPU: test_fsdp_lightning_cpu.py); this script runs the Lightning FSDPStrategy
+# path of train.py end to end on one GPU (1 rank: FSDP's code
 # paths, not its memory saving) and prints PASS/FAIL per check. NOT RUN YET (written without a GPU; issue 33).
 #
 #   bash bench/gpu_fsdp.sh [OUT_DIR]       # bench/gpu.sh may call it as its own block; ~2-3 min

@@ -62,6 +62,9 @@ class CacheSpec:
         then holds the rows of one bucket (a part's latents have one shape).
     records: with buckets, per item the micro-conditioning record of each cached variant (original_size,
         crop_top_left, target_size), which the view adds to its items.
+    shards: an iterable dataset made of shards (webdataset): one source per shard, in stream order, each reading
+        its whole shard in every process (no split by rank). The cache then holds one part per shard, each built
+        by the one process that claims it, so several processes (every DDP rank) share the encoding.
     """
 
     settings: dict
@@ -74,6 +77,7 @@ class CacheSpec:
     captions: Any = None
     buckets: Any = None
     records: list[list[dict]] | None = None
+    shards: list[IterableDataset] | None = None
 
 
 def place_digest(path: str | Path) -> str:
@@ -292,16 +296,21 @@ def _build_parts(folder: Path, parts: dict[int, Path], spec: CacheSpec, index_of
                 plan = [(index_of[identity], bool(flip)) for identity, flip in _read_rows(part)]
                 if _has_shards(part):
                     print(f"finishing the interrupted latent cache part {part}")
-
-                def beating(images, captions, generator=None, _encode=encode, _claim=mine):
-                    _claim.beat()  # the heartbeat: others see this part is still being built
-                    return _encode(images, captions, generator)
-
-                build_latent_cache(_Planned(spec.source, plan), part, None, None, encode=beating, **build)
+                build_latent_cache(_Planned(spec.source, plan), part, None, None, encode=_beating(encode, mine),
+                                   **build)
                 encoded += len(plan)
         finally:
             mine.release()
     return encoded
+
+
+def _beating(encode: Encode, claim) -> Encode:
+    """`encode`, touching `claim` at every batch: the heartbeat by which others see the part is still being built."""
+    def beating(images, captions, generator=None):
+        claim.beat()
+        return encode(images, captions, generator)
+
+    return beating
 
 
 def _has_shards(part: Path) -> bool:
@@ -328,31 +337,55 @@ def _by_bucket(rows: list[tuple[int, bool]], spec: CacheSpec) -> list[list[tuple
 def _sync_stream(folder: Path, spec: CacheSpec, variants: tuple, build: dict, seed: int, sample: bool,
                  read_only: bool, wait_seconds: float, stale_seconds: float, poll_seconds: float
                  ) -> "CachedView | None":
-    """An iterable dataset: one part holding all of it (its key is in the folder name), built if not complete, by
-    one process (the one that claims it; the others wait for it): a stream is not split between processes."""
-    part = folder / "part-00000"
+    """An iterable dataset, read in one order. With `spec.shards` part k holds shard k's samples, each part claimed
+    and built by one process, so processes share the encoding shard by shard; else one part holds the whole
+    stream, built by the process that claims it (the others wait for it). The view joins the parts in order: the
+    stream a one-process build reads, and the same bytes whichever processes built which parts."""
+    sources = spec.shards if spec.shards is not None else [spec.source]
+    parts = {k: folder / f"part-{k:05d}" for k in range(len(sources))}
+    claims = {k: folder / (f"{part.name}.{CLAIM}" if spec.shards is not None else f"stream.{CLAIM}")
+              for k, part in parts.items()}
     encoded, deadline = 0, time.monotonic() + wait_seconds
-    while not _complete(part) or _read_rows(part) is None:
+    while todo := [k for k, part in parts.items() if not _stream_part_done(part)]:
         if read_only:
             return None
-        mine = _claim(folder, folder / f"stream.{CLAIM}", wait_seconds, stale_seconds)
-        if mine is None:
-            _wait(folder, deadline, wait_seconds, poll_seconds, "the stream's part")
+        mine = None
+        for k in todo:
+            if (mine := _claim(folder, claims[k], wait_seconds, stale_seconds)) is not None:
+                break
+        if mine is None:  # every unfinished part is being built by a live process
+            _wait(folder, deadline, wait_seconds, poll_seconds,
+                  f"the parts of shard(s) {', '.join(str(k + 1) for k in todo)} of {len(parts)}"
+                  if spec.shards is not None else "the stream's part")
             continue
         try:
-            if not _complete(part) or _read_rows(part) is None:
-                print(f"latent cache {folder}: encoding the stream once with the frozen VAE")
-                manifest = build_latent_cache(_Doubled(spec.source, len(variants) == 2), part, None, None, **build)
+            if not _stream_part_done(parts[k]):
+                print(f"latent cache {folder}: encoding " + (f"shard {k + 1} of {len(parts)}" if spec.shards
+                                                             is not None else "the stream") + " once with the "
+                      "frozen VAE")
+                doubled = _Doubled(sources[k], len(variants) == 2)
+                manifest = build_latent_cache(doubled, parts[k], None, None,
+                                              **dict(build, encode=_beating(build["encode"], mine)))
                 n = manifest["num_samples"]
                 rows = [[f"#{r // len(variants)}", bool(r % len(variants))] for r in range(n)]
-                _write_atomic(part / ROWS, json.dumps(rows))
-                encoded = n
+                _write_atomic(parts[k] / ROWS, json.dumps(rows))
+                encoded += n
         finally:
             mine.release()
-    rows = _read_rows(part)
-    table = [[(0, i + v) for v in range(len(variants))] for i in range(0, len(rows), len(variants))]
-    return CachedView({0: part}, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution,
+    used, table = {}, []
+    for number, part in parts.items():
+        rows = _read_rows(part)
+        if rows:  # a shard with no readable sample adds no rows
+            used[number] = part
+        table += [[(number, i + v) for v in range(len(variants))] for i in range(0, len(rows), len(variants))]
+    if not used:
+        raise ValueError(f"latent cache {folder}: the stream has no readable sample to cache")
+    return CachedView(used, table, seed=seed, sample=sample, encoded=encoded, resolution=spec.resolution,
                       captions=spec.captions)
+
+
+def _stream_part_done(part: Path) -> bool:
+    return _complete(part) and _read_rows(part) is not None
 
 
 def _claim(folder: Path, path: Path, wait_seconds: float, stale_seconds: float):

@@ -81,6 +81,8 @@ class WebDatasetSource(IterableDataset):
             stream repeats (or resamples) until it is reached. None: one pass.
         captions: caption options (`ldm.data.captions.CaptionProcessor` fields, config `data.train.captions`),
             applied per (seed, epoch, sample key); None: captions as read. (Caption members: caption_keys.)
+        split_by_rank: each DDP rank reads its share of the shards (`urls[rank::world_size]`); False: every
+            process reads all of them (the latent cache's sources: which process encodes what is its own plan).
 
     Mid-epoch resume: `position()`, `resume_from()`, `tracking_collate()` and `consume()`
     (see the module docstring); `ImageCaptionDataModule` uses them.
@@ -102,6 +104,7 @@ class WebDatasetSource(IterableDataset):
         epoch_size: int | None = None,
         captions: CaptionProcessor | dict | None = None,
         buckets: dict | None = None,
+        split_by_rank: bool = True,
     ):
         super().__init__()
         from ldm.data.buckets import BucketSettings
@@ -127,6 +130,7 @@ class WebDatasetSource(IterableDataset):
             raise ValueError("WebDatasetSource: data.train.captions.extension is for image folders; a shard's caption "
                              f"members are chosen by data.train.caption_keys (now {list(self.caption_keys)})")
         self.epoch_size = None if epoch_size is None else int(epoch_size)
+        self.split_by_rank = bool(split_by_rank)
         self.transform = _PerSampleRandomTransform(resolution, center_crop=center_crop, random_flip=random_flip)
         # shared memory: persistent DataLoader workers keep their copy of the dataset, yet must see set_epoch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -224,7 +228,8 @@ class WebDatasetSource(IterableDataset):
 
     def cache_spec(self):
         """What the automatic latent cache depends on: every shard (with its size and mtime when it is a local
-        file), the keys read and the transform. The stream is cached as a whole, read once in shard order."""
+        file), the keys read and the transform. The stream is read once in shard order and cached one part per
+        shard (`CacheSpec.shards`), so the ranks of a DDP run each encode a share of the shards."""
         import os
 
         from ldm.data.auto_cache import CacheSpec, place_digest
@@ -240,16 +245,26 @@ class WebDatasetSource(IterableDataset):
         t = self.transform
         settings = {"kind": "WebDatasetSource", "shards": shards, "image_keys": list(self.image_keys),
                     "caption_keys": list(self.caption_keys), "json_caption_field": self.json_caption_field,
-                    "resolution": t.resolution, "center_crop": t.center_crop}
-        plain = WebDatasetSource(self.urls, resolution=t.resolution, center_crop=True, random_flip=False,
-                                 shuffle_buffer=0, shuffle_shards=False, resampled=False, seed=self.seed,
-                                 image_keys=self.image_keys, caption_keys=self.caption_keys,
-                                 json_caption_field=self.json_caption_field, captions=self.caption_options)
-        return CacheSpec(settings, None, plain, flip=t.random_flip, random_crop=not t.center_crop,
-                         resolution=t.resolution, **caption_cache_fields(plain, settings))
+                    "resolution": t.resolution, "center_crop": t.center_crop,
+                    "parts": "one per shard"}  # before: one part of the whole stream, under another key
+
+        def plain(urls: list[str], captions) -> WebDatasetSource:  # in shard order, unaugmented, in every rank
+            return WebDatasetSource(urls, resolution=t.resolution, center_crop=True, random_flip=False,
+                                    shuffle_buffer=0, shuffle_shards=False, resampled=False, seed=self.seed,
+                                    image_keys=self.image_keys, caption_keys=self.caption_keys,
+                                    json_caption_field=self.json_caption_field, captions=captions,
+                                    split_by_rank=False)
+
+        whole = plain(self.urls, self.caption_options)
+        fields = caption_cache_fields(whole, settings)  # random caption options: the cache holds captions as read
+        return CacheSpec(settings, None, whole, flip=t.random_flip, random_crop=not t.center_crop,
+                         resolution=t.resolution, shards=[plain([url], whole.caption_options) for url in self.urls],
+                         **fields)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
+        if not self.split_by_rank:
+            rank, world_size = 0, 1
         epoch = self.epoch
         if not self.resampled and len(self.urls) < world_size * workers and rank == worker == 0:
             logger.warning(

@@ -53,8 +53,8 @@ def contents(folder: Path) -> dict:
     return out
 
 
-def builder(root, folder, *extra):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def builder(root, folder, *extra, **env_vars):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.Popen([sys.executable, "-m", "tests.helpers.cache_builder", str(root), str(folder), *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -134,8 +134,43 @@ def test_a_held_lock_times_out_with_the_fix(tmp_path):
             pass
 
 
-def test_a_stream_is_encoded_by_the_process_that_claims_it(tmp_path, images):
-    """A webdataset stream is one part, built by one process: a live holder's claim makes the others wait (here:
+def test_webdataset_shards_are_split_between_ranks_and_leave_the_one_process_cache(tmp_path):
+    """data=webdataset under DDP: each rank (RANK / WORLD_SIZE set, as torchrun and Lightning set them) encodes
+    whole shards it claims, all shards between them (before: the rank that claimed the stream read only its own
+    split of the shards, urls[rank::world_size], and cached half the data)."""
+    from ldm.data.webdataset import WebDatasetSource
+    from tests.helpers.data import write_green_shards
+
+    shards, per_shard = 4, 3
+    urls = write_green_shards(tmp_path / "shards", shards=shards, per_shard=per_shard)
+    spec = cache_spec(WebDatasetSource(urls, resolution=8, shuffle_buffer=0))
+    enc = CountingEncoder()
+    alone = sync_cache(tmp_path / "alone", spec, enc, batch_size=2, progress=False, sample=False)
+    assert enc.images == alone.encoded == len(alone) == shards * per_shard
+    assert len(list((tmp_path / "alone").glob("part-*/manifest.json"))) == shards, "one part per shard"
+
+    go = tmp_path / "go"
+    procs = [builder(urls, tmp_path / "shared", "--webdataset", "--sleep", "0.3", "--go", str(go), RANK=str(rank),
+                     WORLD_SIZE="2", LOCAL_RANK=str(rank)) for rank in (0, 1)]
+    time.sleep(0.5)
+    go.touch()
+    encoded = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        encoded.append(json.loads(out.strip().splitlines()[-1])["encoded"])
+    assert sum(encoded) == shards * per_shard, f"every sample encoded once across the ranks, got {encoded}"
+    assert all(e > 0 and e % per_shard == 0 for e in encoded), f"each rank encoded whole shards, got {encoded}"
+    assert contents(tmp_path / "shared") == contents(tmp_path / "alone"), "byte for byte the one-process cache"
+    assert not list((tmp_path / "shared").glob("*.claim")) and not (tmp_path / "shared" / "plan.lock").exists()
+    again = CountingEncoder()
+    view = sync_cache(tmp_path / "shared", spec, again, progress=False, sample=False)
+    assert again.calls == 0 and len(view) == len(alone), "reused the same way as a one-process cache"
+    assert [view[i]["caption"] for i in range(len(view))] == [alone[i]["caption"] for i in range(len(alone))]
+
+
+def test_a_stream_part_is_encoded_by_the_process_that_claims_it(tmp_path, images):
+    """A webdataset shard's part is built by one process: a live holder's claim makes the others wait (here:
     time out, naming what they waited for); a dead holder's claim is taken over."""
     import io
     import tarfile
@@ -152,10 +187,10 @@ def test_a_stream_is_encoded_by_the_process_that_claims_it(tmp_path, images):
     spec = cache_spec(WebDatasetSource(str(shard), resolution=8, shuffle_buffer=0))
     folder = tmp_path / "cache"
     folder.mkdir()
-    claim = folder / "stream.claim"
+    claim = folder / "part-00000.claim"
     claim.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": "x"}))
     enc = CountingEncoder()
-    with pytest.raises(TimeoutError, match="the stream's part not finished"):
+    with pytest.raises(TimeoutError, match=r"the parts of shard\(s\) 1 of 1 not finished"):
         sync_cache(folder, spec, enc, progress=False, wait_seconds=0.3, poll_seconds=0.05)
     assert enc.calls == 0, "a live holder builds it: this process waits"
 

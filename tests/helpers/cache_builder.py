@@ -1,10 +1,10 @@
 """One process of a shared latent-cache build, for tests that run several at once or kill one:
 
-    python -m tests.helpers.cache_builder IMAGES CACHE [--part-size N] [--sleep S] [--go FILE]
+    python -m tests.helpers.cache_builder IMAGES CACHE [--part-size N] [--sleep S] [--go FILE] [--webdataset]
 
-syncs CACHE with the image folder IMAGES (resolution 8) through `CountingEncoder` (a 2x2 average pool: fast and
-deterministic), sleeping S seconds per encoder call (so processes overlap), after waiting for FILE to exist (so they
-start together); prints {"encoded": images this process encoded, "calls": encoder calls} as JSON."""
+syncs CACHE with the image folder IMAGES (resolution 8; --webdataset: IMAGES is the brace URL of webdataset
+shards) through `CountingEncoder` (a 2x2 average pool: fast and deterministic), sleeping S seconds per encoder
+call (so processes overlap), after waiting for FILE to exist (so they start together); prints {"encoded": images this process encoded, "calls": encoder calls} as JSON."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     parser.add_argument("--part-size", type=int, default=2)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--go")
+    parser.add_argument("--webdataset", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -36,7 +37,12 @@ def main(argv=None) -> None:
         time.sleep(args.sleep)
         return counter(images, captions, generator)
 
-    spec = cache_spec(ImageFolderDataset(args.images, resolution=8))
+    if args.webdataset:
+        from ldm.data.webdataset import WebDatasetSource
+
+        spec = cache_spec(WebDatasetSource(args.images, resolution=8, shuffle_buffer=0))
+    else:
+        spec = cache_spec(ImageFolderDataset(args.images, resolution=8))
     while args.go and not Path(args.go).exists():
         time.sleep(0.01)
     view = sync_cache(args.cache, spec, slow, batch_size=2, progress=False, sample=False,

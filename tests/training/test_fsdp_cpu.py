@@ -11,52 +11,20 @@ resumed on 2 ranks continues exactly like an uninterrupted sharded run; and the 
 plain file (export from a sharded checkpoint)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.helpers.fsdp import batch, free_port, make_unet, shard, train_steps
+
 pytestmark = pytest.mark.slow  # 2 spawned processes, ~20-40 s on the shared CPUs
 
 
-def make_unet():
-    from ldm.models.unet import UNet
-
-    torch.manual_seed(0)
-    return UNet(in_channels=4, out_channels=4, model_channels=64, channel_mult=[1, 1], attention_levels=[1],
-                num_head_channels=32, context_dim=32, num_res_blocks=1)
-
-
-def batch(step: int):
-    g = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g),
-            torch.randn(4, 5, 32, generator=g), torch.randn(4, 4, 8, 8, generator=g))
-
-
-def train_steps(model, opt, steps, rank=None):
-    for step in steps:
-        x, t, c, eps = batch(step)
-        if rank is not None:  # each rank: its half of the global batch (the mean over ranks = the mean of all)
-            x, t, c, eps = (v[rank * 2:rank * 2 + 2] for v in (x, t, c, eps))
-        (model(x, t, c) - eps).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-
-
 def sharded(rank):
-    from torch.distributed.fsdp import fully_shard
-
-    from ldm.training.build.strategies import unet_block_wrap_policy
-
     model = make_unet()
-    blocks = tuple(unet_block_wrap_policy())
-    for module in model.modules():
-        if isinstance(module, blocks):
-            fully_shard(module)
-    fully_shard(model)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return shard(model, model), torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
 def worker(rank, port, out):
@@ -92,12 +60,6 @@ def worker(rank, port, out):
             torch.save({"uninterrupted": uninterrupted, "resumed": resumed}, f"{out}/resume.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_fsdp2_sharded_unet_on_two_cpu_ranks(tmp_path):

@@ -10,12 +10,13 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.training import TINY_MODEL, assert_same_run, logged_losses
+from tests.helpers.training import TINY_MODEL, assert_same_run, final_weights, logged_losses
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -55,20 +56,32 @@ def torchrun_node(rank: int, port: int, args: list[str], out: Path, *launcher: s
 
 
 def finish(procs, timeout=300) -> None:
-    for proc in procs:
-        try:
+    with killed_on_failure(procs):
+        for proc in procs:
             assert proc.wait(timeout=timeout) == 0, Path(proc.args[-1].split("=", 1)[1]).parent
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                os.killpg(p.pid, signal.SIGKILL)
-            raise
+
+
+@contextmanager
+def killed_on_failure(agents):
+    """A failed or timed-out check kills every node still running (agents and their ranks): nothing outlives the
+    test, and a hang can only cost the test's timeouts."""
+    try:
+        yield
+    except BaseException:
+        for agent in agents:
+            if agent.poll() is None:
+                lose_node(agent)
+        raise
 
 
 def lose_node(agent: subprocess.Popen) -> None:
     """Node 1 is lost: its torchrun agent and its ranks, which torchrun starts in sessions of their own (killing
     the agent's process group alone leaves the rank training on, an orphan)."""
     ranks = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-    os.killpg(agent.pid, signal.SIGKILL)
+    try:
+        os.killpg(agent.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     for pid in ranks:
         try:
             os.kill(int(pid), signal.SIGKILL)
@@ -111,6 +124,27 @@ def test_two_nodes_through_torchrun(tmp_path):
         "the cache is built once, in parts of 4 shared out between the nodes"
 
 
+def test_two_nodes_cache_every_webdataset_shard(tmp_path):
+    """data=webdataset with the latent cache on 2 torchrun nodes: the cache holds every shard, one part each, built
+    by whichever rank claimed it (before: the stream was one part, and the rank that built it read only its own
+    split of the shards, urls[rank::2]: half the data). Which rank encodes which shard is a race here; that the
+    ranks split the work is tests/data/test_shared_cache_build.py's."""
+    from tests.helpers.data import write_green_shards
+
+    shards, per_shard = 4, 4
+    urls = write_green_shards(tmp_path / "shards", shards=shards, per_shard=per_shard)
+    cache, port = tmp_path / "cache", free_port()
+    args = [o for o in overrides(tmp_path / "run", cache, steps=2)
+            if not o.startswith(("data.train.size=", "data.val.resolution="))]
+    args += ["data=webdataset", f"data.train.urls='{urls}'", "data.num_workers=0", "data.train.shuffle_buffer=0"]
+    finish([torchrun_node(r, port, args, tmp_path / f"node{r}.txt") for r in (0, 1)])
+    parts = sorted(p for p in (cache / "latents").glob("*/part-*") if p.is_dir())
+    assert [len(json.loads((p / "rows.json").read_text())) for p in parts] == [per_shard] * shards
+    assert all(json.loads((p / "manifest.json").read_text())["complete"] for p in parts)
+    logs = "".join((tmp_path / f"node{r}.txt").read_text() for r in (0, 1))
+    assert logs.count(f"of {shards} once with the frozen VAE") == shards, "every shard encoded once"
+
+
 def test_two_nodes_through_slurm_variables(tmp_path):
     """What `srun --nodes 2 --ntasks-per-node 1 python train.py ...` sets; Lightning's SLURMEnvironment reads it."""
     cache, port = tmp_path / "cache", free_port()
@@ -128,28 +162,42 @@ def test_two_nodes_through_slurm_variables(tmp_path):
     assert files(tmp_path / "run-node1") == [], "only global rank 0 writes run files"
 
 
-def test_a_killed_node_stops_the_other_and_a_restart_resumes_exactly(tmp_path):
-    cache, steps, every = tmp_path / "cache", 24, 5  # enough steps left after the kill point
-    ckpt = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-            "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
-            "+callbacks.checkpoint.save_top_k=-1", f"+callbacks.checkpoint.every_n_train_steps={every}"]
-    reference = tmp_path / "reference"
-    port = free_port()
-    finish([torchrun_node(r, port, overrides(reference, cache, *ckpt, steps=steps), tmp_path / f"ref{r}.txt")
-            for r in (0, 1)])
+STEPS, EVERY = 24, 5  # the killed runs: a checkpoint every 5 steps, enough steps left after the kill point
+CKPT = ["+callbacks.checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
+        "+callbacks.checkpoint.save_top_k=-1", f"+callbacks.checkpoint.every_n_train_steps={EVERY}"]
 
-    run, port = tmp_path / "killed", free_port()  # one run folder, as on a shared file system
-    args = overrides(run, cache, *ckpt, "ckpt_path=auto", steps=steps)
-    procs = [torchrun_node(r, port, args, tmp_path / f"killed{r}.txt") for r in (0, 1)]
-    deadline = time.monotonic() + 300
-    while not any(s >= every + 1 for s, _ in logged_losses(run)) if (run / "metrics.csv").exists() else True:
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, latent cache folder) of the 2-node run the killed runs must equal."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    port, run, cache = free_port(), tmp / "reference", tmp / "cache"
+    finish([torchrun_node(r, port, overrides(run, cache, *CKPT, steps=STEPS), tmp / f"ref{r}.txt") for r in (0, 1)])
+    return run, cache
+
+
+def wait_past_checkpoint(run: Path, procs, timeout: float = 300) -> None:
+    """Until step EVERY + 1 is logged: the first checkpoint is written and training went on past it."""
+    deadline = time.monotonic() + timeout
+    while not any(s >= EVERY + 1 for s, _ in logged_losses(run)) if (run / "metrics.csv").exists() else True:
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run must be training"
         time.sleep(0.05)
+
+
+def test_a_killed_node_stops_the_other_and_a_restart_resumes_exactly(tmp_path, uninterrupted):
+    reference, cache = uninterrupted
+    steps = STEPS
+    run, port = tmp_path / "killed", free_port()  # one run folder, as on a shared file system
+    args = overrides(run, cache, *CKPT, "ckpt_path=auto", steps=steps)
+    procs = [torchrun_node(r, port, args, tmp_path / f"killed{r}.txt") for r in (0, 1)]
+    with killed_on_failure(procs):
+        wait_past_checkpoint(run, procs)
     lose_node(procs[1])
     try:
         code = procs[0].wait(timeout=120)
     except subprocess.TimeoutExpired:
-        os.killpg(procs[0].pid, signal.SIGKILL)
+        lose_node(procs[0])
         pytest.fail("node 0 hung after node 1 died")
     assert code != 0
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
@@ -159,3 +207,45 @@ def test_a_killed_node_stops_the_other_and_a_restart_resumes_exactly(tmp_path):
     finish([torchrun_node(r, port, args, tmp_path / f"resumed{r}.txt") for r in (0, 1)])
     assert f"resuming {run / 'checkpoints' / 'last.ckpt'}" in (tmp_path / "resumed0.txt").read_text()
     assert_same_run(reference, run)
+
+
+def elastic_node(name: str, port: int, args: list[str], out: Path) -> subprocess.Popen:
+    """A torchrun agent that restarts its node's rank once (`--max-restarts 1`); the agents meet at a c10d
+    rendezvous (the first to start hosts its store), which hands out the node ranks."""
+    cmd = [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+           f"127.0.0.1:{port}", "--rdzv-id", "ldm-test", "--max-restarts", "1", "train.py", *args,
+           f"hydra.run.dir={out.parent / f'hydra-{name}'}"]
+    # a fresh store for every round: torch's default (the agents' rendezvous store, shared with the ranks) keeps
+    # the last round's gloo addresses, and a restarted group then hangs in init_process_group (pytorch#135712)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), stdout=open(out, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def rank_of(agent: subprocess.Popen) -> int:
+    """The pid of the agent's rank (train.py): the process `kill -9` hits when a worker dies."""
+    for pid in subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split():
+        if "train.py" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            return int(pid)
+    raise AssertionError(f"agent {agent.pid} has no train.py rank")
+
+
+def test_torchrun_max_restarts_restarts_the_group_after_a_kill_and_resumes_exactly(tmp_path, uninterrupted):
+    """kill -9 of one node's rank mid-run: the other rank's next collective fails at once (gloo sees the socket
+    close) and it exits; both agents restart their rank (--max-restarts 1) and meet again at the rendezvous; the
+    new group's `ckpt_path=auto` finds last.ckpt and resumes from it, ending with the uninterrupted run's weights."""
+    reference, cache = uninterrupted
+    run, port = tmp_path / "killed", free_port()
+    args = overrides(run, cache, *CKPT, "ckpt_path=auto", steps=STEPS)
+    agents = [elastic_node(name, port, args, tmp_path / f"{name}.txt") for name in ("a", "b")]
+    with killed_on_failure(agents):
+        wait_past_checkpoint(run, agents)
+        os.kill(rank_of(agents[1]), signal.SIGKILL)
+    finish(agents, timeout=300)  # both agents end with 0: the restarted group finished the run
+
+    logs = [(tmp_path / f"{name}.txt").read_text() for name in ("a", "b")]
+    assert "failed (exitcode: -9)" in logs[1], "node b's agent saw its rank killed"
+    assert sum(f"resuming {run / 'checkpoints' / 'last.ckpt'}" in log for log in logs) == 2, \
+        "both restarted ranks resumed the last checkpoint (the first start had none to resume)"
+    assert_same_run(reference, run)
+    a, b = final_weights(reference), final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights are not the uninterrupted run's"

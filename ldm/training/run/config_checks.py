@@ -1,7 +1,7 @@
 """Checks on config values that would otherwise fail deep inside ``trainer.fit`` without naming the key.
 
-Everything here reads the composed config (and at most a checkpoint's or weights file's header): nothing is
-built, nothing is downloaded. Each error names the key and the values it accepts.
+Everything here reads the composed config (and at most a checkpoint's or weights file's header, or the
+launcher's environment): nothing is built, nothing is downloaded. Each error names the key (or variable) to fix.
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -249,3 +250,27 @@ def check_values(cfg: DictConfig) -> None:
     for problem in (check_precision(cfg), check_lr_schedule(cfg)):
         if problem:
             raise ConfigError(problem)
+
+
+# torchrun (torch >= 2.5) shares its rendezvous store with the ranks by default, and the static rendezvous
+# (--master-addr / --node-rank) always does: every round hands the ranks the same store, which still holds the previous
+# round's process-group keys (gloo's rank addresses, NCCL's unique id). A group restarted by ``--max-restarts`` reads
+# its dead predecessors' addresses: seen here with gloo, the c10d rendezvous hung in ``init_process_group`` (2 ranks
+# still waiting 3 minutes past a 60 s timeout), the static one failed ("connection refused", both agents out of
+# restarts); pytorch/pytorch#135712 reports the NCCL side. With the c10d rendezvous and
+# ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment every round gets a fresh store on rank 0, and the
+# restart resumes exactly (tests/training/test_multinode.py).
+def check_elastic_restarts(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a torchrun launch that may restart its ranks (--max-restarts > 0) on a shared rendezvous store."""
+    try:
+        restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        return  # not torchrun's value: nothing of ours to check
+    if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ConfigError(
+            f"torchrun --max-restarts {restarts}: restarted ranks would read the killed group's addresses from the "
+            "rendezvous store torchrun shares with them, and hang or fail in init_process_group "
+            "(pytorch/pytorch#135712). Restart with the c10d rendezvous and a fresh store per round: "
+            "`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
+            f"--max-restarts {restarts} ... train.py ckpt_path=auto` (the static rendezvous, --master-addr / "
+            "--node-rank, always shares its store), or run without --max-restarts")

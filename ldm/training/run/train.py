@@ -21,7 +21,7 @@ from ldm.training.callbacks.preemption import resume_command, stop_summary
 from ldm.training.callbacks.progress import default_progress_bar
 from ldm.training.callbacks.result import ResultCallback
 from ldm.training.run.config import STAGES
-from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, check_values
+from ldm.training.run.config_checks import ConfigError, check_checkpoint_file, check_elastic_restarts, check_values
 from ldm.training.run.first_stage import ensure_first_stage
 from ldm.training.build.loggers import quiet_lightning_tips
 from ldm.training.build.precision import precision_overrides
@@ -36,6 +36,7 @@ log = logging.getLogger("ldm.training")
 
 def validate(cfg: DictConfig) -> None:
     """Cheap checks on values, before anything is built."""
+    check_elastic_restarts()  # torchrun --max-restarts on its shared store: a restart would hang
     check_values(cfg)  # batch size, learning rate, val_check_interval, resolution vs the model
     steps = OmegaConf.select(cfg, "trainer.max_steps")
     if steps is not None and int(steps) == 0:
