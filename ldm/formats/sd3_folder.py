@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion.flow import FlowMatching
-from ldm.formats.common import cast_state, save_safetensors, write_json
+from ldm.formats.common import ExportError, cast_state, save_safetensors, write_json
 from ldm.formats.diffusers_folder import DIFFUSERS_METADATA, load_diffusers_folder
 from ldm.formats.diffusers_keys import vae_config_from_diffusers, vae_diffusers_config, vae_ldm_to_diffusers
 from ldm.formats.safe_build import FLOW_SCHEDULE_TARGET, build_node, check_plain
@@ -87,7 +87,7 @@ def read_flow_scheduler(folder) -> FlowMatching:
 def flow_scheduler_config(schedule: FlowMatching) -> dict:
     """FlowMatching -> the ``scheduler_config.json`` of diffusers' FlowMatchEulerDiscreteScheduler."""
     if not isinstance(schedule, FlowMatching):
-        raise CheckpointError(f"an SD3 folder's scheduler is flow matching; this model's schedule is "
+        raise ExportError(f"an SD3 folder's scheduler is flow matching; this model's schedule is "
                               f"{type(schedule).__name__}")
     return {"_class_name": FLOW_SCHEDULER, "_diffusers_version": DIFFUSERS_VERSION,
             **{k: getattr(schedule, ours) for k, ours in _FLOW_FIELDS.items()}, **_FLOW_DEFAULTS}
@@ -119,26 +119,28 @@ def check_text_folders(folder: Path, use_t5: bool = True) -> bool:
     return t5
 
 
-def load_sd3_text_encoder(folder, *, joint_dim: int, use_t5: bool = True, t5_length: int = T5_LENGTH) -> nn.Module:
+def load_sd3_text_encoder(folder, *, joint_dim: int, use_t5: bool = True, t5_length: int = T5_LENGTH,
+                          **options) -> nn.Module:
     """SD3TextEncoder of a folder's CLIP-L + CLIP-G (+ T5 when the folder has ``text_encoder_3/`` and use_t5)."""
     from ldm.models.text_encoder_sd3 import SD3TextEncoder
 
     folder = Path(folder)
     t5 = check_text_folders(folder, use_t5)
-    return SD3TextEncoder.from_pretrained(folder, use_t5=t5, joint_dim=joint_dim, t5_length=t5_length)
+    return SD3TextEncoder.from_pretrained(folder, use_t5=t5, joint_dim=joint_dim, t5_length=t5_length, **options)
 
 
-def load_sd3_diffusers(source, *, text_encoder: nn.Module | None = None, use_t5: bool = True,
-                       t5_length: int = T5_LENGTH) -> ModelBundle:
-    """A whole SD3 folder -> ModelBundle (MMDiT, SD3's VAE, SD3TextEncoder, FlowMatching with the folder's shift)."""
+def load_sd3_diffusers(source, *, text_encoder=None, use_t5: bool = True, t5_length: int = T5_LENGTH) -> ModelBundle:
+    """A whole SD3 folder -> ModelBundle (MMDiT, SD3's VAE, SD3TextEncoder, FlowMatching with the folder's shift).
+    text_encoder: an SD3TextEncoder to use instead of the folder's, or another SD3 folder to take them from."""
     folder = Path(source)
     for sub in ("transformer", "vae"):
         if not (folder / sub).is_dir():
             raise CheckpointError(f"{folder}: an SD3 folder needs {sub}/")
     unet = read_sd3_transformer(folder / "transformer")
     vae = load_diffusers_folder(folder, components=("vae",))["vae"]
-    te = text_encoder if text_encoder is not None else load_sd3_text_encoder(
-        folder, joint_dim=unet.config["joint_attention_dim"], use_t5=use_t5, t5_length=t5_length)
+    te = text_encoder if isinstance(text_encoder, nn.Module) else load_sd3_text_encoder(
+        folder if text_encoder is None else text_encoder, joint_dim=unet.config["joint_attention_dim"], use_t5=use_t5,
+        t5_length=t5_length)
     meta = {"format": "sd3_diffusers", "resolution": unet.config["sample_size"] * vae.downsample_factor}
     return ModelBundle(unet, vae, te, read_flow_scheduler(folder), source=str(source), meta=meta)
 
@@ -153,9 +155,10 @@ def _same_config(ours: dict, stored: dict, what: str, path: Path) -> None:
         raise CheckpointError(f"{path}: the configured {what} is not the folder's: {shown}")
 
 
-def load_text_weights_into(text_encoder: nn.Module, clips: list[dict], t5: dict | None, *, source: str) -> None:
+def load_text_weights_into(text_encoder: nn.Module, clips: list[dict], t5: dict | None, *, source: str,
+                           t5_required: bool = True) -> None:
     """SD3TextEncoder weights from hub-keyed CLIP-L / CLIP-G (``text_model.*`` + ``text_projection.weight``) and
-    T5 state dicts, every module checked before anything is copied."""
+    T5 state dicts. t5_required=False: an encoder's T5 keeps its weights when ``t5`` is None."""
     from ldm.models.text_encoder_sd3 import SD3TextEncoder
 
     if not isinstance(text_encoder, SD3TextEncoder):
@@ -164,7 +167,7 @@ def load_text_weights_into(text_encoder: nn.Module, clips: list[dict], t5: dict 
     for model, state, name in ((text_encoder.model, clips[0], "clip_l"), (text_encoder.model_2, clips[1], "clip_g")):
         load_into(model, {k: v for k, v in state.items() if not k.endswith("position_ids")},
                   source=f"{source} ({name})")
-    if text_encoder.t5 is not None:
+    if text_encoder.t5 is not None and (t5 is not None or t5_required):
         if t5 is None:
             raise CheckpointError(f"{source}: the text encoder has a T5 but the weights hold none: build it without "
                                   "(use_t5=false) or give weights with a T5")
@@ -251,12 +254,12 @@ def check_sd3(bundle: ModelBundle) -> None:
     from ldm.models.text_encoder_sd3 import SD3TextEncoder
 
     if not hasattr(bundle.unet, "joint_blocks"):
-        raise CheckpointError(f"an SD3 folder holds an MMDiT; this model's denoiser is {type(bundle.unet).__name__}")
+        raise ExportError(f"an SD3 folder holds an MMDiT; this model's denoiser is {type(bundle.unet).__name__}")
     flow_scheduler_config(bundle.schedule)
     if not hasattr(bundle.autoencoder, "encoder"):
-        raise CheckpointError("an SD3 folder holds a KL autoencoder (vae/); this model has none")
+        raise ExportError("an SD3 folder holds a KL autoencoder (vae/); this model has none")
     if not isinstance(bundle.text_encoder, SD3TextEncoder):
-        raise CheckpointError(f"an SD3 folder holds SD3's text encoders; this model's is "
+        raise ExportError(f"an SD3 folder holds SD3's text encoders; this model's is "
                               f"{type(bundle.text_encoder).__name__}")
 
 
