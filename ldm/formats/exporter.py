@@ -254,6 +254,9 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
 
     sdxl = hasattr(bundle.text_encoder, "model_2")
     notes.append(_no_frozen_note(fmt, out, comfy) if not frozen else _how_to_load(fmt, out, sdxl, comfy, sd3))
+    if sd3 and fmt == "diffusers" and frozen and getattr(bundle.text_encoder, "t5", None) is None:
+        notes.append("no T5 (text_encoder_3 / tokenizer_3 null in model_index.json, as diffusers saves such a "
+                     "pipeline): StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)")
     notes += comfy.notes if comfy is not None else []
     result = ExportResult(fmt, finals, written, dtype, _unet_weights(bundle, not raw), frozen, res, notes, bundle)
     if log is not None:
