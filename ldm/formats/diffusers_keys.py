@@ -333,7 +333,9 @@ def vae_config_from_diffusers(cfg: dict) -> dict:
         "shift_factor": cfg.get("shift_factor") or 0.0,
         "norm_groups": cfg.get("norm_num_groups", 32),
     }
-    for key in ("use_quant_conv", "use_post_quant_conv"):  # SD3's VAE: False (our config says so only then)
-        if cfg.get(key, True) is not True:
-            out[key] = bool(cfg[key])
+    for key in ("use_quant_conv", "use_post_quant_conv"):  # SD3's VAE: False (diffusers' default: True)
+        value = cfg.get(key, True)
+        if not isinstance(value, bool):
+            raise ValueError(f"diffusers VAE setting {key}={value!r} must be true or false")
+        out[key] = value
     return out

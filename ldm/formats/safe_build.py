@@ -33,7 +33,7 @@ from ldm.models.mmdit import MMDiTConfig
 from ldm.models.text_encoder_sd3 import SD3TextOptions, TinySD3TextConfig
 from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
-from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder
+from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder, check_text_folders
 
 MAX_STRING = 4096  # characters of a stored string (paths, hub ids, preset names)
 MAX_LIST = 64  # items of a stored list
@@ -361,7 +361,6 @@ def _pretrained_dual_text_encoder(path_or_hub_id: str, *, source: str = "", **kw
 def _pretrained_sd3_text_encoder(path_or_hub_id: str, *, source: str = "", use_t5: bool = True, **kw) -> nn.Module:
     """SD3's CLIP-L + CLIP-G (+ T5) of a diffusers SD3 folder, each checked against its weights before transformers
     allocates it (a hub id only from this machine's cache)."""
-    from ldm.formats.sd3_folder import check_text_folders
     from ldm.models.text_encoder_sd3 import SD3TextEncoder
 
     folder = _local_text_folder(path_or_hub_id, source)

@@ -34,14 +34,12 @@ from ldm.formats.sd3_diffusers_keys import (
     read_sd3_transformer,
     write_sd3_transformer,
 )
-from ldm.formats.weight_folder import T5_TIED, check_t5_folder, check_text_encoder_folder, read_weights
+from ldm.formats.weight_folder import CLIP_SUBS, T5_SUB, T5_TIED, T5_TOKENIZER, check_text_folders, read_weights
 from ldm.models.bundle import ModelBundle
 
 SD3_PIPELINE = "StableDiffusion3Pipeline"
 T5_LENGTH = 256  # diffusers' max_sequence_length default: the T5 tokens of SD3's context
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers with StableDiffusion3Pipeline + SD3.5's options (pyproject's floor)
-CLIP_SUBS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
-T5_SUB, T5_TOKENIZER = "text_encoder_3", "tokenizer_3"
 
 
 def is_sd3_folder(path) -> bool:
@@ -103,20 +101,6 @@ def _config(sub: Path) -> dict:
         raise CheckpointError(f"{path}: not a JSON object")
     check_plain({k: v for k, v in config.items() if k not in DIFFUSERS_METADATA}, source=str(path), key="config")
     return config
-
-
-def check_text_folders(folder: Path, use_t5: bool = True) -> bool:
-    """The CLIP pair (and the T5, if there and wanted) checked against their weights; True when the T5 is used."""
-    for sub, tokenizer in CLIP_SUBS:
-        check_text_encoder_folder(folder / sub, projection=True)
-        if not (folder / tokenizer).is_dir():
-            raise CheckpointError(f"{folder}: an SD3 folder needs {tokenizer}/ beside {sub}/")
-    t5 = use_t5 and (folder / T5_SUB).is_dir()
-    if t5:
-        check_t5_folder(folder / T5_SUB)
-        if not (folder / T5_TOKENIZER).is_dir():
-            raise CheckpointError(f"{folder}: {T5_SUB}/ needs {T5_TOKENIZER}/ beside it")
-    return t5
 
 
 def load_sd3_text_encoder(folder, *, joint_dim: int, use_t5: bool = True, t5_length: int = T5_LENGTH,

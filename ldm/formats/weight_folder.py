@@ -128,7 +128,10 @@ def cached_hub_folder(hub_id: str, patterns: list[str], *, source: str, key: str
 T5_BOUNDS = {"vocab_size": 1_000_000, "d_model": 16384, "d_kv": 1024, "d_ff": 65536, "num_layers": 128,
              "num_heads": 1024, "relative_attention_num_buckets": 4096, "relative_attention_max_distance": 65536}
 MAX_T5_PARAMETERS = 12_000_000_000  # T5-XXL's encoder (SD3's text_encoder_3/) has 4.8e9
-T5_TIED = ("encoder.embed_tokens.weight",)  # tied to shared.weight: transformers stores only that one
+T5_TIED = ("encoder.embed_tokens.weight",)
+# an SD3 diffusers folder's text encoders and their tokenizers (the T5 pair optional)
+CLIP_SUBS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+T5_SUB, T5_TOKENIZER = "text_encoder_3", "tokenizer_3"  # tied to shared.weight: transformers stores only that one
 
 
 def check_t5_folder(folder: Path) -> None:
@@ -173,3 +176,17 @@ def check_t5_folder(folder: Path) -> None:
         if held[name] != tuple(tensor.shape):
             raise CheckpointError(f"{files[0]}: {name} has shape {held[name]}, but {path} describes "
                                   f"{tuple(tensor.shape)}")
+
+
+def check_text_folders(folder: Path, use_t5: bool = True) -> bool:
+    """The CLIP pair (and the T5, if there and wanted) checked against their weights; True when the T5 is used."""
+    for sub, tokenizer in CLIP_SUBS:
+        check_text_encoder_folder(folder / sub, projection=True)
+        if not (folder / tokenizer).is_dir():
+            raise CheckpointError(f"{folder}: an SD3 folder needs {tokenizer}/ beside {sub}/")
+    t5 = use_t5 and (folder / T5_SUB).is_dir()
+    if t5:
+        check_t5_folder(folder / T5_SUB)
+        if not (folder / T5_TOKENIZER).is_dir():
+            raise CheckpointError(f"{folder}: {T5_SUB}/ needs {T5_TOKENIZER}/ beside it")
+    return t5
