@@ -104,3 +104,25 @@ def test_sd3_finetune_without_weights_names_the_key(tmp_path, model):
                                    f"model.pretrained={tmp_path / 'sd3.5_medium.safetensors'}"])
     with pytest.raises(ConfigError, match="sd3.5_medium.safetensors: no such file"):
         build_diffusion_module(cfg)
+
+
+def test_the_module_starts_from_an_sd3_single_files_weights(sd3, tmp_path):
+    """model.pretrained=<SD3 single file>: the MMDiT, VAE and text encoders filled from the file (its tokenizers
+    and text-encoder architecture from model.text_encoder.path_or_hub_id)."""
+    from ldm.formats.exporter import export
+    from ldm.formats.load import load_bundle
+
+    folder, _, images = sd3
+    bundle = load_bundle(folder)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in (bundle.unet, bundle.autoencoder, bundle.text_encoder):
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    path = tmp_path / "sd3.safetensors"
+    export(bundle, "single-file", path, allow_unloadable=True)
+    module = build_diffusion_module(compose_train(tmp_path, run(path, images,
+                                                               f"model.text_encoder.path_or_hub_id={folder}")))
+    for name in ("unet", "autoencoder", "text_encoder"):
+        theirs = getattr(module, name).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(bundle, name).state_dict().items()), name
