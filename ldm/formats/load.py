@@ -29,7 +29,7 @@ from ldm.formats.detect import detect_source, looks_like_hub_id
 from ldm.formats.diffusers_folder import load_diffusers
 from ldm.formats.dtypes import DTYPES
 from ldm.formats.ldm_bundle import load_ldm_bundle
-from ldm.formats.sd3_folder import load_sd3_diffusers
+from ldm.formats.sd3_folder import hub_folder, load_sd3_diffusers
 from ldm.formats.sd3_single_file import load_sd3_single_file
 from ldm.formats.single_file import load_sd_single_file
 from ldm.formats.training_checkpoint import load_training_checkpoint
@@ -53,13 +53,16 @@ def load_bundle(source, *, use_ema: bool = True, device: str | torch.device = "c
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     kind = detect_source(source)
+    original = source
+    if kind == "hub":  # an SD3 repo is read by the SD3 loader (what it is shows once its files are here)
+        source, kind = hub_folder(source)
     if kind in ("sd3_diffusers", "sd3_single_file"):  # SD3's text encoders: a folder is read by the SD3 loaders
         if prediction_type is not None:
             raise ValueError(f"{source}: an SD3 model predicts the flow velocity; prediction_type={prediction_type!r} "
                              "does not apply to it")
         bundle = load_sd3(source, kind, text_encoder)
         bundle.meta.setdefault("format", kind)
-        bundle.source = bundle.source or str(source)
+        bundle.source = str(original)
         return bundle.to(device, dtype).eval()
     te = resolve_text_encoder(text_encoder)
     if kind == "sd_single_file":

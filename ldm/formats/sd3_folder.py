@@ -24,7 +24,7 @@ from torch import nn
 
 from ldm.diffusion.flow import FlowMatching
 from ldm.formats.common import ExportError, cast_state, save_safetensors, write_json
-from ldm.formats.diffusers_folder import DIFFUSERS_METADATA, load_diffusers_folder
+from ldm.formats.diffusers_folder import DIFFUSERS_METADATA, load_diffusers_folder, resolve_folder
 from ldm.formats.diffusers_keys import vae_config_from_diffusers, vae_diffusers_config, vae_ldm_to_diffusers
 from ldm.formats.safe_build import FLOW_SCHEDULE_TARGET, build_node, check_plain
 from ldm.formats.safe_load import CheckpointError, load_into, read_json_file
@@ -52,6 +52,16 @@ def is_sd3_folder(path) -> bool:
         if isinstance(name, str) and name.startswith("StableDiffusion3"):
             return True
     return (path / "transformer").is_dir() and (path / "vae").is_dir()
+
+
+def hub_folder(hub_id) -> tuple[Path, str]:
+    """A hub id's files on this machine (fetched unless HF_HUB_OFFLINE) and their kind: sd3_diffusers or diffusers."""
+    try:
+        folder = resolve_folder(hub_id)
+    except Exception as err:  # offline, unknown repo, ...: huggingface_hub's many error types
+        raise FileNotFoundError(f"model not found: {hub_id} is no local folder and could not be fetched from the "
+                                f"hub ({type(err).__name__}: {err})") from err
+    return folder, "sd3_diffusers" if is_sd3_folder(folder) else "diffusers"
 
 
 # ---------------------------------------------------------------------------------------------- the scheduler

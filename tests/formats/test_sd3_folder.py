@@ -257,3 +257,21 @@ def test_a_file_without_tokenizers_names_the_option(sd3, tmp_path):
         load_bundle(path)
     assert main([str(folder), "--format", "diffusers", "--out", str(tmp_path / "v"), "--verify"]) == 1
     assert not (tmp_path / "v").exists()
+
+
+def test_a_hub_id_of_an_sd3_repo_is_read_as_sd3(sd3, monkeypatch):
+    """A hub id is a folder once its files are here (huggingface_hub's snapshot): an SD3 repo goes to the SD3
+    loader, for sampling and for model.pretrained (the download is stood in for: no network in tests)."""
+    import ldm.formats.sd3_folder as sd3_folder
+    from ldm.formats.training_checkpoint import load_weights_into
+
+    folder, _ = sd3
+    monkeypatch.setattr(sd3_folder, "resolve_folder", lambda hub_id: folder)
+    bundle = load_bundle("someone/tiny-sd3")
+    assert bundle.meta["format"] == "sd3_diffusers" and bundle.source == "someone/tiny-sd3"
+    fresh = load_bundle(folder)
+    with torch.no_grad():
+        for p in fresh.unet.parameters():
+            p.zero_()
+    assert load_weights_into("someone/tiny-sd3", fresh.unet, fresh.autoencoder, fresh.text_encoder) == "sd3_diffusers"
+    assert all(torch.equal(v, fresh.unet.state_dict()[k]) for k, v in bundle.unet.state_dict().items())
