@@ -135,7 +135,9 @@ def load_sd3_diffusers(source, *, text_encoder=None, use_t5: bool = True, t5_len
     te = text_encoder if isinstance(text_encoder, nn.Module) else load_sd3_text_encoder(
         folder if text_encoder is None else text_encoder, joint_dim=unet.config["joint_attention_dim"], use_t5=use_t5,
         t5_length=t5_length)
-    meta = {"format": "sd3_diffusers", "resolution": unet.config["sample_size"] * vae.downsample_factor}
+    meta = {"format": "sd3_diffusers", "resolution": unet.config["sample_size"] * vae.downsample_factor,
+            # diffusers decodes SD3's VAE in float32 (force_upcast, as SDXL's): so does ModelBundle.to
+            "vae_fp32": _config(folder / "vae").get("force_upcast", True) is not False}
     return ModelBundle(unet, vae, te, read_flow_scheduler(folder), source=str(source), meta=meta)
 
 
@@ -268,7 +270,9 @@ def write_sd3_diffusers(bundle: ModelBundle, folder, *, frozen: bool = True, dty
     te = bundle.text_encoder
     if frozen:
         vae = bundle.autoencoder
-        write_json(folder / "vae" / "config.json", vae_diffusers_config(vae.config, resolution))
+        vae_config = {**vae_diffusers_config(vae.config, resolution),
+                      "force_upcast": bool(bundle.meta.get("vae_fp32", True))}
+        write_json(folder / "vae" / "config.json", vae_config)
         save_safetensors(cast_state(vae_ldm_to_diffusers(vae.state_dict(), vae.config), dtype),
                          folder / "vae" / "diffusion_pytorch_model.safetensors")
         written += ["vae/"] + write_sd3_text_encoder(te, folder, dtype)

@@ -275,3 +275,28 @@ def test_a_hub_id_of_an_sd3_repo_is_read_as_sd3(sd3, monkeypatch):
             p.zero_()
     assert load_weights_into("someone/tiny-sd3", fresh.unet, fresh.autoencoder, fresh.text_encoder) == "sd3_diffusers"
     assert all(torch.equal(v, fresh.unet.state_dict()[k]) for k, v in bundle.unet.state_dict().items())
+
+
+# stabilityai/stable-diffusion-3-medium-diffusers vae/config.json (SD3.5's is the same)
+SD3_VAE = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3,
+           "latent_channels": 16, "latents_mean": None, "latents_std": None, "layers_per_block": 2,
+           "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024, "scaling_factor": 1.5305,
+           "shift_factor": 0.0609, "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": False,
+           "use_quant_conv": False}
+
+
+def test_the_sd3_vae_preset_is_sd3s_vae_in_diffusers():
+    """autoencoder.preset=sd3 is the real SD3 VAE: its config read from diffusers' config.json, and its weights'
+    names and shapes mapped onto diffusers' AutoencoderKL of that config (both on the meta device: no memory)."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    from ldm.formats.diffusers_keys import vae_config_from_diffusers, vae_ldm_to_diffusers
+    from ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device("meta"):
+        ours = AutoencoderKL.from_preset("sd3")
+        theirs = DiffusersVAE(**{k: v for k, v in SD3_VAE.items() if not k.startswith("_")})
+        assert AutoencoderKL(**vae_config_from_diffusers(SD3_VAE)).config == ours.config
+    mapped = {k: tuple(v.shape) for k, v in vae_ldm_to_diffusers(ours.state_dict(), ours.config).items()}
+    assert mapped == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
