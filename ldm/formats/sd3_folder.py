@@ -24,7 +24,7 @@ from torch import nn
 
 from ldm.diffusion.flow import FlowMatching
 from ldm.formats.common import ExportError, cast_state, save_safetensors, write_json
-from ldm.formats.diffusers_folder import DIFFUSERS_METADATA, load_diffusers_folder, resolve_folder
+from ldm.formats.diffusers_folder import DIFFUSERS_METADATA, _converted, load_diffusers_folder, resolve_folder
 from ldm.formats.diffusers_keys import vae_config_from_diffusers, vae_diffusers_config, vae_ldm_to_diffusers
 from ldm.formats.safe_build import FLOW_SCHEDULE_TARGET, build_node, check_plain
 from ldm.formats.safe_load import CheckpointError, load_into, read_json_file
@@ -168,8 +168,8 @@ def load_text_weights_into(text_encoder: nn.Module, clips: list[dict], t5: dict 
             raise CheckpointError(f"{source}: the text encoder has a T5 but the weights hold none: build it without "
                                   "(use_t5=false) or give weights with a T5")
         state = dict(t5)
-        for tied in T5_TIED:
-            state.setdefault(tied, state.get("shared.weight"))
+        for tied in T5_TIED if "shared.weight" in state else ():
+            state.setdefault(tied, state["shared.weight"])
         load_into(text_encoder.t5, state, source=f"{source} (t5xxl)")
 
 
@@ -182,14 +182,12 @@ def load_sd3_folder_into(source, unet: nn.Module, autoencoder: nn.Module | None 
     if not hasattr(unet, "joint_blocks"):
         raise CheckpointError(f"{folder}: an SD3 folder's transformer loads into an MMDiT (model=sd35_medium, "
                               f"sd3_medium, sd35_large), not a {type(unet).__name__}")
-    _same_config(unet.config, mmdit_config_from_diffusers(_config(sub)), "unet", sub / "config.json")
+    _same_config(unet.config, _converted(mmdit_config_from_diffusers, sub), "unet", sub / "config.json")
     load_into(unet, mmdit_from_diffusers(read_weights(sub, "diffusion_pytorch_model"), unet.config),
               source=str(sub))
     if autoencoder is not None:
-        stored = vae_config_from_diffusers(_config(folder / "vae"))
-        stored.setdefault("use_quant_conv", True)
-        stored.setdefault("use_post_quant_conv", True)
-        _same_config(autoencoder.config, stored, "autoencoder", folder / "vae" / "config.json")
+        _same_config(autoencoder.config, _converted(vae_config_from_diffusers, folder / "vae"), "autoencoder",
+                     folder / "vae" / "config.json")
         load_diffusers_folder(folder, vae=autoencoder, components=("vae",))
     if text_encoder is not None:
         t5 = check_text_folders(folder, use_t5=getattr(text_encoder, "t5", None) is not None)
