@@ -77,6 +77,19 @@ def test_sd3_finetune_trains_full_and_lora_from_the_folder_and_samples(sd3, tmp_
     images_out = text_to_image(bundle, ["a red circle"], sampler="flow_euler", steps=2, guidance_scale=4.0,
                                height=16, width=16, seed=0)
     assert images_out.shape == (1, 3, 16, 16) and torch.isfinite(images_out).all()
+    # the run exported as an SD3 diffusers folder: StableDiffusion3Pipeline loads it unchanged, same latents
+    from diffusers import StableDiffusion3Pipeline
+
+    from ldm.formats.exporter import export
+    from tests.helpers.sd3 import pipeline_latents
+
+    export(full["last_checkpoint"], "diffusers", tmp_path / "export")
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "export")
+    seen = []
+    text_to_image(bundle, ["a red circle", "a blue square"], sampler="flow_euler", steps=3, guidance_scale=4.5,
+                  height=16, width=16, seed=7, callback=lambda i, t, x, x0: seen.append(x))
+    torch.testing.assert_close(seen[-1], pipeline_latents(pipe, ["a red circle", "a blue square"]), atol=1e-5,
+                               rtol=0)
 
     lora = train(compose_train(tmp_path / "lora", run(folder, images, "adapter=lora", "optim.lr=1e-2", *CKPT)))
     assert lora["global_step"] == 2
