@@ -179,10 +179,11 @@ def load_sd3_single_file(path, *, text_encoder=None):
 
     from safetensors import safe_open
 
-    from ldm.formats.safe_build import FLOW_SCHEDULE_TARGET, build_network, build_node
+    from ldm.formats.safe_build import FLOW_SCHEDULE_TARGET, build_network, build_node, check_kwargs, schema_of
     from ldm.formats.safe_load import load_state_dict, mismatch_report, copy_checked
     from ldm.formats.sd3_folder import load_text_weights_into
     from ldm.models.bundle import ModelBundle
+    from ldm.models.text_encoder_sd3 import SD3TextOptions
 
     path = Path(path)
     header = {}
@@ -202,7 +203,8 @@ def load_sd3_single_file(path, *, text_encoder=None):
     mmdit_cfg = _header_or(header, META_MMDIT, path, inferred_mmdit)
     vae_cfg = _header_or(header, META_VAE, path, lambda: _inferred_vae(vae_state, path))
     sched = _header_or(header, META_SCHEDULE, path, lambda: {"shift": SD3_SHIFT})
-    text = _header_or(header, META_TEXT, path, dict)
+    text = check_kwargs(_header_or(header, META_TEXT, path, dict), schema_of(SD3TextOptions),
+                        source=f"{path} (header)", key=META_TEXT)  # its lengths bounded as a stored config's
     source = str(path)
     unet = build_node({"_target_": "ldm.models.mmdit.MMDiT", **mmdit_cfg}, "unet", source=source, key=META_MMDIT,
                       meta=True)

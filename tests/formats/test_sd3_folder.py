@@ -300,3 +300,21 @@ def test_the_sd3_vae_preset_is_sd3s_vae_in_diffusers():
         assert AutoencoderKL(**vae_config_from_diffusers(SD3_VAE)).config == ours.config
     mapped = {k: tuple(v.shape) for k, v in vae_ldm_to_diffusers(ours.state_dict(), ours.config).items()}
     assert mapped == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+
+
+def test_single_file_header_lengths_are_bounded(sd3, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ldm.formats.exporter import export
+
+    folder, _ = sd3
+    path = tmp_path / "sd3.safetensors"
+    export(str(folder), "single-file", path, allow_unloadable=True)
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+    header["ldm_sd3_text"] = json.dumps({"max_length": 77, "joint_dim": 96, "t5_length": 10**9})
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad), metadata=header)
+    with pytest.raises(CheckpointError, match="t5_length"):
+        load_bundle(bad, text_encoder=str(folder))
