@@ -173,6 +173,15 @@ def load_text_weights_into(text_encoder: nn.Module, clips: list[dict], t5: dict 
         load_into(text_encoder.t5, state, source=f"{source} (t5xxl)")
 
 
+def built_from(text_encoder: nn.Module, folder: Path) -> bool:
+    """The SD3 models' text encoders were just built from this folder's weights (model.text_encoder.path_or_hub_id =
+    model.pretrained, the SD3 configs' default; transformers records the folder as each config's _name_or_path):
+    reading them again would hold a second copy of T5-XXL (9.5 GB) for nothing."""
+    models = [getattr(text_encoder, n, None) for n in ("model", "model_2", "t5")]
+    paths = {str(getattr(getattr(m, "config", None), "_name_or_path", "")) for m in models if m is not None}
+    return len(paths) == 1 and Path(paths.pop()).resolve() == Path(folder).resolve()
+
+
 def load_sd3_folder_into(source, unet: nn.Module, autoencoder: nn.Module | None = None,
                          text_encoder: nn.Module | None = None) -> None:
     """Fill configured networks (fine-tuning: ``model.pretrained=<SD3 folder>``) strictly from an SD3 folder: the
@@ -189,7 +198,7 @@ def load_sd3_folder_into(source, unet: nn.Module, autoencoder: nn.Module | None 
         _same_config(autoencoder.config, _converted(vae_config_from_diffusers, folder / "vae"), "autoencoder",
                      folder / "vae" / "config.json")
         load_diffusers_folder(folder, vae=autoencoder, components=("vae",))
-    if text_encoder is not None:
+    if text_encoder is not None and not built_from(text_encoder, folder):
         t5 = check_text_folders(folder, use_t5=getattr(text_encoder, "t5", None) is not None)
         clips = [read_weights(folder / sub, "model") for sub, _ in CLIP_SUBS]
         load_text_weights_into(text_encoder, clips, read_weights(folder / T5_SUB, "model") if t5 else None,

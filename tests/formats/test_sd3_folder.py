@@ -259,7 +259,7 @@ def test_a_file_without_tokenizers_names_the_option(sd3, tmp_path):
     assert not (tmp_path / "v").exists()
 
 
-def test_a_hub_id_of_an_sd3_repo_is_read_as_sd3(sd3, monkeypatch):
+def test_a_hub_id_of_an_sd3_repo_is_read_as_sd3(sd3, monkeypatch, tmp_path):
     """A hub id is a folder once its files are here (huggingface_hub's snapshot): an SD3 repo goes to the SD3
     loader, for sampling and for model.pretrained (the download is stood in for: no network in tests)."""
     import ldm.formats.sd3_folder as sd3_folder
@@ -269,12 +269,18 @@ def test_a_hub_id_of_an_sd3_repo_is_read_as_sd3(sd3, monkeypatch):
     monkeypatch.setattr(sd3_folder, "resolve_folder", lambda hub_id: folder)
     bundle = load_bundle("someone/tiny-sd3")
     assert bundle.meta["format"] == "sd3_diffusers" and bundle.source == "someone/tiny-sd3"
-    fresh = load_bundle(folder)
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "elsewhere")  # text encoders built from another folder: filled from the repo
+    fresh = load_bundle(tmp_path / "elsewhere")
     with torch.no_grad():
-        for p in fresh.unet.parameters():
-            p.zero_()
+        for m in (fresh.unet, fresh.text_encoder):
+            for p in m.parameters():
+                p.zero_()
     assert load_weights_into("someone/tiny-sd3", fresh.unet, fresh.autoencoder, fresh.text_encoder) == "sd3_diffusers"
-    assert all(torch.equal(v, fresh.unet.state_dict()[k]) for k, v in bundle.unet.state_dict().items())
+    for name in ("unet", "text_encoder"):
+        theirs = getattr(fresh, name).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(bundle, name).state_dict().items()), name
 
 
 # stabilityai/stable-diffusion-3-medium-diffusers vae/config.json (SD3.5's is the same)

@@ -37,11 +37,17 @@ def run(folder, images, *extra):
             "callbacks=none", "++data.latent_cache=null", *extra]
 
 
-def test_the_module_starts_from_the_folders_weights(sd3, tmp_path):
+def test_the_module_starts_from_the_folders_weights(sd3, tmp_path, monkeypatch):
+    import ldm.formats.sd3_folder as sd3_folder
     from ldm.formats.sd3_diffusers_keys import mmdit_from_diffusers
 
     folder, pipe, images = sd3
+    read = []
+    real = sd3_folder.read_weights
+    monkeypatch.setattr(sd3_folder, "read_weights", lambda sub, *a: read.append(sub.name) or real(sub, *a))
     module = build_diffusion_module(compose_train(tmp_path, run(folder, images)))
+    # the text encoders were built from the folder itself (the config's default): their weights are not read twice
+    assert read == ["transformer"] and sd3_folder.built_from(module.text_encoder, folder)
     want = mmdit_from_diffusers(pipe.transformer.state_dict(), module.unet.config)
     assert all(torch.equal(v, want[k]) for k, v in module.unet.state_dict().items())
     vae = module.autoencoder
