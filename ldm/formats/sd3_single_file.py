@@ -1,16 +1,31 @@
 """The SD3 / SD3.5 transformer as a single file (Stability's release layout, what ComfyUI loads): our MMDiT's own
 names under ``model.diffusion_model.`` (ComfyUI ``comfy/ldm/modules/diffusionmodules/mmdit.py``; diffusers'
 ``convert_sd3_transformer_checkpoint_to_diffusers`` reads the same keys), read and written, and the MMDiT config
-read back from the tensors' shapes (as diffusers' single-file loader infers it)."""
+read back from the tensors' shapes (as diffusers' single-file loader infers it); and the whole model in one file
+(the VAE under ``first_stage_model.``, the text encoders under ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.``,
+see below), read into a ModelBundle or into configured networks, and written with our exact configs in its header."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
+from pathlib import Path
 
-from torch import Tensor
+from safetensors import safe_open
+from torch import Tensor, nn
 
-from ldm.formats.safe_load import CheckpointError
+from ldm.formats.common import _no_checkpointing, cast_state, save_safetensors
+from ldm.formats.safe_build import FLOW_SCHEDULE_TARGET, build_network, build_node, check_kwargs, schema_of
+from ldm.formats.safe_load import (CheckpointError, copy_checked, json_object, load_state_dict,
+                                   mismatch_report)
+from ldm.formats.sd3_folder import (check_sd3, clip_hub_state, load_sd3_text_encoder, load_text_weights_into,
+                                    t5_state)
+from ldm.formats.single_file import infer_vae_config
+from ldm.formats.weight_folder import cached_hub_folder
+from ldm.models.bundle import ModelBundle
+from ldm.models.text_encoder_sd3 import SD3TextOptions
 
 PREFIX = "model.diffusion_model."
 
@@ -80,8 +95,6 @@ def is_sd3_file(keys) -> bool:
 
 def sd3_to_single_file(bundle, *, frozen: bool = True) -> dict[str, Tensor]:
     """A bundle (MMDiT, SD3 VAE, SD3TextEncoder) -> the single-file state dict (the MMDiT only without frozen)."""
-    from ldm.formats.sd3_folder import clip_hub_state, t5_state
-
     out = mmdit_to_single_file(bundle.unet.state_dict())
     if frozen:
         out.update({VAE_PREFIX + k: v for k, v in bundle.autoencoder.state_dict().items()})
@@ -94,11 +107,7 @@ def sd3_to_single_file(bundle, *, frozen: bool = True) -> dict[str, Tensor]:
 
 
 def sd3_header(bundle, resolution: int | None) -> dict[str, str]:
-    import dataclasses
-    import json
-
-    from ldm.formats.common import _no_checkpointing
-
+    """Our header entries: the exact configs (MMDiT, VAE, schedule, text lengths) and the resolution."""
     te = bundle.text_encoder
     header = {META_MMDIT: json.dumps(_no_checkpointing(bundle.unet.config), sort_keys=True),
               META_VAE: json.dumps(_no_checkpointing(bundle.autoencoder.config), sort_keys=True),
@@ -113,11 +122,6 @@ def sd3_header(bundle, resolution: int | None) -> dict[str, str]:
 def write_sd3_single_file(bundle, path, *, frozen: bool = True, dtype=None, resolution: int | None = None) -> list[str]:
     """The SD3 single file ComfyUI loads (``model.diffusion_model.*``, ``first_stage_model.*``,
     ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.*``), with our exact configs in its header."""
-    from pathlib import Path
-
-    from ldm.formats.common import cast_state, save_safetensors
-    from ldm.formats.sd3_folder import check_sd3
-
     check_sd3(bundle)
     save_safetensors(cast_state(sd3_to_single_file(bundle, frozen=frozen), dtype), Path(path),
                      sd3_header(bundle, resolution))
@@ -129,13 +133,10 @@ def _split(state: dict, prefix: str) -> dict:
 
 
 def _header_or(header: dict, key: str, path, infer):
-    from ldm.formats.safe_load import json_object
-
     return json_object(header[key], source=f"{path} (header)", key=key) if header.get(key) else infer()
 
 
 def _inferred_vae(vae: dict, path) -> dict:
-    from ldm.formats.single_file import infer_vae_config
 
     if "decoder.conv_in.weight" not in vae:
         raise CheckpointError(f"{path}: no SD3 VAE weights ({VAE_PREFIX}*); this loader needs the whole model")
@@ -151,13 +152,6 @@ def _text_encoder_for(path, text_encoder, has_t5: bool, options: dict):
     """The SD3TextEncoder whose architecture and tokenizers the file's text weights go into: the one given, the
     folder given (an SD3 diffusers folder: tokenizer{,_2,_3}/ + text_encoder{,_2,_3}/), or SD3.5-medium's from this
     machine's hub cache (a file never makes ldm download anything)."""
-    from pathlib import Path
-
-    from torch import nn
-
-    from ldm.formats.sd3_folder import load_sd3_text_encoder
-    from ldm.formats.weight_folder import cached_hub_folder
-
     if isinstance(text_encoder, nn.Module):
         return text_encoder
     if text_encoder is None:
@@ -175,16 +169,6 @@ def load_sd3_single_file(path, *, text_encoder=None):
     """An SD3 single file -> ModelBundle. Configs from our header when there (exact), else inferred from the
     tensors' shapes as ComfyUI does (64-wide heads, SD3's VAE latent format, shift 3.0); every network built on the
     meta device and filled only once the file's tensors are checked against it."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from ldm.formats.safe_build import FLOW_SCHEDULE_TARGET, build_network, build_node, check_kwargs, schema_of
-    from ldm.formats.safe_load import load_state_dict, mismatch_report, copy_checked
-    from ldm.formats.sd3_folder import load_text_weights_into
-    from ldm.models.bundle import ModelBundle
-    from ldm.models.text_encoder_sd3 import SD3TextOptions
-
     path = Path(path)
     header = {}
     if path.suffix.lower() == ".safetensors":
@@ -233,9 +217,6 @@ def load_sd3_file_into(path, unet, autoencoder=None, text_encoder=None) -> None:
     """Fill configured networks (fine-tuning: ``model.pretrained=<SD3 file>``) strictly from an SD3 single file;
     every network is checked before anything is copied. The text encoders keep their own weights where the file
     has none (a file without ``text_encoders.*``)."""
-    from ldm.formats.safe_load import copy_checked, load_state_dict, mismatch_report
-    from ldm.formats.sd3_folder import load_text_weights_into
-
     source = str(path)
     state = load_state_dict(path)
     jobs = [(unet, mmdit_from_single_file(state), "transformer")]
