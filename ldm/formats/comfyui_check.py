@@ -194,6 +194,13 @@ def _differs(have, want) -> bool:
                                  and abs(have - want) < 1e-9)
 
 
+def _is_identity(weight) -> bool:
+    import torch
+
+    return weight.ndim == 2 and weight.shape[0] == weight.shape[1] and bool(
+        torch.equal(weight.float(), torch.eye(weight.shape[0], device=weight.device)))
+
+
 def comfyui_check_sd3(bundle, frozen: bool = True) -> ComfyCheck:
     """What ComfyUI makes of an SD3 single file of this bundle (``frozen=False``: the MMDiT alone)."""
     cfg = bundle.unet.config
@@ -224,6 +231,10 @@ def comfyui_check_sd3(bundle, frozen: bool = True) -> ComfyCheck:
         for key, value in want.items():
             if getattr(model.config, key, None) != value:
                 check.problems.append(f"{name} {key}={getattr(model.config, key, None)}: ComfyUI builds {value}")
+    projection = getattr(getattr(te.model, "text_projection", None), "weight", None)
+    if projection is not None and not projection.is_meta and not _is_identity(projection):
+        check.problems.append("clip_l's text_projection is not the identity: ComfyUI's SD3 pools CLIP-L without "
+                              "it (sd3_clip.py return_projected_pooled=False; diffusers' from_single_file sets eye)")
     if te.joint_dim != SD3_JOINT_DIM:
         check.problems.append(f"the text context is {te.joint_dim} wide: ComfyUI pads SD3's to {SD3_JOINT_DIM}")
     if te.t5 is None:

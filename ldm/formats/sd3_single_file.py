@@ -23,7 +23,7 @@ from ldm.formats.safe_load import (CheckpointError, copy_checked, json_object, l
 from ldm.formats.sd3_folder import (check_sd3, clip_hub_state, load_sd3_text_encoder, load_text_weights_into,
                                     t5_state)
 from ldm.formats.single_file import infer_vae_config
-from ldm.formats.weight_folder import cached_hub_folder
+from ldm.formats.weight_folder import T5_TIED, cached_hub_folder
 from ldm.models.bundle import ModelBundle
 from ldm.models.text_encoder_sd3 import SD3TextOptions
 
@@ -101,8 +101,10 @@ def sd3_to_single_file(bundle, *, frozen: bool = True) -> dict[str, Tensor]:
         te = bundle.text_encoder
         out.update({CLIP_L_PREFIX + k: v for k, v in clip_hub_state(te.model).items()})
         out.update({CLIP_G_PREFIX + k: v for k, v in clip_hub_state(te.model_2).items()})
-        if te.t5 is not None:
-            out.update({T5_PREFIX + k: v for k, v in t5_state(te.t5).items()})
+        if te.t5 is not None:  # + the tied embedding under its encoder name too: diffusers' from_single_file
+            t5 = t5_state(te.t5)  # fills only what the file holds (it left encoder.embed_tokens on the meta device)
+            out.update({T5_PREFIX + k: v for k, v in t5.items()})
+            out.update({T5_PREFIX + k: t5["shared.weight"].clone() for k in T5_TIED})
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 

@@ -177,6 +177,11 @@ def test_comfyui_check_knows_sd3s_sizes():
     wrong_heads = comfyui_check_bundle(bundle(attention_head_dim=32, num_attention_heads=48))
     assert not wrong_heads.loadable and "64-wide heads" in wrong_heads.problems[0]
     assert comfyui_check_bundle(bundle(in_channels=4, out_channels=4)).architecture is None
+    projected = bundle()
+    projected.text_encoder.model.text_projection = SimpleNamespace(weight=torch.eye(768))
+    assert comfyui_check_bundle(projected).loadable  # SD3's CLIP-L: the identity (pooled unprojected)
+    projected.text_encoder.model.text_projection.weight = torch.eye(768) * 2
+    assert "text_projection is not the identity" in comfyui_check_bundle(projected).problems[0]
 
 
 def test_bad_sd3_folders_are_refused_naming_the_key(sd3, tmp_path):
@@ -324,3 +329,22 @@ def test_single_file_header_lengths_are_bounded(sd3, tmp_path):
     save_file(load_file(str(path)), str(bad), metadata=header)
     with pytest.raises(CheckpointError, match="t5_length"):
         load_bundle(bad, text_encoder=str(folder))
+
+
+def test_diffusers_reads_our_single_file_as_an_sd3_checkpoint(sd3, tmp_path):
+    """diffusers' own single-file converter (StableDiffusion3Pipeline.from_single_file, the folder for its configs
+    and tokenizers) reads our file's layout: the same latents within 1e-5. (diffusers leaves the T5 it builds
+    in training mode, dropout on: it is put in eval mode here, as its from_pretrained does.)"""
+    from diffusers import StableDiffusion3Pipeline
+
+    from ldm.formats.exporter import export
+
+    folder, _ = sd3
+    bundle = _perturbed(load_bundle(folder))
+    with torch.no_grad():  # SD3 pools CLIP-L unprojected: diffusers' from_single_file sets its projection to eye
+        bundle.text_encoder.model.text_projection.weight.copy_(torch.eye(32))
+    path = tmp_path / "sd3.safetensors"
+    export(bundle, "single-file", path, allow_unloadable=True)
+    pipe = StableDiffusion3Pipeline.from_single_file(str(path), config=str(folder))
+    pipe.text_encoder_3.eval()
+    torch.testing.assert_close(our_latents(bundle), pipeline_latents(pipe, PROMPTS), atol=1e-5, rtol=0)
