@@ -203,6 +203,10 @@ def test_bad_sd3_folders_are_refused_naming_the_key(sd3, tmp_path):
     t5.write_text(json.dumps({**json.loads(t5.read_text()), "d_model": 10**9}))
     with pytest.raises(CheckpointError, match="d_model"):
         load_bundle(bad)
+    from ldm.models.text_encoder_sd3 import SD3TextEncoder
+
+    with pytest.raises(ValueError, match="d_model = 1000000000"):  # the models layer bounds it as well (training)
+        SD3TextEncoder.from_pretrained(bad, joint_dim=96)
     t5.write_text(json.dumps({**json.loads(t5.read_text()), "d_model": 128}))  # bounded, but not the weights'
     with pytest.raises(CheckpointError, match="shape"):
         load_bundle(bad)
