@@ -179,8 +179,78 @@ def _comfy_prediction(arch: str, unet: dict, weight: Callable[[str], Any] | None
     return "v_prediction" if float(probe.float().std(unbiased=False)) > SD2_V_STD else "epsilon"
 
 
+# SD3 / SD3.5 (supported_models.py SD3: unet_config in_channels 16; model_detection.py: an MMDiT of width D is
+# built with depth = D / 64 blocks of D / 64 heads of 64; latent_formats.SD3: scale 1.5305, shift 0.0609;
+# sampling_settings shift 3.0; sd.py: the SD first stage with 16 latent channels, no quant convs;
+# text_encoders/sd3_clip.py: CLIP-L, CLIP-G, T5-XXL padded to a 4096-wide context, pooled 768 + 1280)
+SD3_VAE = {**SD_VAE, "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+SD3_SHIFT, SD3_HEAD_DIM, SD3_JOINT_DIM = 3.0, 64, 4096
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128)
+
+
+def _differs(have, want) -> bool:
+    have = tuple(have) if isinstance(have, (list, tuple)) else have
+    return have != want and not (isinstance(want, float) and isinstance(have, (int, float))
+                                 and abs(have - want) < 1e-9)
+
+
+def _is_identity(weight) -> bool:
+    import torch
+
+    return weight.ndim == 2 and weight.shape[0] == weight.shape[1] and bool(
+        torch.equal(weight.float(), torch.eye(weight.shape[0], device=weight.device)))
+
+
+def comfyui_check_sd3(bundle, frozen: bool = True) -> ComfyCheck:
+    """What ComfyUI makes of an SD3 single file of this bundle (``frozen=False``: the MMDiT alone)."""
+    cfg = bundle.unet.config
+    if cfg.get("in_channels") != 16:
+        return ComfyCheck(None, [f"its MMDiT takes in_channels={cfg.get('in_channels')}: ComfyUI detects SD3 by 16 "
+                                 "latent channels (\"Could not detect model type\" otherwise)"])
+    check = ComfyCheck("SD3")
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    if cfg["attention_head_dim"] != SD3_HEAD_DIM or cfg["num_layers"] != width // SD3_HEAD_DIM:
+        check.problems.append(f"{cfg['num_layers']} blocks of {cfg['num_attention_heads']} heads x "
+                              f"{cfg['attention_head_dim']}: ComfyUI builds a {width}-wide MMDiT as {width // 64} "
+                              "blocks of 64-wide heads")
+    if cfg.get("out_channels") != 16:
+        check.problems.append(f"out_channels={cfg.get('out_channels')}: ComfyUI's SD3 outputs 16 latent channels")
+    schedule = bundle.schedule
+    if getattr(schedule, "dynamic_shift", False) or _differs(getattr(schedule, "shift", None), SD3_SHIFT):
+        check.notes.append(f"the schedule's shift is {getattr(schedule, 'shift', None)}"
+                           f"{' (dynamic)' if getattr(schedule, 'dynamic_shift', False) else ''}: ComfyUI samples "
+                           f"SD3 with shift {SD3_SHIFT} unless a ModelSamplingSD3 node sets it")
+    if not frozen:
+        return check
+    vae = bundle.autoencoder.config
+    for key, want in {**SD3_VAE, "use_quant_conv": False, "use_post_quant_conv": False}.items():
+        if _differs(vae.get(key, True if key.startswith("use_") else None), want):
+            check.problems.append(f"autoencoder {key}={vae.get(key)}: ComfyUI's SD3 VAE has {key}={want}")
+    te = bundle.text_encoder
+    for name, model, want in (("clip_l", te.model, CLIP_L), ("clip_g", te.model_2, CLIP_G)):
+        for key, value in want.items():
+            if getattr(model.config, key, None) != value:
+                check.problems.append(f"{name} {key}={getattr(model.config, key, None)}: ComfyUI builds {value}")
+    projection = getattr(getattr(te.model, "text_projection", None), "weight", None)
+    if projection is not None and not projection.is_meta and not _is_identity(projection):
+        check.problems.append("clip_l's text_projection is not the identity: ComfyUI's SD3 pools CLIP-L without "
+                              "it (sd3_clip.py return_projected_pooled=False; diffusers' from_single_file sets eye)")
+    if te.joint_dim != SD3_JOINT_DIM:
+        check.problems.append(f"the text context is {te.joint_dim} wide: ComfyUI pads SD3's to {SD3_JOINT_DIM}")
+    if te.t5 is None:
+        check.notes.append("no T5 in the file: ComfyUI's SD3 runs without it (as diffusers: zeros), or load a "
+                           "t5xxl with a TripleCLIPLoader")
+    else:
+        for key, value in T5_XXL.items():
+            if getattr(te.t5.config, key, None) != value:
+                check.problems.append(f"t5xxl {key}={getattr(te.t5.config, key, None)}: ComfyUI builds {value}")
+    return check
+
+
 def comfyui_check_bundle(bundle, frozen: bool = True) -> ComfyCheck:
     """:func:`comfyui_check` of a ModelBundle's parts (``frozen=False``: a U-Net-only file)."""
+    if hasattr(bundle.unet, "joint_blocks"):  # an MMDiT: SD3's rules
+        return comfyui_check_sd3(bundle, frozen)
     te = bundle.text_encoder
     text = None
     if frozen and te is not None:

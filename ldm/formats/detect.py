@@ -10,9 +10,12 @@ import zipfile
 from pathlib import Path
 
 from ldm.formats.safe_load import CheckpointError, load_state_dict
+from ldm.formats.sd3_folder import is_sd3_folder
+from ldm.formats.sd3_single_file import is_sd3_file
 from ldm.formats.single_file import UNET_PREFIX as SD_UNET_PREFIX
 
-SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffusers", "hub")
+SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffusers", "hub", "sd3_diffusers",
+                "sd3_single_file")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 TRAINING_UNET_PREFIX = "unet."
 TRAINING_ADAPTER_PREFIX = "lora.loras."  # a LoRA run's checkpoint (ldm.training.module.diffusion_module)
@@ -36,10 +39,12 @@ def detect_source(source) -> str:
     if path.is_dir():
         if (path / "ldm_bundle.json").is_file():
             return "ldm_bundle"
+        if is_sd3_folder(path):  # SD3 / SD3.5: transformer/ (an MMDiT), the 16-channel VAE, CLIP-L/G (+ T5)
+            return "sd3_diffusers"
         if (path / "model_index.json").is_file() or ((path / "unet").is_dir() and (path / "vae").is_dir()):
             return "diffusers"
         raise ValueError(f"{path}: folder is not a model: expected ldm_bundle.json (ldm export) or "
-                         "model_index.json / unet/ + vae/ (diffusers)")
+                         "model_index.json / unet/ + vae/ (diffusers) / transformer/ + vae/ (diffusers SD3)")
     suffix = path.suffix.lower()
     if suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"{path}: unknown model file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}, "
@@ -52,6 +57,8 @@ def detect_source(source) -> str:
     if trained and suffix != ".safetensors" and (
             {"ldm", "ldm_config", "hyper_parameters", "state_dict"} & names):
         return "training_checkpoint"
+    if is_sd3_file(names):  # the same model.diffusion_model. prefix, an MMDiT under it (joint_blocks)
+        return "sd3_single_file"
     if any(n.startswith(SD_UNET_PREFIX) for n in names):
         return "sd_single_file"
     raise ValueError(f"{path}: not a recognised checkpoint: expected 'model.diffusion_model.*' keys (Stable "

@@ -54,7 +54,9 @@ SCHEDULER_OPTIONAL = ("timestep_spacing", "steps_offset", "rescale_betas_zero_sn
 # Bookkeeping keys diffusers writes into config.json (never read here); any other "_" key (_target_, ...) is refused.
 DIFFUSERS_METADATA = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 HUB_PATTERNS = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors",
-                 "text_encoder_2/*.safetensors"]
+                "text_encoder_2/*.safetensors",
+                # SD3 / SD3.5 (ldm.formats.sd3_folder): the MMDiT, the T5 and its sentencepiece tokenizer
+                "transformer/*.safetensors", "text_encoder_3/*.safetensors", "tokenizer_3/*.model"]
 
 
 def resolve_folder(path_or_hub_id) -> Path:

@@ -73,7 +73,8 @@ def _vae_table(config: dict) -> list[tuple[str, str, dict]]:
     """``(ours, diffusers, inner renames)`` module prefixes of a VAE config."""
     levels = len(config["channel_mult"])
     nrb = config["num_res_blocks"]
-    t = [("quant_conv", "quant_conv", {}), ("post_quant_conv", "post_quant_conv", {})]
+    t = [(n, n, {}) for n, on in (("quant_conv", config.get("use_quant_conv", True)),
+                                  ("post_quant_conv", config.get("use_post_quant_conv", True))) if on]
     for part in ("encoder", "decoder"):
         t += [
             (f"{part}.conv_in", f"{part}.conv_in", {}),
@@ -302,6 +303,9 @@ def vae_diffusers_config(vae_config: dict, sample_size: int | None = None) -> di
     }
     if c.get("shift_factor"):
         out["shift_factor"] = c["shift_factor"]
+    for key in ("use_quant_conv", "use_post_quant_conv"):  # SD3's VAE: none (diffusers' default: both)
+        if not c.get(key, True):
+            out[key] = False
     if sample_size is not None:
         out["sample_size"] = sample_size
     return out
@@ -309,8 +313,7 @@ def vae_diffusers_config(vae_config: dict, sample_size: int | None = None) -> di
 
 def vae_config_from_diffusers(cfg: dict) -> dict:
     """diffusers ``AutoencoderKL`` config -> our VAE kwargs."""
-    checks = {"act_fn": "silu", "use_quant_conv": True,
-              "use_post_quant_conv": True, "mid_block_add_attention": True}
+    checks = {"act_fn": "silu", "mid_block_add_attention": True}
     for key, want in checks.items():
         if cfg.get(key, want) != want:
             raise ValueError(f"unsupported diffusers VAE setting {key}={cfg[key]!r} (need {want!r})")
@@ -318,7 +321,7 @@ def vae_config_from_diffusers(cfg: dict) -> dict:
     base = blocks[0]
     if any(b % base for b in blocks):
         raise ValueError(f"block_out_channels {blocks} are not multiples of {base}")
-    return {
+    out = {
         "in_channels": cfg.get("in_channels", 3),
         "out_channels": cfg.get("out_channels", 3),
         "latent_channels": cfg.get("latent_channels", 4),
@@ -330,3 +333,9 @@ def vae_config_from_diffusers(cfg: dict) -> dict:
         "shift_factor": cfg.get("shift_factor") or 0.0,
         "norm_groups": cfg.get("norm_num_groups", 32),
     }
+    for key in ("use_quant_conv", "use_post_quant_conv"):  # SD3's VAE: False (diffusers' default: True)
+        value = cfg.get(key, True)
+        if not isinstance(value, bool):
+            raise ValueError(f"diffusers VAE setting {key}={value!r} must be true or false")
+        out[key] = value
+    return out

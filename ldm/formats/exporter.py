@@ -23,6 +23,8 @@ from ldm.formats.diffusers_folder import check_diffusers, write_diffusers
 from ldm.formats.ldm_bundle import write_ldm_bundle
 from ldm.formats.load import load_bundle
 from ldm.formats.safe_load import CheckpointError
+from ldm.formats.sd3_folder import check_sd3, write_sd3_diffusers
+from ldm.formats.sd3_single_file import write_sd3_single_file
 from ldm.formats.single_file import check_single_file, write_single_file
 
 FORMATS = ("diffusers", "single-file", "ldm")
@@ -160,8 +162,15 @@ class Staging:
 # export
 
 
+def is_sd3(bundle: ModelBundle) -> bool:
+    """An MMDiT model (SD3 / SD3.5 or our own): written in SD3's layouts (sd3_folder, sd3_single_file)."""
+    return hasattr(bundle.unet, "joint_blocks")
+
+
 def _check_format(bundle: ModelBundle, fmt: str) -> None:
-    if fmt == "diffusers":
+    if fmt in ("diffusers", "single-file") and is_sd3(bundle):
+        check_sd3(bundle)
+    elif fmt == "diffusers":
         check_diffusers(bundle)
     elif fmt == "single-file":
         check_single_file(bundle)
@@ -223,9 +232,17 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
         raise ExportError(f"resolution {res} is not a multiple of {multiple} (VAE factor x U-Net downsampling)")
     torch_dtype = DTYPES[dtype]
 
+    sd3 = is_sd3(bundle)
+    if sd3 and fmt == "single-file":
+        finals = finals[:1]  # no original yaml: ComfyUI and diffusers read an SD3 file's sizes from its tensors
     check_overwrite(finals, is_folder, force)  # again: the load may have taken a while
     with Staging(finals) as stage:
-        if fmt == "diffusers":
+        if sd3 and fmt == "diffusers":
+            written = write_sd3_diffusers(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
+        elif sd3 and fmt == "single-file":
+            write_sd3_single_file(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
+            written = [finals[0].name]
+        elif fmt == "diffusers":
             written = write_diffusers(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
         elif fmt == "single-file":
             write_single_file(bundle, stage.temps[0], stage.temps[1], frozen=frozen, dtype=torch_dtype,
@@ -236,7 +253,10 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
         stage.commit()
 
     sdxl = hasattr(bundle.text_encoder, "model_2")
-    notes.append(_no_frozen_note(fmt, out, comfy) if not frozen else _how_to_load(fmt, out, sdxl, comfy))
+    notes.append(_no_frozen_note(fmt, out, comfy) if not frozen else _how_to_load(fmt, out, sdxl, comfy, sd3))
+    if sd3 and fmt == "diffusers" and frozen and getattr(bundle.text_encoder, "t5", None) is None:
+        notes.append("no T5 (text_encoder_3 / tokenizer_3 null in model_index.json, as diffusers saves such a "
+                     "pipeline): StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)")
     notes += comfy.notes if comfy is not None else []
     result = ExportResult(fmt, finals, written, dtype, _unet_weights(bundle, not raw), frozen, res, notes, bundle)
     if log is not None:
@@ -261,8 +281,12 @@ def _no_frozen_note(fmt: str, out: Path, comfy: ComfyCheck | None = None) -> str
             "ldm.formats.ldm_bundle.load_ldm_bundle_into(folder, unet, autoencoder=None, text_encoder=None)")
 
 
-def _how_to_load(fmt: str, out: Path, sdxl: bool = False, comfy: ComfyCheck | None = None) -> str:
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+def _how_to_load(fmt: str, out: Path, sdxl: bool = False, comfy: ComfyCheck | None = None, sd3: bool = False) -> str:
+    pipeline = "StableDiffusion3Pipeline" if sd3 else "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    if sd3 and fmt == "single-file":
+        where = (f"{comfy.verdict()}: put {out.name} in models/checkpoints" if comfy is not None and comfy.loadable
+                 else _comfy_words(comfy) if comfy is not None else "")
+        return f"{where}; ldm: python sample.py ckpt={out} text_encoder=<an SD3 diffusers folder (its tokenizers)>"
     if fmt == "diffusers":
         return f"load with diffusers: {pipeline}.from_pretrained({str(out)!r})"
     if fmt == "single-file":

@@ -29,6 +29,8 @@ from ldm.formats.detect import detect_source, looks_like_hub_id
 from ldm.formats.diffusers_folder import load_diffusers
 from ldm.formats.dtypes import DTYPES
 from ldm.formats.ldm_bundle import load_ldm_bundle
+from ldm.formats.sd3_folder import hub_folder, load_sd3_diffusers
+from ldm.formats.sd3_single_file import load_sd3_single_file
 from ldm.formats.single_file import load_sd_single_file
 from ldm.formats.training_checkpoint import load_training_checkpoint
 from ldm.formats.weight_folder import check_text_encoder_folder
@@ -51,6 +53,17 @@ def load_bundle(source, *, use_ema: bool = True, device: str | torch.device = "c
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     kind = detect_source(source)
+    original = source
+    if kind == "hub":  # an SD3 repo is read by the SD3 loader (what it is shows once its files are here)
+        source, kind = hub_folder(source)
+    if kind in ("sd3_diffusers", "sd3_single_file"):  # SD3's text encoders: a folder is read by the SD3 loaders
+        if prediction_type is not None:
+            raise ValueError(f"{source}: an SD3 model predicts the flow velocity; prediction_type={prediction_type!r} "
+                             "does not apply to it")
+        bundle = load_sd3(source, kind, text_encoder)
+        bundle.meta.setdefault("format", kind)
+        bundle.source = str(original)
+        return bundle.to(device, dtype).eval()
     te = resolve_text_encoder(text_encoder)
     if kind == "sd_single_file":
         bundle = load_sd_single_file(source, use_ema=use_ema, text_encoder=te, prediction_type=prediction_type,
@@ -72,6 +85,14 @@ def load_bundle(source, *, use_ema: bool = True, device: str | torch.device = "c
 
 # --------------------------------------------------------------------------------------------------------------
 # what is it?
+
+
+def load_sd3(source, kind: str, text_encoder: Any = None) -> ModelBundle:
+    """An SD3 / SD3.5 diffusers folder or single file. text_encoder: an SD3TextEncoder, or an SD3 diffusers folder
+    whose tokenizers and text encoders are used (a single file's text weights are loaded over them)."""
+    if kind == "sd3_single_file":
+        return load_sd3_single_file(source, text_encoder=text_encoder)
+    return load_sd3_diffusers(source, text_encoder=text_encoder)
 
 
 def resolve_device(device) -> torch.device:

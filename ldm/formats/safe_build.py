@@ -34,7 +34,7 @@ from ldm.models.mmdit import MMDiTConfig
 from ldm.models.text_encoder_sd3 import SD3TextOptions, TinySD3TextConfig
 from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
-from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder
+from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder, check_text_folders
 
 MAX_STRING = 4096  # characters of a stored string (paths, hub ids, preset names)
 MAX_LIST = 64  # items of a stored list
@@ -188,6 +188,8 @@ SCHEDULE_SCHEMA = {
 MMDIT_SCHEMA = schema_of(MMDiTConfig)
 FLUX_SCHEMA = schema_of(FluxConfig)  # Flux.1 (model=flux_tiny, the flux_dev / flux_schnell presets)
 TINY_SD3_TEXT_SCHEMA = {**schema_of(TinySD3TextConfig), **schema_of(SD3TextOptions)}
+PRETRAINED_SD3_TEXT_SCHEMA = {"path_or_hub_id": schema_of(CLIPFolder)["path_or_hub_id"], "use_t5": Param(BOOL),
+                              **schema_of(SD3TextOptions)}
 # ldm.diffusion.flow.FlowMatching (schedule=flow): flow matching's shift and loss weighting
 FLOW_SCHEDULE_SCHEMA = {
     "num_train_timesteps": Param(INT, 2, 100_000), "shift": Param(FLOAT, 1e-3, 1e3),
@@ -359,6 +361,15 @@ def _pretrained_dual_text_encoder(path_or_hub_id: str, *, source: str = "", **kw
     return DualCLIPTextEncoder.from_pretrained(folder, **kw)
 
 
+def _pretrained_sd3_text_encoder(path_or_hub_id: str, *, source: str = "", use_t5: bool = True, **kw) -> nn.Module:
+    """SD3's CLIP-L + CLIP-G (+ T5) of a diffusers SD3 folder, each checked against its weights before transformers
+    allocates it (a hub id only from this machine's cache)."""
+    from ldm.models.text_encoder_sd3 import SD3TextEncoder
+
+    folder = _local_text_folder(path_or_hub_id, source)
+    return SD3TextEncoder.from_pretrained(folder, use_t5=check_text_folders(folder, use_t5), **kw)
+
+
 def _tiny_dual_text_encoder(folder: str | None = None, **kw) -> nn.Module:
     """The local tiny SDXL-like pair; a stored ``folder`` is used only if it already holds one (as for the tiny
     CLIP: a file never makes us write into a folder it names)."""
@@ -459,6 +470,8 @@ BUILDERS: dict[str, Builder] = {
     "ldm.models.flux.Flux.from_preset": Builder(_flux_preset, {"name": Param(STR), **FLUX_SCHEMA}, "unet"),
     "ldm.models.text_encoder_sd3.SD3TextEncoder.from_tiny": Builder(_tiny_sd3_text_encoder, TINY_SD3_TEXT_SCHEMA,
                                                                      "text_encoder"),
+    "ldm.models.text_encoder_sd3.SD3TextEncoder.from_pretrained": Builder(
+        _pretrained_sd3_text_encoder, PRETRAINED_SD3_TEXT_SCHEMA, "text_encoder", needs_source=True),
     FLOW_SCHEDULE_TARGET: Builder(_flow_schedule, FLOW_SCHEDULE_SCHEMA, "schedule"),
 }
 

@@ -19,6 +19,8 @@ from ldm.formats.weight_folder import cached_hub_folder
 from ldm.formats.ldm_bundle import load_ldm_bundle_into
 from ldm.formats.safe_load import CheckpointError, load_into, load_pickle
 from ldm.formats.single_file import load_single_file
+from ldm.formats.sd3_folder import hub_folder, is_sd3_folder, load_sd3_folder_into
+from ldm.formats.sd3_single_file import load_sd3_file_into
 from ldm.formats.safe_build import build_node, check_plain, check_stored
 
 MAX_BASES = 8  # a LoRA / textual-inversion run's base may itself be such a run's checkpoint: at most this deep
@@ -265,13 +267,19 @@ def load_weights_into(source, unet: nn.Module, autoencoder: nn.Module | None = N
     kind = detect_source(source)
     if kind == "hub" and named_by is not None:
         source = cached_hub_folder(str(source), HUB_PATTERNS, source=named_by, key="ldm.model.model.pretrained")
-        kind = "diffusers"
+        kind = "sd3_diffusers" if is_sd3_folder(source) else "diffusers"
+    elif kind == "hub":
+        source, kind = hub_folder(source)
     if kind == "ldm_bundle":
         load_ldm_bundle_into(source, unet, autoencoder, text_encoder)
     elif kind in ("diffusers", "hub"):
         load_diffusers_folder(str(source), unet=unet, vae=autoencoder, text_encoder=text_encoder)
     elif kind == "sd_single_file":
         load_single_file(str(source), unet, vae=autoencoder, text_encoder=text_encoder, use_ema=use_ema)
+    elif kind == "sd3_diffusers":
+        load_sd3_folder_into(source, unet, autoencoder, text_encoder)
+    elif kind == "sd3_single_file":
+        load_sd3_file_into(source, unet, autoencoder, text_encoder)
     else:  # a run of ours (e.g. the base of a LoRA run): its EMA weights, strictly
         loaded = load_training_checkpoint(source, use_ema=True)
         for name, module, weights in (("unet", unet, loaded.unet), ("autoencoder", autoencoder, loaded.autoencoder),

@@ -122,3 +122,52 @@ def cached_hub_folder(hub_id: str, patterns: list[str], *, source: str, key: str
             f"{source}: {key} = {hub_id!r} names a hub model that is not on this machine, and a file never makes ldm "
             f"download anything: download it yourself if you trust it (huggingface-cli download {hub_id}) or give "
             "the model explicitly (model.pretrained= / text_encoder=)") from err
+
+
+T5_TIED = ("encoder.embed_tokens.weight",)
+# an SD3 diffusers folder's text encoders and their tokenizers (the T5 pair optional)
+CLIP_SUBS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+T5_SUB, T5_TOKENIZER = "text_encoder_3", "tokenizer_3"  # tied to shared.weight: transformers stores only that one
+
+
+def check_t5_folder(folder: Path) -> None:
+    """A T5 encoder folder (SD3's ``text_encoder_3/``) holds the model its config describes: the size fields
+    bounded, the ``T5EncoderModel`` built on the meta device and counted, and each of its tensors present in the
+    weight files with the same shape, before transformers allocates anything."""
+    from transformers import T5Config
+
+    from ldm.models.clip_bounds import check_t5_fields, meta_t5_encoder
+
+    folder = Path(folder)
+    path = folder / "config.json"
+    try:
+        check_t5_fields(read_json_file(path, key="config.json"), source=str(path))
+        model = meta_t5_encoder(T5Config.from_pretrained(str(folder)), source=str(path))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{err}" if str(path) in str(err) else f"{path}: {err}") from err
+    files = weights_file(folder, "model")
+    held: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        held.update(tensor_shapes(file))
+    for name, tensor in model.state_dict().items():
+        if name not in held and name in T5_TIED and "shared.weight" in held:
+            continue
+        if name not in held:
+            raise CheckpointError(f"{files[0]}: holds no {name} of the T5 encoder {path} describes")
+        if held[name] != tuple(tensor.shape):
+            raise CheckpointError(f"{files[0]}: {name} has shape {held[name]}, but {path} describes "
+                                  f"{tuple(tensor.shape)}")
+
+
+def check_text_folders(folder: Path, use_t5: bool = True) -> bool:
+    """The CLIP pair (and the T5, if there and wanted) checked against their weights; True when the T5 is used."""
+    for sub, tokenizer in CLIP_SUBS:
+        check_text_encoder_folder(folder / sub, projection=True)
+        if not (folder / tokenizer).is_dir():
+            raise CheckpointError(f"{folder}: an SD3 folder needs {tokenizer}/ beside {sub}/")
+    t5 = use_t5 and (folder / T5_SUB).is_dir()
+    if t5:
+        check_t5_folder(folder / T5_SUB)
+        if not (folder / T5_TOKENIZER).is_dir():
+            raise CheckpointError(f"{folder}: {T5_SUB}/ needs {T5_TOKENIZER}/ beside it")
+    return t5

@@ -277,6 +277,9 @@ AUTOENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "sd": dict(),
     # Same architecture, SDXL latent scale.
     "sdxl": dict(scaling_factor=0.13025),
+    # SD3 / SD3.5's VAE: the SD architecture with 16 latent channels, no quant convs, latent (z - 0.0609) * 1.5305
+    "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False),
     # Unit tests: f=2, 658,375 parameters.
     "tiny": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4),
     # CPU-trainable first stage: f=4, 1,288,263 parameters.
@@ -303,6 +306,10 @@ class AutoencoderConfig:
     shift_factor: float = bounded(0.0, -1e6, 1e6)
     gradient_checkpointing: bool = False
     norm_groups: int = bounded(32, 1, 4096)
+    # the 1x1 convs between the encoder / decoder and the latent (SD 1.x / 2.x / XL have them; SD3's and Flux's
+    # 16-channel VAEs do not: diffusers' use_quant_conv / use_post_quant_conv)
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -325,8 +332,9 @@ class AutoencoderKL(nn.Module):
         self.in_channels, self.latent_channels = c.in_channels, c.latent_channels
         self.scaling_factor, self.shift_factor = c.scaling_factor, c.shift_factor
         self.encoder, self.decoder = Encoder(c), Decoder(c)
-        self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
+        self.quant_conv = (nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv
+                           else nn.Identity())
+        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else nn.Identity()
         self.gradient_checkpointing = c.gradient_checkpointing
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Bounds of a transformers CLIP text model read from a folder or hub id, checked before transformers allocates it.
+"""Bounds of a transformers CLIP text model (and of SD3's T5 encoder) read from a folder or hub id, checked before
+transformers allocates it.
 
 A ``config.json`` is data: each size field is bounded, and the model it describes is built on the meta device and
 counted before anything real is allocated (bounded fields still multiply: a vocabulary of 10^6 by a width of
@@ -60,4 +61,54 @@ def bounded_text_config(path_or_hub_id, subfolder: str, model_class: type[nn.Mod
         raise ValueError(f"{source}: nested too deeply to be a text encoder config") from None
     check_clip_text_fields(config.to_dict(), source=source)
     meta_text_model(model_class, config, source=source)
+    return config
+
+
+# transformers T5Config fields that size a T5 encoder (SD3's T5-XXL: 32128 x 4096, d_ff 10240, 24 x 64 heads of 64)
+T5_BOUNDS = {"vocab_size": 1_000_000, "d_model": 16384, "d_kv": 1024, "d_ff": 65536, "num_layers": 128,
+             "num_heads": 1024, "relative_attention_num_buckets": 4096, "relative_attention_max_distance": 65536}
+MAX_T5_PARAMETERS = 12_000_000_000  # T5-XXL's encoder (SD3's text_encoder_3/) has 4.8e9
+
+
+def check_t5_fields(config: dict, *, source: str) -> None:
+    """The size fields of a T5Config dict are integers within T5_BOUNDS; no key names code."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: not a JSON object")
+    for name, high in T5_BOUNDS.items():
+        value = config.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= high):
+            raise ValueError(f"{source}: {name} = {value!r} must be an integer in [1, {high}]")
+    for name in CODE_KEYS:
+        if name in config:
+            raise ValueError(f"{source}: {name} names code to import or call; refused")
+
+
+def meta_t5_encoder(config, *, source: str) -> nn.Module:
+    """``T5EncoderModel(config)`` on the meta device (no memory), refused above MAX_T5_PARAMETERS."""
+    from transformers import T5EncoderModel
+
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_T5_PARAMETERS:
+        raise ValueError(f"{source}: describes a T5 encoder of {count:.3g} parameters (at most "
+                         f"{MAX_T5_PARAMETERS:.3g}); refused")
+    return model
+
+
+def bounded_t5_config(path_or_hub_id, subfolder: str):
+    """The ``T5Config`` of ``path_or_hub_id/subfolder`` (SD3's ``text_encoder_3``), its fields bounded and the encoder
+    it describes counted on the meta device; pass it to ``T5EncoderModel.from_pretrained(..., config=...)``."""
+    from transformers import T5Config
+
+    local = Path(str(path_or_hub_id)) / subfolder / "config.json"
+    source = str(local) if local.is_file() else f"{path_or_hub_id} ({subfolder}/config.json)"
+    if local.is_file() and local.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{source}: a config of {local.stat().st_size} bytes (at most {MAX_CONFIG_BYTES}); refused")
+    try:
+        config = T5Config.from_pretrained(str(path_or_hub_id), subfolder=subfolder)
+    except RecursionError:
+        raise ValueError(f"{source}: nested too deeply to be a text encoder config") from None
+    check_t5_fields(config.to_dict(), source=source)
+    meta_t5_encoder(config, source=source)
     return config

@@ -78,7 +78,7 @@ class SD3TextEncoder(nn.Module):
 
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        from ldm.models.clip_bounds import bounded_text_config
+        from ldm.models.clip_bounds import bounded_t5_config, bounded_text_config
 
         path = str(path_or_hub_id)
         models = []
@@ -90,7 +90,8 @@ class SD3TextEncoder(nn.Module):
         if use_t5 and (Path(path) / "text_encoder_3").is_dir():
             from transformers import AutoTokenizer, T5EncoderModel
 
-            t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3")
+            t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3",
+                                                config=bounded_t5_config(path, "text_encoder_3"))
             t5_tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3")
         return cls(models[0], toks[0], models[1], toks[1], t5, t5_tok, **options)
 

@@ -25,6 +25,7 @@ REAL = {
 # checked, never run here: full-size models (SD 1.5, SDXL base), GPUs, stages of many steps, resuming the stand-in
 # (and a LoRA extract: the stand-ins of a base and its fine-tune are the same tiny model, nothing to extract)
 NOT_RUN = ("model=sd15", "model=sdxl ", "experiment=sd15_finetune", "experiment=sdxl_finetune", "trainer=ddp",
+           "experiment=sd3_finetune",
            "hparams_search=", "experiment=own_data", "experiment=shapes_vae", "ckpt_path=last", "ldm.lora extract")
 
 

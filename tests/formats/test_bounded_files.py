@@ -476,3 +476,59 @@ def _write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SD3 / SD3.5 weights (ldm/formats/sd3_folder.py, sd3_single_file.py)
+
+# SD3.5-large's MMDiT (8.06e9 parameters, 32 GB in float32): under MAX_PARAMETERS, so only the tensors can refuse it
+HUGE_MMDIT = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38, "attention_head_dim": 64,
+              "num_attention_heads": 38, "joint_attention_dim": 4096, "pooled_projection_dim": 2048,
+              "out_channels": 16, "pos_embed_max_size": 192, "dual_attention_layers": [], "qk_norm": "rms_norm"}
+SD3_QKV = "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight"
+
+
+def test_sd3_single_file_header_describing_a_huge_mmdit(tmp_path):
+    from ldm.models.autoencoder import AutoencoderKL
+
+    path = tmp_path / "sd3_bomb.safetensors"
+    save_file({"model.diffusion_model.x_embedder.proj.weight": torch.zeros(1), SD3_QKV: torch.zeros(1),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(1)}, str(path),
+              metadata={"ldm_mmdit_config": json.dumps(HUGE_MMDIT),
+                        "ldm_vae_config": json.dumps(AutoencoderKL.from_preset("tiny").config)})
+    small(path)
+    out = probe(f"""
+        from ldm.formats.load import load_bundle
+        attempt(lambda: load_bundle({str(path)!r}))
+    """, tmp_path)
+    assert out.startswith("RESULT CheckpointError") and "sd3_bomb.safetensors" in out, out
+    assert "transformer" in out and "mis-shaped keys" in out and "x_embedder.proj.weight" in out, out
+
+
+def test_sd3_file_stating_a_shape_larger_than_its_bytes(tmp_path):
+    """A safetensors header stating a 10^10-element tensor over 16 bytes: refused by the reader, nothing allocated."""
+    header = json.dumps({SD3_QKV: {"dtype": "F32", "shape": [100_000, 100_000], "data_offsets": [0, 16]}}).encode()
+    path = tmp_path / "sd3_lying.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    out = probe(f"""
+        from ldm.formats.load import load_bundle
+        attempt(lambda: load_bundle({str(path)!r}))
+    """, tmp_path)
+    assert out.startswith("RESULT CheckpointError") and "sd3_lying.safetensors" in out and "corrupt" in out, out
+
+
+def test_sd3_folder_transformer_config_describing_a_huge_mmdit(tmp_path):
+    from ldm.formats.sd3_diffusers_keys import mmdit_diffusers_config
+
+    sub = tmp_path / "sd3" / "transformer"
+    sub.mkdir(parents=True)
+    (tmp_path / "sd3" / "vae").mkdir()
+    small(_write_json(sub / "config.json", {"_class_name": "SD3Transformer2DModel",
+                                            **mmdit_diffusers_config(HUGE_MMDIT)}))
+    save_file({"pos_embed.pos_embed": torch.zeros(1)}, str(sub / "diffusion_pytorch_model.safetensors"))
+    out = probe(f"""
+        from ldm.formats.load import load_bundle
+        attempt(lambda: load_bundle({str(tmp_path / "sd3")!r}))
+    """, tmp_path)
+    assert out.startswith("RESULT CheckpointError") and "transformer" in out, out
+    assert "missing" in out or "mis-shaped" in out, out

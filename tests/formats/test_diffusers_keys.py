@@ -36,7 +36,8 @@ SD2_LIKE = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[
                 attention_levels=[0, 1], num_heads=-1, num_head_channels=16, transformer_depth=2,
                 context_dim=24, use_linear_projection=True, dropout=0.0)
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, base_channels=32, channel_mult=[1, 2],
-                num_res_blocks=1, dropout=0.0, scaling_factor=0.18215, shift_factor=0.0, norm_groups=32)
+                num_res_blocks=1, dropout=0.0, scaling_factor=0.18215, shift_factor=0.0, norm_groups=32,
+                use_quant_conv=True, use_post_quant_conv=True)
 
 # Hub config.json files of the real models (weights are never needed).
 SD15_UNET = {

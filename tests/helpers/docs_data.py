@@ -21,6 +21,7 @@ ABSOLUTE = {
     "/path/to/images": "images", "/tmp/glyphs": "images", "/path/to/latents": "latents",
     "/path/to/control-images": "masks",
     "/path/to/diffusers-folder": "diffusers_folder", "/path/to/stable-diffusion-xl-base-1.0": "sdxl_folder",
+    "/path/to/stable-diffusion-3.5-medium": "sd3_folder",
     "<model>": "checkpoint", "<checkpoint>": "checkpoint", "<run>": "run",
     "shards/train-{000..099}.tar": "shards", "user/dataset": "hf_dataset",
 }
@@ -28,6 +29,7 @@ RUN_FOLDER = re.compile(r"outputs/\w+/<time>")  # any run folder train.py prints
 # a name read from the command's working folder -> the DocsData method that makes it
 RELATIVE = {
     "v1-5-pruned-emaonly.safetensors": "sd_file", "sd_xl_base_1.0.safetensors": "sdxl_file",
+    "sd3.5_medium.safetensors": "sd3_file",
     "photo.png": "photo", "mask.png": "mask", "edges.png": "mask", "prompts.txt": "prompts",
     "style.safetensors": "lora_file", "someone_elses_lora.safetensors": "lora_file",
     "diffusers_lora_folder": "lora_folder", "someones_style.safetensors": "a1111_embedding",
@@ -214,6 +216,18 @@ class DocsData:
         from ldm.formats.single_file import save_single_file
 
         return self._once("sdxl.safetensors", lambda p: save_single_file(p, self.sdxl_bundle(), resolution=32))
+
+    def sd3_folder(self) -> Path:
+        """A tiny SD3 diffusers folder (with a T5) saved by diffusers' StableDiffusion3Pipeline."""
+        from tests.helpers.sd3 import write_tiny_sd3_folder
+
+        return self._once("sd3", lambda p: write_tiny_sd3_folder(p, use_t5=True)[0])
+
+    def sd3_file(self) -> Path:
+        from ldm.formats.exporter import export
+
+        return self._once("sd3.5_medium.safetensors",
+                          lambda p: export(str(self.sd3_folder()), "single-file", p, allow_unloadable=True))
 
     def sdxl_folder(self) -> Path:
         from ldm.formats.diffusers_folder import write_diffusers

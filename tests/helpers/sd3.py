@@ -8,7 +8,7 @@ import torch
 
 # the tiny MMDiT: SD3.5's options on (dual attention in block 0, QK RMSNorm); 96-d joint context = the tiny T5's
 MMDIT_TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
-                  num_attention_heads=2, joint_attention_dim=96, pooled_projection_dim=32, out_channels=4,
+                  num_attention_heads=2, joint_attention_dim=96, pooled_projection_dim=64, out_channels=4,
                   pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
 # the Hydra overrides that make model=sd35_medium's networks this folder's (its MMDiT, VAE and text encoders)
 SD3_TINY_MODEL = ["model.unet._target_=ldm.models.mmdit.MMDiT", "~model.unet.name",
@@ -43,7 +43,8 @@ def tiny_sd3_pipeline(tmp: Path, use_t5: bool = True, shift: float = 3.0):
     from ldm.models.mmdit import MMDiT
     from ldm.models.text_encoder_sd3 import TinySD3TextConfig, write_tiny_sd3_clips
 
-    clips = write_tiny_sd3_clips(TinySD3TextConfig(folder=str(Path(tmp) / "clips")))
+    # as SD3's: both CLIPs project to their own width... (CLIP-L 32, CLIP-G 48 -> 32 here; pooled 64)
+    clips = write_tiny_sd3_clips(TinySD3TextConfig(folder=str(Path(tmp) / "clips"), projection_dim=32))
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(**mmdit_diffusers_config(MMDiT(**MMDIT_TINY).config)).eval()
     with torch.no_grad():
@@ -55,9 +56,12 @@ def tiny_sd3_pipeline(tmp: Path, use_t5: bool = True, shift: float = 3.0):
                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                         scaling_factor=1.5305).eval()
     t5, t5_tok = tiny_t5() if use_t5 else (None, None)
+    clip_l = CLIPTextModelWithProjection.from_pretrained(clips / "text_encoder")
+    with torch.no_grad():  # ... and CLIP-L's projection is the identity (SD3 pools CLIP-L unprojected: ComfyUI's
+        clip_l.text_projection.weight.copy_(torch.eye(32))  # SD3 clip_l, diffusers' from_single_file sets eye)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(clips / "text_encoder"),
+        text_encoder=clip_l,
         tokenizer=CLIPTokenizer.from_pretrained(clips / "tokenizer"),
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(clips / "text_encoder_2"),
         tokenizer_2=CLIPTokenizer.from_pretrained(clips / "tokenizer_2"), text_encoder_3=t5, tokenizer_3=t5_tok)

@@ -11,6 +11,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.bundle import ModelBundle
 from ldm.models.mmdit import MMDiT
 from ldm.models.text_encoder_sd3 import SD3TextEncoder, TinySD3TextConfig, write_tiny_sd3_clips
+from tests.helpers.sd3 import tiny_t5
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -18,20 +19,6 @@ T5_LENGTH = 8
 CFG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
            joint_attention_dim=96, pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16,
            dual_attention_layers=(0,), qk_norm="rms_norm")
-
-
-def _tiny_t5():
-    """A tiny T5 encoder (transformers' T5EncoderModel, 96-d as the joint width) and a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "circle", "blue", "square"]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(3)
-    return T5EncoderModel(T5Config(vocab_size=len(words), d_model=96, d_kv=8, d_ff=64, num_layers=1,
-                                   num_heads=2)).eval(), tok
 
 
 @pytest.mark.parametrize("scale,steps,use_t5", [(4.5, 4, False), (1.0, 3, False), (4.5, 3, True)])
@@ -50,7 +37,7 @@ def test_flow_euler_latents_equal_stable_diffusion3_pipeline(tmp_path, scale, st
             p.normal_(0, 0.1)
     vae = DiffusersVAE(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=8)
-    t5, t5_tok = _tiny_t5() if use_t5 else (None, None)
+    t5, t5_tok = tiny_t5() if use_t5 else (None, None)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder"),
