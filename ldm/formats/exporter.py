@@ -237,19 +237,7 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
         finals = finals[:1]  # no original yaml: ComfyUI and diffusers read an SD3 file's sizes from its tensors
     check_overwrite(finals, is_folder, force)  # again: the load may have taken a while
     with Staging(finals) as stage:
-        if sd3 and fmt == "diffusers":
-            written = write_sd3_diffusers(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
-        elif sd3 and fmt == "single-file":
-            write_sd3_single_file(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
-            written = [finals[0].name]
-        elif fmt == "diffusers":
-            written = write_diffusers(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
-        elif fmt == "single-file":
-            write_single_file(bundle, stage.temps[0], stage.temps[1], frozen=frozen, dtype=torch_dtype,
-                              resolution=res)
-            written = [p.name for p in finals]
-        else:
-            written = write_ldm_bundle(bundle, stage.temps[0], frozen=frozen, dtype=torch_dtype, resolution=res)
+        written = _write(bundle, fmt, stage.temps, finals, sd3, frozen=frozen, dtype=torch_dtype, resolution=res)
         stage.commit()
 
     sdxl = hasattr(bundle.text_encoder, "model_2")
@@ -262,6 +250,21 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
     if log is not None:
         log(result.summary())
     return result
+
+
+def _write(bundle: ModelBundle, fmt: str, temps: list[Path], finals: list[Path], sd3: bool, **options) -> list[str]:
+    """Write ``bundle`` as ``fmt`` into the staging paths ``temps`` -> the names written."""
+    if sd3 and fmt == "diffusers":
+        return write_sd3_diffusers(bundle, temps[0], **options)
+    if sd3 and fmt == "single-file":
+        write_sd3_single_file(bundle, temps[0], **options)
+        return [finals[0].name]
+    if fmt == "diffusers":
+        return write_diffusers(bundle, temps[0], **options)
+    if fmt == "single-file":
+        write_single_file(bundle, temps[0], temps[1], **options)
+        return [p.name for p in finals]
+    return write_ldm_bundle(bundle, temps[0], **options)
 
 
 def _comfy_words(comfy: ComfyCheck) -> str:

@@ -45,7 +45,7 @@ def trained(bundle, seed=3, **cfg) -> LoRANetwork:
 def transformer_inputs():
     g = torch.Generator().manual_seed(1)
     return (torch.randn(2, 4, 8, 6, generator=g), torch.tensor([250.0, 875.5]),
-            torch.randn(2, 5, 96, generator=g), torch.randn(2, 32, generator=g))
+            torch.randn(2, 5, 96, generator=g), torch.randn(2, 64, generator=g))
 
 
 def ours(bundle, net=None):

@@ -3,6 +3,8 @@ same weights (its transformer mapped by ldm.formats.sd3_diffusers_keys, SD3TextE
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 from tests.helpers.sd3 import MMDIT_TINY, tiny_sd3_pipeline
@@ -22,8 +24,8 @@ def tiny_sd3(tmp: Path, use_t5: bool = False, shift: float = 3.0):
     pipe = tiny_sd3_pipeline(tmp, use_t5=use_t5, shift=shift)
     unet = MMDiT(**MMDIT_TINY).eval()
     unet.load_state_dict(mmdit_from_diffusers(pipe.transformer.state_dict(), unet.config))
-    te = SD3TextEncoder.from_pretrained(Path(tmp) / "clips", use_t5=False, joint_dim=96, t5_length=T5_LENGTH)
-    if use_t5:
-        te = SD3TextEncoder(te.model, te.tokenizer, te.model_2, te.tokenizer_2, pipe.text_encoder_3,
-                            pipe.tokenizer_3, joint_dim=96, t5_length=T5_LENGTH)
+    # copies of the pipeline's CLIPs (CLIP-L's projection is SD3's identity there) and T5 (or none, as
+    # text_encoder_3=None): copies, so that a LoRA loaded into the pipeline does not change ours
+    te = SD3TextEncoder(*copy.deepcopy((pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+                                        pipe.text_encoder_3, pipe.tokenizer_3)), joint_dim=96, t5_length=T5_LENGTH)
     return pipe, ModelBundle(unet, AutoencoderKL.from_preset("tiny"), te, FlowMatching(shift=shift))

@@ -31,7 +31,7 @@ def test_contexts_equal_stable_diffusion3_encode_prompt(tmp_path, use_t5):
     pipe, bundle = tiny_sd3(tmp_path, use_t5=use_t5)
     with torch.no_grad():
         ours = bundle.text_encoder(PROMPTS)
-    assert ours["crossattn"].shape == (3, 77 + T5_LENGTH, 96) and ours["vector"].shape == (3, 32)
+    assert ours["crossattn"].shape == (3, 77 + T5_LENGTH, 96) and ours["vector"].shape == (3, 64)
     assert (ours["crossattn"][:, 77:].abs().max() > 0) == use_t5  # T5's tokens, or zeros without one
     assert_equal_context(ours, diffusers_context(pipe))
 
@@ -57,7 +57,7 @@ def test_t5_dropped_at_sampling_is_diffusers_without_text_encoder_3(tmp_path):
 
 def test_each_encoder_is_dropped_on_its_own(tmp_path):
     """Row r drops the encoders of mask row r; a dropped encoder's features are zeros (CLIP-L: its 32 columns of
-    the 77 CLIP tokens and its 16 pooled values; CLIP-G: the next 48 / 16; T5: the tokens after 77), the rest is
+    the 77 CLIP tokens and its 32 pooled values; CLIP-G: the next 48 / 32; T5: the tokens after 77), the rest is
     untouched."""
     _, bundle = tiny_sd3(tmp_path, use_t5=True)
     te = bundle.text_encoder
@@ -68,8 +68,8 @@ def test_each_encoder_is_dropped_on_its_own(tmp_path):
     c, d = context["crossattn"], dropped["crossattn"]
     v, dv = context["vector"], dropped["vector"]
     regions = {  # encoder -> (token slice, feature slice) of crossattn, pooled slice
-        0: ((slice(0, 77), slice(0, 32)), slice(0, 16)),
-        1: ((slice(0, 77), slice(32, 80)), slice(16, 32)),
+        0: ((slice(0, 77), slice(0, 32)), slice(0, 32)),
+        1: ((slice(0, 77), slice(32, 80)), slice(32, 64)),
         2: ((slice(77, None), slice(None)), None),
     }
     for row, mask in enumerate(masks.tolist()):
@@ -94,7 +94,7 @@ def test_cache_rows_round_trip_exactly(tmp_path):
     context = te(PROMPTS)
     rows = te.cache_rows(context)
     assert rows.shape == (3, 77 + T5_LENGTH + 1, 96)  # the tokens, then the pooled vector zero-padded
-    assert not rows[:, -1, 32:].any()
+    assert not rows[:, -1, 64:].any()
     back = te.from_cache_rows(rows)
     assert all(torch.equal(back[k], context[k]) for k in context)
     with pytest.raises(ValueError, match="rebuild the latent cache"):
