@@ -18,6 +18,7 @@ stores it as one (B, 77 + t5_length + 1, joint_dim) tensor, the pooled vector as
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ from ldm.models import tiny_clip
 from ldm.models.config_fields import bounded, config_of, split_config
 from ldm.models.context_rows import pack_rows, unpack_rows
 from ldm.models.text_encoder import tiny_clip_folder
+
+log = logging.getLogger(__name__)
 
 ENCODERS = ("clip_l", "clip_g", "t5")  # the names module.encoder_dropout uses
 
@@ -87,7 +90,13 @@ class SD3TextEncoder(nn.Module):
                 path, subfolder=sub, config=bounded_text_config(path, sub, CLIPTextModelWithProjection)))
         toks = [CLIPTokenizer.from_pretrained(path, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
         t5 = t5_tok = None
-        if use_t5 and (Path(path) / "text_encoder_3").is_dir():
+        # a local folder may lack the T5 (diffusers saves text_encoder_3=None so); a hub id the user chose is a
+        # whole SD3 repo, whose T5 transformers loads (from this machine's cache, or downloading it)
+        has_t5 = (Path(path) / "text_encoder_3").is_dir() if Path(path).is_dir() else True
+        if use_t5 and not has_t5:
+            log.warning("%s has no text_encoder_3/: SD3's T5 tokens are zeros (as diffusers with text_encoder_3=None)",
+                        Path(path).name)
+        if use_t5 and has_t5:
             from transformers import AutoTokenizer, T5EncoderModel
 
             t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3",
