@@ -285,5 +285,30 @@ def load_weights_into(source, unet: nn.Module, autoencoder: nn.Module | None = N
         for name, module, weights in (("unet", unet, loaded.unet), ("autoencoder", autoencoder, loaded.autoencoder),
                                       ("text_encoder", text_encoder, loaded.text_encoder)):
             if module is not None:
+                _check_same_architecture(module, weights, name, source)
                 load_into(module, weights.state_dict(), source=f"{source} ({name})")
     return kind
+
+
+RUNTIME_FIELDS = ("gradient_checkpointing", "dropout")  # how a network runs, not what its weights mean
+
+
+def _check_same_architecture(module: nn.Module, stored: nn.Module, name: str, source) -> None:
+    """A run of ours as ``model.pretrained``: the configured U-Net / VAE must be the run's, field for field (a
+    data=folder run's first stage trains a narrower VAE than model=shapes builds; a VAE's scaling_factor or a U-Net's
+    head split changes no tensor shape but every output): name the keys to set. The text encoder is left to the
+    strict load (its config holds options of use, such as max_chunks)."""
+    if name == "text_encoder":
+        return
+    ours, theirs = getattr(module, "config", None), getattr(stored, "config", None)
+    if not isinstance(ours, dict) or not isinstance(theirs, dict):
+        return
+
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    fixes = [f"++model.{name}.{k}={plain(theirs[k])}".replace(" ", "").replace("'", "") for k in sorted(theirs)
+             if k in ours and k not in RUNTIME_FIELDS and plain(ours[k]) != plain(theirs[k])]
+    if fixes:
+        raise CheckpointError(f"{source}: its {name} is not the one model.{name} builds: set {' '.join(fixes)} "
+                              "(as the run that wrote it: its .hydra/config.yaml)")

@@ -147,3 +147,15 @@ def test_a_module_fitted_without_a_run_folder_writes_no_files(tiny_cfg, base, tm
               enable_model_summary=False, limit_val_batches=0, accelerator="cpu").fit(module, datamodule=data)
     assert module.global_step == 1 and module.written_files == {}
     assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_run_of_ours_with_other_sizes_names_the_keys_to_set(tiny_cfg, base):
+    """model.pretrained = one of our runs whose VAE is not the configured one (a data=folder run's first stage
+    trains a narrower VAE; a scaling factor changes no shape): stop naming the keys, before anything trains."""
+    narrower = tiny_cfg(base, "adapter=lora", "+model.autoencoder.base_channels=64")
+    with pytest.raises(ConfigError, match=r"\+\+model\.autoencoder\.base_channels=32"):
+        build_diffusion_module(narrower)
+    rescaled = tiny_cfg(base, "adapter=lora", "+model.autoencoder.scaling_factor=0.5")
+    with pytest.raises(ConfigError, match=r"set \+\+model\.autoencoder\.scaling_factor=0\.18215 \("):
+        build_diffusion_module(rescaled)
+    build_diffusion_module(tiny_cfg(base, "adapter=lora", "model.unet.gradient_checkpointing=true"))  # how it runs
