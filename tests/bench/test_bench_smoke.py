@@ -289,3 +289,23 @@ def test_memory_counted_quantized_row_replaces_the_linear_weights():
     row = memory.counted_quantized("lora_int8", lora, "tiny")
     assert row["row"] == "lora_int8" and row["weights"] == lora["weights"] - fp32 + int8
     assert row["tracked_peak"] - row["weights"] == lora["tracked_peak"] - lora["weights"]
+
+
+def test_memory_count_mode_adds_up_the_estimator_sums(capsys):
+    """bench/memory.py --count: every row from the parameter shapes alone (no run): full AdamW 5 x the weights,
+    + EMA 6 x, 8-bit AdamW / Adafactor their exact state, LoRA the adapter's bytes, the activations from the fit."""
+    from ldm.models.unet import UNet
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in UNet.from_preset("tiny").parameters())
+    rows = bench_module("memory").main(["--presets", "tiny", "--rows", "full_adamw,full_adamw_ema,full_adamw8bit,lora",
+                                        "--count", "1024,0,64,0", "--resolution", "32", "--native", "64"])
+    by = {r["row"]: r for r in rows}
+    w = 4 * n
+    assert by["full_adamw"]["weights"] >= w and by["full_adamw"]["tracked_peak"] == 5 * by["full_adamw"]["weights"]
+    assert by["full_adamw_ema"]["tracked_peak"] == 6 * by["full_adamw"]["weights"]
+    assert by["full_adamw8bit"]["opt_state"] < by["full_adamw"]["opt_state"] / 3
+    lora = by["lora"]
+    assert lora["trainable"] < n and lora["act_saved"] == 1024 * 16 and lora["act_native"] == 1024 * 64
+    assert lora["peak_native"] - lora["tracked_peak"] == 1024 * (64 - 16)
+    assert "counted" in capsys.readouterr().out
