@@ -155,19 +155,38 @@ def diffusers_command(script: Path, model: Path, images: Path, run: Path, args) 
             "--seed=0", f"--output_dir={run}", "--checkpointing_steps=1000000000", "--report_to=tensorboard"]
 
 
+def flush_written(folder: Path, since: float) -> int:
+    """fsync every file under ``folder`` modified at or after ``since`` (a command's outputs); returns how many."""
+    count = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since - 1:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                count += 1
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+    return count
+
+
 def run_timed(command: list[str], log: Path, threads: int, path: str | None = None, root: Path = ROOT,
               cpu: list | None = None) -> float:
     """Wall seconds of one command (its output to ``log``); its CPU seconds (user + system, its child processes
     included) appended to ``cpu``; a failure stops the bench naming the log. Each run starts cold: Hugging Face
-    datasets' cache (diffusers' image folder) in the run's own folder too."""
+    datasets' cache (diffusers' image folder) in the run's own folder too. Each starts with no dirty pages of the one
+    before (``os.sync()``, not timed: the ~700 MB a run saves would otherwise be written back during the next run)
+    and ends when what it wrote is on disk (every file it wrote fsynced, timed: ldm's checkpoint writer fsyncs its
+    file, diffusers' does not)."""
     paths = [path or "", str(root), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(log.with_suffix(".hf_datasets")),
            "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    os.sync()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
+    start, since = time.perf_counter(), time.time()
     with open(log, "w", encoding="utf-8") as f:
         done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+    flush_written(log.parent, since)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if cpu is not None:
