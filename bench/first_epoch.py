@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -154,17 +155,42 @@ def diffusers_command(script: Path, model: Path, images: Path, run: Path, args) 
             "--seed=0", f"--output_dir={run}", "--checkpointing_steps=1000000000", "--report_to=tensorboard"]
 
 
-def run_timed(command: list[str], log: Path, threads: int, path: str | None = None, root: Path = ROOT) -> float:
-    """Wall seconds of one command (its output to ``log``); a failure stops the bench naming the log. Each run
-    starts cold: Hugging Face datasets' cache (diffusers' image folder) in the run's own folder too."""
+def flush_written(folder: Path, since: float) -> int:
+    """fsync every file under ``folder`` modified at or after ``since`` (a command's outputs); returns how many."""
+    count = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since - 1:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                count += 1
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+    return count
+
+
+def run_timed(command: list[str], log: Path, threads: int, path: str | None = None, root: Path = ROOT,
+              cpu: list | None = None) -> float:
+    """Wall seconds of one command (its output to ``log``); its CPU seconds (user + system, its child processes
+    included) appended to ``cpu``; a failure stops the bench naming the log. Each run starts cold: Hugging Face
+    datasets' cache (diffusers' image folder) in the run's own folder too. Each starts with no dirty pages of the one
+    before (``os.sync()``, not timed: the ~700 MB a run saves would otherwise be written back during the next run)
+    and ends when what it wrote is on disk (every file it wrote fsynced, timed: ldm's checkpoint writer fsyncs its
+    file, diffusers' does not)."""
     paths = [path or "", str(root), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(log.with_suffix(".hf_datasets")),
            "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    start = time.perf_counter()
+    os.sync()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start, since = time.perf_counter(), time.time()
     with open(log, "w", encoding="utf-8") as f:
         done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+    flush_written(log.parent, since)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     if done.returncode:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"{command[1]} failed (exit {done.returncode}); its log {log} ends:\n{tail}")
@@ -187,44 +213,52 @@ def main(argv=None) -> dict:
               flush=True)
         baseline = Path(args.baseline_root).resolve() if args.baseline_root else None
         times: dict[str, list[float]] = {"ldm_cold": [], "ldm_warm": [], "baseline_cold": [], "diffusers": []}
+        cpu: dict[str, list[float]] = {k: [] for k in times}  # CPU seconds of the same runs
+        loads: list[float] = []  # the 1-minute load average after each pair (others' jobs share the machine)
         for pair in range(args.pairs):
             run = work / f"pair{pair}"
             shutil.rmtree(run, ignore_errors=True)
             run.mkdir()
             cache = run / "cache"  # fresh: the cache is built in this run
             times["ldm_cold"].append(run_timed(ldm_command(model, images, run / "ldm", cache, args),
-                                               run / "ldm.log", args.threads))
+                                               run / "ldm.log", args.threads, cpu=cpu["ldm_cold"]))
             line = f"pair {pair + 1}: ldm (cold cache) {times['ldm_cold'][-1]:.1f} s"
             if args.warm:
                 times["ldm_warm"].append(run_timed(ldm_command(model, images, run / "ldm_warm", cache, args),
-                                                   run / "ldm_warm.log", args.threads))
+                                                   run / "ldm_warm.log", args.threads, cpu=cpu["ldm_warm"]))
                 line += f", ldm (warm cache) {times['ldm_warm'][-1]:.1f} s"
             if baseline is not None:
                 times["baseline_cold"].append(run_timed(
                     ldm_command(model, images, run / "baseline", run / "baseline_cache", args, baseline),
-                    run / "baseline.log", args.threads, root=baseline))
+                    run / "baseline.log", args.threads, root=baseline, cpu=cpu["baseline_cold"]))
                 line += f", baseline ldm (cold cache) {times['baseline_cold'][-1]:.1f} s"
             if script is not None:
                 times["diffusers"].append(run_timed(diffusers_command(script, model, images, run / "diffusers",
                                                                       args), run / "diffusers.log", args.threads,
-                                                     args.diffusers_path))
+                                                     args.diffusers_path, cpu=cpu["diffusers"]))
                 line += (f", diffusers {times['diffusers'][-1]:.1f} s, ratio "
                          f"{times['diffusers'][-1] / times['ldm_cold'][-1]:.2f}x")
-            print(line, flush=True)
+            loads.append(os.getloadavg()[0])
+            cpus = ", ".join(f"{k} {v[-1]:.1f}" for k, v in cpu.items() if v)
+            print(f"{line}; CPU s: {cpus}; load {loads[-1]:.1f}", flush=True)
             if not args.out:  # keep the disk free: one pair's runs at a time
                 shutil.rmtree(run, ignore_errors=True)
         row = dict(size=args.size, images=args.images, resolution=args.resolution, batch=args.batch,
                    steps=args.steps, threads=args.threads, pairs=args.pairs,
-                   ldm_cold_s=statistics.median(times["ldm_cold"]))
+                   ldm_cold_s=statistics.median(times["ldm_cold"]), loads=[round(x, 1) for x in loads],
+                   **{f"{k}_cpu_s": [round(x, 1) for x in v] for k, v in cpu.items() if v},
+                   **{f"{k}_wall_s": [round(x, 1) for x in v] for k, v in times.items() if v})
         if times["ldm_warm"]:
             row["ldm_warm_s"] = statistics.median(times["ldm_warm"])
         if times["baseline_cold"]:
             row["baseline_cold_s"] = statistics.median(times["baseline_cold"])
         if times["diffusers"]:
             cold = [d / c for d, c in zip(times["diffusers"], times["ldm_cold"])]
+            cold_cpu = [d / c for d, c in zip(cpu["diffusers"], cpu["ldm_cold"])]
             row.update(diffusers_s=statistics.median(times["diffusers"]), cold_ratio=statistics.median(cold),
-                       cold_ratios=[round(r, 3) for r in cold])
-            print(f"median ratio diffusers/ldm (cold cache) over {args.pairs} pair(s): {row['cold_ratio']:.2f}x")
+                       cold_ratios=[round(r, 3) for r in cold], cold_cpu_ratio=statistics.median(cold_cpu))
+            print(f"median ratio diffusers/ldm (cold cache) over {args.pairs} pair(s): {row['cold_ratio']:.2f}x "
+                  f"(CPU seconds: {row['cold_cpu_ratio']:.2f}x)")
             if times["baseline_cold"]:
                 before = [d / b for d, b in zip(times["diffusers"], times["baseline_cold"])]
                 row.update(baseline_ratio=statistics.median(before), baseline_ratios=[round(r, 3) for r in before])

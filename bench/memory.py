@@ -73,6 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--max-real-gb", type=float, default=18.0,
                    help="rows whose estimate exceeds this are estimated only (not run for real)")
     p.add_argument("--estimate-only", action="store_true", help="no real runs")
+    p.add_argument("--count", default=None, metavar="A,C,A_GC,C_GC",
+                   help="no runs at all: every row counted from the parameter shapes on the meta device (the "
+                        "estimator's sums, see count_rows) with this activation fit, bytes per latent pixel and "
+                        "constant, without and with gradient checkpointing (from an earlier fake-mode sweep)")
     p.add_argument("--lora-preset", default="attention_ff")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
@@ -405,6 +409,48 @@ def derived(row: str, estimates: dict[str, dict]) -> dict:
     return full
 
 
+def quantized_linear_bytes(precision: str, in_features: int, out_features: int, bias: bool) -> int:
+    """Bytes one ``nn.Linear`` is stored in on a quantized base (ldm.models.quantized_base), counted without
+    building it (tests/bench/test_memory_bench.py checks these against ``stored_bytes`` of built layers):
+    int8 (bitsandbytes' Int8Params): 1 B a weight + an fp32 absmax per output row (SCB) + a 1-byte format flag;
+    fp8: 1 B a weight + an fp32 scale per output row; nf4 (Params4bit, double-quantized): 4 bits a weight, a
+    uint8 absmax per block of 64, an fp32 absmax per 256 blocks, the 16-entry NF4 and 256-entry nested code books
+    (fp32) and the quant state's ~170-byte JSON record. The bias stays fp32."""
+    n = in_features * out_features
+    extra = 4 * out_features if bias else 0
+    if precision == "int8":
+        return n + 4 * out_features + 1 + extra
+    if precision == "fp8":
+        return n + 4 * out_features + extra
+    if precision == "nf4":
+        blocks = -(-n // 64)
+        return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4 * (16 + 256) + NF4_STATE_JSON + extra
+    raise ValueError(f"quantized_linear_bytes: unknown precision {precision!r} (int8, nf4, fp8)")
+
+
+NF4_STATE_JSON = 170  # bytes of bitsandbytes' serialized 4-bit quant state (167-173 for these shapes)
+
+
+def counted_quantized(row: str, lora: dict, preset: str) -> dict:
+    """LoRA on a quantized base where it is not run (too big here): the LoRA-on-fp32-base estimate with each plain
+    Linear of the base at its stored size instead of fp32 (`quantized_linear_bytes`, counted on the meta device).
+    On SD-1.5 this count is within 0.08 GiB (3%) of the measured int8 / NF4 rows (bench/README.md): the measured
+    peak holds one dequantized layer's weight besides."""
+    from ldm.models.unet import UNet
+
+    precision = row.split("_", 1)[1]
+    with torch.device("meta"):
+        unet = UNet.from_preset(preset)
+    linears = [m for m in unet.modules() if type(m) is torch.nn.Linear]
+    fp32 = sum(4 * (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) for m in linears)
+    stored = sum(quantized_linear_bytes(precision, m.in_features, m.out_features, m.bias is not None)
+                 for m in linears)
+    out = dict(lora, row=row, derived_from=f"lora ({len(linears)} Linear layers counted in {precision})")
+    out["weights"] = lora["weights"] - fp32 + stored
+    out["tracked_peak"] = lora["tracked_peak"] - fp32 + stored
+    return out
+
+
 def analytic_peak(row: str, preset: str, args) -> float:
     """A first guess of a row's fixed memory (weights, EMA, grads, optimizer state; bytes) from the parameter count
     alone, to decide whether it can run here: fp32 weights 4 B, grads 4 B, AdamW 8 B, EMA 4 B a parameter."""
@@ -422,6 +468,54 @@ def analytic_peak(row: str, preset: str, args) -> float:
     return per * n + 1.0 * GIB  # + activations and temporaries at a small resolution
 
 
+def count_rows(preset: str, rows: list[str], fit: tuple[float, float, float, float], res: int, native: int,
+               lora_preset: str = "attention_ff", rank: int = 16) -> list[dict]:
+    """Every row counted from the parameter shapes alone (meta device, nothing allocated), with the sums the
+    estimator's rows are made of, validated on SD-1.5 against its measured rows (bench/README.md): full AdamW
+    (foreach) peaks at its step at 5 x the weights (weights, grads, two moments, one weights-size of temporaries;
+    the activations are freed by then), + EMA one more; 8-bit AdamW / Adafactor: weights + grads + their exact state
+    + the activations (`derived`); LoRA: the base + the adapter's weights, grads and two moments + the activations;
+    on a quantized base with the Linear layers at their stored size (`counted_quantized`). Activations at ``res``
+    and ``native`` from ``fit`` = (a, c, a_gc, c_gc): a * (res/8)^2 + c bytes per image."""
+    from ldm.models.lora import LoRAConfig, LoRANetwork
+    from ldm.models.unet import UNet
+
+    with torch.device("meta"):
+        unet = UNet.from_preset(preset, gradient_checkpointing=False)
+        params = list(unet.parameters())
+        w = tensor_bytes(params) + tensor_bytes(unet.buffers())
+        unet.requires_grad_(False)
+        adapter = [p for p in LoRANetwork.build({"unet": unet}, LoRAConfig(preset=lora_preset, rank=rank)).parameters()]
+    n, lora_bytes = sum(p.numel() for p in params), tensor_bytes(adapter)
+    a, c, a_gc, c_gc = fit
+
+    def act(r, gc=False):
+        return (a_gc if gc else a) * (r / 8) ** 2 + (c_gc if gc else c)
+
+    out = []
+    for row in rows:
+        gc = row.endswith("_gc")
+        r = {"row": row, "preset": preset, "res": res, "batch": 1, "fake": True, "how": "counted", "ema": 0,
+             "params": n, "trainable": n, "weights": w, "grads": w, "opt_state": 2 * w, "act_saved": act(res, gc),
+             "rss_peak": None, "estimated_peak": None, "native": native}
+        if row in ("full_adamw", "full_adamw_gc", "full_adamw_ema"):
+            r["tracked_peak"] = 5 * w
+            if row == "full_adamw_ema":
+                r["ema"], r["tracked_peak"] = w, 6 * w
+        elif row in ("full_adamw8bit", "full_adafactor"):
+            r["opt_state"] = (adamw8bit_state_bytes if row.endswith("8bit") else adafactor_state_bytes)(params)
+            r["tracked_peak"] = 2 * w + r["opt_state"] + act(res)
+        else:
+            lora = dict(r, trainable=lora_bytes // 4, weights=w + lora_bytes, grads=lora_bytes,
+                        opt_state=2 * lora_bytes, tracked_peak=w + 4 * lora_bytes + act(res))
+            r = lora if row == "lora" else counted_quantized(row, lora, preset)
+        r["peak_native"] = r["tracked_peak"] - act(res, gc) + act(native, gc)
+        r["act_native"] = act(native, gc)
+        r["fits"] = [g for g in BUDGETS_GB if r["peak_native"] <= g * GIB * 0.95]
+        out.append(r)
+    return out
+
+
 def fit_activations(points: list[tuple[int, int]]) -> tuple[float, float]:
     """Least squares of act = a * (res/8)^2 + c over (res, bytes) points."""
     xs = [(r / 8) ** 2 for r, _ in points]
@@ -437,6 +531,20 @@ def gib(n) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
 
+def print_rows(results: list[dict], args, presets: list[str]) -> None:
+    table = [{"preset": r["preset"], "row": LABELS[r["row"]], "how": r["how_text"],
+              "trainable": f"{r['trainable'] / 1e6:.1f}M", "weights": gib(r["weights"] + r["ema"]),
+              "grads": gib(r["grads"]), "opt state": gib(r["opt_state"]), "act": gib(r["act_saved"]),
+              "peak rss": gib(r.get("rss_peak")), "peak tracked": gib(r["tracked_peak"]),
+              "peak @native": gib(r["peak_native"]),
+              "fits in": "-" if r["peak_native"] is None else (", ".join(f"{g}" for g in r["fits"]) or "> 80")}
+             for r in results]
+    print()
+    common.print_table(table, list(table[0]) if table else [],
+                       title=f"GiB; batch {args.batch}, {args.resolution} px, {args.precision} on {args.device}; @native: "
+                             f"{', '.join(f'{p} {NATIVE.get(p)} px' for p in presets)}, batch 1, upper bound")
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.child:
@@ -448,6 +556,19 @@ def main(argv=None) -> list[dict]:
     bad = [r for r in rows_wanted if r not in ROWS]
     if bad:
         raise SystemExit(f"--rows: unknown {bad}; choose from {', '.join(ROWS)}")
+    if args.count:
+        fit = tuple(float(v) for v in args.count.split(","))
+        if len(fit) != 4:
+            raise SystemExit("--count: four numbers A,C,A_GC,C_GC (bytes per latent pixel and constant, without "
+                             "and with gradient checkpointing)")
+        results = [r for preset in presets for r in count_rows(
+            preset, rows_wanted, fit, args.resolution, int(args.native or NATIVE.get(preset, 4 * args.resolution)),
+            args.lora_preset, args.rank)]
+        for r in results:
+            r["how_text"] = "counted"
+        common.append_jsonl(args.json, results)
+        print_rows(results, args, presets)
+        return results
     fit_res = [int(r) for r in args.fit_resolutions.split(",") if r]
     print(common.env_line(torch.device(args.device)))
     print(f"memory of one training step: batch {args.batch}, {args.resolution} px, {args.precision}, {args.device}, "
@@ -487,6 +608,11 @@ def main(argv=None) -> list[dict]:
                 est = derived(row, estimates) if row in DERIVED and "full_adamw" in estimates else \
                     child(row, preset, args.resolution, args, fake=True)
                 estimates[row] = est
+            elif not fits_here and not cuda and row.startswith("lora_"):  # bitsandbytes runs no fake tensors
+                if "lora" not in estimates:
+                    print(f"  {row}: not run here and no LoRA estimate to count it from (add lora before it to --rows)")
+                    continue
+                est = counted_quantized(row, estimates["lora"], preset)
             real = None
             if fits_here:
                 try:
@@ -498,7 +624,7 @@ def main(argv=None) -> list[dict]:
             r = dict(real or est)
             r["label"] = args.label
             r["bench"] = "memory"
-            r["how"] = "measured" if real else "estimated"
+            r["how"] = "measured" if real else ("counted" if row.startswith("lora_") else "estimated")
             r["estimated_peak"] = est["tracked_peak"] if est else None
             if a is not None:  # the measured activations scaled by the fit to the native resolution
                 slope, const = (a_gc, c_gc) if row.endswith("_gc") else (a, c)
@@ -525,19 +651,9 @@ def main(argv=None) -> list[dict]:
                   f"tracked {gib(tracked)} GiB ({est / tracked - 1:+.1%})")
         worst = max(abs(est / rss - 1) for _, _, est, rss, _ in validation)
     for r in results:
-        r["how_text"] = r["how"] if r["how"] == "measured" or worst is None else \
+        r["how_text"] = r["how"] if r["how"] != "estimated" or worst is None else \
             f"estimated (validated to {worst:.0%})"
-    table = [{"preset": r["preset"], "row": LABELS[r["row"]], "how": r["how_text"],
-              "trainable": f"{r['trainable'] / 1e6:.1f}M", "weights": gib(r["weights"] + r["ema"]),
-              "grads": gib(r["grads"]), "opt state": gib(r["opt_state"]), "act": gib(r["act_saved"]),
-              "peak rss": gib(r.get("rss_peak")), "peak tracked": gib(r["tracked_peak"]),
-              "peak @native": gib(r["peak_native"]),
-              "fits in": "-" if r["peak_native"] is None else (", ".join(f"{g}" for g in r["fits"]) or "> 80")}
-             for r in results]
-    print()
-    common.print_table(table, list(table[0]) if table else [],
-                       title=f"GiB; batch {args.batch}, {args.resolution} px, {args.precision} on {args.device}; @native: "
-                             f"{', '.join(f'{p} {NATIVE.get(p)} px' for p in presets)}, batch 1, upper bound")
+    print_rows(results, args, presets)
     return results
 
 

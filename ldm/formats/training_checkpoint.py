@@ -309,6 +309,8 @@ def _check_same_architecture(module: nn.Module, stored: nn.Module, name: str, so
 
     fixes = [f"++model.{name}.{k}={plain(theirs[k])}".replace(" ", "").replace("'", "") for k in sorted(theirs)
              if k in ours and k not in RUNTIME_FIELDS and plain(ours[k]) != plain(theirs[k])]
+    if fixes and name == "autoencoder":  # the run's VAE comes from model.pretrained, not a file of its own
+        fixes.append("++model.autoencoder.weights=null")
     if fixes:
         raise CheckpointError(f"{source}: its {name} is not the one model.{name} builds: set {' '.join(fixes)} "
                               "(as the run that wrote it: its .hydra/config.yaml)")

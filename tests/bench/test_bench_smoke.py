@@ -257,3 +257,55 @@ def test_memory(capsys, tmp_path):
     gc_line = out.split("gradient checkpointing: act(res) = ")[1]
     assert float(gc_line.split("MiB (")[1].split("%")[0]) < 50  # checkpointing keeps < half the activations
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4", "fp8"])
+def test_memory_counts_a_quantized_linear_as_it_is_stored(precision):
+    """The bytes bench/memory.py counts for a quantized base's Linear (SDXL's rows, not run here) equal what the
+    built layer stores, to the few bytes of bitsandbytes' JSON quant-state record."""
+    if precision != "fp8":
+        pytest.importorskip("bitsandbytes")
+    from ldm.models.quantized_base import quantized_class, stored_bytes
+
+    memory = bench_module("memory")
+    for in_f, out_f, bias in ((320, 1280, True), (1280, 2560, True), (768, 320, False), (100, 30, True)):
+        built = stored_bytes(quantized_class(precision).from_linear(torch.nn.Linear(in_f, out_f, bias=bias)))
+        assert memory.quantized_linear_bytes(precision, in_f, out_f, bias) == pytest.approx(built, abs=8)
+    with pytest.raises(ValueError, match="unknown precision"):
+        memory.quantized_linear_bytes("int4", 8, 8, True)
+
+
+def test_memory_counted_quantized_row_replaces_the_linear_weights():
+    """A counted LoRA-on-quantized-base row is the LoRA estimate with every plain Linear of the base at its stored
+    size: the difference is exactly the Linear layers' fp32 bytes less their quantized bytes."""
+    from ldm.models.unet import UNet
+
+    memory = bench_module("memory")
+    lora = {"row": "lora", "weights": 10 * 2**30, "tracked_peak": 11 * 2**30, "trainable": 1}
+    with torch.device("meta"):
+        linears = [m for m in UNet.from_preset("tiny").modules() if type(m) is torch.nn.Linear]
+    fp32 = sum(4 * (m.weight.numel() + m.out_features * (m.bias is not None)) for m in linears)
+    int8 = sum(m.weight.numel() + 4 * m.out_features + 1 + 4 * m.out_features * (m.bias is not None) for m in linears)
+    row = memory.counted_quantized("lora_int8", lora, "tiny")
+    assert row["row"] == "lora_int8" and row["weights"] == lora["weights"] - fp32 + int8
+    assert row["tracked_peak"] - row["weights"] == lora["tracked_peak"] - lora["weights"]
+
+
+def test_memory_count_mode_adds_up_the_estimator_sums(capsys):
+    """bench/memory.py --count: every row from the parameter shapes alone (no run): full AdamW 5 x the weights,
+    + EMA 6 x, 8-bit AdamW / Adafactor their exact state, LoRA the adapter's bytes, the activations from the fit."""
+    from ldm.models.unet import UNet
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in UNet.from_preset("tiny").parameters())
+    rows = bench_module("memory").main(["--presets", "tiny", "--rows", "full_adamw,full_adamw_ema,full_adamw8bit,lora",
+                                        "--count", "1024,0,64,0", "--resolution", "32", "--native", "64"])
+    by = {r["row"]: r for r in rows}
+    w = 4 * n
+    assert by["full_adamw"]["weights"] >= w and by["full_adamw"]["tracked_peak"] == 5 * by["full_adamw"]["weights"]
+    assert by["full_adamw_ema"]["tracked_peak"] == 6 * by["full_adamw"]["weights"]
+    assert by["full_adamw8bit"]["opt_state"] < by["full_adamw"]["opt_state"] / 3
+    lora = by["lora"]
+    assert lora["trainable"] < n and lora["act_saved"] == 1024 * 16 and lora["act_native"] == 1024 * 64
+    assert lora["peak_native"] - lora["tracked_peak"] == 1024 * (64 - 16)
+    assert "counted" in capsys.readouterr().out

@@ -43,6 +43,13 @@ SDXL_TINY = ["model=sdxl_tiny", "data.batch_size=4", "data.train.resolution=16",
              "trainer.log_every_n_steps=1", "lr_scheduler.warmup_steps=1", "callbacks=none"]
 
 
+# the tiny MMDiT (model=mmdit_tiny) with flow matching, a few steps
+MMDIT_TINY = ["model=mmdit_tiny", "schedule=flow", "sampler=flow_euler", "module.timesteps.kind=logit_normal",
+              "data.batch_size=4", "data.train.resolution=16", "data.train.size=16", "data.val.size=4",
+              "data.val.resolution=16", "trainer.max_steps=3", "trainer.val_check_interval=3",
+              "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+              "trainer.log_every_n_steps=1", "lr_scheduler.warmup_steps=1", "callbacks=none", "++data.latent_cache=null"]
+
 def compose_train(tmp_path: Path, overrides: list[str]):
     register_configs()
     GlobalHydra.instance().clear()

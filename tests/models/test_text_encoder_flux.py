@@ -6,35 +6,15 @@ import pytest
 import torch
 
 from ldm.models.text_encoder_flux import FluxTextEncoder
-from ldm.models.tiny_clip import write_tiny_clip
+from tests.helpers.flux import T5_LENGTH, tiny_flux_text_folder
 
 diffusers = pytest.importorskip("diffusers")
-
-T5_LENGTH = 8
-
-
-def _tiny_flux_text_folder(folder):
-    """tokenizer/ + text_encoder/ (tiny CLIP) and tokenizer_2/ + text_encoder_2/ (a 24-d T5, word-level tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    write_tiny_clip(folder)
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "circle", "blue", "square"]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder / "tokenizer_2")
-    torch.manual_seed(3)
-    T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1,
-                            num_heads=2)).save_pretrained(folder / "text_encoder_2")
-    return folder
-
 
 def test_flux_text_encoder_equals_flux_pipeline_encode_prompt(tmp_path):
     from diffusers import FluxPipeline
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-    folder = _tiny_flux_text_folder(tmp_path / "flux")
+    folder = tiny_flux_text_folder(tmp_path / "flux")
     ours = FluxTextEncoder.from_pretrained(folder, joint_dim=24, t5_length=T5_LENGTH)
     pipe = FluxPipeline(scheduler=None, vae=None, transformer=None,
                         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),

@@ -12,7 +12,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.bundle import ModelBundle
 from ldm.models.flux import Flux
 from ldm.models.text_encoder_flux import FluxTextEncoder
-from tests.models.test_text_encoder_flux import T5_LENGTH, _tiny_flux_text_folder
+from tests.helpers.flux import T5_LENGTH, tiny_flux_text_folder
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -43,7 +43,7 @@ def test_flow_euler_latents_equal_flux_pipeline(tmp_path, scale, steps):
 
     from ldm.pipelines import text_to_image
 
-    folder = _tiny_flux_text_folder(tmp_path / "flux")
+    folder = tiny_flux_text_folder(tmp_path / "flux")
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(**flux_diffusers_config(Flux(**CFG).config)).eval()
     with torch.no_grad():

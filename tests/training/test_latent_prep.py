@@ -2,6 +2,7 @@
 and the VAE weights, and training from it is reproducible; image folders are cached automatically."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -110,9 +111,11 @@ def test_clean_stop_mid_epoch_then_resume_from_the_cache_is_exact(tmp_path):
     assert_same_run(reference, stopped)
 
 
-def test_encode_micro_batches_on_the_cpu_and_encodes_each_caption_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_encode_micro_batches_on_the_cpu_and_encodes_each_caption_once(tmp_path, monkeypatch, threads):
     """Issue 28: the cache build runs the VAE on CPU-sized micro-batches (same rows to fp32 rounding) and the text
-    encoder once per distinct caption (the same contexts bit for bit as one call on the whole batch)."""
+    encoder once per distinct caption (the same contexts bit for bit as one call on the whole batch), the calls one
+    after another or side by side in threads (the same rows bit for bit)."""
     from ldm.models.text_encoder import CLIPTextEncoder
     from ldm.training.run import latent_prep
 
@@ -124,17 +127,27 @@ def test_encode_micro_batches_on_the_cpu_and_encodes_each_caption_once(tmp_path,
     torch.manual_seed(0)
     vae = AutoencoderKL.from_preset("tiny").eval()
     text = CLIPTextEncoder.from_tiny("tiny", folder=tmp_path / "clip").eval().requires_grad_(False)
-    calls = {"vae": [], "text": []}
-    vae_encode, text_forward = vae.encode, text.forward
-    monkeypatch.setattr(vae, "encode", lambda x: calls["vae"].append(len(x)) or vae_encode(x))
-    monkeypatch.setattr(text, "forward", lambda p: calls["text"].append(list(p)) or text_forward(p))
+    calls = {"vae": [], "text": [], "threads": set()}
+    vae_encode, encode_ids, text_forward = vae.encode, text.encode_ids, text.forward
+
+    def record(kind, fn, n):
+        def wrapped(x):
+            calls[kind].append(n(x))
+            calls["threads"].add(threading.get_ident())
+            return fn(x)
+        return wrapped
+
+    monkeypatch.setattr(vae, "encode", record("vae", vae_encode, len))
+    monkeypatch.setattr(text, "encode_ids", record("text", encode_ids, len))
     monkeypatch.setattr(latent_prep, "CPU_ENCODE_PIXELS", 3 * 16 * 16)  # 3 images of 16 px a call
     monkeypatch.setattr(latent_prep, "CPU_TEXT_BATCH", 2)
+    monkeypatch.setattr(latent_prep, "encode_threads", lambda device: threads)
     images = torch.rand(7, 3, 16, 16) * 2 - 1
     captions = ["a cat", "a cat", "a dog", "a cow", "a dog", "a bird", "a cat"]
     rows = latent_prep.make_encode(vae, text, "posterior")(images, captions)
-    assert calls["vae"] == [3, 3, 1]
-    assert calls["text"] == [["a cat", "a dog"], ["a cow", "a bird"]]  # each distinct caption once, 2 a call
+    assert sorted(calls["vae"]) == [1, 3, 3]
+    assert calls["text"] == [2, 2]  # the 4 distinct captions once, 2 a call
+    assert len(calls["threads"]) <= threads and (threads == 1 or threading.get_ident() not in calls["threads"])
     with torch.no_grad():
         whole = vae_encode(images)
         contexts = text_forward(captions)
@@ -143,3 +156,24 @@ def test_encode_micro_batches_on_the_cpu_and_encodes_each_caption_once(tmp_path,
     assert torch.equal(rows["context"], contexts)
     assert torch.equal(rows["context"][0], rows["context"][6])
     assert not torch.equal(rows["context"][0], rows["context"][2])
+    monkeypatch.setattr(latent_prep, "encode_threads", lambda device: 1)
+    one_by_one = latent_prep.make_encode(vae, text, "posterior")(images, captions)
+    assert all(torch.equal(rows[k], one_by_one[k]) for k in rows), "threads change no bit"
+
+
+def test_an_encoder_that_memoises_its_contexts_is_called_by_one_thread(tmp_path, monkeypatch):
+    """A text encoder that memoises contexts (cache_size > 0) is not shared between threads: its calls are one
+    task; the VAE's slices still run beside it."""
+    from ldm.models.text_encoder import CLIPTextEncoder
+    from ldm.training.run import latent_prep
+
+    text = CLIPTextEncoder.from_tiny("tiny", folder=tmp_path / "clip", cache_size=8).eval().requires_grad_(False)
+    seen = []
+    forward = text.forward
+    monkeypatch.setattr(text, "forward", lambda p: seen.append((threading.get_ident(), list(p))) or forward(p))
+    monkeypatch.setattr(latent_prep, "CPU_TEXT_BATCH", 2)
+    tasks, rows = latent_prep.caption_tasks(text, ["a", "b", "a", "c"], torch.device("cpu"))
+    assert len(tasks) == 1 and rows == [0, 1, 0, 2]
+    (contexts,) = latent_prep.run_side_by_side(tasks, 2)
+    assert [p for _, p in seen] == [["a", "b"], ["c"]] and len({t for t, _ in seen}) == 1
+    assert torch.equal(contexts, forward(["a", "b", "c"]))

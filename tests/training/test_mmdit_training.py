@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
-from tests.helpers.training import compose_train
+from tests.helpers.training import MMDIT_TINY, compose_train
 
-MMDIT_TINY = ["model=mmdit_tiny", "schedule=flow", "sampler=flow_euler", "module.timesteps.kind=logit_normal",
-              "data.batch_size=4", "data.train.resolution=16", "data.train.size=16", "data.val.size=4",
-              "data.val.resolution=16", "trainer.max_steps=3", "trainer.val_check_interval=3",
-              "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-              "trainer.log_every_n_steps=1", "lr_scheduler.warmup_steps=1", "callbacks=none", "++data.latent_cache=null"]
 
 
 def test_mmdit_tiny_trains_with_flow_matching_and_samples(tmp_path):

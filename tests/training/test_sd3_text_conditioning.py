@@ -10,9 +10,8 @@ import torch
 from ldm.training.module.text_context import probabilities_of
 from ldm.training.run.latent_prep import encode_captions
 from ldm.training.run.train import build_diffusion_module, train
-from tests.training.test_mmdit_training import MMDIT_TINY
 from tests.helpers.models import randomize
-from tests.helpers.training import compose_train
+from tests.helpers.training import MMDIT_TINY, compose_train
 
 DROPOUT = "module.encoder_dropout={clip_l: 0.2, clip_g: 0.5, t5: 0.8}"
 

@@ -23,7 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,6 +84,7 @@ def text_encoder_is_frozen(text_encoder: torch.nn.Module) -> bool:
 # CPU's caches; so a micro-batch there holds at most CPU_ENCODE_PIXELS pixels. On a GPU the whole loader batch.
 CPU_ENCODE_PIXELS = 8 * 64 * 64
 CPU_TEXT_BATCH = 8  # CLIP ViT-L/14 size on the CPU: 8 prompts ~125 ms each, 1 ~190 ms, 32 ~140 ms
+CPU_ENCODE_THREADS = 8  # at most this many calls of the frozen networks at once (encode_threads)
 
 
 def micro_batch(device: torch.device, pixels: int, batch: int) -> int:
@@ -90,41 +94,93 @@ def micro_batch(device: torch.device, pixels: int, batch: int) -> int:
     return max(1, min(batch, CPU_ENCODE_PIXELS // max(1, pixels)))
 
 
-def encode_captions(text_encoder: torch.nn.Module, captions: list[str], device: torch.device) -> torch.Tensor:
-    """(B, L, D) contexts of ``captions``, each distinct caption encoded once (a random flip caches every image
-    twice with one caption; DreamBooth's rows share theirs). CLIP's rows do not depend on their batch-mates, so
-    this is the batch's contexts as one call gives them (tests/training/test_latent_prep.py checks it bit for bit)."""
+def encode_threads(device: torch.device) -> int:
+    """Threads that run the frozen networks' calls side by side while caching. On the CPU with intra-op threads
+    that leave cores idle (one thread per process, as under OMP_NUM_THREADS=1 or on a big machine) each call is
+    single-core work: the text encoder's and the VAE's calls then run at once, one per free core (each op's math
+    is the same, so are the rows). On a GPU one thread: its kernels queue asynchronously already."""
+    if device.type != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(CPU_ENCODE_THREADS, cores // max(1, torch.get_num_threads())))
+
+
+def run_side_by_side(tasks: list[Callable[[], Any]], threads: int) -> list[Any]:
+    """Each task's result, in order; ``threads`` > 1: run by that many threads at once (torch releases the GIL
+    inside its ops), each with the caller's intra-op thread count and gradients off (both are per thread)."""
+    if threads <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+    intra = torch.get_num_threads()
+
+    def run(task):
+        torch.set_num_threads(intra)
+        with torch.no_grad():
+            return task()
+
+    with ThreadPoolExecutor(min(threads, len(tasks)), thread_name_prefix="ldm-encode") as pool:
+        return list(pool.map(run, tasks))
+
+
+def caption_tasks(text_encoder: torch.nn.Module, captions: list[str], device: torch.device
+                  ) -> tuple[list[Callable[[], torch.Tensor]], list[int]]:
+    """The text encoder's work on a batch's captions as tasks, each distinct caption once (a random flip caches
+    every image twice with one caption; DreamBooth's rows share theirs), ``CPU_TEXT_BATCH`` prompts a task on the
+    CPU; and the row of the concatenated task results for each caption. CLIP's rows do not depend on their
+    batch-mates, so these are the batch's contexts as one call gives them (tests/training/test_latent_prep.py checks
+    it bit for bit). The tokenizer runs here, once, in the calling thread (a fast tokenizer is not to be shared
+    between threads); the tasks only run the network (``encode_ids``). An encoder without that split (or memoising
+    its contexts) is one task: one thread calls it."""
     unique = list(dict.fromkeys(captions))
     step = CPU_TEXT_BATCH if device.type == "cpu" else max(1, len(unique))
-    contexts = torch.cat([text_encoder.cache_rows(text_encoder(unique[s:s + step]))  # SD3's: + the pooled row
-                          for s in range(0, len(unique), step)])
     row = {caption: i for i, caption in enumerate(unique)}
-    return contexts[[row[c] for c in captions]]
+    rows = [row[c] for c in captions]
+    chunks = [unique[s:s + step] for s in range(0, len(unique), step)]
+    split = (callable(getattr(text_encoder, "tokenize", None)) and callable(getattr(text_encoder, "encode_ids", None))
+             and getattr(text_encoder, "max_chunks", 1) == 1 and not getattr(text_encoder, "cache_size", 0))
+    rows_of = text_encoder.cache_rows  # the context as cached rows (SD3's: + the pooled row)
+    if not split:
+        return [lambda: torch.cat([rows_of(text_encoder(chunk)) for chunk in chunks])], rows
+    ids = text_encoder.tokenize(unique)  # (N, L): padded to max_length, each row its own prompt's
+    return [lambda s=s: rows_of(text_encoder.encode_ids(ids[s:s + step])) for s in range(0, len(unique), step)], rows
+
+
+def encode_captions(text_encoder: torch.nn.Module, captions: list[str], device: torch.device) -> torch.Tensor:
+    """The cached context rows of ``captions`` (B, rows, D), as the cache stores them, in one thread."""
+    tasks, rows = caption_tasks(text_encoder, captions, device)
+    return torch.cat(run_side_by_side(tasks, 1))[rows]
 
 
 def make_encode(autoencoder: torch.nn.Module, text_encoder: torch.nn.Module | None, store: str) -> Callable:
     """The encode function the data library calls: a batch of images + captions -> the rows of the cache
-    (the first stage in `micro_batch` slices, each distinct caption through the text encoder once)."""
+    (the first stage in `micro_batch` slices, each distinct caption through the text encoder once; on a CPU with
+    free cores, the slices and the caption chunks run side by side: `encode_threads`)."""
     try:
         param = next(autoencoder.parameters())
         device, dtype = param.device, param.dtype
     except StopIteration:
         device, dtype = torch.device("cpu"), torch.float32
 
+    def first_stage(x: torch.Tensor) -> dict:
+        if store == "posterior":
+            posterior = autoencoder.encode(x)  # the VAE's diagonal Gaussian, unscaled (z ~ q(z|x))
+            return {"mean": posterior.mean, "logvar": posterior.logvar}
+        return {"latents": autoencoder.encode_latents(x, sample=False)}
+
     @torch.no_grad()
     def encode(images: torch.Tensor, captions: list[str], generator=None) -> dict:
         x = images.to(device, dtype)
         step = micro_batch(device, x.shape[-1] * x.shape[-2], len(x))
-        parts = []
-        for s in range(0, len(x), step):
-            if store == "posterior":
-                posterior = autoencoder.encode(x[s:s + step])  # the VAE's diagonal Gaussian, unscaled (z ~ q(z|x))
-                parts.append({"mean": posterior.mean, "logvar": posterior.logvar})
-            else:
-                parts.append({"latents": autoencoder.encode_latents(x[s:s + step], sample=False)})
+        texts, text_rows = caption_tasks(text_encoder, list(captions), device) if text_encoder is not None \
+            else ([], [])
+        slices = [partial(first_stage, x[s:s + step]) for s in range(0, len(x), step)]
+        done = run_side_by_side([*texts, *slices], encode_threads(device))  # the longer text tasks first
+        parts = done[len(texts):]
         rows = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         if text_encoder is not None:
-            rows["context"] = encode_captions(text_encoder, list(captions), device)
+            rows["context"] = torch.cat(done[:len(texts)])[text_rows]
         return rows
 
     return encode
