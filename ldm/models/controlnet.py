@@ -152,6 +152,9 @@ def unet_encoder_state(unet: UNet) -> dict[str, torch.Tensor]:
     return {k: v for k, v in unet.state_dict().items() if k.startswith(COPIED)}
 
 
+SD_HINT_CHANNELS = (16, 32, 96, 256)  # lllyasviel's input_hint_block widths (SD's VAE: factor 8)
+
+
 @dataclass
 class ControlNetTraining:
     """adapter=controlnet (configs/adapter/controlnet.yaml): train a ControlNet on a frozen base. It starts as a copy
@@ -159,14 +162,25 @@ class ControlNetTraining:
     learning rate (None: optim.lr)."""
 
     conditioning_channels: int = 3
-    hint_channels: tuple[int, ...] = (16, 32, 96, 256)
+    hint_channels: tuple[int, ...] | str = "auto"  # auto: SD's widths, one stride-2 step per halving of the VAE
     init_from: str | None = None
     lr: float | None = None
 
     def __post_init__(self):
-        self.hint_channels = tuple(int(c) for c in self.hint_channels)
-        if not self.hint_channels or min(self.hint_channels) < 1 or self.conditioning_channels < 1:
+        if self.hint_channels in (None, "auto"):
+            self.hint_channels = "auto"
+        else:
+            self.hint_channels = tuple(int(c) for c in self.hint_channels)
+        if not self.hint_channels or min(self.hint_widths(8)) < 1 or self.conditioning_channels < 1:
             raise ValueError(f"adapter: conditioning_channels and hint_channels must be positive, got "
-                             f"{self.conditioning_channels}, {list(self.hint_channels)}")
+                             f"{self.conditioning_channels}, {self.hint_channels}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"adapter.lr must be > 0 (or null: optim.lr), got {self.lr}")
+
+    def hint_widths(self, factor: int) -> tuple[int, ...]:
+        """The hint encoder's widths for a VAE that downsamples by ``factor``: the given ones, or (auto) SD's
+        (16, 32, 96, 256) for factor 8, one stride-2 step per halving: (16, 32, 96) for factor 4, 256s beyond."""
+        if self.hint_channels != "auto":
+            return self.hint_channels
+        steps = max(0, int(factor).bit_length() - 1)
+        return (SD_HINT_CHANNELS + (SD_HINT_CHANNELS[-1],) * steps)[:steps + 1]

@@ -71,3 +71,24 @@ def test_the_plain_command_says_and_trains_at_the_chosen_side(tmp_path, mixed):
     result = train(cfg)
     assert result["global_step"] == 2
     assert cfg.data.train.resolution == 64
+
+
+@pytest.mark.parametrize("resolution, model, expected", [
+    (64, [], 16),                 # the shapes model (VAE x4, U-Net x4) at 64 px: 16 px steps, several buckets
+    (64, ["model.unet._target_=some.Net"], 64),  # a network it does not know: SD's 64, as before auto
+    (128, [], 16),                # 128 / 8
+    (512, ["model=sd15"], 64),    # SD at 512 px: kohya's 64
+    (256, ["model=sd15"], 64),    # SD's downsampling (64) is the least step
+])
+def test_bucket_step_auto_follows_the_resolution_and_the_model(tmp_path, mixed, resolution, model, expected):
+    from ldm.data.buckets import BucketSettings, bucket_table
+
+    cfg = cfg_for(tmp_path, mixed, *model, f"data.train.resolution={resolution}", "data.train.buckets.enabled=true",
+                  "model.autoencoder.weights=null")  # as after the first-stage choice: the VAE's preset decides
+    assert cfg.data.train.buckets.step == "auto"
+    line = auto_defaults.choose_bucket_step(cfg)
+    assert cfg.data.train.buckets.step == expected and f"step {expected} px" in line
+    step, low, high = BucketSettings(step=expected).resolved(resolution)
+    assert len(bucket_table(resolution, step, low, high)) > 1 or expected > resolution // 8  # buckets that do something
+    given = cfg_for(tmp_path, mixed, "data.train.resolution=64", "data.train.buckets.step=32")
+    assert auto_defaults.choose_bucket_step(given) is None and given.data.train.buckets.step == 32

@@ -195,7 +195,9 @@ def test_controlnet_needs_pairs(tiny_cfg, base, pairs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no conditioning image for 16"):
         ControlPairsDataset(root=str(pairs[0]), conditioning_root=str(empty))
     with pytest.raises(Exception, match=r"adapter.hint_channels \[16, 32, 96, 256\] downsample by 8 but the VAE by 2"):
-        build_diffusion_module(tiny_cfg(base, "adapter=controlnet"))
+        build_diffusion_module(tiny_cfg(base, "adapter=controlnet", "adapter.hint_channels=[16,32,96,256]"))
+    auto = build_diffusion_module(tiny_cfg(base, "adapter=controlnet"))  # auto: one stride-2 step for factor 2
+    assert list(auto.part.net.config["hint_channels"]) == [16, 32]
     module = build_diffusion_module(tiny_cfg(base, "adapter=controlnet", "adapter.hint_channels=[8,16]"))
     batch = {"caption": ["x"], "image": torch.zeros(1, 3, 16, 16)}
     with pytest.raises(ValueError, match="data=controlnet"):

@@ -23,7 +23,8 @@ The same data configs' other auto values, the first stage and the text encoder, 
 ``data.train.resolution=auto`` (data=folder / hf / webdataset, ``choose_resolution``): the side a run trains at,
 chosen before anything else reads the data:
 
-- With a pretrained model or an adapter: ``PRETRAINED_SIDE`` (256, data=folder's side before ``auto``; the
+- With one of our runs as ``model.pretrained``: the resolution it was trained at.
+- With another pretrained model or an adapter: ``PRETRAINED_SIDE`` (256, data=folder's side before ``auto``; the
   experiments for SD 1.x / SDXL set their own 512 / 1024).
 - From scratch (the small default model, a first stage trained on the images when the shipped one does not fit):
   the median short side of up to ``SAMPLE`` of the images (read from their headers, nothing decoded), rounded down
@@ -81,9 +82,10 @@ def from_scratch(cfg: DictConfig) -> bool:
     return not OmegaConf.select(cfg, "model.pretrained") and not OmegaConf.select(cfg, "adapter")
 
 
-def stored_model_node(cfg: DictConfig, part: str) -> dict | None:
-    """``model.<part>`` as stored in ``model.pretrained`` when that is one of our training checkpoints (the base of
-    a LoRA / textual-inversion run, a run fine-tuned further), else None."""
+def stored_model_config(cfg: DictConfig) -> dict:
+    """The model config stored in ``model.pretrained`` when that is one of our training checkpoints (the base of
+    a LoRA / ControlNet / textual-inversion run, a run fine-tuned further): {"model": ..., "resolution": ...};
+    else {}."""
     from pathlib import Path
 
     from ldm.formats.safe_load import CheckpointError
@@ -91,12 +93,18 @@ def stored_model_node(cfg: DictConfig, part: str) -> dict | None:
 
     path = OmegaConf.select(cfg, "model.pretrained")
     if not path or not Path(str(path)).expanduser().is_file():
-        return None
+        return {}
     try:
         stored = read_checkpoint(Path(str(path)).expanduser())["ldm"]
     except (CheckpointError, FileNotFoundError):
-        return None  # an SD single file, an export: its own loader checks it when the model is built
-    node = ((stored.get("model") or {}).get("model") or {}).get(part) if isinstance(stored, dict) else None
+        return {}  # an SD single file, an export: its own loader checks it when the model is built
+    model = stored.get("model") if isinstance(stored, dict) else None
+    return model if isinstance(model, dict) else {}
+
+
+def stored_model_node(cfg: DictConfig, part: str) -> dict | None:
+    """``model.<part>`` as stored in ``model.pretrained`` when that is one of our training checkpoints, else None."""
+    node = (stored_model_config(cfg).get("model") or {}).get(part)
     return node if isinstance(node, dict) else None
 
 
@@ -202,7 +210,10 @@ def choose_resolution(cfg: DictConfig, sides: Callable[[DictConfig], list[int]] 
     the line that says what was chosen and why (None: nothing was auto). ``sides`` / ``cuda``: tests stand in."""
     if OmegaConf.select(cfg, "data.train.resolution", default=None) != AUTO:
         return None
-    if not from_scratch(cfg):
+    stored = stored_model_config(cfg).get("resolution")
+    if isinstance(stored, int) and not isinstance(stored, bool) and MIN_SIDE // 4 <= stored <= 8192:
+        side, why = stored, "the resolution model.pretrained, a run of ours, was trained at"
+    elif not from_scratch(cfg):
         side, why = PRETRAINED_SIDE, "a pretrained model or an adapter"
     else:
         multiple, cap = downsampling(cfg), (GPU_CAP if cuda(cfg) else CPU_CAP)
@@ -217,3 +228,26 @@ def choose_resolution(cfg: DictConfig, sides: Callable[[DictConfig], list[int]] 
         if OmegaConf.select(cfg, "data.val.resolution", default=None) == AUTO:
             OmegaConf.update(cfg, "data.val.resolution", side)
     return f"resolution: {side} px ({why}; data.train.resolution=N sets it: ~4x the time per doubling)"
+
+
+def choose_bucket_step(cfg: DictConfig) -> str | None:
+    """``data.train.buckets.step=auto`` -> resolution / 8 px, at most 64 (kohya's step at SD's 512 px), rounded down
+    to the model's downsampling and at least that: at 64 px on the shapes model 16 px (a 64 px step there leaves one
+    square bucket: buckets that do nothing). Returns the line that says it when buckets are on (None otherwise)."""
+    step = OmegaConf.select(cfg, "data.train.buckets.step", default=None)
+    resolution = OmegaConf.select(cfg, "data.train.resolution", default=None)
+    if step != AUTO or not isinstance(resolution, int):
+        return None
+    from ldm.training.run.config_checks import autoencoder_downsampling, unet_downsampling
+
+    model = OmegaConf.to_container(cfg.model, resolve=False)
+    unet, ae = unet_downsampling(model.get("unet") or {}), autoencoder_downsampling(model.get("autoencoder") or {})
+    multiple = unet * ae if unet and ae else 64  # networks this does not know: SD's step, as before auto
+    chosen = max(multiple, min(64, resolution // 8) // multiple * multiple)
+    with open_dict(cfg):
+        OmegaConf.update(cfg, "data.train.buckets.step", chosen)
+    if not OmegaConf.select(cfg, "data.train.buckets.enabled", default=False):
+        return None
+    return (f"buckets: step {chosen} px (resolution {resolution} / 8, at most 64, a multiple of the model's "
+            f"{multiple}; data.train.buckets.step=N sets it)")
+

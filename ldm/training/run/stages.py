@@ -169,14 +169,13 @@ class DiffusionStage:
         or a first stage trained first when it fails the VAE check), model.text_encoder.words / frozen, then
         data.batch_size / trainer.max_steps / sampling cadence; model.text_encoder.words = captions -> the
         captions' words."""
-        from ldm.training.run.auto_defaults import resolve_auto
-        from ldm.training.run.auto_defaults import choose_resolution
+        from ldm.training.run.auto_defaults import choose_bucket_step, choose_resolution, resolve_auto
         from ldm.training.run.caption_vocab import choose_text_encoder, resolve_caption_vocab
         from ldm.training.run.first_stage import choose_first_stage
 
         with _quiet_data():  # the run reads the data again when it starts and says what is wrong with it then
             lines = [_reading_data(lambda: choose_resolution(cfg)), _reading_data(lambda: choose_first_stage(cfg)),
-                     _reading_data(lambda: choose_text_encoder(cfg))]
+                     choose_bucket_step(cfg), _reading_data(lambda: choose_text_encoder(cfg))]  # step: knows the VAE
             _reading_data(lambda: resolve_auto(cfg, say=lines.append))
             _named(lambda: resolve_caption_vocab(cfg))
         say_choices([line for line in lines if line])
@@ -221,10 +220,11 @@ class AutoencoderStage:
 
     def resolve_config(self, cfg: DictConfig) -> None:
         """Only the resolution can be auto here (data=folder / hf / webdataset under a first-stage experiment)."""
-        from ldm.training.run.auto_defaults import choose_resolution
+        from ldm.training.run.auto_defaults import choose_bucket_step, choose_resolution
 
         with _quiet_data():
-            say_choices([line for line in [_reading_data(lambda: choose_resolution(cfg))] if line])
+            lines = [_reading_data(lambda: choose_resolution(cfg)), choose_bucket_step(cfg)]
+            say_choices([line for line in lines if line])
 
     def build_module(self, cfg: DictConfig) -> L.LightningModule:
         return build_autoencoder_module(cfg)

@@ -29,19 +29,19 @@ class ControlNetPart:
     def __init__(self, networks: Networks, config: ControlNetTraining, ema_decay: float | None):
         self.networks, self.config = networks, config
         networks.unet.requires_grad_(False)  # frozen, left in train mode like LoRA's base (checkpointing needs it)
-        self.net = self._initial(networks.unet, config)
         factor = networks.autoencoder.downsample_factor
+        self.net = self._initial(networks.unet, config, config.hint_widths(factor))
         if self.net.hint_factor != factor:  # the hint encoder must bring the image to the latent grid
             raise ValueError(f"adapter.hint_channels {list(self.net.config['hint_channels'])} downsample by "
                              f"{self.net.hint_factor} but the VAE by {factor}: give {int(math.log2(factor)) + 1} "
-                             "widths (SD: [16, 32, 96, 256])")
+                             "widths (SD: [16, 32, 96, 256]), or adapter.hint_channels=auto")
         self.ema = EMA(self.net, ema_decay) if ema_decay else None
 
     @staticmethod
-    def _initial(unet: nn.Module, config: ControlNetTraining) -> ControlNet:
+    def _initial(unet: nn.Module, config: ControlNetTraining, hint_channels: tuple[int, ...]) -> ControlNet:
         if config.init_from is None:  # the paper's initialisation: a copy of the U-Net's encoder, zero convs
             return ControlNet.from_unet(unet, conditioning_channels=config.conditioning_channels,
-                                        hint_channels=config.hint_channels)
+                                        hint_channels=hint_channels)
         from ldm.formats.controlnet_file import read_controlnet
 
         net = read_controlnet(config.init_from, unet.config)
@@ -85,7 +85,8 @@ class ControlNetPart:
 
     def checkpoint_entries(self, checkpoint: dict[str, Any]) -> None:
         state_with_prefixes(checkpoint, PREFIXES)  # the ControlNet (and its EMA), not the frozen base
-        checkpoint["ldm"]["controlnet"] = {**asdict(self.config), "hint_channels": list(self.config.hint_channels)}
+        hint = list(self.net.config["hint_channels"])  # the widths built (auto resolved)
+        checkpoint["ldm"]["controlnet"] = {**asdict(self.config), "hint_channels": hint}
 
     def check_loaded(self, checkpoint: dict[str, Any], expected: list[str]) -> None:
         check_has_keys(checkpoint, expected, PREFIXES)
