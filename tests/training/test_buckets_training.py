@@ -129,3 +129,16 @@ def test_two_process_ddp_ranks_split_the_bucket_batches(tiny_cfg, mixed, tmp_pat
     assert sorted(seen[0] + seen[1]) == list(range(15))  # disjoint, and the whole epoch
     a, b = (torch.load(tmp_path / f"unet{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_mmdit_trains_with_flow_matching_on_buckets(mixed, tmp_path):
+    """SD3's denoiser on latents of several shapes: the cropped positional embedding takes each bucket's grid."""
+    from tests.helpers.training import CKPT, MMDIT_TINY, compose_train
+
+    shapes_only = ("data.train.size", "data.val.size", "data.val.resolution")
+    overrides = [o for o in MMDIT_TINY if not o.startswith(shapes_only)] + CKPT
+    result = train(compose_train(tmp_path, overrides + BUCKETS + [f"data.train.root={mixed}", "data.train.buckets.step=8",
+                                                                 f"++data.latent_cache={tmp_path / 'cache'}"]))
+    ckpt = torch.load(result["last_checkpoint"], weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert sorted(map(tuple, ckpt["ldm"]["model"]["buckets"]["buckets"])) == [(8, 24), (16, 16), (24, 8)]
