@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 from ldm.formats.safe_load import CheckpointError, load_state_dict
+from ldm.formats.sharded_checkpoint import is_sharded_checkpoint
 from ldm.formats.single_file import UNET_PREFIX as SD_UNET_PREFIX
 
 SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffusers", "hub")
@@ -38,8 +39,10 @@ def detect_source(source) -> str:
             return "ldm_bundle"
         if (path / "model_index.json").is_file() or ((path / "unet").is_dir() and (path / "vae").is_dir()):
             return "diffusers"
-        raise ValueError(f"{path}: folder is not a model: expected ldm_bundle.json (ldm export) or "
-                         "model_index.json / unet/ + vae/ (diffusers)")
+        if is_sharded_checkpoint(path):  # trainer=fsdp2's checkpoint folder
+            return "training_checkpoint"
+        raise ValueError(f"{path}: folder is not a model: expected ldm_bundle.json (ldm export), "
+                         "model_index.json / unet/ + vae/ (diffusers) or .metadata + meta.pt (a sharded checkpoint)")
     suffix = path.suffix.lower()
     if suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"{path}: unknown model file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}, "
