@@ -9,6 +9,8 @@ measured: 3.8e-8 U-Net, 2.7e-8 EMA, losses equal), the losses to 1e-5. A run sto
 checkpoint folder and from the full (one file) checkpoint, ends bit for bit as the uninterrupted run; the folder
 exports with `python -m ldm.export` (read by ldm.formats.sharded_checkpoint)."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +39,23 @@ def train(run: Path, *args: str, steps: int = 4) -> Path:
            "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints", "+callbacks.checkpoint.save_last=true",
            "+callbacks.checkpoint.every_n_train_steps=1", "+logger.csv.flush_logs_every_n_steps=1",
            f"hydra.run.dir={run / 'hydra'}", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = bounded(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return run
+
+
+def bounded(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (and the rank it starts) in its own process group, killed whole after TIMEOUT s: a hang (a
+    collective one rank never joins) fails the test instead of blocking it."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:3])}... hung for {TIMEOUT} s:\n{out[-2000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def trained(run: Path) -> dict[str, torch.Tensor]:
@@ -83,8 +99,7 @@ def test_fsdp2_full_finetune_matches_ddp_resumes_and_exports(tmp_path):
     assert assert_close_runs(full_resumed, sharded, 0.0) == 0.0
 
     out = tmp_path / "exported"
-    proc = subprocess.run([sys.executable, "-m", "ldm.export", str(last), "--format", "ldm", "--out", str(out)],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = bounded([sys.executable, "-m", "ldm.export", str(last), "--format", "ldm", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     from ldm.formats.load import load_bundle
 
@@ -94,13 +109,18 @@ def test_fsdp2_full_finetune_matches_ddp_resumes_and_exports(tmp_path):
     assert all(torch.equal(unet[k], ema[k]) for k in ema), "the export holds the EMA weights of the sharded run"
 
 
-def test_fsdp2_lora_matches_ddp_and_resumes(tmp_path, base):
-    lora = [base, "adapter=lora", "adapter.preset=full", "adapter.rank=2", "optim.lr=1e-2"]
+def test_fsdp2_lora_matches_ddp_resumes_and_samples(tmp_path, base):
+    """adapter=lora, with a sample grid every 2 steps (under FSDP2 every rank samples in lockstep: the sharded
+    U-Net's forward is a collective; rank 0 writes the grid)."""
+    lora = [base, "adapter=lora", "adapter.preset=full", "adapter.rank=2", "optim.lr=1e-2", "sampler.steps=2",
+            "+callbacks.sampling._target_=ldm.training.callbacks.sampling.SamplingCallback",
+            "+callbacks.sampling.every_n_steps=2", "+callbacks.sampling.n_prompts=2"]
     ddp = train(tmp_path / "ddp", *DDP, *lora)
     sharded = train(tmp_path / "fsdp2", *FSDP2, *lora)
     weights = trained(sharded)
     assert weights and all(k.startswith(("lora.", "ema.")) for k in weights), "an adapter run saves the adapter"
     assert_close_runs(sharded, ddp, WEIGHTS_TOL)
+    assert sorted(p.name for p in (sharded / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
     resumed = stopped_and_resumed(tmp_path / "resumed", *FSDP2, *lora)
     assert assert_close_runs(resumed, sharded, 0.0) == 0.0
     from safetensors.torch import load_file  # the adapter file rank 0 wrote from the gathered weights

@@ -10,7 +10,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.pipelines.images import labelled_grid, to_pil
 from ldm.pipelines.prompt_file import PromptFileError, check_sizes, read_prompt_file, sampler_for, settings_label
@@ -93,6 +92,15 @@ def generate_at_sizes(pl_module, prompts: list[str], sizes: list[tuple[int, int]
         for i, image in zip(chosen, images):
             out[i] = image
     return out
+
+
+def runs_the_model(trainer: L.Trainer, pl_module) -> bool:
+    """Whether this rank runs the model for what rank 0 alone reports (sample grids, evaluations): rank 0; under
+    trainer=fsdp2 every rank, in lockstep (the sharded weights are all-gathered block by block, a collective that
+    every rank must join; rank 0 alone would wait forever), rank 0 alone keeping the result."""
+    from ldm.training.module.sharding import is_sharded
+
+    return trainer.is_global_zero or is_sharded(pl_module)
 
 
 def training_source(trainer: L.Trainer):
@@ -247,13 +255,17 @@ class SamplingCallback(ResultCallback):
             labels = [t.format(caption) for caption in self.prompts for t in names]
         return pils, labels, images
 
-    @rank_zero_only
-    def sample_grid(self, trainer, pl_module) -> Path:
+    def sample_grid(self, trainer, pl_module) -> Path | None:
+        """Rank 0 samples the grid and writes it (under trainer=fsdp2 every rank samples it, see runs_the_model)."""
+        if not runs_the_model(trainer, pl_module):
+            return None
         if self.prompts is None:  # sampling before fit (a test, a script)
             self.on_fit_start(trainer, pl_module)
         step = trainer.global_step
         self._last_step = step
         pils, labels, images = self.sample_images(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return None
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         per_prompt = len(pils) // len(images)  # 1, 2 (real beside) or 3 (control | sample | real)

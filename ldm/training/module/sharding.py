@@ -7,10 +7,12 @@ What is sharded over the data-parallel mesh:
   FSDP unit, all-gathered just before it runs and freed after;
 - the denoiser with the trained part's own modules that act inside its forward (an adapter network's forward hooks
   read its weights; a ControlNet runs beside it) form one more unit, the root: all-gathered when the denoiser's
-  forward starts (FSDP2's grouped ``fully_shard([...])``), its gradients reduce-scattered after the backward;
+  forward starts, its gradients reduce-scattered after the backward;
 - an EMA copy is sharded the same way (its blocks, then its root), so each rank averages its own shards.
 
-The frozen autoencoder and text encoder stay whole on every rank. A trained parameter outside these units (a text
+The frozen autoencoder and text encoder stay whole on every rank. A forward of the sharded denoiser is a collective:
+what rank 0 alone used to run (sample grids, the shapes task's prompt accuracy) runs on every rank in lockstep
+(``ldm.training.callbacks.sampling.runs_the_model``), and the run's files are written from ``whole_weights``. A trained parameter outside these units (a text
 encoder that learns: ``module.train_text_encoder``, ``adapter.text_encoder``, textual inversion) would not be
 reduced across ranks: refused, naming it."""
 
@@ -46,9 +48,16 @@ def shard_module(module: nn.Module, mesh) -> None:
             if isinstance(sub, blocks):
                 fully_shard(sub, mesh=dp)
     _shard_with(module.unet, beside, dp)
-    for average in averages:
-        fully_shard(average, mesh=dp)
+    for average in averages:  # sharded again after a forward (sampling), as the trained weights it averages are
+        fully_shard(average, mesh=dp, reshard_after_forward=True)
     _refuse_unsharded_training(module)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 shards some of ``module`` (trainer=fsdp2): its forward is then a collective of every rank."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def _shard_with(root: nn.Module, beside: list[nn.Module], mesh) -> None:
@@ -61,7 +70,9 @@ def _shard_with(root: nn.Module, beside: list[nn.Module], mesh) -> None:
 
     root.add_module("_sharded_with_it", nn.ModuleList(beside))
     try:
-        fully_shard(root, mesh=mesh)
+        # resharded after every forward, a root too (FSDP2 keeps a root whole until the backward by default: after a
+        # sampling forward, with no backward, it would stay whole beside its sharded EMA)
+        fully_shard(root, mesh=mesh, reshard_after_forward=True)
     finally:
         del root._modules["_sharded_with_it"]
 
