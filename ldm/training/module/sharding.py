@@ -5,16 +5,17 @@
 What is sharded over the data-parallel mesh:
 - every block of the denoiser (``denoiser_blocks``: U-Net res/transformer blocks, MMDiT joint blocks) is its own
   FSDP unit, all-gathered just before it runs and freed after;
-- the denoiser with the trained part's own modules that act inside its forward (an adapter network's forward hooks
-  read its weights; a ControlNet runs beside it) form one more unit, the root: all-gathered when the denoiser's
-  forward starts, its gradients reduce-scattered after the backward;
-- an EMA copy is sharded the same way (its blocks, then its root), so each rank averages its own shards.
+- the denoiser with the trained part's modules that act inside its forward (an adapter network and its EMA copy:
+  forward hooks read their weights) form one more unit, the root: all-gathered when the denoiser's forward starts,
+  its gradients reduce-scattered after the backward;
+- a trained module with a forward of its own (a ControlNet, an EMA copy of the U-Net) is sharded the same way (its
+  blocks, then itself), so each rank averages its own shards of an EMA.
 
 The frozen autoencoder and text encoder stay whole on every rank. A forward of the sharded denoiser is a collective:
 what rank 0 alone used to run (sample grids, the shapes task's prompt accuracy) runs on every rank in lockstep
-(``ldm.training.callbacks.sampling.runs_the_model``), and the run's files are written from ``whole_weights``. A trained parameter outside these units (a text
-encoder that learns: ``module.train_text_encoder``, ``adapter.text_encoder``, textual inversion) would not be
-reduced across ranks: refused, naming it."""
+(``ldm.training.callbacks.sampling.runs_the_model``), and the run's files are written from ``whole_weights``. A
+text encoder that learns (``module.train_text_encoder``, ``adapter.text_encoder``, textual inversion) is refused: its
+gradients would not be reduced over the ranks; so is any trained parameter left outside the units."""
 
 from __future__ import annotations
 
@@ -39,18 +40,29 @@ def shard_module(module: nn.Module, mesh) -> None:
         return
     from ldm.training.build.strategies import denoiser_blocks
 
+    if module.part.text_encoder_learns:
+        raise ValueError("trainer=fsdp2 shards the denoiser and its adapters, not the text encoder, which this run "
+                         "trains (module.train_text_encoder, adapter.text_encoder or textual inversion): use "
+                         "trainer=ddp, or train the denoiser only")
     dp, blocks = mesh["data_parallel"], tuple(denoiser_blocks())
-    parts = module.part.modules()
-    averages = [m.model for m in parts.values() if isinstance(m, EMA)]
-    beside = [m for m in parts.values() if not isinstance(m, EMA) and any(True for _ in m.parameters())]
-    for tree in (module.unet, *averages):
+    averaged = [m.model if isinstance(m, EMA) else m for m in module.part.modules().values()]
+    own_units = [m for m in averaged if _runs_its_forward(m)]  # a ControlNet, an EMA copy of the U-Net
+    in_denoiser = [m for m in averaged if not _runs_its_forward(m) and any(True for _ in m.parameters())]
+    for tree in (module.unet, *own_units):
         for sub in tree.modules():
             if isinstance(sub, blocks):
                 fully_shard(sub, mesh=dp)
-    _shard_with(module.unet, beside, dp)
-    for average in averages:  # sharded again after a forward (sampling), as the trained weights it averages are
-        fully_shard(average, mesh=dp, reshard_after_forward=True)
+    _shard_with(module.unet, in_denoiser, dp)
+    for unit in own_units:  # sharded again after a forward (sampling), as the trained weights beside it are
+        fully_shard(unit, mesh=dp, reshard_after_forward=True)
     _refuse_unsharded_training(module)
+
+
+def _runs_its_forward(module: nn.Module) -> bool:
+    """A module with a forward of its own is called (a ControlNet, an EMA copy of the U-Net sampled with): its own
+    FSDP unit. One without (an adapter network, or its EMA copy: forward hooks on the U-Net's layers read its
+    weights, ``LoRANetwork.weights_of``) joins the U-Net's unit, gathered whenever the U-Net runs."""
+    return type(module).forward is not nn.Module.forward
 
 
 def is_sharded(module: nn.Module) -> bool:
