@@ -97,7 +97,8 @@ def test_fsdp2_builds_lightnings_model_parallel_strategy_on_the_cpu(tmp_path):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from ldm.models.mmdit import JointBlock
-    from ldm.training.build.strategies import ShardedDataParallel, denoiser_blocks, unet_block_wrap_policy
+    from ldm.training.build.strategies import ShardedDataParallel, unet_block_wrap_policy
+    from ldm.training.module.sharded.fsdp2 import denoiser_blocks
 
     assert unet_block_wrap_policy() < denoiser_blocks() and JointBlock in denoiser_blocks()
     cfg = compose_train(tmp_path, ["trainer=fsdp2", *CPU])

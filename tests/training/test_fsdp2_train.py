@@ -1,6 +1,6 @@
 """`python train.py trainer=fsdp2` on 2 CPU ranks (gloo): FSDP2 through Lightning's ModelParallelStrategy
 (ldm.training.build.strategies.ShardedDataParallel; the module shards itself in configure_model,
-ldm/training/module/sharding.py), full fine-tuning with its EMA and adapter=lora.
+ldm/training/module/sharded/fsdp2.py), full fine-tuning with its EMA and adapter=lora.
 
 Checked against `+trainer.strategy=ddp` on the same 2 ranks: each rank draws the same noise, timesteps and samples
 under both strategies, so DDP (replicated weights, all-reduced gradients) is the data-parallel reference run;

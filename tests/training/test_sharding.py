@@ -1,4 +1,4 @@
-"""What `trainer=fsdp2` shards (ldm/training/module/sharding.py), on one gloo rank in this process (fast; the
+"""What `trainer=fsdp2` shards (ldm/training/module/sharded/fsdp2.py), on one gloo rank in this process (fast; the
 2-rank train.py runs are tests/training/test_fsdp2_train.py, slow): the U-Net's blocks and the U-Net are FSDP2
 units, an adapter and its EMA copy (read by hooks) are in the U-Net's unit, the frozen VAE and text encoder are
 left whole; a learning text encoder is refused; a module with no mesh (any other strategy) is left alone."""
@@ -28,7 +28,7 @@ def test_the_denoiser_and_its_adapter_are_sharded_the_frozen_networks_not(tiny_c
     from torch.distributed.tensor import DTensor
 
     from ldm.models.unet import BasicTransformerBlock, ResBlock
-    from ldm.training.module.sharding import is_sharded, shard_module
+    from ldm.training.module.sharded.fsdp2 import is_sharded, shard_module
 
     module = build_diffusion_module(tiny_cfg("adapter=lora", "module.ema_decay=0.9"))
     shard_module(module, None)  # no mesh: DDP, one device
@@ -49,7 +49,7 @@ def test_the_denoiser_and_its_adapter_are_sharded_the_frozen_networks_not(tiny_c
 def test_a_whole_unet_ema_is_its_own_unit(tiny_cfg, mesh):
     from torch.distributed.fsdp import FSDPModule
 
-    from ldm.training.module.sharding import shard_module, whole_weights
+    from ldm.training.module.sharded.fsdp2 import shard_module, whole_weights
 
     module = build_diffusion_module(tiny_cfg("module.ema_decay=0.9"))
     shard_module(module, mesh)
@@ -59,7 +59,7 @@ def test_a_whole_unet_ema_is_its_own_unit(tiny_cfg, mesh):
 
 
 def test_a_learning_text_encoder_is_refused(tiny_cfg, mesh):
-    from ldm.training.module.sharding import shard_module
+    from ldm.training.module.sharded.fsdp2 import shard_module
 
     module = build_diffusion_module(tiny_cfg("adapter=lora", "adapter.text_encoder=true"))
     with pytest.raises(ValueError, match="adapter.text_encoder.*trainer=ddp"):

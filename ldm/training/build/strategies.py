@@ -10,25 +10,16 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 def unet_block_wrap_policy() -> set[type]:
     """FSDP auto-wrap policy: shard at the U-Net's residual and transformer blocks (Lightning accepts a set of
-    module classes as the policy)."""
-    from ldm.models.unet import BasicTransformerBlock, ResBlock
+    module classes as the policy); trainer=fsdp2 shards at the same blocks (``ldm.training.module.sharded.fsdp2``)."""
+    from ldm.training.module.sharded.fsdp2 import unet_blocks
 
-    return {ResBlock, BasicTransformerBlock}
-
-
-def denoiser_blocks() -> set[type]:
-    """The blocks `trainer=fsdp2` shards each on its own: the U-Net's (as `trainer=fsdp`'s policy), the MMDiT's joint
-    blocks and Flux's single-stream blocks."""
-    from ldm.models.flux import SingleStreamBlock
-    from ldm.models.mmdit import JointBlock
-
-    return unet_block_wrap_policy() | {JointBlock, SingleStreamBlock}
+    return unet_blocks()
 
 
 class ShardedDataParallel(ModelParallelStrategy):
     """FSDP2 (torch's ``fully_shard``) data parallelism through Lightning's ``ModelParallelStrategy``: one
     data-parallel mesh over every rank (``data_parallel_size`` = world size, no tensor parallelism); the module
-    shards itself in ``configure_model`` (``ldm.training.module.sharding``). Unlike ``FSDPStrategy`` it runs on CPU
+    shards itself in ``configure_model`` (``ldm.training.module.sharded.fsdp2``). Unlike ``FSDPStrategy`` it runs on CPU
     ranks (gloo) as well as on GPUs.
 
     ``save_distributed_checkpoint=True``: a checkpoint is a folder (one file of shards per rank + ``meta.pt``),
@@ -48,7 +39,7 @@ class ShardedDataParallel(ModelParallelStrategy):
             return  # weights that diverged (CheckpointGate): the previous checkpoint stays the last
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from ldm.training.module.sharding import replace_folder
+        from ldm.training.build.sharded_checkpoint_io import replace_folder
 
         path = Path(self.broadcast(filepath))
         tmp = path.with_name(f".{path.name}.tmp")
@@ -59,7 +50,7 @@ class ShardedDataParallel(ModelParallelStrategy):
         self.barrier("sharded checkpoint in place")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        from ldm.training.module.sharding import load_sharded_checkpoint
+        from ldm.training.build.sharded_checkpoint_io import load_sharded_checkpoint
 
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():

@@ -98,7 +98,7 @@ def runs_the_model(trainer: L.Trainer, pl_module) -> bool:
     """Whether this rank runs the model for what rank 0 alone reports (sample grids, evaluations): rank 0; under
     trainer=fsdp2 every rank, in lockstep (the sharded weights are all-gathered block by block, a collective that
     every rank must join; rank 0 alone would wait forever), rank 0 alone keeping the result."""
-    from ldm.training.module.sharding import is_sharded
+    from ldm.training.module.sharded.fsdp2 import is_sharded
 
     return trainer.is_global_zero or is_sharded(pl_module)
 

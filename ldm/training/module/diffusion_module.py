@@ -42,7 +42,7 @@ from ldm.training.module.ema import holds_average
 from ldm.training.module.guarded_update import GuardedUpdate
 from ldm.training.module.micro_conditioning import is_dual_text, training_conditioning
 from ldm.training.module.optimizer_mode import NO_MODES, optimizer_modes, restore_train_weights
-from ldm.training.module.sharding import shard_module, whole_weights
+from ldm.training.module.sharded.fsdp2 import shard_module, whole_weights
 from ldm.training.module.text_context import EncoderDropout, cached_context
 from ldm.training.module.trained import Networks, RunEnd, freeze, trained_part
 from ldm.training.module.unet_compile import UNetCompile

@@ -19,12 +19,9 @@ gradients would not be reduced over the ranks; so is any trained parameter left 
 
 from __future__ import annotations
 
-import shutil
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-import torch
 from torch import nn
 
 from ldm.training.module.ema import EMA
@@ -38,8 +35,6 @@ def shard_module(module: nn.Module, mesh) -> None:
 
     if mesh is None or isinstance(module.unet, FSDPModule):
         return
-    from ldm.training.build.strategies import denoiser_blocks
-
     if module.part.text_encoder_learns:
         raise ValueError("trainer=fsdp2 shards the denoiser and its adapters, not the text encoder, which this run "
                          "trains (module.train_text_encoder, adapter.text_encoder or textual inversion): use "
@@ -56,6 +51,22 @@ def shard_module(module: nn.Module, mesh) -> None:
     for unit in own_units:  # sharded again after a forward (sampling), as the trained weights beside it are
         fully_shard(unit, mesh=dp, reshard_after_forward=True)
     _refuse_unsharded_training(module)
+
+
+def unet_blocks() -> set[type]:
+    """The U-Net's residual and transformer blocks: each its own FSDP unit (trainer=fsdp's auto-wrap policy too)."""
+    from ldm.models.unet import BasicTransformerBlock, ResBlock
+
+    return {ResBlock, BasicTransformerBlock}
+
+
+def denoiser_blocks() -> set[type]:
+    """The blocks trainer=fsdp2 shards each on its own: the U-Net's, the MMDiT's joint blocks (Flux's double-stream
+    blocks too) and Flux's single-stream blocks."""
+    from ldm.models.flux import SingleStreamBlock
+    from ldm.models.mmdit import JointBlock
+
+    return unet_blocks() | {JointBlock, SingleStreamBlock}
 
 
 def _runs_its_forward(module: nn.Module) -> bool:
@@ -98,46 +109,6 @@ def _refuse_unsharded_training(module: nn.Module) -> None:
         raise ValueError(f"trainer=fsdp2 shards the denoiser and its adapters, but {len(outside)} trained "
                          f"parameters lie outside them (e.g. {', '.join(outside[:3])}): train the text encoder "
                          "(module.train_text_encoder, adapter.text_encoder, textual inversion) with trainer=ddp")
-
-
-def replace_folder(new: Path, path: Path) -> None:
-    """Put the folder ``new`` at ``path`` (a sharded checkpoint): the old one, if any, is moved aside first and
-    deleted after, so that ``path`` is at every moment either the old or the new whole checkpoint, or absent with
-    the old one at ``.<name>.old`` (a kill in between: ``ckpt_path`` an earlier step)."""
-    old = path.with_name(f".{path.name}.old")
-    if path.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    elif path.exists():
-        path.unlink()
-    new.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_sharded_checkpoint(path: Path, model: nn.Module, optimizers: list, strict: bool) -> dict[str, Any]:
-    """Resume from a sharded checkpoint folder: each rank reads its shards of the weights and optimizer state into
-    the sharded module (torch.distributed.checkpoint); a part that saves only itself (an adapter run:
-    ``strict_loading`` False) loads the keys the checkpoint holds and keeps the rest as built (the base from
-    model.pretrained). Returns Lightning's checkpoint dict (``meta.pt``, read with weights_only=True) with the
-    loaded ``state_dict`` entries, for ``on_load_checkpoint``'s checks."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_optimizer_state_dict)
-
-    stored = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    planner = DefaultLoadPlanner(allow_partial_load=not strict)
-    state = {"state_dict": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=path, planner=planner)
-    loaded = {k: v for k, v in state["state_dict"].items() if f"state_dict.{k}" in stored}
-    model.load_state_dict(loaded, strict=strict)
-    for i, optimizer in enumerate(optimizers):
-        optim = {f"optimizer_{i}": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(optim, checkpoint_id=path, planner=planner)
-        set_optimizer_state_dict(model, optimizer, optim[f"optimizer_{i}"], options=StateDictOptions(cpu_offload=True))
-    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-    checkpoint["state_dict"] = loaded
-    return checkpoint
 
 
 @contextmanager
