@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.pipelines.images import labelled_grid, to_pil
 from ldm.pipelines.prompt_file import PromptFileError, check_sizes, read_prompt_file, sampler_for, settings_label
@@ -100,7 +101,7 @@ def runs_the_model(trainer: L.Trainer, pl_module) -> bool:
     every rank must join; rank 0 alone would wait forever), rank 0 alone keeping the result."""
     from ldm.training.module.sharded.fsdp2 import is_sharded
 
-    return trainer.is_global_zero or is_sharded(pl_module)
+    return rank_zero_only.rank == 0 or is_sharded(pl_module)
 
 
 def training_source(trainer: L.Trainer):
@@ -264,7 +265,7 @@ class SamplingCallback(ResultCallback):
         step = trainer.global_step
         self._last_step = step
         pils, labels, images = self.sample_images(trainer, pl_module)
-        if not trainer.is_global_zero:
+        if rank_zero_only.rank != 0:
             return None
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
