@@ -64,3 +64,19 @@ def test_a_learning_text_encoder_is_refused(tiny_cfg, mesh):
     module = build_diffusion_module(tiny_cfg("adapter=lora", "adapter.text_encoder=true"))
     with pytest.raises(ValueError, match="adapter.text_encoder.*trainer=ddp"):
         shard_module(module, mesh)
+
+
+def test_a_sharded_checkpoint_folder_is_replaced_whole_and_a_killed_save_removed(tmp_path):
+    from ldm.training.build.sharded_checkpoint_io import replace_folder
+    from ldm.training.run.resume import AtomicCheckpointIO
+
+    last, new = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.tmp"
+    for folder, text in ((last, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "__0_0.distcp").write_text(text)
+    replace_folder(new, last)
+    assert (last / "__0_0.distcp").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    killed = tmp_path / ".step-4.ckpt.tmp"  # a save killed before every rank wrote: removed at the next start
+    killed.mkdir()
+    (killed / "__1_0.distcp").write_text("partial")
+    assert AtomicCheckpointIO.remove_stale(tmp_path) == [killed] and not killed.exists() and last.is_dir()
