@@ -106,9 +106,9 @@ def _refuse_unsharded_training(module: nn.Module) -> None:
     names = {id(p): n for n, p in module.named_parameters()}
     outside = [names.get(id(p), "?") for p in module.part.parameters() if not isinstance(p, DTensor)]
     if outside:
-        raise ValueError(f"trainer=fsdp2 shards the denoiser and its adapters, but {len(outside)} trained "
-                         f"parameters lie outside them (e.g. {', '.join(outside[:3])}): train the text encoder "
-                         "(module.train_text_encoder, adapter.text_encoder, textual inversion) with trainer=ddp")
+        raise ValueError(f"trainer=fsdp2 shards the denoiser, its adapter and ControlNet, but {len(outside)} trained "
+                         f"parameters lie outside them (e.g. {', '.join(outside[:3])}) and would not be reduced over "
+                         "the ranks: train this with trainer=ddp")
 
 
 @contextmanager
