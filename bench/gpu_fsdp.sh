@@ -12,7 +12,10 @@
 # Checks: (1) train.py trainer=fsdp (FULL_SHARD, state_dict_type=full) trains the tiny model 6 steps and writes a
 # plain last.ckpt; (2) the same run stopped at step 3 and resumed with ckpt_path=last logs the same losses and ends
 # with the same weights as (1); (3) state_dict_type=sharded writes a checkpoint folder, which Lightning's
-# consolidate_checkpoint joins into one file, which `python -m ldm.export` exports; (4) adapter=lora under FSDP.
+# consolidate_checkpoint joins into one file, which `python -m ldm.export` exports; (4) adapter=lora under FSDP;
+# (5) the same for trainer=fsdp2 (FSDP2 through ModelParallelStrategy, which also runs on CPU ranks: tested there by
+# tests/training/test_fsdp2_train.py): 6 steps to a sharded checkpoint folder, stop at 3 + resume exact, export
+# straight from the folder, adapter=lora.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-/tmp/bench_fsdp}}
@@ -55,4 +58,24 @@ check "export from the joined sharded checkpoint" $PY -m ldm.export \
     "$OUT_DIR/sharded/checkpoints/last.ckpt.consolidated" --format ldm --out "$OUT_DIR/exported"
 check "fsdp with a LoRA adapter: 3 steps" $PY train.py "${TINY[@]}" trainer.max_steps=3 adapter=lora \
     "paths.run_dir=$OUT_DIR/lora"
+FSDP2=("${TINY[@]/#trainer=fsdp/trainer=fsdp2}")  # the same tiny run under trainer=fsdp2 (sharded checkpoints)
+check "fsdp2: 6 steps" $PY train.py "${FSDP2[@]}" trainer.max_steps=6 "paths.run_dir=$OUT_DIR/fsdp2"
+check "fsdp2 stop at step 3" $PY train.py "${FSDP2[@]}" trainer.max_steps=3 "paths.run_dir=$OUT_DIR/fsdp2_resumed"
+check "fsdp2 resume to step 6" $PY train.py "${FSDP2[@]}" trainer.max_steps=6 "paths.run_dir=$OUT_DIR/fsdp2_resumed" \
+    ckpt_path=last
+check "fsdp2 resume is exact" $PY - "$OUT_DIR" <<'PYEOF'
+import sys
+from pathlib import Path
+from ldm.formats.training_checkpoint import read_checkpoint  # reads the sharded folder
+out = Path(sys.argv[1])
+a = read_checkpoint(out / "fsdp2/checkpoints/last.ckpt")["state_dict"]
+b = read_checkpoint(out / "fsdp2_resumed/checkpoints/last.ckpt")["state_dict"]
+diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
+print(f"fsdp2: max |uninterrupted - resumed| = {diff:.3e} over {len(a)} tensors")
+assert a.keys() == b.keys() and diff == 0.0
+PYEOF
+check "fsdp2 export from the sharded folder" $PY -m ldm.export "$OUT_DIR/fsdp2/checkpoints/last.ckpt" --format ldm \
+    --out "$OUT_DIR/fsdp2_exported"
+check "fsdp2 with a LoRA adapter: 3 steps" $PY train.py "${FSDP2[@]}" trainer.max_steps=3 adapter=lora \
+    "paths.run_dir=$OUT_DIR/fsdp2_lora"
 grep -E "^(PASS|FAIL)" "$LOG"

@@ -12,6 +12,7 @@ from pathlib import Path
 from ldm.formats.safe_load import CheckpointError, load_state_dict
 from ldm.formats.sd3_folder import is_sd3_folder
 from ldm.formats.sd3_single_file import is_sd3_file
+from ldm.formats.sharded_checkpoint import is_sharded_checkpoint
 from ldm.formats.single_file import UNET_PREFIX as SD_UNET_PREFIX
 
 SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffusers", "hub", "sd3_diffusers",
@@ -43,8 +44,11 @@ def detect_source(source) -> str:
             return "sd3_diffusers"
         if (path / "model_index.json").is_file() or ((path / "unet").is_dir() and (path / "vae").is_dir()):
             return "diffusers"
-        raise ValueError(f"{path}: folder is not a model: expected ldm_bundle.json (ldm export) or "
-                         "model_index.json / unet/ + vae/ (diffusers) / transformer/ + vae/ (diffusers SD3)")
+        if is_sharded_checkpoint(path):  # trainer=fsdp2's checkpoint folder
+            return "training_checkpoint"
+        raise ValueError(f"{path}: folder is not a model: expected ldm_bundle.json (ldm export), "
+                         "model_index.json / unet/ + vae/ (diffusers), transformer/ + vae/ (diffusers SD3) or "
+                         ".metadata + meta.pt (a sharded checkpoint)")
     suffix = path.suffix.lower()
     if suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"{path}: unknown model file type {suffix!r}; expected one of {WEIGHT_SUFFIXES}, "

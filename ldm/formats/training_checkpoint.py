@@ -18,6 +18,7 @@ from ldm.formats.diffusers_folder import HUB_PATTERNS, load_diffusers_folder
 from ldm.formats.weight_folder import cached_hub_folder
 from ldm.formats.ldm_bundle import load_ldm_bundle_into
 from ldm.formats.safe_load import CheckpointError, load_into, load_pickle
+from ldm.formats.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 from ldm.formats.single_file import load_single_file
 from ldm.formats.sd3_folder import hub_folder, is_sd3_folder, load_sd3_folder_into
 from ldm.formats.sd3_single_file import load_sd3_file_into
@@ -33,8 +34,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = load_pickle(path)
+    try:  # a folder: trainer=fsdp2's sharded checkpoint, read into the same dict
+        ckpt = read_sharded_checkpoint(path) if is_sharded_checkpoint(path) else load_pickle(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "ldm" not in ckpt:

@@ -24,8 +24,10 @@ REAL = {
 }
 # checked, never run here: full-size models (SD 1.5, SDXL base), GPUs, stages of many steps, resuming the stand-in
 # (and a LoRA extract: the stand-ins of a base and its fine-tune are the same tiny model, nothing to extract)
+# trainer=fsdp2 with trainer.devices=2: Lightning starts the second rank by running this process's command line again
+# (pytest's, here); it runs as train.py in tests/training/test_fsdp2_train.py
 NOT_RUN = ("model=sd15", "model=sdxl ", "experiment=sd15_finetune", "experiment=sdxl_finetune", "trainer=ddp",
-           "experiment=sd3_finetune",
+           "experiment=sd3_finetune", "trainer=fsdp2",
            "hparams_search=", "experiment=own_data", "experiment=shapes_vae", "ckpt_path=last", "ldm.lora extract")
 
 

@@ -17,7 +17,7 @@ NOT_BUILT_HERE = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "fsdp"), (
                   ("model", "sd21"), ("model", "sdxl"), ("model", "sd3_medium"), ("model", "sd35_medium"),
                   ("model", "sd35_large"), ("model", "flux_dev"), ("model", "flux_schnell")}
 CPU = ["trainer.accelerator=cpu", "trainer.precision=32", "trainer.devices=1"]
-REQUIRED = {("trainer", "ddp_multinode"): CPU, ("data", "folder"): ["data.train.root=REPLACE"],
+REQUIRED = {("trainer", "ddp_multinode"): CPU, ("trainer", "fsdp2"): CPU, ("data", "folder"): ["data.train.root=REPLACE"],
             ("data", "hf"): ["data.train.path=REPLACE"],
             ("data", "webdataset"): ["data.train.urls=REPLACE"],
             ("data", "controlnet"): ["data.train.root=REPLACE", "data.train.conditioning_root=REPLACE"],
@@ -89,6 +89,22 @@ def test_fsdp_strategy_builds_and_wraps_unet_blocks(tmp_path):
     assert unet_block_wrap_policy() == {ResBlock, BasicTransformerBlock}
     cfg = compose_train(tmp_path, ["trainer=fsdp"])
     assert isinstance(instantiate(cfg.trainer.strategy), FSDPStrategy)
+
+
+def test_fsdp2_builds_lightnings_model_parallel_strategy_on_the_cpu(tmp_path):
+    """trainer=fsdp2: FSDP2 through ModelParallelStrategy, one data-parallel dimension over every rank (no tensor
+    parallelism), sharded checkpoints by default; it builds for a CPU accelerator (FSDPStrategy refuses one)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from ldm.models.mmdit import JointBlock
+    from ldm.training.build.strategies import ShardedDataParallel, unet_block_wrap_policy
+    from ldm.training.module.sharded.fsdp2 import denoiser_blocks
+
+    assert unet_block_wrap_policy() < denoiser_blocks() and JointBlock in denoiser_blocks()
+    cfg = compose_train(tmp_path, ["trainer=fsdp2", *CPU])
+    trainer = instantiate(cfg.trainer)
+    assert isinstance(trainer.strategy, ShardedDataParallel) and isinstance(trainer.strategy, ModelParallelStrategy)
+    assert trainer.strategy._tensor_parallel_size == 1 and trainer.strategy._save_distributed_checkpoint
 
 
 def test_ddp_multinode_builds_with_its_process_group_timeout(tmp_path):

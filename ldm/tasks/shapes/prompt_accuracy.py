@@ -15,7 +15,7 @@ from ldm.pipelines.sampling_options import SamplingOptions
 from ldm.tasks.shapes.checker import prompt_accuracy
 from ldm.tasks.shapes.dataset import ShapesDataset
 from ldm.training.callbacks.result import ResultCallback
-from ldm.training.callbacks.sampling import TRAINING_SAMPLER, generate, run_dir, training_source
+from ldm.training.callbacks.sampling import TRAINING_SAMPLER, generate, run_dir, runs_the_model, training_source
 
 log = logging.getLogger("ldm.training")
 
@@ -48,6 +48,8 @@ class PromptAccuracyCallback(ResultCallback):
             return
         if trainer.is_global_zero:
             self.results = self.evaluate(pl_module, ds, trainer)
+        elif runs_the_model(trainer, pl_module):  # trainer=fsdp2: the same sampling on every rank, in lockstep
+            self.evaluate(pl_module, ds)
 
     def result(self) -> dict[str, Any]:
         return {"prompt_accuracy": self.results} if self.results else {}

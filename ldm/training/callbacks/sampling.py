@@ -95,6 +95,15 @@ def generate_at_sizes(pl_module, prompts: list[str], sizes: list[tuple[int, int]
     return out
 
 
+def runs_the_model(trainer: L.Trainer, pl_module) -> bool:
+    """Whether this rank runs the model for what rank 0 alone reports (sample grids, evaluations): rank 0; under
+    trainer=fsdp2 every rank, in lockstep (the sharded weights are all-gathered block by block, a collective that
+    every rank must join; rank 0 alone would wait forever), rank 0 alone keeping the result."""
+    from ldm.training.module.sharded.fsdp2 import is_sharded
+
+    return rank_zero_only.rank == 0 or is_sharded(pl_module)
+
+
 def training_source(trainer: L.Trainer):
     """The training images' dataset: the one a latent cache was encoded from, else the training dataset
     (unwrapped from a Subset); None without a datamodule."""
@@ -247,13 +256,17 @@ class SamplingCallback(ResultCallback):
             labels = [t.format(caption) for caption in self.prompts for t in names]
         return pils, labels, images
 
-    @rank_zero_only
-    def sample_grid(self, trainer, pl_module) -> Path:
+    def sample_grid(self, trainer, pl_module) -> Path | None:
+        """Rank 0 samples the grid and writes it (under trainer=fsdp2 every rank samples it, see runs_the_model)."""
+        if not runs_the_model(trainer, pl_module):
+            return None
         if self.prompts is None:  # sampling before fit (a test, a script)
             self.on_fit_start(trainer, pl_module)
         step = trainer.global_step
         self._last_step = step
         pils, labels, images = self.sample_images(trainer, pl_module)
+        if rank_zero_only.rank != 0:
+            return None
         out = run_dir(trainer) / "samples" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         per_prompt = len(pils) // len(images)  # 1, 2 (real beside) or 3 (control | sample | real)

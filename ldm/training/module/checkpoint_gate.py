@@ -62,5 +62,17 @@ def non_finite(named: list[tuple[str, Tensor]]) -> list[str]:
     """The names of the tensors holding a NaN/inf (their checks read back together, once)."""
     if not named:
         return []
-    finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+    finite = _finite_on_every_rank([p for _, p in named]).tolist()
     return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def _finite_on_every_rank(tensors: list[Tensor]) -> Tensor:
+    """Whether each tensor is finite; for FSDP2's sharded tensors (DTensors, trainer=fsdp2) each rank checks its
+    shards and the answers are joined over the ranks, so that every rank refuses the same checkpoint."""
+    from torch.distributed.tensor import DTensor
+
+    finite = torch.stack([torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all() for t in tensors])
+    if any(isinstance(t, DTensor) for t in tensors):
+        finite = finite.int()
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return finite.bool()

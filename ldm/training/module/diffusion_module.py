@@ -42,6 +42,7 @@ from ldm.training.module.ema import holds_average
 from ldm.training.module.guarded_update import GuardedUpdate
 from ldm.training.module.micro_conditioning import is_dual_text, training_conditioning
 from ldm.training.module.optimizer_mode import NO_MODES, optimizer_modes, restore_train_weights
+from ldm.training.module.sharded.fsdp2 import shard_module, whole_weights
 from ldm.training.module.text_context import EncoderDropout, cached_context
 from ldm.training.module.trained import Networks, RunEnd, freeze, trained_part
 from ldm.training.module.unet_compile import UNetCompile
@@ -221,6 +222,9 @@ class LatentDiffusion(L.LightningModule):
         with self.optimizer_mode.inference_weights() if self.keeps_average else nullcontext():
             self.part.update_ema(applied)
 
+    def configure_model(self) -> None:  # trainer=fsdp2 (ModelParallelStrategy's mesh): FSDP2, before the optimizer
+        shard_module(self, self.device_mesh)
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.part.param_groups())
         self.optimizer_mode = optimizer_modes(optimizer)
@@ -288,9 +292,9 @@ class LatentDiffusion(L.LightningModule):
         self.part.check_loaded(checkpoint, list(self.state_dict()))
 
     def on_train_end(self) -> None:
-        """The trained part's files for users (an adapter file, embeddings), written once (rank 0) into the run
-        folder; never into the working folder of a Trainer made without one."""
-        if self.run_dir is not None and self.trainer.is_global_zero:
-            end = RunEnd(Path(self.run_dir), self.global_step, self.model_config)
-            with self.optimizer_mode.inference_weights():
-                self.written_files = self.part.write_files(end)
+        """The trained part's files (adapter, embeddings): once, by rank 0, into the run folder (none without one)."""
+        with whole_weights(self):  # trainer=fsdp2: gathered on every rank (a collective) for rank 0's files
+            if self.run_dir is not None and self.trainer.is_global_zero:
+                with self.optimizer_mode.inference_weights():
+                    end = RunEnd(Path(self.run_dir), self.global_step, self.model_config)
+                    self.written_files = self.part.write_files(end)

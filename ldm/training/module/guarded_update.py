@@ -51,6 +51,7 @@ class GuardedUpdate:
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
                      if grads else None)  # DDP has all-reduced the gradients already: the same on every rank
+        grad_norm = whole(grad_norm)  # FSDP2 (trainer=fsdp2): each rank's shards' norm, joined over the ranks
         self.applied = self.guard.record(loss, grad_norm, loss_scale_overflow(module, loss, grad_norm),
                                          module.global_step)
         self._skip_unless_applied(module, optimizer, params)
@@ -104,6 +105,14 @@ class GuardedUpdate:
                     module.global_step + 1, report.last_skipped_step, report.reason)
         module.log("train/nonfinite_steps", float(self.guard.nonfinite_total), batch_size=1)
         module.log("train/diverged_steps", float(self.guard.diverged_total), batch_size=1)
+
+
+def whole(value: Tensor | None) -> Tensor | None:
+    """A value computed from sharded tensors (FSDP2's DTensors: a norm is a partial result on each rank) as the
+    plain tensor of its global value, the same on every rank; other values as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def is_report_step(trainer: L.Trainer | None) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_stale(cls, dirpath: str | Path) -> list[Path]:
         """Delete the partial .tmp files a killed save left in a checkpoint folder (at the start of a run)."""
         stale = sorted(Path(dirpath).glob(cls.tmp_path(Path("*.ckpt")).name)) if Path(dirpath).is_dir() else []
-        for p in stale:
-            p.unlink(missing_ok=True)
+        for p in stale:  # a folder: a sharded checkpoint (trainer=fsdp2) whose save was killed
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
         return stale
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:

@@ -1,0 +1,1 @@
+"""Sharded training of the LightningModule: FSDP2 for trainer=fsdp2 (``fsdp2.py``)."""
