@@ -28,7 +28,7 @@ class BucketSettings:
     (px; null: resolution / 2 and 2 x resolution, kohya's defaults at 512), no_upscale."""
 
     enabled: bool = False
-    step: int | str = 64  # "auto" resolved by train() from the resolution and the model; 64 (SD's) when not
+    step: int | str = "auto"  # resolved by train() from the resolution and the model; else min(64, resolution)
     min_side: int | None = None
     max_side: int | None = None
     no_upscale: bool = False
@@ -50,7 +50,7 @@ class BucketSettings:
 
     def resolved(self, resolution: int, key: str = "data.train.buckets") -> tuple[int, int, int]:
         """(step, min_side, max_side) checked against ``resolution``, each error naming its key."""
-        step = 64 if self.step == "auto" else int(self.step)
+        step = min(64, resolution) if self.step == "auto" else int(self.step)
         if step <= 0:
             raise ValueError(f"{key}.step must be a positive number of pixels, got {self.step!r}")
         min_side = int(self.min_side) if self.min_side is not None else max(step, resolution // 2)

@@ -68,7 +68,7 @@ def test_no_upscale_gives_per_image_buckets_derived_by_hand():
 
 def test_settings_errors_name_the_key():
     with pytest.raises(ValueError, match=r"data.train.buckets.step=64 is larger than data.train.resolution=32"):
-        assign_buckets([(10, 10)], 32, BucketSettings(enabled=True))
+        assign_buckets([(10, 10)], 32, BucketSettings(enabled=True, step=64))
     with pytest.raises(ValueError, match=r"data.train.buckets.min_side"):
         assign_buckets([(10, 10)], 64, BucketSettings(enabled=True, step=16, min_side=128))
     with pytest.raises(ValueError, match=r"data.train.buckets.max_side"):

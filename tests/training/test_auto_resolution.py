@@ -76,6 +76,7 @@ def test_the_plain_command_says_and_trains_at_the_chosen_side(tmp_path, mixed):
 @pytest.mark.parametrize("resolution, model, expected", [
     (64, [], 16),                 # the shapes model (VAE x4, U-Net x4) at 64 px: 16 px steps, several buckets
     (64, ["model.unet._target_=some.Net"], 64),  # a network it does not know: SD's 64, as before auto
+    (32, ["model.unet._target_=some.Net"], 32),  # ... or the resolution (a multiple of the model's) below 64
     (128, [], 16),                # 128 / 8
     (512, ["model=sd15"], 64),    # SD at 512 px: kohya's 64
     (256, ["model=sd15"], 64),    # SD's downsampling (64) is the least step

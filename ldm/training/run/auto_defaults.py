@@ -242,8 +242,11 @@ def choose_bucket_step(cfg: DictConfig) -> str | None:
 
     model = OmegaConf.to_container(cfg.model, resolve=False)
     unet, ae = unet_downsampling(model.get("unet") or {}), autoencoder_downsampling(model.get("autoencoder") or {})
-    multiple = unet * ae if unet and ae else 64  # networks this does not know: SD's step, as before auto
-    chosen = max(multiple, min(64, resolution // 8) // multiple * multiple)
+    if unet and ae:
+        multiple = unet * ae
+        chosen = max(multiple, min(64, resolution // 8) // multiple * multiple)
+    else:  # networks this does not know: SD's 64 as before auto, or the resolution (a multiple of the model's) below
+        multiple, chosen = "unknown", min(64, resolution)
     with open_dict(cfg):
         OmegaConf.update(cfg, "data.train.buckets.step", chosen)
     if not OmegaConf.select(cfg, "data.train.buckets.enabled", default=False):
