@@ -17,15 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ldm.formats.common import cast_state, save_safetensors, write_json
-from ldm.formats.safe_build import build_node, check_plain
-from ldm.formats.safe_load import CheckpointError, load_into, load_state_dict, read_json_file
-from ldm.formats.sd3_diffusers_keys import swap_halves
-from ldm.formats.weight_folder import read_weights
+from ldm.formats.common import cast_state, save_safetensors
+from ldm.formats.safe_build import build_node
+from ldm.formats.safe_load import CheckpointError, load_into, load_state_dict
+from ldm.formats.sd3_diffusers_keys import read_transformer_folder, swap_halves, write_transformer_folder
 
 FLUX_TARGET = "ldm.models.flux.Flux"
 SINGLE_FILE_PREFIX = "model.diffusion_model."  # ComfyUI's checkpoints; BFL's own release files have none
-_METADATA = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 _WB = ("weight", "bias")
 
 
@@ -260,25 +258,11 @@ def flux_config_from_diffusers(cfg: dict) -> dict:
 
 
 def write_flux_transformer(flux: nn.Module, folder, dtype: torch.dtype | None = None) -> Path:
-    """``folder/config.json`` + ``diffusion_pytorch_model.safetensors`` that ``FluxTransformer2DModel.from_pretrained``
-    loads unchanged (a diffusers Flux folder's ``transformer/``)."""
-    folder = Path(folder)
-    write_json(folder / "config.json", {"_class_name": "FluxTransformer2DModel", **flux_diffusers_config(flux.config)})
-    save_safetensors(cast_state(flux_to_diffusers(flux.state_dict(), flux.config), dtype),
-                     folder / "diffusion_pytorch_model.safetensors")
-    return folder
+    """A diffusers Flux folder's ``transformer/``, which ``FluxTransformer2DModel.from_pretrained`` loads unchanged."""
+    return write_transformer_folder(folder, "FluxTransformer2DModel", flux_diffusers_config(flux.config),
+                                    flux_to_diffusers(flux.state_dict(), flux.config), dtype)
 
 
 def read_flux_transformer(folder, variant: str | None = None) -> nn.Module:
-    """Our Flux from a diffusers ``transformer/`` folder: its config checked (plain values within FluxConfig's
-    bounds) and the network built on the meta device, then filled from the weights only if every tensor fits."""
-    folder = Path(folder)
-    path = folder / "config.json"
-    config = read_json_file(path)
-    check_plain({k: v for k, v in config.items() if k not in _METADATA}, source=str(path), key="config")
-    node = {"_target_": FLUX_TARGET, **flux_config_from_diffusers(config)}
-    node["axes_dims_rope"] = list(node["axes_dims_rope"])
-    flux = build_node(node, "unet", source=str(path), key="transformer", meta=True)
-    load_into(flux, flux_from_diffusers(read_weights(folder, "diffusion_pytorch_model", variant), flux.config),
-              source=str(folder))
-    return flux
+    """Our Flux from a diffusers ``transformer/`` folder (bounded: ``read_transformer_folder``)."""
+    return read_transformer_folder(folder, FLUX_TARGET, flux_config_from_diffusers, flux_from_diffusers, variant)

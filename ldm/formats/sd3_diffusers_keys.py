@@ -12,6 +12,7 @@ exact inverse of the other.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -176,26 +177,38 @@ def mmdit_config_from_diffusers(cfg: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- the folder
 
 
-def write_sd3_transformer(mmdit: nn.Module, folder, dtype: torch.dtype | None = None) -> Path:
-    """``folder/config.json`` + ``diffusion_pytorch_model.safetensors`` that ``SD3Transformer2DModel.from_pretrained``
-    loads unchanged (a diffusers SD3 folder's ``transformer/``)."""
+def write_transformer_folder(folder, class_name: str, config: dict, state: dict[str, Tensor],
+                             dtype: torch.dtype | None = None) -> Path:
+    """A diffusers ``transformer/`` folder: ``config.json`` (``_class_name`` + ``config``) and
+    ``diffusion_pytorch_model.safetensors`` (``state``, in diffusers' names, cast to ``dtype``)."""
     folder = Path(folder)
-    write_json(folder / "config.json", {"_class_name": "SD3Transformer2DModel", **mmdit_diffusers_config(mmdit.config)})
-    save_safetensors(cast_state(mmdit_to_diffusers(mmdit.state_dict(), mmdit.config), dtype),
-                     folder / "diffusion_pytorch_model.safetensors")
+    write_json(folder / "config.json", {"_class_name": class_name, **config})
+    save_safetensors(cast_state(state, dtype), folder / "diffusion_pytorch_model.safetensors")
     return folder
 
 
-def read_sd3_transformer(folder, variant: str | None = None) -> nn.Module:
-    """Our MMDiT from a diffusers ``transformer/`` folder: its config checked (plain values within MMDiTConfig's
-    bounds) and the network built on the meta device, then filled from the weights only if every tensor fits."""
+def read_transformer_folder(folder, target: str, config_from: Callable[[dict], dict],
+                            from_diffusers: Callable[[dict, dict], dict], variant: str | None = None) -> nn.Module:
+    """Our transformer (``target``) from a diffusers ``transformer/`` folder: its config checked (plain values within
+    the network config's bounds) and the network built on the meta device, then filled from the weights (mapped by
+    ``from_diffusers(state, config)``) only if every tensor fits."""
     folder = Path(folder)
     path = folder / "config.json"
     config = read_json_file(path)
     check_plain({k: v for k, v in config.items() if k not in _METADATA}, source=str(path), key="config")
-    node = {"_target_": MMDIT_TARGET, **mmdit_config_from_diffusers(config)}
-    node["dual_attention_layers"] = list(node["dual_attention_layers"])
-    mmdit = build_node(node, "unet", source=str(path), key="transformer", meta=True)
-    state = mmdit_from_diffusers(read_weights(folder, "diffusion_pytorch_model", variant), mmdit.config)
-    load_into(mmdit, state, source=str(folder))
-    return mmdit
+    node = {"_target_": target, **{k: list(v) if isinstance(v, tuple) else v for k, v in config_from(config).items()}}
+    net = build_node(node, "unet", source=str(path), key="transformer", meta=True)
+    load_into(net, from_diffusers(read_weights(folder, "diffusion_pytorch_model", variant), net.config),
+              source=str(folder))
+    return net
+
+
+def write_sd3_transformer(mmdit: nn.Module, folder, dtype: torch.dtype | None = None) -> Path:
+    """A diffusers SD3 folder's ``transformer/``, which ``SD3Transformer2DModel.from_pretrained`` loads unchanged."""
+    return write_transformer_folder(folder, "SD3Transformer2DModel", mmdit_diffusers_config(mmdit.config),
+                                    mmdit_to_diffusers(mmdit.state_dict(), mmdit.config), dtype)
+
+
+def read_sd3_transformer(folder, variant: str | None = None) -> nn.Module:
+    """Our MMDiT from a diffusers SD3 folder's ``transformer/`` (bounded: ``read_transformer_folder``)."""
+    return read_transformer_folder(folder, MMDIT_TARGET, mmdit_config_from_diffusers, mmdit_from_diffusers, variant)

@@ -26,9 +26,14 @@ CODE_KEYS = ("auto_map", "custom_pipelines", "_target_", "_args_", "_partial_") 
 
 def check_clip_text_fields(config: dict, *, source: str) -> None:
     """The size fields of a CLIPTextConfig dict are integers within CLIP_TEXT_BOUNDS; no key names code."""
+    _check_fields(config, CLIP_TEXT_BOUNDS, source=source)
+
+
+def _check_fields(config: dict, bounds: dict[str, int], *, source: str) -> None:
+    """Each of ``bounds``' fields present in ``config`` is an integer in [1, bound]; no key of CODE_KEYS."""
     if not isinstance(config, dict):
         raise ValueError(f"{source}: not a JSON object")
-    for name, high in CLIP_TEXT_BOUNDS.items():
+    for name, high in bounds.items():
         value = config.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= high):
             raise ValueError(f"{source}: {name} = {value!r} must be an integer in [1, {high}]")
@@ -39,12 +44,16 @@ def check_clip_text_fields(config: dict, *, source: str) -> None:
 
 def meta_text_model(model_class: type[nn.Module], config, *, source: str) -> nn.Module:
     """``model_class(config)`` on the meta device (no memory), refused above MAX_TEXT_PARAMETERS."""
+    return _meta_counted(model_class, config, MAX_TEXT_PARAMETERS, "text encoder", source=source)
+
+
+def _meta_counted(model_class: type[nn.Module], config, most: int, what: str, *, source: str) -> nn.Module:
+    """``model_class(config)`` on the meta device (no memory), refused above ``most`` parameters."""
     with torch.device("meta"):
         model = model_class(config)
     count = sum(p.numel() for p in model.parameters())
-    if count > MAX_TEXT_PARAMETERS:
-        raise ValueError(f"{source}: describes a text encoder of {count:.3g} parameters (at most "
-                         f"{MAX_TEXT_PARAMETERS:.3g}); refused")
+    if count > most:
+        raise ValueError(f"{source}: describes a {what} of {count:.3g} parameters (at most {most:.3g}); refused")
     return model
 
 
@@ -72,28 +81,14 @@ MAX_T5_PARAMETERS = 12_000_000_000  # T5-XXL's encoder (SD3's text_encoder_3/) h
 
 def check_t5_fields(config: dict, *, source: str) -> None:
     """The size fields of a T5Config dict are integers within T5_BOUNDS; no key names code."""
-    if not isinstance(config, dict):
-        raise ValueError(f"{source}: not a JSON object")
-    for name, high in T5_BOUNDS.items():
-        value = config.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= high):
-            raise ValueError(f"{source}: {name} = {value!r} must be an integer in [1, {high}]")
-    for name in CODE_KEYS:
-        if name in config:
-            raise ValueError(f"{source}: {name} names code to import or call; refused")
+    _check_fields(config, T5_BOUNDS, source=source)
 
 
 def meta_t5_encoder(config, *, source: str) -> nn.Module:
     """``T5EncoderModel(config)`` on the meta device (no memory), refused above MAX_T5_PARAMETERS."""
     from transformers import T5EncoderModel
 
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    count = sum(p.numel() for p in model.parameters())
-    if count > MAX_T5_PARAMETERS:
-        raise ValueError(f"{source}: describes a T5 encoder of {count:.3g} parameters (at most "
-                         f"{MAX_T5_PARAMETERS:.3g}); refused")
-    return model
+    return _meta_counted(T5EncoderModel, config, MAX_T5_PARAMETERS, "T5 encoder", source=source)
 
 
 def bounded_t5_config(path_or_hub_id, subfolder: str):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ldm.models.config_fields import bounded, config_of, record
 from ldm.models.layers import timestep_embedding
 from ldm.models.mmdit import (FREQUENCY_DIM, Embedder, FinalLayer, JointBlock, RMSNorm, StreamBlock, attention,
-                              modulate, split_heads)
+                              modulate, split_heads, transformer_inputs)
 from ldm.models.rope import Rope, apply_rope, rope_frequencies
 
 GUIDANCE_FACTOR = 1000.0  # the guidance scale is embedded as a timestep: scale * 1000
@@ -200,18 +200,9 @@ class Flux(nn.Module):
         return c
 
     def forward(self, x: Tensor, t: Tensor, context: dict[str, Tensor] | None, y: Tensor | None = None) -> Tensor:
-        if not isinstance(context, dict) or "crossattn" not in context:
-            raise ValueError("Flux needs context={'crossattn': (B, L, D_text), 'vector': (B, D_pooled)}: the text "
-                             "tokens (Flux.1: T5-XXL) and the pooled text (Flux.1: CLIP-L)")
-        y = context.get("vector") if y is None else y
-        if y is None:
-            raise ValueError("Flux needs the pooled text vector (context['vector'])")
+        t, y = transformer_inputs("Flux", "Flux.1: T5-XXL tokens, CLIP-L pooled", x, t, context, y, self.patch_size)
         B, _, H, W = x.shape
         p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"Flux: the latent size {H} x {W} is not a multiple of patch_size={p}")
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t
         guidance = context.get("guidance")
         if self.guidance_embeds and guidance is None:
             guidance = torch.full((B,), self.train_guidance, device=x.device)

@@ -253,6 +253,23 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(StreamBlock.norm(x), shift, scale))
 
 
+def transformer_inputs(name: str, encoders: str, x: Tensor, t: Tensor, context, y: Tensor | None,
+                       patch_size: int) -> tuple[Tensor, Tensor]:
+    """A transformer denoiser's inputs checked, each error naming what to pass: -> (t as (B,), the pooled text y
+    (``context['vector']`` unless given))."""
+    if not isinstance(context, dict) or "crossattn" not in context:
+        raise ValueError(f"{name} needs context={{'crossattn': (B, L, D_text), 'vector': (B, D_pooled)}}: the text "
+                         f"tokens and the pooled text ({encoders})")
+    y = context.get("vector") if y is None else y
+    if y is None:
+        raise ValueError(f"{name} needs the pooled text vector (context['vector'])")
+    B, _, H, W = x.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"{name}: the latent size {H} x {W} is not a multiple of patch_size={patch_size}")
+    t = torch.as_tensor(t, device=x.device)
+    return (t.expand(B) if t.ndim == 0 else t), y
+
+
 class MMDiT(nn.Module):
     """SD3's denoiser: ``MMDiT(MMDiTConfig(...))`` or the config's fields as keywords (Hydra, stored configs).
 
@@ -327,18 +344,9 @@ class MMDiT(nn.Module):
         return grid.reshape(1, h * w, -1)
 
     def forward(self, x: Tensor, t: Tensor, context: dict[str, Tensor] | None, y: Tensor | None = None) -> Tensor:
-        if not isinstance(context, dict) or "crossattn" not in context:
-            raise ValueError("MMDiT needs context={'crossattn': (B, L, D_text), 'vector': (B, D_pooled)}: the text "
-                             "tokens and the pooled text (SD3's CLIP-L + CLIP-G (+ T5) encoders)")
-        y = context.get("vector") if y is None else y
-        if y is None:
-            raise ValueError("MMDiT needs the pooled text vector (context['vector'])")
+        t, y = transformer_inputs("MMDiT", "SD3's CLIP-L + CLIP-G (+ T5) encoders", x, t, context, y, self.patch_size)
         B, _, H, W = x.shape
         p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"MMDiT: the latent size {H} x {W} is not a multiple of patch_size={p}")
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t
         h = self.x_embedder(x) + self.cropped_pos_embed(H // p, W // p).to(x.dtype)
         c = self.t_embedder(timestep_embedding(t, FREQUENCY_DIM).to(x.dtype)) + self.y_embedder(y.to(x.dtype))
         ctx = self.context_embedder(context["crossattn"].to(x.dtype))

@@ -50,10 +50,10 @@ class FluxTextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id, use_t5: bool = True, **options) -> "FluxTextEncoder":
         """``tokenizer/`` + ``text_encoder/`` (CLIP-L) and ``tokenizer_2/`` + ``text_encoder_2/`` (T5, optional) of a
-        diffusers Flux folder; the CLIP config bounded before anything is built."""
+        diffusers Flux folder; the CLIP and T5 configs bounded before anything is built."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from ldm.models.clip_bounds import bounded_text_config
+        from ldm.models.clip_bounds import bounded_t5_config, bounded_text_config
 
         path = str(path_or_hub_id)
         clip = CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
@@ -63,7 +63,8 @@ class FluxTextEncoder(nn.Module):
         if use_t5 and (not Path(path).exists() or (Path(path) / "text_encoder_2").is_dir()):
             from transformers import AutoTokenizer, T5EncoderModel
 
-            t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2")
+            t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2",
+                                                config=bounded_t5_config(path, "text_encoder_2"))
             t5_tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2")
         return cls(clip, tokenizer, t5, t5_tokenizer, **options)
 

@@ -10,17 +10,22 @@ from ldm.data.control_pairs import ControlPairsDataset
 from tests.helpers.control_pairs import write_control_pairs
 
 
-def test_folder_and_hf_dataset_give_the_same_pairs(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    images, controls = write_control_pairs(tmp_path, n=4, size=20)
-    folder = ControlPairsDataset(root=str(images), conditioning_root=str(controls), resolution=16)
-    pngs = sorted(images.glob("*.png"))
+def save_hf_pairs(datasets, pngs, controls, out):
+    """The pairs as a Hugging Face dataset with diffusers' train_controlnet.py columns, saved to ``out``."""
     features = datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
                                   "text": datasets.Value("string")})
     datasets.Dataset.from_dict({"image": [Image.open(p) for p in pngs],
                                 "conditioning_image": [Image.open(controls / p.name) for p in pngs],
                                 "text": [p.with_suffix(".txt").read_text() for p in pngs]},
-                               features=features).save_to_disk(str(tmp_path / "hf"))
+                               features=features).save_to_disk(str(out))
+
+
+def test_folder_and_hf_dataset_give_the_same_pairs(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images, controls = write_control_pairs(tmp_path, n=4, size=20)
+    folder = ControlPairsDataset(root=str(images), conditioning_root=str(controls), resolution=16)
+    pngs = sorted(images.glob("*.png"))
+    save_hf_pairs(datasets, pngs, controls, tmp_path / "hf")
     hf = ControlPairsDataset(path=str(tmp_path / "hf"), resolution=16)
     assert len(folder) == len(hf) == 4
     for i in range(4):
@@ -222,12 +227,7 @@ def test_a_hf_dataset_of_pairs_is_bucketed_and_cut_like_the_folder(tmp_path):
 
     images, controls = write_mixed_pairs(tmp_path)
     pngs = sorted(images.glob("*.png"))
-    features = datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
-                                  "text": datasets.Value("string")})
-    datasets.Dataset.from_dict({"image": [Image.open(p) for p in pngs],
-                                "conditioning_image": [Image.open(controls / p.name) for p in pngs],
-                                "text": [p.with_suffix(".txt").read_text() for p in pngs]},
-                               features=features).save_to_disk(str(tmp_path / "hf"))
+    save_hf_pairs(datasets, pngs, controls, tmp_path / "hf")
     options = dict(resolution=16, buckets=BUCKETS, center_crop=False, random_flip=True, seed=0)
     folder = ControlPairsDataset(root=str(images), conditioning_root=str(controls), **options)
     hf = ControlPairsDataset(path=str(tmp_path / "hf"), **options)

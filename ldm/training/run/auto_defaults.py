@@ -39,8 +39,10 @@ The choice is said in the run's "chosen for your data" block with the setting th
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -86,16 +88,22 @@ def stored_model_config(cfg: DictConfig) -> dict:
     """The model config stored in ``model.pretrained`` when that is one of our training checkpoints (the base of
     a LoRA / ControlNet / textual-inversion run, a run fine-tuned further): {"model": ..., "resolution": ...};
     else {}."""
-    from pathlib import Path
-
-    from ldm.formats.safe_load import CheckpointError
-    from ldm.formats.training_checkpoint import read_checkpoint
-
     path = OmegaConf.select(cfg, "model.pretrained")
     if not path or not Path(str(path)).expanduser().is_file():
         return {}
+    file = Path(str(path)).expanduser().resolve()
+    stat = file.stat()
+    return _stored_model_config(file, stat.st_mtime_ns, stat.st_size)  # start-up asks 4 times: one read
+
+
+@functools.lru_cache(maxsize=4)
+def _stored_model_config(file: Path, mtime_ns: int, size: int) -> dict:
+    """The model config of the training checkpoint ``file`` as it is at (``mtime_ns``, ``size``), else {}."""
+    from ldm.formats.safe_load import CheckpointError
+    from ldm.formats.training_checkpoint import read_checkpoint
+
     try:
-        stored = read_checkpoint(Path(str(path)).expanduser())["ldm"]
+        stored = read_checkpoint(file)["ldm"]
     except (CheckpointError, FileNotFoundError):
         return {}  # an SD single file, an export: its own loader checks it when the model is built
     model = stored.get("model") if isinstance(stored, dict) else None
