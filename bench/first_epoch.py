@@ -19,7 +19,14 @@
 previous run (nothing to encode). Without ``--diffusers-script`` only ldm runs (the tests run it so). The script is
 diffusers' own (examples/text_to_image/train_text_to_image.py of the installed version); it needs ``datasets``,
 ``accelerate`` and ``torchvision`` (``--diffusers-path``: a folder put first on its PYTHONPATH only).
-``--baseline-root <checkout>`` times that checkout's ``train.py`` (cold) in the same pairs, e.g. ldm before a change.
+``--baseline-root <checkout>`` times that checkout's ``train.py`` (cold) in the same pairs, e.g. ldm before a change;
+``--baseline-overrides`` adds train.py overrides to that command only (``--baseline-root . --baseline-overrides
+data.latent_cache_dtype=float32``: this checkout with a float32 cache build).
+
+``--precision fp32`` (the default): both train in float32 (diffusers' script then runs its frozen VAE and text
+encoder in float32 too; ldm builds its cache in ``data.latent_cache_dtype``, auto: bfloat16 where the CPU computes it
+natively). ``bf16``: both in bf16 mixed precision (``trainer.precision=bf16-mixed``, ``--mixed_precision=bf16``: the
+script's frozen networks in bfloat16 as well).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ SIZES = {  # ldm presets of the three networks (+ U-Net overrides); the diffuser
     "tiny": dict(unet="tiny", vae="tiny", text="tiny", unet_overrides={}),
 }
 LR, WEIGHT_DECAY = 1e-5, 1e-2
+PRECISION = {"fp32": ("32", "no"), "bf16": ("bf16-mixed", "bf16")}  # ldm's trainer.precision, diffusers' flag
 
 
 def parse_args(argv=None):
@@ -57,6 +65,8 @@ def parse_args(argv=None):
                    "(e.g. where a torchvision for its transforms is installed)")
     p.add_argument("--baseline-root", default=None, help="another ldm checkout (e.g. one before this change) whose "
                    "train.py is timed too, cold, in the same alternation")
+    p.add_argument("--baseline-overrides", nargs="*", default=[], help="train.py overrides of the baseline only")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both trainers' training precision")
     p.add_argument("--size", choices=sorted(SIZES), default="encoders")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--source-size", type=int, default=512, help="side of the JPEGs in the folder (px)")
@@ -127,7 +137,8 @@ def write_images(folder: Path, n: int, side: int, seed: int = 0) -> Path:
 # the two commands
 
 
-def ldm_command(model: Path, images: Path, run: Path, cache: Path, args, root: Path = ROOT) -> list[str]:
+def ldm_command(model: Path, images: Path, run: Path, cache: Path, args, root: Path = ROOT,
+                extra: tuple[str, ...] = ()) -> list[str]:
     preset = SIZES[args.size]
     return [sys.executable, str(root / "train.py"), "model=sd15", f"model.unet.name={preset['unet']}",
             *[f"+model.unet.{k}={v}" for k, v in preset["unet_overrides"].items()],
@@ -135,7 +146,8 @@ def ldm_command(model: Path, images: Path, run: Path, cache: Path, args, root: P
             f"model.text_encoder.path_or_hub_id={model}", "model.text_encoder.subfolder_layout=true",
             "data=folder", f"data.train.root={images}", f"data.train.resolution={args.resolution}",
             f"data.batch_size={args.batch}", f"data.num_workers={args.workers}", "data.val_fraction=0",
-            f"trainer.max_steps={args.steps}", "trainer.precision=32", "trainer.gradient_clip_val=1.0",
+            f"trainer.max_steps={args.steps}", f"trainer.precision={PRECISION[args.precision][0]}",
+            "trainer.gradient_clip_val=1.0",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}", "lr_scheduler.warmup_steps=0",
             "module.ema_decay=null", "callbacks=none",
@@ -143,7 +155,7 @@ def ldm_command(model: Path, images: Path, run: Path, cache: Path, args, root: P
             "+callbacks.checkpoint.save_last=true", "+callbacks.checkpoint.save_weights_only=true",
             "+callbacks.checkpoint.dirpath=${paths.run_dir}/checkpoints",
             f"paths.run_dir={run}", f"hydra.run.dir={run}/hydra", f"paths.cache_dir={cache}", "seed=0",
-            *args.overrides]
+            *args.overrides, *extra]
 
 
 def diffusers_command(script: Path, model: Path, images: Path, run: Path, args) -> list[str]:
@@ -151,7 +163,7 @@ def diffusers_command(script: Path, model: Path, images: Path, run: Path, args) 
             "--caption_column=text", f"--resolution={args.resolution}", "--center_crop",
             f"--train_batch_size={args.batch}", f"--max_train_steps={args.steps}", f"--learning_rate={LR}",
             f"--adam_weight_decay={WEIGHT_DECAY}", "--max_grad_norm=1.0", "--lr_scheduler=constant",
-            "--lr_warmup_steps=0", "--mixed_precision=no", f"--dataloader_num_workers={args.workers}",
+            "--lr_warmup_steps=0", f"--mixed_precision={PRECISION[args.precision][1]}", f"--dataloader_num_workers={args.workers}",
             "--seed=0", f"--output_dir={run}", "--checkpointing_steps=1000000000", "--report_to=tensorboard"]
 
 
@@ -209,8 +221,8 @@ def main(argv=None) -> dict:
         model = write_model(work / f"model-{args.size}", args.size)
         images = write_images(work / f"images-{args.images}-{args.source_size}", args.images, args.source_size)
         print(f"{args.size} model, {args.images} images ({args.source_size} px JPEG) at {args.resolution} px, batch "
-              f"{args.batch}, {args.steps} steps, {args.threads} thread(s), {args.workers} loader worker(s)",
-              flush=True)
+              f"{args.batch}, {args.steps} steps, {args.threads} thread(s), {args.workers} loader worker(s), "
+              f"{args.precision}", flush=True)
         baseline = Path(args.baseline_root).resolve() if args.baseline_root else None
         times: dict[str, list[float]] = {"ldm_cold": [], "ldm_warm": [], "baseline_cold": [], "diffusers": []}
         cpu: dict[str, list[float]] = {k: [] for k in times}  # CPU seconds of the same runs
@@ -229,7 +241,8 @@ def main(argv=None) -> dict:
                 line += f", ldm (warm cache) {times['ldm_warm'][-1]:.1f} s"
             if baseline is not None:
                 times["baseline_cold"].append(run_timed(
-                    ldm_command(model, images, run / "baseline", run / "baseline_cache", args, baseline),
+                    ldm_command(model, images, run / "baseline", run / "baseline_cache", args, baseline,
+                                tuple(args.baseline_overrides)),
                     run / "baseline.log", args.threads, root=baseline, cpu=cpu["baseline_cold"]))
                 line += f", baseline ldm (cold cache) {times['baseline_cold'][-1]:.1f} s"
             if script is not None:
@@ -244,6 +257,7 @@ def main(argv=None) -> dict:
             if not args.out:  # keep the disk free: one pair's runs at a time
                 shutil.rmtree(run, ignore_errors=True)
         row = dict(size=args.size, images=args.images, resolution=args.resolution, batch=args.batch,
+                   precision=args.precision, baseline_overrides=args.baseline_overrides,
                    steps=args.steps, threads=args.threads, pairs=args.pairs,
                    ldm_cold_s=statistics.median(times["ldm_cold"]), loads=[round(x, 1) for x in loads],
                    **{f"{k}_cpu_s": [round(x, 1) for x in v] for k, v in cpu.items() if v},

@@ -43,6 +43,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
             ``cache_spec()``; see ldm.training.run.latent_prep and ldm.data.auto_cache). None: on the fly.
         latent_cache_part_size: rows per part of that cache, the unit the ranks (and concurrent runs) share out
             when they build it (ldm.data.auto_cache.PART_SIZE by default).
+        latent_cache_dtype: the precision the frozen networks encode that cache in: auto (bfloat16 where the
+            device computes it natively, else float32), float32, bfloat16 or float16
+            (ldm.training.run.latent_prep.encode_precision).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         drop_last: bool = True,
         latent_cache: str | None = None,
         latent_cache_part_size: int | None = None,
+        latent_cache_dtype: str = "auto",
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
@@ -84,6 +88,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
             raise ValueError(f"ImageCaptionDataModule: latent_cache_part_size must be a positive integer, got "
                              f"{latent_cache_part_size!r}")
         self.latent_cache_part_size = latent_cache_part_size
+        if str(latent_cache_dtype).lower() not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"ImageCaptionDataModule: latent_cache_dtype must be auto, float32, bfloat16 or float16, "
+                             f"got {latent_cache_dtype!r}")
+        self.latent_cache_dtype = str(latent_cache_dtype).lower()
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self._stream_positions: list | None = None  # per rank, from a checkpoint (see load_state_dict)

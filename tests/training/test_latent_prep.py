@@ -122,7 +122,9 @@ def test_encode_micro_batches_on_the_cpu_and_encodes_each_caption_once(tmp_path,
     assert latent_prep.micro_batch(torch.device("cpu"), 64 * 64, 64) == 8  # SD at 64 px: 8 images a call
     assert latent_prep.micro_batch(torch.device("cpu"), 512 * 512, 64) == 1
     assert latent_prep.micro_batch(torch.device("cpu"), 16 * 16, 5) == 5
-    assert latent_prep.micro_batch(torch.device("cuda"), 512 * 512, 64) == 64  # a GPU: the whole batch
+    assert latent_prep.micro_batch(torch.device("cuda"), 64 * 64, 64) == 64  # a GPU: the whole batch ...
+    assert latent_prep.micro_batch(torch.device("cuda"), 512 * 512, 64) == 8  # ... within its memory
+    assert latent_prep.micro_batch(torch.device("cuda"), 1024 * 1024, 64) == 2
 
     torch.manual_seed(0)
     vae = AutoencoderKL.from_preset("tiny").eval()

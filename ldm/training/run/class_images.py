@@ -9,7 +9,8 @@ Resumable and seeded: image k of the folder (counting the images already there, 
 ``<class_root>/<k:05d>.png``, sampled in batch b = k // batch_size whose initial noise is seeded with
 ``class_images.seed + b``; each PNG is written to a temporary name and renamed, one by one. A run killed while
 generating continues at the existing count, regenerates the batch it was in and writes only its missing images,
-so the folder ends up byte-identical to an uninterrupted run's. Only rank 0 generates; other ranks wait.
+so the folder ends up byte-identical to an uninterrupted run's. Only rank 0 generates (on the device the run trains
+on); other ranks wait.
 """
 
 from __future__ import annotations
@@ -73,8 +74,13 @@ def ensure_class_images(cfg: DictConfig, module, *, rank: int = 0, progress: boo
     named = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts"
     print(f"class images: generating {wanted - existing} of {named} into {root} with the base model "
           f"({existing} there; {sampler.name} {sampler.steps} steps, guidance {options.guidance_scale})")
+    from ldm.training.run.latent_prep import cache_device, on_device
+
     start = time.perf_counter()
-    written = generate_class_images(module, root, prompts, existing, wanted, options, sampler, resolution, progress)
+    device = cache_device(OmegaConf.select(cfg, "trainer.accelerator"), OmegaConf.select(cfg, "trainer.devices"))
+    with on_device([module], device):  # on the device the run trains on: a GPU run samples on its GPU
+        written = generate_class_images(module, root, prompts, existing, wanted, options, sampler, resolution,
+                                        progress)
     log.info("class images: %d generated in %.1f s", written, time.perf_counter() - start)
     return written
 

@@ -197,13 +197,16 @@ class DiffusionStage:
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
         from ldm.data.auto_cache import PART_SIZE
-        from ldm.training.run.latent_prep import encode_training_set
+        from ldm.training.run.latent_prep import cache_device, encode_training_set
         from ldm.training.run.resolution import training_buckets, training_resolution
 
         if getattr(datamodule, "latent_cache", None):
             part_size = getattr(datamodule, "latent_cache_part_size", None) or PART_SIZE
             _named(lambda: encode_training_set(module, datamodule, datamodule.latent_cache, rank=rank_zero_only.rank,
-                                               seed=cfg.seed, progress=_progress(cfg), part_size=part_size))
+                                               seed=cfg.seed, progress=_progress(cfg), part_size=part_size,
+                                               precision=getattr(datamodule, "latent_cache_dtype", "auto"),
+                                               device=cache_device(cfg.trainer.get("accelerator"),
+                                                                   cfg.trainer.get("devices"))))
         module.model_config["resolution"] = (training_resolution(datamodule, module.autoencoder)
                                              or module.model_config.get("resolution"))
         buckets = training_buckets(datamodule)
