@@ -67,6 +67,8 @@ def parse_args(argv=None):
                    "train.py is timed too, cold, in the same alternation")
     p.add_argument("--baseline-overrides", nargs="*", default=[], help="train.py overrides of the baseline only")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both trainers' training precision")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: ldm with trainer=gpu (diffusers' "
+                   "script, through accelerate, takes the GPU where there is one)")
     p.add_argument("--size", choices=sorted(SIZES), default="encoders")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--source-size", type=int, default=512, help="side of the JPEGs in the folder (px)")
@@ -140,7 +142,8 @@ def write_images(folder: Path, n: int, side: int, seed: int = 0) -> Path:
 def ldm_command(model: Path, images: Path, run: Path, cache: Path, args, root: Path = ROOT,
                 extra: tuple[str, ...] = ()) -> list[str]:
     preset = SIZES[args.size]
-    return [sys.executable, str(root / "train.py"), "model=sd15", f"model.unet.name={preset['unet']}",
+    trainer = ["trainer=gpu", "trainer.devices=1"] if args.device == "cuda" else []
+    return [sys.executable, str(root / "train.py"), "model=sd15", *trainer, f"model.unet.name={preset['unet']}",
             *[f"+model.unet.{k}={v}" for k, v in preset["unet_overrides"].items()],
             f"model.autoencoder.preset={preset['vae']}", f"model.pretrained={model}",
             f"model.text_encoder.path_or_hub_id={model}", "model.text_encoder.subfolder_layout=true",
@@ -222,7 +225,7 @@ def main(argv=None) -> dict:
         images = write_images(work / f"images-{args.images}-{args.source_size}", args.images, args.source_size)
         print(f"{args.size} model, {args.images} images ({args.source_size} px JPEG) at {args.resolution} px, batch "
               f"{args.batch}, {args.steps} steps, {args.threads} thread(s), {args.workers} loader worker(s), "
-              f"{args.precision}", flush=True)
+              f"{args.precision} on {args.device}", flush=True)
         baseline = Path(args.baseline_root).resolve() if args.baseline_root else None
         times: dict[str, list[float]] = {"ldm_cold": [], "ldm_warm": [], "baseline_cold": [], "diffusers": []}
         cpu: dict[str, list[float]] = {k: [] for k in times}  # CPU seconds of the same runs
@@ -257,7 +260,7 @@ def main(argv=None) -> dict:
             if not args.out:  # keep the disk free: one pair's runs at a time
                 shutil.rmtree(run, ignore_errors=True)
         row = dict(size=args.size, images=args.images, resolution=args.resolution, batch=args.batch,
-                   precision=args.precision, baseline_overrides=args.baseline_overrides,
+                   precision=args.precision, device=args.device, baseline_overrides=args.baseline_overrides,
                    steps=args.steps, threads=args.threads, pairs=args.pairs,
                    ldm_cold_s=statistics.median(times["ldm_cold"]), loads=[round(x, 1) for x in loads],
                    **{f"{k}_cpu_s": [round(x, 1) for x in v] for k, v in cpu.items() if v},

@@ -134,11 +134,12 @@ for spec in ${BENCH_MEM_PRESETS:-sd15:512 sdxl:1024}; do
         --resolution "${spec##*:}" --native "${spec##*:}" --fit-resolutions "" ${BENCH_MEM_ROWS:+--rows $BENCH_MEM_ROWS}
 done
 
-# issue 28, item 4: the first epoch with a cold latent cache (bench/first_epoch.py, branch s28e). HOOK: without it
-# in this checkout the row says so; the lead wires it when both branches are merged.
+# issue 28, item 4: the first epoch with a cold latent cache (bench/first_epoch.py): train.py trainer=gpu end to end
+# in bf16-mixed (the cache built on the GPU in bfloat16) against diffusers' script with --mixed_precision=bf16.
 if [ "${BENCH_SKIP_FIRST_EPOCH:-0}" != 1 ]; then
     if [ -f bench/first_epoch.py ] && $PY -c "import hydra, omegaconf" >>"$LOG" 2>&1; then
-        run_cmd first-epoch 150 $PY bench/first_epoch.py ${BENCH_FIRST_EPOCH_ARGS:---size encoders --pairs 3} \
+        run_cmd first-epoch 150 $PY bench/first_epoch.py ${BENCH_FIRST_EPOCH_ARGS:---size encoders --pairs 3 \
+            --precision bf16 --device $([ "$DEVICE" = cpu ] && echo cpu || echo cuda)} \
             --json "$RESULTS" ${DIFFUSERS_T2I:+--diffusers-script "$DIFFUSERS_T2I"}
     else
         echo "SKIP first-epoch (HOOK): bench/first_epoch.py or hydra/omegaconf missing in this checkout" | tee -a "$LOG"

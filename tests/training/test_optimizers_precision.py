@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from ldm.training.run.config_checks import ConfigError, check_values
 from ldm.training.build.optimizers import adamw8bit
-from ldm.training.build.precision import precision_overrides
+from ldm.training.build.precision import ClippableMixedPrecision, precision_overrides
 from ldm.training.run.train import train
 
 
@@ -69,7 +69,28 @@ def test_fp16_mixed_on_cpu_gets_a_grad_scaler(tiny_cfg):
     (plugin,) = plugins["plugins"]
     assert plugin.precision == "16-mixed" and isinstance(plugin.scaler, torch.amp.GradScaler)
     assert plugin.scaler._device == "cpu"
-    assert precision_overrides(tiny_cfg("trainer.precision=bf16-mixed")) == {}
+
+
+def test_bf16_mixed_clips_the_gradients_of_a_fused_optimizer(tiny_cfg):
+    """trainer=gpu's defaults (bf16-mixed, fused AdamW, gradient_clip_val 1.0): Lightning's own plugin refused the
+    combination at the first step ("does not allow for gradient clipping"), though bf16 scales nothing."""
+    plugins = precision_overrides(tiny_cfg("trainer.precision=bf16-mixed"))
+    (plugin,) = plugins["plugins"]
+    assert plugins["precision"] is None and isinstance(plugin, ClippableMixedPrecision)
+    assert plugin.precision == "bf16-mixed" and plugin.scaler is None and plugin.device == "cpu"
+    (gpu,) = precision_overrides(tiny_cfg("trainer.precision=bf16-mixed", "trainer.accelerator=gpu"))["plugins"]
+    assert gpu.device == "cuda" and gpu.scaler is None
+    assert precision_overrides(tiny_cfg("trainer=fsdp")) == {}, "FSDPStrategy brings its FSDPPrecision"
+    assert precision_overrides(tiny_cfg()) == {}
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(layer.parameters(), fused=True)
+    assert opt._step_supports_amp_scaling  # what Lightning's MixedPrecision refused
+    layer(torch.randn(8, 4) * 100).pow(2).sum().backward()
+    assert torch.cat([p.grad.flatten() for p in layer.parameters()]).norm() > 10
+    plugin.clip_gradients(opt, 1.0)
+    assert torch.cat([p.grad.flatten() for p in layer.parameters()]).norm() == pytest.approx(1.0, rel=1e-4)
+    _finite_run(train(tiny_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=2",
+                               "trainer.val_check_interval=2", "trainer.gradient_clip_val=1.0")))
 
 
 @pytest.mark.parametrize("override,match", [
