@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_encoded_once_then_reused_with_identical_training(tiny_cfg, tmp_path, capsys):
     own = [*CACHE, f"paths.cache_dir={tmp_path / 'own-cache'}"]  # not the session's shared cache: others fill it
     first = train(tiny_cfg(*own))
-    assert "encoding 40 image(s) once" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "encoding 40 image(s) once" in out and "nothing new to encode" not in out
     folders = list((tmp_path / "own-cache" / "latents").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("ShapesDataset-")
     part = folders[0] / "part-00000"

@@ -322,16 +322,16 @@ def encode_training_set(module, datamodule, root: str | Path, *, rank: int = 0, 
             # every rank: each claims whole parts and encodes them, then waits for the parts the others build
             view = sync_cache(folder, spec, encode, part_size=part_size, **options)
     if view.encoded:
-        log.info("latent cache %s: %d image(s) encoded by rank %d in %.1f s (%s)", folder, view.encoded, rank,
-                 time.perf_counter() - start, str(dtype).removeprefix("torch."))
+        log.info("latent cache %s: %d image(s) encoded by rank %d on %s in %.1f s (%s)", folder, view.encoded, rank,
+                 device, time.perf_counter() - start, str(dtype).removeprefix("torch."))
+    elif rank == 0:
+        print(f"training from the latent cache {folder} (nothing new to encode)")
     if encode.fallbacks:
         message = (f"data.latent_cache_dtype: {encode.fallbacks} batch(es) gave non-finite latents in "
                    f"{str(dtype).removeprefix('torch.')} and were encoded again in float32 (set "
                    "data.latent_cache_dtype=float32 or bfloat16 to skip the first try)")
         log.warning(message)
         print(f"WARNING {message}")
-    elif rank == 0:
-        print(f"training from the latent cache {folder} (nothing new to encode)")
     datamodule.source_dataset = source
     # a dataset that pairs its rows (DreamBooth: instance + class) reads them from the view; others are the view
     datamodule.train_dataset = source.with_cache(view) if isinstance(source, PairedRows) else view
