@@ -17,6 +17,7 @@ from ldm.formats.autoencoder_file import load_autoencoder
 from ldm.models.autoencoder import AutoencoderKL, IdentityAutoencoder
 
 @torch.no_grad()
+@torch.no_grad()  # 16 batches of the VAE's activations were kept for a backward that never came
 def calibrate_scaling_factor(ae: AutoencoderKL, loader, batches: int = 16) -> float:
     """Set the latent scaling factor to 1 / std of posterior samples, so the diffusion model sees unit-variance
     latents (Rombach et al. 2022, sec. 4.3 and appendix G: SD's 0.18215 was found this way)."""
