@@ -10,13 +10,13 @@ import zipfile
 from pathlib import Path
 
 from ldm.formats.safe_load import CheckpointError, load_state_dict
-from ldm.formats.sd3_folder import is_sd3_folder
+from ldm.formats.sd3_folder import transformer_pipeline
 from ldm.formats.sd3_single_file import is_sd3_file
 from ldm.formats.sharded_checkpoint import is_sharded_checkpoint
 from ldm.formats.single_file import UNET_PREFIX as SD_UNET_PREFIX
 
 SOURCE_KINDS = ("training_checkpoint", "ldm_bundle", "sd_single_file", "diffusers", "hub", "sd3_diffusers",
-                "sd3_single_file")
+                "sd3_single_file", "flux_diffusers")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 TRAINING_UNET_PREFIX = "unet."
 TRAINING_ADAPTER_PREFIX = "lora.loras."  # a LoRA run's checkpoint (ldm.training.module.diffusion_module)
@@ -40,14 +40,15 @@ def detect_source(source) -> str:
     if path.is_dir():
         if (path / "ldm_bundle.json").is_file():
             return "ldm_bundle"
-        if is_sd3_folder(path):  # SD3 / SD3.5: transformer/ (an MMDiT), the 16-channel VAE, CLIP-L/G (+ T5)
-            return "sd3_diffusers"
+        pipeline = transformer_pipeline(path)  # SD3 / SD3.5: transformer/ (an MMDiT), CLIP-L/G (+ T5); FLUX.1: a
+        if pipeline is not None:                # Flux, CLIP-L + T5; both the 16-channel VAE without quant convs
+            return pipeline
         if (path / "model_index.json").is_file() or ((path / "unet").is_dir() and (path / "vae").is_dir()):
             return "diffusers"
         if is_sharded_checkpoint(path):  # trainer=fsdp2's checkpoint folder
             return "training_checkpoint"
         raise ValueError(f"{path}: folder is not a model: expected ldm_bundle.json (ldm export), "
-                         "model_index.json / unet/ + vae/ (diffusers), transformer/ + vae/ (diffusers SD3) or "
+                         "model_index.json / unet/ + vae/ (diffusers), transformer/ + vae/ (diffusers SD3 / FLUX.1) or "
                          ".metadata + meta.pt (a sharded checkpoint)")
     suffix = path.suffix.lower()
     if suffix not in WEIGHT_SUFFIXES:

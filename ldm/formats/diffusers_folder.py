@@ -56,7 +56,8 @@ DIFFUSERS_METADATA = ("_class_name", "_diffusers_version", "_name_or_path", "_us
 HUB_PATTERNS = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors",
                 "text_encoder_2/*.safetensors",
                 # SD3 / SD3.5 (ldm.formats.sd3_folder): the MMDiT, the T5 and its sentencepiece tokenizer
-                "transformer/*.safetensors", "text_encoder_3/*.safetensors", "tokenizer_3/*.model"]
+                "transformer/*.safetensors", "text_encoder_3/*.safetensors", "tokenizer_3/*.model",
+                "tokenizer_2/*.model"]  # FLUX.1's T5 tokenizer (ldm.formats.flux_folder)
 
 
 def resolve_folder(path_or_hub_id) -> Path:

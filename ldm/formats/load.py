@@ -8,7 +8,9 @@ What ``source`` may be (``detect_source`` tells them apart by reading headers / 
   SD1 vs SD2 and the U-Net / VAE sizes come from the key shapes (or from the config that
   :func:`save_single_file` stores in the safetensors header); the schedule is SD's scaled_linear
   0.00085..0.012 with eps prediction unless ``prediction_type`` says otherwise (SD 2.x 768-v: "v_prediction");
-- ``diffusers``: a folder with ``model_index.json`` or ``unet/`` + ``vae/``, or a hub id (``org/name``).
+- ``diffusers``: a folder with ``model_index.json`` or ``unet/`` + ``vae/``, or a hub id (``org/name``);
+- ``sd3_diffusers`` / ``flux_diffusers``: an SD3 / FLUX.1 diffusers folder (``transformer/`` + ``vae/``), or a hub id
+  of one (``sd3_folder``, ``flux_folder``); ``sd3_single_file``: SD3 in ComfyUI's layout.
 
 Pickled files are never unpickled to detect them (their pickle opcodes are scanned), and loaded with
 ``weights_only=True``.
@@ -28,6 +30,7 @@ from ldm.models.bundle import ModelBundle
 from ldm.formats.detect import detect_source, looks_like_hub_id
 from ldm.formats.diffusers_folder import load_diffusers
 from ldm.formats.dtypes import DTYPES
+from ldm.formats.flux_folder import load_flux_diffusers
 from ldm.formats.ldm_bundle import load_ldm_bundle
 from ldm.formats.sd3_folder import hub_folder, load_sd3_diffusers
 from ldm.formats.sd3_single_file import load_sd3_single_file
@@ -54,13 +57,14 @@ def load_bundle(source, *, use_ema: bool = True, device: str | torch.device = "c
     dtype = resolve_dtype(dtype, device)
     kind = detect_source(source)
     original = source
-    if kind == "hub":  # an SD3 repo is read by the SD3 loader (what it is shows once its files are here)
+    if kind == "hub":  # an SD3 / FLUX.1 repo is read by its loader (what it is shows once its files are here)
         source, kind = hub_folder(source)
-    if kind in ("sd3_diffusers", "sd3_single_file"):  # SD3's text encoders: a folder is read by the SD3 loaders
+    if kind in ("sd3_diffusers", "sd3_single_file", "flux_diffusers"):  # their own text encoders and loaders
         if prediction_type is not None:
-            raise ValueError(f"{source}: an SD3 model predicts the flow velocity; prediction_type={prediction_type!r} "
-                             "does not apply to it")
-        bundle = load_sd3(source, kind, text_encoder)
+            raise ValueError(f"{source}: an {'SD3' if kind.startswith('sd3') else 'FLUX.1'} model predicts the flow "
+                             f"velocity; prediction_type={prediction_type!r} does not apply to it")
+        bundle = (load_flux_diffusers(source, text_encoder=text_encoder) if kind == "flux_diffusers"
+                  else load_sd3(source, kind, text_encoder))
         bundle.meta.setdefault("format", kind)
         bundle.source = str(original)
         return bundle.to(device, dtype).eval()

@@ -31,6 +31,7 @@ from ldm.models.text_encoder_sdxl import DualTextOptions, TinyDualCLIPConfig
 from ldm.models.controlnet import ControlNetConfig
 from ldm.models.flux import FluxConfig
 from ldm.models.mmdit import MMDiTConfig
+from ldm.models.text_encoder_flux import FluxTextOptions
 from ldm.models.text_encoder_sd3 import SD3TextOptions, TinySD3TextConfig
 from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
@@ -190,6 +191,8 @@ FLUX_SCHEMA = schema_of(FluxConfig)  # Flux.1 (model=flux_tiny, the flux_dev / f
 TINY_SD3_TEXT_SCHEMA = {**schema_of(TinySD3TextConfig), **schema_of(SD3TextOptions)}
 PRETRAINED_SD3_TEXT_SCHEMA = {"path_or_hub_id": schema_of(CLIPFolder)["path_or_hub_id"], "use_t5": Param(BOOL),
                               **schema_of(SD3TextOptions)}
+PRETRAINED_FLUX_TEXT_SCHEMA = {"path_or_hub_id": schema_of(CLIPFolder)["path_or_hub_id"], "use_t5": Param(BOOL),
+                               **schema_of(FluxTextOptions)}  # FLUX.1's CLIP-L + T5 (model=flux_dev)
 # ldm.diffusion.flow.FlowMatching (schedule=flow): flow matching's shift and loss weighting
 FLOW_SCHEDULE_SCHEMA = {
     "num_train_timesteps": Param(INT, 2, 100_000), "shift": Param(FLOAT, 1e-3, 1e3),
@@ -361,6 +364,14 @@ def _pretrained_dual_text_encoder(path_or_hub_id: str, *, source: str = "", **kw
     return DualCLIPTextEncoder.from_pretrained(folder, **kw)
 
 
+def _pretrained_flux_text_encoder(path_or_hub_id: str, *, source: str = "", use_t5: bool = True, **kw) -> nn.Module:
+    """FLUX.1's CLIP-L (+ T5) of a diffusers FLUX.1 folder, each checked against its weights before transformers
+    allocates it (a hub id only from this machine's cache)."""
+    from ldm.formats.flux_folder import load_flux_text_encoder
+
+    return load_flux_text_encoder(_local_text_folder(path_or_hub_id, source), use_t5=use_t5, **kw)
+
+
 def _pretrained_sd3_text_encoder(path_or_hub_id: str, *, source: str = "", use_t5: bool = True, **kw) -> nn.Module:
     """SD3's CLIP-L + CLIP-G (+ T5) of a diffusers SD3 folder, each checked against its weights before transformers
     allocates it (a hub id only from this machine's cache)."""
@@ -472,6 +483,8 @@ BUILDERS: dict[str, Builder] = {
                                                                      "text_encoder"),
     "ldm.models.text_encoder_sd3.SD3TextEncoder.from_pretrained": Builder(
         _pretrained_sd3_text_encoder, PRETRAINED_SD3_TEXT_SCHEMA, "text_encoder", needs_source=True),
+    "ldm.models.text_encoder_flux.FluxTextEncoder.from_pretrained": Builder(
+        _pretrained_flux_text_encoder, PRETRAINED_FLUX_TEXT_SCHEMA, "text_encoder", needs_source=True),
     FLOW_SCHEDULE_TARGET: Builder(_flow_schedule, FLOW_SCHEDULE_SCHEMA, "schedule"),
 }
 

@@ -42,26 +42,44 @@ T5_LENGTH = 256  # diffusers' max_sequence_length default: the T5 tokens of SD3'
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers with StableDiffusion3Pipeline + SD3.5's options (pyproject's floor)
 
 
-def is_sd3_folder(path) -> bool:
-    """A diffusers folder of SD3's pipeline: ``model_index.json`` naming StableDiffusion3*, or ``transformer/`` +
-    ``vae/`` (a folder without model_index.json, as ``unet/`` + ``vae/`` for SD)."""
+# the diffusers pipelines whose folders are read by their own loaders (a transformer/ folder, not unet/): the source
+# kind (``detect_source``) <- model_index.json's _class_name prefix / transformer/config.json's _class_name
+TRANSFORMER_PIPELINES = {"sd3_diffusers": ("StableDiffusion3", "SD3Transformer2DModel"),
+                         "flux_diffusers": ("Flux", "FluxTransformer2DModel")}
+
+
+def transformer_pipeline(path) -> str | None:
+    """``sd3_diffusers`` / ``flux_diffusers`` for a diffusers folder of SD3's or FLUX.1's pipeline, else None:
+    told by ``model_index.json``'s _class_name (StableDiffusion3* / Flux*), or without one (as ``unet/`` + ``vae/``
+    for SD) by ``transformer/`` + ``vae/``, FLUX.1 when transformer/config.json names FluxTransformer2DModel."""
     path = Path(path)
     index = path / "model_index.json"
     if index.is_file():
         name = read_json_file(index).get("_class_name")
-        if isinstance(name, str) and name.startswith("StableDiffusion3"):
-            return True
-    return (path / "transformer").is_dir() and (path / "vae").is_dir()
+        for kind, (pipeline, _) in TRANSFORMER_PIPELINES.items():
+            if isinstance(name, str) and name.startswith(pipeline):
+                return kind
+    if not ((path / "transformer").is_dir() and (path / "vae").is_dir()):
+        return None
+    config = path / "transformer" / "config.json"
+    name = read_json_file(config).get("_class_name") if config.is_file() else None
+    return "flux_diffusers" if name == TRANSFORMER_PIPELINES["flux_diffusers"][1] else "sd3_diffusers"
+
+
+def is_sd3_folder(path) -> bool:
+    """A diffusers folder of SD3's pipeline (``transformer_pipeline``)."""
+    return transformer_pipeline(path) == "sd3_diffusers"
 
 
 def hub_folder(hub_id) -> tuple[Path, str]:
-    """A hub id's files on this machine (fetched unless HF_HUB_OFFLINE) and their kind: sd3_diffusers or diffusers."""
+    """A hub id's files on this machine (fetched unless HF_HUB_OFFLINE) and their kind: sd3_diffusers,
+    flux_diffusers or diffusers."""
     try:
         folder = resolve_folder(hub_id)
     except Exception as err:  # offline, unknown repo, ...: huggingface_hub's many error types
         raise FileNotFoundError(f"model not found: {hub_id} is no local folder and could not be fetched from the "
                                 f"hub ({type(err).__name__}: {err})") from err
-    return folder, "sd3_diffusers" if is_sd3_folder(folder) else "diffusers"
+    return folder, transformer_pipeline(folder) or "diffusers"
 
 
 # ---------------------------------------------------------------------------------------------- the scheduler
@@ -77,18 +95,20 @@ _FLOW_DEFAULTS = {"invert_sigmas": False, "shift_terminal": None, "use_karras_si
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 
 
-def read_flow_scheduler(folder) -> FlowMatching:
-    """``scheduler/scheduler_config.json`` (a FlowMatchEulerDiscreteScheduler) -> FlowMatching, bounded."""
+def read_flow_scheduler(folder, *, what: str = "an SD3 folder", **fixed) -> FlowMatching:
+    """``scheduler/scheduler_config.json`` (a FlowMatchEulerDiscreteScheduler) -> FlowMatching, bounded. fixed:
+    FlowMatching fields the pipeline sets, not the scheduler (FluxPipeline's sigmas: spacing="flux")."""
     path = Path(folder) / "scheduler" / "scheduler_config.json"
     cfg = read_json_file(path) if path.is_file() else {"_class_name": FLOW_SCHEDULER}
     if not isinstance(cfg, dict) or cfg.get("_class_name", FLOW_SCHEDULER) != FLOW_SCHEDULER:
-        raise CheckpointError(f"{path}: an SD3 folder's scheduler must be a {FLOW_SCHEDULER}, got "
+        raise CheckpointError(f"{path}: {what}'s scheduler must be a {FLOW_SCHEDULER}, got "
                               f"{cfg.get('_class_name') if isinstance(cfg, dict) else cfg!r}")
     for key, default in _FLOW_DEFAULTS.items():
         if cfg.get(key, default) != default:
             raise CheckpointError(f"{path}: {key} = {cfg[key]!r} is not supported by our flow_euler sampler "
                                   f"(only {default!r})")
-    node = {"_target_": FLOW_SCHEDULE_TARGET, **{ours: cfg[k] for k, ours in _FLOW_FIELDS.items() if k in cfg}}
+    node = {"_target_": FLOW_SCHEDULE_TARGET, **{ours: cfg[k] for k, ours in _FLOW_FIELDS.items() if k in cfg},
+            **fixed}
     return build_node(node, "schedule", source=str(path), key="scheduler")
 
 
@@ -126,19 +146,30 @@ def load_sd3_text_encoder(folder, *, joint_dim: int, use_t5: bool = True, t5_len
 def load_sd3_diffusers(source, *, text_encoder=None, use_t5: bool = True, t5_length: int = T5_LENGTH) -> ModelBundle:
     """A whole SD3 folder -> ModelBundle (MMDiT, SD3's VAE, SD3TextEncoder, FlowMatching with the folder's shift).
     text_encoder: an SD3TextEncoder to use instead of the folder's, or another SD3 folder to take them from."""
+    def text(unet):
+        return text_encoder if isinstance(text_encoder, nn.Module) else load_sd3_text_encoder(
+            source if text_encoder is None else text_encoder, joint_dim=unet.config["joint_attention_dim"],
+            use_t5=use_t5, t5_length=t5_length)
+
+    return load_pipeline_folder(source, "sd3_diffusers", read_sd3_transformer, text, read_flow_scheduler(source))
+
+
+def load_pipeline_folder(source, kind: str, read_transformer, text_encoder, schedule,
+                         sample_size: int | None = None) -> ModelBundle:
+    """A diffusers folder of a transformer pipeline (SD3's, FLUX.1's) -> ModelBundle: ``read_transformer(folder /
+    "transformer")`` (bounded), the VAE of ``vae/`` (bounded), ``text_encoder(transformer)`` and the schedule.
+    sample_size: the pipeline's default latent size when the transformer's config has none (FluxPipeline: 128)."""
     folder = Path(source)
     for sub in ("transformer", "vae"):
         if not (folder / sub).is_dir():
-            raise CheckpointError(f"{folder}: an SD3 folder needs {sub}/")
-    unet = read_sd3_transformer(folder / "transformer")
+            raise CheckpointError(f"{folder}: a {kind} folder needs {sub}/")
+    unet = read_transformer(folder / "transformer")
     vae = load_diffusers_folder(folder, components=("vae",))["vae"]
-    te = text_encoder if isinstance(text_encoder, nn.Module) else load_sd3_text_encoder(
-        folder if text_encoder is None else text_encoder, joint_dim=unet.config["joint_attention_dim"], use_t5=use_t5,
-        t5_length=t5_length)
-    meta = {"format": "sd3_diffusers", "resolution": unet.config["sample_size"] * vae.downsample_factor,
-            # diffusers decodes SD3's VAE in float32 (force_upcast, as SDXL's): so does ModelBundle.to
+    size = unet.config["sample_size"] if sample_size is None else sample_size
+    meta = {"format": kind, "resolution": size * vae.downsample_factor,
+            # diffusers decodes SD3's and FLUX.1's VAE in float32 (force_upcast, as SDXL's): so does ModelBundle.to
             "vae_fp32": _config(folder / "vae").get("force_upcast", True) is not False}
-    return ModelBundle(unet, vae, te, read_flow_scheduler(folder), source=str(source), meta=meta)
+    return ModelBundle(unet, vae, text_encoder(unet), schedule, source=str(source), meta=meta)
 
 
 def _same_config(ours: dict, stored: dict, what: str, path: Path) -> None:
@@ -152,16 +183,18 @@ def _same_config(ours: dict, stored: dict, what: str, path: Path) -> None:
 
 
 def load_text_weights_into(text_encoder: nn.Module, clips: list[dict], t5: dict | None, *, source: str,
-                           t5_required: bool = True) -> None:
-    """SD3TextEncoder weights from hub-keyed CLIP-L / CLIP-G (``text_model.*`` + ``text_projection.weight``) and
-    T5 state dicts. t5_required=False: an encoder's T5 keeps its weights when ``t5`` is None."""
+                           t5_required: bool = True, kind: type | None = None) -> None:
+    """Text encoder weights from hub-keyed CLIP (``text_model.*`` (+ ``text_projection.weight``)) and T5 state
+    dicts: SD3TextEncoder's CLIP-L / CLIP-G (``model``, ``model_2``), or FluxTextEncoder's CLIP-L (``model``) with
+    kind=FluxTextEncoder. t5_required=False: an encoder's T5 keeps its weights when ``t5`` is None."""
     from ldm.models.text_encoder_sd3 import SD3TextEncoder
 
-    if not isinstance(text_encoder, SD3TextEncoder):
-        raise CheckpointError(f"{source}: SD3 weights need SD3's text encoder (SD3TextEncoder), got "
+    kind = kind or SD3TextEncoder
+    if not isinstance(text_encoder, kind):
+        raise CheckpointError(f"{source}: these weights need the text encoder {kind.__name__}, got "
                               f"{type(text_encoder).__name__}")
-    for model, state, name in ((text_encoder.model, clips[0], "clip_l"), (text_encoder.model_2, clips[1], "clip_g")):
-        load_into(model, {k: v for k, v in state.items() if not k.endswith("position_ids")},
+    for attr, state, name in zip(("model", "model_2"), clips, ("clip_l", "clip_g")):
+        load_into(getattr(text_encoder, attr), {k: v for k, v in state.items() if not k.endswith("position_ids")},
                   source=f"{source} ({name})")
     if text_encoder.t5 is not None and (t5 is not None or t5_required):
         if t5 is None:
@@ -187,22 +220,29 @@ def load_sd3_folder_into(source, unet: nn.Module, autoencoder: nn.Module | None 
     """Fill configured networks (fine-tuning: ``model.pretrained=<SD3 folder>``) strictly from an SD3 folder: the
     configured MMDiT / VAE must be the folder's (a clear error names the differing fields)."""
     folder = Path(source)
-    sub = folder / "transformer"
     if not hasattr(unet, "joint_blocks"):
         raise CheckpointError(f"{folder}: an SD3 folder's transformer loads into an MMDiT (model=sd35_medium, "
                               f"sd3_medium, sd35_large), not a {type(unet).__name__}")
-    _same_config(unet.config, _converted(mmdit_config_from_diffusers, sub), "unet", sub / "config.json")
-    load_into(unet, mmdit_from_diffusers(read_weights(sub, "diffusion_pytorch_model"), unet.config),
-              source=str(sub))
-    if autoencoder is not None:
-        _same_config(autoencoder.config, _converted(vae_config_from_diffusers, folder / "vae"), "autoencoder",
-                     folder / "vae" / "config.json")
-        load_diffusers_folder(folder, vae=autoencoder, components=("vae",))
+    fill_transformer_and_vae(folder, unet, autoencoder, mmdit_config_from_diffusers, mmdit_from_diffusers)
     if text_encoder is not None and not built_from(text_encoder, folder):
         t5 = check_text_folders(folder, use_t5=getattr(text_encoder, "t5", None) is not None)
         clips = [read_weights(folder / sub, "model") for sub, _ in CLIP_SUBS]
         load_text_weights_into(text_encoder, clips, read_weights(folder / T5_SUB, "model") if t5 else None,
                                source=str(folder))
+
+
+def fill_transformer_and_vae(folder: Path, unet: nn.Module, autoencoder: nn.Module | None, config_from,
+                             from_diffusers) -> None:
+    """A transformer pipeline folder's ``transformer/`` (its config mapped by ``config_from``, its weights by
+    ``from_diffusers``) and ``vae/`` into configured networks, each config equal to the folder's or a clear error
+    naming the ``model.unet.*`` / ``model.autoencoder.*`` key."""
+    sub = folder / "transformer"
+    _same_config(unet.config, _converted(config_from, sub), "unet", sub / "config.json")
+    load_into(unet, from_diffusers(read_weights(sub, "diffusion_pytorch_model"), unet.config), source=str(sub))
+    if autoencoder is not None:
+        _same_config(autoencoder.config, _converted(vae_config_from_diffusers, folder / "vae"), "autoencoder",
+                     folder / "vae" / "config.json")
+        load_diffusers_folder(folder, vae=autoencoder, components=("vae",))
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -20,7 +20,8 @@ from ldm.formats.ldm_bundle import load_ldm_bundle_into
 from ldm.formats.safe_load import CheckpointError, load_into, load_pickle
 from ldm.formats.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 from ldm.formats.single_file import load_single_file
-from ldm.formats.sd3_folder import hub_folder, is_sd3_folder, load_sd3_folder_into
+from ldm.formats.flux_folder import load_flux_folder_into
+from ldm.formats.sd3_folder import hub_folder, load_sd3_folder_into, transformer_pipeline
 from ldm.formats.sd3_single_file import load_sd3_file_into
 from ldm.formats.safe_build import build_node, check_plain, check_stored
 
@@ -262,7 +263,8 @@ def load_weights_into(source, unet: nn.Module, autoencoder: nn.Module | None = N
                       text_encoder: nn.Module | None = None, *, use_ema: bool = False,
                       named_by: str | None = None) -> str:
     """Fill existing modules (fine-tuning: ``model.pretrained``) from ``source``, told apart by ``detect_source``:
-    an ldm bundle, a diffusers folder / hub id, an SD single file or one of our training checkpoints. Each module
+    an ldm bundle, a diffusers folder / hub id (SD, SD3, FLUX.1), an SD / SD3 single file or one of our training
+    checkpoints. Each module
     is checked before anything is copied into it. Returns the source kind.
 
     named_by: the file that names ``source`` (a LoRA run's checkpoint naming its base): a hub id is then taken only
@@ -270,7 +272,7 @@ def load_weights_into(source, unet: nn.Module, autoencoder: nn.Module | None = N
     kind = detect_source(source)
     if kind == "hub" and named_by is not None:
         source = cached_hub_folder(str(source), HUB_PATTERNS, source=named_by, key="ldm.model.model.pretrained")
-        kind = "sd3_diffusers" if is_sd3_folder(source) else "diffusers"
+        kind = transformer_pipeline(source) or "diffusers"
     elif kind == "hub":
         source, kind = hub_folder(source)
     if kind == "ldm_bundle":
@@ -281,6 +283,8 @@ def load_weights_into(source, unet: nn.Module, autoencoder: nn.Module | None = N
         load_single_file(str(source), unet, vae=autoencoder, text_encoder=text_encoder, use_ema=use_ema)
     elif kind == "sd3_diffusers":
         load_sd3_folder_into(source, unet, autoencoder, text_encoder)
+    elif kind == "flux_diffusers":
+        load_flux_folder_into(source, unet, autoencoder, text_encoder)
     elif kind == "sd3_single_file":
         load_sd3_file_into(source, unet, autoencoder, text_encoder)
     else:  # a run of ours (e.g. the base of a LoRA run): its EMA weights, strictly

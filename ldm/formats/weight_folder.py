@@ -128,6 +128,9 @@ T5_TIED = ("encoder.embed_tokens.weight",)
 # an SD3 diffusers folder's text encoders and their tokenizers (the T5 pair optional)
 CLIP_SUBS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 T5_SUB, T5_TOKENIZER = "text_encoder_3", "tokenizer_3"  # tied to shared.weight: transformers stores only that one
+# a FLUX.1 diffusers folder's: CLIP-L (a CLIPTextModel, pooled unprojected) and the T5 as its second encoder
+FLUX_CLIP_SUBS = (("text_encoder", "tokenizer"),)
+FLUX_T5_SUBS = ("text_encoder_2", "tokenizer_2")
 
 
 def check_t5_folder(folder: Path) -> None:
@@ -159,15 +162,19 @@ def check_t5_folder(folder: Path) -> None:
                                   f"{tuple(tensor.shape)}")
 
 
-def check_text_folders(folder: Path, use_t5: bool = True) -> bool:
-    """The CLIP pair (and the T5, if there and wanted) checked against their weights; True when the T5 is used."""
-    for sub, tokenizer in CLIP_SUBS:
-        check_text_encoder_folder(folder / sub, projection=True)
+def check_text_folders(folder: Path, use_t5: bool = True, *, clips=CLIP_SUBS, t5_subs=(T5_SUB, T5_TOKENIZER),
+                       projection: bool = True, what: str = "an SD3 folder") -> bool:
+    """The CLIP text encoders (``clips``: (model, tokenizer) folders; ``projection``: CLIPTextModelWithProjection)
+    and the T5 (``t5_subs``, if there and wanted) checked against their weights; True when the T5 is used.
+    SD3: two projected CLIPs + text_encoder_3/; Flux.1: CLIP-L (no projection) + text_encoder_2/ (``FLUX_*``)."""
+    for sub, tokenizer in clips:
+        check_text_encoder_folder(folder / sub, projection=projection)
         if not (folder / tokenizer).is_dir():
-            raise CheckpointError(f"{folder}: an SD3 folder needs {tokenizer}/ beside {sub}/")
-    t5 = use_t5 and (folder / T5_SUB).is_dir()
+            raise CheckpointError(f"{folder}: {what} needs {tokenizer}/ beside {sub}/")
+    t5_sub, t5_tokenizer = t5_subs
+    t5 = use_t5 and (folder / t5_sub).is_dir()
     if t5:
-        check_t5_folder(folder / T5_SUB)
-        if not (folder / T5_TOKENIZER).is_dir():
-            raise CheckpointError(f"{folder}: {T5_SUB}/ needs {T5_TOKENIZER}/ beside it")
+        check_t5_folder(folder / t5_sub)
+        if not (folder / t5_tokenizer).is_dir():
+            raise CheckpointError(f"{folder}: {t5_sub}/ needs {t5_tokenizer}/ beside it")
     return t5

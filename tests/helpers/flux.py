@@ -23,3 +23,60 @@ def tiny_flux_text_folder(folder):
     T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1,
                             num_heads=2)).save_pretrained(folder / "text_encoder_2")
     return folder
+
+
+# a tiny FLUX.1-dev-like transformer (guidance embedding) on the 16-channel VAE: 24-d joint context = the tiny T5,
+# 32-d pooled vector = the tiny CLIP's width
+FLUX_TINY_FOLDER = dict(in_channels=16, out_channels=16, patch_size=2, num_layers=1, num_single_layers=2,
+                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=32,
+                        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+# the Hydra overrides that make model=flux_dev's networks this folder's (its Flux, VAE and text encoders' sizes)
+FLUX_TINY_MODEL = ["model.unet._target_=ldm.models.flux.Flux", "~model.unet.name",
+                   *[f"+model.unet.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in FLUX_TINY_FOLDER.items()],
+                   "model.unet.gradient_checkpointing=false", "+model.autoencoder.base_channels=8",
+                   "+model.autoencoder.channel_mult=[1,2]", "+model.autoencoder.num_res_blocks=1",
+                   "+model.autoencoder.norm_groups=8", "+model.text_encoder.joint_dim=24",
+                   f"model.text_encoder.t5_length={T5_LENGTH}"]
+
+
+def tiny_flux_pipeline(tmp, shift: dict | None = None):
+    """diffusers' FluxPipeline of tiny random networks: FluxTransformer2DModel, a 16-channel AutoencoderKL without
+    quant convs (FLUX.1's scaling 0.3611 / shift 0.1159), CLIPTextModel + T5EncoderModel (written under tmp/text)
+    and FLUX.1-dev's scheduler config (or ``shift``'s fields: FLUX.1-schnell's {"use_dynamic_shifting": False,
+    "shift": 1.0})."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    from ldm.formats.flux_keys import flux_diffusers_config
+    from ldm.models.flux import Flux
+
+    text = tiny_flux_text_folder(tmp / "text")
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**flux_diffusers_config(Flux(**FLUX_TINY_FOLDER).config)).eval()
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.normal_(0, 0.1)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=16, norm_num_groups=8,
+                        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+                        shift_factor=0.1159).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(**(shift or dict(  # black-forest-labs/FLUX.1-dev's
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+        shift=3.0)))
+    return FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
+                        text_encoder=CLIPTextModel.from_pretrained(text / "text_encoder").eval(),
+                        tokenizer=CLIPTokenizer.from_pretrained(text / "tokenizer"),
+                        text_encoder_2=T5EncoderModel.from_pretrained(text / "text_encoder_2").eval(),
+                        tokenizer_2=AutoTokenizer.from_pretrained(text / "tokenizer_2"))
+
+
+def write_tiny_flux_folder(tmp, shift: dict | None = None):
+    """(folder, pipeline): the tiny FluxPipeline saved by diffusers under tmp/flux (as a hub FLUX.1 repo is laid
+    out: model_index.json, transformer/, vae/, text_encoder{,_2}/, tokenizer{,_2}/, scheduler/)."""
+    from pathlib import Path
+
+    pipe = tiny_flux_pipeline(Path(tmp), shift)
+    folder = Path(tmp) / "flux"
+    pipe.save_pretrained(folder)
+    return folder, pipe
