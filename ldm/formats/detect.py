@@ -9,7 +9,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from ldm.formats.safe_load import CheckpointError, load_state_dict
+from ldm.formats.safe_load import CheckpointError, load_state_dict, read_json_file
 from ldm.formats.sd3_folder import transformer_pipeline
 from ldm.formats.sd3_single_file import is_sd3_file
 from ldm.formats.sharded_checkpoint import is_sharded_checkpoint
@@ -43,6 +43,9 @@ def detect_source(source) -> str:
         pipeline = transformer_pipeline(path)  # SD3 / SD3.5: transformer/ (an MMDiT), CLIP-L/G (+ T5); FLUX.1: a
         if pipeline is not None:                # Flux, CLIP-L + T5; both the 16-channel VAE without quant convs
             return pipeline
+        if (path / "transformer").is_dir() and not (path / "unet").is_dir():
+            raise ValueError(f"{path / 'model_index.json'}: _class_name = {_pipeline_name(path)!r}: a transformer "
+                             "pipeline ldm does not read (it reads StableDiffusion3* and Flux* folders)")
         if (path / "model_index.json").is_file() or ((path / "unet").is_dir() and (path / "vae").is_dir()):
             return "diffusers"
         if is_sharded_checkpoint(path):  # trainer=fsdp2's checkpoint folder
@@ -68,6 +71,11 @@ def detect_source(source) -> str:
         return "sd_single_file"
     raise ValueError(f"{path}: not a recognised checkpoint: expected 'model.diffusion_model.*' keys (Stable "
                      "Diffusion single file) or a Lightning 'state_dict' with 'unet.*' keys (ldm training checkpoint)")
+
+
+def _pipeline_name(folder: Path):
+    index = folder / "model_index.json"
+    return read_json_file(index).get("_class_name") if index.is_file() else None
 
 
 def _safetensors_keys(path: Path) -> set[str]:

@@ -34,7 +34,8 @@ from ldm.formats.sd3_diffusers_keys import (
     read_sd3_transformer,
     write_sd3_transformer,
 )
-from ldm.formats.weight_folder import CLIP_SUBS, T5_SUB, T5_TIED, T5_TOKENIZER, check_text_folders, read_weights
+from ldm.formats.weight_folder import (CLIP_SUBS, T5_SUB, T5_TIED, T5_TOKENIZER, TEXT_PREFIX, check_text_folders,
+                                      read_weights)
 from ldm.models.bundle import ModelBundle
 
 SD3_PIPELINE = "StableDiffusion3Pipeline"
@@ -50,15 +51,15 @@ TRANSFORMER_PIPELINES = {"sd3_diffusers": ("StableDiffusion3", "SD3Transformer2D
 
 def transformer_pipeline(path) -> str | None:
     """``sd3_diffusers`` / ``flux_diffusers`` for a diffusers folder of SD3's or FLUX.1's pipeline, else None:
-    told by ``model_index.json``'s _class_name (StableDiffusion3* / Flux*), or without one (as ``unet/`` + ``vae/``
-    for SD) by ``transformer/`` + ``vae/``, FLUX.1 when transformer/config.json names FluxTransformer2DModel."""
+    told by ``model_index.json``'s _class_name (StableDiffusion3* / Flux*; another pipeline is neither), or without
+    one (as ``unet/`` + ``vae/`` for SD) by ``transformer/`` + ``vae/``, FLUX.1 when transformer/config.json names
+    FluxTransformer2DModel."""
     path = Path(path)
     index = path / "model_index.json"
-    if index.is_file():
+    if index.is_file():  # it names the pipeline: no other is guessed from the folders
         name = read_json_file(index).get("_class_name")
-        for kind, (pipeline, _) in TRANSFORMER_PIPELINES.items():
-            if isinstance(name, str) and name.startswith(pipeline):
-                return kind
+        return next((kind for kind, (pipeline, _) in TRANSFORMER_PIPELINES.items()
+                     if isinstance(name, str) and name.startswith(pipeline)), None)
     if not ((path / "transformer").is_dir() and (path / "vae").is_dir()):
         return None
     config = path / "transformer" / "config.json"
@@ -101,7 +102,7 @@ def read_flow_scheduler(folder, *, what: str = "an SD3 folder", **fixed) -> Flow
     path = Path(folder) / "scheduler" / "scheduler_config.json"
     cfg = read_json_file(path) if path.is_file() else {"_class_name": FLOW_SCHEDULER}
     if not isinstance(cfg, dict) or cfg.get("_class_name", FLOW_SCHEDULER) != FLOW_SCHEDULER:
-        raise CheckpointError(f"{path}: {what}'s scheduler must be a {FLOW_SCHEDULER}, got "
+        raise CheckpointError(f"{path}: _class_name: {what}'s scheduler must be a {FLOW_SCHEDULER}, got "
                               f"{cfg.get('_class_name') if isinstance(cfg, dict) else cfg!r}")
     for key, default in _FLOW_DEFAULTS.items():
         if cfg.get(key, default) != default:
@@ -194,8 +195,10 @@ def load_text_weights_into(text_encoder: nn.Module, clips: list[dict], t5: dict 
         raise CheckpointError(f"{source}: these weights need the text encoder {kind.__name__}, got "
                               f"{type(text_encoder).__name__}")
     for attr, state, name in zip(("model", "model_2"), clips, ("clip_l", "clip_g")):
-        load_into(getattr(text_encoder, attr), {k: v for k, v in state.items() if not k.endswith("position_ids")},
-                  source=f"{source} ({name})")
+        model = getattr(text_encoder, attr)
+        nested = any(k.startswith(TEXT_PREFIX) for k in model.state_dict())  # a CLIPTextModel's keys: not since 5.6
+        load_into(model, {k if nested else k.removeprefix(TEXT_PREFIX): v for k, v in state.items()
+                          if not k.endswith("position_ids")}, source=f"{source} ({name})")
     if text_encoder.t5 is not None and (t5 is not None or t5_required):
         if t5 is None:
             raise CheckpointError(f"{source}: the text encoder has a T5 but the weights hold none: build it without "
