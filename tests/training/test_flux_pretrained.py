@@ -1,0 +1,114 @@
+"""model=flux_dev model.pretrained=<a FLUX.1 diffusers folder>: the configured networks filled from the folder (made
+tiny here to match a tiny FluxPipeline saved by diffusers), trained, the checkpoint sampled; a configured network
+that is not the folder's (model=flux_tiny as it ships, or one changed field) is a clear error naming the key."""
+
+import pytest
+import torch
+
+from ldm.training.run.train import ConfigError, build_diffusion_module, train
+from tests.helpers.flux import FLUX_TINY_MODEL, write_tiny_flux_folder
+from tests.helpers.training import CKPT, compose_train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """(folder, pipeline, image folder): the tiny FLUX.1 folder and 6 captioned 16 px images."""
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("flux_train")
+    folder, pipe = write_tiny_flux_folder(tmp)
+    images = tmp / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(["a red circle", "a blue square"][i % 2])
+    return folder, pipe, images
+
+
+def run(folder, images, *extra, model="flux_dev", tiny=True):
+    return [f"model={model}", "schedule=flow_flux", "sampler=flow_euler", "module.timesteps.kind=logit_normal",
+            f"model.pretrained={folder}", "data=folder", f"data.train.root={images}", "trainer=cpu",
+            *(FLUX_TINY_MODEL if tiny else []), "data.batch_size=2", "data.train.resolution=16",
+            "data.num_workers=0", "data.val_fraction=0.34", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1", "trainer.accumulate_grad_batches=1", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "lr_scheduler.warmup_steps=1",
+            "callbacks=none", "++data.latent_cache=null", *extra]
+
+
+def test_the_module_starts_from_the_folders_weights(flux, tmp_path, monkeypatch):
+    import ldm.formats.sd3_folder as sd3_folder
+    from ldm.formats.flux_keys import flux_from_diffusers
+    from ldm.models.text_encoder_flux import FluxTextEncoder
+
+    folder, pipe, images = flux
+    read = []
+    real = sd3_folder.read_weights
+    monkeypatch.setattr(sd3_folder, "read_weights", lambda sub, *a: read.append(sub.name) or real(sub, *a))
+    module = build_diffusion_module(compose_train(tmp_path, run(folder, images)))
+    # the text encoders were built from the folder itself (flux_dev's default): their weights are not read twice
+    assert read == ["transformer"] and sd3_folder.built_from(module.text_encoder, folder)
+    want = flux_from_diffusers(pipe.transformer.state_dict(), module.unet.config)
+    assert all(torch.equal(v, want[k]) for k, v in module.unet.state_dict().items())
+    vae = module.autoencoder
+    assert (vae.scaling_factor, vae.shift_factor) == (0.3611, 0.1159)
+    assert not any("quant_conv" in k for k in vae.state_dict())
+    assert torch.equal(vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight)
+    te = module.text_encoder
+    assert isinstance(te, FluxTextEncoder) and torch.equal(te.t5.shared.weight, pipe.text_encoder_2.shared.weight)
+
+
+def test_a_configured_network_that_is_not_the_folders_is_named(flux, tmp_path):
+    from ldm.formats.flux_folder import load_flux_folder_into
+    from ldm.formats.safe_load import CheckpointError
+    from ldm.models.text_encoder_sd3 import SD3TextEncoder
+
+    folder, _, images = flux
+    with pytest.raises(ConfigError, match="model.unet.num_layers=2 but the folder's 1"):
+        build_diffusion_module(compose_train(tmp_path, run(folder, images, "model.unet.num_layers=2")))
+    with pytest.raises(ConfigError, match="model.autoencoder.norm_groups=4 but the folder's 8"):
+        build_diffusion_module(compose_train(tmp_path, run(folder, images, "model.autoencoder.norm_groups=4")))
+    # model=flux_tiny as it ships (4-channel shapes VAE, 2 + 2 blocks, the tiny SD3 text encoder): its Flux first
+    with pytest.raises(ConfigError, match="model.unet.in_channels=4 but the folder's 16"):
+        build_diffusion_module(compose_train(tmp_path, run(folder, images, model="flux_tiny", tiny=False)))
+    # a text encoder that is not FLUX.1's: the key to set
+    module = build_diffusion_module(compose_train(tmp_path, run(folder, images)))
+    sd3_text = SD3TextEncoder.from_tiny(folder=str(tmp_path / "clips"), joint_dim=96, t5_length=8)
+    with pytest.raises(CheckpointError, match="model.text_encoder._target_=ldm.models.text_encoder_flux"):
+        load_flux_folder_into(folder, module.unet, module.autoencoder, sd3_text)
+
+
+def test_flux_trains_from_the_folder_and_its_checkpoint_samples(flux, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ldm.formats.load import load_bundle
+    from ldm.models.flux import Flux
+    from ldm.models.text_encoder_flux import FluxTextEncoder
+    from ldm.pipelines import text_to_image
+    from ldm.pipelines.cli import register_configs, sample
+    from tests.helpers import CONFIGS
+
+    folder, pipe, images = flux
+    full = train(compose_train(tmp_path / "full", run(folder, images, "optim.lr=1e-3", *CKPT)))
+    assert full["global_step"] == 2 and full["metrics"]["train/loss"] > 0 and "val/loss" in full["metrics"]
+    # its checkpoint rebuilds through the bounded builders (the Flux, the VAE, FluxTextEncoder of the folder)
+    bundle = load_bundle(full["last_checkpoint"], device="cpu", dtype="float32")
+    assert isinstance(bundle.unet, Flux) and isinstance(bundle.text_encoder, FluxTextEncoder)
+    before = pipe.transformer.state_dict()["proj_out.weight"]
+    assert not torch.equal(bundle.unet.final_layer.linear.weight, before)  # it trained
+    images_out = text_to_image(bundle, ["a red circle"], sampler="flow_euler", steps=2, guidance_scale=3.5,
+                               height=16, width=16, seed=0)
+    assert images_out.shape == (1, 3, 16, 16) and torch.isfinite(images_out).all()
+
+    lora = train(compose_train(tmp_path / "lora", run(folder, images, "adapter=lora", "optim.lr=1e-2", *CKPT)))
+    assert lora["global_step"] == 2
+    lora_file = tmp_path / "lora" / "run" / "lora.safetensors"
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={folder}", f"out_dir={tmp_path / 'png'}", "prompt=a red circle",
+                                           "n_images=1", "sampler=flow_euler", "sampler.steps=2", "guidance_scale=3.5",
+                                           f"lora=[{lora_file}]"])
+    assert [p.name for p in sample(cfg)] == ["00000.png", "grid.png"]
