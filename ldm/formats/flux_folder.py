@@ -33,7 +33,7 @@ from ldm.formats.sd3_folder import (
     read_flow_scheduler,
     transformer_pipeline,
 )
-from ldm.formats.weight_folder import FLUX_CLIP_SUBS, FLUX_T5_SUBS, check_text_folders, read_weights
+from ldm.formats.weight_folder import FLUX_CLIP_SUBS, FLUX_T5_SUBS, check_flux_text_folders, read_weights
 from ldm.models.bundle import ModelBundle
 
 FLUX_TRANSFORMER = TRANSFORMER_PIPELINES["flux_diffusers"][1]
@@ -70,7 +70,7 @@ def load_flux_text_encoder(folder, *, joint_dim: int, use_t5: bool = True, t5_le
     from ldm.models.text_encoder_flux import FluxTextEncoder
 
     folder = Path(folder)
-    t5 = check_text_folders(folder, use_t5, clips=FLUX_CLIP_SUBS, t5_subs=FLUX_T5_SUBS, projection=False, what=WHAT)
+    t5 = check_flux_text_folders(folder, use_t5)
     try:
         return FluxTextEncoder.from_pretrained(folder, use_t5=t5, joint_dim=joint_dim, t5_length=t5_length,
                                                **options)
@@ -116,8 +116,7 @@ def load_flux_folder_into(source, unet: nn.Module, autoencoder: nn.Module | None
             f"{folder}: {WHAT}'s text encoders (CLIP-L + T5) load into a FluxTextEncoder, not the configured "
             f"{type(text_encoder).__name__}: set model.text_encoder._target_={TEXT_ENCODER_TARGET} "
             f"+model.text_encoder.path_or_hub_id=<the folder> (model=flux_dev's text encoder)")
-    t5 = check_text_folders(folder, use_t5=text_encoder.t5 is not None, clips=FLUX_CLIP_SUBS,
-                            t5_subs=FLUX_T5_SUBS, projection=False, what=WHAT)
+    t5 = check_flux_text_folders(folder, use_t5=text_encoder.t5 is not None)
     clip = read_weights(folder / FLUX_CLIP_SUBS[0][0], "model")
     load_text_weights_into(text_encoder, [clip], read_weights(folder / FLUX_T5_SUBS[0], "model") if t5 else None,
                            source=str(folder), kind=FluxTextEncoder)

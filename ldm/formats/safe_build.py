@@ -35,7 +35,8 @@ from ldm.models.text_encoder_flux import FluxTextOptions
 from ldm.models.text_encoder_sd3 import SD3TextOptions, TinySD3TextConfig
 from ldm.models.unet import UNetConfig
 from ldm.formats.safe_load import CheckpointError, json_object  # noqa: F401 (json_object: used and re-exported)
-from ldm.formats.weight_folder import cached_hub_folder, check_text_encoder_folder, check_text_folders
+from ldm.formats.weight_folder import (cached_hub_folder, check_flux_text_folders, check_text_encoder_folder,
+                                      check_text_folders)
 
 MAX_STRING = 4096  # characters of a stored string (paths, hub ids, preset names)
 MAX_LIST = 64  # items of a stored list
@@ -367,9 +368,10 @@ def _pretrained_dual_text_encoder(path_or_hub_id: str, *, source: str = "", **kw
 def _pretrained_flux_text_encoder(path_or_hub_id: str, *, source: str = "", use_t5: bool = True, **kw) -> nn.Module:
     """FLUX.1's CLIP-L (+ T5) of a diffusers FLUX.1 folder, each checked against its weights before transformers
     allocates it (a hub id only from this machine's cache)."""
-    from ldm.formats.flux_folder import load_flux_text_encoder
+    from ldm.models.text_encoder_flux import FluxTextEncoder
 
-    return load_flux_text_encoder(_local_text_folder(path_or_hub_id, source), use_t5=use_t5, **kw)
+    folder = _local_text_folder(path_or_hub_id, source)
+    return FluxTextEncoder.from_pretrained(folder, use_t5=check_flux_text_folders(folder, use_t5), **kw)
 
 
 def _pretrained_sd3_text_encoder(path_or_hub_id: str, *, source: str = "", use_t5: bool = True, **kw) -> nn.Module:

@@ -178,3 +178,10 @@ def check_text_folders(folder: Path, use_t5: bool = True, *, clips=CLIP_SUBS, t5
         if not (folder / t5_tokenizer).is_dir():
             raise CheckpointError(f"{folder}: {t5_sub}/ needs {t5_tokenizer}/ beside it")
     return t5
+
+
+def check_flux_text_folders(folder: Path, use_t5: bool = True) -> bool:
+    """A FLUX.1 folder's CLIP-L (``text_encoder/``, a CLIPTextModel) and T5 (``text_encoder_2/``, if there and
+    wanted) checked against their weights; True when the T5 is used."""
+    return check_text_folders(folder, use_t5, clips=FLUX_CLIP_SUBS, t5_subs=FLUX_T5_SUBS, projection=False,
+                              what="a FLUX.1 folder")
