@@ -27,7 +27,7 @@ REAL = {
 # trainer=fsdp2 with trainer.devices=2: Lightning starts the second rank by running this process's command line again
 # (pytest's, here); it runs as train.py in tests/training/test_fsdp2_train.py
 NOT_RUN = ("model=sd15", "model=sdxl ", "experiment=sd15_finetune", "experiment=sdxl_finetune", "trainer=ddp",
-           "experiment=sd3_finetune", "trainer=fsdp2",
+           "experiment=sd3_finetune", "model=flux_dev", "trainer=fsdp2",
            "hparams_search=", "experiment=own_data", "experiment=shapes_vae", "ckpt_path=last", "ldm.lora extract")
 
 

@@ -65,3 +65,7 @@ def test_the_text_encoder_builders_check_their_config_fields():
     assert schema[f"{clip}.from_pretrained"] == names(CLIPFolder, TextEncoderOptions)
     assert schema[f"{sdxl}.from_tiny"] == names(TinyDualCLIPConfig, DualTextOptions)
     assert schema[f"{sdxl}.from_pretrained"] == {"path_or_hub_id"} | names(DualTextOptions)
+    from ldm.models.text_encoder_flux import FluxTextOptions
+
+    flux = "ldm.models.text_encoder_flux.FluxTextEncoder.from_pretrained"  # model=flux_dev's (a FLUX.1 folder)
+    assert schema[flux] == {"path_or_hub_id", "use_t5"} | names(FluxTextOptions)

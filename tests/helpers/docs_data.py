@@ -22,6 +22,7 @@ ABSOLUTE = {
     "/path/to/control-images": "masks",
     "/path/to/diffusers-folder": "diffusers_folder", "/path/to/stable-diffusion-xl-base-1.0": "sdxl_folder",
     "/path/to/stable-diffusion-3.5-medium": "sd3_folder",
+    "/path/to/FLUX.1-dev": "flux_folder",
     "<model>": "checkpoint", "<checkpoint>": "checkpoint", "<run>": "run",
     "shards/train-{000..099}.tar": "shards", "user/dataset": "hf_dataset",
 }
@@ -222,6 +223,12 @@ class DocsData:
         from tests.helpers.sd3 import write_tiny_sd3_folder
 
         return self._once("sd3", lambda p: write_tiny_sd3_folder(p, use_t5=True)[0])
+
+    def flux_folder(self) -> Path:
+        """A tiny FLUX.1 diffusers folder saved by diffusers' FluxPipeline."""
+        from tests.helpers.flux import write_tiny_flux_folder
+
+        return self._once("flux", lambda p: write_tiny_flux_folder(p)[0])
 
     def sd3_file(self) -> Path:
         from ldm.formats.exporter import export
