@@ -42,6 +42,20 @@ def image_bytes(fmt="PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def write_captioned_noise(folder: Path, n: int = 6, size: int = 16) -> Path:
+    """n random size x size PNGs, each with a .txt caption ("a red circle" / "a blue square" in turn)."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(["a red circle", "a blue square"][i % 2])
+    return folder
+
+
 def write_green_shards(folder: Path, shards: int = 2, per_shard: int = 3, stem: str = "train") -> str:
     """Webdataset tars ``{stem}-000.tar``... of ``per_shard`` 20 px green PNGs captioned "green i"; returns their
     brace URL ``{stem}-{000..NNN}.tar``."""

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
+from tests.helpers.data import write_captioned_noise
 from tests.helpers.flux import FLUX_TINY_MODEL, write_tiny_flux_folder
-from tests.helpers.training import CKPT, compose_train
+from tests.helpers.training import CKPT, FOLDER_RUN, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 diffusers = pytest.importorskip("diffusers")
@@ -16,27 +17,16 @@ diffusers = pytest.importorskip("diffusers")
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     """(folder, pipeline, image folder): the tiny FLUX.1 folder and 6 captioned 16 px images."""
-    from PIL import Image
-
     tmp = tmp_path_factory.mktemp("flux_train")
     folder, pipe = write_tiny_flux_folder(tmp)
-    images = tmp / "images"
-    images.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(6):
-        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(["a red circle", "a blue square"][i % 2])
+    images = write_captioned_noise(tmp / "images")
     return folder, pipe, images
 
 
 def run(folder, images, *extra, model="flux_dev", tiny=True):
     return [f"model={model}", "schedule=flow_flux", "sampler=flow_euler", "module.timesteps.kind=logit_normal",
-            f"model.pretrained={folder}", "data=folder", f"data.train.root={images}", "trainer=cpu",
-            *(FLUX_TINY_MODEL if tiny else []), "data.batch_size=2", "data.train.resolution=16",
-            "data.num_workers=0", "data.val_fraction=0.34", "trainer.max_steps=2", "trainer.val_check_interval=2",
-            "trainer.limit_val_batches=1", "trainer.accumulate_grad_batches=1", "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "lr_scheduler.warmup_steps=1",
-            "callbacks=none", "++data.latent_cache=null", *extra]
+            f"model.pretrained={folder}", "data=folder", f"data.train.root={images}",
+            *(FLUX_TINY_MODEL if tiny else []), *FOLDER_RUN, *extra]
 
 
 def test_the_module_starts_from_the_folders_weights(flux, tmp_path, monkeypatch):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
+from tests.helpers.data import write_captioned_noise
 from tests.helpers.sd3 import SD3_TINY_MODEL, write_tiny_sd3_folder
-from tests.helpers.training import CKPT, compose_train
+from tests.helpers.training import CKPT, FOLDER_RUN, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -15,26 +16,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
     """(folder, pipeline, image folder): the tiny SD3 folder (with T5) and 6 captioned 16 px images."""
-    from PIL import Image
-
     tmp = tmp_path_factory.mktemp("sd3_train")
     folder, pipe = write_tiny_sd3_folder(tmp, use_t5=True)
-    images = tmp / "images"
-    images.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(6):
-        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(["a red circle", "a blue square"][i % 2])
+    images = write_captioned_noise(tmp / "images")
     return folder, pipe, images
 
 
 def run(folder, images, *extra):
     return ["model=sd35_medium", "experiment=sd3_finetune", f"model.pretrained={folder}", f"data.train.root={images}",
-            "trainer=cpu", *SD3_TINY_MODEL, "data.batch_size=2", "data.train.resolution=16", "data.num_workers=0",
-            "data.val_fraction=0.34", "trainer.max_steps=2", "trainer.val_check_interval=2",
-            "trainer.limit_val_batches=1", "trainer.accumulate_grad_batches=1", "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "lr_scheduler.warmup_steps=1",
-            "callbacks=none", "++data.latent_cache=null", *extra]
+            *SD3_TINY_MODEL, *FOLDER_RUN, *extra]
 
 
 def test_the_module_starts_from_the_folders_weights(sd3, tmp_path, monkeypatch):
