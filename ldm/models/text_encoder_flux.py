@@ -99,6 +99,10 @@ class FluxTextEncoder(nn.Module):
                 tokens = self.t5(ids, output_hidden_states=False)[0].to(pooled.dtype)
         return {"crossattn": tokens, "vector": pooled}
 
+    def drop_t5(self) -> None:
+        """Sample without the T5 (sample.py t5=false): its tokens are zeros; the memory it held is freed."""
+        self.t5 = self.t5_tokenizer = None
+
     def empty_context(self, batch_size: int = 1, chunks: int = 1) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             empty = self([""])

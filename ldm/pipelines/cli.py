@@ -61,7 +61,8 @@ class SampleConfig:
     text_encoder: Optional[str] = None  # tokenizer/ + text_encoder/ folder (SD single files carry no tokenizer)
     max_chunks: Optional[int] = None  # long prompts: up to 75 x N tokens (A1111 chunks); null: the model's (1 = 75)
     prediction_type: Optional[str] = None  # override: epsilon | v_prediction (SD 2.x 768-v single files)
-    t5: bool = True  # SD3: false samples without the T5 encoder (its tokens zeros, as diffusers' text_encoder_3=None)
+    t5: bool = True  # SD3 / FLUX.1: false samples without the T5 encoder (its tokens zeros, as SD3's diffusers
+    # pipeline with text_encoder_3=None)
     check_memory: bool = True  # estimate the activation memory first; refuse (saying what to lower) if it won't fit
     lora: list[str] = field(default_factory=list)  # LoRA files merged in (kohya / diffusers), each FILE or FILE:SCALE:
     # lora=[a.safetensors,b.safetensors:0.5]
@@ -222,13 +223,14 @@ def set_max_chunks(bundle, max_chunks: int) -> None:
 
 
 def skip_t5(bundle) -> None:
-    """sample.py t5=false: SD3's context without the T5 (zeros in its place, as diffusers' pipeline without
-    text_encoder_3); its memory is freed."""
+    """sample.py t5=false: SD3's or FLUX.1's context without the T5 (zeros in its place, as diffusers' pipeline
+    without text_encoder_3); its memory is freed."""
+    from ldm.models.text_encoder_flux import FluxTextEncoder
     from ldm.models.text_encoder_sd3 import SD3TextEncoder
 
-    if not isinstance(bundle.text_encoder, SD3TextEncoder):
+    if not isinstance(bundle.text_encoder, (SD3TextEncoder, FluxTextEncoder)):
         raise SampleConfigError(f"t5=false: this model's text encoder ({type(bundle.text_encoder).__name__}) has no "
-                                "T5; the option is for SD3 models")
+                                "T5; the option is for SD3 and FLUX.1 models")
     bundle.text_encoder.drop_t5()
 
 

@@ -184,8 +184,8 @@ def test_tampered_flux_folders_are_refused_before_allocation(flux, tmp_path, mon
 
 
 def test_without_t5_the_tokens_are_zeros(flux, tmp_path):
-    """text_encoder_2/ is optional (sample.py t5=false or a folder without it): the T5 tokens are zeros, as
-    FluxTextEncoder without a T5; the CLIP-L pooled vector is FluxPipeline.encode_prompt's."""
+    """text_encoder_2/ is optional (a folder without it, or sample.py t5=false): the T5 tokens are zeros, the
+    CLIP-L pooled vector FluxPipeline.encode_prompt's."""
     folder, pipe = flux
     bare = tmp_path / "no_t5"
     shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("text_encoder_2", "tokenizer_2"))
@@ -195,3 +195,12 @@ def test_without_t5_the_tokens_are_zeros(flux, tmp_path):
     _, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, max_sequence_length=512)
     torch.testing.assert_close(out["vector"], pooled, atol=1e-6, rtol=0)
     assert out["crossattn"].shape == (2, 512, 24) and not out["crossattn"].any()
+    # sample.py t5=false on the whole folder: the same context
+    from ldm.pipelines.cli import skip_t5
+
+    bundle = load_bundle(folder)
+    full = bundle.text_encoder(PROMPTS)["crossattn"]
+    skip_t5(bundle)
+    dropped = bundle.text_encoder(PROMPTS)
+    assert bundle.text_encoder.t5 is None and full.abs().max() > 1e-3  # the T5 mattered
+    assert all(torch.equal(dropped[k], out[k]) for k in out)
