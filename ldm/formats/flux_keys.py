@@ -225,6 +225,23 @@ def flux_from_diffusers(state_dict: dict[str, Tensor], config: dict) -> dict[str
     return out
 
 
+def flux_module_names(config: dict) -> dict[str, tuple[tuple[str, ...], bool, tuple[int, ...]]]:
+    """Our Flux module path -> (its diffusers module path(s), output halves swapped, the output rows of each): one
+    name for a renamed layer; a double block's fused ``attn.qkv`` is ``to_q`` / ``to_k`` / ``to_v``
+    (``add_{q,k,v}_proj``), a single block's ``linear1`` ``to_q`` / ``to_k`` / ``to_v`` / ``proj_mlp`` (rows D, D,
+    D, 4 D). What a LoRA file in diffusers' layout names (ldm.formats.lora_peft); the tables of the state-dict maps."""
+    renames, splits, swapped = _diffusers_tables(config)
+    out = {}
+    for ours, theirs in renames.items():
+        if ours.endswith(".weight"):
+            out[ours[: -len(".weight")]] = ((theirs[: -len(".weight")],), ours in swapped, ())
+    for ours, parts in splits.items():
+        if ours.endswith(".weight"):
+            out[ours[: -len(".weight")]] = (tuple(n[: -len(".weight")] for n, _ in parts), False,
+                                            tuple(rows for _, rows in parts))
+    return out
+
+
 def flux_diffusers_config(config: dict) -> dict:
     """diffusers' transformer/config.json values of our Flux config (its model sees 2 x 2-packed tokens:
     in_channels x 4, patch_size 1; out_channels null when it equals in_channels, as the published configs)."""

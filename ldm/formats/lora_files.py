@@ -146,10 +146,12 @@ def save_lora_file(network: LoRANetwork, roots: dict[str, nn.Module], path: str 
 
 def diffusers_needs_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> bool:
     """Whether diffusers needs the PEFT layout beside our kohya file: StableDiffusion3Pipeline's loader
-    (SD3LoraLoaderMixin.lora_state_dict) converts no kohya names, where SD 1.x / 2.x / XL's do. True for an MMDiT
-    LoRA / DoRA the layout can hold (LoHa / LoKr and T5 adapters have no diffusers form)."""
+    (SD3LoraLoaderMixin.lora_state_dict) converts no kohya names, where SD 1.x / 2.x / XL's and FLUX.1's do. True for
+    an MMDiT LoRA / DoRA the layout can hold (LoHa / LoKr and T5 adapters have no diffusers form)."""
+    from ldm.models.mmdit import MMDiT
+
     weights = network.weights()
-    return (lora_peft.denoiser_component(roots["unet"]) == "transformer"
+    return (isinstance(roots["unet"], MMDiT)
             and {adapter_kind(w) for w in weights.values()} <= {"lora", "dora"}
             and not any(root == "text_encoder" and path.startswith("t5.") for root, path in weights))
 

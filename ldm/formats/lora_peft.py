@@ -13,6 +13,10 @@ Layout (diffusers `loaders/lora_pipeline.py` + PEFT `tuners/lora`):
         r_q + r_k + r_v, down = [A_q; A_k; A_v], up block-diagonal with each part's alpha/r folded in, alpha = rank).
         The adaLN layers whose (shift, scale) halves diffusers stores swapped (ldm.formats.sd3_diffusers_keys) get
         B's halves swapped.
+    transformer.<diffusers FluxTransformer2DModel path>.lora_A.weight ...   a Flux (FluxLoraLoaderMixin: transformer,
+        text_encoder (CLIP-L); no T5), the same way: a double block's fused qkv is to_q / to_k / to_v
+        (add_{q,k,v}_proj), a single block's linear1 to_q / to_k / to_v / proj_mlp (rows D, D, D, 4 D:
+        ldm.formats.flux_keys.flux_module_names), norm_out's halves swapped.
     unet.<diffusers module path>.lora_magnitude_vector.weight   (out,) or (1, out, 1, 1)   DoRA's magnitude
         (PEFT use_dora=True: tuners/lora/dora.py `self.weight`). Written with `.weight`, the key diffusers' own
         kohya-DoRA converter makes (loaders/lora_conversion_utils.py, `dora_scale` -> `lora_magnitude_vector.weight`):
@@ -44,58 +48,62 @@ SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 MAGNITUDE_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector")  # diffusers' / PEFT's DoRA
 
 
-def _no_flux(roots: dict[str, nn.Module]) -> None:
-    """A Flux's fused qkv and its single blocks' fused linear1 have no diffusers / PEFT mapping here: refused by
-    name rather than written under BFL's names (which diffusers would not load)."""
+def _transformer_table(unet: nn.Module) -> dict[str, tuple[tuple[str, ...], bool, tuple[int, ...]]] | None:
+    """A transformer's module path -> (diffusers' module path(s), output halves swapped, each part's output rows;
+    () = equal parts): an MMDiT's (SD3Transformer2DModel) or a Flux's (FluxTransformer2DModel); None for a U-Net."""
+    from ldm.formats.flux_keys import flux_module_names
     from ldm.models.flux import Flux
-
-    if isinstance(roots.get("unet"), Flux):
-        raise ValueError("a Flux LoRA in the diffusers / PEFT layout is not supported yet: use the kohya layout "
-                         "(BFL's module names, as sd-scripts' Flux LoRAs)")
-
-
-def _is_mmdit(unet: nn.Module) -> bool:
     from ldm.models.mmdit import MMDiT
 
-    return isinstance(unet, MMDiT)
+    if isinstance(unet, MMDiT):
+        return {ours: (names, swapped, ()) for ours, (names, swapped) in mmdit_module_names(unet.config).items()}
+    if isinstance(unet, Flux):
+        return flux_module_names(unet.config)
+    return None
 
 
 def denoiser_component(unet: nn.Module) -> str:
-    """The denoiser's component name in diffusers' pipelines: `transformer` (SD3) or `unet`."""
-    return "transformer" if _is_mmdit(unet) else "unet"
+    """The denoiser's component name in diffusers' pipelines: `transformer` (SD3, FLUX.1) or `unet`."""
+    return "unet" if _transformer_table(unet) is None else "transformer"
+
+
+def _row_parts(tensor: Tensor, count: int, rows: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """A fused layer's output rows as its diffusers parts: ``rows`` each, or ``count`` equal blocks."""
+    return tensor.split(list(rows), dim=0) if rows else tensor.chunk(count, dim=0)
 
 
 def text_component(path: str) -> tuple[str, str]:
     """A module path inside our text encoder -> (diffusers component, transformers path): `model.` is
-    `text_encoder` (CLIP-L), `model_2.` `text_encoder_2` (SDXL's / SD3's bigG). SD3's T5 has no LoRA component in
-    diffusers (SD3LoraLoaderMixin loads transformer, text_encoder, text_encoder_2)."""
+    `text_encoder` (CLIP-L), `model_2.` `text_encoder_2` (SDXL's / SD3's bigG). The T5 has no LoRA component in
+    diffusers (SD3LoraLoaderMixin loads transformer, text_encoder, text_encoder_2; FluxLoraLoaderMixin transformer,
+    text_encoder)."""
     if path.startswith("t5."):
-        raise ValueError(f"{path}: diffusers' SD3 LoRA layout has no T5 (text_encoder_3) component; write a LoRA on "
-                         "the T5 in the kohya layout (lora_te3_*)")
+        raise ValueError(f"{path}: diffusers' SD3 / FLUX.1 LoRA layouts have no T5 component; write a LoRA on the "
+                         "T5 in the kohya layout")
     if path.startswith("model_2."):
         return "text_encoder_2", text_hub_path("model." + path.removeprefix("model_2."))
     return "text_encoder", text_hub_path(path)
 
 
-def _peft_names(roots: dict[str, nn.Module],
-                targets: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, tuple[str, ...], bool]]:
-    """(root, our module path) -> (component, its diffusers module path(s), output halves swapped)."""
+def _peft_names(roots: dict[str, nn.Module], targets: list[tuple[str, str]]
+                ) -> dict[tuple[str, str], tuple[str, tuple[str, ...], bool, tuple[int, ...]]]:
+    """(root, our module path) -> (component, its diffusers module path(s), output halves swapped, part rows)."""
     unet = roots["unet"]
     unet_paths = [p for r, p in targets if r == "unet"]
     out = {}
-    if _is_mmdit(unet):
-        table = mmdit_module_names(unet.config)
+    table = _transformer_table(unet)
+    if table is not None:
         for p in unet_paths:
             if p not in table:
-                raise ValueError(f"the MMDiT layer {p} has no name in diffusers' SD3Transformer2DModel")
+                raise ValueError(f"the {type(unet).__name__} layer {p} has no name in diffusers' transformer")
             out[("unet", p)] = ("transformer", *table[p])
     elif unet_paths:
-        out.update({("unet", ours): ("unet", (theirs,), False)
+        out.update({("unet", ours): ("unet", (theirs,), False, ())
                     for ours, theirs in unet_diffusers_paths(unet, unet_paths).items()})
     for root, path in targets:
         if root != "unet":
             component, name = text_component(path)
-            out[(root, path)] = (component, (name,), False)
+            out[(root, path)] = (component, (name,), False, ())
     return out
 
 
@@ -104,7 +112,6 @@ def _peft_names(roots: dict[str, nn.Module],
 def to_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """-> (state dict, safetensors metadata). Ranks / alphas that differ from the component's most common one go in
     PEFT's rank_pattern / alpha_pattern, keyed by the full module path (an exact match in PEFT)."""
-    _no_flux(roots)
     weights = network.weights()
     names = _peft_names(roots, list(weights))
     state, configs = {}, {}
@@ -113,7 +120,7 @@ def to_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> tuple[dict[str
         raise ValueError(f"the diffusers/PEFT LoRA layout holds LoRA and DoRA adapters, not {sorted(kinds)}: write "
                          "LoHa / LoKr in the kohya (LyCORIS) layout")
     for target, w in weights.items():
-        component, parts, swapped = names[target]
+        component, parts, swapped, rows = names[target]
         down = w["down"].detach().float().cpu().contiguous()
         up = w["up"].detach().float().cpu()
         magnitude = w.get("magnitude")
@@ -123,9 +130,10 @@ def to_peft(network: LoRANetwork, roots: dict[str, nn.Module]) -> tuple[dict[str
         if swapped:  # diffusers' (scale, shift) order of this adaLN's outputs: the up rows follow
             up = swap_halves(up)
             magnitude = None if magnitude is None else swap_halves(magnitude)
-        # a fused qkv: diffusers' to_q / to_k / to_v are its row blocks, each with the same A (exactly the same delta)
-        ups = up.chunk(len(parts), dim=0)
-        mags = [None] * len(parts) if magnitude is None else magnitude.chunk(len(parts), dim=0)
+        # a fused qkv (a Flux single block's linear1: + proj_mlp): diffusers' to_q / to_k / to_v are its row blocks,
+        # each with the same A (exactly the same delta)
+        ups = _row_parts(up, len(parts), rows)
+        mags = [None] * len(parts) if magnitude is None else _row_parts(magnitude, len(parts), rows)
         for name, part_up, part_mag in zip(parts, ups, mags):
             key = f"{component}.{name}"
             state[f"{key}.lora_A.weight"] = down.clone() if len(parts) > 1 else down
@@ -210,7 +218,8 @@ def _split_key(key: str, bare: str) -> tuple[str, str]:
 
 def _targets(roots: dict[str, nn.Module]):
     """-> (lookup(component, name) -> (root, our path, slot, slots, swapped) | None): the layer of ours a file's
-    module name addresses; slot / slots place a diffusers q / k / v projection in our fused qkv."""
+    module name addresses; slot / slots place a diffusers q / k / v projection in our fused qkv (slots: how many
+    equal parts, or each part's rows: a Flux single block's linear1)."""
     unet = roots["unet"]
     te = roots.get("text_encoder")
     text = {}
@@ -218,16 +227,16 @@ def _targets(roots: dict[str, nn.Module]):
         for n, m in te.named_modules():
             if n and is_adaptable(m) and not n.startswith("t5."):
                 text[text_component(n)] = ("text_encoder", n, 0, 1, False)
-    mmdit = {}
-    if _is_mmdit(unet):
-        for ours, (names, swapped) in mmdit_module_names(unet.config).items():
-            if is_adaptable(unet.get_submodule(ours)):
-                mmdit.update({name: ("unet", ours, i, len(names), swapped) for i, name in enumerate(names)})
+    transformer = {}
+    table = _transformer_table(unet)
+    for ours, (names, swapped, rows) in (table or {}).items():
+        if is_adaptable(unet.get_submodule(ours)):
+            transformer.update({name: ("unet", ours, i, rows or len(names), swapped) for i, name in enumerate(names)})
 
     def lookup(component: str, name: str):
         if component == "transformer":
-            return mmdit.get(name)
-        if component == "unet" and not mmdit:
+            return transformer.get(name)
+        if component == "unet" and table is None:
             try:
                 ours = unet_diffusers_to_ldm({f"{name}.weight": 0}, unet.config)
                 path = next(iter(ours))[: -len(".weight")]
@@ -239,15 +248,21 @@ def _targets(roots: dict[str, nn.Module]):
     return lookup
 
 
-def _fused(slots: dict[int, dict], count: int, base: nn.Module, name: str) -> dict[str, Tensor]:
-    """diffusers' to_q / to_k / to_v LoRAs (those present) as one LoRA on our fused qkv layer. Each part must fit
-    its third of the layer; the same A and alpha in all three is a rank-r LoRA (what we write), anything else
-    the block form: down = [A_q; A_k; A_v], up = diag(B_q s_q, B_k s_k, B_v s_v) with s = alpha / r, alpha = rank."""
-    rows, cols = base.weight.shape[0] // count, base.weight.shape[1]
+def _fused(slots: dict[int, dict], parts_of: int | tuple[int, ...], base: nn.Module, name: str) -> dict[str, Tensor]:
+    """diffusers' to_q / to_k / to_v (/ proj_mlp) LoRAs (those present) as one LoRA on our fused layer. Each part
+    must fit its rows of the layer (``parts_of``: how many equal parts, or each part's rows); the same A and alpha in
+    all is a rank-r LoRA (what we write), anything else the block form: down = [A_q; A_k; A_v], up = diag(B_q s_q,
+    B_k s_k, B_v s_v) with s = alpha / r, alpha = rank."""
+    sizes = list(parts_of) if isinstance(parts_of, tuple) else [base.weight.shape[0] // parts_of] * parts_of
+    count, cols = len(sizes), base.weight.shape[1]
+    if sum(sizes) != base.weight.shape[0]:
+        raise ValueError(f"LoRA weights for {name}: its parts' rows {sizes} are not the layer's {base.weight.shape[0]}")
+    starts = [sum(sizes[:i]) for i in range(count)]
     for i, part in slots.items():
-        if part["down"].ndim != 2 or part["down"].shape[1] != cols or part["up"].shape != (rows, part["down"].shape[0]):
+        if part["down"].ndim != 2 or part["down"].shape[1] != cols or part["up"].shape != (sizes[i],
+                                                                                        part["down"].shape[0]):
             raise ValueError(f"LoRA weights for {name} (part {i + 1} of {count}): down {tuple(part['down'].shape)} / "
-                             f"up {tuple(part['up'].shape)} do not fit the layer's ({rows}, {cols}) block")
+                             f"up {tuple(part['up'].shape)} do not fit the layer's ({sizes[i]}, {cols}) block")
     with_magnitude = [i for i, p in slots.items() if p.get("magnitude") is not None]
     if with_magnitude and len(with_magnitude) != count:
         raise ValueError(f"DoRA weights for {name}: a magnitude for {len(with_magnitude)} of its {count} q / k / v "
@@ -259,13 +274,13 @@ def _fused(slots: dict[int, dict], count: int, base: nn.Module, name: str) -> di
         fused = {"down": first["down"], "up": torch.cat([p["up"] for p in parts]), "alpha": first["alpha"]}
     else:
         rank = sum(int(p["down"].shape[0]) for p in parts)
-        up = first["up"].new_zeros(rows * count, rank)
+        up = first["up"].new_zeros(sum(sizes), rank)
         col = 0
         for i in sorted(slots):
             p = slots[i]
             r = int(p["down"].shape[0])
             scale = (p["alpha"] if p["alpha"] is not None else r) / r
-            up[i * rows:(i + 1) * rows, col:col + r] = p["up"] * scale
+            up[starts[i]:starts[i] + sizes[i], col:col + r] = p["up"] * scale
             col += r
         fused = {"down": torch.cat([p["down"] for p in parts]), "up": up, "alpha": float(rank)}
     if with_magnitude:
@@ -277,7 +292,6 @@ def from_peft(state: dict[str, Tensor], roots: dict[str, nn.Module], metadata: d
     """-> (weights for LoRANetwork.from_weights, keys that could not be mapped). Bare diffusers denoiser names
     (no `unet.` / `transformer.` prefix, as `unet.save_attn_procs` / peft's `get_peft_model_state_dict` write) are
     accepted too."""
-    _no_flux(roots)
     bare = denoiser_component(roots["unet"])
     lookup = _targets(roots)
     grouped: dict[tuple[str, str], dict[str, Tensor]] = {}

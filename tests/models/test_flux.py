@@ -284,13 +284,3 @@ def test_a_single_file_describing_too_many_blocks_is_refused_before_anything_is_
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "huge.safetensors"))
     with pytest.raises(CheckpointError, match="num_single_layers"):
         read_flux_single_file(tmp_path / "huge.safetensors", attention_head_dim=16, axes_dims_rope=(4, 6, 6))
-
-
-def test_peft_layout_of_a_flux_lora_is_refused_by_name(tmp_path):
-    from ldm.formats.lora_files import save_lora_file
-    from ldm.models.lora import LoRAConfig, LoRANetwork
-
-    roots = {"unet": Flux(**TINY)}
-    network = LoRANetwork.build(roots, LoRAConfig(rank=2))
-    with pytest.raises(ValueError, match="kohya layout"):
-        save_lora_file(network, roots, tmp_path / "peft", layout="peft")
