@@ -9,8 +9,9 @@ import torch
 
 from ldm.formats.load import load_bundle
 from ldm.formats.lora_files import apply_lora_files, read_lora_file, save_lora_file
-from ldm.models.lora import LoRAConfig, LoRANetwork
 from tests.helpers.flux import write_tiny_flux_folder
+from tests.helpers.lora import roots, trained
+from tests.helpers.transformer_lora import assert_same, assert_samples_with_lora
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -25,21 +26,6 @@ def tiny_flux(tmp_path):
     from diffusers import FluxPipeline
 
     return FluxPipeline.from_pretrained(folder), load_bundle(folder)
-
-
-def roots(bundle):
-    return {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
-
-
-def trained(bundle, seed=3, **cfg) -> LoRANetwork:
-    """A network as after training: every parameter random (a fresh LoRA's zero B would add nothing)."""
-    torch.manual_seed(seed)
-    net = LoRANetwork.build(roots(bundle), LoRAConfig(**cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return net.eval()
 
 
 def inputs():
@@ -76,11 +62,6 @@ def theirs(pipe):
     return FluxPipeline._unpack_latents(out, 16, 16, 2), {"crossattn": embeds, "vector": pooled}
 
 
-def assert_same(a, b, atol=1e-5):
-    (out_a, text_a), (out_b, text_b) = a, b
-    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=1e-5)
-    for key in ("crossattn", "vector"):
-        torch.testing.assert_close(text_a[key], text_b[key], atol=atol, rtol=1e-5)
 
 
 def test_our_flux_lora_loads_in_flux_pipeline_with_our_outputs(tmp_path):
@@ -117,8 +98,6 @@ def test_our_flux_lora_loads_in_flux_pipeline_with_our_outputs(tmp_path):
 def test_sampling_with_our_lora_equals_the_pipeline_with_it(tmp_path):
     from diffusers import FluxPipeline
 
-    from ldm.pipelines import text_to_image
-
     pipe, bundle = tiny_flux(tmp_path)
     net = trained(bundle, preset="attention_ff", rank=2, alpha=4.0, text_encoder=True)
     pipe.load_lora_weights(str(save_lora_file(net, roots(bundle), tmp_path / "lora", "peft").parent))
@@ -126,22 +105,7 @@ def test_sampling_with_our_lora_equals_the_pipeline_with_it(tmp_path):
                   generator=torch.Generator().manual_seed(7), output_type="latent", return_dict=False)[0]
     expected = FluxPipeline._unpack_latents(packed, 16, 16, 2)
 
-    def sample(bundle):
-        seen = []
-        text_to_image(bundle, PROMPTS, sampler="flow_euler", steps=3, guidance_scale=3.5, height=16, width=16,
-                      seed=7, callback=lambda i, t, x, x0: seen.append(x))
-        return seen[-1]
-
-    base = sample(bundle)
-    net.attach(roots(bundle))
-    try:
-        got = sample(bundle)
-    finally:
-        net.detach()
-    assert (got - base).abs().max() > 1e-2  # the LoRA changes the samples
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    apply_lora_files(roots(bundle), [str(tmp_path / "lora")], report=lambda m: None)  # sample.py's way: merged
-    torch.testing.assert_close(sample(bundle), expected, atol=1e-4, rtol=0)
+    assert_samples_with_lora(bundle, net, tmp_path / "lora", expected, PROMPTS, 3.5)
 
 
 def test_a_diffusers_saved_flux_lora_reads_with_equal_outputs(tmp_path):

@@ -13,8 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm.formats.lora_files import apply_lora_files, read_lora_file, save_lora_file
-from ldm.models.lora import LoRAConfig, LoRANetwork, adapter_kind
+from ldm.models.lora import LoRANetwork, adapter_kind
 from tests.helpers.lora import bundle, diffusers_with, inputs, ours_with, pipe, roots  # noqa: F401 - fixtures
+from tests.helpers.lora import trained as random_network
 
 diffusers = pytest.importorskip("diffusers")
 lycoris = pytest.importorskip("lycoris")
@@ -26,18 +27,8 @@ KINDS = ("loha", "lokr", "dora")
 
 def trained(bundle, type, preset="full", seed=3, **cfg) -> LoRANetwork:
     """A network as after training: every parameter random (a fresh one adds nothing)."""
-    torch.manual_seed(seed)
-    config = LoRAConfig(type=type, preset=preset, rank=2, alpha=3.0, conv_rank=2, conv_alpha=1.0,
-                        text_encoder=True, **cfg)
-    net = LoRANetwork.build(roots(bundle), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("magnitude"):
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return net.eval()
+    return random_network(bundle, seed, scale=0.2, type=type, preset=preset, rank=2, alpha=3.0, conv_rank=2,
+                          conv_alpha=1.0, text_encoder=True, **cfg)
 
 
 @pytest.fixture

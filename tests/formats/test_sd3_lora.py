@@ -13,33 +13,16 @@ import pytest
 import torch
 
 from ldm.formats.lora_files import LoRAFileError, apply_lora_files, read_lora_file, save_lora_file
-from ldm.models.lora import LoRAConfig, LoRANetwork
+from ldm.models.lora import LoRANetwork
+from tests.helpers.lora import roots, trained
 from tests.helpers.sd3_pair import T5_LENGTH, tiny_sd3
+from tests.helpers.transformer_lora import assert_same, assert_samples_with_lora
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a red circle", "a blue square"]
-
-
-def roots(bundle):
-    return {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
-
-
-def trained(bundle, seed=3, **cfg) -> LoRANetwork:
-    """A network as after training: every parameter random (a fresh LoRA's zero B would add nothing; DoRA's
-    magnitude moved off the base's norms)."""
-    torch.manual_seed(seed)
-    net = LoRANetwork.build(roots(bundle), LoRAConfig(**cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("magnitude"):
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return net.eval()
 
 
 def transformer_inputs():
@@ -72,11 +55,6 @@ def theirs(pipe):
     return out, {"crossattn": embeds, "vector": pooled}
 
 
-def assert_same(a, b, atol=1e-5):
-    (out_a, text_a), (out_b, text_b) = a, b
-    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=1e-5)
-    for key in ("crossattn", "vector"):
-        torch.testing.assert_close(text_a[key], text_b[key], atol=atol, rtol=1e-5)
 
 
 def test_our_lora_loads_in_stable_diffusion3_pipeline_with_our_outputs(tmp_path):
@@ -121,8 +99,6 @@ def test_our_dora_loads_in_stable_diffusion3_pipeline_with_our_outputs(tmp_path)
 
 
 def test_sampling_with_our_lora_equals_the_pipeline_with_it(tmp_path):
-    from ldm.pipelines import text_to_image
-
     pipe, bundle = tiny_sd3(tmp_path)
     net = trained(bundle, preset="attention_ff", rank=2, alpha=4.0, text_encoder=True)
     pipe.load_lora_weights(str(save_lora_file(net, roots(bundle), tmp_path / "lora", "peft").parent))
@@ -130,23 +106,7 @@ def test_sampling_with_our_lora_equals_the_pipeline_with_it(tmp_path):
                     generator=torch.Generator().manual_seed(7), output_type="latent", max_sequence_length=T5_LENGTH,
                     return_dict=False)[0]
 
-    def sample(bundle):
-        seen = []
-        text_to_image(bundle, PROMPTS, sampler="flow_euler", steps=3, guidance_scale=4.5, height=16, width=16,
-                      seed=7, callback=lambda i, t, x, x0: seen.append(x))
-        return seen[-1]
-
-    base = sample(bundle)
-    net.attach(roots(bundle))
-    try:
-        got = sample(bundle)
-    finally:
-        net.detach()
-    assert (got - base).abs().max() > 1e-2  # the LoRA changes the samples
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    # sample.py's way: the file merged into the weights
-    apply_lora_files(roots(bundle), [str(tmp_path / "lora")], report=lambda m: None)
-    torch.testing.assert_close(sample(bundle), expected, atol=1e-4, rtol=0)
+    assert_samples_with_lora(bundle, net, tmp_path / "lora", expected, PROMPTS, 4.5)
 
 
 def test_a_diffusers_saved_sd3_lora_reads_with_equal_outputs(tmp_path):

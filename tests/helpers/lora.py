@@ -10,6 +10,7 @@ import torch
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.bundle import ModelBundle
+from ldm.models.lora import LoRAConfig, LoRANetwork
 from ldm.models.text_encoder import CLIPTextEncoder
 from ldm.models.tiny_clip import write_tiny_clip
 from ldm.models.unet import UNet
@@ -35,6 +36,21 @@ def pipe(bundle, tmp_path_factory):
 
 def roots(bundle):
     return {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+
+
+def trained(bundle, seed=3, scale=0.3, **cfg) -> LoRANetwork:
+    """A network of LoRAConfig(**cfg) as after training: every parameter random (a fresh LoRA's zero B would add
+    nothing; DoRA's magnitude moved off the base's norms)."""
+    torch.manual_seed(seed)
+    net = LoRANetwork.build(roots(bundle), LoRAConfig(**cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("magnitude"):
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return net.eval()
 
 
 def inputs():

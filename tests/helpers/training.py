@@ -29,7 +29,7 @@ TINY_MODEL = [
     "lr_scheduler.warmup_steps=1", "callbacks=none", "++data.latent_cache=null",
 ]
 
-# Two steps of a folder of 16 px images on the CPU (a pretrained folder's fine-tune: tests/training/test_*_pretrained.py)
+# Two steps on a folder of 16 px images on the CPU (fine-tuning a pretrained folder: tests/training/test_*_pretrained)
 FOLDER_RUN = ["trainer=cpu", "data.batch_size=2", "data.train.resolution=16", "data.num_workers=0",
               "data.val_fraction=0.34", "trainer.max_steps=2", "trainer.val_check_interval=2",
               "trainer.limit_val_batches=1", "trainer.accumulate_grad_batches=1", "trainer.enable_progress_bar=false",
