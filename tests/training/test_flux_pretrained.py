@@ -102,3 +102,28 @@ def test_flux_trains_from_the_folder_and_its_checkpoint_samples(flux, tmp_path):
                                            "n_images=1", "sampler=flow_euler", "sampler.steps=2", "guidance_scale=3.5",
                                            f"lora=[{lora_file}]"])
     assert [p.name for p in sample(cfg)] == ["00000.png", "grid.png"]
+
+
+# black-forest-labs/FLUX.1-dev vae/config.json (FLUX.1-schnell's is the same)
+FLUX_VAE = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3,
+            "latent_channels": 16, "latents_mean": None, "latents_std": None, "layers_per_block": 2,
+            "mid_block_add_attention": True, "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024,
+            "scaling_factor": 0.3611, "shift_factor": 0.1159, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "use_post_quant_conv": False, "use_quant_conv": False}
+
+
+@pytest.mark.parametrize("model", ["flux_dev", "flux_schnell"])
+def test_the_presets_vae_is_flux1s_vae(tmp_path, model):
+    """model=flux_dev / flux_schnell's autoencoder is the one FLUX.1's vae/config.json describes (no quant convs,
+    0.3611 / 0.1159): model.pretrained=<the real folder> passes the config check (built on the meta device)."""
+    from hydra.utils import instantiate
+
+    from ldm.formats.diffusers_keys import vae_config_from_diffusers
+    from ldm.models.autoencoder import AutoencoderKL
+
+    cfg = compose_train(tmp_path, [f"model={model}", "model.pretrained=x"])
+    with torch.device("meta"):
+        ours = instantiate(cfg.model.autoencoder)
+        assert AutoencoderKL(**vae_config_from_diffusers(FLUX_VAE)).config == ours.config
+    assert not any("quant_conv" in k for k in ours.state_dict())
