@@ -21,6 +21,7 @@ from ldm.formats.comfyui_check import ComfyCheck, comfyui_check_bundle
 from ldm.formats.dtypes import DTYPES as ALL_DTYPES
 from ldm.formats.diffusers_folder import check_diffusers, write_diffusers
 from ldm.formats.ldm_bundle import write_ldm_bundle
+from ldm.formats.flux_folder import T5_LENGTH as FLUX_T5_LENGTH, check_flux, write_flux_diffusers
 from ldm.formats.load import load_bundle
 from ldm.formats.safe_load import CheckpointError
 from ldm.formats.sd3_folder import check_sd3, write_sd3_diffusers
@@ -167,8 +168,20 @@ def is_sd3(bundle: ModelBundle) -> bool:
     return hasattr(bundle.unet, "joint_blocks")
 
 
+def is_flux(bundle: ModelBundle) -> bool:
+    """A Flux model (FLUX.1 or our own): written as a FluxPipeline folder (flux_folder)."""
+    from ldm.models.flux import Flux
+
+    return isinstance(bundle.unet, Flux)
+
+
 def _check_format(bundle: ModelBundle, fmt: str) -> None:
-    if fmt in ("diffusers", "single-file") and is_sd3(bundle):
+    if fmt == "single-file" and is_flux(bundle):
+        raise ExportError("a Flux model is exported as a FLUX.1 diffusers folder (--format diffusers) or an ldm "
+                          "bundle; --format single-file writes SD / SDXL / SD3 files")
+    if fmt == "diffusers" and is_flux(bundle):
+        check_flux(bundle)
+    elif fmt in ("diffusers", "single-file") and is_sd3(bundle):
         check_sd3(bundle)
     elif fmt == "diffusers":
         check_diffusers(bundle)
@@ -232,7 +245,7 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
         raise ExportError(f"resolution {res} is not a multiple of {multiple} (VAE factor x U-Net downsampling)")
     torch_dtype = DTYPES[dtype]
 
-    sd3 = is_sd3(bundle)
+    sd3, flux = is_sd3(bundle), is_flux(bundle)
     if sd3 and fmt == "single-file":
         finals = finals[:1]  # no original yaml: ComfyUI and diffusers read an SD3 file's sizes from its tensors
     check_overwrite(finals, is_folder, force)  # again: the load may have taken a while
@@ -240,11 +253,17 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
         written = _write(bundle, fmt, stage.temps, finals, sd3, frozen=frozen, dtype=torch_dtype, resolution=res)
         stage.commit()
 
-    sdxl = hasattr(bundle.text_encoder, "model_2")
-    notes.append(_no_frozen_note(fmt, out, comfy) if not frozen else _how_to_load(fmt, out, sdxl, comfy, sd3))
-    if sd3 and fmt == "diffusers" and frozen and getattr(bundle.text_encoder, "t5", None) is None:
-        notes.append("no T5 (text_encoder_3 / tokenizer_3 null in model_index.json, as diffusers saves such a "
-                     "pipeline): StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)")
+    notes.append(_no_frozen_note(fmt, out, comfy) if not frozen else _how_to_load(fmt, out, bundle, comfy))
+    if (sd3 or flux) and fmt == "diffusers" and frozen and getattr(bundle.text_encoder, "t5", None) is None:
+        n = "2" if flux else "3"
+        notes.append(f"no T5 (text_encoder_{n} / tokenizer_{n} null in model_index.json, as diffusers saves such a "
+                     f"pipeline): {pipeline_name(bundle)}.from_pretrained(out, text_encoder_{n}=None, "
+                     f"tokenizer_{n}=None)")
+    t5_length = getattr(bundle.text_encoder, "t5_length", None)
+    if flux and fmt == "diffusers" and frozen and t5_length not in (None, FLUX_T5_LENGTH):
+        notes.append(f"this model's prompts have {t5_length} T5 tokens, FluxPipeline's default {FLUX_T5_LENGTH}: "
+                     f"sample with pipe(..., max_sequence_length={t5_length}) (ldm: "
+                     f"load_flux_diffusers(out, t5_length={t5_length}))")
     notes += comfy.notes if comfy is not None else []
     result = ExportResult(fmt, finals, written, dtype, _unet_weights(bundle, not raw), frozen, res, notes, bundle)
     if log is not None:
@@ -254,6 +273,8 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
 
 def _write(bundle: ModelBundle, fmt: str, temps: list[Path], finals: list[Path], sd3: bool, **options) -> list[str]:
     """Write ``bundle`` as ``fmt`` into the staging paths ``temps`` -> the names written."""
+    if fmt == "diffusers" and is_flux(bundle):
+        return write_flux_diffusers(bundle, temps[0], **options)
     if sd3 and fmt == "diffusers":
         return write_sd3_diffusers(bundle, temps[0], **options)
     if sd3 and fmt == "single-file":
@@ -284,8 +305,17 @@ def _no_frozen_note(fmt: str, out: Path, comfy: ComfyCheck | None = None) -> str
             "ldm.formats.ldm_bundle.load_ldm_bundle_into(folder, unet, autoencoder=None, text_encoder=None)")
 
 
-def _how_to_load(fmt: str, out: Path, sdxl: bool = False, comfy: ComfyCheck | None = None, sd3: bool = False) -> str:
-    pipeline = "StableDiffusion3Pipeline" if sd3 else "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+def pipeline_name(bundle: ModelBundle) -> str:
+    """The diffusers pipeline class that loads this model's diffusers export."""
+    if is_flux(bundle):
+        return "FluxPipeline"
+    if is_sd3(bundle):
+        return "StableDiffusion3Pipeline"
+    return "StableDiffusionXLPipeline" if hasattr(bundle.text_encoder, "model_2") else "StableDiffusionPipeline"
+
+
+def _how_to_load(fmt: str, out: Path, bundle: ModelBundle, comfy: ComfyCheck | None = None) -> str:
+    pipeline, sd3 = pipeline_name(bundle), is_sd3(bundle)
     if sd3 and fmt == "single-file":
         where = (f"{comfy.verdict()}: put {out.name} in models/checkpoints" if comfy is not None and comfy.loadable
                  else _comfy_words(comfy) if comfy is not None else "")

@@ -1,4 +1,5 @@
-"""A whole FLUX.1 diffusers folder (``FluxPipeline``: black-forest-labs/FLUX.1-dev, FLUX.1-schnell), read:
+"""A whole FLUX.1 diffusers folder (``FluxPipeline``: black-forest-labs/FLUX.1-dev, FLUX.1-schnell), read and
+written:
 
     transformer/     FluxTransformer2DModel          -> our Flux (``flux_keys``)
     vae/             AutoencoderKL, 16 latent channels, no quant convs, latent = (z - 0.1159) * 0.3611
@@ -13,29 +14,41 @@
 as a ModelBundle (``load_flux_diffusers``: ``load_bundle`` / ``sample.py ckpt=``) or into configured networks
 (``load_flux_folder_into``: ``model.pretrained=`` of model=flux_dev / flux_schnell / flux_tiny). Everything is read
 as bounded data through SD3's folder readers (``sd3_folder``): each config bounded, its network counted on the meta
-device and checked against the tensors its weight file holds before memory is allocated.
+device and checked against the tensors its weight file holds before memory is allocated. ``write_flux_diffusers``
+writes a Flux model (a training run's, ``python -m ldm.export --format diffusers``) as such a folder through SD3's
+folder writer (``write_pipeline_folder``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from ldm.formats.flux_keys import flux_config_from_diffusers, flux_from_diffusers, read_flux_transformer
+from ldm.formats.common import ExportError
+from ldm.formats.flux_keys import (flux_config_from_diffusers, flux_from_diffusers, read_flux_transformer,
+                                   write_flux_transformer)
 from ldm.formats.safe_load import CheckpointError, read_json_file
 from ldm.formats.sd3_folder import (
+    DIFFUSERS_VERSION,
+    FLOW_SCHEDULER,
     TRANSFORMER_PIPELINES,
     built_from,
+    clip_hub_state,
     fill_transformer_and_vae,
     load_pipeline_folder,
     load_text_weights_into,
     read_flow_scheduler,
+    t5_state,
     transformer_pipeline,
+    write_pipeline_folder,
+    write_text_models,
 )
 from ldm.formats.weight_folder import FLUX_CLIP_SUBS, FLUX_T5_SUBS, check_flux_text_folders, read_weights
 from ldm.models.bundle import ModelBundle
 
+FLUX_PIPELINE = "FluxPipeline"
 FLUX_TRANSFORMER = TRANSFORMER_PIPELINES["flux_diffusers"][1]
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length default (FLUX.1-schnell's model card samples with 256)
 SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 128 latents x the VAE's factor (1024 px)
@@ -120,3 +133,65 @@ def load_flux_folder_into(source, unet: nn.Module, autoencoder: nn.Module | None
     clip = read_weights(folder / FLUX_CLIP_SUBS[0][0], "model")
     load_text_weights_into(text_encoder, [clip], read_weights(folder / FLUX_T5_SUBS[0], "model") if t5 else None,
                            source=str(folder), kind=FluxTextEncoder)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def check_flux(bundle: ModelBundle) -> None:
+    """What a FluxPipeline folder cannot represent, found before anything is written."""
+    from ldm.formats.flux_keys import flux_diffusers_config
+    from ldm.models.flux import Flux
+    from ldm.models.text_encoder_flux import FluxTextEncoder
+
+    if not isinstance(bundle.unet, Flux):
+        raise ExportError(f"{WHAT} holds a Flux; this model's denoiser is {type(bundle.unet).__name__}")
+    try:
+        flux_diffusers_config(bundle.unet.config)  # FluxTransformer2DModel packs 2 x 2 patches
+    except CheckpointError as err:
+        raise ExportError(str(err)) from err
+    schedule = bundle.schedule
+    if getattr(schedule, "spacing", None) != "flux":  # FluxPipeline passes its own sigmas 1, 1 - 1/n, ..., 1/n
+        raise ExportError(f"FluxPipeline samples with the sigmas 1, 1 - 1/n, ..., 1/n (schedule.spacing=flux); this "
+                          f"model's schedule is {type(schedule).__name__} with spacing="
+                          f"{getattr(schedule, 'spacing', None)!r}: it would not sample as trained")
+    if not hasattr(bundle.autoencoder, "encoder"):
+        raise ExportError(f"{WHAT} holds a KL autoencoder (vae/); this model has none")
+    if not isinstance(bundle.text_encoder, FluxTextEncoder):
+        raise ExportError(f"{WHAT} holds FLUX.1's text encoders (CLIP-L + T5); this model's is "
+                          f"{type(bundle.text_encoder).__name__}")
+
+
+def write_flux_text_encoder(text_encoder: nn.Module, folder: Path, dtype: torch.dtype | None = None) -> list[str]:
+    """``text_encoder/`` (CLIPTextModel) + ``tokenizer/``, and ``text_encoder_2/`` (T5) + ``tokenizer_2/`` when the
+    encoder has a T5."""
+    (clip_sub, clip_tok), (t5_sub, t5_tok) = FLUX_CLIP_SUBS[0], FLUX_T5_SUBS
+    parts = [(clip_sub, clip_tok, text_encoder.model, text_encoder.tokenizer, "CLIPTextModel",
+              clip_hub_state(text_encoder.model))]
+    if text_encoder.t5 is not None:
+        parts.append((t5_sub, t5_tok, text_encoder.t5, text_encoder.t5_tokenizer, "T5EncoderModel",
+                      t5_state(text_encoder.t5)))
+    return write_text_models(parts, folder, dtype)
+
+
+def flux_model_index(text_encoder: nn.Module, t5: bool) -> dict:
+    """``model_index.json`` of a FluxPipeline (no T5: text_encoder_2 / tokenizer_2 null, as diffusers saves it)."""
+    none = [None, None]
+    return {"_class_name": FLUX_PIPELINE, "_diffusers_version": DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", FLOW_SCHEDULER], "transformer": ["diffusers", FLUX_TRANSFORMER],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", type(text_encoder.tokenizer).__name__],
+            "text_encoder_2": ["transformers", "T5EncoderModel"] if t5 else none,
+            "tokenizer_2": ["transformers", type(text_encoder.t5_tokenizer).__name__] if t5 else none,
+            "image_encoder": none, "feature_extractor": none}
+
+
+def write_flux_diffusers(bundle: ModelBundle, folder, *, frozen: bool = True, dtype: torch.dtype | None = None,
+                         resolution: int | None = None) -> list[str]:
+    """A FluxPipeline folder that ``FluxPipeline.from_pretrained`` loads unchanged (and ``load_flux_diffusers``
+    reads back); ``frozen=False`` writes only ``transformer/``, ``scheduler/`` and ``model_index.json``."""
+    check_flux(bundle)
+    te = bundle.text_encoder
+    return write_pipeline_folder(bundle, folder, write_flux_transformer, write_flux_text_encoder,
+                                 flux_model_index(te, frozen and te.t5 is not None), frozen=frozen, dtype=dtype,
+                                 resolution=resolution)

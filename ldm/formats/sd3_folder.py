@@ -116,8 +116,8 @@ def read_flow_scheduler(folder, *, what: str = "an SD3 folder", **fixed) -> Flow
 def flow_scheduler_config(schedule: FlowMatching) -> dict:
     """FlowMatching -> the ``scheduler_config.json`` of diffusers' FlowMatchEulerDiscreteScheduler."""
     if not isinstance(schedule, FlowMatching):
-        raise ExportError(f"an SD3 folder's scheduler is flow matching; this model's schedule is "
-                              f"{type(schedule).__name__}")
+        raise ExportError(f"an SD3 / FLUX.1 folder's scheduler is flow matching; this model's schedule is "
+                          f"{type(schedule).__name__}")
     return {"_class_name": FLOW_SCHEDULER, "_diffusers_version": DIFFUSERS_VERSION,
             **{k: getattr(schedule, ours) for k, ours in _FLOW_FIELDS.items()}, **_FLOW_DEFAULTS}
 
@@ -277,22 +277,30 @@ def t5_state(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if k not in T5_TIED}
 
 
-def write_sd3_text_encoder(text_encoder: nn.Module, folder: Path, dtype: torch.dtype | None = None) -> list[str]:
-    """``text_encoder{,_2}/`` (CLIPTextModelWithProjection) + ``tokenizer{,_2}/``, and ``text_encoder_3/`` (T5) +
-    ``tokenizer_3/`` when the encoder has a T5."""
+def write_text_models(parts, folder: Path, dtype: torch.dtype | None = None) -> list[str]:
+    """Each (subfolder, tokenizer subfolder, model, tokenizer, architecture, state): the model's config + weights
+    (``state``, hub-keyed) in ``subfolder/`` and its tokenizer in ``tokenizer subfolder/``, as transformers saves
+    them."""
     from ldm.formats.diffusers_folder import _write_text_model
 
     written = []
-    for (sub, tok), model, tokenizer in zip(CLIP_SUBS, (text_encoder.model, text_encoder.model_2),
-                                            (text_encoder.tokenizer, text_encoder.tokenizer_2)):
-        _write_text_model(model.config, clip_hub_state(model), folder / sub, "CLIPTextModelWithProjection", dtype)
+    for sub, tok, model, tokenizer, architecture, state in parts:
+        _write_text_model(model.config, state, folder / sub, architecture, dtype)
         tokenizer.save_pretrained(str(folder / tok))
         written += [f"{sub}/", f"{tok}/"]
-    if text_encoder.t5 is not None:
-        _write_text_model(text_encoder.t5.config, t5_state(text_encoder.t5), folder / T5_SUB, "T5EncoderModel", dtype)
-        text_encoder.t5_tokenizer.save_pretrained(str(folder / T5_TOKENIZER))
-        written += [f"{T5_SUB}/", f"{T5_TOKENIZER}/"]
     return written
+
+
+def write_sd3_text_encoder(text_encoder: nn.Module, folder: Path, dtype: torch.dtype | None = None) -> list[str]:
+    """``text_encoder{,_2}/`` (CLIPTextModelWithProjection) + ``tokenizer{,_2}/``, and ``text_encoder_3/`` (T5) +
+    ``tokenizer_3/`` when the encoder has a T5."""
+    parts = [(sub, tok, model, tokenizer, "CLIPTextModelWithProjection", clip_hub_state(model))
+             for (sub, tok), model, tokenizer in zip(CLIP_SUBS, (text_encoder.model, text_encoder.model_2),
+                                                     (text_encoder.tokenizer, text_encoder.tokenizer_2))]
+    if text_encoder.t5 is not None:
+        parts.append((T5_SUB, T5_TOKENIZER, text_encoder.t5, text_encoder.t5_tokenizer, "T5EncoderModel",
+                      t5_state(text_encoder.t5)))
+    return write_text_models(parts, folder, dtype)
 
 
 def check_sd3(bundle: ModelBundle) -> None:
@@ -314,10 +322,22 @@ def write_sd3_diffusers(bundle: ModelBundle, folder, *, frozen: bool = True, dty
     """A StableDiffusion3Pipeline folder that ``StableDiffusion3Pipeline.from_pretrained`` loads unchanged;
     ``frozen=False`` writes only ``transformer/``, ``scheduler/`` and ``model_index.json``."""
     check_sd3(bundle)
-    folder = Path(folder)
-    write_sd3_transformer(bundle.unet, folder / "transformer", dtype)
-    written = ["transformer/"]
     te = bundle.text_encoder
+    tokenizers = {"tokenizer": te.tokenizer, "tokenizer_2": te.tokenizer_2, T5_TOKENIZER: te.t5_tokenizer}
+    return write_pipeline_folder(bundle, folder, write_sd3_transformer, write_sd3_text_encoder,
+                                 sd3_model_index(tokenizers, frozen and te.t5 is not None), frozen=frozen,
+                                 dtype=dtype, resolution=resolution)
+
+
+def write_pipeline_folder(bundle: ModelBundle, folder, write_transformer, write_text_encoder, model_index: dict, *,
+                          frozen: bool = True, dtype: torch.dtype | None = None,
+                          resolution: int | None = None) -> list[str]:
+    """A transformer pipeline's folder (SD3's, FLUX.1's): ``write_transformer(unet, folder / "transformer", dtype)``,
+    with ``frozen`` the VAE (``vae/``, no quant convs, its shift and scale) and ``write_text_encoder(text_encoder,
+    folder, dtype)``, the FlowMatchEulerDiscreteScheduler of the schedule and ``model_index``."""
+    folder = Path(folder)
+    write_transformer(bundle.unet, folder / "transformer", dtype)
+    written = ["transformer/"]
     if frozen:
         vae = bundle.autoencoder
         vae_config = {**vae_diffusers_config(vae.config, resolution),
@@ -325,8 +345,7 @@ def write_sd3_diffusers(bundle: ModelBundle, folder, *, frozen: bool = True, dty
         write_json(folder / "vae" / "config.json", vae_config)
         save_safetensors(cast_state(vae_ldm_to_diffusers(vae.state_dict(), vae.config), dtype),
                          folder / "vae" / "diffusion_pytorch_model.safetensors")
-        written += ["vae/"] + write_sd3_text_encoder(te, folder, dtype)
+        written += ["vae/"] + write_text_encoder(bundle.text_encoder, folder, dtype)
     write_json(folder / "scheduler" / "scheduler_config.json", flow_scheduler_config(bundle.schedule))
-    tokenizers = {"tokenizer": te.tokenizer, "tokenizer_2": te.tokenizer_2, T5_TOKENIZER: te.t5_tokenizer}
-    write_json(folder / "model_index.json", sd3_model_index(tokenizers, frozen and te.t5 is not None))
+    write_json(folder / "model_index.json", model_index)
     return written + ["scheduler/", "model_index.json"]

@@ -16,34 +16,15 @@ from ldm.formats.detect import detect_source
 from ldm.formats.load import load_bundle
 from ldm.formats.safe_load import CheckpointError
 from ldm.pipelines import text_to_image
-from tests.helpers.flux import write_tiny_flux_folder
+from tests.helpers.flux import PROMPTS, our_latents, pipeline_latents, write_tiny_flux_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 diffusers = pytest.importorskip("diffusers")
-
-PROMPTS = ["a red circle", "a blue square"]
-
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     """(folder, pipeline): FLUX.1-dev's kind (guidance embedding, dynamic shift)."""
     return write_tiny_flux_folder(tmp_path_factory.mktemp("flux"))
-
-
-def pipeline_latents(pipe, prompts, *, steps=3, scale=3.5, seed=7, size=16):
-    """FluxPipeline's final latents, unpacked to (B, 16, size / 2, size / 2) as our sampler's last step gives them."""
-    from diffusers import FluxPipeline
-
-    packed = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=scale,
-                  generator=torch.Generator().manual_seed(seed), output_type="latent", return_dict=False)[0]
-    return FluxPipeline._unpack_latents(packed, size, size, pipe.vae_scale_factor)
-
-
-def our_latents(bundle, prompts=PROMPTS, *, steps=3, scale=3.5, seed=7):
-    seen = []
-    text_to_image(bundle, prompts, sampler="flow_euler", steps=steps, guidance_scale=scale, height=16, width=16,
-                  seed=seed, callback=lambda i, t, x, x0: seen.append(x))
-    return seen[-1]
 
 
 def test_flux_folder_loads_and_samples_the_pipelines_latents_and_images(flux):

@@ -12,6 +12,7 @@ from ldm.formats.detect import detect_source
 from ldm.formats.load import load_bundle
 from ldm.formats.safe_load import CheckpointError
 from ldm.pipelines import text_to_image
+from tests.helpers.models import perturbed
 from tests.helpers.sd3 import pipeline_latents, tiny_sd3_pipeline, write_tiny_sd3_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,16 +37,6 @@ def sd3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd3_no_t5(tmp_path_factory):
     return write_tiny_sd3_folder(tmp_path_factory.mktemp("sd3_no_t5"), use_t5=False)
-
-
-def _perturbed(bundle):
-    """The bundle with every weight moved (an export must write these, not copy the folder it came from)."""
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for m in (bundle.unet, bundle.autoencoder, bundle.text_encoder):
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    return bundle
 
 
 @pytest.mark.parametrize("which", ["sd3", "sd3_no_t5"])
@@ -74,7 +65,7 @@ def test_export_loads_in_diffusers_unchanged_with_equal_latents(which, request, 
     from ldm.formats.exporter import export
 
     folder, _ = request.getfixturevalue(which)
-    bundle = _perturbed(load_bundle(folder))
+    bundle = perturbed(load_bundle(folder))
     out = tmp_path / "export"
     result = export(bundle, "diffusers", out)
     assert "StableDiffusion3Pipeline.from_pretrained" in result.notes[0]
@@ -99,7 +90,7 @@ def test_single_file_round_trip_in_comfyuis_layout(sd3, tmp_path):
     from ldm.formats.exporter import export
 
     folder, _ = sd3
-    bundle = _perturbed(load_bundle(folder))
+    bundle = perturbed(load_bundle(folder))
     path = tmp_path / "sd3.safetensors"
     result = export(bundle, "single-file", path, allow_unloadable=True)  # a tiny MMDiT: not ComfyUI's SD3 sizes
     assert result.paths == [path] and not path.with_suffix(".yaml").exists()
@@ -344,7 +335,7 @@ def test_diffusers_reads_our_single_file_as_an_sd3_checkpoint(sd3, tmp_path):
     from ldm.formats.exporter import export
 
     folder, _ = sd3
-    bundle = _perturbed(load_bundle(folder))
+    bundle = perturbed(load_bundle(folder))
     with torch.no_grad():  # SD3 pools CLIP-L unprojected: diffusers' from_single_file sets its projection to eye
         bundle.text_encoder.model.text_projection.weight.copy_(torch.eye(32))
     path = tmp_path / "sd3.safetensors"

@@ -6,6 +6,7 @@ import torch
 from ldm.models.tiny_clip import write_tiny_clip
 
 T5_LENGTH = 8
+PROMPTS = ["a red circle", "a blue square"]
 
 
 def tiny_flux_text_folder(folder):
@@ -80,3 +81,34 @@ def write_tiny_flux_folder(tmp, shift: dict | None = None):
     folder = Path(tmp) / "flux"
     pipe.save_pretrained(folder)
     return folder, pipe
+
+
+def pipeline_latents(pipe, prompts, *, steps=3, scale=3.5, seed=7, size=16, **options):
+    """FluxPipeline's final latents, unpacked to (B, 16, size / 2, size / 2) as our sampler's last step gives them
+    (options: more of the pipeline's arguments, e.g. max_sequence_length)."""
+    from diffusers import FluxPipeline
+
+    packed = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=scale,
+                  generator=torch.Generator().manual_seed(seed), output_type="latent", return_dict=False,
+                  **options)[0]
+    return FluxPipeline._unpack_latents(packed, size, size, pipe.vae_scale_factor)
+
+
+def our_latents(bundle, prompts=PROMPTS, *, steps=3, scale=3.5, seed=7):
+    """Our flow_euler sampler's last latents for the same prompts and seed."""
+    from ldm.pipelines import text_to_image
+
+    seen = []
+    text_to_image(bundle, prompts, sampler="flow_euler", steps=steps, guidance_scale=scale, height=16, width=16,
+                  seed=seed, callback=lambda i, t, x, x0: seen.append(x))
+    return seen[-1]
+
+
+def flux_run(folder, images, *extra, model="flux_dev", tiny=True):
+    """train.py overrides: model=flux_dev (made this tiny folder's sizes unless not tiny) filled from ``folder``,
+    FLUX.1-dev's flow schedule, trained on the image folder ``images`` on the CPU."""
+    from tests.helpers.training import FOLDER_RUN
+
+    return [f"model={model}", "schedule=flow_flux", "sampler=flow_euler", "module.timesteps.kind=logit_normal",
+            f"model.pretrained={folder}", "data=folder", f"data.train.root={images}",
+            *(FLUX_TINY_MODEL if tiny else []), *FOLDER_RUN, *extra]

@@ -48,3 +48,14 @@ def tiny_sdxl_bundle(clips):
     """TINY_XL + a tiny KL VAE + the dual encoders of ``write_tiny_sdxl_clips(clips)``."""
     return ModelBundle(randomize(UNet(**TINY_XL), 1), randomize(AutoencoderKL.from_preset("tiny"), 2),
                        DualCLIPTextEncoder.from_pretrained(clips), NoiseSchedule.make("scaled_linear"))
+
+
+def perturbed(bundle):
+    """The bundle with every weight of its denoiser, VAE and text encoder moved (seeded): an export must write these,
+    not copy the folder it came from."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for m in (bundle.unet, bundle.autoencoder, bundle.text_encoder):
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return bundle

@@ -7,8 +7,9 @@ import torch
 
 from ldm.training.run.train import ConfigError, build_diffusion_module, train
 from tests.helpers.data import write_captioned_noise
-from tests.helpers.flux import FLUX_TINY_MODEL, write_tiny_flux_folder
-from tests.helpers.training import CKPT, FOLDER_RUN, compose_train
+from tests.helpers.flux import flux_run as run
+from tests.helpers.flux import write_tiny_flux_folder
+from tests.helpers.training import CKPT, compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 diffusers = pytest.importorskip("diffusers")
@@ -21,12 +22,6 @@ def flux(tmp_path_factory):
     folder, pipe = write_tiny_flux_folder(tmp)
     images = write_captioned_noise(tmp / "images")
     return folder, pipe, images
-
-
-def run(folder, images, *extra, model="flux_dev", tiny=True):
-    return [f"model={model}", "schedule=flow_flux", "sampler=flow_euler", "module.timesteps.kind=logit_normal",
-            f"model.pretrained={folder}", "data=folder", f"data.train.root={images}",
-            *(FLUX_TINY_MODEL if tiny else []), *FOLDER_RUN, *extra]
 
 
 def test_the_module_starts_from_the_folders_weights(flux, tmp_path, monkeypatch):
