@@ -6,7 +6,9 @@
         [--merge-lora FILE[:SCALE]] [--verify [--verify-prompt TEXT] [--verify-device DEVICE]]
 
 - ``diffusers``: a ``StableDiffusionPipeline`` folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
-  ``tokenizer/``, ``scheduler/`` with the training schedule), safetensors weights;
+  ``tokenizer/``, ``scheduler/`` with the training schedule), safetensors weights; an SD3 / MMDiT model as a
+  ``StableDiffusion3Pipeline`` folder, a Flux model as a ``FluxPipeline`` (FLUX.1) folder (``transformer/``, ``vae/``,
+  ``text_encoder/`` + ``text_encoder_2/`` and their tokenizers, ``scheduler/``);
 - ``single-file``: an original-layout SD ``.safetensors`` plus its ``v1/v2-inference.yaml``-style config next to it
   (SDXL: SGM layout ``conditioner.embedders.*`` and an ``sd_xl_base.yaml``-style config) for ComfyUI, A1111,
   diffusers' ``from_single_file``; refused for a model ComfyUI cannot load as what it is
@@ -27,7 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.formats.exporter import DTYPES, FORMATS, check_overwrite, export, is_sd3, load_source, output_paths
+from ldm.formats.exporter import DTYPES, FORMATS, check_overwrite, export, load_source, output_paths
 from ldm.formats.common import ExportError
 
 VERIFY_FAILED = 3  # the export was written, but it does not sample like the source
@@ -77,9 +79,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m ldm.cli.export") 
             check_overwrite(output_paths(args.fmt, Path(args.out).expanduser().absolute()),
                             args.fmt != "single-file", args.force)  # before the (slow) load, as export() does
             source = load_source(args.source, use_ema=not args.raw, text_encoder=args.text_encoder)
-            if is_sd3(source):
-                raise ExportError("--verify does not cover SD3 / MMDiT exports yet (tests/formats/test_sd3_folder.py "
-                                  "checks them against StableDiffusion3Pipeline); export without --verify")
         result = export(source, args.fmt, args.out, raw=args.raw, dtype=args.dtype, frozen=args.frozen,
                         force=args.force, resolution=args.resolution, text_encoder=args.text_encoder, log=print,
                         merge_lora=args.merge_lora, allow_unloadable=args.allow_unloadable)

@@ -3,8 +3,9 @@
 After an export is written, each consumer reloads it the way it would: our own loader (``load_bundle``) always;
 diffusers' ``from_pretrained`` (a diffusers folder) or ``from_single_file`` (a single file with its yaml) and, for
 ``--merge-lora`` files, ``load_lora_weights`` on the unmerged base, when diffusers is installed. Each draws the same
-seeded samples (the export's training resolution, DDIM with the export's inference settings, the same noise) and
-is compared with ldm's samples of the model that was exported (the EMA U-Net if that was exported, LoRA merged).
+seeded samples (the export's training resolution, DDIM with the export's inference settings (flow-Euler for SD3 and
+Flux: StableDiffusion3Pipeline's / FluxPipeline's sampler), the same noise) and is compared with ldm's samples of
+the model that was exported (the EMA U-Net if that was exported, LoRA merged).
 
 Everything runs in float32 (TF32 off): the check measures what the export's files hold, not a runtime's precision.
 Nothing is downloaded: diffusers reads local files only, and a single file's tokenizer, text-encoder config and
@@ -25,8 +26,9 @@ import torch
 from torch import Tensor
 
 from ldm.formats.common import ExportError
-from ldm.formats.diffusers_folder import diffusers_scheduler_config, write_diffusers
-from ldm.formats.exporter import ExportResult
+from ldm.diffusion.flow import FlowMatching
+from ldm.formats.diffusers_folder import diffusers_scheduler_config
+from ldm.formats.exporter import ExportResult, is_flux, is_sd3, pipeline_name, write_diffusers_folder
 from ldm.formats.load import load_bundle, resolve_device
 from ldm.models.bundle import ModelBundle
 from ldm.pipelines.sampling_options import SamplingOptions
@@ -151,7 +153,10 @@ def compare(reference: Tensor, images: Tensor) -> tuple[float, float, float]:
 
 def sampler_options(reference: ModelBundle, steps: int) -> SamplingOptions:
     """DDIM with the inference settings of the scheduler config an export writes (``diffusers_scheduler_config``):
-    SD's leading spacing with offset 1 (trailing for zero terminal SNR), the last step to abar_0."""
+    SD's leading spacing with offset 1 (trailing for zero terminal SNR), the last step to abar_0. A flow-matching
+    model (SD3, Flux): flow-Euler over its schedule's sigmas, as StableDiffusion3Pipeline / FluxPipeline step."""
+    if isinstance(reference.schedule, FlowMatching):
+        return SamplingOptions("flow_euler", int(steps)).check()
     try:
         cfg = diffusers_scheduler_config(reference.schedule)
     except ExportError:  # a schedule only our bundle can hold: SD's inference settings
@@ -167,12 +172,14 @@ def ldm_samples(bundle: ModelBundle, settings: VerifySettings, options: Sampling
     return (images.float().cpu() + 1) / 2
 
 
-def diffusers_samples(pipe, settings: VerifySettings, size: int) -> Tensor:
+def diffusers_samples(pipe, settings: VerifySettings, size: int, **options) -> Tensor:
     """The pipeline's own call: its scheduler as loaded, its empty-prompt (SDXL: zero) unconditional branch and
-    the initial noise from a CPU generator seeded like ours (``text_to_image`` draws the same latents)."""
+    the initial noise from a CPU generator seeded like ours (``text_to_image`` draws the same latents). options:
+    more of the pipeline's arguments (SD3 / Flux: max_sequence_length)."""
     pipe.set_progress_bar_config(disable=True)
     out = pipe(list(settings.prompts), guidance_scale=settings.guidance, num_inference_steps=settings.steps,
-               height=size, width=size, generator=torch.Generator().manual_seed(settings.seed), output_type="pt")
+               height=size, width=size, generator=torch.Generator().manual_seed(settings.seed), output_type="pt",
+               **options)
     return out.images.float().cpu()
 
 
@@ -236,8 +243,22 @@ class Context:
     tmp: Path
 
     @property
+    def transformer(self) -> bool:
+        """SD3's MMDiT or a Flux: their own pipelines, text encoders (with a T5) and folder layouts."""
+        return is_sd3(self.reference) or is_flux(self.reference)
+
+    @property
     def sdxl(self) -> bool:
-        return hasattr(self.reference.text_encoder, "model_2")
+        return hasattr(self.reference.text_encoder, "model_2") and not self.transformer
+
+    @property
+    def t5_length(self) -> int | None:
+        """The source's T5 tokens per prompt (SD3 / Flux with a T5): the pipelines' max_sequence_length."""
+        te = self.reference.text_encoder
+        return te.t5_length if self.transformer and getattr(te, "t5", None) is not None else None
+
+    def call_options(self) -> dict:
+        return {} if self.t5_length is None else {"max_sequence_length": self.t5_length}
 
     @property
     def size(self) -> int:
@@ -248,16 +269,20 @@ class Context:
         scheduler), as ``config=`` of ``from_single_file`` and ``text_encoder=`` of ``load_bundle``."""
         folder = self.tmp / "source-config"
         if not folder.exists():
-            write_diffusers(self.reference, folder, resolution=self.size)
+            write_diffusers_folder(self.reference, folder, resolution=self.size)
         return folder
 
     def pipeline_class(self):
         import diffusers
 
-        return diffusers.StableDiffusionXLPipeline if self.sdxl else diffusers.StableDiffusionPipeline
+        return getattr(diffusers, pipeline_name(self.reference))
 
     def pipeline_kwargs(self) -> dict:
-        extra = {"add_watermarker": False} if self.sdxl else {"safety_checker": None}
+        if self.transformer:  # no T5: the folder's model_index names none, and the pipeline is told so
+            t5 = "text_encoder_2" if is_flux(self.reference) else "text_encoder_3"
+            extra = {} if self.t5_length is not None else {t5: None, t5.replace("text_encoder", "tokenizer"): None}
+        else:
+            extra = {"add_watermarker": False} if self.sdxl else {"safety_checker": None}
         return {"torch_dtype": torch.float32, "local_files_only": True, **extra}
 
 
@@ -266,25 +291,37 @@ def ours(ctx: Context) -> tuple[Tensor, str]:
     single = ctx.result.format == "single-file"
     bundle = load_bundle(path, device=ctx.device, dtype="float32", text_encoder=ctx.companion() if single else None)
     how = "tokenizer from the source; every weight from the file" if single else ""
+    if ctx.t5_length is not None and bundle.text_encoder.t5_length != ctx.t5_length:
+        bundle.text_encoder.t5_length = ctx.t5_length  # a folder cannot record it: as max_sequence_length below
+        how = ", ".join(filter(None, [how, f"T5 length {ctx.t5_length} as the source's"]))
     return ldm_samples(bundle, ctx.settings, ctx.options, ctx.size), how
 
 
 def from_pretrained(ctx: Context) -> tuple[Tensor, str]:
     cls = ctx.pipeline_class()
     pipe = cls.from_pretrained(ctx.result.paths[0], **ctx.pipeline_kwargs()).to(ctx.device)
-    return diffusers_samples(pipe, ctx.settings, ctx.size), f"{cls.__name__}, scheduler {type(pipe.scheduler).__name__}"
+    how = f"{cls.__name__}, scheduler {type(pipe.scheduler).__name__}"
+    how += f", max_sequence_length={ctx.t5_length}" if ctx.t5_length is not None else ""
+    return diffusers_samples(pipe, ctx.settings, ctx.size, **ctx.call_options()), how
 
 
 def from_single_file(ctx: Context) -> tuple[Tensor, str]:
     """SD 1/2: U-Net and VAE configs from the yaml we wrote (``original_config``), as ComfyUI / A1111 read it.
-    SDXL: diffusers' yaml reader knows only SDXL base's sizes, so every config comes from ``config=``."""
+    SDXL (and SD3, which has no yaml): diffusers' yaml reader knows only SDXL base's sizes, so every config comes
+    from ``config=``."""
     cls = ctx.pipeline_class()
-    path, yaml_path = ctx.result.paths[0], ctx.result.paths[1]
-    kwargs = {} if ctx.sdxl else {"original_config": str(yaml_path)}
+    path = ctx.result.paths[0]
+    by_config = ctx.sdxl or ctx.transformer
+    kwargs = {} if by_config else {"original_config": str(ctx.result.paths[1])}
     pipe = cls.from_single_file(str(path), config=str(ctx.companion()), **kwargs, **ctx.pipeline_kwargs())
     pipe.to(ctx.device)
-    configs = "configs from the source's diffusers folder" if ctx.sdxl else f"U-Net/VAE configs from {yaml_path.name}"
-    return diffusers_samples(pipe, ctx.settings, ctx.size), f"{cls.__name__}, {configs}; weights from the file"
+    for part in pipe.components.values():  # diffusers 0.42's from_single_file leaves SD3's T5 in train mode (dropout)
+        if isinstance(part, torch.nn.Module):
+            part.eval()
+    configs = ("configs from the source's diffusers folder" if by_config
+               else f"U-Net/VAE configs from {ctx.result.paths[1].name}")
+    return (diffusers_samples(pipe, ctx.settings, ctx.size, **ctx.call_options()),
+            f"{cls.__name__}, {configs}; weights from the file")
 
 
 def load_lora_weights(ctx: Context) -> tuple[Tensor, str]:
@@ -293,7 +330,7 @@ def load_lora_weights(ctx: Context) -> tuple[Tensor, str]:
     from ldm.formats.lora_files import parse_lora_spec, resolve
 
     base = ctx.tmp / "unmerged-base"
-    write_diffusers(ctx.base, base, resolution=ctx.size)
+    write_diffusers_folder(ctx.base, base, resolution=ctx.size)
     pipe = ctx.pipeline_class().from_pretrained(base, **ctx.pipeline_kwargs())
     names, scales = [], []
     for i, spec in enumerate(ctx.merge_lora):
@@ -304,7 +341,8 @@ def load_lora_weights(ctx: Context) -> tuple[Tensor, str]:
         scales.append(scale)
     pipe.set_adapters(names, adapter_weights=scales)
     pipe.to(ctx.device)
-    return diffusers_samples(pipe, ctx.settings, ctx.size), f"{len(names)} file(s) on the unmerged model"
+    return (diffusers_samples(pipe, ctx.settings, ctx.size, **ctx.call_options()),
+            f"{len(names)} file(s) on the unmerged model")
 
 
 @dataclass
@@ -318,7 +356,11 @@ class Consumer:
 def consumers_for(result: ExportResult, merge_lora: Sequence[str], have_base: bool = True) -> list[Consumer]:
     found = [Consumer("ldm load_bundle", ours)]
     if result.format == "diffusers":
-        found.append(Consumer("diffusers from_pretrained", from_pretrained, ("diffusers", "transformers")))
+        model = result.model
+        no_t5 = (model is not None and is_flux(model) and getattr(model.text_encoder, "t5", None) is None
+                 and "FluxPipeline encodes a prompt with its T5 (text_encoder_2); this export has none")
+        found.append(Consumer("diffusers from_pretrained", from_pretrained, ("diffusers", "transformers"),
+                              no_t5 or None))
     elif result.format == "single-file":
         found.append(Consumer("diffusers from_single_file", from_single_file, ("diffusers", "transformers")))
     if merge_lora:
@@ -389,8 +431,10 @@ def verify_export(result: ExportResult, *, base: ModelBundle | None = None, merg
     options = sampler_options(reference, settings.steps)
     tolerance = TOLERANCES[result.dtype]
     lora = f", {len(merge_lora)} LoRA file(s) merged" if merge_lora else ""
-    header = (f"verify: {len(settings.prompts)} prompts at {result.resolution}x{result.resolution}, DDIM "
-              f"{options.steps} steps ({options.spacing}), guidance {settings.guidance:g}, seed {settings.seed}, "
+    sampler = (f"flow-Euler {options.steps} steps" if options.name == "flow_euler"
+               else f"DDIM {options.steps} steps ({options.spacing})")
+    header = (f"verify: {len(settings.prompts)} prompts at {result.resolution}x{result.resolution}, {sampler}"
+              f", guidance {settings.guidance:g}, seed {settings.seed}, "
               f"float32 on {device.type}\n  reference: ldm's samples of the source model (U-Net weights: "
               f"{result.unet_weights}{lora})")
     report = VerifyReport(header, tolerance, result.dtype)

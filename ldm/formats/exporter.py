@@ -271,6 +271,13 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
     return result
 
 
+def write_diffusers_folder(bundle: ModelBundle, folder, **options) -> list[str]:
+    """The model as the diffusers folder its pipeline loads (FluxPipeline, StableDiffusion3Pipeline, SD / SDXL's),
+    written straight into ``folder`` (no staging: --verify's temporary folders)."""
+    _check_format(bundle, "diffusers")
+    return _write(bundle, "diffusers", [Path(folder)], [Path(folder)], is_sd3(bundle), **options)
+
+
 def _write(bundle: ModelBundle, fmt: str, temps: list[Path], finals: list[Path], sd3: bool, **options) -> list[str]:
     """Write ``bundle`` as ``fmt`` into the staging paths ``temps`` -> the names written."""
     if fmt == "diffusers" and is_flux(bundle):
