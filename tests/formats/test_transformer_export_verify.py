@@ -104,3 +104,23 @@ def test_cli_verify_on_sd3_and_flux(which, request, tmp_path, capsys, monkeypatc
     assert main([*args, "--out", str(tmp_path / "bad")]) == VERIFY_FAILED
     err = capsys.readouterr().err
     assert "verify: FAILED: diffusers from_pretrained differs" in err and "verify: FAILED: ldm load_bundle" in err
+
+
+def test_a_merged_flux_lora_verifies_in_load_lora_weights(flux, tmp_path, capsys):
+    """--merge-lora of a Flux LoRA in diffusers' layout: FluxPipeline.load_lora_weights on the unmerged export (the
+    file applied at run time) samples like ldm's merge."""
+    from ldm.formats.lora_files import save_lora_file
+    from tests.helpers.lora import roots, trained
+
+    bundle = load_bundle(flux)
+    net = trained(bundle, preset="attention_ff", rank=2, alpha=4.0, text_encoder=True)
+    lora = save_lora_file(net, roots(bundle), tmp_path / "lora", "peft")
+    args = [str(flux), "--format", "diffusers", "--resolution", str(RES), "--verify", "--verify-device", "cpu",
+            "--merge-lora", f"{lora}:0.8", "--out", str(tmp_path / "merged")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "diffusers load_lora_weights" in x)
+    assert line.endswith("ok") and "verify: passed" in out, out
+    merged = load_bundle(tmp_path / "merged").unet.state_dict()
+    moved = [k for k, v in bundle.unet.state_dict().items() if (v - merged[k]).abs().max() > 1e-3]
+    assert len(moved) >= 8  # the LoRA changed the weights it samples with (load_lora_weights matched them)
