@@ -253,7 +253,7 @@ def export(source, fmt: str, out, *, raw: bool = False, dtype: str = "fp32", fro
         written = _write(bundle, fmt, stage.temps, finals, sd3, frozen=frozen, dtype=torch_dtype, resolution=res)
         stage.commit()
 
-    notes.append(_no_frozen_note(fmt, out, comfy) if not frozen else _how_to_load(fmt, out, bundle, comfy))
+    notes.append(_no_frozen_note(fmt, out, comfy, bundle) if not frozen else _how_to_load(fmt, out, bundle, comfy))
     if (sd3 or flux) and fmt == "diffusers" and frozen and getattr(bundle.text_encoder, "t5", None) is None:
         n = "2" if flux else "3"
         notes.append(f"no T5 (text_encoder_{n} / tokenizer_{n} null in model_index.json, as diffusers saves such a "
@@ -299,10 +299,12 @@ def _comfy_words(comfy: ComfyCheck) -> str:
     return comfy.verdict() if comfy.loadable else f"--allow-unloadable: {comfy.verdict()}"
 
 
-def _no_frozen_note(fmt: str, out: Path, comfy: ComfyCheck | None = None) -> str:
+def _no_frozen_note(fmt: str, out: Path, comfy: ComfyCheck | None = None, bundle: ModelBundle | None = None) -> str:
     if fmt == "diffusers":
-        return ("--no-frozen: the VAE, text encoder and tokenizer are left out (unet/, scheduler/ and "
-                "model_index.json only); pass them in: StableDiffusionPipeline.from_pretrained(out, vae=..., "
+        pipeline = pipeline_name(bundle) if bundle is not None else "StableDiffusionPipeline"
+        denoiser = "transformer/" if bundle is not None and (is_sd3(bundle) or is_flux(bundle)) else "unet/"
+        return (f"--no-frozen: the VAE, text encoder and tokenizer are left out ({denoiser}, scheduler/ and "
+                f"model_index.json only); pass them in: {pipeline}.from_pretrained(out, vae=..., "
                 "text_encoder=..., tokenizer=...)")
     if fmt == "single-file":
         return ("--no-frozen: only the U-Net (model.diffusion_model.*) is in the file; load it as a U-Net / "

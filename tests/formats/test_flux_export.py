@@ -71,6 +71,9 @@ def test_what_a_flux_folder_cannot_hold_is_refused_before_writing(flux, tmp_path
     with pytest.raises(ExportError, match="spacing=flux"):
         export(bundle, "diffusers", tmp_path / "table")
     assert not (tmp_path / "table").exists()
+    bare = export(load_bundle(folder), "diffusers", tmp_path / "bare", frozen=False)
+    assert bare.written == ["transformer/", "scheduler/", "model_index.json"]
+    assert "(transformer/, scheduler/ and model_index.json only); pass them in: FluxPipeline" in bare.notes[0]
     with pytest.raises(ExportError, match="FLUX.1 diffusers folder"):
         export(load_bundle(folder), "single-file", tmp_path / "flux.safetensors")
 
