@@ -130,7 +130,7 @@ def test_an_sd15_shaped_bundle_on_the_meta_device_is_loadable():
     sd = SimpleNamespace(unet=unet, autoencoder=vae_net, text_encoder=te, schedule=SD_SCHEDULE)
     assert comfyui_check_bundle(sd).loadable
     assert comfyui_check_bundle(sd, frozen=False).loadable  # ComfyUI's UNETLoader: the U-Net rules only
-    note = _how_to_load("single-file", Path("m.safetensors"), comfy=comfyui_check_bundle(sd))
+    note = _how_to_load("single-file", Path("m.safetensors"), sd, comfy=comfyui_check_bundle(sd))
     assert note.startswith("ComfyUI detects it as SD1.5: put m.safetensors in models/checkpoints")
-    refused = _how_to_load("single-file", Path("m.safetensors"), comfy=ComfyCheck(None, ["no match"]))
+    refused = _how_to_load("single-file", Path("m.safetensors"), sd, comfy=ComfyCheck(None, ["no match"]))
     assert "cannot load" in refused and "models/checkpoints" not in refused
