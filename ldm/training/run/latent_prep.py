@@ -136,15 +136,17 @@ def cache_device(accelerator: Any = "auto", devices: Any = "auto") -> torch.devi
     """The device this process builds the cache on: the one it trains on (``trainer.accelerator`` /
     ``trainer.devices``; under DDP the LOCAL_RANK-th of them). The cache is built before Lightning moves the module,
     so without this a GPU run would encode its whole training set on the CPU."""
-    accelerator = str(accelerator or "auto").lower()
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+    from ldm.training.build.precision import autocast_device  # the one reading of trainer.accelerator
+
+    kind = autocast_device(accelerator)
+    if kind == "cuda" and torch.cuda.is_available():
         if isinstance(devices, str):  # "0,1": those GPUs; "auto" / "2": the first ones
             devices = [d for d in devices.split(",") if d.strip()] if "," in devices else None
         listed = devices is not None and not isinstance(devices, int)
         ids = [int(d) for d in devices] if listed else list(range(torch.cuda.device_count()))
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
         return torch.device("cuda", ids[local % len(ids)] if ids else 0)
-    if accelerator in ("mps", "auto") and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if kind == "mps" and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
